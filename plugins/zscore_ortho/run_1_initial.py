@@ -1,0 +1,141 @@
+"""Initial Implementation: z-score thresholds, interference-weighted orthogonality, reactivation.
+
+Notebook 000, run 1. A latent fires only when its pre-activation exceeds EMA(μ) + z·EMA(σ) of
+its own pre-activations (z = 2). The orthogonality penalty is weighted linearly by
+EMA(h_i h_j) − τ on the latent pairs whose co-activation exceeds τ, times their squared decoder
+cosine. Dead latents that interfere most with live ones are revived.
+
+Readings chosen where the notebook is vague: h is the firing indicator, so EMA(h_i h_j) is the
+co-firing rate and τ a rate; the co-activation EMA is updated from a rank-32 randomized SVD of
+the batch's firing matrix (never the B × d_sae × d_sae product); the penalty covers at most
+`max_pairs` pairs, the most co-active first; every `revive_every` steps up to `max_revive` dead
+latents, those whose decoder row has the largest |cos| with another row first, are re-initialised
+on the worst-reconstructed inputs of the batch and their Adam state is reset.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from experiment import SAE as BaseSAE
+from experiment import LossOutput, Trainer as BaseTrainer
+
+
+@dataclass
+class Hyperparams:
+    z: float = 2.0
+    ema_decay: float = 0.99
+    tau: float = 0.1
+    ortho_weight: float = 0.1
+    svd_rank: int = 32
+    max_pairs: int = 4096
+    revive_every: int = 50
+    max_revive: int = 64
+
+
+class SAE(BaseSAE):
+    def __init__(self, d_in, d_sae, hp, cfg, device=torch.device("cpu"), dtype=torch.float32):
+        super().__init__(d_in, d_sae, hp, cfg, device, dtype)
+        self.register_buffer("pre_mean", torch.zeros(d_sae, device=device))
+        self.register_buffer("pre_var", torch.zeros(d_sae, device=device))
+        self.register_buffer("coactivation", torch.zeros(d_sae, d_sae, device=device))
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the encoder matrix sees; later runs normalise it."""
+        return x - self.b_dec
+
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder_input(x) @ self.W_enc + self.b_enc
+
+    def threshold(self) -> torch.Tensor:
+        return self.pre_mean + self.hp.z * self.pre_var.sqrt()
+
+    def activate(self, pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Latent code from pre-activations (and the input, for run 8's attention)."""
+        return torch.relu(pre) * (pre > self.threshold())
+
+    def encode(self, x):
+        return self.activate(self.pre_activation(x), x)
+
+    def loss(self, x, step):
+        pre = self.pre_activation(x)
+        f = self.activate(pre, x)
+        x_hat = self.reconstruct(x, f)
+        if self.training:
+            self.update_statistics(pre.detach(), f.detach())
+        terms = {"l2_loss": (x - x_hat).pow(2).sum(-1).mean(),
+                 "sparsity_loss": self.sparsity_loss(f),
+                 "ortho_loss": self.ortho_weight(step) * self.ortho_penalty()}
+        return LossOutput(terms, f)
+
+    def reconstruct(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """The training reconstruction (run 4 adds a skip path here)."""
+        return self.decode(f)
+
+    def sparsity_loss(self, f: torch.Tensor) -> torch.Tensor:
+        return self.run_cfg.sparsity_penalty * f.abs().sum(-1).mean()
+
+    def ortho_weight(self, step: int) -> float:
+        return self.hp.ortho_weight
+
+    @torch.no_grad()
+    def update_statistics(self, pre: torch.Tensor, f: torch.Tensor) -> None:
+        d = self.hp.ema_decay
+        self.pre_mean.mul_(d).add_((1 - d) * pre.mean(0))
+        self.pre_var.mul_(d).add_((1 - d) * pre.var(0))
+        fired = (f > 0).float()
+        _, s, v = torch.svd_lowrank(fired, q=min(self.hp.svd_rank, *fired.shape), niter=2)
+        batch_coact = (v * s.pow(2)) @ v.T / len(fired)
+        self.coactivation.mul_(d).add_((1 - d) * batch_coact)
+
+    def ortho_penalty(self) -> torch.Tensor:
+        excess = torch.triu(self.coactivation - self.hp.tau, diagonal=1).clamp_min(0).flatten()
+        weights, flat = excess.topk(min(self.hp.max_pairs, excess.numel()))
+        keep = weights > 0
+        if not keep.any():
+            return self.W_dec.sum() * 0.0
+        d_sae = self.cfg.d_sae
+        i, j = flat[keep] // d_sae, flat[keep] % d_sae
+        cos = (self.W_dec[i] * self.W_dec[j]).sum(-1)
+        return (weights[keep] * cos.pow(2)).sum() / keep.sum()
+
+
+class Trainer(BaseTrainer):
+    """Adds dead-latent reactivation after the optimizer step."""
+
+    def __init__(self, sae, cfg):
+        super().__init__(sae, cfg)
+        self.last_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.W_dec.device)
+        self.revived = 0
+
+    def step(self, x, step):
+        total, out = super().step(x, step)
+        self.last_fired[(out.latents > 0).any(0)] = step
+        hp = self.sae.hp
+        if step > 0 and step % hp.revive_every == 0:
+            self.revive(x, step)
+        return total, out._replace(stats={**out.stats, "revived_total": torch.tensor(self.revived)})
+
+    @torch.no_grad()
+    def revive(self, x: torch.Tensor, step: int) -> None:
+        sae, hp = self.sae, self.sae.hp
+        dead = (self.last_fired < step - hp.revive_every).nonzero().squeeze(-1)
+        if len(dead) == 0:
+            return
+        cos = sae.W_dec[dead] @ sae.W_dec.T
+        cos[torch.arange(len(dead)), dead] = 0
+        interference = cos.abs().amax(dim=1)
+        dead = dead[interference.argsort(descending=True)[: hp.max_revive]]
+        residual = x - sae.decode(sae.encode(x))
+        worst = residual.norm(dim=-1).argsort(descending=True)[: len(dead)]
+        directions = residual[worst] / residual[worst].norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        dead = dead[: len(directions)]
+        sae.W_dec[dead] = directions
+        sae.W_enc[:, dead] = directions.T * 0.2
+        sae.b_enc[dead] = 0.0
+        for param, rows in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
+            for buffer in self.optimizer.state.get(param, {}).values():
+                if torch.is_tensor(buffer) and buffer.shape == param.shape:
+                    buffer[rows] = 0.0
+        self.last_fired[dead] = step
+        self.revived += len(dead)

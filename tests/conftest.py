@@ -1,0 +1,51 @@
+"""Shared fixtures: every test gets its own activation cache, runs folder and notes.md, and runs
+the `tiny` preset (a random 2-layer TransformerLens model on synthetic tokens) unless it says
+otherwise."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import experiment
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Activations are cached per test; the dequantised embedded model stays in the user cache."""
+    monkeypatch.setattr(experiment, "ACTIVATIONS_DIR", tmp_path / "activations")
+    return tmp_path / "activations"
+
+
+@pytest.fixture
+def notes(tmp_path) -> Path:
+    return tmp_path / "notes.md"
+
+
+def tiny_run(plugin: str, out: Path, notes: Path, *, hyperparams=None, **overrides) -> dict:
+    """Train and evaluate `plugin` on the tiny preset; returns final_info.json's content."""
+    found = experiment.find_plugin(plugin)
+    cfg = experiment.build_config("tiny", f"{found.study}/{found.name}", **overrides)
+    cfg.hyperparams = hyperparams or {}
+    experiment.execute(cfg, found, out, notes)
+    return json.loads((out / "final_info.json").read_text())
+
+
+@pytest.fixture
+def run_tiny(tmp_path, notes):
+    counter = iter(range(1000))
+
+    def run(plugin: str, **kwargs) -> tuple[dict, Path]:
+        out = tmp_path / "runs" / f"{plugin.replace('/', '_')}_{next(counter)}"
+        return tiny_run(plugin, out, kwargs.pop("notes", notes), **kwargs), out
+    return run
+
+
+def cli(*args: str):
+    """Invoke the CLI in-process; returns the result (exit_code, output)."""
+    return CliRunner().invoke(experiment.app, list(args))
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]

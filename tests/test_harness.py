@@ -1,0 +1,230 @@
+"""What `experiment.py run` must do on the tiny preset: train, evaluate with sae_bench, write a
+complete run folder and notebook entry, reuse cached activations, and refuse or stop loudly on
+bad input, never leaving stale numbers behind."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import cli, read_log
+
+import experiment
+
+NOTEBOOK_KEYS = {"training_steps", "final_loss", "layer", "dict_size", "learning_rate", "sparsity_penalty"}
+CORE_GROUPS = {"model_behavior_preservation", "model_performance_preservation", "reconstruction_quality",
+               "shrinkage", "sparsity"}
+
+
+def finite_numbers(tree):
+    if isinstance(tree, dict):
+        return all(finite_numbers(v) for v in tree.values())
+    return not isinstance(tree, float) or math.isfinite(tree)
+
+
+def test_run_writes_complete_run_folder(run_tiny):
+    info, run_dir = run_tiny("run_0_baseline")
+    assert NOTEBOOK_KEYS <= info.keys()
+    assert info["training_steps"] == 8192 // 256 and info["status"] == "completed"
+    assert CORE_GROUPS <= info["metrics"].keys() and finite_numbers(info["metrics"])
+    assert info["metrics"]["sparsity"]["l0"] > 0
+    assert set(info["final_loss_terms"]) == {"l2_loss", "sparsity_loss", "total_loss"}
+    prov = info["provenance"]
+    assert prov["seed"] == 42 and len(prov["plugin_source_sha256"]) == 64
+    assert prov["package_versions"]["sae-bench"] and prov["config"]["tokens"] == 8192
+    for name in ("config.json", "train_log.jsonl", "sae_weights.safetensors", "cfg.json",
+                 "plugin_state.safetensors", "feature_metrics.json"):
+        assert (run_dir / name).exists(), name
+
+
+def test_train_log_records_every_loss_term_l0_dead_fraction_and_lr(run_tiny):
+    _, run_dir = run_tiny("run_0_baseline")
+    log = read_log(run_dir)
+    assert [r["step"] for r in log] == list(range(0, 32, 10)) + [31]
+    for record in log:
+        assert {"l2_loss", "sparsity_loss", "total_loss", "l0", "dead_fraction", "lr"} <= record.keys()
+    assert log[0]["lr"] < log[-1]["lr"]  # linear warm-up
+    assert log[-1]["total_loss"] < log[0]["total_loss"]
+
+
+def test_saved_sae_loads_in_sae_lens_and_matches_the_evaluated_sae(run_tiny):
+    from safetensors.torch import load_file
+    from sae_lens import SAE
+
+    _, run_dir = run_tiny("run_0_baseline")
+    loaded = SAE.load_from_disk(str(run_dir))
+    cfg = experiment.build_config("tiny", "baseline/run_0_baseline")
+    state = load_file(run_dir / "plugin_state.safetensors")
+    scale = state.pop("activation_scale").item()
+    sae = experiment.SAE(64, 256, experiment.Hyperparams(), cfg)
+    sae.load_state_dict(state)
+    x = torch.randn(16, 64) * 3
+    expected = experiment.ScaledSAE(sae, scale)(x)
+    torch.testing.assert_close(loaded(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_rows_start_nonzero_and_stay_unit_norm(run_tiny):
+    from safetensors.torch import load_file
+
+    cfg = experiment.build_config("tiny", "baseline/run_0_baseline")
+    fresh = experiment.SAE(64, 256, experiment.Hyperparams(), cfg)
+    assert fresh.W_enc.abs().sum() > 0 and fresh.W_dec.abs().sum() > 0
+    _, run_dir = run_tiny("run_0_baseline")
+    w_dec = load_file(run_dir / "plugin_state.safetensors")["W_dec"]
+    assert w_dec.shape == (256, 64)  # one row per latent
+    torch.testing.assert_close(w_dec.norm(dim=1), torch.ones(256), rtol=0, atol=1e-5)
+
+
+def test_notes_get_study_header_once_then_one_entry_per_run(run_tiny, notes):
+    run_tiny("run_0_baseline")
+    run_tiny("run_0_baseline")
+    text = notes.read_text()
+    assert text.count("# Title: Baseline Sparse Autoencoder") == 1
+    assert text.count("# Experiment description:") == 1
+    assert text.count("## Run 0: Baseline") == 2
+    entry = text.split("## Run 0:")[1]
+    assert "Results: {'training_steps': 32" in entry and "Description: Baseline" in entry
+    assert "Study: baseline" in entry and "Run folder:" in entry
+
+
+def test_second_run_reuses_cached_activations_without_running_the_llm(run_tiny, monkeypatch):
+    first, _ = run_tiny("run_0_baseline")
+    assert first["activations_from_cache"] is False
+
+    def no_harvest(*args, **kwargs):
+        raise AssertionError("the LLM was run again for training data")
+    monkeypatch.setattr(experiment, "harvest", no_harvest)
+    second, _ = run_tiny("run_0_baseline", lr=2e-3)
+    assert second["activations_from_cache"] is True
+
+
+def test_same_seed_and_config_give_identical_weights_and_metrics(run_tiny):
+    a, dir_a = run_tiny("run_0_baseline")
+    b, dir_b = run_tiny("run_0_baseline")
+    assert a["metrics"] == b["metrics"] and a["final_loss"] == b["final_loss"]
+    assert (dir_a / "sae_weights.safetensors").read_bytes() == (dir_b / "sae_weights.safetensors").read_bytes()
+    c, _ = run_tiny("run_0_baseline", seed=7)
+    assert c["final_loss"] != a["final_loss"]
+
+
+def test_non_finite_loss_stops_training_and_marks_run_failed(run_tiny, notes, monkeypatch):
+    original = experiment.SAE.loss
+
+    def exploding(self, x, step):
+        out = original(self, x, step)
+        if step == 3:
+            out.terms["sparsity_loss"] = out.terms["sparsity_loss"] * float("nan")
+        return out
+    monkeypatch.setattr(experiment.SAE, "loss", exploding)
+    with pytest.raises(experiment.HarnessError, match="sparsity_loss became nan at step 3"):
+        run_tiny("run_0_baseline")
+    failed = next((notes.parent / "runs").iterdir())
+    info = json.loads((failed / "final_info.json").read_text())
+    assert info["status"] == "failed" and "metrics" not in info
+    assert not notes.exists()
+
+
+def test_evaluation_error_propagates_and_leaves_no_results(run_tiny, notes, monkeypatch):
+    def broken_eval(*args, **kwargs):
+        raise RuntimeError("sae_bench exploded")
+    monkeypatch.setattr(experiment, "evaluate_core", broken_eval)
+    with pytest.raises(RuntimeError, match="sae_bench exploded"):
+        run_tiny("run_0_baseline")
+    run_dir = next((notes.parent / "runs").iterdir())
+    assert not (run_dir / "final_info.json").exists()
+    assert not notes.exists()
+
+
+# ---- bad input: one line naming the problem, exit code 2, nothing written --------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--plugin", "run_0_basline"], "unknown plugin 'run_0_basline'; did you mean run_0_baseline"),
+    (["--plugin", "run_0_baseline", "--tokens", "100"], "gives zero training steps"),
+    (["--plugin", "run_0_baseline", "--lr", "0"], "--lr must be positive"),
+    (["--plugin", "run_0_baseline", "--dict-size", "-4"], "--dict-size must be positive"),
+    (["--plugin", "run_0_baseline", "--preset", "huge"], "unknown preset 'huge'"),
+    (["--plugin", "run_0_baseline", "--evals", "core,vibes"], "unknown eval ['vibes']"),
+    (["--plugin", "run_0_baseline", "--device", "tpu"], "unknown device 'tpu'"),
+    (["--plugin", "run_1_initial", "--set", "nope=1"], "has no hyperparameter 'nope'"),
+    (["--plugin", "run_1_initial", "--set", "tau=high"], "--set tau=high: expected float"),
+    (["--plugin", "run_0_baseline", "--layer", "5"], "--layer 5 is outside tiny"),
+])
+def test_bad_input_is_refused_with_a_clear_error(tmp_path, args, message):
+    notes, out = tmp_path / "notes.md", tmp_path / "run"
+    notes.write_text("earlier entry\n")
+    result = cli("run", "--preset", "tiny", "--out", str(out), "--notes", str(notes), *args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert notes.read_text() == "earlier entry\n"
+
+
+def test_cuda_without_cuda_is_refused(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = cli("run", "--preset", "tiny", "--plugin", "run_0_baseline", "--device", "cuda",
+                 "--out", str(tmp_path / "r"), "--notes", str(tmp_path / "n.md"))
+    assert result.exit_code == 2 and "no CUDA device" in result.output
+
+
+def test_plugin_names_resolve_by_file_name_or_study_path():
+    assert experiment.find_plugin("run_7_adaptive_ln").study == "zscore_ortho"
+    assert experiment.find_plugin("zscore_ortho/run_7_adaptive_ln").run_number == 7
+
+
+def test_list_shows_every_plugin_with_title_parent_and_hyperparameters():
+    result = cli("list")
+    assert result.exit_code == 0
+    for key in experiment.plugin_files():
+        assert key.split("/")[1] in result.output
+    assert "run_6_layer_norm" in result.output and "strength_init=0.0" in result.output
+
+
+# ---- hub models and datasets: the same code path, with the loaders injected -----------------
+
+def test_hub_model_and_dataset_path_with_injected_loaders(tmp_path, notes):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    class CharTokenizer:
+        bos_token_id, eos_token_id, pad_token_id, padding_side = 0, 1, 2, "right"
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [3 + (ord(c) % 500) for c in text]}
+
+    def hub_model(name, device, dtype):
+        assert name == "EleutherAI/pythia-70m-deduped"
+        model = HookedTransformer(HookedTransformerConfig(**experiment.TINY_MODEL, seed=0, dtype=dtype))
+        model.tokenizer = CharTokenizer()
+        return model
+
+    texts = [f"document {i}: " + "the quick brown fox jumps over the lazy dog " * 3 for i in range(400)]
+
+    def hub_dataset(name):
+        assert name in ("monology/pile-uncopyrighted", "Skylion007/openwebtext")
+        return ({"text": t} for t in texts)
+
+    plugin = experiment.find_plugin("run_0_baseline")
+    cfg = experiment.build_config("pythia-70m", "baseline/run_0_baseline", layer=1, dict_size=128,
+                                  tokens=4096, batch_size=512, context_size=32, warmup_steps=2,
+                                  eval_reconstruction_batches=1, eval_sparsity_batches=1,
+                                  eval_batch_prompts=4, cache_dtype="float32")
+    info = experiment.execute(cfg, plugin, tmp_path / "hub_run", notes,
+                              model_loader=hub_model, dataset_loader=hub_dataset)
+    assert info["training_steps"] == 8 and finite_numbers(info["metrics"])
+
+
+def test_missing_hub_model_or_dataset_names_the_fix(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+    with pytest.raises(experiment.HarnessError, match="not available offline.*--preset embedded"):
+        experiment.load_model("google/gemma-2-2b", torch.device("cpu"), model_loader=offline)
+    with pytest.raises(experiment.HarnessError, match="dataset 'monology/pile-uncopyrighted' is not available offline"):
+        list(experiment.hub_documents("monology/pile-uncopyrighted", dataset_loader=offline))
+
+
+def test_local_dataset_files_are_read(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc\n\nsecond doc\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert experiment.local_documents(tmp_path / "a.txt") == ["first doc", "second doc"]
+    assert experiment.local_documents(tmp_path / "b.jsonl") == ["one", "two"]
+    with pytest.raises(experiment.HarnessError, match="does not exist"):
+        experiment.local_documents(tmp_path / "missing.txt")

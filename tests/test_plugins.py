@@ -1,0 +1,75 @@
+"""What every plugin of every study must do, checked on the tiny preset: train to the end with
+finite losses, log every loss term it declares (non-zero somewhere while its mechanism is on),
+send gradients to every trainable parameter, and change the result relative to its parent run
+on the same seed (a plugin that changes nothing is the bug the notebooks kept hitting)."""
+
+import pytest
+import torch
+from conftest import read_log, tiny_run
+from safetensors.torch import load_file
+
+import experiment
+
+ALL_PLUGINS = sorted(experiment.plugin_files())
+_runs: dict[str, tuple[dict, object]] = {}
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("plugin_runs")
+
+
+def trained(key: str, runs_dir) -> tuple[dict, object]:
+    """One tiny training run per plugin per test session, shared by the checks below."""
+    if key not in _runs:
+        out = runs_dir / key.replace("/", "__")
+        info = tiny_run(key, out, runs_dir / "notes.md", evals=())
+        _runs[key] = (info, out)
+    return _runs[key]
+
+
+@pytest.mark.parametrize("key", ALL_PLUGINS)
+def test_plugin_trains_with_finite_logged_loss_terms(key, runs_dir):
+    info, out = trained(key, runs_dir)
+    assert info["status"] == "completed" and info["training_steps"] > 0
+    log = read_log(out)
+    terms = [k for k in info["final_loss_terms"] if k != "total_loss"]
+    for term in terms:
+        values = [record[term] for record in log]
+        assert all(torch.isfinite(torch.tensor(v)) for v in values), (term, values)
+        assert any(v != 0 for v in values), f"loss term {term} is zero at every logged step"
+
+
+@pytest.mark.parametrize("key", ALL_PLUGINS)
+def test_gradients_reach_every_trainable_parameter(key):
+    plugin = experiment.find_plugin(key)
+    cfg = experiment.build_config("tiny", key)
+    torch.manual_seed(0)
+    sae = plugin.sae_class(64, 256, plugin.hyperparams_class(), cfg)
+    trainer = plugin.trainer_class(sae, cfg)
+    x = torch.randn(256, 64) * 3 + 1
+    for step in range(3):  # past any first-step special case
+        trainer.step(x, step)
+    sae.zero_grad(set_to_none=True)
+    out = sae.loss(x, 3)
+    sum(out.terms.values()).backward()
+    for name, param in sae.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None, f"{name} gets no gradient"
+            assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, f"{name}: zero gradient"
+
+
+@pytest.mark.parametrize("key", [k for k in ALL_PLUGINS if experiment.find_plugin(k).parent])
+def test_plugin_changes_the_result_relative_to_its_parent(key, runs_dir):
+    plugin = experiment.find_plugin(key)
+    parent_key = next(k for k in ALL_PLUGINS if k.endswith("/" + plugin.parent))
+    child_info, child_dir = trained(key, runs_dir)
+    parent_info, parent_dir = trained(parent_key, runs_dir)
+    child_w = load_file(child_dir / "plugin_state.safetensors")["W_dec"]
+    parent_w = load_file(parent_dir / "plugin_state.safetensors")["W_dec"]
+    assert not torch.equal(child_w, parent_w), f"{key} trains exactly like its parent {parent_key}"
+    assert child_info["final_loss"] != parent_info["final_loss"]
+
+
+def test_baseline_is_the_harness_sae():
+    assert experiment.find_plugin("run_0_baseline").sae_class is experiment.SAE
