@@ -72,9 +72,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Layer 6 of 18 sits in the middle third, where SAE features are usually studied, and a
     # 250k-token harvest plus training and core eval fits a 2-core CPU in a few minutes.
     "embedded": dict(
-        model="gemma-3-270m", layer=6, dict_size=4096, tokens=250_000, context_size=128,
-        batch_size=1024, lr=1e-3, sparsity_penalty=0.04, warmup_steps=25, dataset="embedded",
-        llm_batch_size=8, eval_batch_prompts=4, eval_reconstruction_batches=3,
+        model="gemma-3-270m", layer=6, dict_size=2048, tokens=250_000, context_size=128,
+        batch_size=1024, lr=1e-3, sparsity_penalty=0.2, warmup_steps=25, dataset="embedded",
+        llm_batch_size=8, eval_batch_prompts=4, eval_reconstruction_batches=2,
         eval_sparsity_batches=8, cache_dtype="float32",
     ),
     # A randomly initialised 2-layer TransformerLens model on synthetic tokens: seconds.
@@ -894,7 +894,7 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path,
         data = activation_data(cfg, model, progress, dataset_loader)
         torch.manual_seed(cfg.seed)
         sae = plugin.sae_class(model.cfg.d_model, cfg.dict_size, hp, cfg, device=device)
-        check_contract(sae, torch.from_numpy(np.asarray(data.train[:8], dtype=np.float32)).to(device) * data.scale)
+        check_contract(sae, torch.from_numpy(np.array(data.train[:8], dtype=np.float32)).to(device) * data.scale)
         trainer = plugin.trainer_class(sae, cfg)
         info: dict[str, Any] = dict(training_steps=0, final_loss=None, layer=cfg.layer,
                                     dict_size=cfg.dict_size, learning_rate=cfg.lr,
