@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -62,7 +63,7 @@ PLUGINS_DIR = ROOT / "plugins"
 CACHE_DIR = Path(os.environ.get("SAE_HARNESS_CACHE", Path.home() / ".cache" / "sae_harness"))
 MODELS_DIR = CACHE_DIR / "models"  # the dequantised embedded model
 ACTIVATIONS_DIR = CACHE_DIR / "activations"
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long
 
 # ----------------------------------------------------------------------------------------------
 # Presets and run configuration. A preset is a set of plain values; every CLI flag overrides one.
@@ -130,6 +131,7 @@ class RunConfig:
     evals: tuple[str, ...] = ("core",)
     device: str = "auto"
     log_every: int = 10
+    checkpoint_every: int = 100
     hyperparams: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -155,7 +157,7 @@ def build_config(preset: str, plugin: str, **overrides: Any) -> RunConfig:
         raise HarnessError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     cfg = RunConfig(plugin=plugin, preset=preset, **values)
-    for name in ("lr", "dict_size", "tokens", "batch_size", "context_size", "llm_batch_size"):
+    for name in ("lr", "dict_size", "tokens", "batch_size", "context_size", "llm_batch_size", "checkpoint_every"):
         if getattr(cfg, name) <= 0:
             raise HarnessError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.sparsity_penalty < 0 or cfg.warmup_steps < 0 or cfg.layer < 0:
@@ -702,47 +704,95 @@ def parse_hyperparams(plugin: Plugin, assignments: list[str]) -> Any:
 # Training.
 
 DEAD_WINDOW_TOKENS = 1_000_000  # a latent is dead if it has not fired in this many tokens (or ever)
+CHECKPOINT = "checkpoint.pt"
+TRAINER_OWN = ("sae", "cfg", "optimizer", "scheduler")  # everything else in a Trainer is plugin state
 
 
 class NonFiniteLoss(Exception):
     pass
 
 
+class Interrupted(Exception):
+    """Ctrl-C during training: raised after the checkpoint of the last completed step is saved."""
+
+
+def save_checkpoint(run_dir: Path, step: int, sae: SAE, trainer: Trainer, fired_at: torch.Tensor) -> None:
+    """Everything needed to continue bit for bit: weights and buffers, optimizer and scheduler,
+    the trainer's plugin state, dead-latent tracking, RNG states, and the data position."""
+    state = dict(step=step, sae=sae.state_dict(), optimizer=trainer.optimizer.state_dict(),
+                 scheduler=trainer.scheduler.state_dict(), fired_at=fired_at,
+                 trainer={k: v for k, v in vars(trainer).items() if k not in TRAINER_OWN},
+                 rng=torch.get_rng_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    tmp = run_dir / f".{CHECKPOINT}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, run_dir / CHECKPOINT)
+
+
+def load_checkpoint(run_dir: Path, sae: SAE, trainer: Trainer) -> tuple[int, torch.Tensor]:
+    state = torch.load(run_dir / CHECKPOINT, weights_only=False, map_location=sae.W_dec.device)
+    sae.load_state_dict(state["sae"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    for key, value in state["trainer"].items():
+        setattr(trainer, key, value)
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"] + 1, state["fired_at"]
+
+
 def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_dir: Path,
-          progress, device: torch.device) -> dict[str, Any]:
+          progress, device: torch.device, resume: bool = False) -> dict[str, Any]:
     """Run cfg.steps optimizer steps over a seeded permutation of the cached activations,
-    logging every cfg.log_every steps to train_log.jsonl. Returns the final loss terms."""
+    logging every cfg.log_every steps to train_log.jsonl and checkpointing every
+    cfg.checkpoint_every steps (and on Ctrl-C). Returns the final loss terms."""
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))
     fired_at = torch.full((cfg.dict_size,), -1, dtype=torch.long, device=device)
+    start = 0
+    log_path = run_dir / "train_log.jsonl"
+    if resume:
+        start, fired_at = load_checkpoint(run_dir, sae, trainer)
+        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start]
+        _atomic_write(log_path, "".join(line + "\n" for line in kept))
     dead_window = max(1, DEAD_WINDOW_TOKENS // cfg.batch_size)  # steps
-    task = progress.add_task("train SAE", total=cfg.steps, status="")
+    task = progress.add_task("train SAE", total=cfg.steps, completed=start, status="")
+    interrupted = []
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     started, final = time.perf_counter(), {}
-    with open(run_dir / "train_log.jsonl", "w") as log:
-        for step in range(cfg.steps):
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].numpy()
-            x = torch.from_numpy(np.asarray(data.train[np.sort(idx)], dtype=np.float32))
-            x = (x * data.scale).to(device, sae.dtype)
-            total, out = trainer.step(x, step)
-            terms = {**out.terms, "total_loss": total}
-            for name, value in terms.items():
-                if not torch.isfinite(value):
-                    raise NonFiniteLoss(f"{name} became {value.item()} at step {step}")
-            fired = (out.latents.detach() > 0).any(dim=0)
-            fired_at[fired] = step
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                record = dict(step=step, tokens=(step + 1) * cfg.batch_size,
-                              lr=trainer.scheduler.get_last_lr()[0],
-                              **{k: v.item() for k, v in terms.items()},
-                              l0=(out.latents.detach() > 0).float().sum(-1).mean().item(),
-                              dead_fraction=(fired_at <= step - min(step + 1, dead_window)).float().mean().item(),
-                              **{k: float(v) for k, v in out.stats.items()})
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                tok_s = (step + 1) * cfg.batch_size / (time.perf_counter() - started)
-                progress.update(task, status=f"{tok_s:,.0f} tok/s  loss {record['total_loss']:.4g}  "
-                                f"L0 {record['l0']:.1f}  dead {record['dead_fraction']:.1%}")
-            progress.update(task, advance=1)
-            final = {k: v.item() for k, v in terms.items()}
+    try:
+        with open(log_path, "a") as log:
+            for step in range(start, cfg.steps):
+                idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].numpy()
+                x = torch.from_numpy(np.asarray(data.train[np.sort(idx)], dtype=np.float32))
+                x = (x * data.scale).to(device, sae.dtype)
+                total, out = trainer.step(x, step)
+                terms = {**out.terms, "total_loss": total}
+                for name, value in terms.items():
+                    if not torch.isfinite(value):
+                        raise NonFiniteLoss(f"{name} became {value.item()} at step {step}")
+                fired = (out.latents.detach() > 0).any(dim=0)
+                fired_at[fired] = step
+                if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                    record = dict(step=step, tokens=(step + 1) * cfg.batch_size,
+                                  lr=trainer.scheduler.get_last_lr()[0],
+                                  **{k: v.item() for k, v in terms.items()},
+                                  l0=(out.latents.detach() > 0).float().sum(-1).mean().item(),
+                                  dead_fraction=(fired_at <= step - min(step + 1, dead_window)).float().mean().item(),
+                                  **{k: float(v) for k, v in out.stats.items()})
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    tok_s = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - started)
+                    progress.update(task, status=f"{tok_s:,.0f} tok/s  loss {record['total_loss']:.4g}  "
+                                    f"L0 {record['l0']:.1f}  dead {record['dead_fraction']:.1%}")
+                progress.update(task, advance=1)
+                final = {k: v.item() for k, v in terms.items()}
+                if interrupted or (step + 1) % cfg.checkpoint_every == 0:
+                    save_checkpoint(run_dir, step, sae, trainer, fired_at)
+                if interrupted:
+                    raise Interrupted(f"interrupted after step {step}")
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
     return final
 
 
@@ -828,12 +878,47 @@ def save_sae(sae: SAE, scale: float, run_dir: Path) -> None:
     save_file({**state, "activation_scale": torch.tensor(scale)}, run_dir / "plugin_state.safetensors")
 
 
+def suspicious(info: dict, run_dir: Path, plugin: Plugin) -> list[str]:
+    """Results the seed notebooks reported without noticing: each becomes a warning."""
+    found = []
+    sparsity = info.get("metrics", {}).get("sparsity", {})
+    if sparsity.get("l0") == 0:
+        found.append("L0 is 0: no latent fires on the evaluation text")
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    if log[-1]["dead_fraction"] >= 1.0:
+        found.append("every latent is dead at the end of training")
+    if log[0]["total_loss"] == log[-1]["total_loss"]:
+        found.append("the training loss never moved")
+    quality = info.get("metrics", {}).get("reconstruction_quality", {})
+    for key in ("explained_variance", "explained_variance_legacy"):
+        if quality.get(key, 0.0) < 0:
+            found.append(f"{key} is negative ({quality[key]:.3g}): worse than predicting the mean")
+    parent = latest_run(run_dir.parents[2], plugin.parent, same_data_as=info) if plugin.parent and len(run_dir.parents) > 2 else None
+    if parent is not None and "metrics" in info and parent.get("metrics") == info["metrics"]:
+        found.append(f"metrics identical to the last digit to parent {plugin.parent}'s latest run: "
+                     "did the change reach the model?")
+    return found
+
+
+def latest_run(runs_root: Path, plugin_name: str, same_data_as: dict | None = None) -> dict | None:
+    """final_info of the newest completed run of plugin_name under runs_root (any study),
+    optionally only among runs on the same activations."""
+    for path in sorted(runs_root.glob(f"*/{plugin_name}/*/final_info.json"), key=lambda p: p.parent.name, reverse=True):
+        other = json.loads(path.read_text())
+        if other.get("status") != "completed":
+            continue
+        if same_data_as is None or other.get("activation_cache") == same_data_as.get("activation_cache"):
+            return other
+    return None
+
+
 def notes_entry(plugin: Plugin, run_dir: Path, info: dict) -> str:
-    results = {k: v for k, v in info.items() if k not in ("provenance", "feature_metrics")}
+    results = {k: v for k, v in info.items() if k not in ("provenance", "warnings")}
     shown = os.path.relpath(run_dir, ROOT) if run_dir.is_relative_to(ROOT) else str(run_dir)
+    warnings = "".join(f"Warning: {w}\n" for w in info.get("warnings", []))
     return (f"## Run {plugin.run_number}: {plugin.title}\n"
             f"Study: {plugin.study} · Plugin: {plugin.name} · Run folder: {shown}\n"
-            f"Results: {results}\n"
+            f"Results: {results}\n{warnings}"
             f"Description: {plugin.description}\n\n")
 
 
@@ -865,13 +950,14 @@ def check_writable(run_dir: Path) -> None:
     parent = run_dir.parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise HarnessError(f"cannot create run folder {run_dir}: {parent} is not writable; pick another --out")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise HarnessError(f"cannot create run folder {run_dir}: {parent} is not a writable folder; pick another --out")
 
 
-def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path,
+def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: bool = False,
             model_loader=None, dataset_loader=None) -> dict:
-    """Train and evaluate one run; returns final_info. Raises HarnessError on bad input.
+    """Train and evaluate one run (or continue one from its checkpoint); returns final_info.
+    Raises HarnessError on bad input, Interrupted on Ctrl-C (after checkpointing).
     model_loader(name, device=, dtype=) and dataset_loader(name) replace the hub (for tests)."""
     started = time.perf_counter()
     try:
@@ -880,14 +966,13 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path,
         raise HarnessError(f"plugin {plugin.name}: bad hyperparameters {cfg.hyperparams}: {exc}") from None
     cfg.hyperparams = dataclasses.asdict(hp)
     device = resolve_device(cfg.device)
-    check_writable(run_dir)
+    if not resume:
+        check_writable(run_dir)
     model = load_model(cfg.model, device, model_loader)
     if not 0 <= cfg.layer < model.cfg.n_layers:
         raise HarnessError(f"--layer {cfg.layer} is outside {cfg.model} (layers 0..{model.cfg.n_layers - 1})")
     if cfg.context_size > model.cfg.n_ctx:
         raise HarnessError(f"context size {cfg.context_size} exceeds {cfg.model}'s {model.cfg.n_ctx}")
-    run_dir.mkdir(parents=True)
-    _atomic_write(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
     with Progress(*columns, console=console, transient=False) as progress:
@@ -896,11 +981,14 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path,
         sae = plugin.sae_class(model.cfg.d_model, cfg.dict_size, hp, cfg, device=device)
         check_contract(sae, torch.from_numpy(np.array(data.train[:8], dtype=np.float32)).to(device) * data.scale)
         trainer = plugin.trainer_class(sae, cfg)
+        if not resume:  # only now, with every input checked, does the run folder appear
+            run_dir.mkdir(parents=True)
+            _atomic_write(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         info: dict[str, Any] = dict(training_steps=0, final_loss=None, layer=cfg.layer,
                                     dict_size=cfg.dict_size, learning_rate=cfg.lr,
                                     sparsity_penalty=cfg.sparsity_penalty)
         try:
-            final_terms = train(sae, trainer, data, cfg, run_dir, progress, device)
+            final_terms = train(sae, trainer, data, cfg, run_dir, progress, device, resume)
         except NonFiniteLoss as exc:
             info.update(status="failed", error=f"non-finite loss: {exc}",
                         provenance=provenance(cfg, plugin, device, time.perf_counter() - started))
@@ -908,7 +996,7 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path,
             raise HarnessError(f"training stopped: {exc}; run marked failed in {run_dir}/final_info.json") from None
     info.update(training_steps=cfg.steps, final_loss=final_terms["total_loss"],
                 final_loss_terms=final_terms, activation_scale=data.scale,
-                activations_from_cache=data.from_cache)
+                activation_cache=cache_key(cfg), activations_from_cache=data.from_cache)
     scaled = ScaledSAE(sae.eval(), data.scale)
     if "core" in cfg.evals:
         console.print("Evaluating with sae_bench core metrics...")
@@ -921,11 +1009,23 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path,
         from safetensors.torch import save_file
         save_file(artifacts, run_dir / "artifacts.safetensors")
     save_sae(sae, data.scale, run_dir)
+    info["warnings"] = suspicious(info, run_dir, plugin)
     info["status"] = "completed"
     info["provenance"] = provenance(cfg, plugin, device, time.perf_counter() - started)
     _atomic_write(run_dir / "final_info.json", json.dumps(info, indent=2, default=str))
     append_notes(notes, plugin, notes_entry(plugin, run_dir, info))
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the saved SAE supersedes it
     return info
+
+
+def resumable_run(run_dir: Path) -> tuple[RunConfig, Plugin]:
+    if not (run_dir / "config.json").exists():
+        raise HarnessError(f"--resume {run_dir} is not a run folder (no config.json)")
+    if not (run_dir / CHECKPOINT).exists():
+        raise HarnessError(f"--resume {run_dir} has no {CHECKPOINT} to continue from; start a new run")
+    values = json.loads((run_dir / "config.json").read_text())
+    cfg = RunConfig(**{**values, "evals": tuple(values["evals"])})
+    return cfg, find_plugin(cfg.plugin)
 
 
 def print_summary(info: dict, run_dir: Path) -> None:
@@ -940,11 +1040,13 @@ def print_summary(info: dict, run_dir: Path) -> None:
                 table.add_row(f"{group}.{key}", f"{value:.4g}")
     table.add_row("wall time (s)", f"{info['provenance']['wall_time_s']:.1f}")
     Console().print(table)
+    for warning in info["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
 
 
 @app.command()
 def run(
-    plugin: str = typer.Option(..., help="Plugin file name (run_7_adaptive_ln) or study/name."),
+    plugin: str = typer.Option(None, help="Plugin file name (run_7_adaptive_ln) or study/name."),
     preset: str = typer.Option("embedded", help="embedded, tiny, pythia-70m or gemma-2-2b."),
     model: str = typer.Option(None, help="Model: tiny, gemma-3-270m, or a hub name."),
     layer: int = typer.Option(None, help="Residual stream layer to hook (blocks.L.hook_resid_post)."),
@@ -960,20 +1062,34 @@ def run(
     out: Path = typer.Option(None, help="Run folder (default runs/<study>/<plugin>/<timestamp>)."),
     notes: Path = typer.Option(ROOT / "notes.md", help="Lab notebook to append to."),
     set_: list[str] = typer.Option([], "--set", help="Plugin hyperparameter key=value (repeatable)."),
+    checkpoint_every: int = typer.Option(100, help="Save a resumable checkpoint every N steps."),
+    resume: Path = typer.Option(None, help="Continue an interrupted run folder from its checkpoint."),
 ) -> None:
     """Train a plugin's SAE, evaluate it with sae_bench, write a run folder and a notebook entry."""
     try:
+        if resume is not None:
+            cfg, found = resumable_run(resume)
+            info = execute(cfg, found, resume, notes, resume=True)
+            print_summary(info, resume)
+            return
+        if plugin is None:
+            raise HarnessError("--plugin is required (see `python experiment.py list`), or --resume RUN_DIR")
         found = find_plugin(plugin)
         cfg = build_config(preset, f"{found.study}/{found.name}", model=model, layer=layer,
                            dict_size=dict_size, tokens=tokens, batch_size=batch_size, lr=lr,
                            sparsity_penalty=sparsity_penalty, seed=seed, device=device,
-                           dataset=dataset, evals=tuple(e.strip() for e in evals.split(",") if e.strip()))
+                           dataset=dataset, checkpoint_every=checkpoint_every,
+                           evals=tuple(e.strip() for e in evals.split(",") if e.strip()))
         cfg.hyperparams = dataclasses.asdict(parse_hyperparams(found, set_))
         run_dir = out or ROOT / "runs" / found.study / found.name / time.strftime("%Y%m%d-%H%M%S")
         info = execute(cfg, found, run_dir, notes)
     except HarnessError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    except Interrupted as exc:
+        where = resume or run_dir
+        console.print(f"[yellow]{exc}; checkpoint saved; continue with: python experiment.py run --resume {where}")
+        raise typer.Exit(130) from None
     print_summary(info, run_dir)
 
 

@@ -1,0 +1,219 @@
+"""What the harness guarantees when things go wrong: interrupted runs resume to the same weights,
+earlier runs and notes.md survive any kill, concurrent runs both get their notebook entry, a
+corrupted activation cache is rebuilt, suspicious results are flagged, and every bad input is
+refused with exit code 2 and nothing written."""
+
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import cli
+
+import experiment
+
+ROOT = Path(experiment.__file__).parent
+LONG_TINY = ["--preset", "tiny", "--plugin", "zscore_ortho/run_1_initial", "--tokens", "131072",
+             "--checkpoint-every", "20", "--evals", "core"]
+
+
+def start_cli(args, tmp_path):
+    env = {**os.environ, "SAE_HARNESS_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "experiment.py"), "run", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path: Path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    notes = tmp_path / "notes.md"
+    notes.write_text("earlier entry\n")
+    whole = start_cli([*LONG_TINY, "--out", str(tmp_path / "whole"), "--notes", str(notes)], tmp_path)
+    assert whole.wait(300) == 0, whole.stdout.read()
+
+    killed_dir = tmp_path / "killed"
+    killed = start_cli([*LONG_TINY, "--out", str(killed_dir), "--notes", str(notes)], tmp_path)
+    wait_for(killed_dir / "checkpoint.pt", killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (killed_dir / "final_info.json").exists()
+    assert notes.read_text().startswith("earlier entry\n") and notes.read_text().count("## Run 1") == 1
+
+    resumed = start_cli(["--resume", str(killed_dir), "--notes", str(notes)], tmp_path)
+    assert resumed.wait(300) == 0, resumed.stdout.read()
+    assert (killed_dir / "sae_weights.safetensors").read_bytes() == (tmp_path / "whole" / "sae_weights.safetensors").read_bytes()
+    a = json.loads((killed_dir / "final_info.json").read_text())
+    b = json.loads((tmp_path / "whole" / "final_info.json").read_text())
+    assert a["metrics"] == b["metrics"] and a["final_loss"] == b["final_loss"]
+    log_steps = [json.loads(line)["step"] for line in (killed_dir / "train_log.jsonl").read_text().splitlines()]
+    assert log_steps == sorted(set(log_steps))  # no step logged twice after the resume
+    assert notes.read_text().count("## Run 1") == 2
+
+
+def test_ctrl_c_checkpoints_and_exits_130_with_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = start_cli([*LONG_TINY, "--out", str(out), "--notes", str(tmp_path / "notes.md")], tmp_path)
+    wait_for(out / "train_log.jsonl", proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    output = " ".join(proc.communicate(timeout=120)[0].split())
+    assert proc.returncode == 130, output
+    assert "checkpoint saved; continue with: python experiment.py run --resume" in output
+    assert (out / "checkpoint.pt").exists() and not (tmp_path / "notes.md").exists()
+
+
+def _append_many(notes, worker):
+    plugin = experiment.find_plugin("run_0_baseline")
+    for i in range(30):
+        experiment.append_notes(Path(notes), plugin, f"## Run 0: worker {worker} entry {i}\n" + "x" * 5000 + "\n\n")
+
+
+def test_two_processes_appending_to_notes_both_get_complete_entries(tmp_path):
+    notes = tmp_path / "notes.md"
+    workers = [multiprocessing.get_context("fork").Process(target=_append_many, args=(notes, w)) for w in (1, 2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    text = notes.read_text()
+    assert text.count("# Title: Baseline Sparse Autoencoder") == 1
+    for w in (1, 2):
+        for i in range(30):
+            assert f"## Run 0: worker {w} entry {i}\n" + "x" * 5000 + "\n\n" in text
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupted_activation_cache_is_detected_and_rebuilt(run_tiny, isolated_cache, damage):
+    first, _ = run_tiny("run_0_baseline")
+    acts = next(isolated_cache.glob("*/train_acts.npy"))
+    data = bytearray(acts.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[-100] ^= 0xFF
+    acts.write_bytes(bytes(data))
+    second, _ = run_tiny("run_0_baseline")
+    assert second["activations_from_cache"] is False
+    assert second["metrics"] == first["metrics"]
+
+
+def test_suspicious_results_are_flagged(run_tiny, tmp_path, monkeypatch):
+    info, run_dir = run_tiny("run_0_baseline")
+    assert info["warnings"] == []
+    # A child run whose metrics equal its parent's latest run on the same data is flagged.
+    runs = tmp_path / "layout"
+    parent_dir, child_dir = runs / "s" / "run_1_initial" / "1", runs / "s" / "run_2_stable_init" / "1"
+    for d in (parent_dir, child_dir):
+        shutil.copytree(run_dir, d)
+    child = experiment.find_plugin("run_2_stable_init")
+    warnings = experiment.suspicious(info, child_dir, child)
+    assert any("identical to the last digit to parent run_1_initial" in w for w in warnings)
+    zero = {**info, "metrics": {**info["metrics"], "sparsity": {"l0": 0.0, "l1": 0.0},
+                                "reconstruction_quality": {"explained_variance": -0.78}}}
+    warnings = experiment.suspicious(zero, run_dir, experiment.find_plugin("run_0_baseline"))
+    assert any("L0 is 0" in w for w in warnings) and any("explained_variance is negative" in w for w in warnings)
+
+
+# ---- the bad-input matrix: exit 2, one clear line, runs/ and notes.md untouched ----------------
+
+@pytest.fixture
+def scratch_study():
+    """A throwaway study folder inside plugins/ for deliberately broken plugin files."""
+    folder = experiment.PLUGINS_DIR / "scratch_test_study"
+    folder.mkdir()
+    (folder / "__init__.py").write_text('TITLE = "Scratch"\nDESCRIPTION = "Broken plugins for tests."\n')
+    yield folder
+    shutil.rmtree(folder)
+    for name in [m for m in sys.modules if m.startswith("plugins.scratch_test_study")]:
+        del sys.modules[name]
+
+
+def refused(tmp_path, *args):
+    notes = tmp_path / "notes.md"
+    notes.write_text("earlier entry\n")
+    listing = lambda: sorted(p.name for p in tmp_path.iterdir() if p.name != "activations")  # noqa: E731
+    before = listing()
+    result = cli("run", "--notes", str(notes), *args)
+    assert result.exit_code == 2, result.output
+    assert notes.read_text() == "earlier entry\n"
+    assert listing() == before
+    return " ".join(result.output.split())
+
+
+def test_plugin_with_syntax_error_names_file_and_line(tmp_path, scratch_study):
+    (scratch_study / "run_1_broken.py").write_text('"""Broken."""\ndef oops(:\n')
+    out = refused(tmp_path, "--preset", "tiny", "--plugin", "run_1_broken", "--out", str(tmp_path / "r"))
+    assert "run_1_broken.py has a syntax error" in out and ":2:" in out
+
+
+def test_plugin_with_import_error_names_file_and_line(tmp_path, scratch_study):
+    (scratch_study / "run_1_broken.py").write_text('"""Broken."""\nimport not_a_module_anywhere\n')
+    out = refused(tmp_path, "--preset", "tiny", "--plugin", "run_1_broken", "--out", str(tmp_path / "r"))
+    assert "failed to import" in out and "run_1_broken.py:2" in out and "not_a_module_anywhere" in out
+
+
+def test_plugin_breaking_the_sae_contract_is_refused_before_training(tmp_path, scratch_study):
+    (scratch_study / "run_1_shape.py").write_text(
+        '"""Wrong shape."""\nfrom experiment import SAE as Base, Hyperparams\n\n\n'
+        'class SAE(Base):\n    def decode(self, f):\n        return f\n')
+    out = refused(tmp_path, "--preset", "tiny", "--plugin", "run_1_shape", "--out", str(tmp_path / "r"))
+    assert "decode returned shape (8, 256), expected (8, 64)" in out
+
+
+def test_ambiguous_plugin_name_lists_candidates(tmp_path, scratch_study):
+    (scratch_study / "run_0_baseline.py").write_text('"""Dup."""\nfrom experiment import SAE, Hyperparams\n')
+    out = refused(tmp_path, "--preset", "tiny", "--plugin", "run_0_baseline", "--out", str(tmp_path / "r"))
+    assert "ambiguous" in out and "baseline/run_0_baseline" in out and "scratch_test_study/run_0_baseline" in out
+
+
+def test_unwritable_out_is_refused(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    out = refused(tmp_path, "--preset", "tiny", "--plugin", "run_0_baseline", "--out", str(tmp_path / "a_file" / "r"))
+    assert "is not a writable folder" in out
+
+
+def test_existing_out_folder_is_refused(tmp_path):
+    (tmp_path / "r").mkdir()
+    out = refused(tmp_path, "--preset", "tiny", "--plugin", "run_0_baseline", "--out", str(tmp_path / "r"))
+    assert "already exists" in out
+
+
+def test_resume_of_a_folder_that_is_not_a_run_is_refused(tmp_path):
+    (tmp_path / "not_a_run").mkdir()
+    out = refused(tmp_path, "--resume", str(tmp_path / "not_a_run"))
+    assert "is not a run folder" in out
+
+
+@pytest.mark.parametrize("content, message", [("", "dataset too short"), ("a few words\n", "dataset too short")])
+def test_empty_or_too_short_local_dataset_is_refused(tmp_path, content, message, monkeypatch):
+    data = tmp_path / "data.txt"
+    data.write_text(content)
+    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: _tiny_with_tokenizer())
+    out = refused(tmp_path, "--preset", "tiny", "--plugin", "run_0_baseline", "--dataset", str(data),
+                  "--out", str(tmp_path / "r"))
+    assert message in out
+
+
+def _tiny_with_tokenizer():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    class CharTokenizer:
+        bos_token_id, eos_token_id, pad_token_id, padding_side = 0, 1, 2, "right"
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [3 + (ord(c) % 500) for c in text]}
+    model = HookedTransformer(HookedTransformerConfig(**experiment.TINY_MODEL, seed=0))
+    model.tokenizer = CharTokenizer()
+    return model
