@@ -132,6 +132,7 @@ class RunConfig:
     device: str = "auto"
     log_every: int = 10
     checkpoint_every: int = 100
+    deterministic: bool = False  # CUDA: deterministic kernels (slower); CPU runs are always bit-exact
     hyperparams: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -966,6 +967,9 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: 
         raise HarnessError(f"plugin {plugin.name}: bad hyperparameters {cfg.hyperparams}: {exc}") from None
     cfg.hyperparams = dataclasses.asdict(hp)
     device = resolve_device(cfg.device)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
+        torch.use_deterministic_algorithms(True)
     if not resume:
         check_writable(run_dir)
     model = load_model(cfg.model, device, model_loader)
@@ -984,6 +988,7 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: 
         if not resume:  # only now, with every input checked, does the run folder appear
             run_dir.mkdir(parents=True)
             _atomic_write(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+            torch.save(data.eval_tokens, run_dir / "eval_tokens.pt")  # `eval RUN_DIR` re-scores on these
         info: dict[str, Any] = dict(training_steps=0, final_loss=None, layer=cfg.layer,
                                     dict_size=cfg.dict_size, learning_rate=cfg.lr,
                                     sparsity_penalty=cfg.sparsity_penalty)
@@ -1063,6 +1068,7 @@ def run(
     notes: Path = typer.Option(ROOT / "notes.md", help="Lab notebook to append to."),
     set_: list[str] = typer.Option([], "--set", help="Plugin hyperparameter key=value (repeatable)."),
     checkpoint_every: int = typer.Option(100, help="Save a resumable checkpoint every N steps."),
+    deterministic: bool = typer.Option(False, help="CUDA: use deterministic kernels (slower)."),
     resume: Path = typer.Option(None, help="Continue an interrupted run folder from its checkpoint."),
 ) -> None:
     """Train a plugin's SAE, evaluate it with sae_bench, write a run folder and a notebook entry."""
@@ -1078,7 +1084,7 @@ def run(
         cfg = build_config(preset, f"{found.study}/{found.name}", model=model, layer=layer,
                            dict_size=dict_size, tokens=tokens, batch_size=batch_size, lr=lr,
                            sparsity_penalty=sparsity_penalty, seed=seed, device=device,
-                           dataset=dataset, checkpoint_every=checkpoint_every,
+                           dataset=dataset, checkpoint_every=checkpoint_every, deterministic=deterministic,
                            evals=tuple(e.strip() for e in evals.split(",") if e.strip()))
         cfg.hyperparams = dataclasses.asdict(parse_hyperparams(found, set_))
         run_dir = out or ROOT / "runs" / found.study / found.name / time.strftime("%Y%m%d-%H%M%S")

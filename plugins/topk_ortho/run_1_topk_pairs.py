@@ -1,0 +1,91 @@
+"""Initial Top-k Implementation: orthogonality loss on the batch's most co-active latent pairs.
+
+Notebook 004, run 1. Each batch, the top `topk_percent` (0.1%) of latent pairs i < j by
+co-activation Σ_batch f_i·f_j are selected, and their decoder rows are pushed apart with weight
+`ortho_weight` (0.1) and a fixed τ (0.1). Decoder rows are unit-norm (the harness renormalises
+them after every step), so w_i·w_j is their cosine.
+
+Readings chosen where the notebook is vague: the pair score is the batch sum of f_i·f_j, one
+d_sae × d_sae matmul FᵀF (never a per-example product), and the selection is made without
+gradient; the number of pairs is topk_percent of the d_sae·(d_sae−1)/2 distinct pairs, and
+slots whose pair never co-fires in the batch stay empty. τ is the overlap the loss tolerates:
+ortho_loss = ortho_weight · mean over selected pairs of max(|w_i·w_j| − τ, 0)². A pair's
+"correlation" is that decoder cosine |w_i·w_j|, the quantity the loss acts on. Pair-selection
+stability is the Jaccard index of this step's selected pair set with the previous step's
+(`pair_jaccard`, 0 on the first step). Logged every log step, and their last values in
+final_info's `final_metrics`: the loss terms and total, active_features (latents firing in the
+batch), selected_pairs, unique_features_in_pairs, max/mean_pair_correlation, pair_jaccard, tau.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from experiment import SAE as BaseSAE
+from experiment import LossOutput
+
+
+@dataclass
+class Hyperparams:
+    topk_percent: float = 0.001
+    ortho_weight: float = 0.1
+    tau: float = 0.1
+
+
+class SAE(BaseSAE):
+    def __init__(self, d_in, d_sae, hp, cfg, device=torch.device("cpu"), dtype=torch.float32):
+        super().__init__(d_in, d_sae, hp, cfg, device, dtype)
+        self.n_pairs = max(1, round(hp.topk_percent * d_sae * (d_sae - 1) / 2))
+        # Flat ids i·d_sae + j of the last step's selection, -1 for empty slots (fixed size, so
+        # it checkpoints with the weights).
+        self.register_buffer("pairs", torch.full((self.n_pairs,), -1, dtype=torch.long, device=device))
+        self.last_metrics: dict[str, torch.Tensor] = {}
+
+    def tau(self) -> torch.Tensor:
+        return torch.tensor(self.hp.tau, device=self.W_dec.device)
+
+    @torch.no_grad()
+    def select_pairs(self, f: torch.Tensor) -> torch.Tensor:
+        scores = (f.T @ f).triu_(1).flatten()  # strict upper triangle: each pair i < j once
+        values, ids = scores.topk(self.n_pairs)
+        return torch.where(values > 0, ids, -1)
+
+    def pair_cosines(self, pairs: torch.Tensor) -> torch.Tensor:
+        ids = pairs.clamp_min(0)
+        return (self.W_dec[ids // self.cfg.d_sae] * self.W_dec[ids % self.cfg.d_sae]).sum(-1)
+
+    def loss(self, x, step):
+        out = super().loss(x, step)
+        f = out.latents.detach()
+        pairs = self.select_pairs(f)
+        # Masks instead of boolean indexing: the loss needs no host sync.
+        valid = (pairs >= 0).float()
+        n_valid = valid.sum().clamp_min(1)
+        overlap = self.pair_cosines(pairs).abs()
+        hinge = (overlap - self.tau()).clamp_min(0).pow(2)
+        terms = {**out.terms, "ortho_loss": self.hp.ortho_weight * (hinge * valid).sum() / n_valid}
+        stats = self.pair_stats(f, pairs, valid, overlap.detach())
+        if self.training:
+            self.pairs.copy_(pairs)
+            self.last_metrics = {"total_loss": sum(terms.values()).detach(),
+                                 **{k: v.detach() for k, v in terms.items()}, **stats}
+        return LossOutput(terms, out.latents, stats)
+
+    @torch.no_grad()
+    def pair_stats(self, f, pairs, valid, overlap) -> dict[str, torch.Tensor]:
+        d_sae = self.cfg.d_sae
+        ids = pairs.clamp_min(0)
+        in_pairs = torch.zeros(d_sae, device=f.device)
+        in_pairs.index_add_(0, ids // d_sae, valid).index_add_(0, ids % d_sae, valid)
+        shared = (torch.isin(pairs, self.pairs).float() * valid).sum()  # -1 slots are masked
+        union = valid.sum() + (self.pairs >= 0).sum() - shared
+        return {"active_features": (f > 0).any(0).sum().float(),
+                "selected_pairs": valid.sum(),
+                "unique_features_in_pairs": (in_pairs > 0).sum().float(),
+                "max_pair_correlation": (overlap * valid).max(),
+                "mean_pair_correlation": (overlap * valid).sum() / valid.sum().clamp_min(1),
+                "pair_jaccard": shared / union.clamp_min(1),
+                "tau": self.tau().detach().clone()}
+
+    def final_info(self):
+        return {"final_metrics": {k: float(v) for k, v in self.last_metrics.items()}}
