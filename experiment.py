@@ -11,6 +11,7 @@ the run folder and notes.md, and the CLI.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -451,6 +452,47 @@ class Hyperparams:
     """The base SAE has no hyperparameters beyond the run config's lr and sparsity penalty."""
 
 
+SPARSE_DENSITY = 0.05  # below this fraction of firing latents the sparse step is faster (see `bench`)
+
+
+def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """CSR matrix from row-sorted (row, col, value) triples."""
+    crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=values.device)
+    crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
+    return torch.sparse_csr_tensor(crow, cols, values, shape)
+
+
+class SparseReLUSAE(torch.autograd.Function):
+    """The base SAE's f = ReLU((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec, where every
+    product except the dense encoder forward runs over the active latents only: the decoder
+    forward, and the decoder-weight, encoder-weight and input gradients are sparse x dense (as in
+    the TopK kernels of OpenAI's sparse_autoencoder and EleutherAI's sparsify). Same gradients as
+    autograd's dense path (tested); faster once few latents fire."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec):
+        x_c = x - b_dec
+        f = torch.relu(x_c @ W_enc + b_enc)
+        ctx.save_for_backward(x_c, W_enc, W_dec, f)
+        return f, f.to_sparse_csr() @ W_dec + b_dec
+
+    @staticmethod
+    def backward(ctx, grad_f, grad_x_hat):
+        x_c, W_enc, W_dec, f = ctx.saved_tensors
+        (batch, d_sae), (rows, cols) = f.shape, (f > 0).nonzero(as_tuple=True)
+        # dLoss/dpre at the active latents only: the direct term plus the decoder's, sampled there.
+        grad_pre = grad_f[rows, cols] + (grad_x_hat[rows] * W_dec[cols]).sum(-1)
+        by_latent = torch.argsort(cols * batch + rows)
+        grad_pre_t = _csr(cols[by_latent], rows[by_latent], grad_pre[by_latent], (d_sae, batch))
+        f_t = _csr(cols[by_latent], rows[by_latent], f[rows, cols][by_latent], (d_sae, batch))
+        grad_x_c = _csr(rows, cols, grad_pre, (batch, d_sae)) @ W_enc.T
+        grad_W_enc = (grad_pre_t @ x_c).T
+        grad_b_enc = torch.zeros(d_sae, dtype=f.dtype, device=f.device).index_add_(0, cols, grad_pre)
+        grad_W_dec = f_t @ grad_x_hat
+        grad_b_dec = grad_x_hat.sum(0) - grad_x_c.sum(0)
+        return grad_x_c, grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec
+
+
 class LossOutput(NamedTuple):
     terms: dict[str, torch.Tensor]  # each is logged; their sum is optimised
     latents: torch.Tensor  # feature activations f, for L0 and dead-latent tracking
@@ -481,8 +523,11 @@ class SAE(BaseSAE):
         return self.decode(self.encode(x))
 
     def loss(self, x: torch.Tensor, step: int) -> LossOutput:
-        f = self.encode(x)
-        x_hat = self.decode(f)
+        if self.sparse_backward and self.training and self.has_base_architecture():
+            f, x_hat = SparseReLUSAE.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec)
+        else:
+            f = self.encode(x)
+            x_hat = self.decode(f)
         return LossOutput(
             terms={"l2_loss": (x - x_hat).pow(2).sum(-1).mean(),
                    "sparsity_loss": self.run_cfg.sparsity_penalty * f.abs().sum(-1).mean()},
@@ -499,6 +544,11 @@ class SAE(BaseSAE):
     def artifacts(self) -> dict[str, torch.Tensor]:
         """Per-latent arrays for figures (frequencies...), saved to artifacts.safetensors."""
         return {}
+
+    sparse_backward = False  # set by the Trainer before each step from the measured latent density
+
+    def has_base_architecture(self) -> bool:
+        return type(self).encode is SAE.encode and type(self).decode is SAE.decode
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -538,6 +588,7 @@ class Trainer:
 
     def __init__(self, sae: SAE, cfg: RunConfig):
         self.sae, self.cfg = sae, cfg
+        self.sparse = False  # use the sparse step (measured density is low); checkpointed
         self.optimizer = self.make_optimizer()
         self.scheduler = self.make_scheduler()
 
@@ -549,7 +600,10 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
 
     def step(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, LossOutput]:
+        self.sae.sparse_backward = self.sparse
         out = self.sae.loss(x, step)
+        if step % 10 == 0:  # switch the base SAE's step to sparse products when few latents fire
+            self.sparse = (out.latents.detach() > 0).float().mean().item() < SPARSE_DENSITY
         total = sum(out.terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -1097,6 +1151,186 @@ def run(
         console.print(f"[yellow]{exc}; checkpoint saved; continue with: python experiment.py run --resume {where}")
         raise typer.Exit(130) from None
     print_summary(info, run_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: where the time goes, measured in one process on the same data.
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA allocator peak, or sampled process RSS on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb = device, 0.0
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        process, self._stop = psutil.Process(), threading.Event()
+        self._base = process.memory_info().rss
+
+        def sample():
+            while not self._stop.wait(0.005):
+                self.peak_mb = max(self.peak_mb, (process.memory_info().rss - self._base) / 2**20)
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Seconds per call after one warm-up call."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def sae_lens_step(sae: SAE, cfg: RunConfig):
+    """sae_lens's own standard (ReLU, L1) training SAE, with our SAE's weights, doing its step."""
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+
+    ref = StandardTrainingSAE(StandardTrainingSAEConfig(
+        d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, dtype=str(sae.dtype).split(".")[1], device=str(sae.W_dec.device),
+        l1_coefficient=cfg.sparsity_penalty))
+    ref.load_state_dict({k: getattr(sae, k).detach().clone() for k in ("W_enc", "W_dec", "b_enc", "b_dec")}, strict=False)
+    optimizer = torch.optim.Adam(ref.parameters(), lr=cfg.lr)
+
+    def step(x):
+        out = ref.training_forward_pass(TrainStepInput(
+            sae_in=x, coefficients={"l1": cfg.sparsity_penalty}, dead_neuron_mask=None,
+            n_training_steps=0, is_logging_step=False))
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+    return step
+
+
+def run_bench(cfg: RunConfig, steps: int, l0_fraction: float | None) -> dict[str, Any]:
+    device = resolve_device(cfg.device)
+    model = load_model(cfg.model, device)
+    contexts, _ = load_tokens(cfg, model)
+    results: dict[str, Any] = dict(device=str(device), model=cfg.model, layer=cfg.layer, d_in=model.cfg.d_model,
+                                   d_sae=cfg.dict_size, batch_size=cfg.batch_size, tokens=cfg.tokens,
+                                   torch_threads=torch.get_num_threads())
+    n_tokens = cfg.tokens
+
+    # 1. harvesting vs the plain forward pass up to the hooked layer, on the same contexts
+    def plain_forward():
+        with torch.no_grad():
+            for start in range(0, len(contexts), cfg.llm_batch_size):
+                model(contexts[start:start + cfg.llm_batch_size].to(device), stop_at_layer=cfg.layer + 1)
+    with tempfile_dir() as tmp:
+        acts = np.lib.format.open_memmap(tmp / "acts.npy", mode="w+", dtype=cfg.cache_dtype, shape=(n_tokens, model.cfg.d_model))
+        with Progress(console=console, transient=True) as quiet, PeakMemory(device) as mem:
+            harvest_s = timed(lambda: harvest(model, contexts, cfg, acts, quiet), device, 1)
+        results["harvest"] = dict(tokens_per_s=n_tokens / harvest_s, peak_mb=mem.peak_mb)
+        with PeakMemory(device) as mem:
+            forward_s = timed(plain_forward, device, 1)
+        results["plain_forward"] = dict(tokens_per_s=n_tokens / forward_s, peak_mb=mem.peak_mb)
+        results["harvest_vs_forward"] = forward_s / harvest_s
+
+        # 2. reading training batches from the cache as training does (random rows)
+        acts.flush()
+        cached = np.load(tmp / "acts.npy", mmap_mode="r")
+        order = np.random.default_rng(0).permutation(n_tokens)
+        batches = [np.sort(order[i:i + cfg.batch_size]) for i in range(0, n_tokens - cfg.batch_size + 1, cfg.batch_size)]
+
+        def read_all():
+            for idx in batches:
+                torch.from_numpy(np.asarray(cached[idx], dtype=np.float32)).to(device)
+        with PeakMemory(device) as mem:
+            read_s = timed(read_all, device, 3)
+        results["cache_read"] = dict(tokens_per_s=len(batches) * cfg.batch_size / read_s, peak_mb=mem.peak_mb)
+        results["cache_read_vs_harvest"] = results["cache_read"]["tokens_per_s"] / results["harvest"]["tokens_per_s"]
+        x = torch.from_numpy(np.asarray(cached[batches[0]], dtype=np.float32)).to(device)
+
+    # 3. one SAE training step: ours (baseline plugin) against sae_lens's standard training SAE
+    x = x * (math.sqrt(model.cfg.d_model) / x.norm(dim=-1).mean())
+    torch.manual_seed(cfg.seed)
+    sae = SAE(model.cfg.d_model, cfg.dict_size, Hyperparams(), cfg, device=device)
+    if l0_fraction is not None:  # place the ReLU threshold so that this fraction of latents fires
+        with torch.no_grad():
+            pre = (x - sae.b_dec) @ sae.W_enc
+            sae.b_enc.copy_(-torch.quantile(pre.float().flatten()[:1_000_000], 1 - l0_fraction))
+    reference = sae_lens_step(sae, cfg)
+    trainer = Trainer(sae, cfg)
+    density = (sae.encode(x) > 0).float().mean().item()
+    with PeakMemory(device) as mem:
+        ours_s = timed(lambda: trainer.step(x, 0), device, steps)
+    results["sae_step"] = dict(tokens_per_s=cfg.batch_size / ours_s, peak_mb=mem.peak_mb, latent_density=density)
+    with PeakMemory(device) as mem:
+        ref_s = timed(lambda: reference(x), device, steps)
+    results["sae_lens_step"] = dict(tokens_per_s=cfg.batch_size / ref_s, peak_mb=mem.peak_mb)
+    results["ours_vs_sae_lens"] = ref_s / ours_s
+
+    # 4. achieved FLOP/s of the dense-equivalent step against a plain matmul of the same shape
+    step_flops = 10 * cfg.batch_size * model.cfg.d_model * cfg.dict_size  # 5 B x d_in x d_sae matmuls
+    a = torch.randn(cfg.batch_size, model.cfg.d_model, device=device, dtype=sae.dtype)
+    b = torch.randn(model.cfg.d_model, cfg.dict_size, device=device, dtype=sae.dtype)
+    matmul_s = timed(lambda: a @ b, device, steps)
+    roofline = 2 * cfg.batch_size * model.cfg.d_model * cfg.dict_size / matmul_s
+    results["roofline_flops"] = roofline
+    results["sae_step_flops"] = step_flops / ours_s
+    results["sae_step_roofline_fraction"] = step_flops / ours_s / roofline
+    return results
+
+
+@contextlib.contextmanager
+def tempfile_dir():
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="sae_bench_") as tmp:
+        yield Path(tmp)
+
+
+@app.command()
+def bench(
+    preset: str = typer.Option("embedded", help="Model, layer and data come from this preset."),
+    model: str = typer.Option(None), layer: int = typer.Option(None),
+    dict_size: int = typer.Option(None, help="d_sae."), batch_size: int = typer.Option(None),
+    tokens: int = typer.Option(65_536, help="Tokens to harvest for the harvest and read timings."),
+    steps: int = typer.Option(20, help="Timed SAE steps."),
+    l0_fraction: float = typer.Option(None, help="Set the fraction of latents that fire (e.g. 0.02)."),
+    device: str = typer.Option("auto"), out: Path = typer.Option(Path("bench.json")),
+) -> None:
+    """Throughput of harvesting, cache reads and the SAE step (vs sae_lens), the SAE step's
+    fraction of the measured matmul roofline, and peak memory; a table and bench.json."""
+    try:
+        cfg = build_config(preset, "baseline/run_0_baseline", model=model, layer=layer, dict_size=dict_size,
+                           batch_size=batch_size, tokens=tokens, device=device)
+        results = run_bench(cfg, steps, l0_fraction)
+    except HarnessError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    _atomic_write(out, json.dumps(results, indent=2))
+    table = Table(title=f"bench: {cfg.model} layer {cfg.layer}, d_sae {cfg.dict_size}, batch {cfg.batch_size}, {results['device']}")
+    table.add_column("what")
+    table.add_column("tokens/s", justify="right")
+    table.add_column("peak MB", justify="right")
+    for key in ("plain_forward", "harvest", "cache_read", "sae_step", "sae_lens_step"):
+        table.add_row(key, f"{results[key]['tokens_per_s']:,.0f}", f"{results[key]['peak_mb']:,.0f}")
+    Console().print(table)
+    Console().print(
+        f"harvest / plain forward: {results['harvest_vs_forward']:.2f}   cache read / harvest: "
+        f"{results['cache_read_vs_harvest']:.1f}x   ours / sae_lens: {results['ours_vs_sae_lens']:.2f}x   "
+        f"SAE step: {results['sae_step_flops'] / 1e9:.1f} GFLOP/s = {results['sae_step_roofline_fraction']:.0%} "
+        f"of the {results['roofline_flops'] / 1e9:.1f} GFLOP/s matmul roofline (latent density "
+        f"{results['sae_step']['latent_density']:.1%})")
 
 
 @app.command("list")

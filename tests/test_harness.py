@@ -228,3 +228,24 @@ def test_local_dataset_files_are_read(tmp_path):
     assert experiment.local_documents(tmp_path / "b.jsonl") == ["one", "two"]
     with pytest.raises(experiment.HarnessError, match="does not exist"):
         experiment.local_documents(tmp_path / "missing.txt")
+
+
+def test_sparse_step_gives_the_dense_step_gradients():
+    cfg = experiment.build_config("tiny", "baseline/run_0_baseline")
+    torch.manual_seed(0)
+    sae = experiment.SAE(64, 512, experiment.Hyperparams(), cfg)
+    with torch.no_grad():
+        sae.b_enc.fill_(-5.0)  # a few percent of latents fire
+        sae.b_dec.normal_()
+    x = torch.randn(300, 64) * 2
+    grads = {}
+    for sparse in (False, True):
+        sae.sparse_backward = sparse
+        sae.zero_grad()
+        out = sae.loss(x, 0)
+        sum(out.terms.values()).backward()
+        grads[sparse] = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    density = (out.latents > 0).float().mean()
+    assert 0 < density < 0.05
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-5)
