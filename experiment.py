@@ -182,7 +182,22 @@ def resolve_device(name: str) -> torch.device:
         raise HarnessError("--device cuda but no CUDA device is available; use --device cpu or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on
+    GPUs, gloo on CPU. Rank 0 harvests, logs, evaluates and writes; every rank trains on its
+    own shard of each batch and DistributedDataParallel all-reduces the gradients."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
 
 
 # ----------------------------------------------------------------------------------------------
@@ -581,6 +596,17 @@ def check_contract(sae: SAE, x: torch.Tensor) -> None:
         raise HarnessError(f"plugin {name}: loss must return scalar terms; {bad or 'none'} are not")
 
 
+class _LossModule(torch.nn.Module):
+    """DistributedDataParallel wraps a module's forward; this one's forward is the SAE's loss."""
+
+    def __init__(self, sae: SAE):
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x: torch.Tensor, step: int) -> LossOutput:
+        return self.sae.loss(x, step)
+
+
 class Trainer:
     """Adam with linear LR warm-up; keeps decoder rows at unit norm. Plugins override
     make_optimizer / make_scheduler, `apply_update` (what happens between backward and the
@@ -589,6 +615,9 @@ class Trainer:
     def __init__(self, sae: SAE, cfg: RunConfig):
         self.sae, self.cfg = sae, cfg
         self.sparse = False  # use the sparse step (measured density is low); checkpointed
+        self.loss_fn = sae.loss
+        if torch.distributed.is_initialized():
+            self.loss_fn = torch.nn.parallel.DistributedDataParallel(_LossModule(sae), find_unused_parameters=True)
         self.optimizer = self.make_optimizer()
         self.scheduler = self.make_scheduler()
 
@@ -601,7 +630,7 @@ class Trainer:
 
     def step(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, LossOutput]:
         self.sae.sparse_backward = self.sparse
-        out = self.sae.loss(x, step)
+        out = self.loss_fn(x, step)
         if step % 10 == 0:  # switch the base SAE's step to sparse products when few latents fire
             self.sparse = (out.latents.detach() > 0).float().mean().item() < SPARSE_DENSITY
         total = sum(out.terms.values())
@@ -760,7 +789,7 @@ def parse_hyperparams(plugin: Plugin, assignments: list[str]) -> Any:
 
 DEAD_WINDOW_TOKENS = 1_000_000  # a latent is dead if it has not fired in this many tokens (or ever)
 CHECKPOINT = "checkpoint.pt"
-TRAINER_OWN = ("sae", "cfg", "optimizer", "scheduler")  # everything else in a Trainer is plugin state
+TRAINER_OWN = ("sae", "cfg", "optimizer", "scheduler", "loss_fn")  # the rest of a Trainer is plugin state
 
 
 class NonFiniteLoss(Exception):
@@ -798,16 +827,19 @@ def load_checkpoint(run_dir: Path, sae: SAE, trainer: Trainer) -> tuple[int, tor
 
 
 def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_dir: Path,
-          progress, device: torch.device, resume: bool = False) -> dict[str, Any]:
+          progress, device: torch.device, resume: bool = False, rank: int = 0, world: int = 1) -> dict[str, Any]:
     """Run cfg.steps optimizer steps over a seeded permutation of the cached activations,
     logging every cfg.log_every steps to train_log.jsonl and checkpointing every
-    cfg.checkpoint_every steps (and on Ctrl-C). Returns the final loss terms."""
+    cfg.checkpoint_every steps (and on Ctrl-C). Under torchrun each rank takes its shard of
+    every batch and only rank 0 writes. Returns the final loss terms."""
+    leader, shard = rank == 0, cfg.batch_size // world
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))
     fired_at = torch.full((cfg.dict_size,), -1, dtype=torch.long, device=device)
     start = 0
     log_path = run_dir / "train_log.jsonl"
     if resume:
         start, fired_at = load_checkpoint(run_dir, sae, trainer)
+    if resume and leader:
         kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start]
         _atomic_write(log_path, "".join(line + "\n" for line in kept))
     dead_window = max(1, DEAD_WINDOW_TOKENS // cfg.batch_size)  # steps
@@ -816,9 +848,10 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     started, final = time.perf_counter(), {}
     try:
-        with open(log_path, "a") as log:
+        with open(log_path, "a") if leader else contextlib.nullcontext() as log:
             for step in range(start, cfg.steps):
-                idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].numpy()
+                first = step * cfg.batch_size + rank * shard
+                idx = order[first:first + shard].numpy()
                 x = torch.from_numpy(np.asarray(data.train[np.sort(idx)], dtype=np.float32))
                 x = (x * data.scale).to(device, sae.dtype)
                 total, out = trainer.step(x, step)
@@ -828,7 +861,7 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
                         raise NonFiniteLoss(f"{name} became {value.item()} at step {step}")
                 fired = (out.latents.detach() > 0).any(dim=0)
                 fired_at[fired] = step
-                if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                if leader and (step % cfg.log_every == 0 or step == cfg.steps - 1):
                     record = dict(step=step, tokens=(step + 1) * cfg.batch_size,
                                   lr=trainer.scheduler.get_last_lr()[0],
                                   **{k: v.item() for k, v in terms.items()},
@@ -842,7 +875,7 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
                                     f"L0 {record['l0']:.1f}  dead {record['dead_fraction']:.1%}")
                 progress.update(task, advance=1)
                 final = {k: v.item() for k, v in terms.items()}
-                if interrupted or (step + 1) % cfg.checkpoint_every == 0:
+                if leader and (interrupted or (step + 1) % cfg.checkpoint_every == 0):
                     save_checkpoint(run_dir, step, sae, trainer, fired_at)
                 if interrupted:
                     raise Interrupted(f"interrupted after step {step}")
@@ -1021,10 +1054,14 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: 
         raise HarnessError(f"plugin {plugin.name}: bad hyperparameters {cfg.hyperparams}: {exc}") from None
     cfg.hyperparams = dataclasses.asdict(hp)
     device = resolve_device(cfg.device)
+    rank, world = init_distributed(device)
+    leader = rank == 0
+    if cfg.batch_size % world:
+        raise HarnessError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes")
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
         torch.use_deterministic_algorithms(True)
-    if not resume:
+    if not resume and leader:
         check_writable(run_dir)
     model = load_model(cfg.model, device, model_loader)
     if not 0 <= cfg.layer < model.cfg.n_layers:
@@ -1034,12 +1071,17 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: 
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
     with Progress(*columns, console=console, transient=False) as progress:
-        data = activation_data(cfg, model, progress, dataset_loader)
+        if leader:  # the other ranks wait, then read what rank 0 cached
+            data = activation_data(cfg, model, progress, dataset_loader)
+        if world > 1:
+            torch.distributed.barrier()
+        if not leader:
+            data = activation_data(cfg, model, progress, dataset_loader)
         torch.manual_seed(cfg.seed)
         sae = plugin.sae_class(model.cfg.d_model, cfg.dict_size, hp, cfg, device=device)
         check_contract(sae, torch.from_numpy(np.array(data.train[:8], dtype=np.float32)).to(device) * data.scale)
         trainer = plugin.trainer_class(sae, cfg)
-        if not resume:  # only now, with every input checked, does the run folder appear
+        if not resume and leader:  # only now, with every input checked, does the run folder appear
             run_dir.mkdir(parents=True)
             _atomic_write(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
             torch.save(data.eval_tokens, run_dir / "eval_tokens.pt")  # `eval RUN_DIR` re-scores on these
@@ -1047,12 +1089,18 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: 
                                     dict_size=cfg.dict_size, learning_rate=cfg.lr,
                                     sparsity_penalty=cfg.sparsity_penalty)
         try:
-            final_terms = train(sae, trainer, data, cfg, run_dir, progress, device, resume)
+            final_terms = train(sae, trainer, data, cfg, run_dir, progress, device, resume, rank, world)
         except NonFiniteLoss as exc:
+            if not leader:
+                raise HarnessError(f"training stopped: {exc}") from None
             info.update(status="failed", error=f"non-finite loss: {exc}",
                         provenance=provenance(cfg, plugin, device, time.perf_counter() - started))
             _atomic_write(run_dir / "final_info.json", json.dumps(info, indent=2, default=str))
             raise HarnessError(f"training stopped: {exc}; run marked failed in {run_dir}/final_info.json") from None
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if not leader:
+        return info
     info.update(training_steps=cfg.steps, final_loss=final_terms["total_loss"],
                 final_loss_terms=final_terms, activation_scale=data.scale,
                 activation_cache=cache_key(cfg), activations_from_cache=data.from_cache)
@@ -1150,7 +1198,8 @@ def run(
         where = resume or run_dir
         console.print(f"[yellow]{exc}; checkpoint saved; continue with: python experiment.py run --resume {where}")
         raise typer.Exit(130) from None
-    print_summary(info, run_dir)
+    if info.get("status") == "completed":  # rank 0 (or the only process)
+        print_summary(info, run_dir)
 
 
 # ----------------------------------------------------------------------------------------------
