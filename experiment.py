@@ -622,7 +622,7 @@ class Trainer:
         self.scheduler = self.make_scheduler()
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.sae.parameters(), lr=self.cfg.lr)
+        return torch.optim.Adam(self.sae.parameters(), lr=self.cfg.lr, fused=self.sae.W_dec.is_cuda)
 
     def make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         warmup = max(self.cfg.warmup_steps, 1)
@@ -1061,6 +1061,8 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: 
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
         torch.use_deterministic_algorithms(True)
+    elif device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the SAE step's fp32 matmuls on tensor cores
     if not resume and leader:
         check_writable(run_dir)
     model = load_model(cfg.model, device, model_loader)
