@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -702,12 +703,10 @@ class Plugin:
 
     @property
     def parent(self) -> str | None:
-        """The plugin whose SAE, trainer or hyperparameters this one builds on."""
-        for cls in (self.sae_class, self.trainer_class, self.hyperparams_class):
-            for klass in cls.__mro__ if cls.__module__ == self.module.__name__ else (cls,):
-                mod = klass.__module__
-                if mod.startswith("plugins.") and mod != self.module.__name__:
-                    return mod.rsplit(".", 1)[-1]
+        """The run this one builds on: the plugin module it imports as `parent`."""
+        parent = getattr(self.module, "parent", None)
+        if isinstance(parent, types.ModuleType) and parent.__name__.startswith("plugins."):
+            return parent.__name__.rsplit(".", 1)[-1]
         return None
 
     def source_hash(self) -> str:

@@ -1,0 +1,38 @@
+"""Coordinated Cosine Annealing for Contrast Threshold: τ anneals from 0.4 to 0.05.
+
+Notebook 002, run 2, on top of run 1: the contrast threshold follows a half cosine from
+`contrast_threshold` (0.4) at the first step to `threshold_end` (0.05) at the last, synchronised
+with training progress; JL projection and EMA tracking are kept. Reading chosen: "synchronised
+with training progress" means the schedule spans the whole run at any budget; the same cosine
+(`cosine(step)`, 1 → 0) is the one every later annealed quantity follows ("coordinated"). The
+threshold is logged per step as `contrast_threshold`.
+"""
+
+import math
+from dataclasses import dataclass
+
+from plugins.contrastive import run_1_jl_ema as parent
+
+
+@dataclass
+class Hyperparams(parent.Hyperparams):
+    threshold_end: float = 0.05
+
+
+class SAE(parent.SAE):
+    def progress(self, step: int) -> float:
+        """0 at the first step, 1 at the last."""
+        return min(1.0, step / max(self.run_cfg.steps - 1, 1))
+
+    def cosine(self, step: int) -> float:
+        """1 → 0 over training on a half cosine: the coordinated schedule."""
+        return 0.5 * (1 + math.cos(math.pi * self.progress(step)))
+
+    def anneal(self, start: float, end: float, step: int) -> float:
+        return end + (start - end) * self.cosine(step)
+
+    def contrast_threshold(self, step):
+        return self.anneal(self.hp.contrast_threshold, self.hp.threshold_end, step)
+
+
+Trainer = parent.Trainer

@@ -1,0 +1,89 @@
+"""Competitive Feature Learning with Winner-Take-All Implementation: local inhibition, annealed WTA, gates.
+
+Notebook 002, run 9, on top of run 8. After the group-masked code f: (1) local inhibition,
+f ← relu(f − κ · mean of the 2r ring neighbours' activations) (κ = `inhibition`,
+r = `inhibition_radius`); (2) winner-take-all within consecutive windows of `wta_window`
+latents, each latent scaled by exp((f_i − max_window f) / T), so the winner keeps its value and
+the others shrink with their gap; (3) the temperature T anneals from `temperature_start` to
+`temperature_end` on the coordinated cosine; (4) an adaptive threshold for winner selection:
+only windows whose maximum exceeds it compete, the threshold being an EMA (β of run 1) of
+`winner_fraction` × the batch's mean window maximum; (5) gradient modulation: in competing
+windows the losers pass only `loser_grad_scale` of their gradient (values unchanged);
+(6) feature-wise gates 2σ(a_i), learnable, 1 at init; (7) a competitive loss,
+`competition_weight` × the mean per-token activation mass of the non-maximal latents of each
+window.
+Readings chosen: "neighbouring features" are neighbours in latent index (a ring), so inhibition
+and competition cost B × d_sae × (2r or window), never B × d_sae × d_sae; the window maximum sets
+the bar without receiving gradient from the losers. Temperature and winner threshold are
+buffers updated after each step (the evaluated encoder uses their final values); they are logged
+per step with the fraction of competing windows and the mean gate.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from plugins.contrastive import run_8_group_lr as parent
+
+
+@dataclass
+class Hyperparams(parent.Hyperparams):
+    inhibition: float = 0.1
+    inhibition_radius: int = 2
+    wta_window: int = 8
+    temperature_start: float = 1.0
+    temperature_end: float = 0.05
+    winner_fraction: float = 0.5
+    loser_grad_scale: float = 0.5
+    competition_weight: float = 0.02
+
+
+class SAE(parent.SAE):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        device = self.W_dec.device
+        self.gate_logits = torch.nn.Parameter(torch.zeros(self.cfg.d_sae, device=device))
+        self.register_buffer("temperature", torch.tensor(self.hp.temperature_start, device=device))
+        self.register_buffer("winner_threshold", torch.zeros((), device=device))
+
+    def windows(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, d_sae) -> (B, n_windows, wta_window), zero-padded at the end."""
+        w = self.hp.wta_window
+        return torch.nn.functional.pad(f, (0, -f.shape[1] % w)).view(len(f), -1, w)
+
+    def encode(self, x):
+        f = super().encode(x)
+        r = self.hp.inhibition_radius
+        neighbours = sum(f.roll(k, 1) + f.roll(-k, 1) for k in range(1, r + 1)) / (2 * r)
+        win = self.windows(torch.relu(f - self.hp.inhibition * neighbours))
+        top = win.amax(-1, keepdim=True).detach()
+        competing = top > self.winner_threshold
+        out = torch.where(competing, win * torch.exp((win - top) / self.temperature), win)
+        loser = competing & (win < top)
+        s = self.hp.loser_grad_scale
+        out = torch.where(loser, s * out + (1 - s) * out.detach(), out)
+        return out.flatten(1)[:, : self.cfg.d_sae] * 2 * torch.sigmoid(self.gate_logits)
+
+    def loss(self, x, step):
+        out = super().loss(x, step)
+        win = self.windows(out.latents)
+        top = win.amax(-1)
+        loser_mass = (win.sum(-1) - top).sum(-1).mean()
+        stats = {**out.stats, "temperature": float(self.temperature),
+                 "winner_threshold": float(self.winner_threshold),
+                 "competing_window_fraction": (top > self.winner_threshold).float().mean(),
+                 "gate_mean": 2 * torch.sigmoid(self.gate_logits.detach()).mean()}
+        if self.training:
+            with torch.no_grad():
+                beta = self.hp.ema_beta
+                self.winner_threshold.mul_(beta).add_((1 - beta) * self.hp.winner_fraction * top.mean())
+        terms = {**out.terms, "competition_loss": self.hp.competition_weight * loser_mass}
+        return out._replace(terms=terms, stats=stats)
+
+    def on_step_end(self, step):
+        super().on_step_end(step)
+        hp = self.hp
+        self.temperature.fill_(self.anneal(hp.temperature_start, hp.temperature_end, step + 1))
+
+
+Trainer = parent.Trainer

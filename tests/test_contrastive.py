@@ -1,0 +1,166 @@
+"""What is particular to the contrastive study (notebook 002): the 128-d JL projection and its
+logged approximation check, the coordinated cosine schedules (contrast threshold 0.4 -> 0.05,
+lambda_i bounds [0.02, 1.0] -> [0.01, 0.5]), the exact cheap forms of the pairwise penalties, the
+block Gram-Schmidt, the 16 groups, and run 10's hard orthogonality and re-initialisation."""
+
+import math
+
+import pytest
+import torch
+from conftest import read_log, tiny_run
+
+import experiment
+from plugins.contrastive.run_5_gram_schmidt import block_mgs
+
+
+def build(run: str, d_in: int = 64, d_sae: int = 256, seed: int = 0, **hyperparams):
+    plugin = experiment.find_plugin(f"contrastive/{run}")
+    cfg = experiment.build_config("tiny", f"contrastive/{run}")
+    torch.manual_seed(seed)
+    sae = plugin.sae_class(d_in, d_sae, plugin.hyperparams_class(**hyperparams), cfg)
+    return sae, plugin.trainer_class(sae, cfg)
+
+
+@pytest.fixture(scope="module")
+def lambda_run(tmp_path_factory):
+    """One tiny run of run 3 (threshold and lambda schedules, JL check) with a 32-d JL space, so
+    that the projection is a real reduction of the tiny model's 64 dimensions."""
+    tmp = tmp_path_factory.mktemp("contrastive")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(experiment, "ACTIVATIONS_DIR", tmp / "activations")
+        info = tiny_run("contrastive/run_3_lambda_bounds", tmp / "run", tmp / "notes.md",
+                        hyperparams={"jl_dim": 32}, evals=())
+    return info, read_log(tmp / "run")
+
+
+def test_jl_projection_is_orthonormal_128d_limited_by_d_in():
+    wide, _ = build("run_1_jl_ema", d_in=256, d_sae=512)
+    assert wide.jl.shape == (256, 128)
+    assert torch.allclose(wide.jl.T @ wide.jl, torch.eye(128), atol=1e-5)
+    tiny, _ = build("run_1_jl_ema")
+    assert tiny.jl.shape == (64, 64)  # d_in < 128: a rotation
+    assert "jl" in dict(tiny.named_buffers())
+
+
+def test_jl_projection_is_seeded_by_the_global_rng():
+    assert torch.equal(build("run_1_jl_ema", seed=1)[0].jl, build("run_1_jl_ema", seed=1)[0].jl)
+    assert not torch.equal(build("run_1_jl_ema", seed=1)[0].jl, build("run_1_jl_ema", seed=2)[0].jl)
+
+
+def test_jl_check_measures_the_expected_distortion():
+    sae, _ = build("run_1_jl_ema", d_in=256, d_sae=512)
+    check = sae.jl_check(sae.W_dec.detach())
+    # A random 128-d subspace of 256 keeps half of a random row's energy.
+    assert check["jl_recon_error"] == pytest.approx(math.sqrt(0.5), abs=0.05)
+    assert 0 < check["jl_cos_error_mean"] < 0.2 and check["jl_norm_distortion"] < 0.2
+    rotation, _ = build("run_1_jl_ema")
+    assert all(v < 1e-5 for v in rotation.jl_check(rotation.W_dec.detach()).values())
+
+
+def test_jl_check_is_logged_every_step_and_in_final_info(lambda_run):
+    info, log = lambda_run
+    keys = ("jl_cos_error_mean", "jl_cos_error_max", "jl_norm_distortion", "jl_recon_error")
+    for record in log:
+        assert all(math.isfinite(record[k]) and record[k] > 0 for k in keys), record
+    assert info["jl_dim"] == 32 and set(info["jl_check"]) == set(keys)
+    assert info["jl_check"]["jl_recon_error"] == pytest.approx(math.sqrt(0.5), abs=0.15)
+
+
+def test_contrast_threshold_anneals_from_0_4_to_0_05(lambda_run):
+    thresholds = [r["contrast_threshold"] for r in lambda_run[1]]
+    assert thresholds[0] == pytest.approx(0.4) and thresholds[-1] == pytest.approx(0.05)
+    assert all(a > b for a, b in zip(thresholds, thresholds[1:]))
+    fixed, _ = build("run_1_jl_ema")
+    assert fixed.contrast_threshold(0) == fixed.contrast_threshold(10_000) == 0.4
+
+
+def test_lambdas_stay_within_step_dependent_bounds(lambda_run):
+    log = lambda_run[1]
+    assert (log[0]["lambda_lo"], log[0]["lambda_hi"]) == pytest.approx((0.02, 1.0))
+    assert (log[-1]["lambda_lo"], log[-1]["lambda_hi"]) == pytest.approx((0.01, 0.5))
+    for r in log:
+        assert r["lambda_lo"] - 1e-6 <= r["lambda_min"] <= r["lambda_mean"] <= r["lambda_max"] <= r["lambda_hi"] + 1e-6
+
+
+def test_contrastive_penalty_counts_only_pairs_above_threshold():
+    sae, _ = build("run_1_jl_ema")
+    w = torch.nn.functional.normalize(torch.randn(256, 64), dim=1)
+    cos = (w @ w.T).abs().triu(1)
+    loss, over = sae.contrastive_loss(w, 0.3)  # the projection is a rotation on tiny
+    assert loss.item() == pytest.approx(((cos - 0.3).clamp_min(0) ** 2).sum().item() / 256, rel=1e-4)
+    assert over.item() == pytest.approx((cos > 0.3).sum().item() / (256 * 255 / 2), rel=1e-4)
+    assert sae.contrastive_loss(w, 1.0)[0] == 0
+
+
+def test_diversity_loss_is_the_mean_pairwise_cosine_of_activation_patterns():
+    sae, _ = build("run_4_diversity")
+    f = torch.relu(torch.randn(64, 256))
+    cos = torch.nn.functional.normalize(f, dim=0).T @ torch.nn.functional.normalize(f, dim=0)
+    brute = (cos.sum() - cos.diagonal().sum()) / (256 * 255)
+    assert sae.diversity_loss(f).item() == pytest.approx(brute.item(), rel=1e-4)
+
+
+def test_block_gram_schmidt_orthonormalises_within_blocks_and_keeps_norms():
+    w = torch.randn(100, 16) * torch.rand(100, 1)  # 100 = 6 blocks of 16 + a short block of 4
+    q = block_mgs(w, 16, 1e-8)
+    assert torch.allclose(q.norm(dim=1), w.norm(dim=1), rtol=1e-4)
+    for start in range(0, 100, 16):
+        block = torch.nn.functional.normalize(q[start:start + 16], dim=1)
+        assert torch.allclose(block @ block.T, torch.eye(len(block)), atol=1e-4)
+    sae, _ = build("run_5_gram_schmidt")
+    assert sae.gs_block_size() == 32 and not torch.allclose(sae.decoder_weight(), sae.W_dec)
+
+
+def test_hierarchical_structure_has_16_groups_and_masks_weak_groups():
+    sae, _ = build("run_7_group_sparsity")
+    assert torch.bincount(sae.group_index).tolist() == [16] * 16
+    f = sae.encode(torch.randn(32, 64) * 3)
+    kept = (sae.group_sum((f > 0).float()) > 0).sum(1)
+    assert (kept <= sae.hp.active_groups).all() and len(sae.final_info()["group_activity"]) == 16
+
+
+def test_group_learning_rates_favour_under_used_groups():
+    sae, _ = build("run_8_group_lr")
+    sae.importance.fill_(1.0)
+    sae.importance[sae.group_index == 3] = 0.01
+    lr = sae.group_lr_multipliers()
+    assert lr[3] == sae.hp.lr_max and (lr >= sae.hp.lr_min).all() and (lr[lr != lr[3]] < 1).all()
+
+
+def test_temperature_anneals_and_competition_leaves_window_winners_intact():
+    sae, trainer = build("run_9_wta")
+    x = torch.randn(256, 64) * 3
+    assert float(sae.temperature) == pytest.approx(1.0)
+    for step in range(trainer.cfg.steps):
+        sae.on_step_end(step)
+    assert float(sae.temperature) == pytest.approx(0.05)
+    windows = sae.windows(sae.encode(x)).detach()
+    # with a sharp temperature each competing window is dominated by its winner
+    top = windows.amax(-1)
+    competing = top > sae.winner_threshold
+    assert ((windows.sum(-1) - top)[competing] < top[competing]).float().mean() > 0.9
+
+
+def test_decorrelation_loss_matches_the_correlation_matrix():
+    sae, _ = build("run_10_hard_ortho")
+    f = torch.relu(torch.randn(128, 256))
+    f[:, 7] = 0  # a dead latent counts as uncorrelated
+    corr = torch.corrcoef(f.T).nan_to_num()
+    brute = corr.pow(2).sum() - corr.diagonal().pow(2).sum()
+    assert sae.correlation(f).item() == pytest.approx(brute.item(), rel=1e-3)
+
+
+def test_hard_orthogonality_holds_and_dead_units_are_reinitialised():
+    sae, trainer = build("run_10_hard_ortho")
+    assert sae.ortho_error() < 1e-4
+    x = torch.randn(256, 64) * 3 + 1
+    every = trainer.cfg.scaled_steps(sae.hp.reinit_every)
+    for step in range(every):
+        trainer.step(x, step)
+    with torch.no_grad():  # five dead units
+        sae.b_enc[:5] = -1e4
+        sae.utilisation[:5] = 0.0
+    before = sae.W_dec[:5].clone()
+    total, out = trainer.step(x, every)
+    assert out.stats["reinitialised_total"] == 5 and not torch.allclose(sae.W_dec[:5], before)
+    assert sae.ortho_error() < 1e-4 and (sae.utilisation[:5] > 0).all()
