@@ -1,0 +1,127 @@
+"""Frequency-Ordered SAE Implementation: activation-frequency tracking and an ordering loss.
+
+Notebook 003, run 2 (the notebook has no run 1; its run 0 is the baseline). Each latent's
+activation frequency is tracked, and an ordering loss with weight λ₂ = 0.3 asks higher-indexed
+latents to fire less often than lower-indexed ones, so that index order becomes frequency order.
+
+Readings chosen where the notebook is vague: the constraint is batch-wise, on the batch's firing
+rates p_i = mean over tokens of 1[pre_i > 0]. Each latent is pulled toward the rate its index
+should have, the batch's rates sorted from most to least frequent (p↓, a detached target):
+ordering_loss = λ₂ · Σ_i |p_i − p↓_i|, zero exactly when frequency never rises with index. (A
+hinge on adjacent pairs, Σ max(p_{i+1} − p_i, 0), has the same zeros but only smooths neighbours:
+on the tiny preset it left the index-frequency correlation where it started.) It is a sum over
+latents, not a mean, so each latent's pull does not shrink as d_sae grows. Firing is not
+differentiable, so p is a straight-through estimate: its value is the hard firing rate, its
+gradient that of mean sigmoid(pre / `surrogate_temperature`), which also reaches latents that did
+not fire. Tracked frequencies are a bias-corrected EMA (decay `freq_decay`) of the batch rates,
+saved as artifacts for the frequency figures: `feature_frequencies`, and `frequency_order`, the
+latent indices from most to least frequent. Logged every log step and put in final_info:
+`frequency_index_spearman`, the rank correlation (ties averaged) of tracked frequency with index,
+−1 for a perfect ordering, and `ordering_error`, Σ|f − f↓| / Σ|f↑ − f↓| on tracked frequencies f,
+0 when ordered and 1 when fully reversed; the batch's reconstruction cosine `recon_cosine`, the L1
+coefficient and the ordering weight are logged too.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from experiment import SAE as BaseSAE
+from experiment import Hyperparams as BaseHyperparams
+from experiment import LossOutput, Trainer  # noqa: F401  (re-exported: later runs extend it)
+
+
+@dataclass
+class Hyperparams(BaseHyperparams):
+    ordering_weight: float = 0.3
+    surrogate_temperature: float = 1.0
+    freq_decay: float = 0.99
+
+
+def average_ranks(values: torch.Tensor, ascending: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of values (given them sorted), ties sharing their average rank: dead latents
+    all tie at 0."""
+    below = torch.searchsorted(ascending, values)
+    up_to = torch.searchsorted(ascending, values, right=True)
+    return (below + up_to + 1).float() / 2
+
+
+class SAE(BaseSAE):
+    def __init__(self, d_in, d_sae, hp, cfg, device=torch.device("cpu"), dtype=torch.float32):
+        super().__init__(d_in, d_sae, hp, cfg, device, dtype)
+        self.register_buffer("freq_ema", torch.zeros(d_sae, device=device))
+        self.register_buffer("freq_updates", torch.zeros((), dtype=torch.long, device=device))
+
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """What the final ReLU sees; later runs add normalisation, a skip path and attention."""
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x):
+        return torch.relu(self.pre_activation(x))
+
+    def loss(self, x, step):
+        pre = self.pre_activation(x)
+        f = torch.relu(pre)
+        x_hat = self.decode(f)
+        rates = self.firing_rates(pre)
+        if self.training:
+            self.track_frequencies(rates.detach())
+        cosine = torch.nn.functional.cosine_similarity(x, x_hat.detach(), dim=-1).mean()
+        l1_coefficient, weight = self.sparsity_coefficient(cosine), self.ordering_weight(step)
+        terms = {"l2_loss": (x - x_hat).pow(2).sum(-1).mean(),
+                 "sparsity_loss": l1_coefficient * f.abs().sum(-1).mean(),
+                 "ordering_loss": weight * self.ordering_penalty(rates)}
+        stats = {"recon_cosine": cosine, "l1_coefficient": torch.as_tensor(l1_coefficient),
+                 "ordering_weight": torch.as_tensor(weight), **self.ordering_stats()}
+        return LossOutput(terms, f, stats)
+
+    def sparsity_coefficient(self, cosine: torch.Tensor) -> float | torch.Tensor:
+        """The L1 coefficient, given the batch's reconstruction cosine (run 5 adapts it)."""
+        return self.run_cfg.sparsity_penalty
+
+    def ordering_weight(self, step: int) -> float:
+        return self.hp.ordering_weight
+
+    def ordering_penalty(self, rates: torch.Tensor) -> torch.Tensor:
+        """Each latent is pulled toward the rate its index should have: the batch's rates sorted
+        from most to least frequent (a detached target)."""
+        target = rates.detach().sort(descending=True).values
+        return (rates - target).abs().sum()
+
+    def firing_rates(self, pre: torch.Tensor) -> torch.Tensor:
+        """Batch firing rate per latent: hard value, sigmoid-surrogate gradient."""
+        soft = torch.sigmoid(pre / self.hp.surrogate_temperature).mean(0)
+        return (pre > 0).float().mean(0) + soft - soft.detach()
+
+    @torch.no_grad()
+    def track_frequencies(self, rates: torch.Tensor) -> None:
+        d = self.hp.freq_decay
+        self.freq_ema.mul_(d).add_((1 - d) * rates)
+        self.freq_updates += 1
+
+    @torch.no_grad()
+    def frequencies(self) -> torch.Tensor:
+        """Tracked activation frequency per latent (EMA with Adam-style bias correction)."""
+        correction = 1 - self.hp.freq_decay ** self.freq_updates.clamp_min(1).float()
+        return self.freq_ema / correction
+
+    @torch.no_grad()
+    def ordering_stats(self) -> dict[str, torch.Tensor]:
+        freq = self.frequencies()
+        ascending = freq.sort().values
+        descending = ascending.flip(0)
+        ranks = average_ranks(freq, ascending)
+        ranks -= ranks.mean()
+        index = torch.arange(len(freq), device=freq.device, dtype=freq.dtype)
+        index -= index.mean()
+        spearman = (ranks * index).sum() / (ranks.norm() * index.norm()).clamp_min(1e-12)
+        error = (freq - descending).abs().sum() / (ascending - descending).abs().sum().clamp_min(1e-12)
+        return {"ordering_error": error, "frequency_index_spearman": spearman}
+
+    def final_info(self):
+        return {k: float(v) for k, v in self.ordering_stats().items()}
+
+    def artifacts(self):
+        freq = self.frequencies()
+        return {"feature_frequencies": freq, "frequency_order": freq.argsort(descending=True, stable=True)}
+

@@ -1,0 +1,120 @@
+"""What is particular to the freq_order study: tracked activation frequencies are firing rates
+and reach the run folder; the ordering loss makes frequency fall with latent index; run 3's
+ordering weight ramps up from 0; resampling revives dead latents with fresh Adam state; run 5's
+L1 coefficient is the penalty over the reconstruction cosine; run 9's attention stays affordable
+at a realistic dictionary size."""
+
+import pytest
+import torch
+from conftest import read_log
+from safetensors.torch import load_file
+
+import experiment
+
+STUDY = "freq_order"
+_runs: dict[str, tuple[dict, object]] = {}
+
+
+def run_2(run_tiny, ordering_weight: float) -> tuple[dict, object]:
+    """Run 2 on tiny at a learning rate (1e-2) at which 32 steps can reorder the latents; one run
+    per weight per session."""
+    if ordering_weight not in _runs:
+        _runs[ordering_weight] = run_tiny(f"{STUDY}/run_2_freq_ordering", evals=(), lr=1e-2,
+                                          hyperparams={"ordering_weight": ordering_weight})
+    return _runs[ordering_weight]
+
+
+def build(run: str, d_in: int = 64, d_sae: int = 256):
+    plugin = experiment.find_plugin(f"{STUDY}/{run}")
+    cfg = experiment.build_config("tiny", f"{STUDY}/{run}")
+    torch.manual_seed(0)
+    sae = plugin.sae_class(d_in, d_sae, plugin.hyperparams_class(), cfg)
+    return sae, plugin.trainer_class(sae, cfg)
+
+
+def test_tracked_frequency_is_the_firing_rate():
+    sae, _ = build("run_2_freq_ordering")
+    x = torch.randn(256, 64) * 3 + 1
+    for step in range(3):  # a constant input: the bias-corrected EMA must equal its rate exactly
+        sae.loss(x, step)
+    rate = (sae.encode(x) > 0).float().mean(0)
+    assert 0 < rate.mean() < 1
+    torch.testing.assert_close(sae.frequencies(), rate)
+
+
+def test_frequencies_and_their_order_are_saved_in_the_run_folder(run_tiny):
+    info, out = run_2(run_tiny, 0.3)
+    saved = load_file(out / "artifacts.safetensors")
+    freq, order = saved["feature_frequencies"], saved["frequency_order"]
+    assert freq.shape == (256,) and torch.isfinite(freq).all()
+    assert (freq >= 0).all() and (freq <= 1).all() and freq.max() > 0
+    assert sorted(order.tolist()) == list(range(256))
+    assert (freq[order][1:] <= freq[order][:-1]).all(), "frequency_order must go from most to least frequent"
+    l0 = [record["l0"] for record in read_log(out)]  # rates, not counts: they sum to about the L0
+    assert min(l0) <= freq.sum() <= max(l0)
+    assert -1 <= info["frequency_index_spearman"] <= 1 and 0 <= info["ordering_error"] <= 1
+
+
+def test_ordering_loss_makes_frequency_fall_with_index(run_tiny):
+    ordered, _ = run_2(run_tiny, 3.0)
+    unordered, _ = run_2(run_tiny, 0.0)
+    assert ordered["frequency_index_spearman"] < -0.5
+    assert ordered["frequency_index_spearman"] < unordered["frequency_index_spearman"] - 0.5
+    assert ordered["ordering_error"] < unordered["ordering_error"]
+
+
+def test_ordering_weight_ramps_from_zero_to_its_full_value():
+    sae, _ = build("run_3_ordering_ramp")
+    ramp = sae.run_cfg.scaled_steps(sae.hp.ordering_ramp_steps)
+    weights = [sae.ordering_weight(step) for step in range(sae.run_cfg.steps)]
+    assert 1 < ramp < sae.run_cfg.steps
+    assert weights[0] == 0 and 0 < weights[ramp // 2] < 0.5
+    assert all(a <= b for a, b in zip(weights, weights[1:]))
+    assert weights[ramp] == weights[-1] == pytest.approx(0.5)
+    x = torch.randn(256, 64) * 3 + 1
+    assert sae.loss(x, 0).terms["ordering_loss"] == 0 and sae.loss(x, ramp).terms["ordering_loss"] > 0
+
+
+@pytest.mark.parametrize("run", ["run_4_freq_resampling", "run_9_latent_attention"])
+def test_resampling_revives_dead_latents_with_fresh_adam_state(run):
+    sae, trainer = build(run)
+    x = torch.randn(256, 64) * 3 + 1
+    dead = torch.arange(10)
+    with torch.no_grad():
+        sae.b_enc[dead] = -1e4
+    for step in range(trainer.every - 1):
+        trainer.step(x, step)
+    for state in trainer.optimizer.state.values():  # moments a reset must clear
+        state["exp_avg"].fill_(1.0)
+        state["exp_avg_sq"].fill_(1.0)
+    decoder_before = sae.W_dec[dead].clone()
+    trainer.step(x, trainer.every - 1)  # the first resampling step
+    assert trainer.resampled >= len(dead)
+    assert not torch.isclose(sae.W_dec[dead], decoder_before).all(dim=1).any()
+    assert (sae.encode(x)[:, dead] > 0).any(dim=0).all(), "resampled latents must fire again"
+    for param, dim in sae.latent_slices():
+        state = trainer.optimizer.state[param]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert (state[key].index_select(dim, dead) == 0).all(), f"{key} of a resampled latent kept"
+            assert (state[key] != 0).any(), f"{key} was reset for every latent"
+
+
+def test_l1_coefficient_is_the_penalty_over_the_reconstruction_cosine():
+    sae, _ = build("run_5_adaptive_l1")
+    x = torch.randn(256, 64) * 3 + 1
+    for flip in (1.0, -1.0):  # a good and a hopeless (negative cosine) reconstruction
+        with torch.no_grad():
+            sae.W_dec.mul_(flip)
+        stats = sae.loss(x, 0).stats
+        cosine = stats["recon_cosine"]
+        expected = sae.run_cfg.sparsity_penalty / max(cosine.item(), sae.hp.min_cosine)
+        assert stats["l1_coefficient"].item() == pytest.approx(expected)
+    assert cosine < 0 and stats["l1_coefficient"].item() == pytest.approx(sae.run_cfg.sparsity_penalty / 0.1)
+
+
+def test_self_attention_trains_at_a_realistic_dictionary_size():
+    # B x d_sae x d_sae would be 256 x 16384 x 16384 floats (275 GB): this only runs if the
+    # attention never builds it.
+    sae, trainer = build("run_9_latent_attention", d_sae=16384)
+    total, out = trainer.step(torch.randn(256, 64) * 3 + 1, 0)
+    assert torch.isfinite(total) and out.latents.shape == (256, 16384)
