@@ -1,0 +1,38 @@
+"""Attempted Training Loop Fix: grouping from every batch of the period, applied between steps.
+
+Notebook 001, run 2, on top of run 1. Reading chosen: the notebook names no concrete change
+beyond "training loop modifications", so the fix is to where the periodic grouping sits in the
+loop. Run 1 regroups inside the loss, from the single batch of the update step, so that step's
+loss already uses groups built from the batch it is fitting. Here every training step adds its
+latent profiles to a running sum, and the groups are recomputed after the optimizer step that
+closes each `group_every`-step period, from all the batches of the period, and then the sum is
+reset.
+"""
+
+import torch
+
+from plugins.adaptive_ortho import run_1_basic_ortho as parent
+
+Hyperparams = parent.Hyperparams
+
+
+class SAE(parent.SAE):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("profile_sum", torch.zeros_like(self.W_dec))
+        self.register_buffer("fired_in_period", torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=self.W_dec.device))
+
+    @torch.no_grad()
+    def observe(self, x, f, step):
+        self.profile_sum += parent.latent_profiles(x, f)
+        self.fired_in_period |= (f > 0).any(0)
+
+    def on_step_end(self, step):
+        super().on_step_end(step)
+        if (step + 1) % self.run_cfg.scaled_steps(self.hp.group_every) == 0:
+            self.regroup(self.profile_sum, self.fired_in_period)
+            self.profile_sum.zero_()
+            self.fired_in_period.zero_()
+
+
+Trainer = parent.Trainer
