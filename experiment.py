@@ -1383,6 +1383,21 @@ def bench(
         f"{results['sae_step']['latent_density']:.1%})")
 
 
+@app.command()
+def compare(
+    study: str = typer.Option(None, help="Only this study."),
+    runs: Path = typer.Option(ROOT / "runs", help="Folder of run folders."),
+) -> None:
+    """Runs x key metrics: best value per column highlighted, deltas against each parent run."""
+    from plot import compare_table
+    try:
+        table = compare_table(runs, study)
+    except HarnessError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    Console(width=220).print(table)
+
+
 @app.command("list")
 def list_plugins() -> None:
     """Every plugin: study, run, title, parent and hyperparameters with defaults."""

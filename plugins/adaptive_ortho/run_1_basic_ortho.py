@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from experiment import SAE as BaseSAE
+from plugins.baseline import run_0_baseline as parent
 from experiment import LossOutput, Trainer  # noqa: F401  (unchanged here; later runs extend it)
 
 
 @dataclass
-class Hyperparams:
+class Hyperparams(parent.Hyperparams):
     alpha: float = 0.1
     n_groups: int = 8
     group_every: int = 100  # notebook steps between regroupings
@@ -42,7 +42,7 @@ def latent_profiles(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return f.T @ (x - x.mean(0))
 
 
-class SAE(BaseSAE):
+class SAE(parent.SAE):
     def __init__(self, d_in, d_sae, hp, cfg, device=torch.device("cpu"), dtype=torch.float32):
         super().__init__(d_in, d_sae, hp, cfg, device, dtype)
         self.register_buffer("groups", torch.arange(d_sae, device=device) % hp.n_groups)

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from experiment import SAE as BaseSAE
+from plugins.baseline import run_0_baseline as parent
 from experiment import LossOutput, Trainer  # noqa: F401  (unchanged: Adam, warm-up, unit-norm rows)
 
 
 @dataclass
-class Hyperparams:
+class Hyperparams(parent.Hyperparams):
     jl_dim: int = 128
     ema_beta: float = 0.9
     contrast_threshold: float = 0.4
@@ -36,7 +36,7 @@ class Hyperparams:
     jl_check_latents: int = 512
 
 
-class SAE(BaseSAE):
+class SAE(parent.SAE):
     def __init__(self, d_in, d_sae, hp, cfg, device=torch.device("cpu"), dtype=torch.float32):
         super().__init__(d_in, d_sae, hp, cfg, device, dtype)
         jl, _ = torch.linalg.qr(torch.randn(d_in, min(hp.jl_dim, d_in), device=device, dtype=dtype))

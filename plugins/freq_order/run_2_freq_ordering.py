@@ -26,13 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
-from experiment import SAE as BaseSAE
-from experiment import Hyperparams as BaseHyperparams
+from plugins.baseline import run_0_baseline as parent
 from experiment import LossOutput, Trainer  # noqa: F401  (re-exported: later runs extend it)
 
 
 @dataclass
-class Hyperparams(BaseHyperparams):
+class Hyperparams(parent.Hyperparams):
     ordering_weight: float = 0.3
     surrogate_temperature: float = 1.0
     freq_decay: float = 0.99
@@ -46,7 +45,7 @@ def average_ranks(values: torch.Tensor, ascending: torch.Tensor) -> torch.Tensor
     return (below + up_to + 1).float() / 2
 
 
-class SAE(BaseSAE):
+class SAE(parent.SAE):
     def __init__(self, d_in, d_sae, hp, cfg, device=torch.device("cpu"), dtype=torch.float32):
         super().__init__(d_in, d_sae, hp, cfg, device, dtype)
         self.register_buffer("freq_ema", torch.zeros(d_sae, device=device))

@@ -21,18 +21,18 @@ from dataclasses import dataclass
 
 import torch
 
-from experiment import SAE as BaseSAE
+from plugins.baseline import run_0_baseline as parent
 from experiment import LossOutput
 
 
 @dataclass
-class Hyperparams:
+class Hyperparams(parent.Hyperparams):
     topk_percent: float = 0.001
     ortho_weight: float = 0.1
     tau: float = 0.1
 
 
-class SAE(BaseSAE):
+class SAE(parent.SAE):
     def __init__(self, d_in, d_sae, hp, cfg, device=torch.device("cpu"), dtype=torch.float32):
         super().__init__(d_in, d_sae, hp, cfg, device, dtype)
         self.n_pairs = max(1, round(hp.topk_percent * d_sae * (d_sae - 1) / 2))

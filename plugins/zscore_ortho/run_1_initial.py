@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from experiment import SAE as BaseSAE
+from plugins.baseline import run_0_baseline as parent
 from experiment import LossOutput, Trainer as BaseTrainer
 
 
 @dataclass
-class Hyperparams:
+class Hyperparams(parent.Hyperparams):
     z: float = 2.0
     ema_decay: float = 0.99
     tau: float = 0.1
@@ -33,7 +33,7 @@ class Hyperparams:
     max_revive: int = 64
 
 
-class SAE(BaseSAE):
+class SAE(parent.SAE):
     def __init__(self, d_in, d_sae, hp, cfg, device=torch.device("cpu"), dtype=torch.float32):
         super().__init__(d_in, d_sae, hp, cfg, device, dtype)
         self.register_buffer("pre_mean", torch.zeros(d_sae, device=device))

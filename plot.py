@@ -1,0 +1,662 @@
+"""Figures and a comparison table from run folders: the seed notebooks' plots, each drawn only
+from data that exists.
+
+    python plot.py                                    # every study under runs/ -> figures/
+    python plot.py --study zscore_ortho               # one study
+    python plot.py --run runs/zscore_ortho/run_7_adaptive_ln/20250101-120000   # this folder, not the latest
+
+Each plugin is shown by its latest run folder that has a final_info.json (latest by the folder's
+timestamp name, else its modification time; runs still training or interrupted have no
+final_info.json and are passed over), unless --run picks one. Runs are ordered by run number and
+each plugin keeps one colour in every figure. A failed run is drawn as a hatched "failed" slot or
+an × marker, never as a zero; a figure whose data no run has is not written. figures/README.md
+lists the figures written, with a caption each, and the run folders they come from. With several
+studies, each gets its own folder figures/<study>/.
+
+Read top to bottom: reading runs, metrics and their directions, drawing helpers, the figures
+(core metrics, training curves, final losses, sae_bench evals, per-run latent frequencies), the
+README, the comparison table, and the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import textwrap
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import typer  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from rich.table import Table  # noqa: E402
+from rich.text import Text  # noqa: E402
+
+import experiment  # noqa: E402
+from experiment import HarnessError, console  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------
+# Reading runs: runs/<study>/<plugin>/<timestamp>/ as experiment.py writes them.
+
+# One colour per run number (0, the baseline, is grey), so a plugin looks the same in every figure.
+PALETTE = ["#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+           "#e377c2", "#bcbd22", "#17becf", "#1b1b7a", "#e6ab02"]
+
+
+@dataclass
+class Run:
+    folder: Path
+    study: str
+    plugin: str  # file stem, e.g. run_7_adaptive_ln
+    number: int
+    title: str  # the plugin docstring's first line
+    parent: str | None
+    info: dict  # final_info.json
+    config: dict  # config.json
+    log: list[dict]  # train_log.jsonl
+    color: str = PALETTE[0]
+
+    @property
+    def failed(self) -> bool:
+        return self.info.get("status") == "failed"
+
+    @property
+    def label(self) -> str:
+        """'Run 7: Adaptive Layer Normalization': the title up to its colon, shortened."""
+        name = re.sub(r"\s+Implementation$", "", self.title.split(":")[0].rstrip(". "))
+        short = re.sub(r"\s+(and|with|for|of|the|to|in|on|by|from)$", "", textwrap.shorten(name, 36, placeholder=""))
+        return f"Run {self.number}: {short}{'…' if short != name else ''}"
+
+    @property
+    def setting(self) -> str:
+        c = self.config
+        return (f"{c.get('preset')} preset · {c.get('model')} layer {c.get('layer')} · "
+                f"{c.get('dict_size')} latents · {c.get('tokens', 0):,} tokens")
+
+
+def stamp_time(folder: Path) -> float:
+    try:
+        return time.mktime(time.strptime(folder.name, "%Y%m%d-%H%M%S"))
+    except ValueError:
+        return folder.stat().st_mtime
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def read_run(folder: Path) -> Run:
+    study, plugin = folder.parent.parent.name, folder.parent.name
+    try:
+        found = experiment.find_plugin(f"{study}/{plugin}")
+        title, parent = found.title, found.parent
+    except HarnessError as exc:  # the plugin file was renamed, removed, or is broken right now
+        console.print(f"[yellow]note:[/yellow] {exc}; labelling its runs from the file name")
+        title, parent = plugin.split("_", 2)[-1].replace("_", " "), None
+    config = folder / "config.json"
+    return Run(folder, study, plugin, int(re.match(r"run_(\d+)", plugin).group(1)), title, parent,
+               json.loads((folder / "final_info.json").read_text()),
+               json.loads(config.read_text()) if config.exists() else {},
+               read_json_lines(folder / "train_log.jsonl"))
+
+
+def select_runs(runs_dir: Path, study: str | None = None, picks: Iterable[Path] = ()) -> dict[str, list[Run]]:
+    """study -> its plugins' runs in run-number order: each plugin's latest finished run folder,
+    or the folder picked for it."""
+    chosen: dict[tuple[str, str], Path] = {}
+    for path in sorted(runs_dir.glob("*/run_*/*/final_info.json"), key=lambda p: stamp_time(p.parent)):
+        chosen[path.parent.parent.parent.name, path.parent.parent.name] = path.parent  # later wins
+    for folder in picks:
+        if not (folder / "final_info.json").exists() or not re.match(r"run_\d+", folder.parent.name):
+            raise HarnessError(f"--run {folder} is not a finished run folder "
+                               "(expected <runs>/<study>/run_<n>_<slug>/<timestamp>/final_info.json)")
+        chosen[folder.parent.parent.name, folder.parent.name] = folder
+    if not chosen:
+        raise HarnessError(f"no finished run folders under {runs_dir} "
+                           "(expected <study>/run_<n>_<slug>/<timestamp>/final_info.json); train one first")
+    studies = sorted({s for s, _ in chosen})
+    if study is not None and study not in studies:
+        raise HarnessError(f"no runs of study '{study}' under {runs_dir}; studies with runs: {', '.join(studies)}")
+    grouped: dict[str, list[Run]] = {}
+    for name in studies if study is None else [study]:
+        runs = sorted((read_run(f) for (s, _), f in chosen.items() if s == name), key=lambda r: (r.number, r.plugin))
+        taken: set[str] = set()
+        for run in runs:  # the run number's colour, or the next free one if two runs share a number
+            i = run.number % len(PALETTE)
+            while PALETTE[i] in taken and len(taken) < len(PALETTE):
+                i = (i + 1) % len(PALETTE)
+            run.color = PALETTE[i]
+            taken.add(run.color)
+        grouped[name] = runs
+    return grouped
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics: where each lives in final_info.json, its axis label, and which direction is better
+# ("one": closest to 1).
+
+METRICS = {
+    "explained_variance": (("metrics", "reconstruction_quality", "explained_variance"),
+                           "explained variance (fraction; 1 = perfect)", "higher"),
+    "mse": (("metrics", "reconstruction_quality", "mse"), "reconstruction MSE (model activation units²)", "lower"),
+    "l0": (("metrics", "sparsity", "l0"), "L0 (latents active per token)", "lower"),
+    "l1": (("metrics", "sparsity", "l1"), "L1 (summed latent activation per token)", "lower"),
+    "kl_div_score": (("metrics", "model_behavior_preservation", "kl_div_score"),
+                     "KL-divergence score (fraction recovered; 1 = perfect)", "higher"),
+    "ce_loss_score": (("metrics", "model_performance_preservation", "ce_loss_score"),
+                      "CE-loss score (fraction recovered; 1 = perfect)", "higher"),
+    "l2_ratio": (("metrics", "shrinkage", "l2_ratio"), "L2 ratio ‖x̂‖ / ‖x‖ (1 = no shrinkage)", "one"),
+    "cossim": (("metrics", "reconstruction_quality", "cossim"), "cosine similarity of x̂ and x (1 = perfect)", "higher"),
+    "final_loss": (("final_loss",), "final training loss (total, last step)", "lower"),
+}
+EVOLUTION = ["explained_variance", "mse", "l0", "l1", "kl_div_score", "ce_loss_score", "l2_ratio"]
+BETTER = {"higher": "higher is better", "lower": "lower is better", "one": "closest to 1 is better"}
+ABSORPTION_SCORE = ("mean_absorption_score", "mean_absorption_fraction_score")  # older, newer sae_bench
+
+
+def number(value) -> float | None:
+    """A finite number as float, else None: absent data stays absent, never a zero."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def metric(info: dict, name: str) -> float | None:
+    node = info
+    for key in METRICS[name][0]:
+        node = node.get(key) if isinstance(node, dict) else None
+    return number(node)
+
+
+def find(tree, key: str) -> float | None:
+    """The number stored under `key` anywhere in a nested sae_bench result."""
+    if isinstance(tree, dict):
+        if key in tree:
+            return number(tree[key])
+        return next((v for v in (find(t, key) for t in tree.values()) if v is not None), None)
+    return None
+
+
+def keys_in(tree) -> Iterator[str]:
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield key
+            yield from keys_in(value)
+
+
+def eval_result(run: Run, prefix: str) -> dict | None:
+    """final_info's evals.<eval_type_id> whose id starts with prefix (absorption_first_letter...)."""
+    return next((v for k, v in run.info.get("evals", {}).items() if k.startswith(prefix)), None)
+
+
+def absorption_score(run: Run) -> float | None:
+    result = eval_result(run, "absorption")
+    return next((v for v in (find(result, k) for k in ABSORPTION_SCORE) if v is not None), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawing helpers. Per-run bars and points sit on a categorical axis: one slot per run, a
+# hatched "failed" slot for a failed run, "no data" where a finished run lacks the value.
+
+def failed_label(run: Run) -> str:
+    return f"{run.label} (failed)" if run.failed else run.label
+
+
+def shown(runs: list[Run], values: list[float | None]) -> list[int]:
+    """Indices of the runs a per-run figure shows: those with a value, and failed runs."""
+    return [i for i, (r, v) in enumerate(zip(runs, values)) if v is not None or r.failed]
+
+
+def has(values: list[float | None]) -> bool:
+    return any(v is not None for v in values)
+
+
+def with_setting(title: str, runs: list[Run]) -> str:
+    """The title, and below it the runs' common setting (preset, model, layer, size, tokens)."""
+    settings = sorted({r.setting for r in runs})
+    return f"{title}\n{settings[0] if len(settings) == 1 else 'mixed settings: see README.md'}"
+
+
+def run_slots(ax, runs: list[Run], values: list[float | None], ylabel: str, compact: bool = False) -> list[int]:
+    """Ticks, failed and no-data marks for runs on a categorical x axis; returns the slots with data."""
+    ax.set_xticks(range(len(runs)))
+    ax.set_xticklabels([f"Run {r.number}" if compact else r.label for r in runs],
+                       rotation=0 if compact else 30, ha="center" if compact else "right")
+    for tick, run in zip(ax.get_xticklabels(), runs):
+        tick.set_color(run.color)
+    ax.set_xlim(-0.6, len(runs) - 0.4)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    for i, (run, value) in enumerate(zip(runs, values)):
+        if run.failed:
+            ax.axvspan(i - 0.4, i + 0.4, facecolor="none", edgecolor="0.55", hatch="///", lw=0)
+            ax.text(i, 0.5, "failed", transform=ax.get_xaxis_transform(), rotation=90, ha="center",
+                    va="center", fontsize=9, fontweight="bold", bbox=dict(facecolor="white", edgecolor="0.55"))
+        elif value is None:
+            ax.text(i, 0.5, "no data", transform=ax.get_xaxis_transform(), rotation=90, ha="center",
+                    va="center", fontsize=8, color="0.5")
+    return [i for i, v in enumerate(values) if v is not None]
+
+
+def bar_panel(ax, runs: list[Run], values: list[float | None], ylabel: str, compact: bool = False) -> None:
+    present = run_slots(ax, runs, values, ylabel, compact)
+    bars = ax.bar(present, [values[i] for i in present], color=[runs[i].color for i in present], width=0.7)
+    upright = compact and len(present) > 4  # narrow bars: values written upwards
+    ax.bar_label(bars, fmt="%.3g", fontsize=8, padding=2, rotation=90 if upright else 0)
+    ax.margins(y=0.3 if upright else 0.15)
+    ax.axhline(0, color="0.3", lw=0.8)
+
+
+def point_panel(ax, runs: list[Run], values: list[float | None], ylabel: str) -> None:
+    """Values as points joined across consecutive runs; the line breaks at a failed or missing run."""
+    present = run_slots(ax, runs, values, ylabel)
+    ax.plot(range(len(runs)), [math.nan if v is None else v for v in values], color="0.6", zorder=1)
+    ax.scatter(present, [values[i] for i in present], c=[runs[i].color for i in present], s=60, zorder=2)
+    for i in present:
+        ax.annotate(f"{values[i]:.3g}", (i, values[i]), textcoords="offset points", xytext=(0, 7),
+                    ha="center", fontsize=8)
+    ax.margins(y=0.15)
+
+
+def run_legend(fig_or_ax, runs: list[Run], **where) -> None:
+    handles = [Patch(facecolor="none", edgecolor="0.55", hatch="///", label=failed_label(r)) if r.failed
+               else Patch(color=r.color, label=r.label) for r in runs]
+    fig_or_ax.legend(handles=handles, fontsize=8, **where)
+
+
+def per_run_figure(runs: list[Run], values: list[float | None], ylabel: str, title: str, panel) -> Figure:
+    keep = shown(runs, values)
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.8 * len(keep) + 3), 5))
+    panel(ax, [runs[i] for i in keep], [values[i] for i in keep], ylabel)
+    ax.set_title(with_setting(title, runs), fontsize=11)
+    return fig
+
+
+def panel_grid(runs: list[Run], series: dict[str, list[float | None]], labels: dict[str, str],
+               title: str) -> Figure:
+    """One bar panel per series (a metric or loss term), runs keyed by number, legend at the side."""
+    keep = sorted({i for values in series.values() for i in shown(runs, values)})
+    kept = [runs[i] for i in keep]
+    width = max(4.0, 0.5 * len(kept) + 2)  # inches per panel
+    cols = max(1, min(len(series), int(16 // width)))
+    rows = math.ceil(len(series) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 3.6 * rows), squeeze=False)
+    for ax, (name, values) in zip(axes.flat, series.items()):
+        ylabel = textwrap.fill(labels.get(name, name.replace("_", " ")), 30)
+        bar_panel(ax, kept, [values[i] for i in keep], ylabel, compact=True)
+        ax.set_title(name, fontsize=10)
+    for ax in axes.flat[len(series):]:
+        ax.set_visible(False)
+    fig.suptitle(with_setting(title, runs), fontsize=11)
+    run_legend(fig, kept, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def line_legend(ax, runs: list[Run], drawn: list[Run]) -> None:
+    """Legend of the drawn runs, plus failed runs with nothing to draw (as ×), outside the axes."""
+    for run in runs:
+        if run.failed and run not in drawn:
+            ax.plot([], [], "X", color="black", label=f"{run.label} (failed, no data)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# The figures. Each generator yields (file name, figure, caption) for every figure it has data
+# for, and nothing otherwise.
+
+Figures = Iterator[tuple[str, Figure, str]]
+
+
+def core_metric_figures(runs: list[Run]) -> Figures:
+    """Notebook 000: each core metric's evolution across runs, and the key metrics together."""
+    for name in EVOLUTION:
+        values = [metric(r.info, name) for r in runs]
+        if has(values):
+            _, label, better = METRICS[name]
+            yield (f"{name}_evolution.png",
+                   per_run_figure(runs, values, label, f"{name} across runs ({BETTER[better]})", point_panel),
+                   f"{label[0].upper()}{label[1:]}, sae_bench core, for each plugin in run order; "
+                   f"{BETTER[better]}.")
+    key = {name: [metric(r.info, name) for r in runs] for name in ("explained_variance", "l0", "kl_div_score")}
+    key = {name: values for name, values in key.items() if has(values)}
+    if key:
+        keep = sorted({i for values in key.values() for i in shown(runs, values)})
+        fig, axes = plt.subplots(len(key), 1, sharex=True, squeeze=False,
+                                 figsize=(max(6.4, 0.8 * len(keep) + 3), 2.8 * len(key) + 1))
+        for ax, (name, values) in zip(axes[:, 0], key.items()):
+            point_panel(ax, [runs[i] for i in keep], [values[i] for i in keep],
+                        f"{name}\n({BETTER[METRICS[name][2]]})")
+        axes[0, 0].set_title(with_setting("Key metrics across runs", runs), fontsize=11)
+        fig.tight_layout()
+        yield ("key_metrics_combined.png", fig,
+               f"{', '.join(key)} stacked on one run axis, to read trade-offs between reconstruction, "
+               "sparsity and behaviour preservation.")
+
+
+LOG_LABELS = {
+    "total_loss": "total loss (sum of the terms)",
+    "l2_loss": "L2 reconstruction loss (squared error per token)",
+    "sparsity_loss": "sparsity loss (penalty × L1 per token)",
+    "ortho_loss": "orthogonality loss",
+    "l0": "L0 (latents active per token, batch)",
+    "dead_fraction": "fraction of latents dead",
+    "lr": "learning rate",
+    "active_features": "latents active in the batch",
+    "selected_pairs": "latent pairs selected",
+    "unique_features_in_pairs": "distinct latents in selected pairs",
+    "max_pair_correlation": "max |cos| of selected decoder pairs",
+    "mean_pair_correlation": "mean |cos| of selected decoder pairs",
+    "pair_jaccard": "Jaccard overlap with previous step's pairs",
+    "ordering_loss": "frequency-ordering loss",
+    "frequency_index_spearman": "Spearman ρ of frequency with index (−1 = ordered)",
+    "ordering_error": "ordering error (0 = ordered, 1 = reversed)",
+    "recon_cosine": "reconstruction cosine similarity (batch)",
+}
+
+
+def training_curve_figures(runs: list[Run]) -> Figures:
+    """Notebook 004: every logged quantity over training steps, one line per run."""
+    keys = list(dict.fromkeys(k for r in runs for record in r.log for k in record if k not in ("step", "tokens")))
+    for key in keys:
+        curves = {r.plugin: [(rec["step"], v) for rec in r.log if (v := number(rec.get(key))) is not None]
+                  for r in runs}
+        drawn = [r for r in runs if curves[r.plugin]]
+        if not drawn:
+            continue
+        fig, ax = plt.subplots(figsize=(10, 5))
+        for run in drawn:
+            steps, values = zip(*curves[run.plugin])
+            label = f"{run.label} (failed; × where it stopped)" if run.failed else run.label
+            ax.plot(steps, values, color=run.color, label=label, marker="." if len(steps) < 30 else None)
+            if run.failed:  # where training stopped
+                ax.plot(steps[-1], values[-1], "X", color="black", ms=10, zorder=3)
+        values = [v for r in drawn for _, v in curves[r.plugin]]
+        if min(values) > 0 and max(values) / min(values) > 50:
+            ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(LOG_LABELS.get(key, key.replace("_", " ")))
+        ax.grid(alpha=0.3)
+        ax.set_title(with_setting(f"{key} during training", runs), fontsize=11)
+        line_legend(ax, runs, drawn)
+        yield (f"{key}_comparison.png", fig,
+               f"{key}: {LOG_LABELS.get(key, key.replace('_', ' '))} over training steps (train_log.jsonl), "
+               "one line per run; a failed run's line ends in × where it stopped.")
+
+
+def final_loss_figures(runs: list[Run]) -> Figures:
+    """Notebooks 002 and 003: final losses per run; notebook 004: the plugin's final metrics."""
+    totals = [metric(r.info, "final_loss") for r in runs]
+    if has(totals):
+        yield ("final_losses.png",
+               per_run_figure(runs, totals, METRICS["final_loss"][1], "Final training loss per run (lower is better)",
+                              bar_panel),
+               "Final total training loss of each run (all of the plugin's loss terms summed; "
+               "terms differ between plugins).")
+    terms = list(dict.fromkeys(k for r in runs for k in r.info.get("final_loss_terms", {}) if k != "total_loss"))
+    if terms:
+        series = {t: [number(r.info.get("final_loss_terms", {}).get(t)) for r in runs] for t in terms}
+        yield ("training_loss_comparison.png",
+               panel_grid(runs, series, LOG_LABELS, "Final loss terms per run"),
+               "Each loss term at the last training step, per run: what the final loss is made of.")
+    names = list(dict.fromkeys(k for r in runs for k in r.info.get("final_metrics", {})))
+    if names:
+        series = {n: [number(r.info.get("final_metrics", {}).get(n)) for r in runs] for n in names}
+        yield ("final_metrics_comparison.png",
+               panel_grid(runs, series, LOG_LABELS, "Final metrics per run (final_info.json final_metrics)"),
+               "The plugin's own final metrics (losses, active latents, pair statistics), one panel each.")
+
+
+def eval_figures(runs: list[Run]) -> Figures:
+    """Notebooks 002 and 003: reconstruction, absorption and SCR results per run."""
+    recon = {n: [metric(r.info, n) for r in runs] for n in ("kl_div_score", "cossim")}
+    if all(map(has, recon.values())):
+        yield ("reconstruction_metrics.png",
+               panel_grid(runs, recon, {n: METRICS[n][1] for n in recon}, "Reconstruction metrics (higher is better)"),
+               "KL-divergence score (behaviour preserved) and cosine similarity of reconstructions, per run.")
+    scores = [absorption_score(r) for r in runs]
+    splits = [find(eval_result(r, "absorption"), "mean_num_split_features") for r in runs]
+    labels = {"mean absorption score": "mean absorption score (fraction; lower is better)",
+              "mean split latents": "mean number of latents a letter feature is split across"}
+    if has(scores):
+        yield ("absorption_scores.png",
+               per_run_figure(runs, scores, labels["mean absorption score"], "Mean absorption score per run", bar_panel),
+               "Mean first-letter absorption score per run (sae_bench absorption); lower means less absorption.")
+    if has(splits):
+        yield ("feature_splits.png",
+               per_run_figure(runs, splits, labels["mean split latents"], "Mean split latents per run", bar_panel),
+               "Mean number of latents a first-letter feature is split across, per run (sae_bench absorption).")
+    if has(scores) and has(splits):
+        yield ("absorption_metrics.png",
+               panel_grid(runs, {"mean absorption score": scores, "mean split latents": splits}, labels,
+                          "Absorption metrics"),
+               "Mean absorption score and mean split latents side by side, per run.")
+    yield from letter_figure(runs)
+    yield from scr_figure(runs)
+
+
+def letter_figure(runs: list[Run]) -> Figures:
+    letters = {}
+    for run in runs:
+        details = (eval_result(run, "absorption") or {}).get("eval_result_details") or []
+        rates = {d["first_letter"]: number(d.get("mean_absorption_fraction", d.get("absorption_rate")))
+                 for d in details if "first_letter" in d}
+        if has(list(rates.values())):
+            letters[run.plugin] = rates
+    if not letters:
+        return
+    fig, ax = plt.subplots(figsize=(12, 5))
+    drawn = [r for r in runs if r.plugin in letters]
+    axis = sorted({k for rates in letters.values() for k in rates})
+    for run in drawn:
+        ax.plot(range(len(axis)), [math.nan if letters[run.plugin].get(k) is None else letters[run.plugin][k]
+                                   for k in axis], "o-", color=run.color, label=run.label, ms=4)
+    ax.set_xticks(range(len(axis)), axis)
+    ax.set_xlabel("first letter of the token")
+    ax.set_ylabel("mean absorption fraction")
+    ax.grid(alpha=0.3)
+    ax.set_title(with_setting("Absorption by first letter", runs), fontsize=11)
+    line_legend(ax, runs, drawn)
+    yield ("letter_absorption.png", fig,
+           "Absorption per first letter (sae_bench absorption details), one line per run.")
+
+
+def scr_figure(runs: list[Run]) -> Figures:
+    curves = {}
+    for run in runs:
+        result = eval_result(run, "scr")
+        keys = sorted({k for k in keys_in(result) if re.fullmatch(r"scr_metric_threshold_\d+", k)},
+                      key=lambda k: int(k.rsplit("_", 1)[1]))
+        points = [(int(k.rsplit("_", 1)[1]), find(result, k)) for k in keys]
+        points = [(t, v) for t, v in points if v is not None]
+        if points:
+            curves[run.plugin] = points
+    if not curves:
+        return
+    fig, ax = plt.subplots(figsize=(10, 5))
+    drawn = [r for r in runs if r.plugin in curves]
+    for run in drawn:
+        ax.plot(*zip(*curves[run.plugin]), "o-", color=run.color, label=run.label)
+    thresholds = sorted({t for points in curves.values() for t, _ in points})
+    ax.set_xscale("log")
+    ax.set_xticks(thresholds, [str(t) for t in thresholds])
+    ax.minorticks_off()
+    ax.set_xlabel("latents ablated (threshold k)")
+    ax.set_ylabel("SCR metric (higher is better)")
+    ax.axhline(0, color="0.3", lw=0.8)
+    ax.grid(alpha=0.3)
+    ax.set_title(with_setting("Spurious correlation removal by threshold", runs), fontsize=11)
+    line_legend(ax, runs, drawn)
+    yield ("scr_threshold_comparison.png", fig,
+           "SCR metric (sae_bench scr) against the number of latents ablated, one line per run.")
+
+
+def frequency_figures(runs: list[Run]) -> Figures:
+    """Notebook 003, per run: latent activation frequencies (artifacts.safetensors) by latent index,
+    and sorted, to judge frequency ordering."""
+    from safetensors.numpy import load_file
+    from scipy.stats import spearmanr
+
+    for run in runs:
+        path = run.folder / "artifacts.safetensors"
+        freq = load_file(path).get("feature_frequencies") if path.exists() else None
+        if freq is None:
+            continue
+        freq = freq.astype(np.float64).ravel()
+        unit = "fraction of tokens" if freq.max() <= 1 else "count"
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        ax.fill_between(np.arange(len(freq)), freq, step="mid", color=run.color, lw=0)
+        ax.set_xlabel("latent index")
+        ax.set_ylabel(f"activation frequency ({unit})")
+        ax.set_xlim(0, len(freq) - 1)
+        ax.grid(alpha=0.3)
+        ax.set_title(with_setting(f"{run.label}: activation frequency by latent", [run]), fontsize=11)
+        yield (f"feature_frequencies_{run.plugin}.png", fig,
+               f"{run.label}: each latent's activation frequency in index order (an ordered SAE decreases "
+               "left to right; zeros are dead latents).")
+
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        fired = np.flatnonzero(freq > 0)
+        rho = spearmanr(freq, np.arange(len(freq))).statistic if freq.std() > 0 else math.nan  # ties averaged
+        ax.plot(np.arange(len(fired)), np.sort(freq)[::-1][:len(fired)], color="black", lw=2,
+                label="sorted by frequency (ideal order)")
+        ax.plot(fired, freq[fired], ".", color=run.color, ms=3, alpha=0.7, label="in latent index order")
+        ax.set_yscale("log")
+        ax.set_xlabel("position (latent index, or rank by frequency)")
+        ax.set_ylabel(f"activation frequency ({unit}, log)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, title_fontsize=8, title=f"Spearman ρ(frequency, index) = {rho:.3f} (−1 = ordered); "
+                  f"{len(freq) - len(fired)} dead latents not shown")
+        ax.set_title(with_setting(f"{run.label}: frequency ordering", [run]), fontsize=11)
+        yield (f"frequency_ordering_{run.plugin}.png", fig,
+               f"{run.label}: frequencies in index order against the same frequencies sorted; the closer the "
+               "dots follow the line (Spearman ρ near −1), the better the index order matches frequency.")
+
+
+def study_figures(runs: list[Run]) -> Figures:
+    yield from core_metric_figures(runs)
+    yield from training_curve_figures(runs)
+    yield from final_loss_figures(runs)
+    yield from eval_figures(runs)
+    yield from frequency_figures(runs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing figures and figures/README.md.
+
+def plot_all(runs_dir: Path, out: Path, study: str | None = None, picks: Iterable[Path] = ()) -> list[Path]:
+    """Write every figure with data for the selected runs, and out/README.md; returns the PNGs."""
+    studies = select_runs(runs_dir, study, picks)
+    out.mkdir(parents=True, exist_ok=True)
+    readme = out / "README.md"
+    if readme.exists():  # figures written last time go, so none outlives the data it came from
+        for name in re.findall(r"^- `([^`]+\.png)`", readme.read_text(), flags=re.M):
+            (out / name).unlink(missing_ok=True)
+    lines = [f"# Figures\n\nWritten by `python plot.py` from `{runs_dir}` on {time.strftime('%Y-%m-%d %H:%M')}: "
+             "the latest finished run of each plugin unless picked with `--run`. A failed run is drawn "
+             "as a hatched slot or an × marker, never as a zero; a figure is written only where its data exists.\n"]
+    written = []
+    for name, runs in studies.items():
+        folder = out / name if len(studies) > 1 else out
+        folder.mkdir(parents=True, exist_ok=True)
+        if len({r.setting for r in runs}) > 1:
+            console.print(f"[yellow]warning:[/yellow] study {name} mixes run settings; compare its runs with care")
+        lines.append(f"## {name}\n\nRuns:\n")
+        lines += [f"- {r.label} (`{r.plugin}`): `{r.folder}` ({r.setting})"
+                  + (f" — **failed**: {r.info.get('error', 'no reason recorded')}" if r.failed else "") for r in runs]
+        lines.append("\nFigures:\n")
+        for file, fig, caption in study_figures(runs):
+            path = folder / file
+            fig.savefig(path, dpi=120, bbox_inches="tight")
+            plt.close(fig)
+            written.append(path)
+            lines.append(f"- `{path.relative_to(out)}` — {caption}")
+        lines.append("")
+    readme.write_text("\n".join(lines) + "\n")
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# The comparison table (`python experiment.py compare`).
+
+TABLE = ["explained_variance", "mse", "l0", "l1", "kl_div_score", "ce_loss_score", "l2_ratio", "final_loss"]
+ARROW = {"higher": "↑", "lower": "↓", "one": "→1"}
+
+
+def best_rows(values: list[float | None], better: str) -> set[int]:
+    score = {"higher": lambda v: -v, "lower": lambda v: v, "one": lambda v: abs(v - 1)}[better]
+    best = min((score(v) for v in values if v is not None), default=None)
+    return {i for i, v in enumerate(values) if v is not None and score(v) == best}
+
+
+def compare_table(runs_dir: Path, study: str | None = None) -> Table:
+    """Runs × key metrics: each plugin's latest run, the best value per column in bold green,
+    and in brackets the change against the parent plugin's latest completed run on the same
+    activations."""
+    studies = select_runs(runs_dir, study)
+    runs = [r for rs in studies.values() for r in rs]
+    mixed = " Runs differ in setting (preset, model, layer, size or tokens): compare with care." \
+        if len({r.setting for r in runs}) > 1 else ""
+    table = Table(title=f"Latest run of each plugin under {runs_dir}",
+                  caption="↑ higher is better, ↓ lower is better, →1 closest to 1 is better; best in bold green; "
+                          f"(±Δ) against the parent plugin's latest completed run on the same activations.{mixed}")
+    if len(studies) > 1:
+        table.add_column("study")
+    table.add_column("run")
+    for name in TABLE:
+        table.add_column(f"{name} {ARROW[METRICS[name][2]]}", justify="right")
+    values = {name: [None if r.failed else metric(r.info, name) for r in runs] for name in TABLE}
+    best = {name: best_rows(values[name], METRICS[name][2]) for name in TABLE}
+    for i, run in enumerate(runs):
+        parent = experiment.latest_run(runs_dir, run.parent, same_data_as=run.info) if run.parent else None
+        if run.failed:
+            label = Text(f"{run.label}\nfailed: {textwrap.shorten(str(run.info.get('error', '')), 60)}", style="red")
+        else:
+            label = Text(run.label)
+        cells = []
+        for name in TABLE:
+            value = values[name][i]
+            if value is None:
+                cells.append(Text("failed" if run.failed else "—", style="red" if run.failed else "dim"))
+                continue
+            cell = Text(f"{value:.4g}", style="bold green" if i in best[name] else "")
+            before = metric(parent, name) if parent else None
+            if before is not None:
+                cell.append(f" ({value - before:+.3g})", style="dim")
+            cells.append(cell)
+        table.add_row(*([run.study] if len(studies) > 1 else []), label, *cells)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI.
+
+app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
+
+
+@app.command()
+def main(
+    runs: Path = typer.Option(experiment.ROOT / "runs", help="Runs folder: <study>/<plugin>/<timestamp>/."),
+    out: Path = typer.Option(experiment.ROOT / "figures", help="Where the PNGs and README.md go."),
+    study: str = typer.Option(None, help="Plot only this study."),
+    run: list[Path] = typer.Option([], "--run", help="Use this run folder for its plugin instead of the "
+                                   "latest (repeatable)."),
+) -> None:
+    """Write the notebooks' figures for every study's runs (each only where its data exists)."""
+    try:
+        written = plot_all(runs, out, study, run)
+    except HarnessError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"{len(written)} figures written to {out}; captions in {out / 'README.md'}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,236 @@
+"""plot.py on real tiny runs: every figure whose data exists is written and opens as an image,
+none is drawn from absent data, a failed run is marked as failed (never a zero) without breaking
+plotting, the latest run of each plugin is used unless one is picked, and compare_table
+highlights each column's best value and shows deltas against the parent plugin's latest run."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import matplotlib.image
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from conftest import tiny_run
+from matplotlib.collections import PathCollection
+from safetensors.numpy import save_file
+from typer.testing import CliRunner
+
+import experiment
+import plot
+
+STAMP = "20250101-000000"
+PLUGINS = ["zscore_ortho/run_1_initial", "zscore_ortho/run_2_stable_init", "topk_ortho/run_1_topk_pairs"]
+EVAL_FIGURES = {"absorption_scores", "feature_splits", "absorption_metrics", "letter_absorption",
+                "scr_threshold_comparison"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """Three tiny runs, trained once for the whole module, in the runs/<study>/<plugin>/<stamp> layout."""
+    root = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(experiment, "ACTIVATIONS_DIR", root / "activations")
+        for plugin in PLUGINS:
+            tiny_run(plugin, root / "runs" / plugin / STAMP, root / "notes.md")
+    return root / "runs"
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture
+def runs(trained, tmp_path) -> Path:
+    """A private copy of the trained runs, for a test to add to."""
+    return Path(shutil.copytree(trained, tmp_path / "runs"))
+
+
+def edit_info(run_dir: Path, edit) -> dict:
+    info = json.loads((run_dir / "final_info.json").read_text())
+    edit(info)
+    (run_dir / "final_info.json").write_text(json.dumps(info))
+    return info
+
+
+def add_failed_run(runs: Path) -> None:
+    """zscore_ortho run 3 as execute() leaves a run that hit a non-finite loss: two log lines,
+    no metrics, status failed."""
+    source = runs / PLUGINS[0] / STAMP
+    folder = runs / "zscore_ortho" / "run_3_reduced_ortho_lr" / STAMP
+    folder.mkdir(parents=True)
+    shutil.copy(source / "config.json", folder / "config.json")
+    log = (source / "train_log.jsonl").read_text().splitlines()[:2]
+    (folder / "train_log.jsonl").write_text("\n".join(log) + "\n")
+    info = dict(training_steps=0, final_loss=None, layer=1, dict_size=256, learning_rate=1e-3,
+                sparsity_penalty=0.04, status="failed", error="non-finite loss: l2_loss became nan at step 12")
+    (folder / "final_info.json").write_text(json.dumps(info))
+
+
+def add_evals(run_dir: Path) -> None:
+    """sae_bench absorption and SCR results, as evals.<eval_type_id>."""
+    absorption = {"eval_type_id": "absorption_first_letter",
+                  "eval_result_metrics": {"mean": {"mean_absorption_fraction_score": 0.12,
+                                                   "mean_full_absorption_score": 0.05,
+                                                   "mean_num_split_features": 1.4}},
+                  "eval_result_details": [{"first_letter": c, "mean_absorption_fraction": 0.1 * i,
+                                           "num_split_features": 1} for i, c in enumerate("abc")]}
+    scr = {"eval_type_id": "scr", "eval_result_metrics": {"scr_metrics": {
+        f"scr_metric_threshold_{k}": 0.01 * k for k in (2, 5, 10, 20)} | {"scr_metric_threshold_50": None}}}
+    edit_info(run_dir, lambda info: info.update(evals={"absorption_first_letter": absorption, "scr": scr}))
+
+
+def figures(runs: Path, study: str, make=plot.study_figures) -> dict:
+    """name -> figure, unsaved, to look inside."""
+    with plt.rc_context({"figure.max_open_warning": 0}):
+        return {name: fig for name, fig, _ in make(plot.select_runs(runs, study)[study])}
+
+
+def texts(fig) -> list[str]:
+    return [t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text"))]
+
+
+def test_every_figure_with_data_is_written_and_opens(runs, tmp_path):
+    out = tmp_path / "figures"
+    written = plot.plot_all(runs, out)
+    by_study = {s: {p.stem for p in written if p.parent.name == s} for s in ("zscore_ortho", "topk_ortho")}
+    assert set(written) == {out / s / f"{n}.png" for s, names in by_study.items() for n in names}
+    for study, names in by_study.items():
+        log_keys = {k for p in PLUGINS if p.startswith(study)
+                    for line in (runs / p / STAMP / "train_log.jsonl").read_text().splitlines()
+                    for k in json.loads(line)} - {"step", "tokens"}
+        expected = ({f"{m}_evolution" for m in plot.EVOLUTION} | {f"{k}_comparison" for k in log_keys}
+                    | {"key_metrics_combined", "final_losses", "training_loss_comparison", "reconstruction_metrics"})
+        assert names == expected | ({"final_metrics_comparison"} if study == "topk_ortho" else set())
+        assert {"total_loss_comparison", "l2_loss_comparison", "sparsity_loss_comparison",
+                "ortho_loss_comparison"} <= names
+    assert {"active_features_comparison", "unique_features_in_pairs_comparison", "max_pair_correlation_comparison",
+            "mean_pair_correlation_comparison"} <= by_study["topk_ortho"]
+    for path in written:  # no evals, no artifacts: none of their figures
+        assert not any(path.stem.startswith(n) for n in EVAL_FIGURES | {"feature_frequencies", "frequency_ordering"})
+        image = matplotlib.image.imread(path)
+        assert image.shape[0] > 200 and image.shape[1] > 200 and image.std() > 0
+    readme = (out / "README.md").read_text()
+    listed = {line.split("`")[1] for line in readme.splitlines() if line.startswith("- `")}
+    assert listed == {str(p.relative_to(out)) for p in written}
+    assert "Run 2: Improved Initialization and Training…" in readme and f"run_2_stable_init/{STAMP}" in readme
+
+
+def test_eval_and_frequency_figures_only_for_runs_with_that_data(runs, tmp_path):
+    zscore = runs / "zscore_ortho"
+    add_evals(zscore / "run_2_stable_init" / STAMP)
+    save_file({"feature_frequencies": np.linspace(0.5, 0.0, 256, dtype=np.float32)},
+              zscore / "run_1_initial" / STAMP / "artifacts.safetensors")
+    out = tmp_path / "figures"
+    result = CliRunner().invoke(plot.app, ["--runs", str(runs), "--out", str(out), "--study", "zscore_ortho"])
+    assert result.exit_code == 0, result.output
+    names = {p.stem for p in out.glob("*.png")}  # one study: no study folder
+    assert EVAL_FIGURES | {"feature_frequencies_run_1_initial", "frequency_ordering_run_1_initial"} <= names
+    assert not {"feature_frequencies_run_2_stable_init", "final_metrics_comparison"} & names
+    assert not (out / "topk_ortho").exists()
+    for name in names:
+        assert matplotlib.image.imread(out / f"{name}.png").ndim == 3
+
+    figs = figures(runs, "zscore_ortho", plot.eval_figures)
+    ticks = [t.get_text() for t in figs["absorption_scores.png"].axes[0].get_xticklabels()]
+    assert ticks == ["Run 2: Improved Initialization and Training…"]  # run 1 has no absorption result: not drawn at all
+    assert list(figs["absorption_scores.png"].axes[0].containers[0].datavalues) == [pytest.approx(0.12)]
+    scr_line = figs["scr_threshold_comparison.png"].axes[0].get_lines()[0]
+    assert list(scr_line.get_xdata()) == [2, 5, 10, 20]  # the None at threshold 50 is left out
+
+    (zscore / "run_1_initial" / STAMP / "artifacts.safetensors").unlink()
+    plot.plot_all(runs, out, "zscore_ortho")  # figures from data that is gone do not linger
+    assert not (out / "feature_frequencies_run_1_initial.png").exists()
+    assert (out / "absorption_scores.png").exists()
+
+
+def test_failed_run_is_marked_failed_not_zero(runs, tmp_path):
+    add_failed_run(runs)
+    figs = figures(runs, "zscore_ortho")
+    label = "Run 3: Reduced Orthogonality Penalty…"
+
+    fig = figs["explained_variance_evolution.png"]
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()][2] == label
+    assert "failed" in texts(fig)
+    assert math.isnan(ax.get_lines()[0].get_ydata()[2])  # a break in the line, no point at 0
+    points = next(c for c in ax.collections if isinstance(c, PathCollection)).get_offsets()
+    assert sorted(points[:, 0]) == [0, 1]
+
+    fig = figs["final_losses.png"]
+    assert len(fig.axes[0].containers[0]) == 2 and "failed" in texts(fig)  # no bar for the failed run
+    assert "failed" in texts(figs["training_loss_comparison.png"])
+
+    ax = figs["total_loss_comparison.png"].axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert f"{label} (failed; × where it stopped)" in legend
+    assert [len(line.get_xdata()) for line in ax.get_lines()][-2:] == [2, 1]  # its 2 logged steps, then ×
+
+    written = plot.plot_all(runs, tmp_path / "figures", "zscore_ortho")
+    readme = (tmp_path / "figures" / "README.md").read_text()
+    assert written and "**failed**: non-finite loss: l2_loss became nan at step 12" in readme
+
+    cells = [str(list(column.cells)[2]) for column in plot.compare_table(runs, "zscore_ortho").columns]
+    assert cells[0].startswith(label) and "failed: non-finite loss" in cells[0]
+    assert set(cells[1:]) == {"failed"}
+
+
+def test_latest_run_is_used_unless_another_is_picked(runs):
+    plugin = runs / PLUGINS[0]
+    newer = plugin / "20250102-000000"
+    shutil.copytree(plugin / STAMP, newer)
+    edit_info(newer, lambda info: info["metrics"]["reconstruction_quality"].update(explained_variance=0.99))
+    (plugin / "20250103-000000").mkdir()  # still training: config.json only, no final_info.json
+    shutil.copy(newer / "config.json", plugin / "20250103-000000" / "config.json")
+
+    def chosen(**kwargs):
+        return {r.plugin: r.folder for r in plot.select_runs(runs, "zscore_ortho", **kwargs)["zscore_ortho"]}
+
+    assert chosen()["run_1_initial"] == newer
+    assert chosen(picks=[plugin / STAMP])["run_1_initial"] == plugin / STAMP
+    with pytest.raises(experiment.HarnessError, match="not a finished run folder"):
+        chosen(picks=[plugin / "20250103-000000"])
+    colours = {r.plugin: r.color for rs in plot.select_runs(runs).values() for r in rs}
+    assert colours["run_1_initial"] == colours["run_1_topk_pairs"] == plot.PALETTE[1]  # colour = run number
+    assert colours["run_2_stable_init"] == plot.PALETTE[2]
+
+    # A run whose plugin file is gone is still shown, labelled from its file name.
+    shutil.copytree(plugin / STAMP, runs / "zscore_ortho" / "run_12_removed_idea" / STAMP)
+    last = plot.select_runs(runs, "zscore_ortho")["zscore_ortho"][-1]
+    assert (last.label, last.parent, last.color) == ("Run 12: removed idea", None, plot.PALETTE[0])
+
+
+def test_compare_table_highlights_best_and_shows_delta_against_parent(runs):
+    def set_metrics(plugin, ev, l2_ratio, mse):
+        def edit(info):
+            info["metrics"]["reconstruction_quality"].update(explained_variance=ev, mse=mse)
+            info["metrics"]["shrinkage"]["l2_ratio"] = l2_ratio
+        edit_info(runs / plugin / STAMP, edit)
+
+    set_metrics("zscore_ortho/run_1_initial", ev=0.50, l2_ratio=0.95, mse=0.30)
+    set_metrics("zscore_ortho/run_2_stable_init", ev=0.70, l2_ratio=1.20, mse=0.20)
+    set_metrics("topk_ortho/run_1_topk_pairs", ev=0.60, l2_ratio=0.80, mse=0.25)
+    table = plot.compare_table(runs)
+    headers = [c.header for c in table.columns]
+    assert headers[:2] == ["study", "run"] and {"explained_variance ↑", "mse ↓", "l2_ratio →1", "final_loss ↓"} <= set(headers)
+    column = {c.header: list(c.cells) for c in table.columns}
+    assert [str(c) for c in column["study"]] == ["topk_ortho", "zscore_ortho", "zscore_ortho"]
+
+    def best(header):
+        return [i for i, cell in enumerate(column[header]) if "bold" in str(cell.style)]
+
+    assert best("explained_variance ↑") == [2] and best("mse ↓") == [2] and best("l2_ratio →1") == [1]
+    assert str(column["explained_variance ↑"][2]) == "0.7 (+0.2)"  # run 2 against its parent, run 1
+    assert str(column["mse ↓"][2]) == "0.2 (-0.1)"
+    assert str(column["explained_variance ↑"][1]) == "0.5" and str(column["explained_variance ↑"][0]) == "0.6"
+    assert len(best("final_loss ↓")) == 1
+
+
+def test_cli_refuses_missing_runs_and_unknown_study(runs, tmp_path):
+    result = CliRunner().invoke(plot.app, ["--runs", str(tmp_path / "nothing"), "--out", str(tmp_path / "f")])
+    assert result.exit_code == 2 and "no finished run folders" in result.output
+    result = CliRunner().invoke(plot.app, ["--runs", str(runs), "--out", str(tmp_path / "f"), "--study", "nope"])
+    assert result.exit_code == 2 and "zscore_ortho" in result.output
