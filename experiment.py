@@ -354,7 +354,7 @@ def eval_contexts_needed(cfg: RunConfig) -> int:
 
 def load_tokens(cfg: RunConfig, model, dataset_loader=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Training and held-out evaluation contexts, from disjoint text."""
-    n_train = math.ceil(cfg.tokens / (cfg.context_size - 1))
+    n_train = math.ceil(cfg.tokens / (cfg.context_size - 1) * 1.05) + 1  # slack: separator BOS are dropped
     n_eval = eval_contexts_needed(cfg)
     if cfg.dataset == "synthetic":
         both = synthetic_contexts(n_train + n_eval, cfg.context_size, model.cfg.d_vocab)
@@ -386,7 +386,7 @@ def load_tokens(cfg: RunConfig, model, dataset_loader=None) -> tuple[torch.Tenso
 def cache_key(cfg: RunConfig) -> str:
     determining = dict(model=cfg.model, layer=cfg.layer, context_size=cfg.context_size,
                        dataset=cfg.dataset, eval_dataset=cfg.eval_dataset, tokens=cfg.tokens,
-                       n_eval=eval_contexts_needed(cfg), dtype=cfg.cache_dtype, version=1)
+                       n_eval=eval_contexts_needed(cfg), dtype=cfg.cache_dtype, version=2)
     return hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -408,16 +408,21 @@ class ActivationData:
 
 @torch.no_grad()
 def harvest(model, contexts: torch.Tensor, cfg: RunConfig, out: np.memmap, progress) -> None:
+    """Fill `out` with activations at the hooked layer, forward stopped there, BOS positions
+    (each context's first token and the document separators) dropped."""
     task = progress.add_task("harvest activations", total=cfg.tokens, status="")
-    row, hook = 0, cfg.hook_name
+    row, hook, bos = 0, cfg.hook_name, contexts[0, 0].item()
     for start in range(0, len(contexts), cfg.llm_batch_size):
         batch = contexts[start:start + cfg.llm_batch_size].to(model.cfg.device)
         _, cache = model.run_with_cache(batch, names_filter=[hook], stop_at_layer=cfg.layer + 1)
-        acts = cache[hook][:, 1:].reshape(-1, model.cfg.d_model)  # drop BOS
-        acts = acts[: cfg.tokens - row].float().cpu().numpy()
+        acts = cache[hook][batch != bos][: cfg.tokens - row].float().cpu().numpy()
         out[row:row + len(acts)] = acts
         row += len(acts)
         progress.update(task, completed=row)
+        if row == cfg.tokens:
+            break
+    if row < cfg.tokens:
+        raise HarnessError(f"the dataset gave {row} non-BOS tokens, need {cfg.tokens}; add text or lower --tokens")
     if not np.isfinite(out).all():
         raise HarnessError(f"non-finite activations at {hook} with cache dtype {cfg.cache_dtype}; "
                            "use float32")

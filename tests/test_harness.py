@@ -249,3 +249,18 @@ def test_sparse_step_gives_the_dense_step_gradients():
     assert 0 < density < 0.05
     for name in grads[False]:
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-5)
+
+
+def test_harvest_drops_every_bos_position(tmp_path):
+    from rich.progress import Progress
+
+    cfg = experiment.build_config("tiny", "baseline/run_0_baseline", tokens=100, batch_size=50)
+    model = experiment.load_model("tiny", torch.device("cpu"))
+    contexts = experiment.synthetic_contexts(8, 32, model.cfg.d_vocab)
+    contexts[:, 10] = experiment.TINY_BOS  # a document separator inside every context
+    out = torch.zeros(100, 64).numpy()
+    with Progress(disable=True) as progress:
+        experiment.harvest(model, contexts, cfg, out, progress)
+    _, cache = model.run_with_cache(contexts[:4], names_filter=[cfg.hook_name], stop_at_layer=2)
+    expected = cache[cfg.hook_name][contexts[:4] != experiment.TINY_BOS][:100]
+    torch.testing.assert_close(torch.from_numpy(out), expected)
