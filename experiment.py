@@ -1131,14 +1131,31 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: 
     return info
 
 
-def resumable_run(run_dir: Path) -> tuple[RunConfig, Plugin]:
+def saved_config(run_dir: Path, flag: str) -> tuple[RunConfig, Plugin]:
     if not (run_dir / "config.json").exists():
-        raise HarnessError(f"--resume {run_dir} is not a run folder (no config.json)")
-    if not (run_dir / CHECKPOINT).exists():
-        raise HarnessError(f"--resume {run_dir} has no {CHECKPOINT} to continue from; start a new run")
+        raise HarnessError(f"{flag} {run_dir} is not a run folder (no config.json)")
     values = json.loads((run_dir / "config.json").read_text())
     cfg = RunConfig(**{**values, "evals": tuple(values["evals"])})
     return cfg, find_plugin(cfg.plugin)
+
+
+def resumable_run(run_dir: Path) -> tuple[RunConfig, Plugin]:
+    cfg, plugin = saved_config(run_dir, "--resume")
+    if not (run_dir / CHECKPOINT).exists():
+        raise HarnessError(f"--resume {run_dir} has no {CHECKPOINT} to continue from; start a new run")
+    return cfg, plugin
+
+
+def saved_sae(run_dir: Path, cfg: RunConfig, plugin: Plugin, device: torch.device) -> ScaledSAE:
+    """A finished run's SAE, exactly as it was evaluated."""
+    from safetensors.torch import load_file
+
+    state = load_file(run_dir / "plugin_state.safetensors", device=str(device))
+    scale = state.pop("activation_scale").item()
+    sae = plugin.sae_class(state["W_dec"].shape[1], cfg.dict_size, plugin.hyperparams_class(**cfg.hyperparams),
+                           cfg, device=device)
+    sae.load_state_dict(state)
+    return ScaledSAE(sae.eval(), scale)
 
 
 def print_summary(info: dict, run_dir: Path) -> None:
