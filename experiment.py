@@ -103,7 +103,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_sparsity_batches=2000, cache_dtype="float16",
     ),
 }
-EVAL_NAMES = ("core",)
 NOTEBOOK_STEPS = 4882  # 10M tokens / batch 2048: the length of every seed-notebook run
 
 
@@ -170,9 +169,8 @@ def build_config(preset: str, plugin: str, **overrides: Any) -> RunConfig:
             f"--tokens {cfg.tokens} with --batch-size {cfg.batch_size} gives zero training steps; "
             "raise --tokens or lower --batch-size"
         )
-    unknown = [e for e in cfg.evals if e not in EVAL_NAMES]
-    if unknown:
-        raise HarnessError(f"unknown eval {unknown}; available: {', '.join(EVAL_NAMES)}")
+    import evals  # imports this module: import it late
+    cfg.evals = evals.parse_evals(",".join(cfg.evals))
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise HarnessError(f"unknown device '{cfg.device}'; use auto, cpu or cuda")
     return cfg
@@ -1005,7 +1003,9 @@ def latest_run(runs_root: Path, plugin_name: str, same_data_as: dict | None = No
 
 
 def notes_entry(plugin: Plugin, run_dir: Path, info: dict) -> str:
-    results = {k: v for k, v in info.items() if k not in ("provenance", "warnings")}
+    results = {k: v for k, v in info.items() if k not in ("provenance", "warnings", "evals")}
+    if info.get("evals"):  # the metrics, or why an eval could not score; details stay in final_info
+        results["evals"] = {k: v.get("not_scored") or v["eval_result_metrics"] for k, v in info["evals"].items()}
     shown = os.path.relpath(run_dir, ROOT) if run_dir.is_relative_to(ROOT) else str(run_dir)
     warnings = "".join(f"Warning: {w}\n" for w in info.get("warnings", []))
     return (f"## Run {plugin.run_number}: {plugin.title}\n"
@@ -1047,7 +1047,7 @@ def check_writable(run_dir: Path) -> None:
 
 
 def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: bool = False,
-            model_loader=None, dataset_loader=None) -> dict:
+            model_loader=None, dataset_loader=None, eval_loaders=None) -> dict:
     """Train and evaluate one run (or continue one from its checkpoint); returns final_info.
     Raises HarnessError on bad input, Interrupted on Ctrl-C (after checkpointing).
     model_loader(name, device=, dtype=) and dataset_loader(name) replace the hub (for tests)."""
@@ -1058,6 +1058,8 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: 
         raise HarnessError(f"plugin {plugin.name}: bad hyperparameters {cfg.hyperparams}: {exc}") from None
     cfg.hyperparams = dataclasses.asdict(hp)
     device = resolve_device(cfg.device)
+    import evals
+    evals.check_requirements(cfg.evals, cfg, loaders=eval_loaders)  # before any work
     rank, world = init_distributed(device)
     leader = rank == 0
     if cfg.batch_size % world:
@@ -1116,6 +1118,10 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: 
         metrics, feature_metrics = evaluate_core(scaled, model, data.eval_tokens, cfg, device)
         info["metrics"] = metrics
         _atomic_write(run_dir / "feature_metrics.json", json.dumps(feature_metrics))
+    if set(cfg.evals) - {"core"}:
+        import evals
+        console.print(f"Evaluating with sae_bench: {', '.join(e for e in cfg.evals if e != 'core')}...")
+        info["evals"] = evals.run_evals(cfg.evals, scaled, model, cfg, data.eval_tokens, device, loaders=eval_loaders)
     info.update(sae.final_info())
     artifacts = {k: v.detach().cpu().contiguous() for k, v in sae.artifacts().items()}
     if artifacts:
@@ -1158,6 +1164,35 @@ def saved_sae(run_dir: Path, cfg: RunConfig, plugin: Plugin, device: torch.devic
     return ScaledSAE(sae.eval(), scale)
 
 
+def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_loaders=None) -> dict:
+    """Evaluate a finished run's saved SAE again, on its own held-out tokens, without retraining;
+    merge the results into its final_info.json and note the re-scoring in the notebook."""
+    import evals
+    cfg, plugin = saved_config(run_dir, "eval")
+    info_path = run_dir / "final_info.json"
+    if not info_path.exists() or json.loads(info_path.read_text()).get("status") != "completed":
+        raise HarnessError(f"{run_dir} holds no completed run to re-score")
+    names = evals.parse_evals(eval_names)
+    cfg.device = device_name
+    evals.check_requirements(names, cfg, loaders=eval_loaders)
+    device = resolve_device(device_name)
+    model = load_model(cfg.model, device)
+    sae, eval_tokens = saved_sae(run_dir, cfg, plugin, device), torch.load(run_dir / "eval_tokens.pt")
+    info, scores = json.loads(info_path.read_text()), {}
+    if "core" in names:
+        info["metrics"], feature_metrics = evaluate_core(sae, model, eval_tokens, cfg, device)
+        scores["core"] = info["metrics"]
+        _atomic_write(run_dir / "feature_metrics.json", json.dumps(feature_metrics))
+    if set(names) - {"core"}:
+        results = evals.run_evals(names, sae, model, cfg, eval_tokens, device, loaders=eval_loaders)
+        info.setdefault("evals", {}).update(results)
+        scores.update({k: v.get("not_scored") or v["eval_result_metrics"] for k, v in results.items()})
+    _atomic_write(info_path, json.dumps(info, indent=2, default=str))
+    append_notes(notes, plugin, f"Re-scored run {plugin.run_number} ({plugin.study}/{plugin.name}, {run_dir}) "
+                                f"with {', '.join(names)}: {scores}\n\n")
+    return info
+
+
 def print_summary(info: dict, run_dir: Path) -> None:
     table = Table(title=f"Run {run_dir}")
     table.add_column("metric")
@@ -1186,7 +1221,8 @@ def run(
     lr: float = typer.Option(None, help="Adam learning rate."),
     sparsity_penalty: float = typer.Option(None, help="L1 coefficient."),
     seed: int = typer.Option(42, help="Seeds initialisation, data order and plugin randomness."),
-    evals: str = typer.Option("core", help="Comma-separated sae_bench evals."),
+    evals: str = typer.Option("core", help="Comma-separated: core, sparse_probing, sae_probes, absorption, "
+                                            "scr, tpp, unlearning, autointerp, or all."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     dataset: str = typer.Option(None, help="embedded, a hub dataset name, or a local .txt/.jsonl/.parquet."),
     out: Path = typer.Option(None, help="Run folder (default runs/<study>/<plugin>/<timestamp>)."),
@@ -1403,6 +1439,22 @@ def bench(
         f"SAE step: {results['sae_step_flops'] / 1e9:.1f} GFLOP/s = {results['sae_step_roofline_fraction']:.0%} "
         f"of the {results['roofline_flops'] / 1e9:.1f} GFLOP/s matmul roofline (latent density "
         f"{results['sae_step']['latent_density']:.1%})")
+
+
+@app.command("eval")
+def eval_run(
+    run_dir: Path = typer.Argument(..., help="A finished run folder."),
+    evals: str = typer.Option("core", help="Comma-separated sae_bench evals, or all."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    notes: Path = typer.Option(ROOT / "notes.md", help="Lab notebook to append to."),
+) -> None:
+    """Re-score a saved SAE without retraining; results merge into its final_info.json."""
+    try:
+        info = rescore(run_dir, evals, device, notes)
+    except HarnessError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    print_summary(info, run_dir)
 
 
 @app.command()

@@ -19,7 +19,7 @@ from conftest import cli
 import experiment
 
 ROOT = Path(experiment.__file__).parent
-LONG_TINY = ["--preset", "tiny", "--plugin", "zscore_ortho/run_1_initial", "--tokens", "131072",
+LONG_TINY = ["--preset", "tiny", "--plugin", "zscore_ortho/run_1_initial", "--tokens", "65536",
              "--checkpoint-every", "20", "--evals", "core"]
 
 
@@ -41,7 +41,7 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
     notes = tmp_path / "notes.md"
     notes.write_text("earlier entry\n")
     whole = start_cli([*LONG_TINY, "--out", str(tmp_path / "whole"), "--notes", str(notes)], tmp_path)
-    assert whole.wait(300) == 0, whole.stdout.read()
+    assert whole.wait(900) == 0, whole.stdout.read()
 
     killed_dir = tmp_path / "killed"
     killed = start_cli([*LONG_TINY, "--out", str(killed_dir), "--notes", str(notes)], tmp_path)
@@ -52,7 +52,7 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
     assert notes.read_text().startswith("earlier entry\n") and notes.read_text().count("## Run 1") == 1
 
     resumed = start_cli(["--resume", str(killed_dir), "--notes", str(notes)], tmp_path)
-    assert resumed.wait(300) == 0, resumed.stdout.read()
+    assert resumed.wait(900) == 0, resumed.stdout.read()
     assert (killed_dir / "sae_weights.safetensors").read_bytes() == (tmp_path / "whole" / "sae_weights.safetensors").read_bytes()
     a = json.loads((killed_dir / "final_info.json").read_text())
     b = json.loads((tmp_path / "whole" / "final_info.json").read_text())

@@ -143,7 +143,7 @@ def test_evaluation_error_propagates_and_leaves_no_results(run_tiny, notes, monk
     (["--plugin", "run_0_baseline", "--lr", "0"], "--lr must be positive"),
     (["--plugin", "run_0_baseline", "--dict-size", "-4"], "--dict-size must be positive"),
     (["--plugin", "run_0_baseline", "--preset", "huge"], "unknown preset 'huge'"),
-    (["--plugin", "run_0_baseline", "--evals", "core,vibes"], "unknown eval ['vibes']"),
+    (["--plugin", "run_0_baseline", "--evals", "core,vibes"], "unknown eval vibes"),
     (["--plugin", "run_0_baseline", "--device", "tpu"], "unknown device 'tpu'"),
     (["--plugin", "run_1_initial", "--set", "nope=1"], "has no hyperparameter 'nope'"),
     (["--plugin", "run_1_initial", "--set", "tau=high"], "--set tau=high: expected float"),
@@ -264,3 +264,23 @@ def test_harvest_drops_every_bos_position(tmp_path):
     _, cache = model.run_with_cache(contexts[:4], names_filter=[cfg.hook_name], stop_at_layer=2)
     expected = cache[cfg.hook_name][contexts[:4] != experiment.TINY_BOS][:100]
     torch.testing.assert_close(torch.from_numpy(out), expected)
+
+
+def test_eval_of_a_run_folder_reproduces_its_core_metrics_and_notes_it(run_tiny, notes):
+    info, run_dir = run_tiny("run_1_initial")
+    rescored = experiment.rescore(run_dir, "core", "cpu", notes)
+    assert rescored["metrics"] == info["metrics"]
+    assert json.loads((run_dir / "final_info.json").read_text())["metrics"] == info["metrics"]
+    assert f"Re-scored run 1 (zscore_ortho/run_1_initial, {run_dir}) with core" in notes.read_text()
+    with pytest.raises(experiment.HarnessError, match="not a run folder"):
+        experiment.rescore(run_dir.parent, "core", "cpu", notes)
+
+
+def test_a_missing_eval_requirement_is_refused_before_training(tmp_path, notes, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    plugin = experiment.find_plugin("run_0_baseline")
+    cfg = experiment.build_config("embedded", "baseline/run_0_baseline", evals=("core", "autointerp"))
+    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(experiment.HarnessError, match="OPENAI_API_KEY"):
+        experiment.execute(cfg, plugin, tmp_path / "run", notes)
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,379 @@
+"""sae_bench's evaluations beyond core, run on the harness's own loaded model.
+
+    EVAL_NAMES                          every name --evals accepts ("all" means all of them)
+    parse_evals("core,absorption")      the names, checked
+    check_requirements(evals, cfg)      refuses, before any work, an eval whose data, model or key is missing
+    run_evals(evals, sae, model, cfg, eval_tokens, device)   {eval_type_id: sae_bench's result}
+
+Each eval calls sae_bench's own `run_eval` for the one SAE, with the harness's model handed over
+where sae_bench would load one by hub name, inside a fresh temporary working directory (sae_bench
+writes its artifacts relative to it, so nothing from an earlier run is reused; the one cache kept
+is sae_probes' model activations, which depend only on the model and the hook). A result is
+sae_bench's output (eval_config, eval_result_metrics, eval_result_details, ...) plus
+`budget_overrides`: the config values this preset sets below sae_bench's defaults. An eval that
+cannot produce a number for a legitimate reason says why under `not_scored`, with no metrics.
+
+What each eval needs (check_requirements checks it):
+  core, sae_probes, absorption  the model only (sae_probes' datasets ship in its package)
+  sparse_probing, scr, tpp      datasets from the Hugging Face hub
+  unlearning                    an instruction-tuned model sae_bench has a prompt format for
+                                (gemma-2-2b-it, gemma-2-9b-it), the gated WMDP bio forget corpus
+                                (WMDP_BIO_FORGET_CORPUS=path/to/bio-forget-corpus.jsonl) and hub datasets
+  autointerp                    OPENAI_API_KEY (gpt-4o-mini writes and scores the explanations);
+                                its text is the run's held-out evaluation contexts
+and every eval but core needs a tokenizer, which the tiny model does not have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import json
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+from unittest import mock
+
+import numpy as np
+import torch
+
+import experiment  # first: it hides a torchvision that would break importing sae_bench
+from experiment import HarnessError, RunConfig
+
+EVAL_NAMES = ("core", "sparse_probing", "sae_probes", "absorption", "scr", "tpp", "unlearning", "autointerp")
+
+# Config values that differ from sae_bench's defaults, per preset; the hub presets run its defaults.
+# `embedded` fits a 2-core CPU, `tiny` is for tests (its context is 32 tokens, its SAE 256 latents).
+BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
+    "embedded": {
+        "sparse_probing": dict(probe_train_set_size=400, probe_test_set_size=100),
+        "sae_probes": dict(dataset_names=["117_us_state_FL", "154_athlete_sport_football",
+                                          "131_temp_cat_Typical Time"]),
+        "scr": dict(train_set_size=400, test_set_size=100),
+        "tpp": dict(train_set_size=400, test_set_size=100),
+        "autointerp": dict(n_latents=50),
+    },
+    "tiny": {
+        "sparse_probing": dict(probe_train_set_size=40, probe_test_set_size=20, context_length=32),
+        "sae_probes": dict(dataset_names=["117_us_state_FL"]),
+        "absorption": dict(max_k_value=3, k_sparse_probe_num_epochs=10),
+        "scr": dict(train_set_size=40, test_set_size=20, context_length=32, n_values=[2, 5, 10, 20],
+                    column1_vals_lookup={"LabHC/bias_in_bios_class_set1": [("professor", "nurse")],
+                                         "canrager/amazon_reviews_mcauley_1and5": [("Books", "CDs_and_Vinyl")]}),
+        "tpp": dict(train_set_size=40, test_set_size=20, context_length=32, n_values=[2, 5, 10, 20]),
+        "unlearning": dict(dataset_names=["wmdp-bio", "high_school_us_history"], dataset_size=8,
+                           seq_len=32, retain_thresholds=[0.01], n_features_list=[2], multipliers=[25]),
+        "autointerp": dict(n_latents=4),
+    },
+}
+# Absorption probes every single-token word of the vocabulary (140k for Gemma 3), each in a prompt
+# of about 65 tokens; a CPU preset probes this many, drawn with the run's seed.
+ABSORPTION_WORDS = {"embedded": 1000}
+# Autointerp reads at most sae_bench's default number of tokens from the run's held-out contexts
+# (on the hub presets they hold more; on embedded, 32 contexts of 128).
+AUTOINTERP_MAX_TOKENS = 2_000_000
+UNLEARNING_MODELS = ("gemma-2-2b-it", "gemma-2-9b-it")  # sae_bench's MCQ prompt formats exist for these only
+FORGET_CORPUS_VAR = "WMDP_BIO_FORGET_CORPUS"
+# sae_bench opens the forget corpus here, relative to the working directory
+FORGET_CORPUS_PATH = Path("sae_bench/evals/unlearning/data/bio-forget-corpus.jsonl")
+# The loaders run_evals takes (test doubles): what each replaces, in which sae_bench modules.
+LOADERS = {
+    "load_dataset": ("load_dataset", ("sae_bench.sae_bench_utils.dataset_utils",
+                                      "sae_bench.evals.scr_and_tpp.dataset_creation",
+                                      "sae_bench.evals.unlearning.utils.feature_activation",
+                                      "sae_bench.evals.unlearning.utils.metrics")),
+    "openai_client": ("OpenAI", ("sae_bench.evals.autointerp.main",)),
+}
+
+
+def parse_evals(text: str) -> tuple[str, ...]:
+    """'core, absorption' -> ('core', 'absorption'); 'all' -> EVAL_NAMES; duplicates dropped."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in EVAL_NAMES + ("all",)]
+    if unknown:
+        raise HarnessError(f"unknown eval {', '.join(unknown)}; choose from all, {', '.join(EVAL_NAMES)}")
+    expanded = [e for n in names for e in (EVAL_NAMES if n == "all" else (n,))]
+    return tuple(dict.fromkeys(expanded))
+
+
+def _config(name: str, cfg: RunConfig, **fields: Any):
+    """sae_bench's config for eval `name`: its defaults, this preset's budget, then `fields`."""
+    module, cls = {
+        "sparse_probing": ("sparse_probing", "SparseProbingEvalConfig"),
+        "sae_probes": ("sparse_probing_sae_probes", "SparseProbingSaeProbesEvalConfig"),
+        "absorption": ("absorption", "AbsorptionEvalConfig"),
+        "scr": ("scr_and_tpp", "ScrAndTppEvalConfig"),
+        "tpp": ("scr_and_tpp", "ScrAndTppEvalConfig"),
+        "unlearning": ("unlearning", "UnlearningEvalConfig"),
+        "autointerp": ("autointerp", "AutoInterpEvalConfig"),
+    }[name]
+    config_class = getattr(importlib.import_module(f"sae_bench.evals.{module}.eval_config"), cls)
+    return config_class(random_seed=cfg.seed, **{**BUDGETS.get(cfg.preset, {}).get(name, {}), **fields})
+
+
+def _hub_datasets(name: str, cfg: RunConfig) -> list[str]:
+    """The hub repositories eval `name` reads."""
+    if name == "unlearning":  # named inside sae_bench's unlearning code
+        return ["wikitext", "cais/wmdp", "cais/mmlu"]
+    if name in ("sparse_probing", "scr", "tpp"):  # sae_bench's subset names, e.g. ..._class_set1
+        return sorted({re.sub(r"_class_set\d+$|_sentiment$", "", d) for d in _config(name, cfg).dataset_names})
+    return []
+
+
+def check_requirements(evals, cfg: RunConfig, *, loaders: dict[str, Callable] | None = None) -> None:
+    """Raise HarnessError, in one line, naming every missing requirement of `evals` and how to
+    provide it. `loaders` (as for run_evals) stand in for the hub and the API key."""
+    loaders = loaders or {}
+    problems = []
+    if cfg.model == "tiny" and set(evals) - {"core"}:
+        problems.append("every eval but core reads text, and the tiny model has no tokenizer: use another preset")
+    if "sae_probes" in evals and importlib.util.find_spec("sae_probes") is None:
+        problems.append("sae_probes needs the package sae-probes: pip install -r requirements.txt")
+    if "unlearning" in evals:
+        if cfg.model.split("/")[-1] not in UNLEARNING_MODELS:
+            problems.append(f"unlearning needs an instruction-tuned model sae_bench has a prompt format for "
+                            f"({', '.join(UNLEARNING_MODELS)}), not {cfg.model}: e.g. "
+                            "--preset gemma-2-2b --model google/gemma-2-2b-it")
+        corpus = os.environ.get(FORGET_CORPUS_VAR)
+        if not corpus or not Path(corpus).is_file():
+            problems.append(f"unlearning needs the WMDP bio forget corpus, which is gated: request it at "
+                            f"huggingface.co/datasets/cais/wmdp-bio-forget-corpus and set "
+                            f"{FORGET_CORPUS_VAR}=path/to/bio-forget-corpus.jsonl"
+                            + (f" ({corpus} is not a file)" if corpus else ""))
+    if "autointerp" in evals and "openai_client" not in loaders and not os.environ.get("OPENAI_API_KEY"):
+        problems.append("autointerp needs an OpenAI API key (gpt-4o-mini writes and scores the explanations): "
+                        "set OPENAI_API_KEY")
+    if "load_dataset" not in loaders:
+        unreadable = functools.cache(_unreadable_on_hub)
+        for name in evals:
+            repos = _hub_datasets(name, cfg)
+            why = next((w for w in map(unreadable, repos) if w), None)
+            if why:
+                problems.append(f"{name} needs the Hugging Face hub datasets {', '.join(repos)}, and {why}: "
+                                "run with access to huggingface.co (HF_TOKEN for gated ones), or drop "
+                                f"{name} from --evals")
+    if problems:
+        raise HarnessError("; ".join(problems))
+
+
+def _unreadable_on_hub(repo: str) -> str | None:
+    """Why `repo` cannot be read from the hub now, or None."""
+    import huggingface_hub
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):  # read here, not at import
+        return "HF_HUB_OFFLINE is set"
+    try:
+        huggingface_hub.HfApi().dataset_info(repo, timeout=10)
+    except Exception as exc:  # no network, no such repository, gated: each refuses the eval
+        return f"{repo} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    return None
+
+
+class _LoadedModel:
+    """Stands in for `HookedTransformer` in an sae_bench eval module whose `run_eval` loads the
+    model by hub name: it hands over the harness's model instead."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def from_pretrained_no_processing(self, *args, **kwargs):
+        return self.model
+
+
+def run_evals(evals, sae, model, cfg: RunConfig, eval_tokens: torch.Tensor, device: torch.device, *,
+              loaders: dict[str, Callable] | None = None) -> dict[str, dict]:
+    """Run every eval in `evals` except core (evaluate_core does that) on `sae` (a BaseSAE taking
+    the model's raw activations; it is copied, never changed) and return {eval_type_id: result}.
+    Exceptions propagate. `loaders` replaces what sae_bench reads from outside, for tests:
+      "load_dataset":  called as sae_bench calls datasets.load_dataset, e.g. ("LabHC/bias_in_bios"),
+                       ("Helsinki-NLP/europarl", "en-fr", streaming=True, split="train"),
+                       ("cais/mmlu", "human_aging", split="test")
+      "openai_client": called as openai.OpenAI(api_key=...); sae_bench then calls
+                       client.chat.completions.create(model=, messages=, n=, max_tokens=, stream=False)
+    """
+    loaders = loaders or {}
+    if set(loaders) - set(LOADERS):
+        raise ValueError(f"unknown loaders {sorted(set(loaders) - set(LOADERS))}; known: {sorted(LOADERS)}")
+    results = {}
+    with contextlib.ExitStack() as stack:
+        for key, replacement in loaders.items():
+            attribute, modules = LOADERS[key]
+            for module in modules:
+                stack.enter_context(mock.patch.object(importlib.import_module(module), attribute, replacement))
+        for name in evals:
+            if name == "core":
+                continue
+            with _sandbox(model, cfg.seed) as workdir:
+                # a copy: sae_bench casts, moves and relabels the SAE it is given
+                result = RUNNERS[name](copy.deepcopy(sae), model, cfg, eval_tokens, str(device), workdir)
+            result["budget_overrides"] = _budget_overrides(name, cfg.preset)
+            results[result["eval_type_id"]] = json.loads(json.dumps(result, default=str))
+    return results
+
+
+def _budget_overrides(name: str, preset: str) -> dict[str, Any]:
+    overrides = dict(BUDGETS.get(preset, {}).get(name, {}))
+    if name == "absorption" and preset in ABSORPTION_WORDS:
+        overrides["vocabulary_words"] = ABSORPTION_WORDS[preset]
+    return overrides
+
+
+@contextlib.contextmanager
+def _sandbox(model, seed: int):
+    """Yields a fresh temporary folder for sae_bench's files. Meanwhile: seeded RNGs, gradients
+    on, sae_bench's runtime shape checks off; the tokenizer's padding and truncation sides are
+    put back afterwards (sae_probes sets them for its own use). The shape checks go because, with
+    the installed jaxtyping (0.3.11), a checked function's dimension names also bind the helpers
+    it calls: sparse probing's k-sparse probes fail on every dataset ("train_dataset_size is 40
+    which does not equal the existing value of 20")."""
+    import jaxtyping
+
+    tokenizer = model.tokenizer
+    sides, checks_off = (tokenizer.padding_side, tokenizer.truncation_side), jaxtyping.config.jaxtyping_disable
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="sae_bench_") as workdir, torch.enable_grad():
+            yield Path(workdir)
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = sides
+        jaxtyping.config.update("jaxtyping_disable", checks_off)
+
+
+def _llm_fields(cfg: RunConfig, model) -> dict[str, Any]:
+    return dict(model_name=model.cfg.model_name, llm_batch_size=cfg.llm_batch_size,
+                llm_dtype=str(model.cfg.dtype).removeprefix("torch."))
+
+
+def _run_eval(module, config, sae, cfg: RunConfig, device: str, workdir: Path, model=None, **kwargs) -> dict | None:
+    """sae_bench's `run_eval` in `module` for this one SAE, run from `workdir` (it writes its
+    artifacts relative to the working directory): its result, or None where it stopped without
+    one. `model` is handed over where `run_eval` would load one by hub name."""
+    with contextlib.chdir(workdir), (mock.patch.object(module, "HookedTransformer", _LoadedModel(model))
+                                     if model is not None else contextlib.nullcontext()):
+        results = module.run_eval(config=config, selected_saes=[(cfg.plugin.replace("/", "_"), sae)],
+                                  device=device, output_path="results", **kwargs)
+    return next(iter(results.values()), None)
+
+
+def _sparse_probing(sae, model, cfg, eval_tokens, device, workdir) -> dict:
+    from sae_bench.evals.sparse_probing import main
+
+    config = _config("sparse_probing", cfg, **_llm_fields(cfg, model))
+    return _run_eval(main, config, sae, cfg, device, workdir, model)
+
+
+def _scr_or_tpp(perform_scr: bool, sae, model, cfg, eval_tokens, device, workdir) -> dict:
+    from sae_bench.evals.scr_and_tpp import main
+
+    config = _config("scr" if perform_scr else "tpp", cfg, perform_scr=perform_scr, **_llm_fields(cfg, model))
+    return _run_eval(main, config, sae, cfg, device, workdir, model)
+
+
+def _sae_probes(sae, model, cfg, eval_tokens, device, workdir) -> dict:
+    """sae_probes would load the model itself: its activations are made first, with ours, in a
+    cache kept next to the harness's activations (sae_probes regenerates a file of the wrong length)."""
+    from sae_bench.evals.sparse_probing_sae_probes import main
+    from sae_probes.generate_model_activations import ensure_dataset_activations
+
+    cache = experiment.ACTIVATIONS_DIR.resolve() / "sae_probes"
+    config = _config("sae_probes", cfg, model_name=model.cfg.model_name, model_cache_path=str(cache))
+    ensure_dataset_activations(model_name=config.model_name, dataset_short_names=config.dataset_names,
+                               hook_names=[cfg.hook_name], model_cache_path=cache, device=device, model=model)
+    return _run_eval(main, config, sae, cfg, device, workdir)
+
+
+def _absorption(sae, model, cfg, eval_tokens, device, workdir) -> dict:
+    """sae_bench keeps absorption's probes and results inside its own package folder and stops
+    without a result when too few first letters are linearly decodable: here they go to the
+    work folder, and the stop becomes a `not_scored` result."""
+    from sae_bench.evals.absorption import common, feature_absorption, main
+
+    config = _config("absorption", cfg, **_llm_fields(cfg, model))
+    k_sparse_dir, probes_dir = workdir / "k_sparse_probing", workdir / "probes"
+    patches = [
+        mock.patch.object(main, "run_k_sparse_probing_experiment", functools.partial(
+            main.run_k_sparse_probing_experiment, experiment_dir=k_sparse_dir, probes_dir=probes_dir)),
+        mock.patch.object(main, "run_feature_absortion_experiment", functools.partial(
+            main.run_feature_absortion_experiment, experiment_dir=workdir / "feature_absorption",
+            sparse_probing_experiment_dir=k_sparse_dir, probes_dir=probes_dir)),
+        # It caches only the hooked layer's activations but runs the whole model, unembedding
+        # included (over half of Gemma 3's compute): stopping after that layer gives the same
+        # activations several times faster.
+        mock.patch.object(model, "run_with_cache", functools.partial(model.run_with_cache,
+                                                                     stop_at_layer=cfg.layer + 1)),
+    ]
+    if cfg.preset in ABSORPTION_WORDS:
+        words = _capped_vocabulary(common.get_alpha_tokens, ABSORPTION_WORDS[cfg.preset], cfg.seed)
+        patches += [mock.patch.object(common, "get_alpha_tokens", words),
+                    mock.patch.object(feature_absorption, "get_alpha_tokens", words)]
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        result = _run_eval(main, config, sae, cfg, device, workdir, model)
+    if result is not None:
+        return result
+    (probe_file,) = (workdir / "artifacts" / "absorption").glob("*_k_sparse_probing.json")
+    f1 = {row["letter"]: row["f1_probe"] for row in json.loads(probe_file.read_text())}
+    found = sum(v > config.min_GT_probe_f1 for v in f1.values())
+    return dict(eval_type_id="absorption_first_letter", eval_config=dataclasses.asdict(config),
+                eval_result_metrics={}, eval_result_details=[],
+                eval_result_unstructured={"first_letter_probe_f1": f1},
+                not_scored=f"{model.cfg.model_name} layer {cfg.layer}: a linear probe reads the first letter "
+                           f"of a word with F1 > {config.min_GT_probe_f1} for {found} of 26 letters; sae_bench "
+                           f"needs {config.min_feats_for_eval} to measure absorption"
+                           + (f" (probes trained on this preset's {ABSORPTION_WORDS[cfg.preset]} words, not the "
+                              "whole vocabulary)" if cfg.preset in ABSORPTION_WORDS else ""))
+
+
+def _capped_vocabulary(get_alpha_tokens, limit: int, seed: int):
+    def words(tokenizer, *args, **kwargs):
+        found = get_alpha_tokens(tokenizer, *args, **kwargs)
+        return found if len(found) <= limit else random.Random(seed).sample(found, limit)
+    return words
+
+
+def _unlearning(sae, model, cfg, eval_tokens, device, workdir) -> dict:
+    """sae_bench opens the forget corpus at a fixed path under the working directory."""
+    from sae_bench.evals.unlearning import main
+
+    (workdir / FORGET_CORPUS_PATH).parent.mkdir(parents=True)
+    (workdir / FORGET_CORPUS_PATH).symlink_to(Path(os.environ[FORGET_CORPUS_VAR]).resolve())
+    config = _config("unlearning", cfg, **_llm_fields(cfg, model))
+    return _run_eval(main, config, sae, cfg, device, workdir, model)
+
+
+def _autointerp(sae, model, cfg, eval_tokens, device, workdir) -> dict:
+    """Autointerp's text is the run's held-out evaluation contexts (BOS first, like sae_bench's)."""
+    from sae_bench.evals.autointerp import main
+    from sae_bench.sae_bench_utils import dataset_utils
+
+    context = eval_tokens.shape[1]
+    config = _config("autointerp", cfg, dataset_name=cfg.eval_dataset or cfg.dataset, llm_context_size=context,
+                     total_tokens=min(AUTOINTERP_MAX_TOKENS, eval_tokens.numel()), **_llm_fields(cfg, model))
+
+    def held_out_tokens(dataset_name, ctx_len, num_tokens, tokenizer, **kwargs):
+        return eval_tokens[: -(-num_tokens // context)]
+
+    with mock.patch.object(dataset_utils, "load_and_tokenize_dataset", held_out_tokens):
+        return _run_eval(main, config, sae, cfg, device, workdir, model, api_key=os.environ.get("OPENAI_API_KEY", ""))
+
+
+RUNNERS: dict[str, Callable[..., dict]] = {
+    "sparse_probing": _sparse_probing,
+    "sae_probes": _sae_probes,
+    "absorption": _absorption,
+    "scr": functools.partial(_scr_or_tpp, True),
+    "tpp": functools.partial(_scr_or_tpp, False),
+    "unlearning": _unlearning,
+    "autointerp": _autointerp,
+}

@@ -1,0 +1,269 @@
+"""evals.py: --evals parsing, refusal of every missing requirement before any work, and each
+sae_bench eval run end to end through the harness's wiring on the tiny model, with sae_bench's
+dataset loader and OpenAI client replaced by small local fixtures (so a change in sae_bench's
+interface breaks a test here, not a researcher's run). The tiny model has no tokenizer of its
+own; these tests give it a small word-level one."""
+
+import importlib.util
+import json
+import random
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from sae_bench.sae_bench_utils import dataset_info
+
+import evals
+import experiment
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+WORDS = [c + end for c in LETTERS for end in ("ab", "ot", "ine", "ery", "ulk")]  # 5 single-token words per letter
+SPECIAL = ["<bos>", "<pad>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+VOCAB = (SPECIAL + list(LETTERS.upper() + LETTERS) + list("0123456789:.,()") + WORDS
+         + ["has", "the", "first", "letter", "user", "model", "Answer"])
+PROFESSIONS = sorted({int(c) for name, classes in dataset_info.chosen_classes_per_dataset.items()
+                      if "bias_in_bios" in name for c in classes})
+AMAZON_CATEGORIES = [1, 2, 3, 5, 6, 11, 18, 24, 26, 30]  # sparse probing's classes and SCR's pairs
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    assert len(VOCAB) <= experiment.TINY_MODEL["d_vocab"] and VOCAB[experiment.TINY_BOS] == "<bos>"
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    folder = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>", eos_token="<eos>",
+                            unk_token="<unk>", additional_special_tokens=SPECIAL[4:]).save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)  # TransformerLens needs one loaded from a folder
+
+
+@pytest.fixture
+def model(tokenizer):
+    model = experiment.load_model("tiny", torch.device("cpu"))
+    model.set_tokenizer(tokenizer)
+    return model
+
+
+@pytest.fixture
+def cfg():
+    return experiment.build_config("tiny", "baseline/run_0_baseline")
+
+
+@pytest.fixture
+def sae(cfg):
+    torch.manual_seed(0)
+    inner = experiment.SAE(experiment.TINY_MODEL["d_model"], cfg.dict_size, experiment.Hyperparams(), cfg)
+    return experiment.ScaledSAE(inner.eval(), 1.0)
+
+
+@pytest.fixture
+def eval_tokens(tokenizer, cfg):
+    """Held-out contexts as the harness makes them: BOS, then cfg.context_size - 1 tokens."""
+    return experiment.tokenize_contexts([text(random.Random(0), 16 * cfg.context_size)], tokenizer,
+                                        experiment.TINY_BOS, cfg.context_size, 16)
+
+
+def text(rng: random.Random, n_words: int = 12) -> str:
+    return " ".join(rng.choices(WORDS, k=n_words))
+
+
+def fake_load_dataset(path, name=None, split=None, streaming=False, **kwargs):
+    """Small stand-ins, in the columns sae_bench reads, for every hub dataset its evals load."""
+    rng = random.Random(f"{path}/{name}/{split}")
+
+    def both_splits(make_rows):
+        return datasets.DatasetDict({s: datasets.Dataset.from_list(make_rows()) for s in ("train", "test")})
+
+    if path == "LabHC/bias_in_bios":
+        return both_splits(lambda: [dict(hard_text=text(rng), profession=p, gender=g)
+                                    for p in PROFESSIONS for g in (0, 1) for _ in range(24)])
+    if path == "canrager/amazon_reviews_mcauley_1and5":
+        return both_splits(lambda: [dict(text=text(rng), category=c, rating=r)
+                                    for c in AMAZON_CATEGORIES for r in (1.0, 5.0) for _ in range(24)])
+    if path == "fancyzhx/ag_news":
+        return both_splits(lambda: [dict(text=text(rng), label=c) for c in range(4) for _ in range(24)])
+    if path == "Helsinki-NLP/europarl" and streaming:
+        return [{"translation": {lang: text(rng) for lang in name.split("-")}} for _ in range(40)]
+    if path == "codeparrot/github-code" and streaming:
+        return [dict(language=lang, code=text(rng, 120)) for _ in range(40) for lang in kwargs["languages"]]
+    if path == "wikitext" and split == "test":
+        return datasets.Dataset.from_list([dict(text=text(rng, 30)) for _ in range(40)])
+    if path in ("cais/wmdp", "cais/mmlu") and split == "test":
+        return datasets.Dataset.from_list([dict(question=text(rng, 8), choices=rng.sample(WORDS, 4),
+                                                answer=rng.randrange(4)) for _ in range(6)])
+    raise FileNotFoundError(f"no fixture for {path} {name} {split}")
+
+
+class FakeOpenAI:
+    """openai.OpenAI as sae_bench's autointerp uses it; explains every latent alike and predicts
+    that examples 1 and 2 activate."""
+
+    requests: list = []
+
+    def __init__(self, api_key):
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
+
+    def create(self, model, messages, n, max_tokens, stream):
+        FakeOpenAI.requests.append(messages)
+        scoring = messages[-1]["content"].startswith("Here is the explanation")
+        content = "1, 2" if scoring else "This neuron activates on words starting with b."
+        return SimpleNamespace(choices=[SimpleNamespace(message=SimpleNamespace(content=content))])
+
+
+LOADERS = {"load_dataset": fake_load_dataset, "openai_client": FakeOpenAI}
+
+
+def metric_values(result: dict) -> list:
+    return [v for group in result["eval_result_metrics"].values() for v in group.values()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing and requirements.
+
+def test_parse_evals_expands_all_and_refuses_unknown_names_listing_the_valid_ones():
+    assert evals.parse_evals("all") == evals.EVAL_NAMES
+    assert evals.parse_evals(" core, absorption,core ") == ("core", "absorption")
+    with pytest.raises(experiment.HarnessError, match="unknown eval probing;.*sae_probes.*autointerp"):
+        evals.parse_evals("core,probing")
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No hub, no API key, no WMDP corpus: the requirements a researcher may lack."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv(evals.FORGET_CORPUS_VAR, raising=False)
+
+
+@pytest.mark.parametrize("name, preset, model, expected", [
+    ("sparse_probing", "pythia-70m", None, "sparse_probing needs the Hugging Face hub datasets .*HF_HUB_OFFLINE"),
+    ("scr", "pythia-70m", None, "scr needs .* datasets LabHC/bias_in_bios, canrager/amazon_reviews_mcauley_1and5"),
+    ("tpp", "gemma-2-2b", None, "tpp needs the Hugging Face hub datasets"),
+    ("unlearning", "gemma-2-2b", None, "instruction-tuned model .*not google/gemma-2-2b.*--model google/gemma-2-2b-it"),
+    ("unlearning", "gemma-2-2b", "google/gemma-2-2b-it", "WMDP bio forget corpus.*WMDP_BIO_FORGET_CORPUS="),
+    ("autointerp", "embedded", None, "autointerp needs an OpenAI API key.*set OPENAI_API_KEY"),
+    ("absorption", "tiny", None, "the tiny model has no tokenizer"),
+])
+def test_each_missing_requirement_is_refused_in_one_line_naming_the_fix(offline, name, preset, model, expected):
+    cfg = experiment.build_config(preset, "baseline/run_0_baseline", model=model)
+    with pytest.raises(experiment.HarnessError, match=expected) as refused:
+        evals.check_requirements((name,), cfg)
+    assert "\n" not in str(refused.value)
+
+
+def test_sae_probes_without_its_package_is_refused(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "sae_probes" else find_spec(name))
+    with pytest.raises(experiment.HarnessError, match="sae_probes needs the package sae-probes: pip install"):
+        evals.check_requirements(("core", "sae_probes"), experiment.build_config("embedded", "baseline/run_0_baseline"))
+
+
+def test_every_missing_requirement_is_named_in_the_same_line(offline):
+    cfg = experiment.build_config("embedded", "baseline/run_0_baseline")
+    with pytest.raises(experiment.HarnessError, match="autointerp needs .*; tpp needs the Hugging Face hub") as refused:
+        evals.check_requirements(("core", "tpp", "autointerp"), cfg)
+    assert "\n" not in str(refused.value)
+
+
+def test_unlearning_with_model_and_corpus_is_still_refused_without_the_hub(offline, monkeypatch, tmp_path):
+    (tmp_path / "bio-forget-corpus.jsonl").write_text('{"text": "x"}\n')
+    monkeypatch.setenv(evals.FORGET_CORPUS_VAR, str(tmp_path / "bio-forget-corpus.jsonl"))
+    cfg = experiment.build_config("gemma-2-2b", "baseline/run_0_baseline", model="google/gemma-2-2b-it")
+    with pytest.raises(experiment.HarnessError, match="^unlearning needs .* hub datasets wikitext, cais/wmdp, cais/mmlu"):
+        evals.check_requirements(("unlearning",), cfg)
+
+
+def test_offline_evals_need_nothing_and_loaders_stand_in_for_the_hub_and_key(offline, monkeypatch, tmp_path):
+    embedded = experiment.build_config("embedded", "baseline/run_0_baseline")
+    evals.check_requirements(("core", "sae_probes", "absorption"), embedded)
+    (tmp_path / "corpus.jsonl").write_text('{"text": "x"}\n')
+    monkeypatch.setenv(evals.FORGET_CORPUS_VAR, str(tmp_path / "corpus.jsonl"))
+    cfg = experiment.build_config("gemma-2-2b", "baseline/run_0_baseline", model="google/gemma-2-2b-it")
+    evals.check_requirements(evals.EVAL_NAMES, cfg, loaders=LOADERS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Each eval end to end on the tiny model.
+
+def run(names, sae, model, cfg, eval_tokens):
+    return evals.run_evals(names, sae, model, cfg, eval_tokens, torch.device("cpu"), loaders=LOADERS)
+
+
+def test_sparse_probing_reads_every_dataset_and_reports_in_sae_bench_format(sae, model, cfg, eval_tokens):
+    result = run(("core", "sparse_probing"), sae, model, cfg, eval_tokens)["sparse_probing"]
+    assert result["eval_type_id"] == "sparse_probing"
+    assert result["eval_config"]["probe_train_set_size"] == 40 and result["eval_config"]["model_name"] == "custom"
+    assert result["budget_overrides"] == evals.BUDGETS["tiny"]["sparse_probing"]
+    assert {d["dataset_name"] for d in result["eval_result_details"]} == {
+        f"{name}_results" for name in result["eval_config"]["dataset_names"]}
+    assert all(0 <= v <= 1 for v in metric_values(result) if v is not None)
+    assert result["eval_result_metrics"]["sae"]["sae_top_1_test_accuracy"] is not None
+    json.dumps(result)  # final_info.json takes it as it is
+
+
+@pytest.mark.parametrize("name, metric", [("scr", "scr_metrics"), ("tpp", "tpp_metrics")])
+def test_scr_and_tpp_report_their_metrics(sae, model, cfg, eval_tokens, name, metric):
+    result = run((name,), sae, model, cfg, eval_tokens)[name]
+    assert result["eval_config"]["perform_scr"] == (name == "scr") and result["eval_config"]["train_set_size"] == 40
+    assert result["eval_result_metrics"][metric] and result["eval_result_details"]
+
+
+def test_unlearning_reads_the_forget_corpus_from_the_env_path(sae, model, cfg, eval_tokens, monkeypatch, tmp_path):
+    from sae_bench.evals.unlearning.utils import metrics
+
+    rng = random.Random(1)
+    corpus = tmp_path / "bio-forget-corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text(rng, 40)}) + "\n" for _ in range(20)))
+    monkeypatch.setenv(evals.FORGET_CORPUS_VAR, str(corpus))
+    # sae_bench formats questions for Gemma 2 instruct models only, and keeps the questions the
+    # model answers right under all 24 orderings of the choices; a random model knows none.
+    monkeypatch.setattr(model.cfg, "model_name", "gemma-2-2b-it")
+    monkeypatch.setattr(metrics, "_find_all_permutation_correct_ans",
+                        lambda found: np.arange(len(found["is_correct"]) // 24))
+    result = run(("unlearning",), sae, model, cfg, eval_tokens)["unlearning"]
+    assert 0 <= result["eval_result_metrics"]["unlearning"]["unlearning_score"] <= 1
+    assert result["eval_config"]["dataset_names"] == ["wmdp-bio", "high_school_us_history"]
+
+
+def test_autointerp_explains_and_scores_latents_through_the_api_client(sae, model, cfg, eval_tokens):
+    FakeOpenAI.requests.clear()
+    result = run(("autointerp",), sae, model, cfg, eval_tokens)["autointerp"]
+    assert 0 <= result["eval_result_metrics"]["autointerp"]["autointerp_score"] <= 1
+    assert result["eval_config"]["total_tokens"] == eval_tokens.numel() and result["eval_config"]["n_latents"] == 4
+    assert len(FakeOpenAI.requests) == 2 * len(result["eval_result_unstructured"]) > 0  # explain, then score
+
+
+def test_absorption_on_a_model_that_cannot_spell_records_why_and_claims_no_score(sae, model, cfg, eval_tokens):
+    result = run(("absorption",), sae, model, cfg, eval_tokens)["absorption_first_letter"]
+    assert result["eval_result_metrics"] == {} and "sae_bench needs 20 to measure absorption" in result["not_scored"]
+    assert set(result["eval_result_unstructured"]["first_letter_probe_f1"]) == set(LETTERS)
+
+
+def test_sae_probes_runs_on_its_shipped_text_and_leaves_sae_and_tokenizer_alone(sae, model, cfg, eval_tokens,
+                                                                                 isolated_cache):
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    sides = model.tokenizer.padding_side, model.tokenizer.truncation_side
+    result = run(("sae_probes",), sae, model, cfg, eval_tokens)["sparse_probing_sae_probes"]
+    datasets_probed = [d["dataset_name"] for d in result["eval_result_details"]]
+    assert datasets_probed == evals.BUDGETS["tiny"]["sae_probes"]["dataset_names"]
+    assert 0 <= result["eval_result_metrics"]["sae"]["sae_top_1_test_accuracy"] <= 1
+    assert result["eval_result_metrics"]["llm"]["llm_test_accuracy"] is not None
+    assert list((isolated_cache / "sae_probes").rglob("*.pt"))  # the model's activations, kept for the next run
+    assert all(torch.equal(before[k], v) for k, v in sae.state_dict().items())
+    assert (model.tokenizer.padding_side, model.tokenizer.truncation_side) == sides  # sae_probes changes them
+
+
+def test_a_failing_eval_raises_and_unknown_loaders_are_refused(sae, model, cfg, eval_tokens):
+    def hub_down(*args, **kwargs):
+        raise ConnectionError("hub down")
+
+    with pytest.raises(ConnectionError, match="hub down"):
+        evals.run_evals(("tpp",), sae, model, cfg, eval_tokens, torch.device("cpu"), loaders={"load_dataset": hub_down})
+    with pytest.raises(ValueError, match="unknown loaders"):
+        evals.run_evals(("tpp",), sae, model, cfg, eval_tokens, torch.device("cpu"), loaders={"datasets": hub_down})
