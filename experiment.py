@@ -963,9 +963,13 @@ def save_sae(sae: SAE, scale: float, run_dir: Path) -> None:
         export.W_dec.copy_(sae.W_dec.float().cpu() / scale)
         export.b_enc.copy_(sae.b_enc.float().cpu())
         export.b_dec.copy_(sae.b_dec.float().cpu() / scale)
-    export.save_model(run_dir)
+    staging = run_dir / ".weights.tmp"  # written whole, then renamed into place
+    export.save_model(staging)
     state = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
-    save_file({**state, "activation_scale": torch.tensor(scale)}, run_dir / "plugin_state.safetensors")
+    save_file({**state, "activation_scale": torch.tensor(scale)}, staging / "plugin_state.safetensors")
+    for path in staging.iterdir():
+        os.replace(path, run_dir / path.name)
+    staging.rmdir()
 
 
 def suspicious(info: dict, run_dir: Path, plugin: Plugin) -> list[str]:
