@@ -144,8 +144,10 @@ def select_runs(runs_dir: Path, study: str | None = None, picks: Iterable[Path] 
 # ("one": closest to 1).
 
 METRICS = {
-    "explained_variance": (("metrics", "reconstruction_quality", "explained_variance"),
-                           "explained variance (fraction; 1 = perfect)", "higher"),
+    # sae_bench 0.6.0's explained_variance exceeds 1 on Gemma-scale activations (its total variance
+    # subtracts (mean x²)² rather than (mean x)²); the legacy 1 - SSE/SST is the trustworthy one.
+    "explained_variance": (("metrics", "reconstruction_quality", "explained_variance_legacy"),
+                           "explained variance, 1 − SSE/SST (fraction; 1 = perfect)", "higher"),
     "mse": (("metrics", "reconstruction_quality", "mse"), "reconstruction MSE (model activation units²)", "lower"),
     "l0": (("metrics", "sparsity", "l0"), "L0 (latents active per token)", "lower"),
     "l1": (("metrics", "sparsity", "l1"), "L1 (summed latent activation per token)", "lower"),

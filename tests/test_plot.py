@@ -182,7 +182,7 @@ def test_latest_run_is_used_unless_another_is_picked(runs):
     plugin = runs / PLUGINS[0]
     newer = plugin / "20250102-000000"
     shutil.copytree(plugin / STAMP, newer)
-    edit_info(newer, lambda info: info["metrics"]["reconstruction_quality"].update(explained_variance=0.99))
+    edit_info(newer, lambda info: info["metrics"]["reconstruction_quality"].update(explained_variance_legacy=0.99))
     (plugin / "20250103-000000").mkdir()  # still training: config.json only, no final_info.json
     shutil.copy(newer / "config.json", plugin / "20250103-000000" / "config.json")
 
@@ -206,7 +206,7 @@ def test_latest_run_is_used_unless_another_is_picked(runs):
 def test_compare_table_highlights_best_and_shows_delta_against_parent(runs):
     def set_metrics(plugin, ev, l2_ratio, mse):
         def edit(info):
-            info["metrics"]["reconstruction_quality"].update(explained_variance=ev, mse=mse)
+            info["metrics"]["reconstruction_quality"].update(explained_variance_legacy=ev, mse=mse)
             info["metrics"]["shrinkage"]["l2_ratio"] = l2_ratio
         edit_info(runs / plugin / STAMP, edit)
 

@@ -10,7 +10,8 @@ co-firing rate and τ a rate; the co-activation EMA is updated from a rank-32 ra
 the batch's firing matrix (never the B × d_sae × d_sae product); the penalty covers at most
 `max_pairs` pairs, the most co-active first; every `revive_every` steps up to `max_revive` dead
 latents, those whose decoder row has the largest |cos| with another row first, are re-initialised
-on the worst-reconstructed inputs of the batch and their Adam state is reset.
+on the worst-reconstructed inputs of the batch, their threshold statistics restart from their
+pre-activations on that batch, and their Adam state is reset.
 """
 
 from dataclasses import dataclass
@@ -133,6 +134,15 @@ class Trainer(BaseTrainer):
         sae.W_dec[dead] = directions
         sae.W_enc[:, dead] = directions.T * 0.2
         sae.b_enc[dead] = 0.0
+        # A revived latent is a new latent: its threshold statistics restart from its
+        # pre-activations on this batch, so it fires only above mean + z·σ like every other latent.
+        # (With the dead latent's stale threshold, the revived ones fired on most inputs at once
+        # and the reconstruction loss jumped a hundredfold.)
+        pre = sae.pre_activation(x)[:, dead]
+        sae.pre_mean[dead] = pre.mean(0)
+        sae.pre_var[dead] = pre.var(0)
+        sae.coactivation[dead] = 0.0
+        sae.coactivation[:, dead] = 0.0
         for param, rows in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
             for buffer in self.optimizer.state.get(param, {}).values():
                 if torch.is_tensor(buffer) and buffer.shape == param.shape:
