@@ -336,9 +336,20 @@ def _absorption(sae, model, cfg, eval_tokens, device, workdir) -> dict:
 
 
 def _capped_vocabulary(get_alpha_tokens, limit: int, seed: int):
+    """At most `limit` words, an equal share per first letter: sae_bench's k-sparse probing
+    crashes (KeyError) on a letter that has test words but no training word, which a plain
+    sample of a few rare letters produces. Sorted before sampling, because the tokenizer's
+    vocabulary comes in a different order in every process."""
     def words(tokenizer, *args, **kwargs):
-        found = get_alpha_tokens(tokenizer, *args, **kwargs)
-        return found if len(found) <= limit else random.Random(seed).sample(found, limit)
+        found = sorted(get_alpha_tokens(tokenizer, *args, **kwargs))
+        if len(found) <= limit:
+            return found
+        by_letter: dict[str, list[str]] = {}
+        for word in found:
+            by_letter.setdefault(word.strip()[0].lower(), []).append(word)
+        rng, share = random.Random(seed), limit // len(by_letter)
+        return [word for letter in sorted(by_letter)
+                for word in rng.sample(by_letter[letter], min(share, len(by_letter[letter])))]
     return words
 
 

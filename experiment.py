@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import types
 import typing
 from dataclasses import dataclass, field
@@ -1116,29 +1117,55 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: 
     info.update(training_steps=cfg.steps, final_loss=final_terms["total_loss"],
                 final_loss_terms=final_terms, activation_scale=data.scale,
                 activation_cache=cache_key(cfg), activations_from_cache=data.from_cache)
-    scaled = ScaledSAE(sae.eval(), data.scale)
-    if "core" in cfg.evals:
-        console.print("Evaluating with sae_bench core metrics...")
-        metrics, feature_metrics = evaluate_core(scaled, model, data.eval_tokens, cfg, device)
-        info["metrics"] = metrics
-        _atomic_write(run_dir / "feature_metrics.json", json.dumps(feature_metrics))
-    if set(cfg.evals) - {"core"}:
-        import evals
-        console.print(f"Evaluating with sae_bench: {', '.join(e for e in cfg.evals if e != 'core')}...")
-        info["evals"] = evals.run_evals(cfg.evals, scaled, model, cfg, data.eval_tokens, device, loaders=eval_loaders)
     info.update(sae.final_info())
     artifacts = {k: v.detach().cpu().contiguous() for k, v in sae.artifacts().items()}
     if artifacts:
         from safetensors.torch import save_file
         save_file(artifacts, run_dir / "artifacts.safetensors")
-    save_sae(sae, data.scale, run_dir)
+    save_sae(sae, data.scale, run_dir)  # before evaluating: a failing eval must not cost the training
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the saved SAE supersedes it
+    try:
+        evaluate(info, ScaledSAE(sae.eval(), data.scale), model, data.eval_tokens, cfg, device, run_dir, eval_loaders)
+    except Exception as exc:
+        info.update(status="failed", failed_at="evaluation", error=f"{type(exc).__name__}: {exc}",
+                    traceback=traceback.format_exc(),
+                    provenance=provenance(cfg, plugin, device, time.perf_counter() - started))
+        _atomic_write(run_dir / "final_info.json", json.dumps(info, indent=2, default=str))
+        raise HarnessError(f"evaluation failed after training ({type(exc).__name__}: {exc}); the trained SAE is "
+                           f"saved: fix the cause, then `python experiment.py eval {run_dir} --evals "
+                           f"{','.join(cfg.evals)}` (traceback in its final_info.json)") from None
+    finish(info, run_dir, plugin, notes, cfg, device, time.perf_counter() - started)
+    return info
+
+
+def evaluate(info: dict, sae: BaseSAE, model, eval_tokens: torch.Tensor, cfg: RunConfig, device: torch.device,
+             run_dir: Path, eval_loaders=None, names: tuple[str, ...] | None = None) -> dict:
+    """Run the requested evals (the run's own by default) into info; returns what each scored."""
+    names, scores = names or cfg.evals, {}
+    if "core" in names:
+        console.print("Evaluating with sae_bench core metrics...")
+        info["metrics"], feature_metrics = evaluate_core(sae, model, eval_tokens, cfg, device)
+        scores["core"] = info["metrics"]
+        _atomic_write(run_dir / "feature_metrics.json", json.dumps(feature_metrics))
+    if set(names) - {"core"}:
+        import evals
+        console.print(f"Evaluating with sae_bench: {', '.join(e for e in names if e != 'core')}...")
+        results = evals.run_evals(names, sae, model, cfg, eval_tokens, device, loaders=eval_loaders)
+        info.setdefault("evals", {}).update(results)
+        scores.update({k: v.get("not_scored") or v["eval_result_metrics"] for k, v in results.items()})
+    return scores
+
+
+def finish(info: dict, run_dir: Path, plugin: Plugin, notes: Path, cfg: RunConfig, device: torch.device,
+           wall_time: float) -> None:
+    """Mark an evaluated run completed: warnings, provenance, final_info.json, notebook entry."""
+    for key in ("failed_at", "error", "traceback"):
+        info.pop(key, None)
     info["warnings"] = suspicious(info, run_dir, plugin)
     info["status"] = "completed"
-    info["provenance"] = provenance(cfg, plugin, device, time.perf_counter() - started)
+    info["provenance"] = provenance(cfg, plugin, device, wall_time)
     _atomic_write(run_dir / "final_info.json", json.dumps(info, indent=2, default=str))
     append_notes(notes, plugin, notes_entry(plugin, run_dir, info))
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the saved SAE supersedes it
-    return info
 
 
 def saved_config(run_dir: Path, flag: str) -> tuple[RunConfig, Plugin]:
@@ -1172,9 +1199,12 @@ def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_
     """Evaluate a finished run's saved SAE again, on its own held-out tokens, without retraining;
     merge the results into its final_info.json and note the re-scoring in the notebook."""
     import evals
+    started = time.perf_counter()
     cfg, plugin = saved_config(run_dir, "eval")
     info_path = run_dir / "final_info.json"
-    if not info_path.exists() or json.loads(info_path.read_text()).get("status") != "completed":
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    unevaluated = info.get("failed_at") == "evaluation"  # trained and saved; its evaluation crashed
+    if info.get("status") != "completed" and not unevaluated:
         raise HarnessError(f"{run_dir} holds no completed run to re-score")
     names = evals.parse_evals(eval_names)
     cfg.device = device_name
@@ -1182,15 +1212,10 @@ def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_
     device = resolve_device(device_name)
     model = load_model(cfg.model, device)
     sae, eval_tokens = saved_sae(run_dir, cfg, plugin, device), torch.load(run_dir / "eval_tokens.pt")
-    info, scores = json.loads(info_path.read_text()), {}
-    if "core" in names:
-        info["metrics"], feature_metrics = evaluate_core(sae, model, eval_tokens, cfg, device)
-        scores["core"] = info["metrics"]
-        _atomic_write(run_dir / "feature_metrics.json", json.dumps(feature_metrics))
-    if set(names) - {"core"}:
-        results = evals.run_evals(names, sae, model, cfg, eval_tokens, device, loaders=eval_loaders)
-        info.setdefault("evals", {}).update(results)
-        scores.update({k: v.get("not_scored") or v["eval_result_metrics"] for k, v in results.items()})
+    scores = evaluate(info, sae, model, eval_tokens, cfg, device, run_dir, eval_loaders, names)
+    if unevaluated:  # now it is a completed run, with the notebook entry it never got
+        finish(info, run_dir, plugin, notes, cfg, device, info["provenance"]["wall_time_s"] + time.perf_counter() - started)
+        return info
     _atomic_write(info_path, json.dumps(info, indent=2, default=str))
     append_notes(notes, plugin, f"Re-scored run {plugin.run_number} ({plugin.study}/{plugin.name}, {run_dir}) "
                                 f"with {', '.join(names)}: {scores}\n\n")

@@ -267,3 +267,17 @@ def test_a_failing_eval_raises_and_unknown_loaders_are_refused(sae, model, cfg, 
         evals.run_evals(("tpp",), sae, model, cfg, eval_tokens, torch.device("cpu"), loaders={"load_dataset": hub_down})
     with pytest.raises(ValueError, match="unknown loaders"):
         evals.run_evals(("tpp",), sae, model, cfg, eval_tokens, torch.device("cpu"), loaders={"datasets": hub_down})
+
+
+def test_capped_absorption_vocabulary_is_letter_balanced_and_independent_of_vocabulary_order():
+    """The embedded preset probes a capped vocabulary: every first letter keeps training words
+    (sae_bench's k-sparse probing crashes on a letter without any), and the same words come out
+    whatever order the tokenizer lists its vocabulary in (it differs between processes)."""
+    rng = random.Random(0)
+    vocabulary = [" " + c + "".join(rng.choices(LETTERS, k=4)) for c in LETTERS for _ in range(200)]
+    vocabulary += [" x" + s for s in ("ray", "enon")]  # a rare letter
+    shuffled = rng.sample(vocabulary, len(vocabulary))
+    cap = evals._capped_vocabulary(lambda tokenizer: vocabulary, 520, seed=3)(None)
+    assert evals._capped_vocabulary(lambda tokenizer: shuffled, 520, seed=3)(None) == cap
+    assert len(cap) <= 520 and {w.strip()[0] for w in cap} == set(LETTERS)
+    assert sum(w.startswith(" x") for w in cap) == 20  # 520 // 26 each, where the letter has that many

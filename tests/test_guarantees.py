@@ -152,6 +152,33 @@ def refused(tmp_path, *args):
     return " ".join(result.output.split())
 
 
+def test_an_evaluation_crash_keeps_the_trained_sae_and_eval_run_dir_completes_it(tmp_path, monkeypatch):
+    """A crash inside an eval (a sae_bench bug, say) after an hour of training must not cost the
+    training: the SAE is saved, the run is marked failed at evaluation with the traceback, the
+    notebook is untouched, and `eval RUN_DIR` finishes the run with its notebook entry."""
+    notes, out = tmp_path / "notes.md", tmp_path / "runs" / "r"
+    notes.write_text("# earlier entries\n")
+    real_core = experiment.evaluate_core
+
+    def crashing_core(*args, **kwargs):
+        raise KeyError(23)
+    monkeypatch.setattr(experiment, "evaluate_core", crashing_core)
+    result = cli("run", "--preset", "tiny", "--plugin", "run_0_baseline", "--out", str(out), "--notes", str(notes))
+    assert result.exit_code == 2 and result.output.count("error:") == 1
+    assert "evaluation failed after training (KeyError: 23)" in result.output and f"eval {out}" in result.output
+    info = json.loads((out / "final_info.json").read_text())
+    assert info["status"] == "failed" and info["failed_at"] == "evaluation" and "KeyError" in info["traceback"]
+    assert "metrics" not in info  # no stale or default numbers
+    assert info["training_steps"] > 0 and (out / "sae_weights.safetensors").exists()
+    assert notes.read_text() == "# earlier entries\n"
+
+    monkeypatch.setattr(experiment, "evaluate_core", real_core)
+    assert cli("eval", str(out), "--evals", "core", "--notes", str(notes)).exit_code == 0
+    info = json.loads((out / "final_info.json").read_text())
+    assert info["status"] == "completed" and "error" not in info and info["metrics"]["sparsity"]["l0"] > 0
+    assert "## Run 0: Baseline" in notes.read_text() and notes.read_text().startswith("# earlier entries\n")
+
+
 def test_plugin_with_syntax_error_names_file_and_line(tmp_path, scratch_study):
     (scratch_study / "run_1_broken.py").write_text('"""Broken."""\ndef oops(:\n')
     out = refused(tmp_path, "--preset", "tiny", "--plugin", "run_1_broken", "--out", str(tmp_path / "r"))

@@ -124,17 +124,6 @@ def test_non_finite_loss_stops_training_and_marks_run_failed(run_tiny, notes, mo
     assert not notes.exists()
 
 
-def test_evaluation_error_propagates_and_leaves_no_results(run_tiny, notes, monkeypatch):
-    def broken_eval(*args, **kwargs):
-        raise RuntimeError("sae_bench exploded")
-    monkeypatch.setattr(experiment, "evaluate_core", broken_eval)
-    with pytest.raises(RuntimeError, match="sae_bench exploded"):
-        run_tiny("run_0_baseline")
-    run_dir = next((notes.parent / "runs").iterdir())
-    assert not (run_dir / "final_info.json").exists()
-    assert not notes.exists()
-
-
 # ---- bad input: one line naming the problem, exit code 2, nothing written --------------------
 
 @pytest.mark.parametrize("args, message", [
