@@ -126,8 +126,13 @@ def select_runs(runs_dir: Path, study: str | None = None, picks: Iterable[Path] 
     if study is not None and study not in studies:
         raise HarnessError(f"no runs of study '{study}' under {runs_dir}; studies with runs: {', '.join(studies)}")
     grouped: dict[str, list[Run]] = {}
+    baseline = chosen.get(("baseline", "run_0_baseline"))
     for name in studies if study is None else [study]:
         runs = sorted((read_run(f) for (s, _), f in chosen.items() if s == name), key=lambda r: (r.number, r.plugin))
+        if baseline and name != "baseline" and not any(r.number == 0 for r in runs):
+            base = read_run(baseline)  # every notebook's run 0, where it was trained on the same activations
+            if base.info.get("activation_cache") in {r.info.get("activation_cache") for r in runs}:
+                runs.insert(0, base)
         taken: set[str] = set()
         for run in runs:  # the run number's colour, or the next free one if two runs share a number
             i = run.number % len(PALETTE)

@@ -234,3 +234,16 @@ def test_cli_refuses_missing_runs_and_unknown_study(runs, tmp_path):
     assert result.exit_code == 2 and "no finished run folders" in result.output
     result = CliRunner().invoke(plot.app, ["--runs", str(runs), "--out", str(tmp_path / "f"), "--study", "nope"])
     assert result.exit_code == 2 and "zscore_ortho" in result.output
+
+
+def test_the_baseline_is_every_study_s_run_0_when_trained_on_the_same_activations(runs):
+    baseline = runs / "baseline" / "run_0_baseline" / STAMP
+    shutil.copytree(runs / PLUGINS[0] / STAMP, baseline)
+
+    def plugins(study):
+        return [r.plugin for r in plot.select_runs(runs, study)[study]]
+
+    assert plugins("zscore_ortho") == ["run_0_baseline", "run_1_initial", "run_2_stable_init"]
+    assert plugins("baseline") == ["run_0_baseline"]
+    edit_info(baseline, lambda info: info.update(activation_cache="other-activations"))
+    assert plugins("zscore_ortho") == ["run_1_initial", "run_2_stable_init"]
