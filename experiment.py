@@ -1408,8 +1408,9 @@ def run_bench(cfg: RunConfig, steps: int, l0_fraction: float | None) -> dict[str
     reference = sae_lens_step(sae, cfg)
     trainer = Trainer(sae, cfg)
     density = (sae.encode(x) > 0).float().mean().item()
+    step_numbers = iter(range(steps + 1))  # as in training: the density check runs every 10th step
     with PeakMemory(device) as mem:
-        ours_s = timed(lambda: trainer.step(x, 0), device, steps)
+        ours_s = timed(lambda: trainer.step(x, next(step_numbers)), device, steps)
     results["sae_step"] = dict(tokens_per_s=cfg.batch_size / ours_s, peak_mb=mem.peak_mb, latent_density=density)
     with PeakMemory(device) as mem:
         ref_s = timed(lambda: reference(x), device, steps)

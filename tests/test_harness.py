@@ -273,3 +273,17 @@ def test_a_missing_eval_requirement_is_refused_before_training(tmp_path, notes, 
     with pytest.raises(experiment.HarnessError, match="OPENAI_API_KEY"):
         experiment.execute(cfg, plugin, tmp_path / "run", notes)
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_measures_every_quantity_it_reports(tmp_path):
+    """bench: harvest vs plain forward, cache reads, our SAE step vs sae_lens's, the roofline
+    fraction and peak memory, all measured (positive and finite) and written to bench.json."""
+    out = tmp_path / "bench.json"
+    result = cli("bench", "--preset", "tiny", "--steps", "2", "--tokens", "4096", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    bench = json.loads(out.read_text())
+    for part in ("plain_forward", "harvest", "cache_read", "sae_step", "sae_lens_step"):
+        assert 0 < bench[part]["tokens_per_s"] < float("inf") and bench[part]["peak_mb"] >= 0
+    for ratio in ("harvest_vs_forward", "cache_read_vs_harvest", "ours_vs_sae_lens", "sae_step_roofline_fraction"):
+        assert 0 < bench[ratio] < float("inf")
+    assert "ours / sae_lens" in result.output
