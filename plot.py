@@ -20,6 +20,7 @@ README, the comparison table, and the CLI.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -165,6 +166,9 @@ METRICS = {
     "final_loss": (("final_loss",), "final training loss (total, last step)", "lower"),
 }
 EVOLUTION = ["explained_variance", "mse", "l0", "l1", "kl_div_score", "ce_loss_score", "l2_ratio"]
+# Scores where 1 is perfect: below -1 a run is simply broken, and one run at -700 would flatten
+# every other run onto a line, so evolution plots put such values on the floor, marked.
+SCORE_FLOOR = {"explained_variance": -1.0, "kl_div_score": -1.0, "ce_loss_score": -1.0}
 BETTER = {"higher": "higher is better", "lower": "lower is better", "one": "closest to 1 is better"}
 ABSORPTION_SCORE = ("mean_absorption_score", "mean_absorption_fraction_score")  # older, newer sae_bench
 
@@ -179,6 +183,8 @@ def metric(info: dict, name: str) -> float | None:
     node = info
     for key in METRICS[name][0]:
         node = node.get(key) if isinstance(node, dict) else None
+    if name in SCORE_FLOOR and node == -math.inf:  # sae_bench's score when the SAE's KL is infinite
+        return -math.inf
     return number(node)
 
 
@@ -261,14 +267,18 @@ def bar_panel(ax, runs: list[Run], values: list[float | None], ylabel: str, comp
     ax.axhline(0, color="0.3", lw=0.8)
 
 
-def point_panel(ax, runs: list[Run], values: list[float | None], ylabel: str) -> None:
-    """Values as points joined across consecutive runs; the line breaks at a failed or missing run."""
-    present = run_slots(ax, runs, values, ylabel)
-    ax.plot(range(len(runs)), [math.nan if v is None else v for v in values], color="0.6", zorder=1)
-    ax.scatter(present, [values[i] for i in present], c=[runs[i].color for i in present], s=60, zorder=2)
+def point_panel(ax, runs: list[Run], values: list[float | None], ylabel: str, floor: float | None = None) -> None:
+    """Values as points joined across consecutive runs; the line breaks at a failed or missing run.
+    Values below `floor` (−inf included) sit on it as ▼, labelled with their true value."""
+    drawn = [v if v is None or floor is None else max(v, floor) for v in values]
+    present = run_slots(ax, runs, drawn, ylabel)
+    ax.plot(range(len(runs)), [math.nan if v is None else v for v in drawn], color="0.6", zorder=1)
+    for marker, group in (("o", [i for i in present if drawn[i] == values[i]]),
+                          ("v", [i for i in present if drawn[i] != values[i]])):
+        ax.scatter(group, [drawn[i] for i in group], c=[runs[i].color for i in group], s=60, zorder=2, marker=marker)
     for i in present:
-        ax.annotate(f"{values[i]:.3g}", (i, values[i]), textcoords="offset points", xytext=(0, 7),
-                    ha="center", fontsize=8)
+        ax.annotate(f"{values[i]:.3g}" + (" (off scale)" if drawn[i] != values[i] else ""), (i, drawn[i]),
+                    textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
     ax.margins(y=0.15)
 
 
@@ -329,7 +339,8 @@ def core_metric_figures(runs: list[Run]) -> Figures:
         if has(values):
             _, label, better = METRICS[name]
             yield (f"{name}_evolution.png",
-                   per_run_figure(runs, values, label, f"{name} across runs ({BETTER[better]})", point_panel),
+                   per_run_figure(runs, values, label, f"{name} across runs ({BETTER[better]})",
+                                  functools.partial(point_panel, floor=SCORE_FLOOR.get(name))),
                    f"{label[0].upper()}{label[1:]}, sae_bench core, for each plugin in run order; "
                    f"{BETTER[better]}.")
     key = {name: [metric(r.info, name) for r in runs] for name in ("explained_variance", "l0", "kl_div_score")}
@@ -340,7 +351,7 @@ def core_metric_figures(runs: list[Run]) -> Figures:
                                  figsize=(max(6.4, 0.8 * len(keep) + 3), 2.8 * len(key) + 1))
         for ax, (name, values) in zip(axes[:, 0], key.items()):
             point_panel(ax, [runs[i] for i in keep], [values[i] for i in keep],
-                        f"{name}\n({BETTER[METRICS[name][2]]})")
+                        f"{name}\n({BETTER[METRICS[name][2]]})", floor=SCORE_FLOOR.get(name))
         axes[0, 0].set_title(with_setting("Key metrics across runs", runs), fontsize=11)
         fig.tight_layout()
         yield ("key_metrics_combined.png", fig,
@@ -517,7 +528,7 @@ def frequency_figures(runs: list[Run]) -> Figures:
         if freq is None:
             continue
         freq = freq.astype(np.float64).ravel()
-        unit = "fraction of tokens" if freq.max() <= 1 else "count"
+        unit = "fraction of tokens" if freq.max() <= 1.001 else "count"  # an EMA of rates can round past 1
         fig, ax = plt.subplots(figsize=(10, 4.5))
         ax.fill_between(np.arange(len(freq)), freq, step="mid", color=run.color, lw=0)
         ax.set_xlabel("latent index")

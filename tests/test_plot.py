@@ -247,3 +247,17 @@ def test_the_baseline_is_every_study_s_run_0_when_trained_on_the_same_activation
     assert plugins("baseline") == ["run_0_baseline"]
     edit_info(baseline, lambda info: info.update(activation_cache="other-activations"))
     assert plugins("zscore_ortho") == ["run_1_initial", "run_2_stable_init"]
+
+
+def test_a_broken_run_s_score_is_drawn_off_scale_not_flattening_the_others(runs):
+    """One run at explained variance -700 (or a KL score of -inf) must not squash the others onto a
+    line: it sits on the -1 floor as ▼ with its true value written."""
+    broken = runs / PLUGINS[1] / STAMP
+    edit_info(broken, lambda info: (info["metrics"]["reconstruction_quality"].update(explained_variance_legacy=-700.0),
+                                    info["metrics"]["model_behavior_preservation"].update(kl_div_score=-math.inf)))
+    fig = figures(runs, "zscore_ortho")["key_metrics_combined.png"]
+    ev, _, kl = fig.axes
+    assert ev.get_ylim()[0] > -2 and kl.get_ylim()[0] > -2
+    assert "-700 (off scale)" in texts(fig) and "-inf (off scale)" in texts(fig)
+    on_scale, off_scale = [c.get_offsets() for c in ev.collections if isinstance(c, PathCollection)]
+    assert list(off_scale[:, 0]) == [1] and list(off_scale[:, 1]) == [-1.0] and list(on_scale[:, 0]) == [0]
