@@ -59,6 +59,19 @@ def test_gradients_reach_every_trainable_parameter(key):
             assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, f"{name}: zero gradient"
 
 
+@pytest.mark.parametrize("key", ALL_PLUGINS)
+def test_plugin_steps_at_the_gemma_2_2b_dictionary_size_without_quadratic_batch_memory(key):
+    """d_sae 16384 as in the seed notebooks' largest setting: anything of size batch x d_sae x d_sae
+    (pairwise products, attention over latents) would need 275 GB here and fail at once."""
+    plugin = experiment.find_plugin(key)
+    cfg = experiment.build_config("tiny", key)
+    torch.manual_seed(0)
+    sae = plugin.sae_class(128, 16384, plugin.hyperparams_class(), cfg)
+    trainer = plugin.trainer_class(sae, cfg)
+    total, out = trainer.step(torch.randn(256, 128) * 3 + 1, 0)
+    assert torch.isfinite(total) and out.latents.shape == (256, 16384)
+
+
 @pytest.mark.parametrize("key", [k for k in ALL_PLUGINS if experiment.find_plugin(k).parent])
 def test_plugin_changes_the_result_relative_to_its_parent(key, runs_dir):
     plugin = experiment.find_plugin(key)
