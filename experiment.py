@@ -653,7 +653,8 @@ class Trainer:
 
 
 class ScaledSAE(BaseSAE):
-    """The trained SAE as sae_bench sees it: takes the model's raw activations."""
+    """The trained SAE as sae_bench sees it: takes the model's raw activations, with any leading
+    dimensions (sae_bench passes (batch, position, d_in)); plugins only ever see (tokens, d_in)."""
 
     def __init__(self, sae: SAE, scale: float):
         super().__init__(sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.model_name, sae.cfg.hook_layer,
@@ -664,13 +665,16 @@ class ScaledSAE(BaseSAE):
         self.b_dec = torch.nn.Parameter(sae.b_dec.detach() / scale, requires_grad=False)
 
     def encode(self, x):
-        return self.inner.encode(x.to(self.inner.dtype) * self.scale)
+        return self.inner.encode(self._tokens(x) * self.scale).reshape(*x.shape[:-1], -1)
 
     def decode(self, f):
-        return self.inner.decode(f) / self.scale
+        return (self.inner.decode(self._tokens(f)) / self.scale).reshape(*f.shape[:-1], -1)
 
     def forward(self, x):
-        return self.inner(x.to(self.inner.dtype) * self.scale) / self.scale
+        return (self.inner(self._tokens(x) * self.scale) / self.scale).reshape(x.shape)
+
+    def _tokens(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, t.shape[-1]).to(self.inner.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -60,6 +60,22 @@ def test_gradients_reach_every_trainable_parameter(key):
 
 
 @pytest.mark.parametrize("key", ALL_PLUGINS)
+def test_evaluation_sees_the_plugin_token_by_token_whatever_the_input_shape(key):
+    """sae_bench hands the SAE (batch, position, d_in) activations; a plugin written for
+    (tokens, d_in), as in training, must give the same latents and reconstruction."""
+    plugin = experiment.find_plugin(key)
+    torch.manual_seed(0)
+    sae = plugin.sae_class(64, 256, plugin.hyperparams_class(), experiment.build_config("tiny", key)).eval()
+    scaled = experiment.ScaledSAE(sae, scale=0.5)
+    x = torch.randn(3, 5, 64) * 6 + 2
+    with torch.no_grad():
+        f, x_hat = scaled.encode(x), scaled(x)
+        assert f.shape == (3, 5, 256) and x_hat.shape == x.shape
+        assert torch.allclose(f.reshape(15, 256), scaled.encode(x.reshape(15, 64)))
+        assert torch.allclose(scaled.decode(f), x_hat, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ALL_PLUGINS)
 def test_plugin_steps_at_the_gemma_2_2b_dictionary_size_without_quadratic_batch_memory(key):
     """d_sae 16384 as in the seed notebooks' largest setting: anything of size batch x d_sae x d_sae
     (pairwise products, attention over latents) would need 275 GB here and fail at once."""
