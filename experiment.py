@@ -155,6 +155,16 @@ class HarnessError(Exception):
     """Bad input or a missing resource: the CLI prints the message as one line and exits 2."""
 
 
+@contextlib.contextmanager
+def one_line_errors():
+    """Bad input (HarnessError) ends a command with one `error:` line and exit code 2."""
+    try:
+        yield
+    except HarnessError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
 def build_config(preset: str, plugin: str, **overrides: Any) -> RunConfig:
     if preset not in PRESETS:
         raise HarnessError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
@@ -1270,30 +1280,28 @@ def run(
     resume: Path = typer.Option(None, help="Continue an interrupted run folder from its checkpoint."),
 ) -> None:
     """Train a plugin's SAE, evaluate it with sae_bench, write a run folder and a notebook entry."""
-    try:
-        if resume is not None:
-            cfg, found = resumable_run(resume)
-            info = execute(cfg, found, resume, notes, resume=True)
-            print_summary(info, resume)
-            return
-        if plugin is None:
-            raise HarnessError("--plugin is required (see `python experiment.py list`), or --resume RUN_DIR")
-        found = find_plugin(plugin)
-        cfg = build_config(preset, f"{found.study}/{found.name}", model=model, layer=layer,
-                           dict_size=dict_size, tokens=tokens, batch_size=batch_size, lr=lr,
-                           sparsity_penalty=sparsity_penalty, seed=seed, device=device,
-                           dataset=dataset, checkpoint_every=checkpoint_every, deterministic=deterministic,
-                           evals=tuple(e.strip() for e in evals.split(",") if e.strip()))
-        cfg.hyperparams = dataclasses.asdict(parse_hyperparams(found, set_))
-        run_dir = out or ROOT / "runs" / found.study / found.name / time.strftime("%Y%m%d-%H%M%S")
-        info = execute(cfg, found, run_dir, notes)
-    except HarnessError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    except Interrupted as exc:
-        where = resume or run_dir
-        console.print(f"[yellow]{exc}; checkpoint saved; continue with: python experiment.py run --resume {where}")
-        raise typer.Exit(130) from None
+    with one_line_errors():
+        try:
+            if resume is not None:
+                cfg, found = resumable_run(resume)
+                info = execute(cfg, found, resume, notes, resume=True)
+                print_summary(info, resume)
+                return
+            if plugin is None:
+                raise HarnessError("--plugin is required (see `python experiment.py list`), or --resume RUN_DIR")
+            found = find_plugin(plugin)
+            cfg = build_config(preset, f"{found.study}/{found.name}", model=model, layer=layer,
+                               dict_size=dict_size, tokens=tokens, batch_size=batch_size, lr=lr,
+                               sparsity_penalty=sparsity_penalty, seed=seed, device=device,
+                               dataset=dataset, checkpoint_every=checkpoint_every, deterministic=deterministic,
+                               evals=tuple(e.strip() for e in evals.split(",") if e.strip()))
+            cfg.hyperparams = dataclasses.asdict(parse_hyperparams(found, set_))
+            run_dir = out or ROOT / "runs" / found.study / found.name / time.strftime("%Y%m%d-%H%M%S")
+            info = execute(cfg, found, run_dir, notes)
+        except Interrupted as exc:
+            where = resume or run_dir
+            console.print(f"[yellow]{exc}; checkpoint saved; continue with: python experiment.py run --resume {where}")
+            raise typer.Exit(130) from None
     if info.get("status") == "completed":  # rank 0 (or the only process)
         print_summary(info, run_dir)
 
@@ -1456,13 +1464,10 @@ def bench(
 ) -> None:
     """Throughput of harvesting, cache reads and the SAE step (vs sae_lens), the SAE step's
     fraction of the measured matmul roofline, and peak memory; a table and bench.json."""
-    try:
+    with one_line_errors():
         cfg = build_config(preset, "baseline/run_0_baseline", model=model, layer=layer, dict_size=dict_size,
                            batch_size=batch_size, tokens=tokens, device=device)
         results = run_bench(cfg, steps, l0_fraction)
-    except HarnessError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     _atomic_write(out, json.dumps(results, indent=2))
     table = Table(title=f"bench: {cfg.model} layer {cfg.layer}, d_sae {cfg.dict_size}, batch {cfg.batch_size}, {results['device']}")
     table.add_column("what")
@@ -1487,11 +1492,8 @@ def eval_run(
     notes: Path = typer.Option(ROOT / "notes.md", help="Lab notebook to append to."),
 ) -> None:
     """Re-score a saved SAE without retraining; results merge into its final_info.json."""
-    try:
+    with one_line_errors():
         info = rescore(run_dir, evals, device, notes)
-    except HarnessError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     print_summary(info, run_dir)
 
 
@@ -1502,11 +1504,8 @@ def compare(
 ) -> None:
     """Runs x key metrics: best value per column highlighted, deltas against each parent run."""
     from plot import compare_table
-    try:
+    with one_line_errors():
         table = compare_table(runs, study)
-    except HarnessError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     Console(width=220).print(table)
 
 
@@ -1516,11 +1515,8 @@ def list_plugins() -> None:
     table = Table(title="Plugins")
     for column in ("study", "run", "plugin", "title", "parent", "hyperparameters"):
         table.add_column(column)
-    try:
+    with one_line_errors():
         plugins = [find_plugin(key) for key in plugin_files()]
-    except HarnessError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     for p in sorted(plugins, key=lambda p: (p.study, p.run_number)):
         hps = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(p.hyperparams_class))
         table.add_row(p.study, str(p.run_number), p.name, p.title, p.parent or "-", hps or "-")

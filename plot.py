@@ -668,11 +668,8 @@ def main(
                                    "latest (repeatable)."),
 ) -> None:
     """Write the notebooks' figures for every study's runs (each only where its data exists)."""
-    try:
+    with experiment.one_line_errors():
         written = plot_all(runs, out, study, run)
-    except HarnessError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     console.print(f"{len(written)} figures written to {out}; captions in {out / 'README.md'}")
 
 
