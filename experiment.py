@@ -11,6 +11,7 @@ the run folder and notes.md, and the CLI.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -20,6 +21,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -31,6 +33,7 @@ import time
 import traceback
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -53,6 +56,7 @@ _block_mismatched_torchvision()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
@@ -135,6 +139,7 @@ class RunConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     deterministic: bool = False  # CUDA: deterministic kernels (slower); CPU runs are always bit-exact
+    compile: bool = False  # torch.compile the loss (the SAE's forward and loss terms)
     hyperparams: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -482,46 +487,48 @@ class Hyperparams:
     """The base SAE has no hyperparameters beyond the run config's lr and sparsity penalty."""
 
 
-# Below this fraction of firing latents the base SAE takes the sparse step. Not on CPU: there
-# torch's CSR products measured slower than the dense step (`bench --l0-fraction 0.02` on the
-# embedded preset: 0.55x sae_lens, against 1.17x dense). Unmeasured on CUDA so far.
-SPARSE_DENSITY = {"cuda": 0.05}
-
-
-def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """CSR matrix from row-sorted (row, col, value) triples."""
-    crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=values.device)
-    crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
-    return torch.sparse_csr_tensor(crow, cols, values, shape)
+# Below this fraction of firing latents the base SAE takes the sparse step. Measured on the 2-core
+# CPU (embedded shape, batch 1024 x d_in 640 x d_sae 2048): the sparse backward is 2.1x the dense
+# one at 2% density, 1.3x at 10%, even at 20-25% and slower above. Off on CUDA: unmeasured there,
+# and `nonzero` would put a host-device sync in every step.
+SPARSE_DENSITY = {"cpu": 0.10}
 
 
 class SparseReLUSAE(torch.autograd.Function):
-    """The base SAE's f = ReLU((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec, where every
-    product except the dense encoder forward runs over the active latents only: the decoder
-    forward, and the decoder-weight, encoder-weight and input gradients are sparse x dense (as in
-    the TopK kernels of OpenAI's sparse_autoencoder and EleutherAI's sparsify). Same gradients as
-    autograd's dense path (tested); faster once few latents fire."""
+    """The base SAE's f = ReLU((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec, where the
+    decoder forward and the input, encoder-weight and decoder-weight gradients run over the
+    active latents only, as sparse x dense products (the TopK kernels of OpenAI's
+    sparse_autoencoder and EleutherAI's sparsify, here for a ReLU's variable number of active
+    latents per token). `embedding_bag` with per-sample weights is that product: each output
+    row is a weighted sum of a few gathered rows. Same gradients as autograd's dense path (tested)."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec):
         x_c = x - b_dec
-        f = torch.relu(x_c @ W_enc + b_enc)
-        ctx.save_for_backward(x_c, W_enc, W_dec, f)
-        return f, f.to_sparse_csr() @ W_dec + b_dec
+        f = torch.relu(torch.addmm(b_enc, x_c, W_enc))
+        tokens, latents = f.nonzero(as_tuple=True)  # sorted by token
+        token_starts = torch.searchsorted(tokens, torch.arange(len(f), device=f.device))
+        values = f[tokens, latents]
+        x_hat = F.embedding_bag(latents, W_dec, token_starts, mode="sum", per_sample_weights=values) + b_dec
+        ctx.save_for_backward(x_c, W_enc, W_dec, tokens, latents, token_starts, values)
+        return f, x_hat
 
     @staticmethod
     def backward(ctx, grad_f, grad_x_hat):
-        x_c, W_enc, W_dec, f = ctx.saved_tensors
-        (batch, d_sae), (rows, cols) = f.shape, (f > 0).nonzero(as_tuple=True)
-        # dLoss/dpre at the active latents only: the direct term plus the decoder's, sampled there.
-        grad_pre = grad_f[rows, cols] + (grad_x_hat[rows] * W_dec[cols]).sum(-1)
-        by_latent = torch.argsort(cols * batch + rows)
-        grad_pre_t = _csr(cols[by_latent], rows[by_latent], grad_pre[by_latent], (d_sae, batch))
-        f_t = _csr(cols[by_latent], rows[by_latent], f[rows, cols][by_latent], (d_sae, batch))
-        grad_x_c = _csr(rows, cols, grad_pre, (batch, d_sae)) @ W_enc.T
-        grad_W_enc = (grad_pre_t @ x_c).T
-        grad_b_enc = torch.zeros(d_sae, dtype=f.dtype, device=f.device).index_add_(0, cols, grad_pre)
-        grad_W_dec = f_t @ grad_x_hat
+        x_c, W_enc, W_dec, tokens, latents, token_starts, values = ctx.saved_tensors
+        d_sae = W_dec.shape[0]
+        # dLoss/dpre at the active latents. One dense product: gathering W_dec rows per active
+        # latent instead measured 3x slower on CPU.
+        grad_pre = torch.addmm(grad_f, grad_x_hat, W_dec.T).view(-1)[tokens * d_sae + latents]
+        grad_x_c = F.embedding_bag(latents, W_enc.T.contiguous(), token_starts, mode="sum", per_sample_weights=grad_pre)
+        latents_sorted, by_latent = torch.sort(latents, stable=True)
+        latent_starts = torch.searchsorted(latents_sorted, torch.arange(d_sae, device=latents.device))
+        tokens_by_latent = tokens[by_latent]
+        grad_W_enc = F.embedding_bag(tokens_by_latent, x_c, latent_starts, mode="sum",
+                                     per_sample_weights=grad_pre[by_latent]).T
+        grad_b_enc = torch.zeros(d_sae, dtype=grad_pre.dtype, device=grad_pre.device).index_add_(0, latents, grad_pre)
+        grad_W_dec = F.embedding_bag(tokens_by_latent, grad_x_hat, latent_starts, mode="sum",
+                                     per_sample_weights=values[by_latent])
         grad_b_dec = grad_x_hat.sum(0) - grad_x_c.sum(0)
         return grad_x_c, grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec
 
@@ -547,7 +554,9 @@ class SAE(BaseSAE):
         self.W_enc.data.copy_(w_dec.T)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+        # = ReLU((x - b_dec) W_enc + b_enc). Written so, b_dec's gradient is a vector-matrix
+        # product instead of a (batch x d_sae) x (d_sae x d_in) matmul: one of the step's six.
+        return torch.relu(torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc))
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.W_dec + self.b_dec
@@ -636,6 +645,8 @@ class Trainer:
         self.loss_fn = sae.loss
         if torch.distributed.is_initialized():
             self.loss_fn = torch.nn.parallel.DistributedDataParallel(_LossModule(sae), find_unused_parameters=True)
+        if cfg.compile:
+            self.loss_fn = torch.compile(self.loss_fn)
         self.optimizer = self.make_optimizer()
         self.scheduler = self.make_scheduler()
 
@@ -847,6 +858,33 @@ def load_checkpoint(run_dir: Path, sae: SAE, trainer: Trainer) -> tuple[int, tor
     return state["step"] + 1, state["fired_at"]
 
 
+# Steps by which the host lags the device when it reads a step's losses (the non-finite check,
+# the log): on CUDA one, so the host never waits for the step it has just queued; on CPU, where
+# nothing is queued, none.
+REPORT_LAG = {"cuda": 1}
+
+
+def prefetched_batches(data: ActivationData, order: torch.Tensor, cfg: RunConfig, steps: range, rank: int,
+                       shard: int, device: torch.device, dtype: torch.dtype):
+    """(step, x) for each step: this rank's shard of the step's rows of the permutation, read from
+    the cache and scaled by a background thread two steps ahead, so the step never waits for data."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(step: int) -> torch.Tensor:
+        first = step * cfg.batch_size + rank * shard
+        rows = np.sort(order[first:first + shard].numpy())
+        x = torch.from_numpy(np.asarray(data.train[rows], dtype=np.float32)).mul_(data.scale)
+        return x.pin_memory() if device.type == "cuda" else x
+
+    with ThreadPoolExecutor(1) as reader:
+        ahead = collections.deque(reader.submit(read, step) for step in steps[:2])
+        for step in steps:
+            x = ahead.popleft().result()
+            if step + 2 < steps.stop:
+                ahead.append(reader.submit(read, step + 2))
+            yield step, x.to(device, dtype, non_blocking=True)
+
+
 def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_dir: Path,
           progress, device: torch.device, resume: bool = False, rank: int = 0, world: int = 1) -> dict[str, Any]:
     """Run cfg.steps optimizer steps over a seeded permutation of the cached activations,
@@ -867,39 +905,51 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
     task = progress.add_task("train SAE", total=cfg.steps, completed=start, status="")
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-    started, final = time.perf_counter(), {}
+    started, unread, final = time.perf_counter(), collections.deque(), {}
+
+    def read_back(until: int) -> None:
+        """Check and log the queued steps before `until` (tensors until now, read only here)."""
+        nonlocal final
+        while unread and unread[0]["step"] < until:
+            record = unread.popleft()
+            if not record.pop("finite"):
+                name, value = next((k, v.item()) for k, v in record["terms"].items() if not torch.isfinite(v))
+                raise NonFiniteLoss(f"{name} became {value} at step {record['step']}")
+            final = {k: v.item() for k, v in record.pop("terms").items()}
+            if leader and "l0" in record:
+                record = dict(step=record["step"], tokens=(record["step"] + 1) * cfg.batch_size, lr=record["lr"],
+                              **final, **{k: float(v) for k, v in record.items() if k not in ("step", "lr")})
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                tok_s = (record["step"] + 1 - start) * cfg.batch_size / (time.perf_counter() - started)
+                progress.update(task, status=f"{tok_s:,.0f} tok/s  loss {record['total_loss']:.4g}  "
+                                f"L0 {record['l0']:.1f}  dead {record['dead_fraction']:.1%}")
+
     try:
         with open(log_path, "a") if leader else contextlib.nullcontext() as log:
-            for step in range(start, cfg.steps):
-                first = step * cfg.batch_size + rank * shard
-                idx = order[first:first + shard].numpy()
-                x = torch.from_numpy(np.asarray(data.train[np.sort(idx)], dtype=np.float32))
-                x = (x * data.scale).to(device, sae.dtype)
-                total, out = trainer.step(x, step)
-                terms = {**out.terms, "total_loss": total}
-                for name, value in terms.items():
-                    if not torch.isfinite(value):
-                        raise NonFiniteLoss(f"{name} became {value.item()} at step {step}")
-                fired = (out.latents.detach() > 0).any(dim=0)
-                fired_at[fired] = step
-                if leader and (step % cfg.log_every == 0 or step == cfg.steps - 1):
-                    record = dict(step=step, tokens=(step + 1) * cfg.batch_size,
-                                  lr=trainer.scheduler.get_last_lr()[0],
-                                  **{k: v.item() for k, v in terms.items()},
-                                  l0=(out.latents.detach() > 0).float().sum(-1).mean().item(),
-                                  dead_fraction=(fired_at <= step - min(step + 1, dead_window)).float().mean().item(),
-                                  **{k: float(v) for k, v in out.stats.items()})
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    tok_s = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - started)
-                    progress.update(task, status=f"{tok_s:,.0f} tok/s  loss {record['total_loss']:.4g}  "
-                                    f"L0 {record['l0']:.1f}  dead {record['dead_fraction']:.1%}")
+            for step, x in prefetched_batches(data, order, cfg, range(start, cfg.steps), rank, shard, device, sae.dtype):
+                try:
+                    total, out = trainer.step(x, step)
+                except Exception:
+                    read_back(step)  # a non-finite loss in a step not yet read is the cause to report
+                    raise
+                firing = out.latents.detach() > 0
+                fired_at.masked_fill_(firing.any(dim=0), step)
+                terms = {k: v.detach() for k, v in {**out.terms, "total_loss": total}.items()}
+                record = dict(step=step, terms=terms, finite=torch.stack(list(terms.values())).isfinite().all())
+                if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                    record.update(lr=trainer.scheduler.get_last_lr()[0], l0=firing.float().sum(-1).mean(),
+                                  dead_fraction=(fired_at <= step - min(step + 1, dead_window)).float().mean(),
+                                  **{k: v.detach() if torch.is_tensor(v) else v for k, v in out.stats.items()})
+                unread.append(record)
+                read_back(step + 1 - REPORT_LAG.get(device.type, 0))
                 progress.update(task, advance=1)
-                final = {k: v.item() for k, v in terms.items()}
                 if leader and (interrupted or (step + 1) % cfg.checkpoint_every == 0):
+                    read_back(step + 1)  # never checkpoint a step that is not known to be finite
                     save_checkpoint(run_dir, step, sae, trainer, fired_at)
                 if interrupted:
                     raise Interrupted(f"interrupted after step {step}")
+            read_back(cfg.steps)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     return final
@@ -918,7 +968,9 @@ def evaluate_core(sae: BaseSAE, model, eval_tokens: torch.Tensor, cfg: RunConfig
 
     _, sae, _ = load_and_format_sae("custom_sae", sae, str(device))
     sae.cfg.context_size = cfg.context_size
-    store = ActivationsStore.from_sae(
+    with warnings.catch_warnings():  # it compares our held-out contexts with a training budget: moot here
+        warnings.filterwarnings("ignore", message="The training dataset contains fewer samples")
+        store = ActivationsStore.from_sae(
         model, sae, dataset=datasets.Dataset.from_dict({"input_ids": eval_tokens.tolist()}),
         context_size=cfg.context_size, streaming=False, store_batch_size_prompts=cfg.eval_batch_prompts,
         device=str(device))
@@ -931,7 +983,9 @@ def evaluate_core(sae: BaseSAE, model, eval_tokens: torch.Tensor, cfg: RunConfig
         compute_featurewise_weight_based_metrics=True, exclude_special_tokens_from_reconstruction=True)
     special = {model.tokenizer.bos_token_id, model.tokenizer.eos_token_id, model.tokenizer.pad_token_id} \
         if model.tokenizer is not None else {TINY_BOS}
-    metrics, feature_metrics = run_evals(sae, store, model, eval_cfg, ignore_tokens=special)
+    with warnings.catch_warnings():  # sae_bench's own torch.tensor(tensor) calls; harmless
+        warnings.filterwarnings("ignore", message="To copy construct from a tensor")
+        metrics, feature_metrics = run_evals(sae, store, model, eval_cfg, ignore_tokens=special)
     return metrics, {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in feature_metrics.items()}
 
 
@@ -1069,6 +1123,14 @@ def check_writable(run_dir: Path) -> None:
         raise HarnessError(f"cannot create run folder {run_dir}: {parent} is not a writable folder; pick another --out")
 
 
+def configure_kernels(cfg: RunConfig, device: torch.device) -> None:
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
+        torch.use_deterministic_algorithms(True)
+    elif device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the SAE step's fp32 matmuls on tensor cores
+
+
 def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: bool = False,
             model_loader=None, dataset_loader=None, eval_loaders=None) -> dict:
     """Train and evaluate one run (or continue one from its checkpoint); returns final_info.
@@ -1087,11 +1149,7 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: 
     leader = rank == 0
     if cfg.batch_size % world:
         raise HarnessError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes")
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
-        torch.use_deterministic_algorithms(True)
-    elif device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # the SAE step's fp32 matmuls on tensor cores
+    configure_kernels(cfg, device)
     if not resume and leader:
         check_writable(run_dir)
     model = load_model(cfg.model, device, model_loader)
@@ -1252,6 +1310,9 @@ def print_summary(info: dict, run_dir: Path) -> None:
                 table.add_row(f"{group}.{key}", f"{value:.4g}")
     table.add_row("wall time (s)", f"{info['provenance']['wall_time_s']:.1f}")
     Console().print(table)
+    if "explained_variance" in info.get("metrics", {}).get("reconstruction_quality", {}):
+        console.print("reconstruction_quality.explained_variance is sae_bench 0.6.0's, biased upwards on "
+                      "activations of large norm (see README); read explained_variance_legacy")
     for warning in info["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
 
@@ -1277,6 +1338,8 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="Plugin hyperparameter key=value (repeatable)."),
     checkpoint_every: int = typer.Option(100, help="Save a resumable checkpoint every N steps."),
     deterministic: bool = typer.Option(False, help="CUDA: use deterministic kernels (slower)."),
+    compile_loss: bool = typer.Option(False, "--compile", help="torch.compile the SAE's loss (the first "
+                                      "steps wait for the compiler; on CPU it needs a C++ compiler)."),
     resume: Path = typer.Option(None, help="Continue an interrupted run folder from its checkpoint."),
 ) -> None:
     """Train a plugin's SAE, evaluate it with sae_bench, write a run folder and a notebook entry."""
@@ -1294,7 +1357,7 @@ def run(
                                dict_size=dict_size, tokens=tokens, batch_size=batch_size, lr=lr,
                                sparsity_penalty=sparsity_penalty, seed=seed, device=device,
                                dataset=dataset, checkpoint_every=checkpoint_every, deterministic=deterministic,
-                               evals=tuple(e.strip() for e in evals.split(",") if e.strip()))
+                               compile=compile_loss, evals=tuple(e.strip() for e in evals.split(",") if e.strip()))
             cfg.hyperparams = dataclasses.asdict(parse_hyperparams(found, set_))
             run_dir = out or ROOT / "runs" / found.study / found.name / time.strftime("%Y%m%d-%H%M%S")
             info = execute(cfg, found, run_dir, notes)
@@ -1340,9 +1403,10 @@ class PeakMemory:
             self._thread.join()
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Seconds per call after one warm-up call."""
-    fn()
+def timed(fn, device: torch.device, repeats: int, warmup: bool = True) -> float:
+    """Seconds per call (after one untimed warm-up call)."""
+    if warmup:
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -1351,6 +1415,19 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / repeats
+
+
+def alternated(fns: dict[str, Any], device: torch.device, repeats: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """Each fn's best-of-`rounds` seconds per call and its peak MB, the fns timed in turn every
+    round, so that load from elsewhere on the machine hits them alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    peak_mb = dict.fromkeys(fns, 0.0)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            with PeakMemory(device) as mem:
+                seconds[name].append(timed(fn, device, repeats, warmup=False))
+            peak_mb[name] = max(peak_mb[name], mem.peak_mb)
+    return {name: (min(seconds[name]), peak_mb[name]) for name in fns}
 
 
 def sae_lens_step(sae: SAE, cfg: RunConfig):
@@ -1376,6 +1453,7 @@ def sae_lens_step(sae: SAE, cfg: RunConfig):
 
 def run_bench(cfg: RunConfig, steps: int, l0_fraction: float | None) -> dict[str, Any]:
     device = resolve_device(cfg.device)
+    configure_kernels(cfg, device)  # as training does: TF32 on CUDA
     model = load_model(cfg.model, device)
     contexts, _ = load_tokens(cfg, model)
     results: dict[str, Any] = dict(device=str(device), model=cfg.model, layer=cfg.layer, d_in=model.cfg.d_model,
@@ -1383,20 +1461,22 @@ def run_bench(cfg: RunConfig, steps: int, l0_fraction: float | None) -> dict[str
                                    torch_threads=torch.get_num_threads())
     n_tokens = cfg.tokens
 
-    # 1. harvesting vs the plain forward pass up to the hooked layer, on the same contexts
+    # 1. harvesting vs the plain forward pass up to the hooked layer, on the contexts harvesting uses
+    non_bos_so_far = (contexts != contexts[0, 0]).sum(1).cumsum(0)
+    contexts = contexts[: int(torch.searchsorted(non_bos_so_far, n_tokens)) + 1]
+
     def plain_forward():
         with torch.no_grad():
             for start in range(0, len(contexts), cfg.llm_batch_size):
                 model(contexts[start:start + cfg.llm_batch_size].to(device), stop_at_layer=cfg.layer + 1)
     with tempfile_dir() as tmp:
         acts = np.lib.format.open_memmap(tmp / "acts.npy", mode="w+", dtype=cfg.cache_dtype, shape=(n_tokens, model.cfg.d_model))
-        with Progress(console=console, transient=True) as quiet, PeakMemory(device) as mem:
-            harvest_s = timed(lambda: harvest(model, contexts, cfg, acts, quiet), device, 1)
-        results["harvest"] = dict(tokens_per_s=n_tokens / harvest_s, peak_mb=mem.peak_mb)
-        with PeakMemory(device) as mem:
-            forward_s = timed(plain_forward, device, 1)
-        results["plain_forward"] = dict(tokens_per_s=n_tokens / forward_s, peak_mb=mem.peak_mb)
-        results["harvest_vs_forward"] = forward_s / harvest_s
+        with Progress(console=console, transient=True) as quiet:
+            timings = alternated(dict(harvest=lambda: harvest(model, contexts, cfg, acts, quiet),
+                                      plain_forward=plain_forward), device, repeats=1, rounds=3)
+        for name, (seconds, peak_mb) in timings.items():
+            results[name] = dict(tokens_per_s=n_tokens / seconds, peak_mb=peak_mb)
+        results["harvest_vs_forward"] = timings["plain_forward"][0] / timings["harvest"][0]
 
         # 2. reading training batches from the cache as training does (random rows)
         acts.flush()
@@ -1424,20 +1504,23 @@ def run_bench(cfg: RunConfig, steps: int, l0_fraction: float | None) -> dict[str
     reference = sae_lens_step(sae, cfg)
     trainer = Trainer(sae, cfg)
     density = (sae.encode(x) > 0).float().mean().item()
-    step_numbers = iter(range(steps + 1))  # as in training: the density check runs every 10th step
-    with PeakMemory(device) as mem:
-        ours_s = timed(lambda: trainer.step(x, next(step_numbers)), device, steps)
-    results["sae_step"] = dict(tokens_per_s=cfg.batch_size / ours_s, peak_mb=mem.peak_mb, latent_density=density)
-    with PeakMemory(device) as mem:
-        ref_s = timed(lambda: reference(x), device, steps)
-    results["sae_lens_step"] = dict(tokens_per_s=cfg.batch_size / ref_s, peak_mb=mem.peak_mb)
+    step_numbers = itertools.count()  # as in training: the density check runs every 10th step
+    for _ in range(2):  # the first picks the dense or sparse step, the second compiles it (--compile)
+        trainer.step(x, next(step_numbers))
+    reference(x)
+    timings = alternated(dict(ours=lambda: trainer.step(x, next(step_numbers)), sae_lens=lambda: reference(x)),
+                         device, repeats=steps, rounds=3)
+    (ours_s, ours_mb), (ref_s, ref_mb) = timings["ours"], timings["sae_lens"]
+    results["sae_step"] = dict(tokens_per_s=cfg.batch_size / ours_s, peak_mb=ours_mb, latent_density=density,
+                               path="sparse" if trainer.sparse else "dense", compiled=cfg.compile)
+    results["sae_lens_step"] = dict(tokens_per_s=cfg.batch_size / ref_s, peak_mb=ref_mb)
     results["ours_vs_sae_lens"] = ref_s / ours_s
 
     # 4. achieved FLOP/s of the dense-equivalent step against a plain matmul of the same shape
     step_flops = 10 * cfg.batch_size * model.cfg.d_model * cfg.dict_size  # 5 B x d_in x d_sae matmuls
     a = torch.randn(cfg.batch_size, model.cfg.d_model, device=device, dtype=sae.dtype)
     b = torch.randn(model.cfg.d_model, cfg.dict_size, device=device, dtype=sae.dtype)
-    matmul_s = timed(lambda: a @ b, device, steps)
+    matmul_s, _ = alternated(dict(matmul=lambda: a @ b), device, repeats=steps, rounds=3)["matmul"]
     roofline = 2 * cfg.batch_size * model.cfg.d_model * cfg.dict_size / matmul_s
     results["roofline_flops"] = roofline
     results["sae_step_flops"] = step_flops / ours_s
@@ -1457,31 +1540,34 @@ def bench(
     preset: str = typer.Option("embedded", help="Model, layer and data come from this preset."),
     model: str = typer.Option(None), layer: int = typer.Option(None),
     dict_size: int = typer.Option(None, help="d_sae."), batch_size: int = typer.Option(None),
-    tokens: int = typer.Option(65_536, help="Tokens to harvest for the harvest and read timings."),
+    tokens: int = typer.Option(32_768, help="Tokens to harvest for the harvest and read timings."),
     steps: int = typer.Option(20, help="Timed SAE steps."),
     l0_fraction: float = typer.Option(None, help="Set the fraction of latents that fire (e.g. 0.02)."),
+    compile_loss: bool = typer.Option(False, "--compile", help="torch.compile our SAE's loss, as `run --compile`."),
     device: str = typer.Option("auto"), out: Path = typer.Option(Path("bench.json")),
 ) -> None:
     """Throughput of harvesting, cache reads and the SAE step (vs sae_lens), the SAE step's
     fraction of the measured matmul roofline, and peak memory; a table and bench.json."""
     with one_line_errors():
         cfg = build_config(preset, "baseline/run_0_baseline", model=model, layer=layer, dict_size=dict_size,
-                           batch_size=batch_size, tokens=tokens, device=device)
+                           batch_size=batch_size, tokens=tokens, device=device, compile=compile_loss)
         results = run_bench(cfg, steps, l0_fraction)
     _atomic_write(out, json.dumps(results, indent=2))
     table = Table(title=f"bench: {cfg.model} layer {cfg.layer}, d_sae {cfg.dict_size}, batch {cfg.batch_size}, {results['device']}")
     table.add_column("what")
     table.add_column("tokens/s", justify="right")
     table.add_column("peak MB", justify="right")
+    step = results["sae_step"]
+    labels = dict(sae_step=f"sae_step ({step['path']}{', compiled' if step['compiled'] else ''})")
     for key in ("plain_forward", "harvest", "cache_read", "sae_step", "sae_lens_step"):
-        table.add_row(key, f"{results[key]['tokens_per_s']:,.0f}", f"{results[key]['peak_mb']:,.0f}")
+        table.add_row(labels.get(key, key), f"{results[key]['tokens_per_s']:,.0f}", f"{results[key]['peak_mb']:,.0f}")
     Console().print(table)
     Console().print(
         f"harvest / plain forward: {results['harvest_vs_forward']:.2f}   cache read / harvest: "
         f"{results['cache_read_vs_harvest']:.1f}x   ours / sae_lens: {results['ours_vs_sae_lens']:.2f}x   "
-        f"SAE step: {results['sae_step_flops'] / 1e9:.1f} GFLOP/s = {results['sae_step_roofline_fraction']:.0%} "
-        f"of the {results['roofline_flops'] / 1e9:.1f} GFLOP/s matmul roofline (latent density "
-        f"{results['sae_step']['latent_density']:.1%})")
+        f"SAE step: {results['sae_step_flops'] / 1e9:.1f} GFLOP/s (the dense step's FLOPs over its time) = "
+        f"{results['sae_step_roofline_fraction']:.0%} of the {results['roofline_flops'] / 1e9:.1f} GFLOP/s matmul "
+        f"roofline (latent density {step['latent_density']:.1%})")
 
 
 @app.command("eval")

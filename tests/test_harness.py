@@ -124,6 +124,58 @@ def test_non_finite_loss_stops_training_and_marks_run_failed(run_tiny, notes, mo
     assert not notes.exists()
 
 
+def test_reading_losses_a_step_late_logs_the_same_and_still_stops_at_the_non_finite_step(run_tiny, notes,
+                                                                                         monkeypatch):
+    """On CUDA the host reads each step's losses one step late (no sync in the step); on CPU at
+    once. Same log either way, and a NaN is still reported at its own step, never checkpointed."""
+    prompt, prompt_dir = run_tiny("run_0_baseline")
+    monkeypatch.setitem(experiment.REPORT_LAG, "cpu", 1)
+    lagged, lagged_dir = run_tiny("run_0_baseline")
+    assert read_log(lagged_dir) == read_log(prompt_dir)
+    assert lagged["final_loss_terms"] == prompt["final_loss_terms"]
+
+    original = experiment.SAE.loss
+
+    def exploding(self, x, step):
+        out = original(self, x, step)
+        if step == 19:  # the last step before the checkpoint after step 19
+            out.terms["l2_loss"] = out.terms["l2_loss"] * float("inf")
+        return out
+    monkeypatch.setattr(experiment.SAE, "loss", exploding)
+    with pytest.raises(experiment.HarnessError, match="l2_loss became inf at step 19"):
+        run_tiny("run_0_baseline", checkpoint_every=20)
+    failed = sorted((notes.parent / "runs").iterdir())[-1]
+    assert not (failed / experiment.CHECKPOINT).exists()
+    assert read_log(failed)[-1]["step"] == 10
+
+
+def test_compiled_loss_trains_to_the_eager_losses(run_tiny):
+    from torch._dynamo.utils import counters
+
+    eager, _ = run_tiny("run_0_baseline")
+    counters.clear()
+    compiled, compiled_dir = run_tiny("run_0_baseline", compile=True)
+    assert counters["stats"]["unique_graphs"] > 0  # dynamo did compile the loss
+    assert json.loads((compiled_dir / "config.json").read_text())["compile"] is True
+    for name, value in eager["final_loss_terms"].items():
+        assert compiled["final_loss_terms"][name] == pytest.approx(value, rel=1e-3)
+
+
+def test_training_reads_the_same_batches_as_the_seeded_permutation(tmp_path):
+    """The prefetching reader hands the step exactly this rank's rows of the permutation, scaled."""
+    cfg = experiment.build_config("tiny", "baseline/run_0_baseline", tokens=40, batch_size=8)
+    train = torch.arange(40 * 3, dtype=torch.float32).view(40, 3).numpy()
+    data = experiment.ActivationData(train, torch.zeros(1, 4), scale=2.0, from_cache=True)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    for rank in (0, 1):
+        batches = list(experiment.prefetched_batches(data, order, cfg, range(1, 5), rank, 4,
+                                                     torch.device("cpu"), torch.float32))
+        assert [step for step, _ in batches] == [1, 2, 3, 4]
+        for step, x in batches:
+            rows = order[step * 8 + rank * 4: step * 8 + rank * 4 + 4].sort().values
+            torch.testing.assert_close(x, torch.from_numpy(train)[rows] * 2.0)
+
+
 # ---- bad input: one line naming the problem, exit code 2, nothing written --------------------
 
 @pytest.mark.parametrize("args, message", [
@@ -240,6 +292,21 @@ def test_sparse_step_gives_the_dense_step_gradients():
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("b_enc, sparse", [(-5.0, True), (0.0, False)])
+def test_trainer_takes_the_sparse_step_on_cpu_only_when_few_latents_fire(b_enc, sparse):
+    cfg = experiment.build_config("tiny", "baseline/run_0_baseline")
+    torch.manual_seed(0)
+    sae = experiment.SAE(64, 512, experiment.Hyperparams(), cfg)
+    with torch.no_grad():
+        sae.b_enc.fill_(b_enc)
+    trainer = experiment.Trainer(sae, cfg)
+    x = torch.randn(256, 64) * 2
+    trainer.step(x, 0)
+    assert trainer.sparse is sparse and not sae.sparse_backward  # decided at step 0, taken from step 1
+    trainer.step(x, 1)
+    assert sae.sparse_backward is sparse
+
+
 def test_harvest_drops_every_bos_position(tmp_path):
     from rich.progress import Progress
 
@@ -287,3 +354,13 @@ def test_bench_measures_every_quantity_it_reports(tmp_path):
     for ratio in ("harvest_vs_forward", "cache_read_vs_harvest", "ours_vs_sae_lens", "sae_step_roofline_fraction"):
         assert 0 < bench[ratio] < float("inf")
     assert "ours / sae_lens" in result.output
+    assert bench["sae_step"]["path"] == "dense"  # a fresh SAE: about half its latents fire
+
+
+def test_bench_at_two_percent_latent_density_times_the_sparse_step(tmp_path):
+    out = tmp_path / "bench.json"
+    result = cli("bench", "--preset", "tiny", "--steps", "2", "--tokens", "4096", "--l0-fraction", "0.02",
+                 "--out", str(out))
+    assert result.exit_code == 0, result.output
+    step = json.loads(out.read_text())["sae_step"]
+    assert step["path"] == "sparse" and 0.01 < step["latent_density"] < 0.03
