@@ -278,14 +278,15 @@ def test_sparse_step_gives_the_dense_step_gradients():
     with torch.no_grad():
         sae.b_enc.fill_(-5.0)  # a few percent of latents fire
         sae.b_dec.normal_()
-    x = torch.randn(300, 64) * 2
+    x = (torch.randn(300, 64) * 2).requires_grad_()  # the input's gradient too, should anyone need it
     grads = {}
     for sparse in (False, True):
         sae.sparse_backward = sparse
         sae.zero_grad()
+        x.grad = None
         out = sae.loss(x, 0)
         sum(out.terms.values()).backward()
-        grads[sparse] = {n: p.grad.clone() for n, p in sae.named_parameters()}
+        grads[sparse] = {n: p.grad.clone() for n, p in sae.named_parameters()} | {"x": x.grad.clone()}
     density = (out.latents > 0).float().mean()
     assert 0 < density < 0.05
     for name in grads[False]:
