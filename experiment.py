@@ -558,9 +558,11 @@ class SAE(BaseSAE):
         self.W_enc.data.copy_(w_dec.T)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        # = ReLU((x - b_dec) W_enc + b_enc). Written so, b_dec's gradient is a vector-matrix
-        # product instead of a (batch x d_sae) x (d_sae x d_in) matmul: one of the step's six.
-        return torch.relu(torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc))
+        # = ReLU((x - b_dec) W_enc + b_enc), with b_dec's gradient routed through a zero-valued
+        # term: a vector-matrix product instead of autograd's (batch x d_sae) x (d_sae x d_in)
+        # input-gradient matmul, one of the step's six. The values are exactly the plain formula's.
+        b_dec = self.b_dec.detach()
+        return torch.relu((x - b_dec) @ self.W_enc + self.b_enc - (self.b_dec - b_dec) @ self.W_enc)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.W_dec + self.b_dec
@@ -662,9 +664,9 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
 
     def step(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, LossOutput]:
-        self.sae.sparse_backward = self.sparse
-        out = self.loss_fn(x, step)
         threshold = SPARSE_DENSITY.get(x.device.type)
+        self.sae.sparse_backward = self.sparse and threshold is not None  # a CPU checkpoint resumed on CUDA
+        out = self.loss_fn(x, step)
         if threshold and step % 10 == 0:  # switch the base SAE's step to sparse products when few latents fire
             self.sparse = (out.latents.detach() > 0).float().mean().item() < threshold
         total = sum(out.terms.values())
@@ -836,11 +838,13 @@ class Interrupted(Exception):
     """Ctrl-C during training: raised after the checkpoint of the last completed step is saved."""
 
 
-def save_checkpoint(run_dir: Path, step: int, sae: SAE, trainer: Trainer, fired_at: torch.Tensor) -> None:
+def save_checkpoint(run_dir: Path, step: int, sae: SAE, trainer: Trainer, fired_at: torch.Tensor,
+                    terms: dict[str, float]) -> None:
     """Everything needed to continue bit for bit: weights and buffers, optimizer and scheduler,
-    the trainer's plugin state, dead-latent tracking, RNG states, and the data position."""
+    the trainer's plugin state, dead-latent tracking, RNG states, the data position, and the
+    step's loss terms (the final ones, should the checkpoint fall on the last step)."""
     state = dict(step=step, sae=sae.state_dict(), optimizer=trainer.optimizer.state_dict(),
-                 scheduler=trainer.scheduler.state_dict(), fired_at=fired_at,
+                 scheduler=trainer.scheduler.state_dict(), fired_at=fired_at, terms=terms,
                  trainer={k: v for k, v in vars(trainer).items() if k not in TRAINER_OWN},
                  rng=torch.get_rng_state(),
                  cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
@@ -849,7 +853,7 @@ def save_checkpoint(run_dir: Path, step: int, sae: SAE, trainer: Trainer, fired_
     os.replace(tmp, run_dir / CHECKPOINT)
 
 
-def load_checkpoint(run_dir: Path, sae: SAE, trainer: Trainer) -> tuple[int, torch.Tensor]:
+def load_checkpoint(run_dir: Path, sae: SAE, trainer: Trainer) -> tuple[int, torch.Tensor, dict[str, float]]:
     state = torch.load(run_dir / CHECKPOINT, weights_only=False, map_location=sae.W_dec.device)
     sae.load_state_dict(state["sae"])
     trainer.optimizer.load_state_dict(state["optimizer"])
@@ -859,7 +863,7 @@ def load_checkpoint(run_dir: Path, sae: SAE, trainer: Trainer) -> tuple[int, tor
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"] is not None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"] + 1, state["fired_at"]
+    return state["step"] + 1, state["fired_at"], state.get("terms", {})  # older checkpoints lack terms
 
 
 # Steps by which the host lags the device when it reads a step's losses (the non-finite check,
@@ -898,10 +902,10 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
     leader, shard = rank == 0, cfg.batch_size // world
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))
     fired_at = torch.full((cfg.dict_size,), -1, dtype=torch.long, device=device)
-    start = 0
+    start, final = 0, {}
     log_path = run_dir / "train_log.jsonl"
     if resume:
-        start, fired_at = load_checkpoint(run_dir, sae, trainer)
+        start, fired_at, final = load_checkpoint(run_dir, sae, trainer)
     if resume and leader:
         kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start]
         _atomic_write(log_path, "".join(line + "\n" for line in kept))
@@ -909,50 +913,56 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
     task = progress.add_task("train SAE", total=cfg.steps, completed=start, status="")
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-    started, unread, final = time.perf_counter(), collections.deque(), {}
+    started, unread = time.perf_counter(), collections.deque()
 
     def read_back(until: int) -> None:
         """Check and log the queued steps before `until` (tensors until now, read only here)."""
         nonlocal final
         while unread and unread[0]["step"] < until:
             record = unread.popleft()
-            if not record.pop("finite"):
+            if not record["finite"]:
                 name, value = next((k, v.item()) for k, v in record["terms"].items() if not torch.isfinite(v))
                 raise NonFiniteLoss(f"{name} became {value} at step {record['step']}")
-            final = {k: v.item() for k, v in record.pop("terms").items()}
-            if leader and "l0" in record:
-                record = dict(step=record["step"], tokens=(record["step"] + 1) * cfg.batch_size, lr=record["lr"],
-                              **final, **{k: float(v) for k, v in record.items() if k not in ("step", "lr")})
-                log.write(json.dumps(record) + "\n")
+            final = {k: v.item() for k, v in record["terms"].items()}
+            if leader and record["logged"]:
+                logged = {k: float(v) for k, v in record["logged"].items()}
+                log.write(json.dumps(dict(step=record["step"], tokens=(record["step"] + 1) * cfg.batch_size,
+                                          lr=record["lr"], **final, **logged)) + "\n")
                 log.flush()
                 tok_s = (record["step"] + 1 - start) * cfg.batch_size / (time.perf_counter() - started)
-                progress.update(task, status=f"{tok_s:,.0f} tok/s  loss {record['total_loss']:.4g}  "
-                                f"L0 {record['l0']:.1f}  dead {record['dead_fraction']:.1%}")
+                progress.update(task, status=f"{tok_s:,.0f} tok/s  loss {final['total_loss']:.4g}  "
+                                f"L0 {logged['l0']:.1f}  dead {logged['dead_fraction']:.1%}")
 
     try:
         with open(log_path, "a") if leader else contextlib.nullcontext() as log:
-            for step, x in prefetched_batches(data, order, cfg, range(start, cfg.steps), rank, shard, device, sae.dtype):
-                try:
+            try:
+                for step, x in prefetched_batches(data, order, cfg, range(start, cfg.steps), rank, shard, device,
+                                                  sae.dtype):
                     total, out = trainer.step(x, step)
-                except Exception:
-                    read_back(step)  # a non-finite loss in a step not yet read is the cause to report
-                    raise
-                firing = out.latents.detach() > 0
-                fired_at.masked_fill_(firing.any(dim=0), step)
-                terms = {k: v.detach() for k, v in {**out.terms, "total_loss": total}.items()}
-                record = dict(step=step, terms=terms, finite=torch.stack(list(terms.values())).isfinite().all())
-                if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                    record.update(lr=trainer.scheduler.get_last_lr()[0], l0=firing.float().sum(-1).mean(),
-                                  dead_fraction=(fired_at <= step - min(step + 1, dead_window)).float().mean(),
-                                  **{k: v.detach() if torch.is_tensor(v) else v for k, v in out.stats.items()})
-                unread.append(record)
-                read_back(step + 1 - REPORT_LAG.get(device.type, 0))
-                progress.update(task, advance=1)
-                if leader and (interrupted or (step + 1) % cfg.checkpoint_every == 0):
-                    read_back(step + 1)  # never checkpoint a step that is not known to be finite
-                    save_checkpoint(run_dir, step, sae, trainer, fired_at)
-                if interrupted:
-                    raise Interrupted(f"interrupted after step {step}")
+                    firing = out.latents.detach() > 0
+                    fired_at.masked_fill_(firing.any(dim=0), step)
+                    terms = {k: v.detach() for k, v in {**out.terms, "total_loss": total}.items()}
+                    record = dict(step=step, terms=terms, finite=torch.stack(list(terms.values())).isfinite().all(),
+                                  lr=trainer.scheduler.get_last_lr()[0], logged=None)
+                    if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                        record["logged"] = dict(
+                            l0=firing.float().sum(-1).mean(),
+                            dead_fraction=(fired_at <= step - min(step + 1, dead_window)).float().mean(),
+                            **{k: v.detach().clone() if torch.is_tensor(v) else v for k, v in out.stats.items()})
+                    unread.append(record)
+                    read_back(step + 1 - REPORT_LAG.get(device.type, 0))
+                    progress.update(task, advance=1)
+                    if interrupted or (step + 1) % cfg.checkpoint_every == 0:
+                        read_back(step + 1)  # every rank: never checkpoint a step not known to be finite
+                        if leader:
+                            save_checkpoint(run_dir, step, sae, trainer, fired_at, final)
+                    if interrupted:
+                        raise Interrupted(f"interrupted after step {step}")
+            except (NonFiniteLoss, Interrupted):
+                raise
+            except Exception:
+                read_back(cfg.steps)  # a non-finite loss in a step not yet read is the cause to report
+                raise
             read_back(cfg.steps)
     finally:
         signal.signal(signal.SIGINT, previous_handler)

@@ -62,6 +62,23 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
     assert notes.read_text().count("## Run 1") == 2
 
 
+def test_a_run_killed_after_its_last_checkpointed_step_resumes_to_its_final_loss(run_tiny, notes, monkeypatch):
+    """A checkpoint on the very last step leaves nothing to train on resume: the run must still
+    finish with that step's losses, not fail for want of them."""
+    done, _ = run_tiny("run_0_baseline", checkpoint_every=8)  # 32 steps: the last is checkpointed
+
+    def killed(*args):
+        raise RuntimeError("killed after training")
+    with monkeypatch.context() as patch:
+        patch.setattr(experiment, "save_sae", killed)
+        with pytest.raises(RuntimeError, match="killed after training"):
+            run_tiny("run_0_baseline", checkpoint_every=8)
+    run_dir = sorted((notes.parent / "runs").iterdir())[-1]
+    cfg, plugin = experiment.resumable_run(run_dir)
+    resumed = experiment.execute(cfg, plugin, run_dir, notes, resume=True)
+    assert resumed["status"] == "completed" and resumed["final_loss_terms"] == done["final_loss_terms"]
+
+
 def test_ctrl_c_checkpoints_and_exits_130_with_one_line(tmp_path):
     out = tmp_path / "run"
     proc = start_cli([*LONG_TINY, "--out", str(out), "--notes", str(tmp_path / "notes.md")], tmp_path)
