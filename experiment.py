@@ -63,6 +63,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # 
 from rich.table import Table  # noqa: E402
 from sae_bench.custom_saes.base_sae import BaseSAE  # noqa: E402
 
+# Harmless warnings: in every core eval sae_lens weighs our held-out contexts against a training
+# budget and sae_bench copy-constructs tensors; TransformerLens announces a successor API (we keep
+# HookedTransformer, which sae_bench's evals take).
+warnings.filterwarnings("ignore", message="The training dataset contains fewer samples")
+warnings.filterwarnings("ignore", message="To copy construct from a tensor")
+warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
+
 # Run as a script, this file is `__main__`; plugins import `experiment`: make that the same module.
 sys.modules.setdefault("experiment", sys.modules[__name__])
 ROOT = Path(__file__).resolve().parent
@@ -442,6 +449,12 @@ def harvest(model, contexts: torch.Tensor, cfg: RunConfig, out: np.memmap, progr
                            "use float32")
 
 
+def activation_scale(acts: np.ndarray) -> float:
+    """The factor that makes the mean activation norm sqrt(d_model), from the first 100k rows."""
+    sample = torch.from_numpy(np.asarray(acts[:100_000], dtype=np.float32))
+    return float(math.sqrt(acts.shape[1]) / sample.norm(dim=-1).mean())
+
+
 def activation_data(cfg: RunConfig, model, progress, dataset_loader=None) -> ActivationData:
     folder = ACTIVATIONS_DIR / cache_key(cfg)
     manifest_path = folder / "manifest.json"
@@ -459,8 +472,7 @@ def activation_data(cfg: RunConfig, model, progress, dataset_loader=None) -> Act
     out = np.lib.format.open_memmap(partial, mode="w+", dtype=cfg.cache_dtype,
                                     shape=(cfg.tokens, model.cfg.d_model))
     harvest(model, train_contexts, cfg, out, progress)
-    sample = torch.from_numpy(np.asarray(out[: min(len(out), 100_000)], dtype=np.float32))
-    scale = float(math.sqrt(model.cfg.d_model) / sample.norm(dim=-1).mean())
+    scale = activation_scale(out)
     out.flush()
     del out
     partial.rename(acts_path)
@@ -490,8 +502,8 @@ class Hyperparams:
 # Below this fraction of firing latents the base SAE takes the sparse step. Measured on the 2-core
 # CPU (embedded shape, batch 1024 x d_in 640 x d_sae 2048): forward and backward together, the
 # sparse path is 2.1x faster than the dense one at 2% density, 1.3x at 10%, even at 20-25%,
-# slower above. Off on CUDA: unmeasured there,
-# and `nonzero` would put a host-device sync in every step.
+# slower above. Off on CUDA: unmeasured there, and `nonzero` would put a host-device sync in
+# every step.
 SPARSE_DENSITY = {"cpu": 0.10}
 
 
@@ -982,9 +994,7 @@ def evaluate_core(sae: BaseSAE, model, eval_tokens: torch.Tensor, cfg: RunConfig
 
     _, sae, _ = load_and_format_sae("custom_sae", sae, str(device))
     sae.cfg.context_size = cfg.context_size
-    with warnings.catch_warnings():  # it compares our held-out contexts with a training budget: moot here
-        warnings.filterwarnings("ignore", message="The training dataset contains fewer samples")
-        store = ActivationsStore.from_sae(
+    store = ActivationsStore.from_sae(
         model, sae, dataset=datasets.Dataset.from_dict({"input_ids": eval_tokens.tolist()}),
         context_size=cfg.context_size, streaming=False, store_batch_size_prompts=cfg.eval_batch_prompts,
         device=str(device))
@@ -997,9 +1007,7 @@ def evaluate_core(sae: BaseSAE, model, eval_tokens: torch.Tensor, cfg: RunConfig
         compute_featurewise_weight_based_metrics=True, exclude_special_tokens_from_reconstruction=True)
     special = {model.tokenizer.bos_token_id, model.tokenizer.eos_token_id, model.tokenizer.pad_token_id} \
         if model.tokenizer is not None else {TINY_BOS}
-    with warnings.catch_warnings():  # sae_bench's own torch.tensor(tensor) calls; harmless
-        warnings.filterwarnings("ignore", message="To copy construct from a tensor")
-        metrics, feature_metrics = run_evals(sae, store, model, eval_cfg, ignore_tokens=special)
+    metrics, feature_metrics = run_evals(sae, store, model, eval_cfg, ignore_tokens=special)
     return metrics, {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in feature_metrics.items()}
 
 
@@ -1492,23 +1500,22 @@ def run_bench(cfg: RunConfig, steps: int, l0_fraction: float | None) -> dict[str
             results[name] = dict(tokens_per_s=n_tokens / seconds, peak_mb=peak_mb)
         results["harvest_vs_forward"] = timings["plain_forward"][0] / timings["harvest"][0]
 
-        # 2. reading training batches from the cache as training does (random rows)
+        # 2. reading training batches from the cache with training's own reader
         acts.flush()
-        cached = np.load(tmp / "acts.npy", mmap_mode="r")
-        order = np.random.default_rng(0).permutation(n_tokens)
-        batches = [np.sort(order[i:i + cfg.batch_size]) for i in range(0, n_tokens - cfg.batch_size + 1, cfg.batch_size)]
+        data = ActivationData(np.load(tmp / "acts.npy", mmap_mode="r"), torch.empty(0),
+                              activation_scale(acts), from_cache=True)
+        order = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(cfg.seed))
+        n_batches = n_tokens // cfg.batch_size
 
-        def read_all():
-            for idx in batches:
-                torch.from_numpy(np.asarray(cached[idx], dtype=np.float32)).to(device)
+        def batches():
+            return prefetched_batches(data, order, cfg, range(n_batches), 0, cfg.batch_size, device, torch.float32)
         with PeakMemory(device) as mem:
-            read_s = timed(read_all, device, 3)
-        results["cache_read"] = dict(tokens_per_s=len(batches) * cfg.batch_size / read_s, peak_mb=mem.peak_mb)
+            read_s = timed(lambda: collections.deque(batches(), maxlen=0), device, 3)
+        results["cache_read"] = dict(tokens_per_s=n_batches * cfg.batch_size / read_s, peak_mb=mem.peak_mb)
         results["cache_read_vs_harvest"] = results["cache_read"]["tokens_per_s"] / results["harvest"]["tokens_per_s"]
-        x = torch.from_numpy(np.asarray(cached[batches[0]], dtype=np.float32)).to(device)
+        _, x = next(batches())
 
     # 3. one SAE training step: ours (baseline plugin) against sae_lens's standard training SAE
-    x = x * (math.sqrt(model.cfg.d_model) / x.norm(dim=-1).mean())
     torch.manual_seed(cfg.seed)
     sae = SAE(model.cfg.d_model, cfg.dict_size, Hyperparams(), cfg, device=device)
     if l0_fraction is not None:  # place the ReLU threshold so that this fraction of latents fires
