@@ -58,6 +58,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import typer  # noqa: E402
+
+import kernels  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -485,68 +487,23 @@ def activation_data(cfg: RunConfig, model, progress, dataset_loader=None) -> Act
 
 
 # ----------------------------------------------------------------------------------------------
-# The base SAE and trainer. Plugins subclass these and override only what changes:
-#   SAE.encode / SAE.decode / SAE.forward   the architecture (sae_bench calls encode and decode)
-#   SAE.loss                                 named loss terms, summed into the total
-#   SAE.on_step_end                          state updates after each optimizer step
-#   SAE.final_info                           extra results for final_info.json
-#   Trainer.step / Trainer.make_optimizer    the optimisation step
-# The SAE sees activations scaled so that E||x|| = sqrt(d_in); `ScaledSAE` undoes that for
-# evaluation and export, so metrics are on the model's own activations.
+# The base SAE and its trainer: the extension points plugins override.
 
 @dataclass
 class Hyperparams:
     """The base SAE has no hyperparameters beyond the run config's lr and sparsity penalty."""
 
 
-# Below this fraction of firing latents the base SAE takes the sparse step. Measured on the 2-core
-# CPU (embedded shape, batch 1024 x d_in 640 x d_sae 2048): forward and backward together, the
-# sparse path is 2.1x faster than the dense one at 2% density, 1.3x at 10%, even at 20-25%,
-# slower above. Off on CUDA: unmeasured there, and `nonzero` would put a host-device sync in
-# every step.
-SPARSE_DENSITY = {"cpu": 0.10}
+@dataclass
+class Forward:
+    """One training batch through the SAE: what the loss hooks see."""
 
-
-class SparseReLUSAE(torch.autograd.Function):
-    """The base SAE's f = ReLU((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec, where the
-    decoder forward and the input, encoder-weight and decoder-weight gradients run over the
-    active latents only, as sparse x dense products (the TopK kernels of OpenAI's
-    sparse_autoencoder and EleutherAI's sparsify, here for a ReLU's variable number of active
-    latents per token). `embedding_bag` with per-sample weights is that product: each output
-    row is a weighted sum of a few gathered rows. Same gradients as autograd's dense path (tested)."""
-
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec):
-        x_c = x - b_dec
-        f = torch.relu(torch.addmm(b_enc, x_c, W_enc))
-        tokens, latents = f.nonzero(as_tuple=True)  # sorted by token
-        token_starts = torch.searchsorted(tokens, torch.arange(len(f), device=f.device))
-        values = f[tokens, latents]
-        x_hat = F.embedding_bag(latents, W_dec, token_starts, mode="sum", per_sample_weights=values) + b_dec
-        ctx.save_for_backward(x_c, W_enc, W_dec, tokens, latents, token_starts, values)
-        return f, x_hat
-
-    @staticmethod
-    def backward(ctx, grad_f, grad_x_hat):
-        x_c, W_enc, W_dec, tokens, latents, token_starts, values = ctx.saved_tensors
-        d_sae = W_dec.shape[0]
-        # dLoss/dpre at the active latents. One dense product: gathering W_dec rows per active
-        # latent instead measured 3x slower on CPU.
-        grad_pre = torch.addmm(grad_f, grad_x_hat, W_dec.T).view(-1)[tokens * d_sae + latents]
-        grad_b_enc = torch.zeros(d_sae, dtype=grad_pre.dtype, device=grad_pre.device).index_add_(0, latents, grad_pre)
-        grad_x_c = None  # training activations need none
-        if ctx.needs_input_grad[0]:
-            grad_x_c = F.embedding_bag(latents, W_enc.T.contiguous(), token_starts, mode="sum",
-                                       per_sample_weights=grad_pre)
-        latents_sorted, by_latent = torch.sort(latents, stable=True)
-        latent_starts = torch.searchsorted(latents_sorted, torch.arange(d_sae, device=latents.device))
-        tokens_by_latent = tokens[by_latent]
-        grad_W_enc = F.embedding_bag(tokens_by_latent, x_c, latent_starts, mode="sum",
-                                     per_sample_weights=grad_pre[by_latent]).T
-        grad_W_dec = F.embedding_bag(tokens_by_latent, grad_x_hat, latent_starts, mode="sum",
-                                     per_sample_weights=values[by_latent])
-        grad_b_dec = grad_x_hat.sum(0) - W_enc @ grad_b_enc  # the second term: x_c's gradient summed over tokens
-        return grad_x_c, grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec
+    x: torch.Tensor  # (B, d_in) input, in the training scale
+    pre: torch.Tensor | None  # (B, d_sae) pre-activations; None only on the sparse path, where no hook reads them
+    f: torch.Tensor  # (B, d_sae) latents
+    x_hat: torch.Tensor  # (B, d_in) reconstruction
+    step: int
+    stats: dict[str, Any] = field(default_factory=dict)  # diagnostics a hook wants logged, not optimised
 
 
 class LossOutput(NamedTuple):
@@ -555,9 +512,21 @@ class LossOutput(NamedTuple):
     stats: dict[str, torch.Tensor] = {}  # extra per-step diagnostics, logged but not optimised
 
 
+# The formula's pieces; where a plugin keeps them all, training may take kernels.py's sparse step.
+FORMULA = ("encoder_input", "pre_activation", "activation", "decoder_weight", "decode", "reconstruct",
+           "encode", "observe", "sparsity_coefficient", "sparsity_loss", "aux_losses", "loss")
+
+
 class SAE(BaseSAE):
-    """Standard ReLU SAE: f = ReLU((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec, with
-    unit-norm decoder rows (one per latent) and an L1 penalty on f."""
+    """Standard ReLU SAE with an L1 penalty and unit-norm decoder rows (one per latent):
+
+        pre = (x − b_dec) W_enc + b_enc          encoder_input(x) = x − b_dec; pre_activation(x)
+        f   = ReLU(pre)                          activation(pre, x)
+        x̂   = f W_dec + b_dec                    decode(f), with decoder_weight() = W_dec
+        loss = ‖x − x̂‖² + λ ‖f‖₁ + Σ aux_losses  per token, averaged over the batch; λ = sparsity_coefficient
+
+    A plugin overrides the pieces it changes; `loss` computes the reconstruction once and asks the
+    plugin only for its extra named terms (`aux_losses`)."""
 
     def __init__(self, d_in: int, d_sae: int, hp: Hyperparams, cfg: RunConfig,
                  device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32):
@@ -569,29 +538,60 @@ class SAE(BaseSAE):
         self.W_dec.data.copy_(w_dec)
         self.W_enc.data.copy_(w_dec.T)
 
+    sparse_backward = False  # set by the Trainer before each step from the measured latent density
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, d_in) -> (B, d_in): what the encoder matrix sees."""
+        return x - self.b_dec
+
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, d_in) -> (B, d_sae)"""
+        return self.encoder_input(x) @ self.W_enc + self.b_enc
+
+    def activation(self, pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(B, d_sae) pre-activations (and the input) -> (B, d_sae) latents"""
+        return torch.relu(pre)
+
+    def decoder_weight(self) -> torch.Tensor:
+        """(d_sae, d_in): the dictionary the decoder uses."""
+        return self.W_dec
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        # = ReLU((x - b_dec) W_enc + b_enc), with b_dec's gradient routed through a zero-valued
-        # term: a vector-matrix product instead of autograd's (batch x d_sae) x (d_sae x d_in)
-        # input-gradient matmul, one of the step's six. The values are exactly the plain formula's.
-        b_dec = self.b_dec.detach()
-        return torch.relu((x - b_dec) @ self.W_enc + self.b_enc - (self.b_dec - b_dec) @ self.W_enc)
+        """(B, d_in) -> (B, d_sae)"""
+        return self.activation(self.pre_activation(x), x)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        return f @ self.W_dec + self.b_dec
+        """(B, d_sae) -> (B, d_in)"""
+        return f @ self.decoder_weight() + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
+    def reconstruct(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """The reconstruction the training loss sees: decode(f)."""
+        return self.decode(f)
+
     def loss(self, x: torch.Tensor, step: int) -> LossOutput:
-        if self.sparse_backward and self.training and self.has_base_architecture():
-            f, x_hat = SparseReLUSAE.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec)
-        else:
-            f = self.encode(x)
-            x_hat = self.decode(f)
-        return LossOutput(
-            terms={"l2_loss": (x - x_hat).pow(2).sum(-1).mean(),
-                   "sparsity_loss": self.run_cfg.sparsity_penalty * f.abs().sum(-1).mean()},
-            latents=f)
+        fwd = self.training_pass(x, step)
+        if self.training:
+            with torch.no_grad():
+                self.observe(fwd)
+        terms = {"l2_loss": (x - fwd.x_hat).pow(2).sum(-1).mean(), "sparsity_loss": self.sparsity_loss(fwd)}
+        return LossOutput({**terms, **self.aux_losses(fwd)}, fwd.f, fwd.stats)
+
+    def sparsity_coefficient(self, fwd: Forward) -> float | torch.Tensor:
+        """λ, the L1 coefficient at this step."""
+        return self.run_cfg.sparsity_penalty
+
+    def sparsity_loss(self, fwd: Forward) -> torch.Tensor:
+        return self.sparsity_coefficient(fwd) * fwd.f.abs().sum(-1).mean()
+
+    def observe(self, fwd: Forward) -> None:
+        """Training only, before the loss terms, without gradients: update running statistics."""
+
+    def aux_losses(self, fwd: Forward) -> dict[str, torch.Tensor]:
+        """Extra named loss terms, each logged and added to the total."""
+        return {}
 
     def on_step_end(self, step: int) -> None:
         """Called after every optimizer step (EMA updates, resampling...)."""
@@ -605,10 +605,22 @@ class SAE(BaseSAE):
         """Per-latent arrays for figures (frequencies...), saved to artifacts.safetensors."""
         return {}
 
-    sparse_backward = False  # set by the Trainer before each step from the measured latent density
+    def training_pass(self, x: torch.Tensor, step: int) -> Forward:
+        """The formula's numbers for the loss, computed by kernels.py wherever the plugin kept the
+        formula's pieces: the one place the fast path is chosen."""
+        if self.sparse_backward and self.training and self.keeps(*FORMULA):
+            f, x_hat = kernels.SparseReLU.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec)
+            return Forward(x, None, f, x_hat, step)
+        if self.keeps("encoder_input", "pre_activation"):
+            pre = kernels.pre_activation(x, self.W_enc, self.b_enc, self.b_dec)
+        else:
+            pre = self.pre_activation(x)
+        f = self.activation(pre, x)
+        return Forward(x, pre, f, self.reconstruct(x, f), step)
 
-    def has_base_architecture(self) -> bool:
-        return type(self).encode is SAE.encode and type(self).decode is SAE.decode
+    def keeps(self, *names: str) -> bool:
+        """Whether this SAE uses the base class's own methods of these names."""
+        return all(getattr(type(self), name) is getattr(SAE, name) for name in names)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -653,13 +665,18 @@ class _LossModule(torch.nn.Module):
 
 
 class Trainer:
-    """Adam with linear LR warm-up; keeps decoder rows at unit norm. Plugins override
-    make_optimizer / make_scheduler, `apply_update` (what happens between backward and the
-    next step: clipping, projections) or `step` itself (accumulation, resampling)."""
+    """Adam with linear LR warm-up; keeps decoder rows at unit norm. One step is
+
+        out = sae.loss(x, step);  backward(out, step);  apply_update(step);
+        sae.on_step_end(step);  after_step(x, out, step)
+
+    and plugins override the hooks, not the step: make_optimizer / make_scheduler, backward
+    (gradient surgery), apply_update (clipping, projections, accumulation), after_step
+    (resampling, revival). A hook may add diagnostics to out.stats."""
 
     def __init__(self, sae: SAE, cfg: RunConfig):
         self.sae, self.cfg = sae, cfg
-        self.sparse = False  # use the sparse step (measured density is low); checkpointed
+        self.sparse = False  # take kernels.py's sparse step (few latents fire); checkpointed
         self.loss_fn = sae.loss
         if torch.distributed.is_initialized():
             self.loss_fn = torch.nn.parallel.DistributedDataParallel(_LossModule(sae), find_unused_parameters=True)
@@ -676,23 +693,29 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
 
     def step(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, LossOutput]:
-        threshold = SPARSE_DENSITY.get(x.device.type)
-        self.sae.sparse_backward = self.sparse and threshold is not None  # a CPU checkpoint resumed on CUDA
+        self.sae.sparse_backward = self.sparse and x.device.type in kernels.SPARSE_BELOW
         out = self.loss_fn(x, step)
-        if threshold and step % 10 == 0:  # switch the base SAE's step to sparse products when few latents fire
-            self.sparse = (out.latents.detach() > 0).float().mean().item() < threshold
-        total = sum(out.terms.values())
+        self.sparse = kernels.use_sparse_step(out.latents, step, self.sparse)
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.apply_update()
+        self.backward(out, step)
+        self.apply_update(step)
         self.sae.on_step_end(step)
-        return total.detach(), out
+        self.after_step(x, out, step)
+        return sum(out.terms.values()).detach(), out
 
-    def apply_update(self) -> None:
+    def backward(self, out: LossOutput, step: int) -> None:
+        """Gradients of the total loss into each parameter's .grad (zeroed before)."""
+        sum(out.terms.values()).backward()
+
+    def apply_update(self, step: int) -> None:
+        """From gradients to parameters: the step along the unit sphere of each decoder row."""
         self.sae.remove_parallel_decoder_grad()
         self.optimizer.step()
         self.scheduler.step()
         self.sae.normalize_decoder()
+
+    def after_step(self, x: torch.Tensor, out: LossOutput, step: int) -> None:
+        """After the update and sae.on_step_end: resampling, revival."""
 
 
 class ScaledSAE(BaseSAE):
@@ -759,6 +782,10 @@ class Plugin:
         if isinstance(parent, types.ModuleType) and parent.__name__.startswith("plugins."):
             return parent.__name__.rsplit(".", 1)[-1]
         return None
+
+    def identity(self) -> dict[str, Any]:
+        """What a reader of the run folder needs to know of the plugin (final_info.json's `run`)."""
+        return dict(study=self.study, plugin=self.name, number=self.run_number, title=self.title, parent=self.parent)
 
     def source_hash(self) -> str:
         """sha256 over this plugin's file and every plugin file it builds on."""
@@ -1102,7 +1129,7 @@ def latest_run(runs_root: Path, plugin_name: str, same_data_as: dict | None = No
 
 
 def notes_entry(plugin: Plugin, run_dir: Path, info: dict) -> str:
-    results = {k: v for k, v in info.items() if k not in ("provenance", "warnings", "evals")}
+    results = {k: v for k, v in info.items() if k not in ("run", "provenance", "warnings", "evals")}
     if info.get("evals"):  # the metrics, or why an eval could not score; details stay in final_info
         results["evals"] = {k: v.get("not_scored") or v["eval_result_metrics"] for k, v in info["evals"].items()}
     shown = os.path.relpath(run_dir, ROOT) if run_dir.is_relative_to(ROOT) else str(run_dir)
@@ -1196,7 +1223,7 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: 
             run_dir.mkdir(parents=True)
             _atomic_write(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
             torch.save(data.eval_tokens, run_dir / "eval_tokens.pt")  # `eval RUN_DIR` re-scores on these
-        info: dict[str, Any] = dict(training_steps=0, final_loss=None, layer=cfg.layer,
+        info: dict[str, Any] = dict(run=plugin.identity(), training_steps=0, final_loss=None, layer=cfg.layer,
                                     dict_size=cfg.dict_size, learning_rate=cfg.lr,
                                     sparsity_penalty=cfg.sparsity_penalty)
         try:

@@ -76,7 +76,7 @@ class Trainer(parent.Trainer):
     def step(self, x, step):
         out = self.loss_fn(x, step)
         self.optimizer.zero_grad(set_to_none=True)
-        conflict = self.backward(out)
+        surgery = self.backward(out, step)
         # Summed on the trainer, not in .grad, so that a checkpoint between updates keeps them.
         params = [p for p in self.sae.parameters() if p.requires_grad]
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
@@ -93,7 +93,7 @@ class Trainer(parent.Trainer):
                 self.scheduler.step()
         self.sae.on_step_end(step)
         mult = self.lr_multipliers()
-        stats = {"ortho_conflict_fraction": conflict, "lr_mult_min": mult.min(), "lr_mult_max": mult.max()}
+        stats = {**surgery, "lr_mult_min": mult.min(), "lr_mult_max": mult.max()}
         return sum(out.terms.values()).detach(), out._replace(stats={**out.stats, **stats})
 
     def apply_update(self):
