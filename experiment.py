@@ -765,11 +765,11 @@ class Plugin:
 
     @property
     def sae_class(self) -> type[SAE]:
-        return self.module.SAE
+        return self.module.SAE  # plugins/__init__.py fills in what a run file leaves out
 
     @property
     def trainer_class(self) -> type[Trainer]:
-        return getattr(self.module, "Trainer", Trainer)
+        return self.module.Trainer
 
     @property
     def hyperparams_class(self) -> type:
@@ -824,13 +824,11 @@ def find_plugin(name: str) -> Plugin:
             tb = tb.tb_next
         where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
         raise HarnessError(f"plugin {files[key]} failed to import at {where}: {type(exc).__name__}: {exc}") from exc
-    for attr in ("SAE", "Hyperparams"):
-        if not hasattr(module, attr):
-            raise HarnessError(f"plugin {files[key]} must define `{attr}`")
-    if not issubclass(module.SAE, SAE):
-        raise HarnessError(f"plugin {files[key]}: SAE must subclass experiment.SAE")
     number = int(re.match(r"run_(\d+)", stem).group(1))
-    return Plugin(stem, study, number, files[key], module)
+    plugin = Plugin(stem, study, number, files[key], module)
+    if not issubclass(plugin.sae_class, SAE):
+        raise HarnessError(f"plugin {files[key]}: SAE must subclass experiment.SAE")
+    return plugin
 
 
 def parse_hyperparams(plugin: Plugin, assignments: list[str]) -> Any:

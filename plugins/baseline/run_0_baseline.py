@@ -2,5 +2,3 @@
 
 Every study's run 0. Nothing is overridden: the harness's base SAE and trainer are the baseline.
 """
-
-from experiment import SAE, Hyperparams  # noqa: F401  (re-exported: the harness reads them here)
