@@ -1,9 +1,14 @@
-"""sae_bench's evaluations beyond core, run on the harness's own loaded model.
+"""All the sae_bench glue: its evaluations, core included, run on the harness's own loaded model.
 
     EVAL_NAMES                          every name --evals accepts ("all" means all of them)
     parse_evals("core,absorption")      the names, checked
     check_requirements(evals, cfg)      refuses, before any work, an eval whose data, model or key is missing
-    run_evals(evals, sae, model, cfg, eval_tokens, device)   {eval_type_id: sae_bench's result}
+    evaluate_core(sae, model, eval_tokens, cfg, device)      (core metrics, per-latent metrics)
+    run_evals(evals, sae, model, cfg, eval_tokens, device, cache_dir=...)   {eval_type_id: sae_bench's result}
+
+This module imports nothing of the harness but common.py: the caller hands in the SAE (a
+sae_bench BaseSAE taking the model's raw activations), the model, the held-out tokens and the
+run's config (an experiment.RunConfig, read here, never imported).
 
 Each eval calls sae_bench's own `run_eval` for the one SAE, with the harness's model handed over
 where sae_bench would load one by hub name, inside a fresh temporary working directory (sae_bench
@@ -41,11 +46,12 @@ from pathlib import Path
 from typing import Any, Callable
 from unittest import mock
 
+from common import HarnessError  # first: it hides a torchvision that would break importing sae_bench
+
 import numpy as np
 import torch
 
-import experiment  # first: it hides a torchvision that would break importing sae_bench
-from experiment import HarnessError, RunConfig
+RunConfig = Any  # experiment.RunConfig, handed in by the caller
 
 EVAL_NAMES = ("core", "sparse_probing", "sae_probes", "absorption", "scr", "tpp", "unlearning", "autointerp")
 
@@ -176,6 +182,34 @@ def _unreadable_on_hub(repo: str) -> str | None:
     return None
 
 
+def evaluate_core(sae, model, eval_tokens: torch.Tensor, cfg: RunConfig, device: torch.device) -> tuple[dict, dict]:
+    """sae_bench core metrics (every compute flag on) via its inner `run_evals` (its
+    `multiple_evals` would swallow exceptions): (metrics, per-latent metrics as lists)."""
+    import datasets
+    from sae_bench.evals.core.main import CoreEvalConfig, run_evals as run_core
+    from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
+    from sae_lens import ActivationsStore
+
+    _, sae, _ = load_and_format_sae("custom_sae", sae, str(device))
+    sae.cfg.context_size = cfg.context_size
+    store = ActivationsStore.from_sae(
+        model, sae, dataset=datasets.Dataset.from_dict({"input_ids": eval_tokens.tolist()}),
+        context_size=cfg.context_size, streaming=False, store_batch_size_prompts=cfg.eval_batch_prompts,
+        device=str(device))
+    eval_cfg = CoreEvalConfig(
+        model_name=cfg.model, batch_size_prompts=cfg.eval_batch_prompts,
+        n_eval_reconstruction_batches=cfg.eval_reconstruction_batches,
+        n_eval_sparsity_variance_batches=cfg.eval_sparsity_batches, context_size=cfg.context_size,
+        compute_kl=True, compute_ce_loss=True, compute_l2_norms=True, compute_sparsity_metrics=True,
+        compute_variance_metrics=True, compute_featurewise_density_statistics=True,
+        compute_featurewise_weight_based_metrics=True, exclude_special_tokens_from_reconstruction=True)
+    tokenizer = model.tokenizer  # without one (the tiny model), BOS is every context's first token
+    special = ({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id} if tokenizer is not None
+               else {int(eval_tokens[0, 0])})
+    metrics, feature_metrics = run_core(sae, store, model, eval_cfg, ignore_tokens=special)
+    return metrics, {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in feature_metrics.items()}
+
+
 class _LoadedModel:
     """Stands in for `HookedTransformer` in an sae_bench eval module whose `run_eval` loads the
     model by hub name: it hands over the harness's model instead."""
@@ -188,10 +222,10 @@ class _LoadedModel:
 
 
 def run_evals(evals, sae, model, cfg: RunConfig, eval_tokens: torch.Tensor, device: torch.device, *,
-              loaders: dict[str, Callable] | None = None) -> dict[str, dict]:
+              cache_dir: Path, loaders: dict[str, Callable] | None = None) -> dict[str, dict]:
     """Run every eval in `evals` except core (evaluate_core does that) on `sae` (a BaseSAE taking
     the model's raw activations; it is copied, never changed) and return {eval_type_id: result}.
-    Exceptions propagate. `loaders` replaces what sae_bench reads from outside, for tests:
+    Exceptions propagate. `cache_dir` keeps sae_probes' model activations between runs. `loaders` replaces what sae_bench reads from outside, for tests:
       "load_dataset":  called as sae_bench calls datasets.load_dataset, e.g. ("LabHC/bias_in_bios"),
                        ("Helsinki-NLP/europarl", "en-fr", streaming=True, split="train"),
                        ("cais/mmlu", "human_aging", split="test")
@@ -212,7 +246,8 @@ def run_evals(evals, sae, model, cfg: RunConfig, eval_tokens: torch.Tensor, devi
                 continue
             with _sandbox(model, cfg.seed) as workdir:
                 # a copy: sae_bench casts, moves and relabels the SAE it is given
-                result = RUNNERS[name](copy.deepcopy(sae), model, cfg, eval_tokens, str(device), workdir)
+                runner = functools.partial(RUNNERS[name], cache_dir=cache_dir) if name == "sae_probes" else RUNNERS[name]
+                result = runner(copy.deepcopy(sae), model, cfg, eval_tokens, str(device), workdir)
             result["budget_overrides"] = _budget_overrides(name, cfg.preset)
             results[result["eval_type_id"]] = json.loads(json.dumps(result, default=str))
     return results
@@ -279,13 +314,13 @@ def _scr_or_tpp(perform_scr: bool, sae, model, cfg, eval_tokens, device, workdir
     return _run_eval(main, config, sae, cfg, device, workdir, model)
 
 
-def _sae_probes(sae, model, cfg, eval_tokens, device, workdir) -> dict:
+def _sae_probes(sae, model, cfg, eval_tokens, device, workdir, *, cache_dir: Path) -> dict:
     """sae_probes would load the model itself: its activations are made first, with ours, in a
     cache kept next to the harness's activations (sae_probes regenerates a file of the wrong length)."""
     from sae_bench.evals.sparse_probing_sae_probes import main
     from sae_probes.generate_model_activations import ensure_dataset_activations
 
-    cache = experiment.ACTIVATIONS_DIR.resolve() / "sae_probes"
+    cache = Path(cache_dir).resolve() / "sae_probes"
     config = _config("sae_probes", cfg, model_name=model.cfg.model_name, model_cache_path=str(cache))
     ensure_dataset_activations(model_name=config.model_name, dataset_short_names=config.dataset_names,
                                hook_names=[cfg.hook_name], model_cache_path=cache, device=device, model=model)

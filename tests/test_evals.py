@@ -192,7 +192,8 @@ def test_offline_evals_need_nothing_and_loaders_stand_in_for_the_hub_and_key(off
 # Each eval end to end on the tiny model.
 
 def run(names, sae, model, cfg, eval_tokens):
-    return evals.run_evals(names, sae, model, cfg, eval_tokens, torch.device("cpu"), loaders=LOADERS)
+    return evals.run_evals(names, sae, model, cfg, eval_tokens, torch.device("cpu"), cache_dir=experiment.ACTIVATIONS_DIR,
+                           loaders=LOADERS)
 
 
 def test_sparse_probing_reads_every_dataset_and_reports_in_sae_bench_format(sae, model, cfg, eval_tokens):
@@ -264,9 +265,11 @@ def test_a_failing_eval_raises_and_unknown_loaders_are_refused(sae, model, cfg, 
         raise ConnectionError("hub down")
 
     with pytest.raises(ConnectionError, match="hub down"):
-        evals.run_evals(("tpp",), sae, model, cfg, eval_tokens, torch.device("cpu"), loaders={"load_dataset": hub_down})
+        evals.run_evals(("tpp",), sae, model, cfg, eval_tokens, torch.device("cpu"), cache_dir=experiment.ACTIVATIONS_DIR,
+                           loaders={"load_dataset": hub_down})
     with pytest.raises(ValueError, match="unknown loaders"):
-        evals.run_evals(("tpp",), sae, model, cfg, eval_tokens, torch.device("cpu"), loaders={"datasets": hub_down})
+        evals.run_evals(("tpp",), sae, model, cfg, eval_tokens, torch.device("cpu"), cache_dir=experiment.ACTIVATIONS_DIR,
+                           loaders={"datasets": hub_down})
 
 
 def test_capped_absorption_vocabulary_is_letter_balanced_and_independent_of_vocabulary_order():

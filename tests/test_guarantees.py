@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import cli
 
+import evals
 import experiment
 
 ROOT = Path(experiment.__file__).parent
@@ -175,11 +176,11 @@ def test_an_evaluation_crash_keeps_the_trained_sae_and_eval_run_dir_completes_it
     notebook is untouched, and `eval RUN_DIR` finishes the run with its notebook entry."""
     notes, out = tmp_path / "notes.md", tmp_path / "runs" / "r"
     notes.write_text("# earlier entries\n")
-    real_core = experiment.evaluate_core
+    real_core = evals.evaluate_core
 
     def crashing_core(*args, **kwargs):
         raise KeyError(23)
-    monkeypatch.setattr(experiment, "evaluate_core", crashing_core)
+    monkeypatch.setattr(evals, "evaluate_core", crashing_core)
     result = cli("run", "--preset", "tiny", "--plugin", "run_0_baseline", "--out", str(out), "--notes", str(notes))
     assert result.exit_code == 2 and result.output.count("error:") == 1
     assert "evaluation failed after training (KeyError: 23)" in result.output and f"eval {out}" in result.output
@@ -189,7 +190,7 @@ def test_an_evaluation_crash_keeps_the_trained_sae_and_eval_run_dir_completes_it
     assert info["training_steps"] > 0 and (out / "sae_weights.safetensors").exists()
     assert notes.read_text() == "# earlier entries\n"
 
-    monkeypatch.setattr(experiment, "evaluate_core", real_core)
+    monkeypatch.setattr(evals, "evaluate_core", real_core)
     assert cli("eval", str(out), "--evals", "core", "--notes", str(notes)).exit_code == 0
     info = json.loads((out / "final_info.json").read_text())
     assert info["status"] == "completed" and "error" not in info and info["metrics"]["sparsity"]["l0"] > 0
@@ -226,6 +227,14 @@ def test_unwritable_out_is_refused(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     out = refused(tmp_path, "--preset", "tiny", "--plugin", "run_0_baseline", "--out", str(tmp_path / "a_file" / "r"))
     assert "is not a writable folder" in out
+
+
+def test_out_where_nothing_can_be_created_is_refused_before_any_work(tmp_path, monkeypatch):
+    """/proc passes a permission check (as root) but holds no new folder: refused in one line
+    before the model is even loaded, not with a traceback after training."""
+    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: pytest.fail("work started"))
+    out = refused(tmp_path, "--preset", "tiny", "--plugin", "run_0_baseline", "--out", "/proc/forbidden/run")
+    assert "cannot create run folder /proc/forbidden/run: /proc is not a writable folder" in out
 
 
 def test_existing_out_folder_is_refused(tmp_path):

@@ -341,27 +341,3 @@ def test_a_missing_eval_requirement_is_refused_before_training(tmp_path, notes, 
     with pytest.raises(experiment.HarnessError, match="OPENAI_API_KEY"):
         experiment.execute(cfg, plugin, tmp_path / "run", notes)
     assert not (tmp_path / "run").exists()
-
-
-def test_bench_measures_every_quantity_it_reports(tmp_path):
-    """bench: harvest vs plain forward, cache reads, our SAE step vs sae_lens's, the roofline
-    fraction and peak memory, all measured (positive and finite) and written to bench.json."""
-    out = tmp_path / "bench.json"
-    result = cli("bench", "--preset", "tiny", "--steps", "2", "--tokens", "4096", "--out", str(out))
-    assert result.exit_code == 0, result.output
-    bench = json.loads(out.read_text())
-    for part in ("plain_forward", "harvest", "cache_read", "sae_step", "sae_lens_step"):
-        assert 0 < bench[part]["tokens_per_s"] < float("inf") and bench[part]["peak_mb"] >= 0
-    for ratio in ("harvest_vs_forward", "cache_read_vs_harvest", "ours_vs_sae_lens", "sae_step_roofline_fraction"):
-        assert 0 < bench[ratio] < float("inf")
-    assert "ours / sae_lens" in result.output
-    assert bench["sae_step"]["path"] == "dense"  # a fresh SAE: about half its latents fire
-
-
-def test_bench_at_two_percent_latent_density_times_the_sparse_step(tmp_path):
-    out = tmp_path / "bench.json"
-    result = cli("bench", "--preset", "tiny", "--steps", "2", "--tokens", "4096", "--l0-fraction", "0.02",
-                 "--out", str(out))
-    assert result.exit_code == 0, result.output
-    step = json.loads(out.read_text())["sae_step"]
-    assert step["path"] == "sparse" and 0.01 < step["latent_density"] < 0.03

@@ -1,0 +1,242 @@
+"""Where a run's time goes, measured in one process on the same data, side by side with SAELens.
+
+    python bench.py --preset embedded --l0-fraction 0.02     # a table, and bench.json
+
+Four measurements: LLM activation harvest against the same model's plain forward to the hooked
+layer; cached-activation reads through training's own prefetching reader; our SAE training step
+against sae_lens's `StandardTrainingSAE` on the same batch, weights, dtype and optimizer; and the
+step's dense-equivalent FLOP/s against a plain matmul of the same shape. Each pair is timed in
+turn over rounds (best of each), so load from elsewhere on a shared machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import experiment  # first: its import guards
+import numpy as np
+import torch
+import typer
+from experiment import RunConfig
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA allocator peak, or sampled process RSS on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb = device, 0.0
+
+    def __enter__(self):
+        import psutil
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        process, self._stop = psutil.Process(), threading.Event()
+        self._base = process.memory_info().rss
+
+        def sample():
+            while not self._stop.wait(0.005):
+                self.peak_mb = max(self.peak_mb, (process.memory_info().rss - self._base) / 2**20)
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: bool = True) -> float:
+    """Seconds per call (after one untimed warm-up call)."""
+    if warmup:
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def alternated(fns: dict[str, Any], device: torch.device, repeats: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """Each fn's best-of-`rounds` seconds per call and its peak MB, the fns timed in turn every
+    round, so that load from elsewhere on the machine hits them alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    peak_mb = dict.fromkeys(fns, 0.0)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            with PeakMemory(device) as mem:
+                seconds[name].append(timed(fn, device, repeats, warmup=False))
+            peak_mb[name] = max(peak_mb[name], mem.peak_mb)
+    return {name: (min(seconds[name]), peak_mb[name]) for name in fns}
+
+
+def sae_lens_step(sae: experiment.SAE, cfg: RunConfig):
+    """sae_lens's own standard (ReLU, L1) training SAE, with our SAE's weights, doing its step."""
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+
+    ref = StandardTrainingSAE(StandardTrainingSAEConfig(
+        d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, dtype=str(sae.dtype).split(".")[1], device=str(sae.W_dec.device),
+        l1_coefficient=cfg.sparsity_penalty))
+    ref.load_state_dict({k: getattr(sae, k).detach().clone() for k in ("W_enc", "W_dec", "b_enc", "b_dec")}, strict=False)
+    optimizer = torch.optim.Adam(ref.parameters(), lr=cfg.lr)
+
+    def step(x):
+        out = ref.training_forward_pass(TrainStepInput(
+            sae_in=x, coefficients={"l1": cfg.sparsity_penalty}, dead_neuron_mask=None,
+            n_training_steps=0, is_logging_step=False))
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+    return step
+
+
+def harvest_and_read(cfg: RunConfig, model, device: torch.device, results: dict) -> torch.Tensor:
+    """1. harvest against the plain forward, on the contexts harvesting uses; 2. cache reads
+    through training's own reader. Returns one training batch."""
+    contexts, _ = experiment.load_tokens(cfg, model)
+    non_bos_so_far = (contexts != contexts[0, 0]).sum(1).cumsum(0)
+    contexts = contexts[: int(torch.searchsorted(non_bos_so_far, cfg.tokens)) + 1]
+
+    def plain_forward():
+        with torch.no_grad():
+            for start in range(0, len(contexts), cfg.llm_batch_size):
+                model(contexts[start:start + cfg.llm_batch_size].to(device), stop_at_layer=cfg.layer + 1)
+    with tempfile.TemporaryDirectory(prefix="sae_bench_") as tmp:
+        acts = np.lib.format.open_memmap(Path(tmp) / "acts.npy", mode="w+", dtype=cfg.cache_dtype,
+                                         shape=(cfg.tokens, model.cfg.d_model))
+        with Progress(console=experiment.console, transient=True) as quiet:
+            timings = alternated(dict(harvest=lambda: experiment.harvest(model, contexts, cfg, acts, quiet),
+                                      plain_forward=plain_forward), device, repeats=1, rounds=3)
+        for name, (seconds, peak_mb) in timings.items():
+            results[name] = dict(tokens_per_s=cfg.tokens / seconds, peak_mb=peak_mb)
+        results["harvest_vs_forward"] = timings["plain_forward"][0] / timings["harvest"][0]
+
+        acts.flush()
+        data = experiment.ActivationData(np.load(Path(tmp) / "acts.npy", mmap_mode="r"), torch.empty(0),
+                                         experiment.activation_scale(acts), from_cache=True)
+        order = torch.randperm(cfg.tokens, generator=torch.Generator().manual_seed(cfg.seed))
+        n_batches = cfg.tokens // cfg.batch_size
+
+        def batches():
+            return experiment.prefetched_batches(data, order, cfg, range(n_batches), 0, cfg.batch_size, device,
+                                                 torch.float32)
+        with PeakMemory(device) as mem:
+            read_s = timed(lambda: collections.deque(batches(), maxlen=0), device, 3)
+        results["cache_read"] = dict(tokens_per_s=n_batches * cfg.batch_size / read_s, peak_mb=mem.peak_mb)
+        results["cache_read_vs_harvest"] = results["cache_read"]["tokens_per_s"] / results["harvest"]["tokens_per_s"]
+        return next(batches())[1]
+
+
+def sae_steps(cfg: RunConfig, x: torch.Tensor, d_in: int, steps: int, l0_fraction: float | None,
+              results: dict) -> float:
+    """3. our baseline SAE's training step against sae_lens's on the same batch; returns ours in s."""
+    torch.manual_seed(cfg.seed)
+    sae = experiment.SAE(d_in, cfg.dict_size, experiment.Hyperparams(), cfg, device=x.device)
+    if l0_fraction is not None:  # place the ReLU threshold so that this fraction of latents fires
+        with torch.no_grad():
+            pre = (x - sae.b_dec) @ sae.W_enc
+            sae.b_enc.copy_(-torch.quantile(pre.float().flatten()[:1_000_000], 1 - l0_fraction))
+    reference = sae_lens_step(sae, cfg)
+    trainer = experiment.Trainer(sae, cfg)
+    density = (sae.encode(x) > 0).float().mean().item()
+    step_numbers = itertools.count()  # as in training: the density check runs every 10th step
+    for _ in range(2):  # the first picks the dense or sparse step, the second compiles it (--compile)
+        trainer.step(x, next(step_numbers))
+    reference(x)
+    timings = alternated(dict(ours=lambda: trainer.step(x, next(step_numbers)), sae_lens=lambda: reference(x)),
+                         x.device, repeats=steps, rounds=3)
+    (ours_s, ours_mb), (ref_s, ref_mb) = timings["ours"], timings["sae_lens"]
+    results["sae_step"] = dict(tokens_per_s=cfg.batch_size / ours_s, peak_mb=ours_mb, latent_density=density,
+                               path="sparse" if trainer.sparse else "dense", compiled=cfg.compile)
+    results["sae_lens_step"] = dict(tokens_per_s=cfg.batch_size / ref_s, peak_mb=ref_mb)
+    results["ours_vs_sae_lens"] = ref_s / ours_s
+    return ours_s
+
+
+def roofline(cfg: RunConfig, d_in: int, ours_s: float, device: torch.device, steps: int, results: dict) -> None:
+    """4. the step's dense-equivalent FLOP/s (five B × d_in × d_sae matmuls) against one such matmul."""
+    step_flops = 10 * cfg.batch_size * d_in * cfg.dict_size
+    a = torch.randn(cfg.batch_size, d_in, device=device)
+    b = torch.randn(d_in, cfg.dict_size, device=device)
+    matmul_s, _ = alternated(dict(matmul=lambda: a @ b), device, repeats=steps, rounds=3)["matmul"]
+    results["roofline_flops"] = 2 * cfg.batch_size * d_in * cfg.dict_size / matmul_s
+    results["sae_step_flops"] = step_flops / ours_s
+    results["sae_step_roofline_fraction"] = results["sae_step_flops"] / results["roofline_flops"]
+
+
+def run_bench(cfg: RunConfig, steps: int, l0_fraction: float | None) -> dict[str, Any]:
+    device = experiment.resolve_device(cfg.device)
+    experiment.configure_kernels(cfg, device)  # as training does: TF32 on CUDA
+    model = experiment.load_model(cfg.model, device)
+    d_in = model.cfg.d_model
+    results: dict[str, Any] = dict(device=str(device), model=cfg.model, layer=cfg.layer, d_in=d_in,
+                                   d_sae=cfg.dict_size, batch_size=cfg.batch_size, tokens=cfg.tokens,
+                                   torch_threads=torch.get_num_threads())
+    x = harvest_and_read(cfg, model, device, results)
+    ours_s = sae_steps(cfg, x, d_in, steps, l0_fraction, results)
+    roofline(cfg, d_in, ours_s, device, steps, results)
+    return results
+
+
+def print_table(cfg: RunConfig, results: dict[str, Any]) -> None:
+    table = Table(title=f"bench: {cfg.model} layer {cfg.layer}, d_sae {cfg.dict_size}, batch {cfg.batch_size}, "
+                        f"{results['device']}")
+    table.add_column("what")
+    table.add_column("tokens/s", justify="right")
+    table.add_column("peak MB", justify="right")
+    step = results["sae_step"]
+    labels = dict(sae_step=f"sae_step ({step['path']}{', compiled' if step['compiled'] else ''})")
+    for key in ("plain_forward", "harvest", "cache_read", "sae_step", "sae_lens_step"):
+        table.add_row(labels.get(key, key), f"{results[key]['tokens_per_s']:,.0f}", f"{results[key]['peak_mb']:,.0f}")
+    Console().print(table)
+    Console().print(
+        f"harvest / plain forward: {results['harvest_vs_forward']:.2f}   cache read / harvest: "
+        f"{results['cache_read_vs_harvest']:.1f}x   ours / sae_lens: {results['ours_vs_sae_lens']:.2f}x   "
+        f"SAE step: {results['sae_step_flops'] / 1e9:.1f} GFLOP/s (the dense step's FLOPs over its time) = "
+        f"{results['sae_step_roofline_fraction']:.0%} of the {results['roofline_flops'] / 1e9:.1f} GFLOP/s matmul "
+        f"roofline (latent density {step['latent_density']:.1%})")
+
+
+@app.command()
+def bench(
+    preset: str = typer.Option("embedded", help="Model, layer and data come from this preset."),
+    model: str = typer.Option(None), layer: int = typer.Option(None),
+    dict_size: int = typer.Option(None, help="d_sae."), batch_size: int = typer.Option(None),
+    tokens: int = typer.Option(32_768, help="Tokens to harvest for the harvest and read timings."),
+    steps: int = typer.Option(20, help="Timed SAE steps."),
+    l0_fraction: float = typer.Option(None, help="Set the fraction of latents that fire (e.g. 0.02)."),
+    compile_loss: bool = typer.Option(False, "--compile", help="torch.compile our SAE's loss, as `run --compile`."),
+    device: str = typer.Option("auto"), out: Path = typer.Option(Path("bench.json")),
+) -> None:
+    """Throughput of harvesting, cache reads and the SAE step (vs sae_lens), the SAE step's
+    fraction of the measured matmul roofline, and peak memory; a table and bench.json."""
+    with experiment.one_line_errors():
+        cfg = experiment.build_config(preset, "baseline/run_0_baseline", model=model, layer=layer,
+                                      dict_size=dict_size, batch_size=batch_size, tokens=tokens, device=device,
+                                      compile=compile_loss)
+        results = run_bench(cfg, steps, l0_fraction)
+    experiment.atomic_write(out, json.dumps(results, indent=2))
+    print_table(cfg, results)
+
+
+if __name__ == "__main__":
+    app()
