@@ -264,10 +264,8 @@ def _budget_overrides(name: str, preset: str) -> dict[str, Any]:
 def _sandbox(model, seed: int):
     """Yields a fresh temporary folder for sae_bench's files. Meanwhile: seeded RNGs, gradients
     on, sae_bench's runtime shape checks off; the tokenizer's padding and truncation sides are
-    put back afterwards (sae_probes sets them for its own use). The shape checks go because, with
-    the installed jaxtyping (0.3.11), a checked function's dimension names also bind the helpers
-    it calls: sparse probing's k-sparse probes fail on every dataset ("train_dataset_size is 40
-    which does not equal the existing value of 20")."""
+    put back afterwards (sae_probes sets them for its own use). The shape checks wrongly reject
+    sparse probing's k-sparse probes with the pinned jaxtyping (README, "Evaluations")."""
     import jaxtyping
 
     tokenizer = model.tokenizer

@@ -22,7 +22,6 @@ from __future__ import annotations
 from common import HarnessError, console, one_line_errors  # noqa: F401  (first: its import guards)
 
 import collections
-import contextlib
 import copy
 import dataclasses
 import difflib
@@ -201,8 +200,8 @@ class LossOutput(NamedTuple):
 
 
 # The formula's pieces; where a plugin keeps them all, training may take kernels.py's sparse step.
-FORMULA = ("encoder_input", "pre_activation", "activation", "decoder_weight", "decode", "reconstruct",
-           "encode", "observe", "sparsity_coefficient", "sparsity_loss", "aux_losses", "loss")
+FORMULA = ("encoder_input", "pre_activation", "activation", "decoder_weight", "decode", "reconstruct", "encode",
+           "training_batch", "observe", "sparsity_coefficient", "sparsity_loss", "aux_losses", "loss")
 
 
 class SAE(BaseSAE):
@@ -260,12 +259,18 @@ class SAE(BaseSAE):
         return self.decode(f)
 
     def loss(self, x: torch.Tensor, step: int) -> LossOutput:
+        x, batch_stats = self.training_batch(x, step) if self.training else (x, {})
         fwd = self.training_pass(x, step)
         if self.training:
             with torch.no_grad():
                 self.observe(fwd)
         terms = {"l2_loss": (x - fwd.x_hat).pow(2).sum(-1).mean(), "sparsity_loss": self.sparsity_loss(fwd)}
-        return LossOutput({**terms, **self.aux_losses(fwd)}, fwd.f, fwd.stats)
+        return LossOutput({**terms, **self.aux_losses(fwd)}, fwd.f, {**fwd.stats, **batch_stats})
+
+    def training_batch(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Training only: the batch the loss trains on, input and target (importance sampling),
+        and diagnostics to log."""
+        return x, {}
 
     def sparsity_coefficient(self, fwd: Forward) -> float | torch.Tensor:
         """λ, the L1 coefficient at this step."""
@@ -327,7 +332,7 @@ class SAE(BaseSAE):
 def check_contract(sae: SAE, x: torch.Tensor) -> None:
     """A plugin must map (B, d_in) -> latents (B, d_sae) -> reconstruction (B, d_in) and return
     scalar loss terms; checked on a few real activations before training starts."""
-    d_in, d_sae, name = sae.cfg.d_in, sae.cfg.d_sae, type(sae).__module__
+    d_sae, name = sae.cfg.d_sae, type(sae).__module__
     f = sae.encode(x)
     if f.shape != (len(x), d_sae):
         raise HarnessError(f"plugin {name}: encode returned shape {tuple(f.shape)}, expected {(len(x), d_sae)}")
@@ -1190,6 +1195,14 @@ def finish(info: dict, run_dir: Path, plugin: Plugin, notes: Path, cfg: RunConfi
     append_notes(notes, plugin, notes_entry(plugin, run_dir, info))
 
 
+def runs_root(run_dir: Path, plugin: Plugin) -> Path:
+    """Where a run's sibling runs live: <root> of <root>/<study>/<plugin>/<timestamp>, else the
+    folder holding an --out folder."""
+    if len(run_dir.parents) > 2 and run_dir.parent.name == plugin.name:
+        return run_dir.parents[2]
+    return run_dir.parent
+
+
 def suspicious(info: dict, run_dir: Path, plugin: Plugin) -> list[str]:
     """Results the seed notebooks reported without noticing: each becomes a warning."""
     found = []
@@ -1205,7 +1218,7 @@ def suspicious(info: dict, run_dir: Path, plugin: Plugin) -> list[str]:
     for key in ("explained_variance", "explained_variance_legacy"):
         if quality.get(key, 0.0) < 0:
             found.append(f"{key} is negative ({quality[key]:.3g}): worse than predicting the mean")
-    parent = plot.latest_run(run_dir.parents[2], plugin.parent, same_data_as=info) if plugin.parent and len(run_dir.parents) > 2 else None
+    parent = plot.latest_run(runs_root(run_dir, plugin), plugin.parent, same_data_as=info) if plugin.parent else None
     if parent is not None and "metrics" in info and parent.get("metrics") == info["metrics"]:
         found.append(f"metrics identical to the last digit to parent {plugin.parent}'s latest run: "
                      "did the change reach the model?")
@@ -1421,9 +1434,8 @@ def compare(
     runs: Path = typer.Option(ROOT / "runs", help="Folder of run folders."),
 ) -> None:
     """Runs x key metrics: best value per column highlighted, deltas against each parent run."""
-    from plot import compare_table
     with one_line_errors():
-        table = compare_table(runs, study)
+        table = plot.compare_table(runs, study)
     Console(width=220).print(table)
 
 

@@ -5,13 +5,14 @@ from data that exists.
     python plot.py --study zscore_ortho               # one study
     python plot.py --run runs/zscore_ortho/run_7_adaptive_ln/20250101-120000   # this folder, not the latest
 
-Each plugin is shown by its latest run folder that has a final_info.json (latest by the folder's
-timestamp name, else its modification time; runs still training or interrupted have no
-final_info.json and are passed over), unless --run picks one. Runs are ordered by run number and
-each plugin keeps one colour in every figure. A failed run is drawn as a hatched "failed" slot or
-an × marker, never as a zero; a figure whose data no run has is not written. figures/README.md
-lists the figures written, with a caption each, and the run folders they come from. With several
-studies, each gets its own folder figures/<study>/.
+A run folder is any folder under --runs, at any depth, that holds a final_info.json (runs still
+training or interrupted have none and are passed over); it says itself which study and plugin it
+ran. Each plugin is shown by its latest run folder (latest by the folder's timestamp name, else its
+modification time), unless --run picks one. Runs are ordered by run number and each plugin keeps
+one colour in every figure. A failed run is drawn as a hatched "failed" slot or an × marker, never
+as a zero; a figure whose data no run has is not written. figures/README.md lists the figures
+written, with a caption each, and the run folders they come from. With several studies, each gets
+its own folder figures/<study>/.
 
 Read top to bottom: reading runs, metrics and their directions, drawing helpers, the figures
 (core metrics, training curves, final losses, sae_bench evals, per-run latent frequencies), the
@@ -30,7 +31,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+from common import HarnessError, console, one_line_errors  # first: its import guards
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -41,11 +44,13 @@ from matplotlib.patches import Patch  # noqa: E402
 from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
-import experiment  # noqa: E402
-from experiment import HarnessError, console  # noqa: E402
-
 # ----------------------------------------------------------------------------------------------
-# Reading runs: runs/<study>/<plugin>/<timestamp>/ as experiment.py writes them.
+# Reading runs. A run folder is any folder holding a final_info.json, at any depth under the runs
+# folder (experiment.py writes runs/<study>/<plugin>/<timestamp>/, or wherever --out says), and it
+# says itself which plugin it ran: final_info.json's `run`, or for older folders config.json's
+# `plugin`. This is the one place that reads run folders.
+
+ROOT = Path(__file__).resolve().parent
 
 # One colour per run number (0, the baseline, is grey), so a plugin looks the same in every figure.
 PALETTE = ["#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
@@ -90,59 +95,132 @@ def stamp_time(folder: Path) -> float:
         return folder.stat().st_mtime
 
 
+def read_json(path: Path) -> dict:
+    """The JSON object in path, {} if there is no such file; HarnessError if it holds no object."""
+    if not path.exists():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise HarnessError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise HarnessError(f"{path} holds {type(value).__name__}, not a JSON object")
+    return value
+
+
 def read_json_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def find_runs(root: Path) -> list[Path]:
+    """Every folder at any depth under root (root included) that holds a final_info.json, oldest
+    first: by the folder's timestamp name, else its modification time. Runs still training, or
+    interrupted before they finished, have none."""
+    folders = {path.parent for path in root.rglob("final_info.json") if path.is_file()}
+    return sorted(folders, key=lambda folder: (stamp_time(folder), str(folder)))
+
+
+def identify(folder: Path, info: dict) -> dict:
+    """The study, plugin (file stem), number, title and parent of the run in folder, as the run
+    recorded them in final_info.json's `run`; for a folder written before runs recorded that,
+    config.json's `plugin` (study/stem), titled from the file name, parent unknown."""
+    run = info.get("run") if isinstance(info.get("run"), dict) else {}
+    if run.get("study") and run.get("plugin"):
+        study, plugin = str(run["study"]), str(run["plugin"])
+    else:
+        run = {}
+        study, _, plugin = str(read_json(folder / "config.json").get("plugin", "")).rpartition("/")
+    found = re.match(r"run_(\d+)", plugin)
+    if not study or not found:
+        raise HarnessError(f"{folder} does not say which plugin it ran (no `run` in its final_info.json, "
+                           "no study/run_<n>_<slug> `plugin` in its config.json)")
+    recorded = run.get("number")
+    return dict(study=study, plugin=plugin, number=recorded if isinstance(recorded, int) else int(found.group(1)),
+                title=run.get("title") or plugin.split("_", 2)[-1].replace("_", " "), parent=run.get("parent"))
+
+
 def read_run(folder: Path) -> Run:
-    study, plugin = folder.parent.parent.name, folder.parent.name
-    try:
-        found = experiment.find_plugin(f"{study}/{plugin}")
-        title, parent = found.title, found.parent
-    except HarnessError as exc:  # the plugin file was renamed, removed, or is broken right now
-        console.print(f"[yellow]note:[/yellow] {exc}; labelling its runs from the file name")
-        title, parent = plugin.split("_", 2)[-1].replace("_", " "), None
-    config = folder / "config.json"
-    return Run(folder, study, plugin, int(re.match(r"run_(\d+)", plugin).group(1)), title, parent,
-               json.loads((folder / "final_info.json").read_text()),
-               json.loads(config.read_text()) if config.exists() else {},
-               read_json_lines(folder / "train_log.jsonl"))
+    info = read_json(folder / "final_info.json")
+    who = identify(folder, info)
+    return Run(folder, who["study"], who["plugin"], who["number"], who["title"], who["parent"], info,
+               read_json(folder / "config.json"), read_json_lines(folder / "train_log.jsonl"))
+
+
+Index = list[tuple[Path, dict, dict]]  # (folder, identify()'s answer, final_info) of each run, oldest first
+
+
+def run_index(root: Path) -> Index:
+    """Every run under root, oldest first, with who it is; a folder that cannot say which plugin it
+    ran (or whose final_info.json is unreadable) is passed over with a note."""
+    index = []
+    for folder in find_runs(root):
+        try:
+            info = read_json(folder / "final_info.json")
+            index.append((folder, identify(folder, info), info))
+        except HarnessError as exc:
+            console.print(f"[yellow]note:[/yellow] {exc}; passed over")
+    return index
+
+
+def newest(index: Index, plugin_name: str, same_data_as: dict | None = None) -> dict | None:
+    """final_info of the newest completed run in index of plugin_name (its stem, any study; or
+    study/stem), optionally only among runs on the same activations as same_data_as."""
+    for _, who, info in reversed(index):
+        if plugin_name not in (who["plugin"], f"{who['study']}/{who['plugin']}") or info.get("status") != "completed":
+            continue
+        if same_data_as is None or info.get("activation_cache") == same_data_as.get("activation_cache"):
+            return info
+    return None
+
+
+def latest_run(runs_root: Path, plugin_name: str, same_data_as: dict | None = None) -> dict | None:
+    """final_info of the newest completed run of plugin_name under runs_root (any study, any
+    depth), optionally only among runs on the same activations (same `activation_cache`)."""
+    return newest(run_index(runs_root), plugin_name, same_data_as)
 
 
 def select_runs(runs_dir: Path, study: str | None = None, picks: Iterable[Path] = ()) -> dict[str, list[Run]]:
-    """study -> its plugins' runs in run-number order: each plugin's latest finished run folder,
-    or the folder picked for it."""
-    chosen: dict[tuple[str, str], Path] = {}
-    for path in sorted(runs_dir.glob("*/run_*/*/final_info.json"), key=lambda p: stamp_time(p.parent)):
-        chosen[path.parent.parent.parent.name, path.parent.parent.name] = path.parent  # later wins
+    """study -> its plugins' runs in run-number order: each plugin's latest finished run folder
+    under runs_dir, or the folder picked for it."""
+    return choose_runs(run_index(runs_dir), runs_dir, study, picks)
+
+
+def choose_runs(index: Index, runs_dir: Path, study: str | None, picks: Iterable[Path]) -> dict[str, list[Run]]:
+    """select_runs on an index already read."""
+    chosen = {(who["study"], who["plugin"]): folder for folder, who, _ in index}  # oldest first: the latest wins
     for folder in picks:
-        if not (folder / "final_info.json").exists() or not re.match(r"run_\d+", folder.parent.name):
-            raise HarnessError(f"--run {folder} is not a finished run folder "
-                               "(expected <runs>/<study>/run_<n>_<slug>/<timestamp>/final_info.json)")
-        chosen[folder.parent.parent.name, folder.parent.name] = folder
+        if not (folder / "final_info.json").is_file():
+            raise HarnessError(f"--run {folder} is not a finished run folder (it holds no final_info.json)")
+        who = identify(folder, read_json(folder / "final_info.json"))
+        chosen[who["study"], who["plugin"]] = folder
     if not chosen:
         raise HarnessError(f"no finished run folders under {runs_dir} "
-                           "(expected <study>/run_<n>_<slug>/<timestamp>/final_info.json); train one first")
+                           "(folders holding a final_info.json, at any depth); train one first")
     studies = sorted({s for s, _ in chosen})
     if study is not None and study not in studies:
         raise HarnessError(f"no runs of study '{study}' under {runs_dir}; studies with runs: {', '.join(studies)}")
-    grouped: dict[str, list[Run]] = {}
     baseline = chosen.get(("baseline", "run_0_baseline"))
+    grouped = {}
     for name in studies if study is None else [study]:
         runs = sorted((read_run(f) for (s, _), f in chosen.items() if s == name), key=lambda r: (r.number, r.plugin))
         if baseline and name != "baseline" and not any(r.number == 0 for r in runs):
             base = read_run(baseline)  # every notebook's run 0, where it was trained on the same activations
             if base.info.get("activation_cache") in {r.info.get("activation_cache") for r in runs}:
                 runs.insert(0, base)
-        taken: set[str] = set()
-        for run in runs:  # the run number's colour, or the next free one if two runs share a number
-            i = run.number % len(PALETTE)
-            while PALETTE[i] in taken and len(taken) < len(PALETTE):
-                i = (i + 1) % len(PALETTE)
-            run.color = PALETTE[i]
-            taken.add(run.color)
-        grouped[name] = runs
+        grouped[name] = paint(runs)
     return grouped
+
+
+def paint(runs: list[Run]) -> list[Run]:
+    """Each run gets its run number's colour, or the next free one if two runs share a number."""
+    taken: set[str] = set()
+    for run in runs:
+        i = run.number % len(PALETTE)
+        while PALETTE[i] in taken and len(taken) < len(PALETTE):
+            i = (i + 1) % len(PALETTE)
+        run.color = PALETTE[i]
+        taken.add(run.color)
+    return runs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -618,7 +696,8 @@ def compare_table(runs_dir: Path, study: str | None = None) -> Table:
     """Runs × key metrics: each plugin's latest run, the best value per column in bold green,
     and in brackets the change against the parent plugin's latest completed run on the same
     activations."""
-    studies = select_runs(runs_dir, study)
+    index = run_index(runs_dir)
+    studies = choose_runs(index, runs_dir, study, ())
     runs = [r for rs in studies.values() for r in rs]
     mixed = " Runs differ in setting (preset, model, layer, size or tokens): compare with care." \
         if len({r.setting for r in runs}) > 1 else ""
@@ -633,7 +712,7 @@ def compare_table(runs_dir: Path, study: str | None = None) -> Table:
     values = {name: [None if r.failed else metric(r.info, name) for r in runs] for name in TABLE}
     best = {name: best_rows(values[name], METRICS[name][2]) for name in TABLE}
     for i, run in enumerate(runs):
-        parent = experiment.latest_run(runs_dir, run.parent, same_data_as=run.info) if run.parent else None
+        parent = newest(index, run.parent, same_data_as=run.info) if run.parent else None
         if run.failed:
             label = Text(f"{run.label}\nfailed: {textwrap.shorten(str(run.info.get('error', '')), 60)}", style="red")
         else:
@@ -661,14 +740,15 @@ app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
 
 @app.command()
 def main(
-    runs: Path = typer.Option(experiment.ROOT / "runs", help="Runs folder: <study>/<plugin>/<timestamp>/."),
-    out: Path = typer.Option(experiment.ROOT / "figures", help="Where the PNGs and README.md go."),
+    runs: Path = typer.Option(ROOT / "runs", help="Searched at any depth for run folders (those holding "
+                              "final_info.json), e.g. <study>/<plugin>/<timestamp>/."),
+    out: Path = typer.Option(ROOT / "figures", help="Where the PNGs and README.md go."),
     study: str = typer.Option(None, help="Plot only this study."),
     run: list[Path] = typer.Option([], "--run", help="Use this run folder for its plugin instead of the "
                                    "latest (repeatable)."),
 ) -> None:
     """Write the notebooks' figures for every study's runs (each only where its data exists)."""
-    with experiment.one_line_errors():
+    with one_line_errors():
         written = plot_all(runs, out, study, run)
     console.print(f"{len(written)} figures written to {out}; captions in {out / 'README.md'}")
 

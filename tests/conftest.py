@@ -3,6 +3,8 @@ the `tiny` preset (a random 2-layer TransformerLens model on synthetic tokens) u
 otherwise."""
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,15 @@ def cli(*args: str):
 
 def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def scratch_study():
+    """A throwaway study folder inside plugins/ for deliberately broken plugin files."""
+    folder = experiment.PLUGINS_DIR / "scratch_test_study"
+    folder.mkdir()
+    (folder / "__init__.py").write_text('TITLE = "Scratch"\nDESCRIPTION = "Broken plugins for tests."\n')
+    yield folder
+    shutil.rmtree(folder)
+    for name in [m for m in sys.modules if m.startswith("plugins.scratch_test_study")]:
+        del sys.modules[name]

@@ -133,8 +133,11 @@ def test_suspicious_results_are_flagged(run_tiny, tmp_path, monkeypatch):
     # A child run whose metrics equal its parent's latest run on the same data is flagged.
     runs = tmp_path / "layout"
     parent_dir, child_dir = runs / "s" / "run_1_initial" / "1", runs / "s" / "run_2_stable_init" / "1"
-    for d in (parent_dir, child_dir):
-        shutil.copytree(run_dir, d)
+    for d, stem in ((parent_dir, "run_1_initial"), (child_dir, "run_2_stable_init")):
+        shutil.copytree(run_dir, d)  # the baseline's run folder, relabelled as the plugin's
+        copied = json.loads((d / "final_info.json").read_text())
+        copied["run"] = experiment.find_plugin(stem).identity()
+        (d / "final_info.json").write_text(json.dumps(copied))
     child = experiment.find_plugin("run_2_stable_init")
     warnings = experiment.suspicious(info, child_dir, child)
     assert any("identical to the last digit to parent run_1_initial" in w for w in warnings)
@@ -145,18 +148,6 @@ def test_suspicious_results_are_flagged(run_tiny, tmp_path, monkeypatch):
 
 
 # ---- the bad-input matrix: exit 2, one clear line, runs/ and notes.md untouched ----------------
-
-@pytest.fixture
-def scratch_study():
-    """A throwaway study folder inside plugins/ for deliberately broken plugin files."""
-    folder = experiment.PLUGINS_DIR / "scratch_test_study"
-    folder.mkdir()
-    (folder / "__init__.py").write_text('TITLE = "Scratch"\nDESCRIPTION = "Broken plugins for tests."\n')
-    yield folder
-    shutil.rmtree(folder)
-    for name in [m for m in sys.modules if m.startswith("plugins.scratch_test_study")]:
-        del sys.modules[name]
-
 
 def refused(tmp_path, *args):
     notes = tmp_path / "notes.md"

@@ -161,21 +161,6 @@ def test_compiled_loss_trains_to_the_eager_losses(run_tiny):
         assert compiled["final_loss_terms"][name] == pytest.approx(value, rel=1e-3)
 
 
-def test_training_reads_the_same_batches_as_the_seeded_permutation(tmp_path):
-    """The prefetching reader hands the step exactly this rank's rows of the permutation, scaled."""
-    cfg = experiment.build_config("tiny", "baseline/run_0_baseline", tokens=40, batch_size=8)
-    train = torch.arange(40 * 3, dtype=torch.float32).view(40, 3).numpy()
-    data = experiment.ActivationData(train, torch.zeros(1, 4), scale=2.0, from_cache=True)
-    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
-    for rank in (0, 1):
-        batches = list(experiment.prefetched_batches(data, order, cfg, range(1, 5), rank, 4,
-                                                     torch.device("cpu"), torch.float32))
-        assert [step for step, _ in batches] == [1, 2, 3, 4]
-        for step, x in batches:
-            rows = order[step * 8 + rank * 4: step * 8 + rank * 4 + 4].sort().values
-            torch.testing.assert_close(x, torch.from_numpy(train)[rows] * 2.0)
-
-
 # ---- bad input: one line naming the problem, exit code 2, nothing written --------------------
 
 @pytest.mark.parametrize("args, message", [
@@ -205,11 +190,6 @@ def test_cuda_without_cuda_is_refused(tmp_path):
     result = cli("run", "--preset", "tiny", "--plugin", "run_0_baseline", "--device", "cuda",
                  "--out", str(tmp_path / "r"), "--notes", str(tmp_path / "n.md"))
     assert result.exit_code == 2 and "no CUDA device" in result.output
-
-
-def test_plugin_names_resolve_by_file_name_or_study_path():
-    assert experiment.find_plugin("run_7_adaptive_ln").study == "zscore_ortho"
-    assert experiment.find_plugin("zscore_ortho/run_7_adaptive_ln").run_number == 7
 
 
 def test_list_shows_every_plugin_with_title_parent_and_hyperparameters():
@@ -269,43 +249,6 @@ def test_local_dataset_files_are_read(tmp_path):
     assert experiment.local_documents(tmp_path / "b.jsonl") == ["one", "two"]
     with pytest.raises(experiment.HarnessError, match="does not exist"):
         experiment.local_documents(tmp_path / "missing.txt")
-
-
-def test_sparse_step_gives_the_dense_step_gradients():
-    cfg = experiment.build_config("tiny", "baseline/run_0_baseline")
-    torch.manual_seed(0)
-    sae = experiment.SAE(64, 512, experiment.Hyperparams(), cfg)
-    with torch.no_grad():
-        sae.b_enc.fill_(-5.0)  # a few percent of latents fire
-        sae.b_dec.normal_()
-    x = (torch.randn(300, 64) * 2).requires_grad_()  # the input's gradient too, should anyone need it
-    grads = {}
-    for sparse in (False, True):
-        sae.sparse_backward = sparse
-        sae.zero_grad()
-        x.grad = None
-        out = sae.loss(x, 0)
-        sum(out.terms.values()).backward()
-        grads[sparse] = {n: p.grad.clone() for n, p in sae.named_parameters()} | {"x": x.grad.clone()}
-    density = (out.latents > 0).float().mean()
-    assert 0 < density < 0.05
-    for name in grads[False]:
-        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("b_enc, sparse", [(-5.0, True), (0.0, False)])
-def test_trainer_takes_the_sparse_step_on_cpu_only_when_few_latents_fire(b_enc, sparse):
-    cfg = experiment.build_config("tiny", "baseline/run_0_baseline")
-    torch.manual_seed(0)
-    sae = experiment.SAE(64, 512, experiment.Hyperparams(), cfg)
-    with torch.no_grad():
-        sae.b_enc.fill_(b_enc)
-    trainer = experiment.Trainer(sae, cfg)
-    x = torch.randn(256, 64) * 2
-    trainer.step(x, 0)
-    assert trainer.sparse is sparse and not sae.sparse_backward  # decided at step 0, taken from step 1
-    trainer.step(x, 1)
-    assert sae.sparse_backward is sparse
 
 
 def test_harvest_drops_every_bos_position(tmp_path):

@@ -1,11 +1,14 @@
 """plot.py on real tiny runs: every figure whose data exists is written and opens as an image,
 none is drawn from absent data, a failed run is marked as failed (never a zero) without breaking
-plotting, the latest run of each plugin is used unless one is picked, and compare_table
-highlights each column's best value and shows deltas against the parent plugin's latest run."""
+plotting, the latest run of each plugin is used unless one is picked, runs are found at any depth
+and named by what they recorded, compare_table highlights each column's best value and shows deltas
+against the parent plugin's latest run, and plot.py imports nothing that imports it back."""
 
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -56,17 +59,40 @@ def edit_info(run_dir: Path, edit) -> dict:
     return info
 
 
+def relabel_config(run_dir: Path, plugin: str) -> None:
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps(config | {"plugin": plugin}))
+
+
+def copy_run(source: Path, folder: Path, plugin: str, recorded: bool = True) -> Path:
+    """A copy of a run folder as if `plugin` (study/stem) had run there: config.json's plugin and
+    final_info.json's `run` say so; recorded=False leaves `run` out, as in folders written before
+    runs recorded it."""
+    shutil.copytree(source, folder)
+    relabel_config(folder, plugin)
+
+    def edit(info):
+        info.pop("run", None)
+        if recorded:
+            info["run"] = experiment.find_plugin(plugin).identity()
+    edit_info(folder, edit)
+    return folder
+
+
 def add_failed_run(runs: Path) -> None:
     """zscore_ortho run 3 as execute() leaves a run that hit a non-finite loss: two log lines,
     no metrics, status failed."""
     source = runs / PLUGINS[0] / STAMP
-    folder = runs / "zscore_ortho" / "run_3_reduced_ortho_lr" / STAMP
+    plugin = "zscore_ortho/run_3_reduced_ortho_lr"
+    folder = runs / plugin / STAMP
     folder.mkdir(parents=True)
     shutil.copy(source / "config.json", folder / "config.json")
+    relabel_config(folder, plugin)
     log = (source / "train_log.jsonl").read_text().splitlines()[:2]
     (folder / "train_log.jsonl").write_text("\n".join(log) + "\n")
-    info = dict(training_steps=0, final_loss=None, layer=1, dict_size=256, learning_rate=1e-3,
-                sparsity_penalty=0.04, status="failed", error="non-finite loss: l2_loss became nan at step 12")
+    info = dict(run=experiment.find_plugin(plugin).identity(), training_steps=0, final_loss=None, layer=1,
+                dict_size=256, learning_rate=1e-3, sparsity_penalty=0.04, status="failed",
+                error="non-finite loss: l2_loss became nan at step 12")
     (folder / "final_info.json").write_text(json.dumps(info))
 
 
@@ -191,14 +217,15 @@ def test_latest_run_is_used_unless_another_is_picked(runs):
 
     assert chosen()["run_1_initial"] == newer
     assert chosen(picks=[plugin / STAMP])["run_1_initial"] == plugin / STAMP
-    with pytest.raises(experiment.HarnessError, match="not a finished run folder"):
+    with pytest.raises(plot.HarnessError, match="not a finished run folder"):
         chosen(picks=[plugin / "20250103-000000"])
     colours = {r.plugin: r.color for rs in plot.select_runs(runs).values() for r in rs}
     assert colours["run_1_initial"] == colours["run_1_topk_pairs"] == plot.PALETTE[1]  # colour = run number
     assert colours["run_2_stable_init"] == plot.PALETTE[2]
 
-    # A run whose plugin file is gone is still shown, labelled from its file name.
-    shutil.copytree(plugin / STAMP, runs / "zscore_ortho" / "run_12_removed_idea" / STAMP)
+    # A run from before runs recorded their plugin (its plugin file since removed) is still shown,
+    # labelled from config.json's plugin name.
+    copy_run(plugin / STAMP, runs / "old" / "folder", "zscore_ortho/run_12_removed_idea", recorded=False)
     last = plot.select_runs(runs, "zscore_ortho")["zscore_ortho"][-1]
     assert (last.label, last.parent, last.color) == ("Run 12: removed idea", None, plot.PALETTE[0])
 
@@ -237,8 +264,8 @@ def test_cli_refuses_missing_runs_and_unknown_study(runs, tmp_path):
 
 
 def test_the_baseline_is_every_study_s_run_0_when_trained_on_the_same_activations(runs):
-    baseline = runs / "baseline" / "run_0_baseline" / STAMP
-    shutil.copytree(runs / PLUGINS[0] / STAMP, baseline)
+    baseline = copy_run(runs / PLUGINS[0] / STAMP, runs / "baseline" / "run_0_baseline" / STAMP,
+                        "baseline/run_0_baseline")
 
     def plugins(study):
         return [r.plugin for r in plot.select_runs(runs, study)[study]]
@@ -261,3 +288,59 @@ def test_a_broken_run_s_score_is_drawn_off_scale_not_flattening_the_others(runs)
     assert "-700 (off scale)" in texts(fig) and "-inf (off scale)" in texts(fig)
     on_scale, off_scale = [c.get_offsets() for c in ev.collections if isinstance(c, PathCollection)]
     assert list(off_scale[:, 0]) == [1] and list(off_scale[:, 1]) == [-1.0] and list(on_scale[:, 0]) == [0]
+
+
+def test_a_run_anywhere_under_runs_is_found_and_named_by_what_it_ran(trained, tmp_path, notes, monkeypatch):
+    """`experiment.py run --out DIR/name` can put a run anywhere: plot finds every folder holding a
+    final_info.json at any depth and names it by the study and plugin the run recorded, not by its path."""
+    monkeypatch.setattr(experiment, "ACTIVATIONS_DIR", trained.parent / "activations")  # the module's cache
+    root = tmp_path / "some"
+    info = tiny_run(PLUGINS[1], root / "where" / "name", notes)
+    shutil.copytree(trained / PLUGINS[0] / STAMP, root / "else" / "deeper" / "copy")  # its parent, run 1
+
+    runs = plot.select_runs(root)["zscore_ortho"]
+    assert list(plot.select_runs(root)) == ["zscore_ortho"]
+    assert [(r.study, r.plugin, r.folder) for r in runs] == [
+        ("zscore_ortho", "run_1_initial", root / "else" / "deeper" / "copy"),
+        ("zscore_ortho", "run_2_stable_init", root / "where" / "name")]
+    assert runs[1].label == "Run 2: Improved Initialization and Training…" and runs[1].parent == "run_1_initial"
+    ticks = figures(root, "zscore_ortho")["explained_variance_evolution.png"].axes[0].get_xticklabels()
+    assert [t.get_text() for t in ticks] == [r.label for r in runs]
+
+    assert plot.latest_run(root, "run_2_stable_init") == info == plot.latest_run(root, PLUGINS[1])
+    assert plot.latest_run(root, "run_2_stable_init", same_data_as={"activation_cache": "elsewhere"}) is None
+    assert plot.latest_run(root, "run_3_reduced_ortho_lr") is None
+    column = {c.header: [str(cell) for cell in c.cells] for c in plot.compare_table(root).columns}
+    assert "(" in column["explained_variance ↑"][1]  # run 2's change against run 1, found at another depth
+
+    out = tmp_path / "figures"
+    result = CliRunner().invoke(plot.app, ["--runs", str(root), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    readme = (out / "README.md").read_text()
+    assert "## zscore_ortho" in readme
+    assert f"- {runs[1].label} (`run_2_stable_init`): `{root / 'where' / 'name'}`" in readme
+    assert (out / "explained_variance_evolution.png").exists()
+
+    # --run takes any folder holding a final_info.json, named by its own files too.
+    result = CliRunner().invoke(plot.app, ["--runs", str(tmp_path / "empty"), "--out", str(out),
+                                           "--run", str(root / "where" / "name")])
+    assert result.exit_code == 0, result.output
+    assert f"(`run_2_stable_init`): `{root / 'where' / 'name'}`" in (out / "README.md").read_text()
+
+
+def test_plot_imports_no_project_module_that_imports_it_back():
+    """plot.py is a leaf: experiment.py may import it, never the other way round."""
+    root = Path(plot.__file__).resolve().parent
+    code = ("import json, pathlib, sys; import plot; root = pathlib.Path(plot.__file__).resolve().parent; "
+            "files = {n: pathlib.Path(getattr(m, '__file__', None) or '/').resolve() "
+            "for n, m in list(sys.modules.items())}; "
+            "print(json.dumps({n: str(f) for n, f in files.items() "
+            "if f.is_file() and (f.parent == root or root / 'plugins' in f.parents)}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "plot" in loaded and "experiment" not in loaded and not any(n.startswith("plugins") for n in loaded)
+    for name, path in loaded.items():
+        if name != "plot":
+            source = Path(path).read_text()
+            assert "import plot" not in source and "from plot import" not in source, name

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from plugins.baseline import run_0_baseline as parent
-from experiment import LossOutput, Trainer  # noqa: F401  (unchanged here; later runs extend it)
 
 
 @dataclass
@@ -47,34 +46,19 @@ class SAE(parent.SAE):
         super().__init__(d_in, d_sae, hp, cfg, device, dtype)
         self.register_buffer("groups", torch.arange(d_sae, device=device) % hp.n_groups)
 
-    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
-
-    def encode(self, x):
-        return torch.relu(self.pre_activation(x))
-
-    def reconstruct(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """The training reconstruction (run 6 adds dropout and a skip path here)."""
-        return self.decode(f)
-
     def ortho_weight(self, step: int) -> float:
+        """α, the orthogonality weight at this step (run 7 makes it a curriculum)."""
         return self.hp.alpha
 
-    def loss(self, x, step):
-        f = self.encode(x)
-        x_hat = self.reconstruct(x, f)
-        if self.training:
-            self.observe(x, f.detach(), step)
-        alpha = self.ortho_weight(step)
-        terms = {"l2_loss": (x - x_hat).pow(2).sum(-1).mean(),
-                 "sparsity_loss": self.run_cfg.sparsity_penalty * f.abs().sum(-1).mean(),
-                 "ortho_loss": alpha * self.ortho_penalty()}
-        return LossOutput(terms, f, {"alpha": torch.tensor(alpha)})
+    def aux_losses(self, fwd):
+        alpha = self.ortho_weight(fwd.step)
+        fwd.stats["alpha"] = torch.tensor(alpha)
+        return {"ortho_loss": alpha * self.ortho_penalty()}
 
-    def observe(self, x: torch.Tensor, f: torch.Tensor, step: int) -> None:
+    def observe(self, fwd):
         """Batch-wise grouping: regroup from this batch every `group_every` (scaled) steps."""
-        if step % self.run_cfg.scaled_steps(self.hp.group_every) == 0:
-            self.regroup(latent_profiles(x, f), (f > 0).any(0))
+        if fwd.step % self.run_cfg.scaled_steps(self.hp.group_every) == 0:
+            self.regroup(latent_profiles(fwd.x, fwd.f), (fwd.f > 0).any(0))
 
     @torch.no_grad()
     def regroup(self, profiles: torch.Tensor, fired: torch.Tensor) -> None:
@@ -94,11 +78,12 @@ class SAE(parent.SAE):
     def group_blocks(self) -> tuple[torch.Tensor, ...]:
         """The decoder rows of each group (one block per group, possibly empty)."""
         sizes = torch.bincount(self.groups, minlength=self.hp.n_groups).tolist()
-        return self.W_dec[self.groups.argsort()].split(sizes)
+        return self.decoder_weight()[self.groups.argsort()].split(sizes)
 
     def ortho_penalty(self) -> torch.Tensor:
         """Σ cos² over pairs of (unit) decoder rows in different groups, per latent."""
-        total = (self.W_dec.T @ self.W_dec).pow(2).sum()
+        w = self.decoder_weight()
+        total = (w.T @ w).pow(2).sum()
         within = 0.0
         for rows in self.group_blocks():
             gram = rows @ rows.T if len(rows) < rows.shape[1] else rows.T @ rows

@@ -13,8 +13,6 @@ import torch
 
 from plugins.adaptive_ortho import run_1_basic_ortho as parent
 
-Hyperparams = parent.Hyperparams
-
 
 class SAE(parent.SAE):
     def __init__(self, *args, **kwargs):
@@ -22,10 +20,9 @@ class SAE(parent.SAE):
         self.register_buffer("profile_sum", torch.zeros_like(self.W_dec))
         self.register_buffer("fired_in_period", torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=self.W_dec.device))
 
-    @torch.no_grad()
-    def observe(self, x, f, step):
-        self.profile_sum += parent.latent_profiles(x, f)
-        self.fired_in_period |= (f > 0).any(0)
+    def observe(self, fwd):
+        self.profile_sum += parent.latent_profiles(fwd.x, fwd.f)
+        self.fired_in_period |= (fwd.f > 0).any(0)
 
     def on_step_end(self, step):
         super().on_step_end(step)
@@ -33,6 +30,3 @@ class SAE(parent.SAE):
             self.regroup(self.profile_sum, self.fired_in_period)
             self.profile_sum.zero_()
             self.fired_in_period.zero_()
-
-
-Trainer = parent.Trainer

@@ -31,7 +31,7 @@ class SAE(parent.SAE):
 
     def pre_activation(self, x):
         direction_scale = self.enc_gain / self.W_enc.norm(dim=0).clamp_min(1e-8)
-        return (x - self.b_dec) @ self.W_enc * direction_scale + self.b_enc
+        return self.encoder_input(x) @ self.W_enc * direction_scale + self.b_enc
 
     @torch.no_grad()
     def normalize_encoder(self) -> None:
@@ -48,6 +48,6 @@ class Trainer(parent.Trainer):
             group["lr"] = self.sae.hp.lr  # before the scheduler records it as the base rate
         return optimizer
 
-    def apply_update(self):
-        super().apply_update()
+    def apply_update(self, step):
+        super().apply_update(step)
         self.sae.normalize_encoder()

@@ -38,11 +38,10 @@ class SAE(parent.SAE):
         super().__init__(*args, **kwargs)
         self.register_buffer("fire_rate", torch.zeros(self.cfg.d_sae, device=self.W_dec.device))
 
-    @torch.no_grad()
-    def observe(self, x, f, step):
-        super().observe(x, f, step)
+    def observe(self, fwd):
+        super().observe(fwd)
         decay = self.hp.rate_decay
-        self.fire_rate.mul_(decay).add_((1 - decay) * (f > 0).float().mean(0))
+        self.fire_rate.mul_(decay).add_((1 - decay) * (fwd.f > 0).float().mean(0))
 
 
 class Trainer(parent.Trainer):
@@ -73,10 +72,9 @@ class Trainer(parent.Trainer):
             p.copy_(old + mult.view(shape) * (p - old))
         self.before_step = None  # not trainer state worth checkpointing
 
-    def step(self, x, step):
-        out = self.loss_fn(x, step)
-        self.optimizer.zero_grad(set_to_none=True)
-        surgery = self.backward(out, step)
+    def apply_update(self, step):
+        """Adds this batch's gradients to the sum; every `accumulation` batches, and at the run's
+        last batch, updates (clipped) from their mean. The LR schedule follows batches."""
         # Summed on the trainer, not in .grad, so that a checkpoint between updates keeps them.
         params = [p for p in self.sae.parameters() if p.requires_grad]
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
@@ -85,17 +83,15 @@ class Trainer(parent.Trainer):
         if self.pending == self.sae.hp.accumulation or step == self.cfg.steps - 1:
             for p, g in zip(params, self.grad_sum):
                 p.grad = g / self.pending
-            self.apply_update()
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.sae.hp.grad_clip)
+            super().apply_update(step)
             self.grad_sum, self.pending = None, 0
         else:
             with warnings.catch_warnings():  # "scheduler before optimizer": intended, it follows batches
                 warnings.simplefilter("ignore", UserWarning)
                 self.scheduler.step()
-        self.sae.on_step_end(step)
-        mult = self.lr_multipliers()
-        stats = {**surgery, "lr_mult_min": mult.min(), "lr_mult_max": mult.max()}
-        return sum(out.terms.values()).detach(), out._replace(stats={**out.stats, **stats})
 
-    def apply_update(self):
-        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.sae.hp.grad_clip)
-        super().apply_update()
+    def after_step(self, x, out, step):
+        super().after_step(x, out, step)
+        mult = self.lr_multipliers()
+        out.stats.update(lr_mult_min=mult.min(), lr_mult_max=mult.max())

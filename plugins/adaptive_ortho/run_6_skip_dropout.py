@@ -27,6 +27,3 @@ class SAE(parent.SAE):
     def reconstruct(self, x, f):
         dropped = F.dropout(f, self.hp.feature_dropout, self.training)
         return super().reconstruct(x, dropped) + self.hp.skip_scale * x
-
-
-Trainer = parent.Trainer

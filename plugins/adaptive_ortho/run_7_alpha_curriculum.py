@@ -22,6 +22,3 @@ class SAE(parent.SAE):
     def ortho_weight(self, step):
         progress = min(1.0, step / self.run_cfg.scaled_steps(self.hp.curriculum_steps))
         return self.hp.alpha_start + (self.hp.alpha - self.hp.alpha_start) * progress
-
-
-Trainer = parent.Trainer

@@ -33,11 +33,15 @@ class SAE(parent.SAE):
     def pre_activation(self, x):
         return self.pre_norm(super().pre_activation(x))
 
-    def loss(self, x, step):
-        out = super().loss(x, step)
-        ramp = min(1.0, (step + 1) / self.run_cfg.scaled_steps(self.hp.constraint_warmup))
-        terms = {k: v if k == "l2_loss" else ramp * v for k, v in out.terms.items()}
-        return out._replace(terms=terms, stats={**out.stats, "constraint_warmup": torch.tensor(ramp)})
+    def constraint_ramp(self, step: int) -> float:
+        """The factor on the constraint losses: rises linearly to 1 over the warm-up."""
+        return min(1.0, (step + 1) / self.run_cfg.scaled_steps(self.hp.constraint_warmup))
 
+    def sparsity_loss(self, fwd):
+        return self.constraint_ramp(fwd.step) * super().sparsity_loss(fwd)
 
-Trainer = parent.Trainer
+    def aux_losses(self, fwd):
+        ramp = self.constraint_ramp(fwd.step)
+        terms = {k: ramp * v for k, v in super().aux_losses(fwd).items()}
+        fwd.stats["constraint_warmup"] = torch.tensor(ramp)
+        return terms

@@ -34,17 +34,15 @@ class SAE(parent.SAE):
     def unlock(self, fraction: float) -> None:
         self.unlocked[: round(min(fraction, 1.0) * self.cfg.d_sae)] = 1.0
 
-    def encode(self, x):
-        return super().encode(x) * self.unlocked
+    def activation(self, pre, x):
+        return super().activation(pre, x) * self.unlocked
 
-    def loss(self, x, step):
-        out = super().loss(x, step)
-        return out._replace(stats={**out.stats, "unlocked_fraction": self.unlocked.mean()})
+    def aux_losses(self, fwd):
+        terms = super().aux_losses(fwd)
+        fwd.stats["unlocked_fraction"] = self.unlocked.mean()
+        return terms
 
     def on_step_end(self, step):
         super().on_step_end(step)
         rounds = (step + 1) // self.run_cfg.scaled_steps(self.hp.unlock_every)
         self.unlock(self.hp.initial_unlocked + rounds * self.hp.unlock_fraction)
-
-
-Trainer = parent.Trainer

@@ -72,15 +72,14 @@ class SAE(parent.SAE):
         gram = z @ z.T / len(f)
         return gram.pow(2).sum() - z.pow(2).mean(0).pow(2).sum()
 
-    def loss(self, x, step):
-        out = super().loss(x, step)
-        f, n = out.latents, self.cfg.d_sae
+    def aux_losses(self, fwd):
+        terms = super().aux_losses(fwd)
+        f, n = fwd.f, self.cfg.d_sae
         off_diagonal = self.correlation(f)
-        terms = {**out.terms, "decorrelation_loss": self.hp.decorrelation_weight * off_diagonal / n}
-        stats = {**out.stats, "batch_active_fraction": (f > 0).any(0).float().mean(),
-                 "batch_mean_sq_corr": off_diagonal.detach() / (n * (n - 1)),
-                 "block_ortho_error": self.ortho_error()}
-        return out._replace(terms=terms, stats=stats)
+        fwd.stats.update(batch_active_fraction=(f > 0).any(0).float().mean(),
+                         batch_mean_sq_corr=off_diagonal.detach() / (n * (n - 1)),
+                         block_ortho_error=self.ortho_error())
+        return {**terms, "decorrelation_loss": self.hp.decorrelation_weight * off_diagonal / n}
 
     def final_info(self):
         return {**super().final_info(), "block_ortho_error": float(self.ortho_error())}
@@ -91,16 +90,16 @@ class Trainer(parent.Trainer):
         super().__init__(sae, cfg)
         self.reinitialised = 0
 
-    def apply_update(self):
+    def apply_update(self, step):
         self.sae.project_decoder_grad()
-        super().apply_update()
+        super().apply_update(step)
         self.sae.retract()
 
-    def step(self, x, step):
-        total, out = super().step(x, step)
+    def after_step(self, x, out, step):
+        super().after_step(x, out, step)
         if step > 0 and step % self.cfg.scaled_steps(self.sae.hp.reinit_every) == 0:
             self.reinitialise(x)
-        return total, out._replace(stats={**out.stats, "reinitialised_total": self.reinitialised})
+        out.stats["reinitialised_total"] = self.reinitialised
 
     @torch.no_grad()
     def reinitialise(self, x: torch.Tensor) -> None:

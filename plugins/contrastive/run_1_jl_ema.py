@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from plugins.baseline import run_0_baseline as parent
-from experiment import LossOutput, Trainer  # noqa: F401  (unchanged: Adam, warm-up, unit-norm rows)
 
 
 @dataclass
@@ -44,26 +43,16 @@ class SAE(parent.SAE):
         self.register_buffer("jl_probe", torch.randperm(d_sae, device=device)[: hp.jl_check_latents])
         self.register_buffer("utilisation", torch.zeros(d_sae, device=device, dtype=dtype))
 
-    def decoder_weight(self) -> torch.Tensor:
-        """The dictionary the decoder uses (run 5 orthogonalises it)."""
-        return self.W_dec
-
-    def decode(self, f):
-        return f @ self.decoder_weight() + self.b_dec
-
     def project(self, w: torch.Tensor) -> torch.Tensor:
         return w @ self.jl * (self.cfg.d_in / self.jl.shape[1]) ** 0.5
 
     def contrast_threshold(self, step: int) -> float:
         return self.hp.contrast_threshold
 
-    def sparsity_loss(self, f: torch.Tensor, step: int) -> torch.Tensor:
-        return self.run_cfg.sparsity_penalty * f.abs().sum(-1).mean()
-
-    @torch.no_grad()
-    def track_utilisation(self, f: torch.Tensor) -> None:
+    def observe(self, fwd):
+        super().observe(fwd)
         beta = self.hp.ema_beta
-        self.utilisation.mul_(beta).add_((1 - beta) * (f > 0).float().mean(0))
+        self.utilisation.mul_(beta).add_((1 - beta) * (fwd.f > 0).float().mean(0))
 
     def contrastive_loss(self, w: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The penalty and the fraction of the m latents' pairs above the threshold."""
@@ -87,21 +76,14 @@ class SAE(parent.SAE):
                 "jl_norm_distortion": (p.norm(dim=1) / norms - 1).abs().mean(),
                 "jl_recon_error": reconstruction.mean()}
 
-    def loss(self, x, step):
-        f = self.encode(x)
-        x_hat = self.decode(f)
-        if self.training:
-            self.track_utilisation(f.detach())
+    def aux_losses(self, fwd):
         w = self.decoder_weight()
-        tau = self.contrast_threshold(step)
+        tau = self.contrast_threshold(fwd.step)
         contrast, over = self.contrastive_loss(w, tau)
-        terms = {"l2_loss": (x - x_hat).pow(2).sum(-1).mean(),
-                 "sparsity_loss": self.sparsity_loss(f, step),
-                 "contrastive_loss": self.hp.contrast_weight * contrast}
         u = self.utilisation
-        stats = {"contrast_threshold": tau, "contrast_pairs_over": over, "utilisation_mean": u.mean(),
-                 "utilisation_cv": u.std() / u.mean().clamp_min(1e-12), **self.jl_check(w.detach())}
-        return LossOutput(terms, f, stats)
+        fwd.stats.update(contrast_threshold=tau, contrast_pairs_over=over, utilisation_mean=u.mean(),
+                         utilisation_cv=u.std() / u.mean().clamp_min(1e-12), **self.jl_check(w.detach()))
+        return {**super().aux_losses(fwd), "contrastive_loss": self.hp.contrast_weight * contrast}
 
     @torch.no_grad()
     def final_info(self):

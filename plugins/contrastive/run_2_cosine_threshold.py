@@ -34,5 +34,3 @@ class SAE(parent.SAE):
     def contrast_threshold(self, step):
         return self.anneal(self.hp.contrast_threshold, self.hp.threshold_end, step)
 
-
-Trainer = parent.Trainer

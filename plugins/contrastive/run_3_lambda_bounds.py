@@ -36,15 +36,13 @@ class SAE(parent.SAE):
         lo, hi = self.lambda_bounds(step)
         return (self.utilisation / self.utilisation.mean().clamp_min(1e-12)).clamp(lo, hi)
 
-    def sparsity_loss(self, f, step):
-        return self.run_cfg.sparsity_penalty * (f.abs() * self.latent_lambdas(step)).sum(-1).mean()
+    def sparsity_loss(self, fwd):
+        return self.sparsity_coefficient(fwd) * (fwd.f.abs() * self.latent_lambdas(fwd.step)).sum(-1).mean()
 
-    def loss(self, x, step):
-        out = super().loss(x, step)
-        lo, hi = self.lambda_bounds(step)
-        lam = self.latent_lambdas(step)
-        return out._replace(stats={**out.stats, "lambda_lo": lo, "lambda_hi": hi, "lambda_min": lam.min(),
-                                   "lambda_max": lam.max(), "lambda_mean": lam.mean()})
-
-
-Trainer = parent.Trainer
+    def aux_losses(self, fwd):
+        terms = super().aux_losses(fwd)
+        lo, hi = self.lambda_bounds(fwd.step)
+        lam = self.latent_lambdas(fwd.step)
+        fwd.stats.update(lambda_lo=lo, lambda_hi=hi, lambda_min=lam.min(), lambda_max=lam.max(),
+                         lambda_mean=lam.mean())
+        return terms

@@ -26,11 +26,8 @@ class SAE(parent.SAE):
         n = f.shape[1]
         return (unit.sum(1).pow(2).sum() - unit.pow(2).sum()) / (n * (n - 1))
 
-    def loss(self, x, step):
-        out = super().loss(x, step)
-        weight = self.hp.diversity_weight * self.progress(step)
-        return out._replace(terms={**out.terms, "diversity_loss": weight * self.diversity_loss(out.latents)},
-                            stats={**out.stats, "diversity_weight": weight})
-
-
-Trainer = parent.Trainer
+    def aux_losses(self, fwd):
+        terms = super().aux_losses(fwd)
+        weight = self.hp.diversity_weight * self.progress(fwd.step)
+        fwd.stats["diversity_weight"] = weight
+        return {**terms, "diversity_loss": weight * self.diversity_loss(fwd.f)}

@@ -46,11 +46,9 @@ class SAE(parent.SAE):
     def decoder_weight(self):
         return block_mgs(self.W_dec, self.gs_block_size(), self.hp.gs_eps)
 
-    def loss(self, x, step):
-        out = super().loss(x, step)
+    def aux_losses(self, fwd):
+        terms = super().aux_losses(fwd)
         with torch.no_grad():
             shift = 1 - torch.nn.functional.cosine_similarity(self.decoder_weight(), self.W_dec, dim=1).mean()
-        return out._replace(stats={**out.stats, "gs_row_shift": shift})
-
-
-Trainer = parent.Trainer
+        fwd.stats["gs_row_shift"] = shift
+        return terms

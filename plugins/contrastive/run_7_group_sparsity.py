@@ -46,9 +46,11 @@ class SAE(parent.SAE):
     def group_strength(self, f: torch.Tensor) -> torch.Tensor:
         return (self.group_sum(f.pow(2)) / self.group_sizes + 1e-12).sqrt()
 
-    def encode(self, x):
-        pre = (x - self.b_dec) @ self.W_enc + self.b_enc - self.group_thresholds[self.group_index]
-        f = torch.relu(pre)
+    def pre_activation(self, x):
+        return super().pre_activation(x) - self.group_thresholds[self.group_index]
+
+    def activation(self, pre, x):
+        f = super().activation(pre, x)
         with torch.no_grad():
             top = self.group_strength(f).topk(min(self.hp.active_groups, self.hp.n_groups), dim=1).indices
             kept = torch.zeros(len(f), self.hp.n_groups, device=f.device).scatter_(1, top, 1.0)
@@ -59,29 +61,27 @@ class SAE(parent.SAE):
         n = self.hp.n_groups
         return ((profiles.T @ profiles).sum() - profiles.pow(2).sum()) / (n * (n - 1))
 
-    def loss(self, x, step):
-        out = super().loss(x, step)
-        f, hp = out.latents, self.hp
-        if self.training:
-            with torch.no_grad():
-                active = (self.group_sum((f > 0).float()) > 0).float().mean(0)
-                self.group_activity.mul_(hp.ema_beta).add_((1 - hp.ema_beta) * active)
+    def observe(self, fwd):
+        super().observe(fwd)
+        beta = self.hp.ema_beta
+        active = (self.group_sum((fwd.f > 0).float()) > 0).float().mean(0)
+        self.group_activity.mul_(beta).add_((1 - beta) * active)
+
+    def aux_losses(self, fwd):
+        terms = super().aux_losses(fwd)
+        f, hp = fwd.f, self.hp
         group_norms = (self.group_sum(f.pow(2)) + 1e-12).sqrt()
-        similarity_weight = hp.group_similarity_weight * self.progress(step)
-        terms = {**out.terms,
-                 "group_sparsity_loss": self.run_cfg.sparsity_penalty * hp.group_sparsity_weight
-                 * group_norms.sum(-1).mean(),
-                 "group_similarity_loss": similarity_weight * self.group_similarity(f)}
-        stats = {**out.stats, "group_activity_min": self.group_activity.min(),
-                 "group_activity_max": self.group_activity.max(),
-                 "group_threshold_min": self.group_thresholds.detach().min(),
-                 "group_threshold_max": self.group_thresholds.detach().max()}
-        return out._replace(terms=terms, stats=stats)
+        similarity_weight = hp.group_similarity_weight * self.progress(fwd.step)
+        fwd.stats.update(group_activity_min=self.group_activity.min(), group_activity_max=self.group_activity.max(),
+                         group_threshold_min=self.group_thresholds.detach().min(),
+                         group_threshold_max=self.group_thresholds.detach().max())
+        return {**terms,
+                "group_sparsity_loss": self.sparsity_coefficient(fwd) * hp.group_sparsity_weight
+                * group_norms.sum(-1).mean(),
+                "group_similarity_loss": similarity_weight * self.group_similarity(f)}
 
     def final_info(self):
         return {**super().final_info(), "n_groups": self.hp.n_groups,
                 "group_activity": [round(v, 6) for v in self.group_activity.tolist()],
                 "group_thresholds": [round(v, 6) for v in self.group_thresholds.detach().tolist()]}
 
-
-Trainer = parent.Trainer

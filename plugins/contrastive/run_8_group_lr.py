@@ -44,7 +44,7 @@ class SAE(parent.SAE):
         return ((g.mean() + 1e-12) / (g + 1e-12)).sqrt().clamp(self.hp.lr_min, self.hp.lr_max)
 
     @torch.no_grad()
-    def importance_sample(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def training_batch(self, x, step):
         rarity = 1 / (1 + self.importance / self.importance.mean().clamp_min(1e-12))
         score = self.encode(x) @ rarity
         mix = self.hp.sampling_mix
@@ -54,16 +54,16 @@ class SAE(parent.SAE):
         return x[idx], {"sampling_ess_fraction": 1 / (p.pow(2).sum() * len(x)),
                         "sampling_unique_fraction": idx.unique().numel() / len(x)}
 
-    def loss(self, x, step):
-        sampling = {}
-        if self.training:
-            x, sampling = self.importance_sample(x)
-        out = super().loss(x, step)
-        if self.training:
-            m = self.hp.importance_momentum
-            self.importance.mul_(m).add_((1 - m) * out.latents.detach().mean(0))
+    def observe(self, fwd):
+        super().observe(fwd)
+        m = self.hp.importance_momentum
+        self.importance.mul_(m).add_((1 - m) * fwd.f.mean(0))
+
+    def aux_losses(self, fwd):
+        terms = super().aux_losses(fwd)
         lr = self.group_lr_multipliers()
-        return out._replace(stats={**out.stats, **sampling, "group_lr_min": lr.min(), "group_lr_max": lr.max()})
+        fwd.stats.update(group_lr_min=lr.min(), group_lr_max=lr.max())
+        return terms
 
     def final_info(self):
         return {**super().final_info(),
@@ -72,11 +72,11 @@ class SAE(parent.SAE):
 
 
 class Trainer(parent.Trainer):
-    def apply_update(self):
+    def apply_update(self, step):
         sae = self.sae
         params = (sae.W_enc, sae.W_dec, sae.b_enc, sae.group_thresholds)
         before = [p.detach().clone() for p in params]
-        super().apply_update()
+        super().apply_update(step)
         group = sae.group_lr_multipliers()
         latent = group[sae.group_index]
         with torch.no_grad():

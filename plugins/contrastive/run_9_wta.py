@@ -15,8 +15,9 @@ window.
 Readings chosen: "neighbouring features" are neighbours in latent index (a ring), so inhibition
 and competition cost B × d_sae × (2r or window), never B × d_sae × d_sae; the window maximum sets
 the bar without receiving gradient from the losers. Temperature and winner threshold are
-buffers updated after each step (the evaluated encoder uses their final values); they are logged
-per step with the fraction of competing windows and the mean gate.
+buffers, the temperature set after each step and the threshold moved as each training batch is
+observed (the evaluated encoder uses their final values); they are logged per step with the
+fraction of competing windows (against the threshold the batch met) and the mean gate.
 """
 
 from dataclasses import dataclass
@@ -51,8 +52,8 @@ class SAE(parent.SAE):
         w = self.hp.wta_window
         return torch.nn.functional.pad(f, (0, -f.shape[1] % w)).view(len(f), -1, w)
 
-    def encode(self, x):
-        f = super().encode(x)
+    def activation(self, pre, x):
+        f = super().activation(pre, x)
         r = self.hp.inhibition_radius
         neighbours = sum(f.roll(k, 1) + f.roll(-k, 1) for k in range(1, r + 1)) / (2 * r)
         win = self.windows(torch.relu(f - self.hp.inhibition * neighbours))
@@ -64,26 +65,26 @@ class SAE(parent.SAE):
         out = torch.where(loser, s * out + (1 - s) * out.detach(), out)
         return out.flatten(1)[:, : self.cfg.d_sae] * 2 * torch.sigmoid(self.gate_logits)
 
-    def loss(self, x, step):
-        out = super().loss(x, step)
-        win = self.windows(out.latents)
-        top = win.amax(-1)
-        loser_mass = (win.sum(-1) - top).sum(-1).mean()
-        stats = {**out.stats, "temperature": float(self.temperature),
-                 "winner_threshold": float(self.winner_threshold),
-                 "competing_window_fraction": (top > self.winner_threshold).float().mean(),
-                 "gate_mean": 2 * torch.sigmoid(self.gate_logits.detach()).mean()}
-        if self.training:
-            with torch.no_grad():
-                beta = self.hp.ema_beta
-                self.winner_threshold.mul_(beta).add_((1 - beta) * self.hp.winner_fraction * top.mean())
-        terms = {**out.terms, "competition_loss": self.hp.competition_weight * loser_mass}
-        return out._replace(terms=terms, stats=stats)
+    def observe(self, fwd):
+        """The batch's competition, against the winner threshold this forward used; then the
+        threshold's EMA moves."""
+        super().observe(fwd)
+        top = self.windows(fwd.f).amax(-1)
+        fwd.stats.update(winner_threshold=float(self.winner_threshold),
+                         competing_window_fraction=(top > self.winner_threshold).float().mean())
+        beta = self.hp.ema_beta
+        self.winner_threshold.mul_(beta).add_((1 - beta) * self.hp.winner_fraction * top.mean())
+
+    def aux_losses(self, fwd):
+        terms = super().aux_losses(fwd)
+        win = self.windows(fwd.f)
+        loser_mass = (win.sum(-1) - win.amax(-1)).sum(-1).mean()
+        fwd.stats.update(temperature=float(self.temperature),
+                         gate_mean=2 * torch.sigmoid(self.gate_logits.detach()).mean())
+        return {**terms, "competition_loss": self.hp.competition_weight * loser_mass}
 
     def on_step_end(self, step):
         super().on_step_end(step)
         hp = self.hp
         self.temperature.fill_(self.anneal(hp.temperature_start, hp.temperature_end, step + 1))
 
-
-Trainer = parent.Trainer

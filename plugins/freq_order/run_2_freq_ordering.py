@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 
 from plugins.baseline import run_0_baseline as parent
-from experiment import LossOutput, Trainer  # noqa: F401  (re-exported: later runs extend it)
 
 
 @dataclass
@@ -51,32 +50,28 @@ class SAE(parent.SAE):
         self.register_buffer("freq_ema", torch.zeros(d_sae, device=device))
         self.register_buffer("freq_updates", torch.zeros((), dtype=torch.long, device=device))
 
-    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
-        """What the final ReLU sees; later runs add normalisation, a skip path and attention."""
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+    def observe(self, fwd):
+        # The straight-through rates: their value is the hard firing rate, up to the same rounding
+        # as the loss's.
+        rates = self.firing_rates(fwd.pre)
+        d = self.hp.freq_decay
+        self.freq_ema.mul_(d).add_((1 - d) * rates)
+        self.freq_updates += 1
 
-    def encode(self, x):
-        return torch.relu(self.pre_activation(x))
+    def aux_losses(self, fwd):
+        weight = self.ordering_weight(fwd.step)
+        fwd.stats.update(recon_cosine=self.recon_cosine(fwd),
+                         l1_coefficient=torch.as_tensor(self.sparsity_coefficient(fwd)),
+                         ordering_weight=torch.as_tensor(weight), **self.ordering_stats())
+        return {"ordering_loss": weight * self.ordering_penalty(self.firing_rates(fwd.pre))}
 
-    def loss(self, x, step):
-        pre = self.pre_activation(x)
-        f = torch.relu(pre)
-        x_hat = self.decode(f)
-        rates = self.firing_rates(pre)
-        if self.training:
-            self.track_frequencies(rates.detach())
-        cosine = torch.nn.functional.cosine_similarity(x, x_hat.detach(), dim=-1).mean()
-        l1_coefficient, weight = self.sparsity_coefficient(cosine), self.ordering_weight(step)
-        terms = {"l2_loss": (x - x_hat).pow(2).sum(-1).mean(),
-                 "sparsity_loss": l1_coefficient * f.abs().sum(-1).mean(),
-                 "ordering_loss": weight * self.ordering_penalty(rates)}
-        stats = {"recon_cosine": cosine, "l1_coefficient": torch.as_tensor(l1_coefficient),
-                 "ordering_weight": torch.as_tensor(weight), **self.ordering_stats()}
-        return LossOutput(terms, f, stats)
-
-    def sparsity_coefficient(self, cosine: torch.Tensor) -> float | torch.Tensor:
-        """The L1 coefficient, given the batch's reconstruction cosine (run 5 adapts it)."""
-        return self.run_cfg.sparsity_penalty
+    def recon_cosine(self, fwd) -> torch.Tensor:
+        """The batch's mean input-reconstruction cosine, a statistic (run 5's L1 coefficient reads
+        it); computed once per batch and logged."""
+        if "recon_cosine" not in fwd.stats:
+            fwd.stats["recon_cosine"] = torch.nn.functional.cosine_similarity(
+                fwd.x, fwd.x_hat.detach(), dim=-1).mean()
+        return fwd.stats["recon_cosine"]
 
     def ordering_weight(self, step: int) -> float:
         return self.hp.ordering_weight
@@ -91,12 +86,6 @@ class SAE(parent.SAE):
         """Batch firing rate per latent: hard value, sigmoid-surrogate gradient."""
         soft = torch.sigmoid(pre / self.hp.surrogate_temperature).mean(0)
         return (pre > 0).float().mean(0) + soft - soft.detach()
-
-    @torch.no_grad()
-    def track_frequencies(self, rates: torch.Tensor) -> None:
-        d = self.hp.freq_decay
-        self.freq_ema.mul_(d).add_((1 - d) * rates)
-        self.freq_updates += 1
 
     @torch.no_grad()
     def frequencies(self) -> torch.Tensor:
@@ -123,4 +112,3 @@ class SAE(parent.SAE):
     def artifacts(self):
         freq = self.frequencies()
         return {"feature_frequencies": freq, "frequency_order": freq.argsort(descending=True, stable=True)}
-

@@ -21,6 +21,3 @@ class Hyperparams(parent.Hyperparams):
 class SAE(parent.SAE):
     def ordering_weight(self, step):
         return self.hp.ordering_weight * min(1.0, step / self.run_cfg.scaled_steps(self.hp.ordering_ramp_steps))
-
-
-Trainer = parent.Trainer

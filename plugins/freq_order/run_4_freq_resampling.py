@@ -55,12 +55,12 @@ class Trainer(parent.Trainer):
         self.window_fires = torch.zeros(sae.cfg.d_sae, device=sae.W_dec.device)
         self.resampled = 0
 
-    def step(self, x, step):
-        total, out = super().step(x, step)
+    def after_step(self, x, out, step):
+        super().after_step(x, out, step)
         self.window_fires += (out.latents > 0).sum(0)
         if (step + 1) % self.every == 0:
             self.resample(x)
-        return total, out._replace(stats={**out.stats, "resampled_total": torch.tensor(self.resampled)})
+        out.stats["resampled_total"] = torch.tensor(self.resampled)
 
     @torch.no_grad()
     def resample(self, x: torch.Tensor) -> None:

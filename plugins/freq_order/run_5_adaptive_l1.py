@@ -21,8 +21,5 @@ class Hyperparams(parent.Hyperparams):
 
 
 class SAE(parent.SAE):
-    def sparsity_coefficient(self, cosine):
-        return self.run_cfg.sparsity_penalty / cosine.clamp_min(self.hp.min_cosine)
-
-
-Trainer = parent.Trainer
+    def sparsity_coefficient(self, fwd):
+        return self.run_cfg.sparsity_penalty / self.recon_cosine(fwd).clamp_min(self.hp.min_cosine)

@@ -18,12 +18,7 @@ class Hyperparams(parent.Hyperparams):
     grad_clip: float = 1.0
 
 
-class SAE(parent.SAE):
-    """Unchanged; a subclass (not an alias) so that run 7, which extends it, names this run as its
-    parent: the harness finds a parent from the module of the first plugin class in the MRO."""
-
-
 class Trainer(parent.Trainer):
-    def apply_update(self):
+    def apply_update(self, step):
         torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.sae.hp.grad_clip)
-        super().apply_update()
+        super().apply_update(step)

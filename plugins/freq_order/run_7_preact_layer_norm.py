@@ -36,6 +36,3 @@ class SAE(parent.SAE):
         super().resample(dead, directions)
         self.pre_norm.weight[dead] = 1.0
         self.pre_norm.bias[dead] = 0.0
-
-
-Trainer = parent.Trainer

@@ -28,7 +28,7 @@ class SAE(parent.SAE):
         self.skip_proj = torch.nn.Linear(self.cfg.d_in, self.cfg.d_sae, device=self.W_dec.device)
 
     def pre_activation(self, x):
-        return super().pre_activation(x) + self.hp.skip_scale * self.skip_proj(x - self.b_dec)
+        return super().pre_activation(x) + self.hp.skip_scale * self.skip_proj(self.encoder_input(x))
 
     def latent_slices(self):
         return [*super().latent_slices(), (self.skip_proj.weight, 0), (self.skip_proj.bias, 0)]
@@ -38,6 +38,3 @@ class SAE(parent.SAE):
         super().resample(dead, directions)
         self.skip_proj.weight[dead] = 0.0
         self.skip_proj.bias[dead] = 0.0
-
-
-Trainer = parent.Trainer

@@ -42,6 +42,3 @@ class SAE(parent.SAE):
         scores = (f0 @ self.W_query) @ self.latent_keys.T / self.hp.d_attn ** 0.5
         context = (torch.softmax(scores, dim=-1) * f0) @ self.W_value
         return pre + self.attention_scale * context @ self.W_out
-
-
-Trainer = parent.Trainer

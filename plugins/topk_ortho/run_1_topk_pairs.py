@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 
 from plugins.baseline import run_0_baseline as parent
-from experiment import LossOutput
 
 
 @dataclass
@@ -54,22 +53,18 @@ class SAE(parent.SAE):
         ids = pairs.clamp_min(0)
         return (self.W_dec[ids // self.cfg.d_sae] * self.W_dec[ids % self.cfg.d_sae]).sum(-1)
 
-    def loss(self, x, step):
-        out = super().loss(x, step)
-        f = out.latents.detach()
+    def aux_losses(self, fwd):
+        f = fwd.f.detach()
         pairs = self.select_pairs(f)
         # Masks instead of boolean indexing: the loss needs no host sync.
         valid = (pairs >= 0).float()
         n_valid = valid.sum().clamp_min(1)
         overlap = self.pair_cosines(pairs).abs()
         hinge = (overlap - self.tau()).clamp_min(0).pow(2)
-        terms = {**out.terms, "ortho_loss": self.hp.ortho_weight * (hinge * valid).sum() / n_valid}
-        stats = self.pair_stats(f, pairs, valid, overlap.detach())
+        fwd.stats.update(self.pair_stats(f, pairs, valid, overlap.detach()))  # before self.pairs moves on
         if self.training:
             self.pairs.copy_(pairs)
-            self.last_metrics = {"total_loss": sum(terms.values()).detach(),
-                                 **{k: v.detach() for k, v in terms.items()}, **stats}
-        return LossOutput(terms, out.latents, stats)
+        return {"ortho_loss": self.hp.ortho_weight * (hinge * valid).sum() / n_valid}
 
     @torch.no_grad()
     def pair_stats(self, f, pairs, valid, overlap) -> dict[str, torch.Tensor]:
@@ -89,3 +84,11 @@ class SAE(parent.SAE):
 
     def final_info(self):
         return {"final_metrics": {k: float(v) for k, v in self.last_metrics.items()}}
+
+
+class Trainer(parent.Trainer):
+    def after_step(self, x, out, step):
+        """The step's loss terms and diagnostics, kept for final_info's `final_metrics`."""
+        super().after_step(x, out, step)
+        terms = {k: v.detach() for k, v in out.terms.items()}
+        self.sae.last_metrics = {"total_loss": sum(terms.values()), **terms, **out.stats}

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 from plugins.baseline import run_0_baseline as parent
-from experiment import LossOutput, Trainer as BaseTrainer
 
 
 @dataclass
@@ -41,67 +40,40 @@ class SAE(parent.SAE):
         self.register_buffer("pre_var", torch.zeros(d_sae, device=device))
         self.register_buffer("coactivation", torch.zeros(d_sae, d_sae, device=device))
 
-    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
-        """What the encoder matrix sees; later runs normalise it."""
-        return x - self.b_dec
-
-    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder_input(x) @ self.W_enc + self.b_enc
-
     def threshold(self) -> torch.Tensor:
         return self.pre_mean + self.hp.z * self.pre_var.sqrt()
 
-    def activate(self, pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Latent code from pre-activations (and the input, for run 8's attention)."""
+    def activation(self, pre, x):
         return torch.relu(pre) * (pre > self.threshold())
 
-    def encode(self, x):
-        return self.activate(self.pre_activation(x), x)
-
-    def loss(self, x, step):
-        pre = self.pre_activation(x)
-        f = self.activate(pre, x)
-        x_hat = self.reconstruct(x, f)
-        if self.training:
-            self.update_statistics(pre.detach(), f.detach())
-        terms = {"l2_loss": (x - x_hat).pow(2).sum(-1).mean(),
-                 "sparsity_loss": self.sparsity_loss(f),
-                 "ortho_loss": self.ortho_weight(step) * self.ortho_penalty()}
-        return LossOutput(terms, f)
-
-    def reconstruct(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """The training reconstruction (run 4 adds a skip path here)."""
-        return self.decode(f)
-
-    def sparsity_loss(self, f: torch.Tensor) -> torch.Tensor:
-        return self.run_cfg.sparsity_penalty * f.abs().sum(-1).mean()
-
-    def ortho_weight(self, step: int) -> float:
-        return self.hp.ortho_weight
-
-    @torch.no_grad()
-    def update_statistics(self, pre: torch.Tensor, f: torch.Tensor) -> None:
+    def observe(self, fwd):
+        """EMA of each latent's pre-activation mean and variance, and of the co-firing matrix."""
         d = self.hp.ema_decay
-        self.pre_mean.mul_(d).add_((1 - d) * pre.mean(0))
-        self.pre_var.mul_(d).add_((1 - d) * pre.var(0))
-        fired = (f > 0).float()
+        self.pre_mean.mul_(d).add_((1 - d) * fwd.pre.mean(0))
+        self.pre_var.mul_(d).add_((1 - d) * fwd.pre.var(0))
+        fired = (fwd.f > 0).float()
         _, s, v = torch.svd_lowrank(fired, q=min(self.hp.svd_rank, *fired.shape), niter=2)
         batch_coact = (v * s.pow(2)) @ v.T / len(fired)
         self.coactivation.mul_(d).add_((1 - d) * batch_coact)
 
+    def aux_losses(self, fwd):
+        return {"ortho_loss": self.hp.ortho_weight * self.ortho_penalty()}
+
     def ortho_penalty(self) -> torch.Tensor:
+        """Σ (EMA(h_i h_j) − τ) cos²(d_i, d_j) over the most co-active pairs above τ, per pair."""
         excess = torch.triu(self.coactivation - self.hp.tau, diagonal=1).clamp_min(0).flatten()
         weights, flat = excess.topk(min(self.hp.max_pairs, excess.numel()))
         keep = weights > 0
+        w_dec = self.decoder_weight()
         if not keep.any():
-            return self.W_dec.sum() * 0.0
+            return w_dec.sum() * 0.0
         d_sae = self.cfg.d_sae
         i, j = flat[keep] // d_sae, flat[keep] % d_sae
-        cos = (self.W_dec[i] * self.W_dec[j]).sum(-1)
+        cos = (w_dec[i] * w_dec[j]).sum(-1)
         return (weights[keep] * cos.pow(2)).sum() / keep.sum()
 
 
-class Trainer(BaseTrainer):
+class Trainer(parent.Trainer):
     """Adds dead-latent reactivation after the optimizer step."""
 
     def __init__(self, sae, cfg):
@@ -109,13 +81,11 @@ class Trainer(BaseTrainer):
         self.last_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.W_dec.device)
         self.revived = 0
 
-    def step(self, x, step):
-        total, out = super().step(x, step)
+    def after_step(self, x, out, step):
         self.last_fired[(out.latents > 0).any(0)] = step
-        hp = self.sae.hp
-        if step > 0 and step % hp.revive_every == 0:
+        if step > 0 and step % self.sae.hp.revive_every == 0:
             self.revive(x, step)
-        return total, out._replace(stats={**out.stats, "revived_total": torch.tensor(self.revived)})
+        out.stats["revived_total"] = torch.tensor(self.revived)
 
     @torch.no_grad()
     def revive(self, x: torch.Tensor, step: int) -> None:
@@ -136,16 +106,20 @@ class Trainer(BaseTrainer):
         sae.b_enc[dead] = 0.0
         # A revived latent is a new latent: its threshold statistics restart from its
         # pre-activations on this batch, so it fires only above mean + z·σ like every other latent.
-        # (With the dead latent's stale threshold, the revived ones fired on most inputs at once
-        # and the reconstruction loss jumped a hundredfold.)
+        # (With the dead latent's stale threshold, the revived ones fired on most inputs at once.)
         pre = sae.pre_activation(x)[:, dead]
         sae.pre_mean[dead] = pre.mean(0)
         sae.pre_var[dead] = pre.var(0)
         sae.coactivation[dead] = 0.0
         sae.coactivation[:, dead] = 0.0
+        self.reset_adam_state(dead)
+        self.last_fired[dead] = step
+        self.revived += len(dead)
+
+    def reset_adam_state(self, dead: torch.Tensor) -> None:
+        """Zero the optimizer's per-parameter buffers (moments) of the revived latents."""
+        sae = self.sae
         for param, rows in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
             for buffer in self.optimizer.state.get(param, {}).values():
                 if torch.is_tensor(buffer) and buffer.shape == param.shape:
                     buffer[rows] = 0.0
-        self.last_fired[dead] = step
-        self.revived += len(dead)

@@ -34,6 +34,6 @@ class SAE(parent.SAE):
 
 
 class Trainer(parent.Trainer):
-    def apply_update(self):
+    def apply_update(self, step):
         torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.sae.hp.grad_clip)
-        super().apply_update()
+        super().apply_update(step)

@@ -19,9 +19,6 @@ class Hyperparams(parent.Hyperparams):
     min_lr_fraction: float = 0.1
 
 
-SAE = parent.SAE
-
-
 class Trainer(parent.Trainer):
     def make_scheduler(self):
         warmup, total = max(self.cfg.warmup_steps, 1), max(self.cfg.steps, 1)

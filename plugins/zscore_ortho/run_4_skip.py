@@ -19,6 +19,3 @@ class Hyperparams(parent.Hyperparams):
 class SAE(parent.SAE):
     def reconstruct(self, x, f):
         return self.decode(f) + self.hp.skip_scale * x
-
-
-Trainer = parent.Trainer

@@ -25,15 +25,13 @@ class SAE(parent.SAE):
         super().__init__(*args, **kwargs)
         self.register_buffer("importance", torch.ones(self.cfg.d_sae, device=self.W_dec.device))
 
-    def sparsity_loss(self, f):
-        if self.training:
-            with torch.no_grad():
-                usage = f.mean(0) * self.W_dec.norm(dim=1)
-                d = self.hp.ema_decay
-                self.importance.mul_(d).add_((1 - d) * usage)
+    def observe(self, fwd):
+        super().observe(fwd)
+        usage = fwd.f.mean(0) * self.decoder_weight().norm(dim=1)
+        d = self.hp.ema_decay
+        self.importance.mul_(d).add_((1 - d) * usage)
+
+    def sparsity_loss(self, fwd):
         weights = (self.importance / self.importance.mean().clamp_min(1e-12)).clamp(
             self.hp.min_weight, self.hp.max_weight)
-        return self.run_cfg.sparsity_penalty * (f.abs() * weights).sum(-1).mean()
-
-
-Trainer = parent.Trainer
+        return self.sparsity_coefficient(fwd) * (fwd.f.abs() * weights).sum(-1).mean()

@@ -23,6 +23,3 @@ class SAE(parent.SAE):
 
     def encoder_input(self, x):
         return self.norm(x - self.b_dec)
-
-
-Trainer = parent.Trainer

@@ -25,6 +25,3 @@ class SAE(parent.SAE):
     def encoder_input(self, x):
         centred = x - self.b_dec
         return centred + torch.sigmoid(self.norm_strength) * (self.norm(centred) - centred)
-
-
-Trainer = parent.Trainer

@@ -29,11 +29,8 @@ class SAE(parent.SAE):
         self.latent_keys = torch.nn.Parameter(torch.randn(self.cfg.d_sae, d_attn, device=device) / d_attn ** 0.5)
         self.attention_scale = torch.nn.Parameter(torch.tensor(self.hp.attention_scale_init, device=device))
 
-    def activate(self, pre, x):
-        f = super().activate(pre, x)
+    def activation(self, pre, x):
+        f = super().activation(pre, x)
         scores = (self.encoder_input(x) @ self.W_query) @ self.latent_keys.T / self.hp.d_attn ** 0.5
         attention = torch.softmax(scores, dim=-1) * self.cfg.d_sae  # mean weight 1
         return f + self.attention_scale * attention * f
-
-
-Trainer = parent.Trainer

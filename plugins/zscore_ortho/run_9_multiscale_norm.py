@@ -36,6 +36,3 @@ class SAE(parent.SAE):
         mix = torch.softmax(self.scale_logits, dim=0)
         # The weighted sum over scales, collapsed: both parts are linear in the per-scale terms.
         return (mix * self.scales * self.scale_gains).sum() * normed + (mix * self.scale_residuals).sum() * centred
-
-
-Trainer = parent.Trainer
