@@ -298,6 +298,30 @@ class SAE(BaseSAE):
         """Per-latent arrays for figures (frequencies...), saved to artifacts.safetensors."""
         return {}
 
+    def sae_lens_export(self, scale: float) -> tuple[Any, bool]:
+        """This SAE in the model's activation scale as a SAELens SAE, and whether that is exactly
+        this SAE: the plain formula is SAELens's standard SAE; of a plugin with its own pieces only
+        the linear part can be exported (a plugin of a SAELens architecture overrides this)."""
+        from sae_lens import StandardSAE, StandardSAEConfig
+
+        export = StandardSAE(StandardSAEConfig(d_in=self.cfg.d_in, d_sae=self.cfg.d_sae, dtype="float32",
+                                               device="cpu", metadata=self.sae_lens_metadata()))
+        export.load_state_dict(self.scaled_weights(scale), strict=False)
+        return export, self.keeps("encoder_input", "pre_activation", "activation", "decoder_weight", "decode")
+
+    def sae_lens_metadata(self):
+        from sae_lens.saes.sae import SAEMetadata
+
+        cfg = self.run_cfg
+        return SAEMetadata(model_name=cfg.model, hook_name=cfg.hook_name, context_size=cfg.context_size,
+                           prepend_bos=True, dataset_path=cfg.dataset, seqpos_slice=(1, None))
+
+    @torch.no_grad()
+    def scaled_weights(self, scale: float) -> dict[str, torch.Tensor]:
+        """W_enc, b_enc, W_dec, b_dec for inputs in the model's scale (training saw x · scale)."""
+        return dict(W_enc=self.W_enc.float().cpu() * scale, b_enc=self.b_enc.float().cpu(),
+                    W_dec=self.W_dec.float().cpu() / scale, b_dec=self.b_dec.float().cpu() / scale)
+
     def training_pass(self, x: torch.Tensor, step: int) -> Forward:
         """The formula's numbers for the loss, computed by kernels.py wherever the plugin kept the
         formula's pieces: the one place the fast path is chosen."""
@@ -1057,7 +1081,7 @@ def save_trained(info: dict, sae: SAE, data: ActivationData, cfg: RunConfig, run
     if artifacts:
         from safetensors.torch import save_file
         save_file(artifacts, run_dir / "artifacts.safetensors")
-    save_sae(sae, data.scale, run_dir)
+    info["sae_lens_export"] = save_sae(sae, data.scale, run_dir)
     (run_dir / CHECKPOINT).unlink(missing_ok=True)
 
 
@@ -1138,24 +1162,16 @@ class ScaledSAE(BaseSAE):
         return t.reshape(-1, t.shape[-1]).to(self.inner.dtype)
 
 
-def save_sae(sae: SAE, scale: float, run_dir: Path) -> None:
-    """Weights for sae_lens (`SAE.load_from_disk(run_dir)`): the linear part in the model's own
-    activation scale, exact for the standard ReLU architecture. plugin_state.safetensors holds
-    the full plugin state for exact reloading."""
+def save_sae(sae: SAE, scale: float, run_dir: Path) -> dict[str, Any]:
+    """The SAE for sae_lens (`SAE.load_from_disk(run_dir)`), in the model's own activation scale,
+    and plugin_state.safetensors, the full plugin state for exact reloading (`saved_sae`).
+    Returns what the export is (final_info.json's `sae_lens_export`)."""
     from safetensors.torch import save_file
-    from sae_lens import StandardSAE, StandardSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
 
-    cfg = sae.run_cfg
-    export = StandardSAE(StandardSAEConfig(
-        d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, dtype="float32", device="cpu",
-        metadata=SAEMetadata(model_name=cfg.model, hook_name=cfg.hook_name, context_size=cfg.context_size,
-                             prepend_bos=True, dataset_path=cfg.dataset, seqpos_slice=(1, None))))
-    with torch.no_grad():
-        export.W_enc.copy_(sae.W_enc.float().cpu() * scale)
-        export.W_dec.copy_(sae.W_dec.float().cpu() / scale)
-        export.b_enc.copy_(sae.b_enc.float().cpu())
-        export.b_dec.copy_(sae.b_dec.float().cpu() / scale)
+    export, exact = sae.sae_lens_export(scale)
+    export.cfg.metadata.harness_export = "exact" if exact else (
+        f"linear part only: {type(sae).__module__}'s own pieces are not in this {export.cfg.architecture()} "
+        "SAE; experiment.saved_sae(run_dir, ...) reloads the SAE that was evaluated")
     staging = run_dir / ".weights.tmp"  # written whole, then renamed into place
     export.save_model(staging)
     state = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
@@ -1163,6 +1179,7 @@ def save_sae(sae: SAE, scale: float, run_dir: Path) -> None:
     for path in staging.iterdir():
         os.replace(path, run_dir / path.name)
     staging.rmdir()
+    return dict(architecture=export.cfg.architecture(), exact=exact)
 
 
 def evaluate(info: dict, sae: BaseSAE, model, eval_tokens: torch.Tensor, cfg: RunConfig, device: torch.device,
@@ -1344,6 +1361,10 @@ def print_summary(info: dict, run_dir: Path) -> None:
                 table.add_row(f"{group}.{key}", f"{value:.4g}")
     table.add_row("wall time (s)", f"{info['provenance']['wall_time_s']:.1f}")
     Console().print(table)
+    export = info.get("sae_lens_export", {})
+    if export and not export["exact"]:
+        console.print(f"note: sae_weights.safetensors holds only the linear part of this SAE (as sae_lens's "
+                      f"{export['architecture']}); plugin_state.safetensors holds the SAE that was evaluated")
     if "explained_variance" in info.get("metrics", {}).get("reconstruction_quality", {}):
         console.print("reconstruction_quality.explained_variance is sae_bench 0.6.0's, biased upwards on "
                       "activations of large norm (see README); read explained_variance_legacy")

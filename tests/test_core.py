@@ -224,6 +224,19 @@ def test_plugin_names_resolve_by_file_name_or_study_path():
     assert experiment.find_plugin("zscore_ortho/run_7_adaptive_ln").run_number == 7
 
 
+def test_an_export_says_whether_it_is_the_sae_that_was_evaluated(tmp_path):
+    import json
+
+    for key, exact in (("baseline/run_0_baseline", True), ("zscore_ortho/run_7_adaptive_ln", False)):
+        plugin = experiment.find_plugin(key)
+        sae = plugin.sae_class(16, 64, plugin.hyperparams_class(), CFG)
+        folder = tmp_path / plugin.name
+        folder.mkdir()
+        assert experiment.save_sae(sae, 0.5, folder) == {"architecture": "standard", "exact": exact}
+        note = json.loads((folder / "cfg.json").read_text())["metadata"]["harness_export"]
+        assert (note == "exact") is exact and (exact or "linear part only" in note)
+
+
 # ---- the layout of the code ------------------------------------------------------------------
 
 MODULES = {"experiment", "evals", "plot", "bench", "kernels", "common"}
