@@ -199,14 +199,15 @@ def choose_runs(index: Index, runs_dir: Path, study: str | None, picks: Iterable
     studies = sorted({s for s, _ in chosen})
     if study is not None and study not in studies:
         raise HarnessError(f"no runs of study '{study}' under {runs_dir}; studies with runs: {', '.join(studies)}")
-    baseline = chosen.get(("baseline", "run_0_baseline"))
+    baselines = sorted((f for (s, plugin), f in chosen.items() if s == "baseline"),
+                       key=lambda f: chosen.get(("baseline", "run_0_baseline")) != f)  # the ReLU baseline first
     grouped = {}
     for name in studies if study is None else [study]:
         runs = sorted((read_run(f) for (s, _), f in chosen.items() if s == name), key=lambda r: (r.number, r.plugin))
-        if baseline and name != "baseline" and not any(r.number == 0 for r in runs):
-            base = read_run(baseline)  # every notebook's run 0, where it was trained on the same activations
-            if base.info.get("activation_cache") in {r.info.get("activation_cache") for r in runs}:
-                runs.insert(0, base)
+        if name != "baseline" and not any(r.number == 0 for r in runs):
+            # the field's baselines are every study's run 0, where trained on the same activations
+            caches = {r.info.get("activation_cache") for r in runs}
+            runs[:0] = [base for base in map(read_run, baselines) if base.info.get("activation_cache") in caches]
         grouped[name] = paint(runs)
     return grouped
 

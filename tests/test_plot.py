@@ -276,6 +276,15 @@ def test_the_baseline_is_every_study_s_run_0_when_trained_on_the_same_activation
     assert plugins("zscore_ortho") == ["run_1_initial", "run_2_stable_init"]
 
 
+def test_every_baseline_architecture_is_run_0_of_every_study_on_the_same_activations(runs):
+    copy_run(runs / PLUGINS[0] / STAMP, runs / "baseline" / "run_0_topk" / STAMP, "baseline/run_0_topk", recorded=False)
+    copy_run(runs / PLUGINS[0] / STAMP, runs / "baseline" / "run_0_baseline" / STAMP, "baseline/run_0_baseline")
+    zscore = [r.plugin for r in plot.select_runs(runs, "zscore_ortho")["zscore_ortho"]]
+    assert zscore == ["run_0_baseline", "run_0_topk", "run_1_initial", "run_2_stable_init"]
+    colours = [r.color for r in plot.select_runs(runs, "zscore_ortho")["zscore_ortho"]]
+    assert len(set(colours)) == len(colours)
+
+
 def test_a_broken_run_s_score_is_drawn_off_scale_not_flattening_the_others(runs):
     """One run at explained variance -700 (or a KL score of -inf) must not squash the others onto a
     line: it sits on the -1 floor as ▼ with its true value written."""
