@@ -89,24 +89,29 @@ def alternated(fns: dict[str, Any], device: torch.device, repeats: int, rounds: 
 
 
 def sae_lens_step(sae: experiment.SAE, cfg: RunConfig):
-    """sae_lens's own standard (ReLU, L1) training SAE, with our SAE's weights, doing its step."""
+    """SAELens's own training SAE of the same architecture, with our SAE's weights, doing its step."""
     from sae_lens.saes.sae import TrainStepInput
-    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 
-    ref = StandardTrainingSAE(StandardTrainingSAEConfig(
-        d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, dtype=str(sae.dtype).split(".")[1], device=str(sae.W_dec.device),
-        l1_coefficient=cfg.sparsity_penalty))
-    ref.load_state_dict({k: getattr(sae, k).detach().clone() for k in ("W_enc", "W_dec", "b_enc", "b_dec")}, strict=False)
+    ref, coefficients = sae.sae_lens_training()
     optimizer = torch.optim.Adam(ref.parameters(), lr=cfg.lr)
+    no_dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.W_dec.device)
 
     def step(x):
         out = ref.training_forward_pass(TrainStepInput(
-            sae_in=x, coefficients={"l1": cfg.sparsity_penalty}, dead_neuron_mask=None,
-            n_training_steps=0, is_logging_step=False))
+            sae_in=x, coefficients=coefficients, dead_neuron_mask=no_dead, n_training_steps=0,
+            is_logging_step=False))
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
     return step
+
+
+def sae_lens_architecture(plugin: experiment.Plugin, cfg: RunConfig) -> None:
+    """Refuse, before any work, a plugin that no SAELens architecture is."""
+    probe = plugin.sae_class(8, 16, plugin.hyperparams_class(), cfg)
+    if probe.sae_lens_training() is None:
+        raise experiment.HarnessError(f"--plugin {plugin.name} is no SAELens architecture, so there is no SAELens "
+                                      "step to time it against; bench the baselines (plugins/baseline/)")
 
 
 def harvest_and_read(cfg: RunConfig, model, device: torch.device, results: dict) -> torch.Tensor:
@@ -146,17 +151,17 @@ def harvest_and_read(cfg: RunConfig, model, device: torch.device, results: dict)
         return next(batches())[1]
 
 
-def sae_steps(cfg: RunConfig, x: torch.Tensor, d_in: int, steps: int, l0_fraction: float | None,
-              results: dict) -> float:
-    """3. our baseline SAE's training step against sae_lens's on the same batch; returns ours in s."""
+def sae_steps(cfg: RunConfig, plugin: experiment.Plugin, x: torch.Tensor, d_in: int, steps: int,
+              l0_fraction: float | None, results: dict) -> float:
+    """3. the plugin's training step against SAELens's on the same batch; returns ours in s."""
     torch.manual_seed(cfg.seed)
-    sae = experiment.SAE(d_in, cfg.dict_size, experiment.Hyperparams(), cfg, device=x.device)
+    sae = plugin.sae_class(d_in, cfg.dict_size, plugin.hyperparams_class(), cfg, device=x.device)
     if l0_fraction is not None:  # place the ReLU threshold so that this fraction of latents fires
         with torch.no_grad():
             pre = (x - sae.b_dec) @ sae.W_enc
             sae.b_enc.copy_(-torch.quantile(pre.float().flatten()[:1_000_000], 1 - l0_fraction))
     reference = sae_lens_step(sae, cfg)
-    trainer = experiment.Trainer(sae, cfg)
+    trainer = plugin.trainer_class(sae, cfg)
     density = (sae.encode(x) > 0).float().mean().item()
     step_numbers = itertools.count()  # as in training: the density check runs every 10th step
     for _ in range(2):  # the first picks the dense or sparse step, the second compiles it (--compile)
@@ -184,21 +189,23 @@ def roofline(cfg: RunConfig, d_in: int, ours_s: float, device: torch.device, ste
 
 
 def run_bench(cfg: RunConfig, steps: int, l0_fraction: float | None) -> dict[str, Any]:
+    plugin = experiment.find_plugin(cfg.plugin)
+    sae_lens_architecture(plugin, cfg)
     device = experiment.resolve_device(cfg.device)
     experiment.configure_kernels(cfg, device)  # as training does: TF32 on CUDA
     model = experiment.load_model(cfg.model, device)
     d_in = model.cfg.d_model
-    results: dict[str, Any] = dict(device=str(device), model=cfg.model, layer=cfg.layer, d_in=d_in,
+    results: dict[str, Any] = dict(plugin=cfg.plugin, device=str(device), model=cfg.model, layer=cfg.layer, d_in=d_in,
                                    d_sae=cfg.dict_size, batch_size=cfg.batch_size, tokens=cfg.tokens,
                                    torch_threads=torch.get_num_threads())
     x = harvest_and_read(cfg, model, device, results)
-    ours_s = sae_steps(cfg, x, d_in, steps, l0_fraction, results)
+    ours_s = sae_steps(cfg, plugin, x, d_in, steps, l0_fraction, results)
     roofline(cfg, d_in, ours_s, device, steps, results)
     return results
 
 
 def print_table(cfg: RunConfig, results: dict[str, Any]) -> None:
-    table = Table(title=f"bench: {cfg.model} layer {cfg.layer}, d_sae {cfg.dict_size}, batch {cfg.batch_size}, "
+    table = Table(title=f"bench {cfg.plugin}: {cfg.model} layer {cfg.layer}, d_sae {cfg.dict_size}, batch {cfg.batch_size}, "
                         f"{results['device']}")
     table.add_column("what")
     table.add_column("tokens/s", justify="right")
@@ -219,6 +226,7 @@ def print_table(cfg: RunConfig, results: dict[str, Any]) -> None:
 @app.command()
 def bench(
     preset: str = typer.Option("embedded", help="Model, layer and data come from this preset."),
+    plugin: str = typer.Option("run_0_baseline", help="The architecture to time: a baseline plugin (plugins/baseline/)."),
     model: str = typer.Option(None), layer: int = typer.Option(None),
     dict_size: int = typer.Option(None, help="d_sae."), batch_size: int = typer.Option(None),
     tokens: int = typer.Option(32_768, help="Tokens to harvest for the harvest and read timings."),
@@ -230,7 +238,8 @@ def bench(
     """Throughput of harvesting, cache reads and the SAE step (vs sae_lens), the SAE step's
     fraction of the measured matmul roofline, and peak memory; a table and bench.json."""
     with experiment.one_line_errors():
-        cfg = experiment.build_config(preset, "baseline/run_0_baseline", model=model, layer=layer,
+        found = experiment.find_plugin(plugin)
+        cfg = experiment.build_config(preset, f"{found.study}/{found.name}", model=model, layer=layer,
                                       dict_size=dict_size, batch_size=batch_size, tokens=tokens, device=device,
                                       compile=compile_loss)
         results = run_bench(cfg, steps, l0_fraction)

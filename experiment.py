@@ -309,6 +309,20 @@ class SAE(BaseSAE):
         export.load_state_dict(self.scaled_weights(scale), strict=False)
         return export, self.keeps("encoder_input", "pre_activation", "activation", "decoder_weight", "decode")
 
+    def sae_lens_training(self) -> tuple[Any, dict[str, float]] | None:
+        """SAELens's training SAE of this architecture holding these weights, and the coefficients
+        its `training_forward_pass` takes (bench.py times its step against ours), or None where
+        no SAELens architecture is this SAE."""
+        if not self.keeps(*FORMULA):
+            return None
+        from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+
+        ref = StandardTrainingSAE(StandardTrainingSAEConfig(
+            d_in=self.cfg.d_in, d_sae=self.cfg.d_sae, dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.W_dec.device), l1_coefficient=self.run_cfg.sparsity_penalty))
+        ref.load_state_dict({k: v.detach().clone() for k, v in self.state_dict().items()}, strict=False)
+        return ref, {"l1": self.run_cfg.sparsity_penalty}
+
     def sae_lens_metadata(self):
         from sae_lens.saes.sae import SAEMetadata
 

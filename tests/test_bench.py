@@ -38,3 +38,10 @@ def test_bench_at_two_percent_latent_density_times_the_sparse_step(tmp_path):
 
 def test_experiment_bench_runs_bench_py_with_its_arguments():
     assert cli("bench", "--preset", "no-such-preset").exit_code == 2  # bench.py's one-line refusal
+
+
+def test_bench_refuses_a_plugin_no_sae_lens_architecture_is_before_any_work(monkeypatch):
+    import experiment
+    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("work")))
+    result = bench_cli("--preset", "tiny", "--plugin", "run_7_adaptive_ln")
+    assert result.exit_code == 2 and "is no SAELens architecture" in result.output
