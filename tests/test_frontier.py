@@ -1,0 +1,259 @@
+"""frontier.py, the matched verdict: a baseline frontier with known values gives the interpolated
+value in log L0, Δ and its uncertainty, the better/tied/worse word, the standard error across seeds,
+the refusal to extrapolate with the knob to add (penalty and k sweeps), and a bootstrap that is
+deterministic for a seed and shrinks with more batches. Pure numpy, no model: runs in a second."""
+
+import ast
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import frontier
+from common import HarnessError
+from frontier import OUTSIDE, bootstrap_se, build_frontiers, interpolate, pool_seeds, suggest_knob, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def record(l0, knob, seed=0, knob_name="sparsity_penalty", uncertainties=None, **metrics):
+    return {"l0": l0, "metrics": metrics, "knob": (knob_name, knob), "seed": seed,
+            "uncertainties": uncertainties or {}}
+
+
+def two_point_frontier(u_lo=None, u_hi=None):
+    """L0 10 -> 0.5 and L0 100 -> 0.9: halfway in log L0 (L0 √1000) the baseline is 0.7."""
+    return build_frontiers([
+        record(10, 1.0, explained_variance=0.5, uncertainties={"explained_variance": u_lo} if u_lo else None),
+        record(100, 0.1, explained_variance=0.9, uncertainties={"explained_variance": u_hi} if u_hi else None),
+    ])["explained_variance"]
+
+
+# ---- interpolation ------------------------------------------------------------------------------
+
+def test_the_baseline_is_interpolated_linearly_in_log_l0():
+    f = two_point_frontier()
+    assert interpolate(f, math.sqrt(1000))["value"] == pytest.approx(0.7)
+    assert interpolate(f, 10 ** 1.25)["value"] == pytest.approx(0.6)  # a quarter of the way in log L0
+    assert interpolate(f, math.sqrt(1000))["between"] == [1.0, 0.1]
+
+
+def test_on_a_sweep_point_the_baseline_is_that_point():
+    f = two_point_frontier(0.01, 0.03)
+    assert interpolate(f, 10) == {"value": 0.5, "uncertainty": 0.01, "between": [1.0], "reason": None}
+    assert interpolate(f, 100)["value"] == 0.9
+
+
+def test_the_baseline_uncertainty_is_interpolated_like_its_value():
+    assert interpolate(two_point_frontier(0.02, 0.04), math.sqrt(1000))["uncertainty"] == pytest.approx(0.03)
+    assert interpolate(two_point_frontier(0.02, None), math.sqrt(1000))["uncertainty"] is None
+
+
+def test_interpolation_uses_the_two_nearest_points_that_bracket_the_l0():
+    f = build_frontiers([record(1, 3.0, mse=9.0), record(10, 1.0, mse=5.0), record(100, 0.1, mse=1.0),
+                         record(1000, 0.01, mse=-99.0)])["mse"]
+    assert interpolate(f, math.sqrt(1000))["value"] == pytest.approx(3.0)
+    assert interpolate(f, math.sqrt(1000))["between"] == [1.0, 0.1]
+
+
+def test_interpolation_refuses_to_extrapolate_and_says_why():
+    f = two_point_frontier()
+    for l0 in (9.99, 100.01):
+        got = interpolate(f, l0)
+        assert got["value"] is None and got["uncertainty"] is None
+        assert "outside the baseline sweep's L0 range 10–100" in got["reason"]
+
+
+# ---- seeds --------------------------------------------------------------------------------------
+
+def test_seeds_of_one_knob_value_give_their_mean_and_standard_error():
+    f = build_frontiers([record(90, 0.1, seed=s, explained_variance=v) for s, v in ((1, 0.6), (2, 0.7), (3, 0.8))]
+                        + [record(10, 1.0, explained_variance=0.5)])["explained_variance"]
+    point = f["points"][1]
+    assert point["l0"] == 90 and point["value"] == pytest.approx(0.7) and point["seeds"] == [1, 2, 3]
+    assert point["uncertainty"] == pytest.approx(0.1 / math.sqrt(3))  # sample std 0.1 over √3
+    assert f["points"][0]["uncertainty"] is None  # one seed and no uncertainty of its own
+
+
+def test_a_lone_seed_keeps_its_own_uncertainty_and_the_run_pools_like_the_baseline():
+    assert pool_seeds([record(50, 0.1, explained_variance=0.7, uncertainties={"explained_variance": 0.02})]) \
+        ["uncertainties"] == {"explained_variance": 0.02}
+    run = pool_seeds([record(40, 0.1, seed=1, ce_loss_score=0.9), record(60, 0.1, seed=2, ce_loss_score=0.8)])
+    assert run["l0"] == 50 and run["metrics"]["ce_loss_score"] == pytest.approx(0.85)
+    assert run["uncertainties"]["ce_loss_score"] == pytest.approx(0.05)
+
+
+# ---- the verdict --------------------------------------------------------------------------------
+
+MID = math.sqrt(1000)  # baseline 0.7 with uncertainty 0.03 there; the run's own is 0.04 -> Δ ± 0.05
+
+
+@pytest.mark.parametrize("value, word", [(0.85, "better"), (0.75, "tied"), (0.65, "tied"), (0.55, "worse")])
+def test_the_word_needs_delta_beyond_two_uncertainties(value, word):
+    run = record(MID, 0.3, explained_variance=value, uncertainties={"explained_variance": 0.04})
+    got = verdict(run, {"explained_variance": two_point_frontier(0.03, 0.03)})["explained_variance"]
+    assert got["baseline"] == pytest.approx(0.7) and got["delta"] == pytest.approx(value - 0.7)
+    assert got["uncertainty"] == pytest.approx(0.05)  # 0.03 and 0.04 in quadrature
+    assert got["uncertainty_parts"] == {"run": 0.04, "baseline": pytest.approx(0.03)}
+    assert got["word"] == word
+
+
+def test_delta_stays_raw_and_the_word_follows_the_metric_direction():
+    f = build_frontiers([record(10, 1.0, mse=0.5, uncertainties={"mse": 0.01}),
+                         record(100, 0.1, mse=0.9, uncertainties={"mse": 0.01})])
+    got = verdict(record(MID, 0.3, mse=0.85), f)["mse"]  # higher MSE than the baseline: worse
+    assert got["delta"] == pytest.approx(0.15) and got["word"] == "worse" and got["higher_is_better"] is False
+    assert verdict(record(MID, 0.3, mse=0.85), f, {"mse": True})["mse"]["word"] == "better"
+
+
+def test_without_any_uncertainty_only_an_exact_tie_is_tied_and_the_word_says_so():
+    f = {"explained_variance": two_point_frontier()}
+    word = lambda v: verdict(record(10, 0.3, explained_variance=v), f)["explained_variance"]["word"]  # noqa: E731
+    assert word(0.5) == "tied (no uncertainty)"
+    assert word(0.5001) == "better (no uncertainty)"
+    assert word(0.4999) == "worse (no uncertainty)"
+
+
+def test_outside_the_sweep_there_is_no_delta_but_a_knob_to_add():
+    got = verdict(record(5, 3.0, explained_variance=0.4), {"explained_variance": two_point_frontier()})
+    entry = got["explained_variance"]
+    assert entry["word"] == OUTSIDE == "outside the baseline sweep: widen it"
+    assert entry["baseline"] is None and entry["delta"] is None and entry["uncertainty"] is None
+    assert entry["suggest"]["knob"] == "sparsity_penalty" and entry["suggest"]["value"] is not None
+
+
+def test_a_metric_missing_from_the_run_or_the_baseline_is_said_so():
+    frontiers = build_frontiers([record(10, 1.0, ce_loss_score=0.5, kl_div_score=None),
+                                 record(100, 0.1, ce_loss_score=0.9, kl_div_score=None)])
+    got = verdict(record(MID, 0.3, ce_loss_score=None), frontiers)
+    assert got["ce_loss_score"]["word"] == "no value" and got["kl_div_score"]["word"] == "no baseline"
+    assert frontiers["kl_div_score"]["excluded"] == ["sparsity_penalty=1.0: no kl_div_score",
+                                                     "sparsity_penalty=0.1: no kl_div_score"]
+
+
+def test_a_metric_without_a_direction_is_refused():
+    f = build_frontiers([record(10, 1.0, l2_ratio=0.5), record(100, 0.1, l2_ratio=0.9)])
+    with pytest.raises(HarnessError, match="l2_ratio"):
+        verdict(record(MID, 0.3, l2_ratio=0.7), f)
+
+
+def test_the_verdict_is_plain_json():
+    f = {"explained_variance": two_point_frontier(np.float32(0.03), 0.03)}
+    got = {"inside": verdict(record(np.float64(MID), 0.3, explained_variance=np.float32(0.8)), f),
+           "outside": verdict(record(1000, 0.01, explained_variance=0.95), f)}
+    assert json.loads(json.dumps(got, allow_nan=False)) == json.loads(json.dumps(got))
+    assert isinstance(got["inside"]["explained_variance"]["delta"], float)
+
+
+# ---- the knob to add when the run is outside the sweep ------------------------------------------
+
+def test_a_penalty_sweep_suggests_a_larger_penalty_below_it_and_a_smaller_one_above():
+    f = two_point_frontier()  # penalty 1.0 -> L0 10, penalty 0.1 -> L0 100: L0 ∝ 1/penalty
+    below = suggest_knob(f, 4)  # aims a quarter past the run: L0 3.2 -> penalty 10/3.2 = 3.125
+    assert below["value"] == 3.1
+    assert below["text"] == "add sparsity_penalty=3.1 (the run's L0 4 is below the sweep's 10–100)"
+    assert suggest_knob(f, 400)["value"] == 0.02  # aims at L0 500 -> 0.1 × 100/500
+
+
+def test_a_k_sweep_suggests_a_whole_k_near_the_runs_l0():
+    f = build_frontiers([record(16, 16, knob_name="k", ce_loss_score=0.8),
+                         record(64, 64, knob_name="k", ce_loss_score=0.9)])["ce_loss_score"]
+    assert suggest_knob(f, 200) == {"knob": "k", "value": 250,
+                                    "text": "add k=250 (the run's L0 200 is above the sweep's 16–64)"}
+    assert suggest_knob(f, 8)["value"] == 6  # aims at L0 6.4
+    assert suggest_knob(f, 1000)["value"] == 1200  # 1250 to 2 significant digits
+
+
+def test_the_suggestion_follows_the_sweeps_own_slope_at_its_end():
+    # L0 ∝ penalty^-0.5 at the low-L0 end: reaching L0 3.2 from L0 10 at penalty 1 needs penalty (10/3.2)^2
+    f = build_frontiers([record(100, 0.01, mse=1.0), record(30, 0.11, mse=1.0), record(10, 1.0, mse=1.0)])["mse"]
+    slope = math.log(10 / 30) / math.log(1.0 / 0.11)
+    assert suggest_knob(f, 4)["value"] == float(f"{math.exp(math.log(3.2 / 10) / slope):.2g}")
+
+
+def test_a_one_point_sweep_or_a_wrong_way_slope_falls_back_on_how_the_knob_acts():
+    one_k = build_frontiers([record(30, 32, knob_name="k", mse=1.0)])["mse"]
+    assert suggest_knob(one_k, 60)["value"] == 80  # L0 ≈ k: 32 × 75/30
+    noisy = build_frontiers([record(10, 1.0, mse=1.0), record(12, 1.1, mse=1.0)])["mse"]  # L0 rose with penalty
+    assert suggest_knob(noisy, 4)["value"] == 3.1  # L0 ∝ 1/penalty from penalty 1.0 at L0 10
+
+
+def test_a_sweep_with_no_positive_knob_cannot_be_extrapolated():
+    f = build_frontiers([record(500, 0.0, mse=1.0), record(800, 0.0, seed=1, mse=1.0)])["mse"]
+    assert suggest_knob(f, 5)["value"] is None
+
+
+# ---- building frontiers from runs ---------------------------------------------------------------
+
+def test_points_with_no_positive_l0_are_left_out_with_the_reason():
+    f = build_frontiers([record(0, 5.0, mse=1.0), record(10, 1.0, mse=0.5)])["mse"]
+    assert [p["knob_value"] for p in f["points"]] == [1.0]
+    assert f["excluded"] == ["sparsity_penalty=5.0: L0 0.0 is missing or not positive"]
+
+
+def test_a_baseline_sweep_varies_exactly_one_knob():
+    with pytest.raises(HarnessError, match="one knob"):
+        build_frontiers([record(10, 1.0, mse=1.0), record(20, 32, knob_name="k", mse=1.0)])
+    with pytest.raises(HarnessError, match="one knob"):
+        build_frontiers([])
+
+
+def final_info(l0=42.0, penalty=0.2, k=None, status="completed"):
+    return {"status": status, "run": {"study": "baseline", "plugin": "run_0_baseline"},
+            "metrics": {"sparsity": {"l0": l0},
+                        "model_performance_preservation": {"ce_loss_score": 0.9},
+                        "model_behavior_preservation": {"kl_div_score": 0.8},
+                        "reconstruction_quality": {"explained_variance": 1.2, "explained_variance_legacy": 0.7}},
+            "provenance": {"seed": 7, "config": {"sparsity_penalty": penalty, "hyperparams": {"k": k}}}}
+
+
+def test_a_record_is_read_from_final_info():
+    got = frontier.record_from_final_info(final_info(), "sparsity_penalty")
+    assert got == {"l0": 42.0, "knob": ("sparsity_penalty", 0.2), "seed": 7,
+                   "metrics": {"ce_loss_score": 0.9, "kl_div_score": 0.8, "explained_variance": 0.7}}
+    assert frontier.record_from_final_info(final_info(k=64), "k")["knob"] == ("k", 64)
+    assert frontier.record_from_final_info(final_info(), "sparsity_penalty", "explained_variance") \
+        ["metrics"]["explained_variance"] == 1.2
+
+
+def test_only_completed_runs_with_the_knob_make_records():
+    with pytest.raises(HarnessError, match="run_0_baseline is not completed"):
+        frontier.record_from_final_info(final_info(status="failed"), "sparsity_penalty")
+    with pytest.raises(HarnessError, match="knob 'tau'"):
+        frontier.record_from_final_info(final_info(), "tau")
+
+
+# ---- the bootstrap over evaluation batches ------------------------------------------------------
+
+def test_the_bootstrap_is_deterministic_for_a_seed():
+    batches = np.random.default_rng(1).normal(0.7, 0.05, size=20)
+    assert bootstrap_se(batches, seed=3) == bootstrap_se(list(batches), seed=3)
+    assert bootstrap_se(batches, seed=3) != bootstrap_se(batches, seed=4)
+
+
+def test_the_bootstrap_shrinks_with_more_batches_like_a_standard_error():
+    draws = np.random.default_rng(2).normal(0.7, 0.05, size=1600)
+    few, many = bootstrap_se(draws[:16]), bootstrap_se(draws)
+    assert many < few / 5  # √(1600/16) = 10 times smaller, up to sampling noise
+    assert many == pytest.approx(np.std(draws, ddof=1) / math.sqrt(len(draws)), rel=0.15)
+
+
+def test_the_bootstrap_takes_a_statistic_of_rows_and_needs_two_batches():
+    # CE-loss score per batch rows (ablated, with SAE, clean): the score is a ratio of means
+    rows = np.random.default_rng(3).normal([6.0, 3.2, 3.0], 0.1, size=(30, 3))
+    score = lambda r: (r[:, 0].mean() - r[:, 1].mean()) / (r[:, 0].mean() - r[:, 2].mean())  # noqa: E731
+    se = bootstrap_se(rows, statistic=score, resamples=200)
+    assert 0 < se < 0.05
+    assert bootstrap_se([0.7]) is None and bootstrap_se([]) is None
+
+
+# ---- the module's place ------------------------------------------------------------------------
+
+def test_frontier_is_a_leaf_with_short_functions():
+    tree = ast.parse((ROOT / "frontier.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= {"__future__", "math", "collections", "typing", "numpy", "common"}
+    assert not [n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno >= 60]
