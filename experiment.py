@@ -22,6 +22,7 @@ from __future__ import annotations
 from common import HarnessError, console, one_line_errors  # noqa: F401  (first: its import guards)
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -30,6 +31,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -265,6 +267,8 @@ class SAE(BaseSAE):
             with torch.no_grad():
                 self.observe(fwd)
         terms = {"l2_loss": (x - fwd.x_hat).pow(2).sum(-1).mean(), "sparsity_loss": self.sparsity_loss(fwd)}
+        if terms["sparsity_loss"] is None:  # an architecture without a sparsity penalty (TopK) logs no such term
+            del terms["sparsity_loss"]
         return LossOutput({**terms, **self.aux_losses(fwd)}, fwd.f, {**fwd.stats, **batch_stats})
 
     def training_batch(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -276,7 +280,8 @@ class SAE(BaseSAE):
         """λ, the L1 coefficient at this step."""
         return self.run_cfg.sparsity_penalty
 
-    def sparsity_loss(self, fwd: Forward) -> torch.Tensor:
+    def sparsity_loss(self, fwd: Forward) -> torch.Tensor | None:
+        """λ‖f‖₁ per token; None where the architecture has no sparsity penalty."""
         return self.sparsity_coefficient(fwd) * fwd.f.abs().sum(-1).mean()
 
     def observe(self, fwd: Forward) -> None:
@@ -1387,6 +1392,162 @@ def print_summary(info: dict, run_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Many runs: a study (its baselines, then each run in order) or a sweep (a grid of settings ×
+# seeds). A run already completed with the same config and plugin source is reused, an
+# interrupted one resumed from its checkpoint, so the same command again finishes what is left.
+
+SWEEPABLE = ("dict_size", "tokens", "batch_size", "lr", "sparsity_penalty", "warmup_steps", "layer")
+
+
+@dataclass
+class Job:
+    cfg: RunConfig
+    plugin: Plugin
+    run_dir: Path  # where a new run goes; a previous one is found by its config
+    label: str  # what distinguishes it in the progress lines and the summary
+
+
+def job_config(plugin: Plugin, preset: str, settings: dict[str, str], overrides: dict[str, Any]) -> RunConfig:
+    """A run's config as `run` builds it; `settings` are key=value strings of run-config fields
+    (SWEEPABLE) or the plugin's hyperparameters, typed and checked here."""
+    fields = typing.get_type_hints(RunConfig)
+    flags = {k: fields[k](v) if fields[k] in (int, float, str) else v for k, v in settings.items() if k in SWEEPABLE}
+    try:
+        cfg = build_config(preset, f"{plugin.study}/{plugin.name}", **{**overrides, **flags})
+    except ValueError as exc:
+        raise HarnessError(f"--grid {settings}: {exc}") from None
+    cfg.hyperparams = dataclasses.asdict(parse_hyperparams(
+        plugin, [f"{k}={v}" for k, v in settings.items() if k not in SWEEPABLE]))
+    evals.check_requirements(cfg.evals, cfg)
+    return cfg
+
+
+def comparable(config: dict) -> str:
+    """A config as saved, for equality (the device it ran on does not change what it is)."""
+    return json.dumps({k: v for k, v in config.items() if k != "device"}, sort_keys=True, default=list)
+
+
+def previous_run(job: Job, runs_root: Path) -> tuple[Path | None, str]:
+    """(folder, "reused") for a completed run of this config and plugin source under runs_root,
+    (folder, "resumed") for an interrupted one, else (None, "trained")."""
+    want, source, interrupted = comparable(dataclasses.asdict(job.cfg)), job.plugin.source_hash(), None
+    for config_path in sorted(runs_root.rglob("config.json")) if runs_root.is_dir() else []:
+        folder = config_path.parent
+        if comparable(json.loads(config_path.read_text())) != want:
+            continue
+        if (folder / "final_info.json").exists():
+            info = json.loads((folder / "final_info.json").read_text())
+            if info.get("status") == "completed" and info["provenance"]["plugin_source_sha256"] == source:
+                return folder, "reused"
+        elif (folder / CHECKPOINT).exists():
+            interrupted = folder
+    return (interrupted, "resumed") if interrupted else (None, "trained")
+
+
+def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None) -> list[dict]:
+    """Each job's run, reused, resumed or trained, with a line as each finishes; a run that fails
+    for its own reasons (a non-finite loss) is reported and the rest go on."""
+    rows = []
+    for i, job in enumerate(jobs, 1):
+        started = time.perf_counter()
+        folder, how = previous_run(job, runs_root)
+        folder = folder or job.run_dir
+        try:
+            info = (json.loads((folder / "final_info.json").read_text()) if how == "reused"
+                    else execute(job.cfg, job.plugin, folder, notes, resume=how == "resumed"))
+        except HarnessError as exc:
+            info, how = {"status": "failed", "error": str(exc)}, "failed"
+        rows.append(dict(plugin=job.plugin.name, label=job.label, how=how, folder=str(folder), info=info,
+                         wall_s=time.perf_counter() - started))
+        sparsity = info.get("metrics", {}).get("sparsity", {})
+        ce = info.get("metrics", {}).get("model_performance_preservation", {}).get("ce_loss_score")
+        console.print(f"[{i}/{len(jobs)}] {job.label}: {how}" + (f", L0 {sparsity['l0']:.1f}, CE-loss score {ce:.3f}"
+                      if sparsity and ce is not None else f": {info.get('error', '')}") +
+                      f" ({rows[-1]['wall_s']:.0f} s)")
+        if on_done is not None:
+            on_done(rows)
+    return rows
+
+
+def summary_table(title: str, rows: list[dict]) -> Table:
+    table = Table(title=title)
+    for column in ("run", "how", "L0", "CE-loss score", "KL score", "explained variance (legacy)", "folder"):
+        table.add_column(column)
+    for row in rows:
+        metrics = row["info"].get("metrics", {})
+        values = [metrics.get("sparsity", {}).get("l0"),
+                  metrics.get("model_performance_preservation", {}).get("ce_loss_score"),
+                  metrics.get("model_behavior_preservation", {}).get("kl_div_score"),
+                  metrics.get("reconstruction_quality", {}).get("explained_variance_legacy")]
+        table.add_row(row["label"], row["how"], *("-" if v is None else f"{v:.4g}" for v in values),
+                      os.path.relpath(row["folder"], ROOT) if Path(row["folder"]).is_relative_to(ROOT) else row["folder"])
+    return table
+
+
+def study_jobs(study: str, baselines: list[str], preset: str, overrides: dict[str, Any], runs_root: Path) -> list[Job]:
+    keys = [key for key in plugin_files() if key.split("/")[0] == study]
+    if not keys:
+        studies = sorted({key.split("/")[0] for key in plugin_files()})
+        raise HarnessError(f"unknown study '{study}'; choose one of {', '.join(studies)}")
+    plugins = [find_plugin(name) for name in baselines]
+    plugins += sorted((find_plugin(key) for key in keys if find_plugin(key).name not in baselines),
+                      key=lambda p: p.run_number)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return [Job(job_config(p, preset, {}, overrides), p, runs_root / p.study / p.name / stamp,
+                f"{p.study}/{p.name}") for p in plugins]
+
+
+def parse_grid(grid: list[str], seeds: int, seed: int) -> list[dict[str, str]]:
+    """['sparsity_penalty=0.1,0.2', 'k=16,32'] and 2 seeds -> every combination, each with its seed."""
+    axes = {}
+    for item in grid:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise HarnessError(f"--grid '{item}' must look like key=value1,value2")
+        axes[key] = [v.strip() for v in values.split(",") if v.strip()]
+    if seeds < 1:
+        raise HarnessError(f"--seeds must be at least 1, got {seeds}")
+    combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    return [{**combo, "seed": str(seed + i)} for combo in combos for i in range(seeds)]
+
+
+def sweep_jobs(plugin: Plugin, preset: str, grid: list[str], seeds: int, overrides: dict[str, Any],
+               sweep_dir: Path) -> list[Job]:
+    combos, jobs = parse_grid(grid, seeds, overrides.pop("seed")), []
+    hyperparams = [f.name for f in dataclasses.fields(plugin.hyperparams_class)]
+    for key in set(combos[0]) - set(SWEEPABLE) - set(hyperparams) - {"seed"}:
+        raise HarnessError(f"--grid {key}: neither a run setting ({', '.join(SWEEPABLE)}) nor a hyperparameter "
+                           f"of {plugin.name} ({', '.join(hyperparams) or 'it has none'})")
+    for settings in combos:
+        seed = int(settings.pop("seed"))
+        cfg = job_config(plugin, preset, settings, {**overrides, "seed": seed})
+        label = ",".join(f"{k}={v}" for k, v in settings.items()) + f",seed={seed}"
+        jobs.append(Job(cfg, plugin, sweep_dir / re.sub(r"[^\w.,=-]", "_", label), label.lstrip(",")))
+    return jobs
+
+
+def write_manifest(sweep_dir: Path, asked: dict, rows: list[dict]) -> None:
+    done = [dict(run=r["label"], how=r["how"], status=r["info"].get("status"), folder=r["folder"]) for r in rows]
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(sweep_dir / "manifest.json", json.dumps(dict(asked=asked, finished=done), indent=2))
+
+
+def study_notes(study: str, rows: list[dict], figures: list[Path]) -> str:
+    """The study's summary for notes.md: its runs and the figures written."""
+    lines = [f"## Study summary: {study}", "", "| run | L0 | CE-loss score | explained variance (legacy) | run folder |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        m = row["info"].get("metrics", {})
+        cells = [m.get("sparsity", {}).get("l0"), m.get("model_performance_preservation", {}).get("ce_loss_score"),
+                 m.get("reconstruction_quality", {}).get("explained_variance_legacy")]
+        lines.append(f"| {row['label']} | " + " | ".join("-" if v is None else f"{v:.4g}" for v in cells)
+                     + f" | {row['folder']} |")
+    where = f" (in {figures[0].parent})" if figures else ""
+    lines += ["", f"Figures{where}: " + (", ".join(f.name for f in figures) or "none"), "", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # The CLI.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
@@ -1442,6 +1603,78 @@ def run(
             raise typer.Exit(130) from None
     if info.get("status") == "completed":  # rank 0 (or the only process)
         print_summary(info, run_dir)
+
+
+@app.command()
+def study(
+    name: str = typer.Argument(..., help="The study: a folder of plugins/ (see `list`)."),
+    preset: str = typer.Option("embedded", help="embedded, tiny, pythia-70m or gemma-2-2b."),
+    baselines: str = typer.Option("run_0_baseline", help="Comma-separated baseline plugins, run first."),
+    tokens: int = typer.Option(None, help="Training activations to harvest and train on."),
+    dict_size: int = typer.Option(None, help="Number of SAE latents."),
+    seed: int = typer.Option(42, help="Seeds initialisation, data order and plugin randomness."),
+    evals: str = typer.Option("core", help="Comma-separated sae_bench evals (see `run --help`)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    runs: Path = typer.Option(ROOT / "runs", help="Folder of run folders (searched for runs to reuse)."),
+    notes: Path = typer.Option(ROOT / "notes.md", help="Lab notebook to append to."),
+    figures: Path = typer.Option(ROOT / "figures", help="The study's figures go to FIGURES/<study>."),
+) -> None:
+    """Run a study's baselines and every run in order on one activation cache (reusing finished
+    runs, resuming interrupted ones), then write its figures, compare table and notebook summary."""
+    with one_line_errors(), interrupted_many():
+        overrides = dict(tokens=tokens, dict_size=dict_size, seed=seed, device=device, evals=split(evals))
+        jobs = study_jobs(name, split(baselines), preset, overrides, runs)
+        rows = run_jobs(jobs, notes, runs)
+        written = plot.plot_all(runs, figures / name, name)
+        if any(row["how"] != "reused" for row in rows):  # a study run again that trained nothing notes nothing
+            append_notes(notes, jobs[-1].plugin, study_notes(name, rows, written))
+        Console(width=220).print(plot.compare_table(runs, name))
+    Console(width=200).print(summary_table(f"study {name}", rows))
+
+
+@app.command()
+def sweep(
+    plugin: str = typer.Option(..., help="Plugin file name or study/name."),
+    grid: list[str] = typer.Option([], "--grid", help="key=v1,v2: a run setting (dict_size, tokens, batch_size, "
+                                                      "lr, sparsity_penalty, warmup_steps, layer) or a plugin "
+                                                      "hyperparameter; repeat for the cross product."),
+    seeds: int = typer.Option(1, help="Seeds per setting: --seed, --seed+1, ..."),
+    preset: str = typer.Option("embedded", help="embedded, tiny, pythia-70m or gemma-2-2b."),
+    tokens: int = typer.Option(None, help="Training activations to harvest and train on."),
+    seed: int = typer.Option(42, help="The first seed."),
+    evals: str = typer.Option("core", help="Comma-separated sae_bench evals (see `run --help`)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    runs: Path = typer.Option(ROOT / "runs", help="Folder of run folders; the sweep's go to RUNS/sweeps/."),
+    notes: Path = typer.Option(ROOT / "notes.md", help="Lab notebook to append to."),
+) -> None:
+    """Train the cross product of --grid values × seeds (reusing finished runs, resuming interrupted
+    ones) into one sweep folder with a manifest, a line per run and a summary table."""
+    with one_line_errors(), interrupted_many():
+        found = find_plugin(plugin)
+        if not grid:
+            raise HarnessError("--grid key=v1,v2 is required (e.g. --grid sparsity_penalty=0.05,0.1,0.2)")
+        overrides = dict(tokens=tokens, seed=seed, device=device, evals=split(evals))
+        asked = dict(plugin=f"{found.study}/{found.name}", preset=preset, grid=grid, seeds=seeds, **overrides)
+        key = hashlib.sha256(json.dumps(asked, sort_keys=True, default=list).encode()).hexdigest()[:8]
+        sweep_dir = runs / "sweeps" / f"{found.name}-{key}"
+        jobs = sweep_jobs(found, preset, grid, seeds, overrides, sweep_dir)
+        write_manifest(sweep_dir, asked, [])
+        rows = run_jobs(jobs, notes, runs, on_done=lambda done: write_manifest(sweep_dir, asked, done))
+    Console(width=200).print(summary_table(f"sweep {found.name} ({sweep_dir})", rows))
+
+
+def split(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@contextlib.contextmanager
+def interrupted_many():
+    """Ctrl-C in a study or sweep: the run in progress is checkpointed; the same command continues."""
+    try:
+        yield
+    except Interrupted as exc:
+        console.print(f"[yellow]{exc}; checkpoint saved; run the same command again to continue")
+        raise typer.Exit(130) from None
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)

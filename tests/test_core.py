@@ -50,6 +50,14 @@ def test_loss_is_reconstruction_plus_l1_plus_the_plugins_extra_terms():
     torch.testing.assert_close(out.latents, f)
 
 
+def test_an_architecture_without_a_sparsity_penalty_logs_no_such_term():
+    class Constrained(experiment.SAE):
+        def sparsity_loss(self, fwd):
+            return None
+
+    assert set(base_sae(cls=Constrained).loss(torch.randn(8, 16), 0).terms) == {"l2_loss"}
+
+
 def test_observe_runs_in_training_only_before_the_terms_and_without_gradients():
     calls = []
 

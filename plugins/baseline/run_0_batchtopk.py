@@ -1,0 +1,162 @@
+"""BatchTopK SAE: the batch's k·B largest activations in training, one JumpReLU threshold at inference.
+
+Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders" (arXiv:2412.06410), as SAELens's
+`BatchTopKTrainingSAE` computes it:
+
+    pre = (x − b_dec) W_enc + b_enc
+    training:   f = the k·B largest entries of ReLU(pre) over the whole (B, d_sae) batch, the rest 0
+    inference:  f = ReLU(pre) · 1[pre > θ]        (a JumpReLU SAE with one threshold θ for every latent)
+    θ ← (1 − η) θ + η · min{f > 0}                 after every training batch, from θ = 0 (float64)
+    loss = ‖x − x̂‖² + α · s · ‖ê − (x − x̂)‖²      per token, averaged over the batch
+
+k is the average number of active latents per token; each token takes as many as the batch's
+competition gives it. θ is the running mean (rate η = `topk_threshold_lr`) of the smallest
+activation each training batch kept, so that at inference the encoding no longer depends on the
+batch and fires about k latents per token on data like the training data (the mean of the
+batches' cut-offs is no one batch's cut-off: 65 at k = 64 on the tiny model's held-out tokens in
+tests/test_baseline_batchtopk.py). θ starts at 0, where the eval-mode encoding is plain ReLU: an
+SAE evaluated before θ has converged (a few hundred training steps at η = 0.01) fires far more
+than k latents. Only training passes move θ.
+
+The second term is the TopK family's auxiliary loss (AuxK; Gao et al. 2024, appendix A.2) for
+dead latents, exactly as SAELens's `calculate_topk_aux_loss`: the k_aux = d_in // 2 largest
+pre-activations among the dead latents (unrectified) reconstruct, without b_dec, the detached
+residual x − x̂; s = min(#dead / k_aux, 1) shrinks it while few latents are dead; α =
+`aux_loss_coefficient`. A latent is dead once it has not fired in `dead_after_batches`
+consecutive training batches, counted before the batch it is used on (SAELens's trainer passes
+the mask from its counts before the step: dead past `dead_feature_window` steps, i.e. our
+dead_after_batches − 1). BatchTopK has no sparsity penalty (k sets the sparsity), so the
+harness's `sparsity_loss` slot holds this term: it is SAELens's `auxiliary_reconstruction_loss`.
+It is zero while no latent is dead.
+
+Decoder rows are kept at unit norm with the parallel gradient projected out (the harness's
+trainer), as the paper's code and dictionary_learning's BatchTopK trainer do. SAELens instead
+leaves the decoder free and multiplies pre-activations by ‖W_dec,i‖ (`rescale_acts_by_decoder_norm`);
+on unit rows that factor is 1: the same latents and losses, and the same gradients along the
+sphere. SAELens's trainer also clips the gradient norm at 1, which the harness's does not. The
+export is the JumpReLU SAE this one is at inference (`sae_lens.JumpReLUSAE`, θ in every latent,
+in float32 as the eval-mode SAE compares it), as SAELens saves a BatchTopK SAE; θ needs no
+rescaling for the model's activation scale, since the export folds the scale into W_enc and
+leaves the pre-activations as they were.
+
+Defaults: k = 64 (this harness's baseline k), η = 0.01 (SAELens's), α = 1/32 (the paper's code,
+Gao et al. and dictionary_learning; SAELens's config default is 1.0), dead after 5 batches (the
+paper's code's `n_batches_to_dead`; SAELens's trainer default is a 1000-step window). Readings
+chosen: the loss is SAELens's, Σ over d_in (the paper's code averages both terms over d_in too,
+so α keeps its meaning). Under torchrun each rank's share of the batch competes on its own, and
+DistributedDataParallel keeps rank 0's θ and counts.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from experiment import FORMULA
+from plugins.baseline import run_0_baseline as parent
+
+
+@dataclass
+class Hyperparams(parent.Hyperparams):
+    k: int = 64
+    topk_threshold_lr: float = 0.01
+    aux_loss_coefficient: float = 1 / 32
+    dead_after_batches: int = 5
+
+
+def batch_topk(pre: torch.Tensor, k: float) -> torch.Tensor:
+    """The int(k·B) largest entries of ReLU(pre) over the whole (B, d_sae) batch, where they
+    are; zeros elsewhere (SAELens's BatchTopK module)."""
+    acts = pre.relu().flatten()
+    top = acts.topk(min(int(k * pre.shape[0]), acts.numel()))  # k ≥ d_sae keeps every activation
+    return torch.zeros_like(acts).scatter(-1, top.indices, top.values).reshape(pre.shape)
+
+
+def keeps_pieces(sae, cls, *names) -> bool:
+    """Whether `sae` uses `cls`'s own methods of these names (a run building on `cls` that
+    changes one of them is no longer the SAELens architecture `cls` is)."""
+    return all(getattr(type(sae), name) is getattr(cls, name) for name in names)
+
+
+class SAE(parent.SAE):
+    def __init__(self, d_in, d_sae, hp, cfg, device=torch.device("cpu"), dtype=torch.float32):
+        super().__init__(d_in, d_sae, hp, cfg, device, dtype)
+        # float64 as SAELens keeps it: an EMA at rate 0.01 in float32 loses the small updates.
+        self.register_buffer("topk_threshold", torch.tensor(0.0, dtype=torch.float64, device=device))
+        self.register_buffer("batches_since_fired", torch.zeros(d_sae, dtype=torch.long, device=device))
+        # The dead mask the loss uses: the counts as they were before this batch (see observe).
+        self.register_buffer("dead", torch.zeros(d_sae, dtype=torch.bool, device=device), persistent=False)
+
+    def _apply(self, *args, **kwargs):
+        out = super()._apply(*args, **kwargs)
+        # .to(dtype) casts every float buffer (sae_bench casts the SAE to the model's dtype); θ
+        # stays float64, and is compared in the pre-activations' dtype.
+        threshold = self._buffers.get("topk_threshold")  # absent while the base __init__ runs
+        if threshold is not None:
+            self._buffers["topk_threshold"] = threshold.to(torch.float64)
+        return out
+
+    def activation(self, pre, x):
+        if self.training:
+            return batch_topk(pre, self.hp.k)
+        return torch.relu(pre) * (pre > self.topk_threshold.to(pre.dtype))  # JumpReLUSAE.encode's formula
+
+    def observe(self, fwd):
+        """θ's running mean of the batch's smallest kept activation; the dead-latent counts."""
+        kept = fwd.f > 0
+        smallest = torch.where(kept, fwd.f, torch.inf).min().to(torch.float64)
+        lr = self.hp.topk_threshold_lr
+        updated = (1 - lr) * self.topk_threshold + lr * smallest  # SAELens's arithmetic, in float64
+        self.topk_threshold.copy_(torch.where(smallest.isfinite(), updated, self.topk_threshold))
+        self.dead.copy_(self.batches_since_fired >= self.hp.dead_after_batches)
+        self.batches_since_fired.add_(1).masked_fill_(kept.any(0), 0)
+        fwd.stats.update(topk_threshold=self.topk_threshold.clone(), dead_latents=self.dead.sum().float())
+
+    def sparsity_loss(self, fwd):
+        """No sparsity penalty in BatchTopK: this slot is the AuxK dead-latent loss."""
+        return self.auxiliary_loss(fwd.x, fwd.x_hat, fwd.pre, self.dead)
+
+    def auxiliary_loss(self, x, x_hat, pre, dead):
+        """SAELens's calculate_topk_aux_loss, without its host sync: a fixed k_aux with the
+        non-dead picks zeroed selects the same min(k_aux, #dead) dead latents."""
+        k_aux = x.shape[-1] // 2  # Gao et al.'s heuristic, as SAELens
+        scale = (dead.sum() / k_aux).clamp(max=1.0)  # the term shrinks while few latents are dead
+        top = torch.where(dead, pre, -torch.inf).topk(min(k_aux, pre.shape[-1]), sorted=False)
+        values = torch.where(top.values.isinf(), 0.0, top.values)
+        acts = torch.zeros_like(pre).scatter(-1, top.indices, values)
+        residual = (x - x_hat).detach()
+        error = (acts @ self.decoder_weight() - residual).pow(2).sum(-1).mean()
+        return self.hp.aux_loss_coefficient * scale * error
+
+    def final_info(self):
+        return {"topk_threshold": self.topk_threshold.item()}
+
+    def sae_lens_export(self, scale):
+        """The JumpReLU SAE this one is at inference, θ in every latent (as SAELens saves a
+        BatchTopK SAE): exact where the encoder, activation and decoder are this file's."""
+        from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+        export = JumpReLUSAE(JumpReLUSAEConfig(d_in=self.cfg.d_in, d_sae=self.cfg.d_sae, dtype="float32",
+                                               device="cpu", metadata=self.sae_lens_metadata()))
+        weights = self.scaled_weights(scale)
+        weights["threshold"] = torch.full_like(weights["b_enc"], self.topk_threshold.item())
+        export.load_state_dict(weights)
+        return export, keeps_pieces(self, SAE, "encoder_input", "pre_activation", "activation", "decoder_weight",
+                                    "decode")
+
+    def sae_lens_config(self) -> dict:
+        """SAELens's BatchTopK settings of this SAE (its default rescale_acts_by_decoder_norm:
+        on our unit-norm decoder rows the same SAE)."""
+        hp = self.hp
+        return dict(d_in=self.cfg.d_in, d_sae=self.cfg.d_sae, k=hp.k, topk_threshold_lr=hp.topk_threshold_lr,
+                    aux_loss_coefficient=hp.aux_loss_coefficient, dtype=str(self.dtype).removeprefix("torch."),
+                    device=str(self.W_dec.device))
+
+    def sae_lens_training(self):
+        """SAELens's BatchTopKTrainingSAE holding these weights and θ; it takes no coefficients."""
+        if not keeps_pieces(self, SAE, *FORMULA):
+            return None
+        from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+        ref = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**self.sae_lens_config()))
+        ref.load_state_dict({k: v.detach().clone() for k, v in self.state_dict().items()}, strict=False)
+        return ref, {}

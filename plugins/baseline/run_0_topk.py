@@ -1,0 +1,140 @@
+"""TopK SAE (Gao et al. 2024): exactly k latents per token, and the AuxK loss on dead latents.
+
+    pre = (x − b_dec) W_enc + b_enc
+    f   = ReLU(TopK_k(pre))                 the k largest pre-activations of each token, ReLU'd; 0 elsewhere
+    x̂   = f W_dec + b_dec
+    loss = ‖x − x̂‖² + aux_loss_coefficient · min(n_dead / k_aux, 1) · ‖e − z W_dec‖²
+
+with e = (x − x̂) detached, k_aux = ⌊d_in / 2⌋, and z the top min(k_aux, n_dead) pre-activations
+among the dead latents (raw, not ReLU'd), 0 elsewhere; each term per token, averaged over the
+batch. A latent is dead when it has not fired in the last `dead_steps` training steps.
+
+Gao et al., "Scaling and evaluating sparse autoencoders" (2024): the TopK activation replaces the
+L1 penalty (k sets the sparsity directly); AuxK (their Appendix A.2, α = 1/32; k_aux = d_model/2
+by the heuristic SAELens cites from Appendix B.1) has the top dead latents reconstruct the main
+reconstruction's error, so that dead latents get a gradient again. Decoder rows are unit norm
+after every step (their Appendix A.1), the gradient's component along each row projected out
+first (their code's unit_norm_decoder_grad_adjustment_): the harness's base Trainer, unchanged.
+
+SAELens's `TopKTrainingSAE` is the reference, number for number: its `TopK` module (top-k of the
+pre-activations, unsorted, ReLU'd, scattered into zeros), its `calculate_topk_aux_loss` (the
+formula above; `calculate_topk_aux_acts` takes the raw pre-activations), and its trainer's dead
+mask (`n_forward_passes_since_fired > dead_feature_window`, the counters as they were before the
+step, updated from the step's latents afterwards). SAELens's losses are `mse_loss` (our l2_loss)
+and `auxiliary_reconstruction_loss` (logged here under that name). TopK has no sparsity penalty,
+so `sparsity_loss` is zero: the run's --sparsity-penalty does nothing here. SAELens trains with
+`rescale_acts_by_decoder_norm` (the decoder treated as normalised) where we keep it normalised;
+on unit-norm rows the two give the same latents, losses and, along the sphere, gradients.
+
+Defaults: k = 64; aux_loss_coefficient = 1/32 (the paper's; SAELens's config defaults to 1.0);
+dead_steps = 1000 (SAELens's `dead_feature_window`). The export is SAELens's `TopKSAE`
+(architecture "topk"), exact.
+
+Readings chosen: before step dead_steps + 1 no latent can have gone dead_steps steps without
+firing, so the AuxK term is identically zero there: it is neither computed nor logged until then
+(no wasted top-k and matmul, and no host sync to find out). From then on it is logged every step,
+zero when nothing is dead, as in SAELens. The dead mask needs no host sync either: SAELens reads
+n_dead to size its top-k; here the top-k takes k_aux and drops the picks that are not dead latents,
+the same sum. `auxk_dead` (logged) is the number of dead latents AuxK sees; a latent fired in a
+step if it fired on any rank's share of the batch. SAELens also clips the gradient norm to 1 in
+its trainer, for every architecture; the harness's trainer does not, for none.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from experiment import FORMULA
+from plugins.baseline import run_0_baseline as parent
+
+
+@dataclass
+class Hyperparams(parent.Hyperparams):
+    k: int = 64
+    aux_loss_coefficient: float = 1 / 32
+    dead_steps: int = 1000
+
+
+class SAE(parent.SAE):
+    def __init__(self, d_in, d_sae, hp, cfg, device=torch.device("cpu"), dtype=torch.float32):
+        super().__init__(d_in, d_sae, hp, cfg, device, dtype)
+        # Training steps since each latent last fired (SAELens's n_forward_passes_since_fired);
+        # a buffer, so it is checkpointed with the weights.
+        self.register_buffer("steps_since_fired", torch.zeros(d_sae, dtype=torch.long, device=device))
+        self.fired: torch.Tensor | None = None  # this step's firing, from observe to on_step_end
+
+    def activation(self, pre, x):
+        values, indices = pre.topk(self.hp.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter(-1, indices, values.relu())
+
+    def sparsity_loss(self, fwd):
+        """TopK has no sparsity penalty (k is the constraint): no such term is logged."""
+        return None
+
+    def observe(self, fwd):
+        self.fired = (fwd.f > 0).any(dim=0)
+
+    def on_step_end(self, step):
+        """The dead counters move after the step, so a step's AuxK sees the mask from before it."""
+        if self.fired is None:
+            return
+        fired = self.fired
+        if torch.distributed.is_initialized():  # fired anywhere in the whole batch, as in one process
+            fired = fired.to(torch.int32)
+            torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
+        self.steps_since_fired.add_(1).masked_fill_(fired.bool(), 0)
+        self.fired = None
+
+    def dead_latents(self) -> torch.Tensor:
+        """(d_sae,) bool: not fired in the last dead_steps training steps."""
+        return self.steps_since_fired > self.hp.dead_steps
+
+    def aux_losses(self, fwd):
+        if fwd.step <= self.hp.dead_steps:  # nothing can be dead yet: the term is identically zero
+            return {}
+        dead = self.dead_latents()
+        fwd.stats["auxk_dead"] = dead.sum().float()
+        return {"auxiliary_reconstruction_loss": self.auxk_loss(fwd, dead)}
+
+    def auxk_loss(self, fwd, dead: torch.Tensor) -> torch.Tensor:
+        """SAELens's calculate_topk_aux_loss: the top dead latents reconstruct the detached error."""
+        k_aux = fwd.x.shape[-1] // 2
+        residual = (fwd.x - fwd.x_hat).detach()
+        # Top k_aux among the dead; where fewer are dead, the remaining picks are -inf, not latents.
+        candidates = torch.where(dead, fwd.pre, -torch.inf)
+        values, indices = candidates.topk(min(k_aux, dead.numel()), dim=-1, sorted=False)
+        z = torch.zeros_like(fwd.pre).scatter(-1, indices, torch.where(values.isfinite(), values, 0.0))
+        scale = (dead.sum() / k_aux).clamp(max=1.0)  # a few dead latents get a smaller loss
+        error = (z @ self.decoder_weight() - residual).pow(2).sum(-1).mean()  # ê without b_dec, as SAELens
+        return self.hp.aux_loss_coefficient * scale * error
+
+    def is_this_formula(self, *names) -> bool:
+        """Whether these pieces are this file's (or the base's it keeps): a run building on this
+        one that changes one is no longer SAELens's TopK SAE."""
+        return all(getattr(type(self), name) is getattr(SAE, name) for name in names)
+
+    def sae_lens_export(self, scale):
+        from sae_lens import TopKSAE, TopKSAEConfig
+
+        # Not rescaled by decoder norms: the scaled decoder rows are 1/scale long, and the latents
+        # must be the ones training selected.
+        export = TopKSAE(TopKSAEConfig(d_in=self.cfg.d_in, d_sae=self.cfg.d_sae, k=self.hp.k, dtype="float32",
+                                       device="cpu", rescale_acts_by_decoder_norm=False,
+                                       metadata=self.sae_lens_metadata()))
+        export.load_state_dict(self.scaled_weights(scale), strict=False)
+        return export, self.is_this_formula("encoder_input", "pre_activation", "activation", "decoder_weight",
+                                            "decode")
+
+    def sae_lens_training(self):
+        """SAELens's TopKTrainingSAE with these weights (its default rescale_acts_by_decoder_norm,
+        the same SAE on our unit-norm rows), and its coefficients: none."""
+        if not self.is_this_formula(*FORMULA, "on_step_end"):
+            return None
+        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+        ref = TopKTrainingSAE(TopKTrainingSAEConfig(
+            d_in=self.cfg.d_in, d_sae=self.cfg.d_sae, k=self.hp.k,
+            aux_loss_coefficient=self.hp.aux_loss_coefficient, dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.W_dec.device)))
+        ref.load_state_dict({k: v.detach().clone() for k, v in self.named_parameters()}, strict=False)
+        return ref, {}

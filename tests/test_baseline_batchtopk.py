@@ -1,0 +1,347 @@
+"""The BatchTopK baseline (plugins/baseline/run_0_batchtopk.py) against SAELens's own implementation.
+
+SAELens's `BatchTopKTrainingSAE`, built here with the same fp32 weights and θ, is fed the same
+batches through `training_forward_pass(TrainStepInput(...))` as SAELens's trainer feeds it, with
+the dead-latent mask SAELens's trainer would pass: its `n_forward_passes_since_fired` counts,
+kept here exactly as `SAETrainer._train_step` keeps them, with `dead_feature_window` =
+`dead_after_batches` − 1 (SAELens: dead when the count exceeds the window; the plugin: dead after
+that many batches without firing). Names mapped:
+
+    ours             SAELens
+    l2_loss          mse_loss (both Σ over d_in, mean over the batch)
+    sparsity_loss    auxiliary_reconstruction_loss (AuxK: BatchTopK has no sparsity penalty, and
+                     the harness's sparsity slot holds it; coefficients = {}, as SAELens's TopK)
+    topk_threshold   topk_threshold (float64 buffer, updated in every training pass)
+
+Two SAELens twins: one with `rescale_acts_by_decoder_norm = False` (the formula the plugin
+computes, since the harness keeps decoder rows at unit norm) and the bench hook's, SAELens's
+default `True`, which multiplies pre-activations by ‖W_dec,i‖ = 1 and divides them out again:
+the same latents, losses and θ, and the same gradients along the unit sphere (the norm's own
+gradient is radial, and the harness projects radial gradients out). SAELens's training SAE in eval
+mode still takes the batch's top k·B; its inference model is the JumpReLU SAE its
+`save_inference_model` writes, θ in every latent: that is what our `sae.eval()` is compared with.
+Every comparison is to 1e-5 relative (in norm, over the whole tensor); supports are compared
+exactly."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import experiment
+
+KEY = "baseline/run_0_batchtopk"
+D_IN, D_SAE = 64, 256
+RTOL = 1e-5
+PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def assert_close(ours, theirs, what):
+    assert ours.shape == theirs.shape, what
+    diff, size = (ours.double() - theirs.double()).norm().item(), theirs.double().norm().item()
+    assert diff <= RTOL * size, f"{what}: |ours - SAELens| = {diff:.3g}, |SAELens| = {size:.3g}"
+
+
+def make_sae(key, seed=0, never_firing=8):
+    """The plugin's SAE away from its initial weights (decoder rows on the unit sphere, as the
+    harness keeps them); the last `never_firing` latents get a bias that keeps them off, so that
+    they go dead after `dead_after_batches` batches."""
+    plugin = experiment.find_plugin(key)
+    torch.manual_seed(seed)
+    sae = plugin.sae_class(D_IN, D_SAE, plugin.hyperparams_class(), experiment.build_config("tiny", key))
+    with torch.no_grad():
+        sae.W_enc.copy_(sae.W_dec.T + 0.05 * torch.randn(D_IN, D_SAE))
+        sae.b_enc.copy_(0.3 * torch.randn(D_SAE))
+        sae.b_dec.copy_(0.3 * torch.randn(D_IN))
+        sae.b_enc[D_SAE - never_firing:] = -30.0  # ten standard deviations of pre below 0
+    return sae
+
+
+def sae_lens_twin(sae, rescale: bool):
+    """SAELens's training SAE of the plugin's kind holding our weights and θ, built here (not by
+    the plugin's hook)."""
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.matryoshka_batchtopk_sae import (
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
+
+    hp = sae.hp
+    common = dict(d_in=D_IN, d_sae=D_SAE, k=hp.k, topk_threshold_lr=hp.topk_threshold_lr, dtype="float32",
+                  device="cpu", aux_loss_coefficient=hp.aux_loss_coefficient, rescale_acts_by_decoder_norm=rescale)
+    if hasattr(hp, "prefix_fractions"):
+        widths = [round(f * D_SAE) for f in hp.prefix_fractions]
+        ref = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(**common, matryoshka_widths=widths))
+    else:
+        ref = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
+    with torch.no_grad():
+        for name in PARAMS:
+            getattr(ref, name).copy_(getattr(sae, name))
+        ref.topk_threshold.copy_(sae.topk_threshold)
+    return ref
+
+
+def batch(seed, n=256):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D_IN, generator=gen) * 3 + 1
+
+
+class SAELensDeadCounts:
+    """SAELens's trainer's dead-latent bookkeeping (SAETrainer.dead_neurons and _train_step)."""
+
+    def __init__(self, window, start):
+        self.window, self.n_forward_passes_since_fired = window, start.float().clone()
+
+    def dead_neurons(self):
+        return (self.n_forward_passes_since_fired > self.window).bool()
+
+    def after_step(self, feature_acts):
+        did_fire = feature_acts.bool().float().sum(-2).bool()
+        self.n_forward_passes_since_fired += 1
+        self.n_forward_passes_since_fired[did_fire] = 0
+
+
+def sae_lens_pass(ref, x, step, dead):
+    from sae_lens.saes.sae import TrainStepInput
+
+    return ref.train().training_forward_pass(TrainStepInput(
+        sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=False))
+
+
+TERM_NAMES = {"l2_loss": "mse_loss", "sparsity_loss": "auxiliary_reconstruction_loss"}
+
+
+def compare_pass(sae, out, theirs, x):
+    """Latents, pre-activations, reconstruction, every term and the total, and θ after the pass."""
+    assert torch.equal(out.latents > 0, theirs.feature_acts > 0), "latent supports"
+    assert_close(out.latents, theirs.feature_acts, "latents")
+    assert_close(sae.pre_activation(x), theirs.hidden_pre, "pre-activations")
+    assert_close(sae.decode(out.latents), theirs.sae_out, "reconstruction")
+    names = {**TERM_NAMES, **{name: name for name in out.terms if name.startswith("inner_mse_loss_")}}
+    assert set(out.terms) == set(names) and set(theirs.losses) == set(names.values())
+    for ours_name, their_name in names.items():
+        assert_close(out.terms[ours_name], theirs.losses[their_name], ours_name)
+    assert_close(sum(out.terms.values()), theirs.loss, "total loss")
+
+
+def run_side_by_side(sae, refs, steps=8, first_dead=()):
+    """`steps` training passes (no update) of ours and of each SAELens twin on the same batches,
+    with SAELens's trainer's dead mask; returns the AuxK values seen and the dead counts."""
+    start = torch.zeros(D_SAE)
+    start[list(first_dead)] = 100
+    sae.batches_since_fired.copy_(start.long())
+    counts = SAELensDeadCounts(sae.hp.dead_after_batches - 1, start)
+    aux, n_dead = [], []
+    for step in range(steps):
+        x, dead = batch(step), counts.dead_neurons()
+        out = sae.train().loss(x, step)
+        assert torch.equal(sae.dead, dead), f"step {step}: the dead mask is not SAELens's trainer's"
+        for ref in refs:
+            theirs = sae_lens_pass(ref, x, step, dead)
+            compare_pass(sae, out, theirs, x)
+            assert_close(sae.topk_threshold, ref.topk_threshold, "θ after the pass")
+        counts.after_step(theirs.feature_acts)
+        aux.append(out.terms["sparsity_loss"].item())
+        n_dead.append(int(dead.sum()))
+    return aux, n_dead
+
+
+@pytest.mark.parametrize("first_dead", [range(10), range(60)], ids=["few_dead", "many_dead"])
+def test_training_passes_equal_sae_lens_with_its_trainers_dead_mask(first_dead):
+    passes_equal_sae_lens(KEY, first_dead)
+
+
+def passes_equal_sae_lens(key, first_dead):
+    """Dead at the start: 10 latents (AuxK scaled by 10/32) or 60 (more than k_aux = 32); then
+    the 8 never-firing latents go dead after dead_after_batches batches."""
+    sae = make_sae(key)
+    refs = [sae_lens_twin(sae, rescale=False), sae_lens_twin(sae, rescale=True)]
+    aux, n_dead = run_side_by_side(sae, refs, first_dead=first_dead)
+    window = sae.hp.dead_after_batches
+    assert n_dead[0] == len(first_dead) and n_dead[window - 1] == 0 and n_dead[window] == 8
+    assert aux[0] > 0 and aux[window - 1] == 0 and aux[window] > 0
+    assert sae.topk_threshold > 0
+
+
+def radial_free(grad, W_dec):
+    """The decoder gradient along the unit sphere (what the harness's step uses)."""
+    return grad - (grad * W_dec).sum(1, keepdim=True) * W_dec
+
+
+def test_gradients_equal_sae_lens():
+    gradients_equal_sae_lens(KEY)
+
+
+def gradients_equal_sae_lens(key):
+    """Every parameter's gradient of the total, with dead latents in the AuxK term."""
+    sae = make_sae(key)
+    refs = {rescale: sae_lens_twin(sae, rescale) for rescale in (False, True)}
+    x, dead = batch(0), torch.arange(D_SAE) < 40
+    sae.batches_since_fired.copy_(dead.long() * 100)
+    out = sae.train().loss(x, 0)
+    assert torch.equal(sae.dead, dead) and out.terms["sparsity_loss"] > 0
+    sum(out.terms.values()).backward()
+    for rescale, ref in refs.items():
+        theirs = sae_lens_pass(ref, x, 0, dead)
+        grads = dict(zip(PARAMS, torch.autograd.grad(theirs.loss, [getattr(ref, n) for n in PARAMS])))
+        for name in ("W_enc", "b_enc", "b_dec"):
+            assert_close(getattr(sae, name).grad, grads[name], f"grad {name} (rescale {rescale})")
+        W_dec = sae.W_dec.detach()
+        if rescale:  # ‖W_dec,i‖'s own gradient is radial: compare along the sphere
+            assert_close(radial_free(sae.W_dec.grad, W_dec), radial_free(grads["W_dec"], W_dec), "grad W_dec")
+        else:
+            assert_close(sae.W_dec.grad, grads["W_dec"], "grad W_dec")
+
+
+def test_inference_encoding_equals_sae_lens_saved_inference_model(tmp_path):
+    inference_equals_sae_lens(KEY, tmp_path)
+
+
+def inference_equals_sae_lens(key, tmp_path):
+    """After a few training passes (θ > 0), SAELens's own conversion to its inference model (a
+    JumpReLU SAE) encodes and decodes as our eval-mode SAE."""
+    from sae_lens import SAE as SAELensSAE
+    from sae_lens import JumpReLUSAE
+
+    sae = make_sae(key)
+    ref = sae_lens_twin(sae, rescale=False)
+    run_side_by_side(sae, [ref], steps=6)
+    ref.save_inference_model(tmp_path)
+    inference = SAELensSAE.load_from_disk(tmp_path)
+    assert type(inference) is JumpReLUSAE
+    assert torch.equal(inference.threshold, torch.full((D_SAE,), sae.topk_threshold.item()))
+    x = batch(100, n=512)
+    with torch.no_grad():
+        f = sae.eval().encode(x)
+        assert 0 < (f > 0).float().mean() < 1
+        assert torch.equal(f > 0, inference.encode(x) > 0)
+        assert_close(f, inference.encode(x), "eval encode vs SAELens's JumpReLUSAE")
+        assert_close(sae.decode(f), inference.decode(f), "decode vs SAELens's JumpReLUSAE")
+
+
+def test_the_bench_hook_gives_sae_lens_twin_and_no_coefficients():
+    bench_hook_gives_the_twin(KEY)
+
+
+def bench_hook_gives_the_twin(key):
+    sae = make_sae(key)
+    sae.topk_threshold.fill_(0.25)
+    hooked, coefficients = sae.sae_lens_training()
+    twin = sae_lens_twin(sae, rescale=True)
+    assert type(hooked) is type(twin) and coefficients == {}
+    fields = ("k", "topk_threshold_lr", "aux_loss_coefficient", "rescale_acts_by_decoder_norm", "matryoshka_widths")
+    for field in fields:
+        assert getattr(hooked.cfg, field, None) == getattr(twin.cfg, field, None), field
+    twin_state = twin.state_dict()
+    assert hooked.state_dict().keys() == twin_state.keys()
+    for name, value in hooked.state_dict().items():
+        assert torch.equal(value, twin_state[name]), name
+
+
+@pytest.fixture(scope="module")
+def tiny_activations():
+    """Real activations of the tiny model at blocks.1.hook_resid_post, BOS dropped as in harvest,
+    in the model's scale: (train, held-out) rows of the same synthetic text."""
+    model = experiment.load_model("tiny", torch.device("cpu"))
+    contexts = experiment.synthetic_contexts(288, 32, model.cfg.d_vocab)
+    hook = "blocks.1.hook_resid_post"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(contexts, names_filter=[hook])
+    acts = cache[hook][:, 1:].float()
+    return acts[:256].reshape(-1, D_IN), acts[256:].reshape(-1, D_IN)
+
+
+def l0(f):
+    return (f > 0).float().sum(-1).mean().item()
+
+
+def test_inference_l0_is_k_once_the_threshold_has_converged(tiny_activations):
+    inference_l0_is_k(KEY, tiny_activations)
+
+
+def inference_l0_is_k(key, tiny_activations):
+    """Training and inference encodings agree in expectation. θ starts at 0 (an eval-mode SAE
+    then fires like a ReLU SAE, far above k: evaluating before θ has converged is the trap); after
+    training, and enough training-mode passes for θ's running mean (rate 0.01) to settle on the
+    final weights, the JumpReLU encoding of held-out tokens fires k latents per token to within
+    5% (θ is E[a batch's smallest kept activation], not the cut-off of any one batch, so not
+    exactly k), keeps the latents training would keep, and reconstructs as well."""
+    train, held = tiny_activations
+    scale = experiment.activation_scale(train.numpy())
+    train, held = train * scale, held * scale
+    plugin, cfg = experiment.find_plugin(key), experiment.build_config("tiny", key)
+    torch.manual_seed(0)
+    sae = plugin.sae_class(D_IN, D_SAE, plugin.hyperparams_class(), cfg)
+    k = sae.hp.k
+    with torch.no_grad():
+        assert l0(sae.eval().encode(held)) > 1.5 * k  # θ = 0: plain ReLU
+    trainer, gen = plugin.trainer_class(sae.train(), cfg), torch.Generator().manual_seed(0)
+
+    def draw():
+        return train[torch.randint(len(train), (cfg.batch_size,), generator=gen)]
+    for step in range(60):
+        trainer.step(draw(), step)
+    with torch.no_grad():
+        for step in range(60, 460):  # the weights frozen: θ converges on them
+            sae.loss(draw(), step)
+        theta = sae.topk_threshold.clone()
+        sae.eval().loss(held, 460)
+        assert torch.equal(sae.topk_threshold, theta)  # evaluation never moves θ
+        f_eval = sae.encode(held)
+        f_train = sae.train().encode(held[:cfg.batch_size])
+        f_eval_batch = sae.eval().encode(held[:cfg.batch_size])
+        mse = [(sae.decode(f) - held[:cfg.batch_size]).pow(2).sum(-1).mean().item() for f in (f_train, f_eval_batch)]
+    assert l0(f_train) == k
+    assert abs(l0(f_eval) / k - 1) < 0.05, (l0(f_eval), k)
+    kept = ((f_train > 0) & (f_eval_batch > 0)).sum() / (f_train > 0).sum()
+    assert kept > 0.95
+    assert abs(mse[1] / mse[0] - 1) < 0.05, mse
+
+
+def test_export_loads_in_sae_lens_as_jumprelu_and_equals_the_evaluated_sae(tiny_activations, tmp_path):
+    export_equals_evaluated_sae(KEY, tiny_activations, tmp_path)
+
+
+def export_equals_evaluated_sae(key, tiny_activations, tmp_path):
+    """Train on real activations, save as the harness does, load with SAELens: a JumpReLUSAE with
+    θ in every latent, encoding and decoding as the evaluated ScaledSAE."""
+    from sae_lens import SAE as SAELensSAE
+    from sae_lens import JumpReLUSAE
+
+    acts = torch.cat(tiny_activations)
+    scale = experiment.activation_scale(acts.numpy())
+    plugin, cfg = experiment.find_plugin(key), experiment.build_config("tiny", key)
+    torch.manual_seed(0)
+    sae = plugin.sae_class(D_IN, D_SAE, plugin.hyperparams_class(), cfg)
+    trainer = plugin.trainer_class(sae, cfg)
+    for step in range(20):
+        trainer.step(acts[256 * step:256 * (step + 1)] * scale, step)
+    assert sae.topk_threshold > 0
+    assert experiment.save_sae(sae, scale, tmp_path) == {"architecture": "jumprelu", "exact": True}
+    state = load_file(tmp_path / "plugin_state.safetensors")  # the harness's exact reload keeps θ in float64
+    assert state["topk_threshold"].dtype == torch.float64 and torch.equal(state["topk_threshold"], sae.topk_threshold)
+    assert json.loads((tmp_path / "cfg.json").read_text())["metadata"]["harness_export"] == "exact"
+    loaded = SAELensSAE.load_from_disk(tmp_path)
+    assert type(loaded) is JumpReLUSAE
+    assert torch.equal(loaded.threshold, torch.full((D_SAE,), sae.topk_threshold.item()))
+    ours = experiment.ScaledSAE(sae.eval(), scale)
+    with torch.no_grad():
+        f = ours.encode(acts)
+        assert 0 < (f > 0).float().mean() < 1
+        assert torch.equal(loaded.encode(acts) > 0, f > 0)
+        assert_close(loaded.encode(acts), f, "exported encode")
+        assert_close(loaded.decode(f), ours.decode(f), "exported decode")
+        assert_close(loaded(acts), ours(acts), "exported forward")
+
+
+def test_the_threshold_stays_float64_when_the_sae_is_cast():
+    """sae_bench casts the SAE to the model's dtype (bf16 on CUDA); θ keeps its float64 (SAELens
+    keeps it so: the running mean's small steps), and is compared in the pre-activations' dtype."""
+    sae = make_sae(KEY)
+    sae.topk_threshold.fill_(0.3)
+    sae.to(torch.bfloat16)
+    assert sae.W_enc.dtype == torch.bfloat16 and sae.topk_threshold.dtype == torch.float64
+    with torch.no_grad():
+        f = sae.eval().encode(batch(0).to(torch.bfloat16))
+    assert f.dtype == torch.bfloat16 and 0 < (f > 0).float().mean() < 1

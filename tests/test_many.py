@@ -1,0 +1,85 @@
+"""study and sweep: many runs in one command, each reused where a completed run of the same
+config and plugin source exists and resumed where an interrupted one does, so the same command
+again trains nothing, and after a kill finishes the rest."""
+
+import json
+
+import pytest
+from conftest import cli
+
+import experiment
+
+TINY = ["--preset", "tiny", "--tokens", "2048"]
+
+
+def test_sweep_trains_the_grid_times_seeds_once_and_then_reuses_it(tmp_path):
+    runs, notes = tmp_path / "runs", tmp_path / "notes.md"
+    args = ["sweep", "--plugin", "run_0_baseline", *TINY, "--grid", "sparsity_penalty=0.01,0.16", "--seeds", "2",
+            "--runs", str(runs), "--notes", str(notes)]
+    first = cli(*args)
+    assert first.exit_code == 0, first.output
+    (manifest_path,) = runs.glob("sweeps/*/manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["asked"]["grid"] == ["sparsity_penalty=0.01,0.16"] and manifest["asked"]["seeds"] == 2
+    assert sorted(r["run"] for r in manifest["finished"]) == [
+        "sparsity_penalty=0.01,seed=42", "sparsity_penalty=0.01,seed=43",
+        "sparsity_penalty=0.16,seed=42", "sparsity_penalty=0.16,seed=43"]
+    assert {r["how"] for r in manifest["finished"]} == {"trained"}
+    configs = [json.loads((manifest_path.parent / r["run"] / "config.json").read_text()) for r in manifest["finished"]]
+    assert sorted((c["sparsity_penalty"], c["seed"]) for c in configs) == [(0.01, 42), (0.01, 43), (0.16, 42), (0.16, 43)]
+    notes_before = notes.read_text()
+    again = cli(*args)
+    assert again.exit_code == 0, again.output
+    assert {r["how"] for r in json.loads(manifest_path.read_text())["finished"]} == {"reused"}
+    assert notes.read_text() == notes_before  # nothing trained, nothing noted
+
+
+@pytest.mark.parametrize("grid, message", [
+    ("nope=1,2", "--grid nope"),
+    ("sparsity_penalty", "must look like key=value1,value2"),
+    ("k=4", "--grid k"),
+])
+def test_a_bad_grid_is_refused_before_any_work(tmp_path, grid, message, monkeypatch):
+    monkeypatch.setattr(experiment, "execute", lambda *a, **k: pytest.fail("work started"))
+    result = cli("sweep", "--plugin", "run_0_baseline", *TINY, "--grid", grid, "--runs", str(tmp_path / "r"))
+    assert result.exit_code == 2 and result.output.count("error:") == 1 and message in result.output
+
+
+def test_a_killed_sweep_run_again_reuses_the_finished_resumes_the_interrupted_and_trains_the_rest(tmp_path, monkeypatch):
+    plugin, runs = experiment.find_plugin("run_0_baseline"), tmp_path / "runs"
+    overrides = dict(tokens=4096, seed=42, device="cpu", evals=("core",))
+    jobs = experiment.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.01,0.04,0.16"], 1, dict(overrides), runs / "s")
+    for job in jobs:
+        job.cfg.checkpoint_every = 5
+    real_save = experiment.save_checkpoint
+
+    def killed_in_the_second_run(run_dir, step, *args):
+        real_save(run_dir, step, *args)
+        if run_dir == jobs[1].run_dir and step == 9:
+            raise experiment.Interrupted("killed")
+    monkeypatch.setattr(experiment, "save_checkpoint", killed_in_the_second_run)
+    with pytest.raises(experiment.Interrupted):
+        experiment.run_jobs(jobs, tmp_path / "notes.md", runs)
+    monkeypatch.setattr(experiment, "save_checkpoint", real_save)
+    rows = experiment.run_jobs(jobs, tmp_path / "notes.md", runs)
+    assert [row["how"] for row in rows] == ["reused", "resumed", "trained"]
+    assert all(row["info"]["status"] == "completed" and row["info"]["training_steps"] == 16 for row in rows)
+
+
+def test_study_runs_the_baseline_then_each_run_in_order_and_again_trains_nothing(tmp_path):
+    runs, notes, figures = tmp_path / "runs", tmp_path / "notes.md", tmp_path / "figures"
+    args = ["study", "topk_ortho", *TINY, "--runs", str(runs), "--notes", str(notes), "--figures", str(figures)]
+    first = cli(*args)
+    assert first.exit_code == 0, first.output
+    order = [line.split(":")[0].split("] ")[1] for line in first.output.splitlines() if line.startswith("[")]
+    assert order == ["baseline/run_0_baseline", "topk_ortho/run_1_topk_pairs", "topk_ortho/run_2_adaptive_tau"]
+    assert "## Study summary: topk_ortho" in notes.read_text() and (figures / "topk_ortho" / "README.md").exists()
+    notes_before = notes.read_text()
+    again = cli(*args)
+    assert again.exit_code == 0 and again.output.count(": reused") == 3
+    assert notes.read_text() == notes_before
+
+
+def test_an_unknown_study_is_refused_naming_the_studies(tmp_path):
+    result = cli("study", "no_such_study", *TINY, "--runs", str(tmp_path))
+    assert result.exit_code == 2 and "unknown study 'no_such_study'" in result.output and "topk_ortho" in result.output
