@@ -57,6 +57,7 @@ from rich.table import Table
 from sae_bench.custom_saes.base_sae import BaseSAE
 
 import evals
+import frontier
 import kernels
 import plot
 
@@ -1227,8 +1228,37 @@ def finish(info: dict, run_dir: Path, plugin: Plugin, notes: Path, cfg: RunConfi
     info["warnings"] = suspicious(info, run_dir, plugin)
     info["status"] = "completed"
     info["provenance"] = provenance(cfg, plugin, device, wall_time)
+    info["verdict"] = verdicts(info, runs_root(run_dir, plugin), plugin)
     atomic_write(run_dir / "final_info.json", json.dumps(info, indent=2, default=str))
     append_notes(notes, plugin, notes_entry(plugin, run_dir, info))
+
+
+def verdicts(info: dict, runs: Path, plugin: Plugin) -> dict[str, Any]:
+    """The run against each baseline architecture swept on the same activations, at the run's L0
+    (frontier.py): {baseline plugin: {metric: Δ, uncertainty, better/tied/worse}}."""
+    sweeps: dict[str, list[dict]] = {}
+    for _, who, other in plot.run_index(runs):
+        if (who["study"] == "baseline" and other.get("status") == "completed" and other.get("metrics")
+                and other.get("activation_cache") == info.get("activation_cache")):
+            sweeps.setdefault(who["plugin"], []).append(other)
+    found = {}
+    for name, infos in sorted(sweeps.items()):
+        knob = swept_knob(infos)
+        if knob is None or name == plugin.name:
+            continue
+        records = [frontier.record_from_final_info(other, knob) for other in infos]
+        run = frontier.record_from_final_info(info, "sparsity_penalty")
+        found[name] = dict(knob=knob, points=len(infos), metrics=frontier.verdict(run, frontier.build_frontiers(records)))
+    return found
+
+
+def swept_knob(infos: list[dict]) -> str | None:
+    """The one run setting or hyperparameter that varies across a baseline's runs (the seed aside);
+    sparsity_penalty where none does; None where several do (no frontier of one knob)."""
+    configs = [other["provenance"]["config"] for other in infos]
+    values = lambda key: {json.dumps(c.get(key, c["hyperparams"].get(key))) for c in configs}  # noqa: E731
+    varying = [k for k in (*SWEEPABLE, *configs[0]["hyperparams"]) if len(values(k)) > 1]
+    return varying[0] if len(varying) == 1 else "sparsity_penalty" if not varying else None
 
 
 def runs_root(run_dir: Path, plugin: Plugin) -> Path:
@@ -1288,15 +1318,28 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def notes_entry(plugin: Plugin, run_dir: Path, info: dict) -> str:
-    results = {k: v for k, v in info.items() if k not in ("run", "provenance", "warnings", "evals")}
+    results = {k: v for k, v in info.items() if k not in ("run", "provenance", "warnings", "evals", "verdict")}
     if info.get("evals"):  # the metrics, or why an eval could not score; details stay in final_info
         results["evals"] = {k: v.get("not_scored") or v["eval_result_metrics"] for k, v in info["evals"].items()}
     shown = os.path.relpath(run_dir, ROOT) if run_dir.is_relative_to(ROOT) else str(run_dir)
     warnings = "".join(f"Warning: {w}\n" for w in info.get("warnings", []))
     return (f"## Run {plugin.run_number}: {plugin.title}\n"
             f"Study: {plugin.study} · Plugin: {plugin.name} · Run folder: {shown}\n"
-            f"Results: {results}\n{warnings}"
+            f"Results: {results}\n{verdict_lines(info.get('verdict', {}))}{warnings}"
             f"Description: {plugin.description}\n\n")
+
+
+def verdict_lines(found: dict[str, Any]) -> str:
+    """'Against run_0_topk (k swept, 4 points): ce_loss_score better (+0.012 ± 0.004), ...'"""
+    lines = []
+    for name, v in found.items():
+        words = []
+        for metric, entry in v["metrics"].items():
+            delta = "" if entry.get("delta") is None else f" ({entry['delta']:+.3g}" + (
+                f" ± {entry['uncertainty']:.2g})" if entry.get("uncertainty") is not None else ")")
+            words.append(f"{metric} {entry['word']}{delta}")
+        lines.append(f"Against {name} ({v['knob']} swept, {v['points']} runs) at this L0: " + "; ".join(words) + "\n")
+    return "".join(lines)
 
 
 def append_notes(notes: Path, plugin: Plugin, entry: str) -> None:

@@ -56,6 +56,8 @@ OUTSIDE = "outside the baseline sweep: widen it"
 # Aim the suggested knob a quarter beyond the run's L0: aimed exactly at it, run-to-run noise
 # leaves the new point short of the run about half the time, and the run stays unbracketed.
 AIM_PAST = 1.25
+# Below this |d log L0 / d log knob| the sweep's own slope is not trusted for a suggestion.
+MIN_SLOPE = 0.1
 HIGHER_IS_BETTER = {"explained_variance": True, "ce_loss_score": True, "kl_div_score": True,
                     "cossim": True, "mse": False}
 # Where final_info.json keeps each metric (explained variance's key is the caller's choice).
@@ -190,7 +192,9 @@ def suggest_knob(frontier: dict, l0: float) -> dict:
     if len(ends) == 2 and ends[0]["knob_value"] != ends[1]["knob_value"] and ends[0]["l0"] != ends[1]["l0"]:
         fitted = ((math.log(ends[1]["l0"]) - math.log(ends[0]["l0"]))
                   / (math.log(ends[1]["knob_value"]) - math.log(ends[0]["knob_value"])))
-        if fitted * prior > 0:  # a noisy pair with the wrong sign would send the knob the wrong way
+        # A noisy pair with the wrong sign would send the knob the wrong way; a nearly flat one
+        # (L0 barely moved across the sweep) would send it orders of magnitude off.
+        if fitted * prior > 0 and abs(fitted) >= MIN_SLOPE:
             slope = fitted
     anchor = ends[0] if below else ends[-1]
     value = _two_significant(

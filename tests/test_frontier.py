@@ -257,3 +257,11 @@ def test_frontier_is_a_leaf_with_short_functions():
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert imported <= {"__future__", "math", "collections", "typing", "numpy", "common"}
     assert not [n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno >= 60]
+
+
+def test_a_nearly_flat_sweep_suggests_by_the_proportional_rule_not_orders_of_magnitude_off():
+    flat = frontier.build_frontiers([
+        {"l0": 117.4, "metrics": {"ce_loss_score": 0.9}, "knob": ("sparsity_penalty", 0.16), "seed": 0},
+        {"l0": 118.0, "metrics": {"ce_loss_score": 0.9}, "knob": ("sparsity_penalty", 0.01), "seed": 0}])
+    suggestion = frontier.suggest_knob(flat["ce_loss_score"], 71.37)
+    assert 0.16 < suggestion["value"] < 1.0  # L0 ∝ 1/penalty from the sweep's end, aimed past the run

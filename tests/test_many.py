@@ -83,3 +83,17 @@ def test_study_runs_the_baseline_then_each_run_in_order_and_again_trains_nothing
 def test_an_unknown_study_is_refused_naming_the_studies(tmp_path):
     result = cli("study", "no_such_study", *TINY, "--runs", str(tmp_path))
     assert result.exit_code == 2 and "unknown study 'no_such_study'" in result.output and "topk_ortho" in result.output
+
+
+def test_a_run_gets_a_verdict_against_each_baseline_swept_on_the_same_activations(tmp_path):
+    runs, notes = tmp_path / "runs", tmp_path / "notes.md"
+    swept = cli("sweep", "--plugin", "run_0_baseline", *TINY, "--grid", "sparsity_penalty=0.01,0.16",
+                "--runs", str(runs), "--notes", str(notes))
+    assert swept.exit_code == 0, swept.output
+    out = runs / "zscore_ortho" / "run_1_initial" / "one"
+    assert cli("run", "--plugin", "run_1_initial", *TINY, "--out", str(out), "--notes", str(notes)).exit_code == 0
+    verdict = json.loads((out / "final_info.json").read_text())["verdict"]["run_0_baseline"]
+    assert verdict["knob"] == "sparsity_penalty" and verdict["points"] == 2
+    assert set(verdict["metrics"]) == {"ce_loss_score", "kl_div_score", "explained_variance"}
+    assert all(entry["word"] for entry in verdict["metrics"].values())
+    assert "Against run_0_baseline (sparsity_penalty swept, 2 runs) at this L0: ce_loss_score " in notes.read_text()
