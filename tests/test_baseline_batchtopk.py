@@ -3,15 +3,16 @@
 SAELens's `BatchTopKTrainingSAE`, built here with the same fp32 weights and θ, is fed the same
 batches through `training_forward_pass(TrainStepInput(...))` as SAELens's trainer feeds it, with
 the dead-latent mask SAELens's trainer would pass: its `n_forward_passes_since_fired` counts,
-kept here exactly as `SAETrainer._train_step` keeps them, with `dead_feature_window` =
-`dead_after_batches` − 1 (SAELens: dead when the count exceeds the window; the plugin: dead after
-that many batches without firing). Names mapped:
+kept here exactly as `SAETrainer._train_step` keeps them, with `dead_feature_window` = our
+`dead_steps` (4 in these tests, so that latents die within a few passes). Names mapped:
 
-    ours             SAELens
-    l2_loss          mse_loss (both Σ over d_in, mean over the batch)
-    sparsity_loss    auxiliary_reconstruction_loss (AuxK: BatchTopK has no sparsity penalty, and
-                     the harness's sparsity slot holds it; coefficients = {}, as SAELens's TopK)
-    topk_threshold   topk_threshold (float64 buffer, updated in every training pass)
+    ours                            SAELens
+    l2_loss                         mse_loss (both Σ over d_in, mean over the batch)
+    auxiliary_reconstruction_loss   auxiliary_reconstruction_loss (AuxK; coefficients = {}, as
+                                    SAELens's TopK); ours is absent up to step dead_steps, where
+                                    nothing can be dead and SAELens's is exactly 0
+    (no sparsity_loss)              (BatchTopK has no sparsity penalty)
+    topk_threshold                  topk_threshold (float64 buffer, updated in every training pass)
 
 Two SAELens twins: one with `rescale_acts_by_decoder_norm = False` (the formula the plugin
 computes, since the harness keeps decoder rows at unit norm) and the bench hook's, SAELens's
@@ -43,13 +44,13 @@ def assert_close(ours, theirs, what):
     assert diff <= RTOL * size, f"{what}: |ours - SAELens| = {diff:.3g}, |SAELens| = {size:.3g}"
 
 
-def make_sae(key, seed=0, never_firing=8):
+def make_sae(key, seed=0, never_firing=8, **hp):
     """The plugin's SAE away from its initial weights (decoder rows on the unit sphere, as the
     harness keeps them); the last `never_firing` latents get a bias that keeps them off, so that
-    they go dead after `dead_after_batches` batches."""
+    they go dead after dead_steps steps."""
     plugin = experiment.find_plugin(key)
     torch.manual_seed(seed)
-    sae = plugin.sae_class(D_IN, D_SAE, plugin.hyperparams_class(), experiment.build_config("tiny", key))
+    sae = plugin.sae_class(D_IN, D_SAE, plugin.hyperparams_class(**hp), experiment.build_config("tiny", key))
     with torch.no_grad():
         sae.W_enc.copy_(sae.W_dec.T + 0.05 * torch.randn(D_IN, D_SAE))
         sae.b_enc.copy_(0.3 * torch.randn(D_SAE))
@@ -109,40 +110,45 @@ def sae_lens_pass(ref, x, step, dead):
         sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=False))
 
 
-TERM_NAMES = {"l2_loss": "mse_loss", "sparsity_loss": "auxiliary_reconstruction_loss"}
+AUXK = "auxiliary_reconstruction_loss"
 
 
 def compare_pass(sae, out, theirs, x):
-    """Latents, pre-activations, reconstruction, every term and the total, and θ after the pass."""
+    """Latents, pre-activations, reconstruction, every term and the total. No sparsity_loss;
+    where ours has no AuxK term yet (step ≤ dead_steps), SAELens's is exactly 0."""
     assert torch.equal(out.latents > 0, theirs.feature_acts > 0), "latent supports"
     assert_close(out.latents, theirs.feature_acts, "latents")
     assert_close(sae.pre_activation(x), theirs.hidden_pre, "pre-activations")
     assert_close(sae.decode(out.latents), theirs.sae_out, "reconstruction")
-    names = {**TERM_NAMES, **{name: name for name in out.terms if name.startswith("inner_mse_loss_")}}
-    assert set(out.terms) == set(names) and set(theirs.losses) == set(names.values())
+    names = {"l2_loss": "mse_loss", **{name: name for name in out.terms if name != "l2_loss"}}
+    assert "sparsity_loss" not in out.terms and set(theirs.losses) == set(names.values()) | {AUXK}
     for ours_name, their_name in names.items():
         assert_close(out.terms[ours_name], theirs.losses[their_name], ours_name)
+    if AUXK not in out.terms:
+        assert theirs.losses[AUXK].item() == 0
     assert_close(sum(out.terms.values()), theirs.loss, "total loss")
 
 
-def run_side_by_side(sae, refs, steps=8, first_dead=()):
-    """`steps` training passes (no update) of ours and of each SAELens twin on the same batches,
-    with SAELens's trainer's dead mask; returns the AuxK values seen and the dead counts."""
+def run_side_by_side(sae, refs, steps=8, first_dead=(), first_step=100):
+    """`steps` training passes (no update; on_step_end as the trainer calls it) of ours and of
+    each SAELens twin on the same batches, numbered from `first_step`, with SAELens's trainer's
+    dead mask; returns the AuxK values seen (None: no such term) and the dead counts."""
     start = torch.zeros(D_SAE)
     start[list(first_dead)] = 100
-    sae.batches_since_fired.copy_(start.long())
-    counts = SAELensDeadCounts(sae.hp.dead_after_batches - 1, start)
+    sae.steps_since_fired.copy_(start.long())
+    counts = SAELensDeadCounts(sae.hp.dead_steps, start)
     aux, n_dead = [], []
-    for step in range(steps):
-        x, dead = batch(step), counts.dead_neurons()
+    for i in range(steps):
+        step, x, dead = first_step + i, batch(i), counts.dead_neurons()
+        assert torch.equal(sae.dead_latents(), dead), f"step {step}: the dead mask is not SAELens's trainer's"
         out = sae.train().loss(x, step)
-        assert torch.equal(sae.dead, dead), f"step {step}: the dead mask is not SAELens's trainer's"
+        sae.on_step_end(step)
         for ref in refs:
             theirs = sae_lens_pass(ref, x, step, dead)
             compare_pass(sae, out, theirs, x)
             assert_close(sae.topk_threshold, ref.topk_threshold, "θ after the pass")
         counts.after_step(theirs.feature_acts)
-        aux.append(out.terms["sparsity_loss"].item())
+        aux.append(out.terms[AUXK].item() if AUXK in out.terms else None)
         n_dead.append(int(dead.sum()))
     return aux, n_dead
 
@@ -153,15 +159,28 @@ def test_training_passes_equal_sae_lens_with_its_trainers_dead_mask(first_dead):
 
 
 def passes_equal_sae_lens(key, first_dead):
-    """Dead at the start: 10 latents (AuxK scaled by 10/32) or 60 (more than k_aux = 32); then
-    the 8 never-firing latents go dead after dead_after_batches batches."""
-    sae = make_sae(key)
+    """Past step dead_steps (4 here), dead at the start: 10 latents (AuxK scaled by 10/32) or 60
+    (more than k_aux = 32); they fire and revive, then the 8 never-firing latents go dead once
+    they have not fired in dead_steps steps."""
+    sae = make_sae(key, dead_steps=4)
     refs = [sae_lens_twin(sae, rescale=False), sae_lens_twin(sae, rescale=True)]
     aux, n_dead = run_side_by_side(sae, refs, first_dead=first_dead)
-    window = sae.hp.dead_after_batches
-    assert n_dead[0] == len(first_dead) and n_dead[window - 1] == 0 and n_dead[window] == 8
-    assert aux[0] > 0 and aux[window - 1] == 0 and aux[window] > 0
+    assert n_dead[0] == len(first_dead) and n_dead[4] == 0 and n_dead[5] == 8
+    assert aux[0] > 0 and aux[4] == 0 and aux[5] > 0
     assert sae.topk_threshold > 0
+
+
+def test_auxk_is_neither_computed_nor_logged_before_anything_can_be_dead():
+    auxk_starts_after_dead_steps(KEY)
+
+
+def auxk_starts_after_dead_steps(key):
+    """From step 0, nothing can be dead before step dead_steps + 1 (SAELens's AuxK is 0 there);
+    the never-firing latents are dead from then on, and the term is SAELens's."""
+    sae = make_sae(key, dead_steps=4)
+    aux, n_dead = run_side_by_side(sae, [sae_lens_twin(sae, rescale=False)], steps=7, first_step=0)
+    assert aux[:5] == [None] * 5 and n_dead[:5] == [0] * 5
+    assert n_dead[5:] == [8, 8] and aux[5] > 0 and aux[6] > 0
 
 
 def radial_free(grad, W_dec):
@@ -175,12 +194,12 @@ def test_gradients_equal_sae_lens():
 
 def gradients_equal_sae_lens(key):
     """Every parameter's gradient of the total, with dead latents in the AuxK term."""
-    sae = make_sae(key)
+    sae = make_sae(key, dead_steps=4)
     refs = {rescale: sae_lens_twin(sae, rescale) for rescale in (False, True)}
     x, dead = batch(0), torch.arange(D_SAE) < 40
-    sae.batches_since_fired.copy_(dead.long() * 100)
-    out = sae.train().loss(x, 0)
-    assert torch.equal(sae.dead, dead) and out.terms["sparsity_loss"] > 0
+    sae.steps_since_fired.copy_(dead.long() * 100)
+    out = sae.train().loss(x, 100)
+    assert torch.equal(sae.dead_latents(), dead) and out.terms[AUXK] > 0
     sum(out.terms.values()).backward()
     for rescale, ref in refs.items():
         theirs = sae_lens_pass(ref, x, 0, dead)
@@ -204,7 +223,7 @@ def inference_equals_sae_lens(key, tmp_path):
     from sae_lens import SAE as SAELensSAE
     from sae_lens import JumpReLUSAE
 
-    sae = make_sae(key)
+    sae = make_sae(key, dead_steps=4)
     ref = sae_lens_twin(sae, rescale=False)
     run_side_by_side(sae, [ref], steps=6)
     ref.save_inference_model(tmp_path)

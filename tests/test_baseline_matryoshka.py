@@ -10,6 +10,7 @@ whole dictionary's reconstruction is our l2_loss and SAELens's mse_loss. Every c
 import pytest
 import torch
 from test_baseline_batchtopk import (  # noqa: F401  (tiny_activations is a fixture)
+    auxk_starts_after_dead_steps,
     batch,
     bench_hook_gives_the_twin,
     export_equals_evaluated_sae,
@@ -34,12 +35,16 @@ def test_training_passes_equal_sae_lens_with_its_trainers_dead_mask(first_dead):
     passes_equal_sae_lens(KEY, first_dead)
 
 
+def test_auxk_is_neither_computed_nor_logged_before_anything_can_be_dead():
+    auxk_starts_after_dead_steps(KEY)
+
+
 def test_the_prefixes_are_the_papers_and_sae_lens_sees_the_same():
     sae = make_sae(KEY)
     assert sae.widths == [16, 32, 64, 128, 256]
     ref = sae_lens_twin(sae, rescale=False)
     assert ref.cfg.matryoshka_widths == sae.widths
-    out, theirs = sae.train().loss(batch(0), 0), sae_lens_pass(ref, batch(0), 0, sae.dead.clone())
+    out, theirs = sae.train().loss(batch(0), 0), sae_lens_pass(ref, batch(0), 0, sae.dead_latents())
     assert INNER <= out.terms.keys() and INNER <= theirs.losses.keys()
     for name in INNER:
         assert out.terms[name] > 0

@@ -12,13 +12,13 @@ The latents are chosen once, by the whole dictionary's BatchTopK; each inner pre
 reconstruct x with its own latents only, so the first latents learn the general, frequent
 features and later ones refine them instead of absorbing them. The whole dictionary's term is
 the harness's l2_loss (SAELens's mse_loss); each inner prefix's is `inner_mse_loss_<m>`, named as
-SAELens names it, and all are summed with weight 1, as SAELens does. θ, AuxK (in the
-`sparsity_loss` slot) and the unit-norm decoder are BatchTopK's, unchanged; the export is the same
-JumpReLU SAE.
+SAELens names it, and all are summed with weight 1, as SAELens does. θ, AuxK
+(`auxiliary_reconstruction_loss`, from step dead_steps + 1), the absent sparsity penalty and the
+unit-norm decoder are BatchTopK's, unchanged; the export is the same JumpReLU SAE.
 
 Prefix widths: `prefix_fractions` of d_sae (rounded), the whole dictionary added last if missing
 (as SAELens appends d_sae to `matryoshka_widths`); they must increase strictly. The default is the
-paper's: group sizes d/16, d/16, d/8, d/4, d/2, i.e. prefixes of d/16, d/8, d/4, d/2 and d latents
+paper's code's (bartbussmann/matryoshka_sae): group sizes d/16, d/16, d/8, d/4, d/2, i.e. prefixes of d/16, d/8, d/4, d/2 and d latents
 (16, 32, 64, 128, 256 at tiny's d_sae 256). SAELens has no default widths (it requires them).
 
 Readings chosen: fixed prefixes (the paper's and SAELens's), not Nabeshima's prefix lengths
@@ -69,7 +69,7 @@ class SAE(parent.SAE):
 
     def sae_lens_training(self):
         """SAELens's MatryoshkaBatchTopKTrainingSAE holding these weights and θ."""
-        if not parent.keeps_pieces(self, SAE, *FORMULA):
+        if not parent.keeps_pieces(self, SAE, *FORMULA, "on_step_end"):
             return None
         from sae_lens.saes.matryoshka_batchtopk_sae import (
             MatryoshkaBatchTopKTrainingSAE,
