@@ -32,8 +32,11 @@ class the run exports as.
 
 Defaults: bandwidth ε = 0.05 and initial θ = 0.01, SAELens's; λ = `l0_coefficient` = 1.0 (SAELens's
 default too; `--sparsity-penalty`, an L1 coefficient, is not read). Adam moves θ by about lr per
-step whatever λ is once the L0 gradient dominates θ's (λ ≳ 0.1 here), so on short runs λ hardly
-matters: the tiny preset trains with λ = 1, its L0 falling from 132 to 74 in 32 steps.
+step whatever λ is once the L0 gradient dominates θ's, so on short runs λ hardly matters: the
+tiny preset trains with λ = 1 (its L0 falls from 132 to 74 in 32 steps, the same for λ from 0.1
+to 10), and on embedded's 244 steps θ only reaches ~0.11 and L0 ends near 380 for λ = 1 or 10.
+There L0 ≈ 64 needs θ started near where λ = 1 holds it, θ ≈ 1: `--set init_threshold=1.05`
+(1.0 ends at L0 ≈ 71, 1.1 at ≈ 59, θ moving by less than 0.01).
 
 Readings chosen: the decoder. SAELens leaves JumpReLU's decoder unconstrained (its L0 penalty does
 not see ‖W_dec‖); dictionary_learning's JumpReluTrainer keeps decoder rows at unit norm and
@@ -125,7 +128,7 @@ class SAE(parent.SAE):
         return (self.sparsity_coefficient(fwd) * l0).mean()
 
     def observe(self, fwd):
-        fwd.stats["mean_threshold"] = self.threshold.mean()
+        fwd.stats["mean_threshold"] = self.threshold.mean()  # θ is the L0 penalty's only lever: logged
 
     @torch.no_grad()
     def on_step_end(self, step):
@@ -140,11 +143,13 @@ class SAE(parent.SAE):
         export = JumpReLUSAE(JumpReLUSAEConfig(d_in=self.cfg.d_in, d_sae=self.cfg.d_sae, dtype="float32",
                                                device="cpu", metadata=self.sae_lens_metadata()))
         export.load_state_dict({**self.scaled_weights(scale), "threshold": self.threshold.detach().float().cpu()})
-        exact = self.keeps("encoder_input", "pre_activation", "decoder_weight", "decode") and \
-            type(self).activation is SAE.activation
+        exact = (self.keeps("encoder_input", "pre_activation", "decoder_weight", "decode")
+                 and type(self).activation is SAE.activation)
         return export, exact
 
     def sae_lens_training(self):
+        """SAELens's JumpReLUTrainingSAE with these weights and hyperparameters, and its `l0`
+        coefficient after any warm-up (bench.py times its step against ours)."""
         from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 
         hp = self.hp
