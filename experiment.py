@@ -355,9 +355,10 @@ class SAE(BaseSAE):
         f = self.activation(pre, x)
         return Forward(x, pre, f, self.reconstruct(x, f), step)
 
-    def keeps(self, *names: str) -> bool:
-        """Whether this SAE uses the base class's own methods of these names."""
-        return all(getattr(type(self), name) is getattr(SAE, name) for name in names)
+    def keeps(self, *names: str, since: type | None = None) -> bool:
+        """Whether this SAE uses the methods of these names of `since` (default: this base class):
+        a run building on an architecture that changes one of them is no longer that architecture."""
+        return all(getattr(type(self), name) is getattr(since or SAE, name) for name in names)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

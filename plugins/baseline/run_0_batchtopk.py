@@ -18,16 +18,10 @@ tests/test_baseline_batchtopk.py). θ starts at 0, where the eval-mode encoding 
 SAE evaluated before θ has converged (a few hundred training steps at η = 0.01) fires far more
 than k latents. Only training passes move θ.
 
-The second term is the TopK family's auxiliary loss (AuxK; Gao et al. 2024, appendix A.2) for
-dead latents, exactly as SAELens's `calculate_topk_aux_loss`: the k_aux = d_in // 2 largest
-pre-activations among the dead latents (unrectified) reconstruct, without b_dec, the detached
-residual x − x̂; s = min(#dead / k_aux, 1) shrinks it while few latents are dead; α =
-`aux_loss_coefficient`. A latent is dead when it has not fired in the last `dead_steps` training
-steps: SAELens's trainer's mask (`n_forward_passes_since_fired > dead_feature_window`, the counts
-as they were before the step, updated from the step's latents afterwards). SAELens logs the
-terms as `mse_loss` (our l2_loss) and `auxiliary_reconstruction_loss` (logged here under that
-name). BatchTopK has no sparsity penalty (k sets the sparsity), so it logs no `sparsity_loss`,
-and the run's --sparsity-penalty does nothing here.
+The second term is the TopK family's auxiliary loss for dead latents (AuxK), its dead mask and its
+logging exactly as in the TopK baseline this one builds on (run_0_topk, SAELens's
+`calculate_topk_aux_loss`). BatchTopK has no sparsity penalty (k sets the sparsity), so it logs no
+`sparsity_loss`, and the run's --sparsity-penalty does nothing here.
 
 Decoder rows are kept at unit norm with the parallel gradient projected out (the harness's
 trainer), as the paper's code and dictionary_learning's BatchTopK trainer do. SAELens instead
@@ -44,14 +38,9 @@ Gao et al. and dictionary_learning; SAELens's config default is 1.0), dead_steps
 `dead_feature_window`; the paper's code counts a latent dead after 5 batches). The loss is
 SAELens's, Σ over d_in (the paper's code averages both terms over d_in, so α means the same).
 
-Readings chosen, as in the TopK baseline (run_0_topk): before step dead_steps + 1 no latent can
-have gone dead_steps steps without firing, so the AuxK term is identically zero there: it is
-neither computed nor logged until then; from then on it is logged every step, zero when nothing
-is dead, as in SAELens; its top-k takes k_aux and drops the picks that are not dead latents, the
-same sum without SAELens's host sync. `auxk_dead` (logged) is the number of dead latents AuxK
-sees, `topk_threshold` θ after the step's update. Under torchrun a latent fired in a step if it
-fired on any rank's share of the batch; each rank's share competes for its own k·B_rank slots,
-and DistributedDataParallel keeps rank 0's θ.
+Readings chosen: `topk_threshold` (logged) is θ after the step's update. Under torchrun each
+rank's share of the batch competes for its own k·B_rank slots, and DistributedDataParallel keeps
+rank 0's θ.
 """
 
 from dataclasses import dataclass
@@ -59,15 +48,12 @@ from dataclasses import dataclass
 import torch
 
 from experiment import FORMULA
-from plugins.baseline import run_0_baseline as parent
+from plugins.baseline import run_0_topk as parent
 
 
 @dataclass
 class Hyperparams(parent.Hyperparams):
-    k: int = 64
     topk_threshold_lr: float = 0.01
-    aux_loss_coefficient: float = 1 / 32
-    dead_steps: int = 1000
 
 
 def batch_topk(pre: torch.Tensor, k: float) -> torch.Tensor:
@@ -78,20 +64,11 @@ def batch_topk(pre: torch.Tensor, k: float) -> torch.Tensor:
     return torch.zeros_like(acts).scatter(-1, top.indices, top.values).reshape(pre.shape)
 
 
-def keeps_pieces(sae, cls, *names) -> bool:
-    """Whether `sae` uses `cls`'s own methods of these names (a run building on `cls` that
-    changes one of them is no longer the SAELens architecture `cls` is)."""
-    return all(getattr(type(sae), name) is getattr(cls, name) for name in names)
-
-
 class SAE(parent.SAE):
     def __init__(self, d_in, d_sae, hp, cfg, device=torch.device("cpu"), dtype=torch.float32):
         super().__init__(d_in, d_sae, hp, cfg, device, dtype)
         # float64 as SAELens keeps it: an EMA at rate 0.01 in float32 loses the small updates.
         self.register_buffer("topk_threshold", torch.tensor(0.0, dtype=torch.float64, device=device))
-        # Training steps since each latent last fired (SAELens's n_forward_passes_since_fired).
-        self.register_buffer("steps_since_fired", torch.zeros(d_sae, dtype=torch.long, device=device))
-        self.fired: torch.Tensor | None = None  # this step's firing, from observe to on_step_end
 
     def _apply(self, *args, **kwargs):
         out = super()._apply(*args, **kwargs)
@@ -107,10 +84,6 @@ class SAE(parent.SAE):
             return batch_topk(pre, self.hp.k)
         return torch.relu(pre) * (pre > self.topk_threshold.to(pre.dtype))  # JumpReLUSAE.encode's formula
 
-    def sparsity_loss(self, fwd):
-        """BatchTopK has no sparsity penalty (k is the constraint): no such term is logged."""
-        return None
-
     def observe(self, fwd):
         """θ's running mean of the batch's smallest kept activation (SAELens's update_topk_threshold)."""
         kept = fwd.f > 0
@@ -119,40 +92,7 @@ class SAE(parent.SAE):
         updated = (1 - lr) * self.topk_threshold + lr * smallest  # SAELens's arithmetic, in float64
         self.topk_threshold.copy_(torch.where(smallest.isfinite(), updated, self.topk_threshold))
         fwd.stats["topk_threshold"] = self.topk_threshold.clone()
-        self.fired = kept.any(dim=0)
-
-    def on_step_end(self, step):
-        """The dead counters move after the step, so a step's AuxK sees the mask from before it."""
-        if self.fired is None:
-            return
-        fired = self.fired
-        if torch.distributed.is_initialized():  # fired anywhere in the whole batch, as in one process
-            fired = fired.to(torch.int32)
-            torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
-        self.steps_since_fired.add_(1).masked_fill_(fired.bool(), 0)
-        self.fired = None
-
-    def dead_latents(self) -> torch.Tensor:
-        """(d_sae,) bool: not fired in the last dead_steps training steps."""
-        return self.steps_since_fired > self.hp.dead_steps
-
-    def aux_losses(self, fwd):
-        if fwd.step <= self.hp.dead_steps:  # nothing can be dead yet: the term is identically zero
-            return {}
-        dead = self.dead_latents()
-        fwd.stats["auxk_dead"] = dead.sum().float()
-        return {"auxiliary_reconstruction_loss": self.auxk_loss(fwd, dead)}
-
-    def auxk_loss(self, fwd, dead: torch.Tensor) -> torch.Tensor:
-        """SAELens's calculate_topk_aux_loss, without its host sync: a fixed k_aux with the
-        non-dead picks zeroed selects the same min(k_aux, #dead) dead latents."""
-        k_aux = fwd.x.shape[-1] // 2  # Gao et al.'s heuristic, as SAELens
-        scale = (dead.sum() / k_aux).clamp(max=1.0)  # the term shrinks while few latents are dead
-        top = torch.where(dead, fwd.pre, -torch.inf).topk(min(k_aux, dead.numel()), sorted=False)
-        z = torch.zeros_like(fwd.pre).scatter(-1, top.indices, torch.where(top.values.isfinite(), top.values, 0.0))
-        residual = (fwd.x - fwd.x_hat).detach()
-        error = (z @ self.decoder_weight() - residual).pow(2).sum(-1).mean()  # ê without b_dec, as SAELens
-        return self.hp.aux_loss_coefficient * scale * error
+        super().observe(fwd)  # the dead counters' firing
 
     def final_info(self):
         return {"topk_threshold": self.topk_threshold.item()}
@@ -167,8 +107,8 @@ class SAE(parent.SAE):
         weights = self.scaled_weights(scale)
         weights["threshold"] = torch.full_like(weights["b_enc"], self.topk_threshold.item())
         export.load_state_dict(weights)
-        return export, keeps_pieces(self, SAE, "encoder_input", "pre_activation", "activation", "decoder_weight",
-                                    "decode")
+        return export, self.keeps("encoder_input", "pre_activation", "activation", "decoder_weight", "decode",
+                                   since=SAE)
 
     def sae_lens_config(self) -> dict:
         """SAELens's BatchTopK settings of this SAE (its default rescale_acts_by_decoder_norm:
@@ -180,7 +120,7 @@ class SAE(parent.SAE):
 
     def sae_lens_training(self):
         """SAELens's BatchTopKTrainingSAE holding these weights and θ; it takes no coefficients."""
-        if not keeps_pieces(self, SAE, *FORMULA, "on_step_end"):
+        if not self.keeps(*FORMULA, "on_step_end", since=SAE):
             return None
         from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 

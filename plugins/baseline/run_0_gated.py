@@ -71,12 +71,12 @@ class SAE(parent.SAE):
         export = GatedSAE(GatedSAEConfig(d_in=self.cfg.d_in, d_sae=self.cfg.d_sae, dtype="float32", device="cpu",
                                          metadata=self.sae_lens_metadata()))
         export.load_state_dict(self.gated_state(self.scaled_weights(scale)))
-        return export, self.is_this_formula("encoder_input", "pre_activation", "activation", "decoder_weight",
-                                            "decode")
+        return export, self.keeps("encoder_input", "pre_activation", "activation", "decoder_weight", "decode",
+                                   since=SAE)
 
     def sae_lens_training(self):
         """SAELens's GatedTrainingSAE with these weights, and its coefficients."""
-        if not self.is_this_formula(*FORMULA):
+        if not self.keeps(*FORMULA, since=SAE):
             return None
         from sae_lens import GatedTrainingSAE, GatedTrainingSAEConfig
 
@@ -95,7 +95,3 @@ class SAE(parent.SAE):
             weights[name] = getattr(self, name).detach().to(weights["W_enc"])
         return weights
 
-    def is_this_formula(self, *names):
-        """Whether these pieces are this file's (or the base's it keeps): a subclass that changes
-        one is no longer SAELens's gated SAE."""
-        return all(getattr(type(self), name) is getattr(SAE, name) for name in names)

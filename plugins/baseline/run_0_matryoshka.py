@@ -69,7 +69,7 @@ class SAE(parent.SAE):
 
     def sae_lens_training(self):
         """SAELens's MatryoshkaBatchTopKTrainingSAE holding these weights and θ."""
-        if not parent.keeps_pieces(self, SAE, *FORMULA, "on_step_end"):
+        if not self.keeps(*FORMULA, "on_step_end", since=SAE):
             return None
         from sae_lens.saes.matryoshka_batchtopk_sae import (
             MatryoshkaBatchTopKTrainingSAE,

@@ -108,11 +108,6 @@ class SAE(parent.SAE):
         error = (z @ self.decoder_weight() - residual).pow(2).sum(-1).mean()  # ê without b_dec, as SAELens
         return self.hp.aux_loss_coefficient * scale * error
 
-    def is_this_formula(self, *names) -> bool:
-        """Whether these pieces are this file's (or the base's it keeps): a run building on this
-        one that changes one is no longer SAELens's TopK SAE."""
-        return all(getattr(type(self), name) is getattr(SAE, name) for name in names)
-
     def sae_lens_export(self, scale):
         from sae_lens import TopKSAE, TopKSAEConfig
 
@@ -122,13 +117,13 @@ class SAE(parent.SAE):
                                        device="cpu", rescale_acts_by_decoder_norm=False,
                                        metadata=self.sae_lens_metadata()))
         export.load_state_dict(self.scaled_weights(scale), strict=False)
-        return export, self.is_this_formula("encoder_input", "pre_activation", "activation", "decoder_weight",
-                                            "decode")
+        return export, self.keeps("encoder_input", "pre_activation", "activation", "decoder_weight", "decode",
+                                   since=SAE)
 
     def sae_lens_training(self):
         """SAELens's TopKTrainingSAE with these weights (its default rescale_acts_by_decoder_norm,
         the same SAE on our unit-norm rows), and its coefficients: none."""
-        if not self.is_this_formula(*FORMULA, "on_step_end"):
+        if not self.keeps(*FORMULA, "on_step_end", since=SAE):
             return None
         from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
