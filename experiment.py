@@ -436,7 +436,8 @@ class Trainer:
     def step(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, LossOutput]:
         self.sae.sparse_backward = self.sparse and x.device.type in kernels.SPARSE_BELOW
         out = self.loss_fn(x, step)
-        self.sparse = kernels.use_sparse_step(out.latents, step, self.sparse)
+        if self.sae.keeps(*FORMULA):  # only the plain formula has a sparse step
+            self.sparse = kernels.use_sparse_step(out.latents, step, self.sparse)
         self.optimizer.zero_grad(set_to_none=True)
         self.backward(out, step)
         self.apply_update(step)
