@@ -12,6 +12,7 @@ turn over rounds (best of each), so load from elsewhere on a shared machine hits
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import tempfile
@@ -108,7 +109,7 @@ def sae_lens_step(sae: experiment.SAE, cfg: RunConfig):
 
 def sae_lens_architecture(plugin: experiment.Plugin, cfg: RunConfig) -> None:
     """Refuse, before any work, a plugin that no SAELens architecture is."""
-    probe = plugin.sae_class(8, 16, plugin.hyperparams_class(), cfg)
+    probe = plugin.sae_class(8, 16, plugin.hyperparams_class(**cfg.hyperparams), cfg)
     if probe.sae_lens_training() is None:
         raise experiment.HarnessError(f"--plugin {plugin.name} is no SAELens architecture, so there is no SAELens "
                                       "step to time it against; bench the baselines (plugins/baseline/)")
@@ -155,7 +156,7 @@ def sae_steps(cfg: RunConfig, plugin: experiment.Plugin, x: torch.Tensor, d_in: 
               l0_fraction: float | None, results: dict) -> float:
     """3. the plugin's training step against SAELens's on the same batch; returns ours in s."""
     torch.manual_seed(cfg.seed)
-    sae = plugin.sae_class(d_in, cfg.dict_size, plugin.hyperparams_class(), cfg, device=x.device)
+    sae = plugin.sae_class(d_in, cfg.dict_size, plugin.hyperparams_class(**cfg.hyperparams), cfg, device=x.device)
     if l0_fraction is not None:  # place the ReLU threshold so that this fraction of latents fires
         with torch.no_grad():
             pre = (x - sae.b_dec) @ sae.W_enc
@@ -195,9 +196,9 @@ def run_bench(cfg: RunConfig, steps: int, l0_fraction: float | None) -> dict[str
     experiment.configure_kernels(cfg, device)  # as training does: TF32 on CUDA
     model = experiment.load_model(cfg.model, device)
     d_in = model.cfg.d_model
-    results: dict[str, Any] = dict(plugin=cfg.plugin, device=str(device), model=cfg.model, layer=cfg.layer, d_in=d_in,
-                                   d_sae=cfg.dict_size, batch_size=cfg.batch_size, tokens=cfg.tokens,
-                                   torch_threads=torch.get_num_threads())
+    results: dict[str, Any] = dict(plugin=cfg.plugin, hyperparams=cfg.hyperparams, device=str(device),
+                                   model=cfg.model, layer=cfg.layer, d_in=d_in, d_sae=cfg.dict_size,
+                                   batch_size=cfg.batch_size, tokens=cfg.tokens, torch_threads=torch.get_num_threads())
     x = harvest_and_read(cfg, model, device, results)
     ours_s = sae_steps(cfg, plugin, x, d_in, steps, l0_fraction, results)
     roofline(cfg, d_in, ours_s, device, steps, results)
@@ -205,8 +206,8 @@ def run_bench(cfg: RunConfig, steps: int, l0_fraction: float | None) -> dict[str
 
 
 def print_table(cfg: RunConfig, results: dict[str, Any]) -> None:
-    table = Table(title=f"bench {cfg.plugin}: {cfg.model} layer {cfg.layer}, d_sae {cfg.dict_size}, batch {cfg.batch_size}, "
-                        f"{results['device']}")
+    table = Table(title=f"bench {cfg.plugin}: {cfg.model} layer {cfg.layer}, d_sae {cfg.dict_size}, "
+                        f"batch {cfg.batch_size}, {results['device']}")
     table.add_column("what")
     table.add_column("tokens/s", justify="right")
     table.add_column("peak MB", justify="right")
@@ -234,6 +235,7 @@ def bench(
     l0_fraction: float = typer.Option(None, help="Set the fraction of latents that fire (e.g. 0.02)."),
     compile_loss: bool = typer.Option(False, "--compile", help="torch.compile our SAE's loss, as `run --compile`."),
     device: str = typer.Option("auto"), out: Path = typer.Option(Path("bench.json")),
+    set_: list[str] = typer.Option([], "--set", help="Plugin hyperparameter key=value (repeatable), e.g. k=32."),
 ) -> None:
     """Throughput of harvesting, cache reads and the SAE step (vs sae_lens), the SAE step's
     fraction of the measured matmul roofline, and peak memory; a table and bench.json."""
@@ -242,6 +244,7 @@ def bench(
         cfg = experiment.build_config(preset, f"{found.study}/{found.name}", model=model, layer=layer,
                                       dict_size=dict_size, batch_size=batch_size, tokens=tokens, device=device,
                                       compile=compile_loss)
+        cfg.hyperparams = dataclasses.asdict(experiment.parse_hyperparams(found, set_))
         results = run_bench(cfg, steps, l0_fraction)
     experiment.atomic_write(out, json.dumps(results, indent=2))
     print_table(cfg, results)

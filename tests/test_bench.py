@@ -45,3 +45,13 @@ def test_bench_refuses_a_plugin_no_sae_lens_architecture_is_before_any_work(monk
     monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("work")))
     result = bench_cli("--preset", "tiny", "--plugin", "run_7_adaptive_ln")
     assert result.exit_code == 2 and "is no SAELens architecture" in result.output
+
+
+def test_bench_times_a_baseline_architecture_with_its_hyperparameters_against_sae_lens_s(tmp_path):
+    out = tmp_path / "bench.json"
+    result = bench_cli("--preset", "tiny", "--plugin", "run_0_topk", "--set", "k=8", "--steps", "2",
+                       "--tokens", "4096", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    bench = json.loads(out.read_text())
+    assert bench["plugin"] == "baseline/run_0_topk" and bench["hyperparams"]["k"] == 8
+    assert 0 < bench["ours_vs_sae_lens"] < float("inf") and 0 < bench["sae_step"]["latent_density"] <= 8 / 256
