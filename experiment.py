@@ -1290,6 +1290,21 @@ def suspicious(info: dict, run_dir: Path, plugin: Plugin) -> list[str]:
     if parent is not None and "metrics" in info and parent.get("metrics") == info["metrics"]:
         found.append(f"metrics identical to the last digit to parent {plugin.parent}'s latest run: "
                      "did the change reach the model?")
+    return found + inert_terms(log)
+
+
+INERT_SHARE = 1e-3  # a loss term below this share of the total at every logged step cannot move the model
+
+
+def inert_terms(log: list[dict]) -> list[str]:
+    """A warning for each extra loss term that stayed a negligible share of the loss all run."""
+    extra = [k for k in log[-1] if k.endswith("_loss") and k not in ("l2_loss", "sparsity_loss", "total_loss")]
+    found = []
+    for term in extra:
+        shares = [abs(r[term]) / abs(r["total_loss"]) for r in log if term in r and r["total_loss"]]
+        if shares and max(shares) < INERT_SHARE:
+            found.append(f"{term} is at most {max(shares):.3%} of the loss at every logged step: it cannot "
+                         "change the model; raise its weight")
     return found
 
 

@@ -2,12 +2,14 @@
 the `tiny` preset (a random 2-layer TransformerLens model on synthetic tokens) unless it says
 otherwise."""
 
+import functools
 import json
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import experiment
@@ -63,3 +65,15 @@ def scratch_study():
     shutil.rmtree(folder)
     for name in [m for m in sys.modules if m.startswith("plugins.scratch_test_study")]:
         del sys.modules[name]
+
+
+@functools.cache
+def tiny_model_activations(n_contexts: int) -> torch.Tensor:
+    """Real activations of the tiny model at blocks.1.hook_resid_post on synthetic text, BOS
+    dropped as in harvest: (n_contexts, 31, 64), in the model's own scale."""
+    model = experiment.load_model("tiny", torch.device("cpu"))
+    contexts = experiment.synthetic_contexts(n_contexts, 32, model.cfg.d_vocab)
+    hook = "blocks.1.hook_resid_post"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(contexts, names_filter=[hook])
+    return cache[hook][:, 1:].float()

@@ -28,6 +28,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model_activations
 from safetensors.torch import load_file
 
 import experiment
@@ -262,12 +263,7 @@ def bench_hook_gives_the_twin(key):
 def tiny_activations():
     """Real activations of the tiny model at blocks.1.hook_resid_post, BOS dropped as in harvest,
     in the model's scale: (train, held-out) rows of the same synthetic text."""
-    model = experiment.load_model("tiny", torch.device("cpu"))
-    contexts = experiment.synthetic_contexts(288, 32, model.cfg.d_vocab)
-    hook = "blocks.1.hook_resid_post"
-    with torch.no_grad():
-        _, cache = model.run_with_cache(contexts, names_filter=[hook])
-    acts = cache[hook][:, 1:].float()
+    acts = tiny_model_activations(288)
     return acts[:256].reshape(-1, D_IN), acts[256:].reshape(-1, D_IN)
 
 

@@ -23,6 +23,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model_activations
 
 import experiment
 
@@ -153,12 +154,7 @@ def test_the_bench_hook_gives_sae_lens_twin_and_coefficients():
 @pytest.fixture(scope="module")
 def tiny_activations():
     """Real activations of the tiny model at blocks.1.hook_resid_post, BOS dropped as in harvest."""
-    model = experiment.load_model("tiny", torch.device("cpu"))
-    contexts = experiment.synthetic_contexts(16, 32, model.cfg.d_vocab)
-    hook = "blocks.1.hook_resid_post"
-    with torch.no_grad():
-        _, cache = model.run_with_cache(contexts, names_filter=[hook])
-    return cache[hook][contexts != contexts[0, 0]].float()
+    return tiny_model_activations(16).reshape(-1, 64)
 
 
 def test_export_loads_in_sae_lens_as_gated_and_equals_the_evaluated_sae(tiny_activations, tmp_path):

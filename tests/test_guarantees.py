@@ -261,3 +261,17 @@ def _tiny_with_tokenizer():
     model = HookedTransformer(HookedTransformerConfig(**experiment.TINY_MODEL, seed=0))
     model.tokenizer = CharTokenizer()
     return model
+
+
+def test_a_loss_term_too_small_to_move_the_model_is_flagged(tmp_path, scratch_study, monkeypatch):
+    (scratch_study / "run_1_whisper.py").write_text(
+        '"""Whisper: an extra term a millionth of the loss."""\nfrom plugins.baseline import run_0_baseline as parent\n\n\n'
+        'class SAE(parent.SAE):\n    def aux_losses(self, fwd):\n'
+        '        return {"whisper_loss": 1e-6 * fwd.f.mean(), "spoken_loss": 0.1 * fwd.f.abs().sum(-1).mean()}\n')
+    run_dir = tmp_path / "run"
+    result = cli("run", "--preset", "tiny", "--plugin", "run_1_whisper", "--tokens", "2048", "--out", str(run_dir),
+                 "--notes", str(tmp_path / "notes.md"))
+    assert result.exit_code == 0, result.output
+    warnings = json.loads((run_dir / "final_info.json").read_text())["warnings"]
+    assert [w.split(" is at most")[0] for w in warnings if "cannot change the model" in w] == ["whisper_loss"]
+    assert "Warning: whisper_loss is at most" in (tmp_path / "notes.md").read_text()
