@@ -1303,7 +1303,7 @@ def inert_terms(log: list[dict]) -> list[str]:
     for term in extra:
         shares = [abs(r[term]) / abs(r["total_loss"]) for r in log if term in r and r["total_loss"]]
         if shares and max(shares) < INERT_SHARE:
-            found.append(f"{term} is at most {max(shares):.3%} of the loss at every logged step: it cannot "
+            found.append(f"{term} is at most {100 * max(shares):.2g}% of the loss at every logged step: it cannot "
                          "change the model; raise its weight")
     return found
 
