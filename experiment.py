@@ -1290,10 +1290,32 @@ def suspicious(info: dict, run_dir: Path, plugin: Plugin) -> list[str]:
     if parent is not None and "metrics" in info and parent.get("metrics") == info["metrics"]:
         found.append(f"metrics identical to the last digit to parent {plugin.parent}'s latest run: "
                      "did the change reach the model?")
-    return found + inert_terms(log)
+    return found + inert_terms(log) + ([moved] if (moved := unmoved_decoder(run_dir, plugin, info)) else [])
 
 
+DECODER_MOVED = 1e-3  # relative change from the parent's decoder below which a run did not change the model
 INERT_SHARE = 1e-3  # a loss term below this share of the total at every logged step cannot move the model
+
+
+def unmoved_decoder(run_dir: Path, plugin: Plugin, info: dict) -> str | None:
+    """A warning when the decoder ended within DECODER_MOVED (relative) of the parent's newest
+    completed run on the same activations, seed and dictionary size."""
+    from safetensors.torch import load_file
+
+    if not plugin.parent:
+        return None
+    seed, size = json.loads((run_dir / "config.json").read_text())["seed"], info["dict_size"]
+    for folder, who, other in reversed(plot.run_index(runs_root(run_dir, plugin))):
+        if (who["plugin"] == plugin.parent and other.get("status") == "completed" and other.get("dict_size") == size
+                and other.get("activation_cache") == info.get("activation_cache")
+                and other.get("provenance", {}).get("seed") == seed):
+            ours, theirs = (load_file(f / "plugin_state.safetensors")["W_dec"] for f in (run_dir, folder))
+            change = ((ours - theirs).norm() / theirs.norm()).item()
+            if change >= DECODER_MOVED:
+                return None
+            return (f"the decoder ended {change:.2g} (relative) from parent {plugin.parent}'s on the same activations "
+                    "and seed: the change barely reached the model")
+    return None
 
 
 def inert_terms(log: list[dict]) -> list[str]:

@@ -275,3 +275,21 @@ def test_a_loss_term_too_small_to_move_the_model_is_flagged(tmp_path, scratch_st
     warnings = json.loads((run_dir / "final_info.json").read_text())["warnings"]
     assert [w.split(" is at most")[0] for w in warnings if "cannot change the model" in w] == ["whisper_loss"]
     assert "Warning: whisper_loss is at most" in (tmp_path / "notes.md").read_text()
+
+
+def test_a_run_whose_decoder_barely_moved_from_its_parents_is_flagged(tmp_path, scratch_study):
+    """A change that reaches the loss but not the model: the decoder ends within 1e-3 (relative)
+    of the parent's, trained on the same activations and seed."""
+    (scratch_study / "run_1_nudge.py").write_text(
+        '"""Nudge: an extra term too weak to matter."""\nfrom plugins.baseline import run_0_baseline as parent\n\n\n'
+        'class SAE(parent.SAE):\n    def aux_losses(self, fwd):\n        return {"nudge_loss": 1e-9 * fwd.f.sum()}\n')
+    runs, notes = tmp_path / "runs", tmp_path / "notes.md"
+    for plugin in ("run_0_baseline", "run_1_nudge"):
+        out = runs / "s" / plugin / "1"
+        result = cli("run", "--preset", "tiny", "--plugin", plugin, "--tokens", "2048", "--out", str(out),
+                     "--notes", str(notes))
+        assert result.exit_code == 0, result.output
+    warnings = json.loads((runs / "s" / "run_1_nudge" / "1" / "final_info.json").read_text())["warnings"]
+    assert any("from parent run_0_baseline's on the same activations and seed" in w for w in warnings)
+    baseline = json.loads((runs / "s" / "run_0_baseline" / "1" / "final_info.json").read_text())["warnings"]
+    assert not any("barely reached" in w for w in baseline)
