@@ -1357,15 +1357,57 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def notes_entry(plugin: Plugin, run_dir: Path, info: dict) -> str:
-    results = {k: v for k, v in info.items() if k not in ("run", "provenance", "warnings", "evals", "verdict")}
-    if info.get("evals"):  # the metrics, or why an eval could not score; details stay in final_info
-        results["evals"] = {k: v.get("not_scored") or v["eval_result_metrics"] for k, v in info["evals"].items()}
+    """The run's notebook entry, in the seed notebooks' shape, for a person: headline metrics with
+    their change against the parent run, the verdicts, warnings; the full dict stays in final_info."""
     shown = os.path.relpath(run_dir, ROOT) if run_dir.is_relative_to(ROOT) else str(run_dir)
+    parent = plot.latest_run(runs_root(run_dir, plugin), plugin.parent, same_data_as=info) if plugin.parent else None
     warnings = "".join(f"Warning: {w}\n" for w in info.get("warnings", []))
     return (f"## Run {plugin.run_number}: {plugin.title}\n"
             f"Study: {plugin.study} · Plugin: {plugin.name} · Run folder: {shown}\n"
-            f"Results: {results}\n{verdict_lines(info.get('verdict', {}))}{warnings}"
+            f"Results:\n{result_lines(info, parent, plugin.parent, run_dir)}"
+            f"{verdict_lines(info.get('verdict', {}))}{warnings}"
             f"Description: {plugin.description}\n\n")
+
+
+HEADLINE = (  # what a notebook entry lists, and where final_info.json holds it
+    ("CE-loss score", ("metrics", "model_performance_preservation", "ce_loss_score")),
+    ("KL score", ("metrics", "model_behavior_preservation", "kl_div_score")),
+    ("explained variance (legacy, per batch)", ("metrics", "reconstruction_quality", "explained_variance_legacy")),
+    ("MSE", ("metrics", "reconstruction_quality", "mse")),
+    ("L0", ("metrics", "sparsity", "l0")),
+    ("L1", ("metrics", "sparsity", "l1")),
+    ("L2 ratio", ("metrics", "shrinkage", "l2_ratio")),
+    ("final training loss", ("final_loss",)),
+)
+
+
+def result_lines(info: dict, parent: dict | None, parent_name: str | None, run_dir: Path) -> str:
+    """'- CE-loss score: 0.7501 (+0.012 vs run_1_initial)' per headline metric, then the evals."""
+    def dig(tree, path):
+        for key in path:
+            tree = tree.get(key) if isinstance(tree, dict) else None
+        return tree if isinstance(tree, (int, float)) else None
+
+    lines = [f"- training steps: {info['training_steps']}"]
+    for label, path in HEADLINE:
+        value, before = dig(info, path), dig(parent, path) if parent else None
+        if value is not None:
+            delta = f" ({value - before:+.3g} vs {parent_name})" if before is not None else ""
+            lines.append(f"- {label}: {value:.4g}{delta}")
+    log = (run_dir / "train_log.jsonl").read_text().splitlines()
+    lines.append(f"- dead latents at the end of training: {json.loads(log[-1])['dead_fraction']:.1%}")
+    for name, result in info.get("evals", {}).items():  # the first few numbers; details stay in final_info
+        numbers = itertools.islice(numeric_leaves(result["eval_result_metrics"]), 4)
+        lines.append(f"- {name}: " + (result.get("not_scored") or ", ".join(f"{k} {v:.4g}" for k, v in numbers)))
+    return "".join(line + "\n" for line in lines)
+
+
+def numeric_leaves(tree: dict):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from numeric_leaves(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield key, value
 
 
 def verdict_lines(found: dict[str, Any]) -> str:
@@ -1377,7 +1419,8 @@ def verdict_lines(found: dict[str, Any]) -> str:
             delta = "" if entry.get("delta") is None else f" ({entry['delta']:+.3g}" + (
                 f" ± {entry['uncertainty']:.2g})" if entry.get("uncertainty") is not None else ")")
             words.append(f"{metric} {entry['word']}{delta}")
-        lines.append(f"Against {name} ({v['knob']} swept, {v['points']} runs) at this L0: " + "; ".join(words) + "\n")
+        runs = f"{v['points']} run{'s' if v['points'] != 1 else ''}"
+        lines.append(f"Against {name} ({v['knob']} swept, {runs}) at this L0: " + "; ".join(words) + "\n")
     return "".join(lines)
 
 

@@ -83,8 +83,22 @@ def test_notes_get_study_header_once_then_one_entry_per_run(run_tiny, notes):
     assert text.count("# Experiment description:") == 1
     assert text.count("## Run 0: Baseline") == 2
     entry = text.split("## Run 0:")[1]
-    assert "Results: {'training_steps': 32" in entry and "Description: Baseline" in entry
+    assert "Results:\n- training steps: 32\n- CE-loss score: " in entry and "Description: Baseline" in entry
+    assert "{'" not in entry  # no dict dumps: final_info.json holds those
     assert "Study: baseline" in entry and "Run folder:" in entry
+
+
+def test_a_notebook_entry_lists_each_headline_metric_with_its_change_against_the_parent(tmp_path, notes):
+    runs = tmp_path / "runs"
+    for plugin in ("run_0_baseline", "run_1_initial"):
+        out = runs / "s" / plugin / "1"
+        assert cli("run", "--preset", "tiny", "--plugin", plugin, "--tokens", "2048", "--out", str(out),
+                   "--notes", str(notes)).exit_code == 0
+    entry = notes.read_text().split("## Run 1:")[1]
+    for label in experiment.HEADLINE:
+        line = next(line for line in entry.splitlines() if line.startswith(f"- {label[0]}: "))
+        assert line.endswith(" vs run_0_baseline)") and (" (+" in line or " (-" in line), line
+    assert "- dead latents at the end of training: " in entry
 
 
 def test_second_run_reuses_cached_activations_without_running_the_llm(run_tiny, monkeypatch):
