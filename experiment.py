@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import difflib
 import fcntl
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -229,6 +230,7 @@ class SAE(BaseSAE):
         self.W_enc.data.copy_(w_dec.T)
 
     sparse_backward = False  # set by the Trainer before each step from the measured latent density
+    sparsity_knob = "sparsity_penalty"  # the setting a baseline's sweep varies to move L0 (frontier.py)
 
     def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         """(B, d_in) -> (B, d_in): what the encoder matrix sees."""
@@ -358,7 +360,7 @@ class SAE(BaseSAE):
     def keeps(self, *names: str, since: type | None = None) -> bool:
         """Whether this SAE uses the methods of these names of `since` (default: this base class):
         a run building on an architecture that changes one of them is no longer that architecture."""
-        return all(getattr(type(self), name) is getattr(since or SAE, name) for name in names)
+        return keeps_methods(type(self), names, since or SAE)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -371,6 +373,11 @@ class SAE(BaseSAE):
         if self.W_dec.grad is not None:
             parallel = (self.W_dec.grad * self.W_dec.data).sum(dim=1, keepdim=True)
             self.W_dec.grad -= parallel * self.W_dec.data
+
+
+@functools.cache  # asked every training step; a class's methods do not change
+def keeps_methods(cls: type, names: tuple[str, ...], since: type) -> bool:
+    return all(getattr(cls, name) is getattr(since, name) for name in names)
 
 
 @torch.no_grad()
@@ -1227,26 +1234,34 @@ def finish(info: dict, run_dir: Path, plugin: Plugin, notes: Path, cfg: RunConfi
     """Mark an evaluated run completed: warnings, provenance, final_info.json, notebook entry."""
     for key in ("failed_at", "error", "traceback"):
         info.pop(key, None)
-    info["warnings"] = suspicious(info, run_dir, plugin)
+    index = plot.run_index(runs_root(run_dir, plugin))  # the sibling runs, read once
+    info["warnings"] = suspicious(info, run_dir, plugin, index)
     info["status"] = "completed"
     info["provenance"] = provenance(cfg, plugin, device, wall_time)
-    info["verdict"] = verdicts(info, runs_root(run_dir, plugin), plugin)
+    info["verdict"] = verdicts(info, index, plugin)
     atomic_write(run_dir / "final_info.json", json.dumps(info, indent=2, default=str))
-    append_notes(notes, plugin, notes_entry(plugin, run_dir, info))
+    append_notes(notes, plugin, notes_entry(plugin, run_dir, info, parent_run(index, plugin, info)))
 
 
-def verdicts(info: dict, runs: Path, plugin: Plugin) -> dict[str, Any]:
+def verdicts(info: dict, index: plot.Index, plugin: Plugin) -> dict[str, Any]:
     """The run against each baseline architecture swept on the same activations, at the run's L0
     (frontier.py): {baseline plugin: {metric: Δ, uncertainty, better/tied/worse}}."""
     sweeps: dict[str, list[dict]] = {}
-    for _, who, other in plot.run_index(runs):
+    for _, who, other in index:
         if (who["study"] == "baseline" and other.get("status") == "completed" and other.get("metrics")
                 and other.get("activation_cache") == info.get("activation_cache")):
             sweeps.setdefault(who["plugin"], []).append(other)
     found = {}
     for name, infos in sorted(sweeps.items()):
-        knob = swept_knob(infos)
-        if knob is None or name == plugin.name:
+        if name == plugin.name:
+            continue
+        try:
+            knob = swept_knob(infos, find_plugin(f"baseline/{name}").sae_class.sparsity_knob)
+        except HarnessError as exc:  # the baseline's plugin file is gone or broken: its knob is unknown
+            found[name] = dict(not_judged=str(exc))
+            continue
+        if knob is None:
+            found[name] = dict(not_judged="its runs vary more than one setting: no frontier of one knob")
             continue
         records = [frontier.record_from_final_info(other, knob) for other in infos]
         run = frontier.record_from_final_info(info, "sparsity_penalty")
@@ -1254,13 +1269,13 @@ def verdicts(info: dict, runs: Path, plugin: Plugin) -> dict[str, Any]:
     return found
 
 
-def swept_knob(infos: list[dict]) -> str | None:
+def swept_knob(infos: list[dict], default: str) -> str | None:
     """The one run setting or hyperparameter that varies across a baseline's runs (the seed aside);
-    sparsity_penalty where none does; None where several do (no frontier of one knob)."""
+    the architecture's own knob where none does; None where several do (no frontier of one knob)."""
     configs = [other["provenance"]["config"] for other in infos]
     values = lambda key: {json.dumps(c.get(key, c["hyperparams"].get(key))) for c in configs}  # noqa: E731
     varying = [k for k in (*SWEEPABLE, *configs[0]["hyperparams"]) if len(values(k)) > 1]
-    return varying[0] if len(varying) == 1 else "sparsity_penalty" if not varying else None
+    return varying[0] if len(varying) == 1 else default if not varying else None
 
 
 def runs_root(run_dir: Path, plugin: Plugin) -> Path:
@@ -1271,7 +1286,12 @@ def runs_root(run_dir: Path, plugin: Plugin) -> Path:
     return run_dir.parent
 
 
-def suspicious(info: dict, run_dir: Path, plugin: Plugin) -> list[str]:
+def parent_run(index: plot.Index, plugin: Plugin, info: dict) -> dict | None:
+    """final_info of the parent plugin's newest completed run on the same activations."""
+    return plot.newest(index, plugin.parent, same_data_as=info) if plugin.parent else None
+
+
+def suspicious(info: dict, run_dir: Path, plugin: Plugin, index: plot.Index | None = None) -> list[str]:
     """Results the seed notebooks reported without noticing: each becomes a warning."""
     found = []
     sparsity = info.get("metrics", {}).get("sparsity", {})
@@ -1286,18 +1306,19 @@ def suspicious(info: dict, run_dir: Path, plugin: Plugin) -> list[str]:
     for key in ("explained_variance", "explained_variance_legacy"):
         if quality.get(key, 0.0) < 0:
             found.append(f"{key} is negative ({quality[key]:.3g}): worse than predicting the mean")
-    parent = plot.latest_run(runs_root(run_dir, plugin), plugin.parent, same_data_as=info) if plugin.parent else None
+    index = plot.run_index(runs_root(run_dir, plugin)) if index is None else index
+    parent = parent_run(index, plugin, info)
     if parent is not None and "metrics" in info and parent.get("metrics") == info["metrics"]:
         found.append(f"metrics identical to the last digit to parent {plugin.parent}'s latest run: "
                      "did the change reach the model?")
-    return found + inert_terms(log) + ([moved] if (moved := unmoved_decoder(run_dir, plugin, info)) else [])
+    return found + inert_terms(log) + ([moved] if (moved := unmoved_decoder(run_dir, plugin, info, index)) else [])
 
 
 DECODER_MOVED = 1e-3  # relative change from the parent's decoder below which a run did not change the model
 INERT_SHARE = 1e-3  # a loss term below this share of the total at every logged step cannot move the model
 
 
-def unmoved_decoder(run_dir: Path, plugin: Plugin, info: dict) -> str | None:
+def unmoved_decoder(run_dir: Path, plugin: Plugin, info: dict, index: plot.Index) -> str | None:
     """A warning when the decoder ended within DECODER_MOVED (relative) of the parent's newest
     completed run on the same activations, seed and dictionary size."""
     from safetensors.torch import load_file
@@ -1305,7 +1326,7 @@ def unmoved_decoder(run_dir: Path, plugin: Plugin, info: dict) -> str | None:
     if not plugin.parent:
         return None
     seed, size = json.loads((run_dir / "config.json").read_text())["seed"], info["dict_size"]
-    for folder, who, other in reversed(plot.run_index(runs_root(run_dir, plugin))):
+    for folder, who, other in reversed(index):
         if (who["plugin"] == plugin.parent and other.get("status") == "completed" and other.get("dict_size") == size
                 and other.get("activation_cache") == info.get("activation_cache")
                 and other.get("provenance", {}).get("seed") == seed):
@@ -1356,11 +1377,10 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def notes_entry(plugin: Plugin, run_dir: Path, info: dict) -> str:
+def notes_entry(plugin: Plugin, run_dir: Path, info: dict, parent: dict | None) -> str:
     """The run's notebook entry, in the seed notebooks' shape, for a person: headline metrics with
     their change against the parent run, the verdicts, warnings; the full dict stays in final_info."""
     shown = os.path.relpath(run_dir, ROOT) if run_dir.is_relative_to(ROOT) else str(run_dir)
-    parent = plot.latest_run(runs_root(run_dir, plugin), plugin.parent, same_data_as=info) if plugin.parent else None
     warnings = "".join(f"Warning: {w}\n" for w in info.get("warnings", []))
     return (f"## Run {plugin.run_number}: {plugin.title}\n"
             f"Study: {plugin.study} · Plugin: {plugin.name} · Run folder: {shown}\n"
@@ -1381,16 +1401,19 @@ HEADLINE = (  # what a notebook entry lists, and where final_info.json holds it
 )
 
 
+def headline(info: dict | None, label: str) -> float | None:
+    """A headline metric (HEADLINE's label) of a final_info, or None where the run has none."""
+    tree = info
+    for key in dict(HEADLINE)[label]:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree if isinstance(tree, (int, float)) else None
+
+
 def result_lines(info: dict, parent: dict | None, parent_name: str | None, run_dir: Path) -> str:
     """'- CE-loss score: 0.7501 (+0.012 vs run_1_initial)' per headline metric, then the evals."""
-    def dig(tree, path):
-        for key in path:
-            tree = tree.get(key) if isinstance(tree, dict) else None
-        return tree if isinstance(tree, (int, float)) else None
-
     lines = [f"- training steps: {info['training_steps']}"]
-    for label, path in HEADLINE:
-        value, before = dig(info, path), dig(parent, path) if parent else None
+    for label, _ in HEADLINE:
+        value, before = headline(info, label), headline(parent, label)
         if value is not None:
             delta = f" ({value - before:+.3g} vs {parent_name})" if before is not None else ""
             lines.append(f"- {label}: {value:.4g}{delta}")
@@ -1414,13 +1437,20 @@ def verdict_lines(found: dict[str, Any]) -> str:
     """'Against run_0_topk (k swept, 4 points): ce_loss_score better (+0.012 ± 0.004), ...'"""
     lines = []
     for name, v in found.items():
+        if "not_judged" in v:
+            lines.append(f"Against {name}: not judged ({v['not_judged']})\n")
+            continue
+        runs = f"{v['knob']}, {v['points']} run{'s' if v['points'] != 1 else ''}"
+        entries = list(v["metrics"].values())
+        if all(entry["word"] == frontier.OUTSIDE for entry in entries):  # one sentence, with the knob to add
+            lines.append(f"Against {name} ({runs}): {frontier.OUTSIDE}: {entries[0]['suggest']['text']}\n")
+            continue
         words = []
         for metric, entry in v["metrics"].items():
             delta = "" if entry.get("delta") is None else f" ({entry['delta']:+.3g}" + (
                 f" ± {entry['uncertainty']:.2g})" if entry.get("uncertainty") is not None else ")")
             words.append(f"{metric} {entry['word']}{delta}")
-        runs = f"{v['points']} run{'s' if v['points'] != 1 else ''}"
-        lines.append(f"Against {name} ({v['knob']} swept, {runs}) at this L0: " + "; ".join(words) + "\n")
+        lines.append(f"Against {name} ({runs}) at this L0: " + "; ".join(words) + "\n")
     return "".join(lines)
 
 
@@ -1552,14 +1582,19 @@ def comparable(config: dict) -> str:
     return json.dumps({k: v for k, v in config.items() if k != "device"}, sort_keys=True, default=list)
 
 
-def previous_run(job: Job, runs_root: Path) -> tuple[Path | None, str]:
-    """(folder, "reused") for a completed run of this config and plugin source under runs_root,
-    (folder, "resumed") for an interrupted one, else (None, "trained")."""
-    want, source, interrupted = comparable(dataclasses.asdict(job.cfg)), job.plugin.source_hash(), None
+def earlier_runs(runs_root: Path) -> dict[str, list[Path]]:
+    """Every run folder under runs_root, finished or not, by its config: read once per study or sweep."""
+    found: dict[str, list[Path]] = {}
     for config_path in sorted(runs_root.rglob("config.json")) if runs_root.is_dir() else []:
-        folder = config_path.parent
-        if comparable(json.loads(config_path.read_text())) != want:
-            continue
+        found.setdefault(comparable(json.loads(config_path.read_text())), []).append(config_path.parent)
+    return found
+
+
+def previous_run(job: Job, earlier: dict[str, list[Path]]) -> tuple[Path | None, str]:
+    """(folder, "reused") for a completed run of this config and plugin source among the earlier
+    runs, (folder, "resumed") for an interrupted one, else (None, "trained")."""
+    source, interrupted = job.plugin.source_hash(), None
+    for folder in earlier.get(comparable(dataclasses.asdict(job.cfg)), []):
         if (folder / "final_info.json").exists():
             info = json.loads((folder / "final_info.json").read_text())
             if info.get("status") == "completed" and info["provenance"]["plugin_source_sha256"] == source:
@@ -1572,10 +1607,10 @@ def previous_run(job: Job, runs_root: Path) -> tuple[Path | None, str]:
 def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None) -> list[dict]:
     """Each job's run, reused, resumed or trained, with a line as each finishes; a run that fails
     for its own reasons (a non-finite loss) is reported and the rest go on."""
-    rows = []
+    rows, earlier = [], earlier_runs(runs_root)
     for i, job in enumerate(jobs, 1):
         started = time.perf_counter()
-        folder, how = previous_run(job, runs_root)
+        folder, how = previous_run(job, earlier)
         folder = folder or job.run_dir
         try:
             info = (json.loads((folder / "final_info.json").read_text()) if how == "reused"
@@ -1584,10 +1619,9 @@ def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None) -> lis
             info, how = {"status": "failed", "error": str(exc)}, "failed"
         rows.append(dict(plugin=job.plugin.name, label=job.label, how=how, folder=str(folder), info=info,
                          wall_s=time.perf_counter() - started))
-        sparsity = info.get("metrics", {}).get("sparsity", {})
-        ce = info.get("metrics", {}).get("model_performance_preservation", {}).get("ce_loss_score")
-        console.print(f"[{i}/{len(jobs)}] {job.label}: {how}" + (f", L0 {sparsity['l0']:.1f}, CE-loss score {ce:.3f}"
-                      if sparsity and ce is not None else f": {info.get('error', '')}") +
+        l0, ce = headline(info, "L0"), headline(info, "CE-loss score")
+        console.print(f"[{i}/{len(jobs)}] {job.label}: {how}" + (f", L0 {l0:.1f}, CE-loss score {ce:.3f}"
+                      if l0 is not None and ce is not None else f": {info.get('error', '')}") +
                       f" ({rows[-1]['wall_s']:.0f} s)")
         if on_done is not None:
             on_done(rows)
@@ -1596,14 +1630,11 @@ def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None) -> lis
 
 def summary_table(title: str, rows: list[dict]) -> Table:
     table = Table(title=title)
-    for column in ("run", "how", "L0", "CE-loss score", "KL score", "explained variance (legacy)", "folder"):
+    shown = ("L0", "CE-loss score", "KL score", "explained variance (legacy, per batch)")
+    for column in ("run", "how", *shown, "folder"):
         table.add_column(column)
     for row in rows:
-        metrics = row["info"].get("metrics", {})
-        values = [metrics.get("sparsity", {}).get("l0"),
-                  metrics.get("model_performance_preservation", {}).get("ce_loss_score"),
-                  metrics.get("model_behavior_preservation", {}).get("kl_div_score"),
-                  metrics.get("reconstruction_quality", {}).get("explained_variance_legacy")]
+        values = [headline(row["info"], label) for label in shown]
         table.add_row(row["label"], row["how"], *("-" if v is None else f"{v:.4g}" for v in values),
                       os.path.relpath(row["folder"], ROOT) if Path(row["folder"]).is_relative_to(ROOT) else row["folder"])
     return table
@@ -1659,12 +1690,10 @@ def write_manifest(sweep_dir: Path, asked: dict, rows: list[dict]) -> None:
 
 def study_notes(study: str, rows: list[dict], figures: list[Path]) -> str:
     """The study's summary for notes.md: its runs and the figures written."""
-    lines = [f"## Study summary: {study}", "", "| run | L0 | CE-loss score | explained variance (legacy) | run folder |",
-             "|---|---|---|---|---|"]
+    shown = ("L0", "CE-loss score", "explained variance (legacy, per batch)")
+    lines = [f"## Study summary: {study}", "", f"| run | {' | '.join(shown)} | run folder |", "|---|---|---|---|---|"]
     for row in rows:
-        m = row["info"].get("metrics", {})
-        cells = [m.get("sparsity", {}).get("l0"), m.get("model_performance_preservation", {}).get("ce_loss_score"),
-                 m.get("reconstruction_quality", {}).get("explained_variance_legacy")]
+        cells = [headline(row["info"], label) for label in shown]
         lines.append(f"| {row['label']} | " + " | ".join("-" if v is None else f"{v:.4g}" for v in cells)
                      + f" | {row['folder']} |")
     where = f" (in {figures[0].parent})" if figures else ""
@@ -1718,7 +1747,7 @@ def run(
                                dict_size=dict_size, tokens=tokens, batch_size=batch_size, lr=lr,
                                sparsity_penalty=sparsity_penalty, seed=seed, device=device,
                                dataset=dataset, checkpoint_every=checkpoint_every, deterministic=deterministic,
-                               compile=compile_loss, evals=tuple(e.strip() for e in evals.split(",") if e.strip()))
+                               compile=compile_loss, evals=split(evals))
             cfg.hyperparams = dataclasses.asdict(parse_hyperparams(found, set_))
             run_dir = out or ROOT / "runs" / found.study / found.name / time.strftime("%Y%m%d-%H%M%S")
             info = execute(cfg, found, run_dir, notes)
@@ -1755,6 +1784,7 @@ def study(
             append_notes(notes, jobs[-1].plugin, study_notes(name, rows, written))
         Console(width=220).print(plot.compare_table(runs, name))
     Console(width=200).print(summary_table(f"study {name}", rows))
+    exit_if_any_failed(rows)
 
 
 @app.command()
@@ -1786,6 +1816,14 @@ def sweep(
         write_manifest(sweep_dir, asked, [])
         rows = run_jobs(jobs, notes, runs, on_done=lambda done: write_manifest(sweep_dir, asked, done))
     Console(width=200).print(summary_table(f"sweep {found.name} ({sweep_dir})", rows))
+    exit_if_any_failed(rows)
+
+
+def exit_if_any_failed(rows: list[dict]) -> None:
+    failed = [row["label"] for row in rows if row["how"] == "failed"]
+    if failed:
+        console.print(f"[red]error:[/red] {len(failed)} of {len(rows)} runs failed ({', '.join(failed)}); see above")
+        raise typer.Exit(1)
 
 
 def split(text: str) -> tuple[str, ...]:

@@ -77,3 +77,11 @@ def tiny_model_activations(n_contexts: int) -> torch.Tensor:
     with torch.no_grad():
         _, cache = model.run_with_cache(contexts, names_filter=[hook])
     return cache[hook][:, 1:].float()
+
+
+def assert_same_state(module, twin) -> None:
+    """The same state-dict keys, and every tensor equal to the last bit."""
+    twin_state = twin.state_dict()
+    assert module.state_dict().keys() == twin_state.keys()
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, twin_state[name]), name

@@ -28,7 +28,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model_activations
+from conftest import assert_same_state, tiny_model_activations
 from safetensors.torch import load_file
 
 import experiment
@@ -253,10 +253,7 @@ def bench_hook_gives_the_twin(key):
     fields = ("k", "topk_threshold_lr", "aux_loss_coefficient", "rescale_acts_by_decoder_norm", "matryoshka_widths")
     for field in fields:
         assert getattr(hooked.cfg, field, None) == getattr(twin.cfg, field, None), field
-    twin_state = twin.state_dict()
-    assert hooked.state_dict().keys() == twin_state.keys()
-    for name, value in hooked.state_dict().items():
-        assert torch.equal(value, twin_state[name]), name
+    assert_same_state(hooked, twin)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model_activations
+from conftest import assert_same_state, tiny_model_activations
 
 import experiment
 
@@ -145,10 +145,7 @@ def test_the_bench_hook_gives_sae_lens_twin_and_coefficients():
     twin = sae_lens_twin(sae)
     assert type(hooked) is type(twin) and coefficients == {"l1": sae.run_cfg.sparsity_penalty}
     assert hooked.cfg.l1_coefficient == twin.cfg.l1_coefficient
-    twin_state = twin.state_dict()
-    assert hooked.state_dict().keys() == twin_state.keys()
-    for name, value in hooked.state_dict().items():
-        assert torch.equal(value, twin_state[name]), name
+    assert_same_state(hooked, twin)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model_activations
+from conftest import assert_same_state, tiny_model_activations
 
 import experiment
 
@@ -214,10 +214,7 @@ def test_the_bench_hook_gives_sae_lens_s_twin_and_coefficients():
     for field in ("jumprelu_bandwidth", "jumprelu_init_threshold", "l0_coefficient", "l0_warm_up_steps",
                   "jumprelu_sparsity_loss_mode", "pre_act_loss_coefficient", "jumprelu_ste_to_input"):
         assert getattr(hooked.cfg, field) == getattr(twin.cfg, field), field
-    twin_state = twin.state_dict()
-    assert hooked.state_dict().keys() == twin_state.keys()
-    for name, value in hooked.state_dict().items():
-        assert torch.equal(value, twin_state[name]), name
+    assert_same_state(hooked, twin)
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,15 @@
 """bench.py measures what it reports, in one process; `experiment.py bench` runs it."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
-from conftest import cli
 from typer.testing import CliRunner
 
 import bench
+
+ROOT = Path(bench.__file__).parent
 
 
 def bench_cli(*args: str):
@@ -37,7 +41,10 @@ def test_bench_at_two_percent_latent_density_times_the_sparse_step(tmp_path):
 
 
 def test_experiment_bench_runs_bench_py_with_its_arguments():
-    assert cli("bench", "--preset", "no-such-preset").exit_code == 2  # bench.py's one-line refusal
+    """`python experiment.py bench ARGS` is `python bench.py ARGS`: bench.py's own refusal comes back."""
+    done = subprocess.run([sys.executable, str(ROOT / "experiment.py"), "bench", "--preset", "no-such-preset"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "unknown preset 'no-such-preset'" in done.stderr + done.stdout
 
 
 def test_bench_refuses_a_plugin_no_sae_lens_architecture_is_before_any_work(monkeypatch):

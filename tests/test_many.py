@@ -96,4 +96,26 @@ def test_a_run_gets_a_verdict_against_each_baseline_swept_on_the_same_activation
     assert verdict["knob"] == "sparsity_penalty" and verdict["points"] == 2
     assert set(verdict["metrics"]) == {"ce_loss_score", "kl_div_score", "explained_variance"}
     assert all(entry["word"] for entry in verdict["metrics"].values())
-    assert "Against run_0_baseline (sparsity_penalty swept, 2 runs) at this L0: ce_loss_score " in notes.read_text()
+    line = next(line for line in notes.read_text().splitlines() if line.startswith("Against run_0_baseline"))
+    assert line.startswith("Against run_0_baseline (sparsity_penalty, 2 runs)")
+    words = {entry["word"] for entry in verdict["metrics"].values()}
+    if words == {"outside the baseline sweep: widen it"}:  # then one sentence naming the penalty to add
+        assert ": outside the baseline sweep: widen it: add sparsity_penalty=" in line
+    else:
+        assert " at this L0: ce_loss_score " in line
+
+
+def test_a_run_that_fails_for_its_own_reasons_is_reported_the_rest_go_on_and_the_command_fails(tmp_path, monkeypatch):
+    real_execute = experiment.execute
+
+    def nan_for_one(cfg, plugin, run_dir, *args, **kwargs):
+        if cfg.sparsity_penalty == 0.01:
+            raise experiment.HarnessError("training stopped: l2_loss became nan at step 3")
+        return real_execute(cfg, plugin, run_dir, *args, **kwargs)
+    monkeypatch.setattr(experiment, "execute", nan_for_one)
+    result = cli("sweep", "--plugin", "run_0_baseline", *TINY, "--grid", "sparsity_penalty=0.01,0.16",
+                 "--runs", str(tmp_path / "runs"), "--notes", str(tmp_path / "notes.md"))
+    assert result.exit_code == 1 and "1 of 2 runs failed (sparsity_penalty=0.01,seed=42)" in result.output
+    (manifest,) = (tmp_path / "runs").glob("sweeps/*/manifest.json")
+    assert [(r["run"], r["how"]) for r in json.loads(manifest.read_text())["finished"]] == [
+        ("sparsity_penalty=0.01,seed=42", "failed"), ("sparsity_penalty=0.16,seed=42", "trained")]

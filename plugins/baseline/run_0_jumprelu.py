@@ -100,6 +100,8 @@ class Step(torch.autograd.Function):
 
 
 class SAE(parent.SAE):
+    sparsity_knob = "l0_coefficient"  # what a sweep of this baseline varies
+
     def __init__(self, d_in, d_sae, hp, cfg, device=torch.device("cpu"), dtype=torch.float32):
         super().__init__(d_in, d_sae, hp, cfg, device, dtype)
         self.threshold = torch.nn.Parameter(torch.full((d_sae,), hp.init_threshold, dtype=torch.float32, device=device))

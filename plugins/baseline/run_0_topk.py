@@ -56,6 +56,8 @@ class Hyperparams(parent.Hyperparams):
 
 
 class SAE(parent.SAE):
+    sparsity_knob = "k"  # what a sweep of this baseline varies
+
     def __init__(self, d_in, d_sae, hp, cfg, device=torch.device("cpu"), dtype=torch.float32):
         super().__init__(d_in, d_sae, hp, cfg, device, dtype)
         # Training steps since each latent last fired (SAELens's n_forward_passes_since_fired);
