@@ -3,9 +3,10 @@
     python bench.py --preset embedded --l0-fraction 0.02     # a table, and bench.json
 
 Four measurements: LLM activation harvest against the same model's plain forward to the hooked
-layer; cached-activation reads through training's own prefetching reader; our SAE training step
-against sae_lens's `StandardTrainingSAE` on the same batch, weights, dtype and optimizer; and the
-step's dense-equivalent FLOP/s against a plain matmul of the same shape. Each pair is timed in
+layer; cached-activation reads through training's own prefetching reader; the plugin's SAE training
+step (dense or sparse, as training's measured switch point picks it) against SAELens's training SAE
+of the same architecture on the same batch, weights, dtype and optimizer; and the step's
+dense-equivalent FLOP/s against a plain matmul of the same shape. Each pair is timed in
 turn over rounds (best of each), so load from elsewhere on a shared machine hits both alike.
 """
 
@@ -172,10 +173,20 @@ def sae_steps(cfg: RunConfig, plugin: experiment.Plugin, x: torch.Tensor, d_in: 
                          x.device, repeats=steps, rounds=3)
     (ours_s, ours_mb), (ref_s, ref_mb) = timings["ours"], timings["sae_lens"]
     results["sae_step"] = dict(tokens_per_s=cfg.batch_size / ours_s, peak_mb=ours_mb, latent_density=density,
-                               path="sparse" if trainer.sparse else "dense", compiled=cfg.compile)
+                               path="sparse" if trainer.sparse else "dense", compiled=cfg.compile,
+                               sparse_below=switch_point(sae, x))
     results["sae_lens_step"] = dict(tokens_per_s=cfg.batch_size / ref_s, peak_mb=ref_mb)
     results["ours_vs_sae_lens"] = ref_s / ours_s
     return ours_s
+
+
+def switch_point(sae: experiment.SAE, x: torch.Tensor) -> float | None:
+    """The latent density below which training takes the sparse step, as it measured it (once per
+    machine and shape, cached); None where this step has no sparse path."""
+    kernels = experiment.kernels
+    if x.device.type not in kernels.SPARSE_DEVICES or not sae.takes_sparse_step():
+        return None
+    return kernels.sparse_below(len(x), sae.cfg.d_in, sae.cfg.d_sae, experiment.CACHE_DIR)
 
 
 def roofline(cfg: RunConfig, d_in: int, ours_s: float, device: torch.device, steps: int, results: dict) -> None:
@@ -212,7 +223,8 @@ def print_table(cfg: RunConfig, results: dict[str, Any]) -> None:
     table.add_column("tokens/s", justify="right")
     table.add_column("peak MB", justify="right")
     step = results["sae_step"]
-    labels = dict(sae_step=f"sae_step ({step['path']}{', compiled' if step['compiled'] else ''})")
+    switch = f", sparse below {step['sparse_below']:.0%}" if step["sparse_below"] is not None else ""
+    labels = dict(sae_step=f"sae_step ({step['path']}{switch}{', compiled' if step['compiled'] else ''})")
     for key in ("plain_forward", "harvest", "cache_read", "sae_step", "sae_lens_step"):
         table.add_row(labels.get(key, key), f"{results[key]['tokens_per_s']:,.0f}", f"{results[key]['peak_mb']:,.0f}")
     Console().print(table)

@@ -48,6 +48,8 @@ from unittest import mock
 
 from common import HarnessError  # first: it hides a torchvision that would break importing sae_bench
 
+import frontier
+
 import numpy as np
 import torch
 
@@ -184,9 +186,11 @@ def _unreadable_on_hub(repo: str) -> str | None:
 
 def evaluate_core(sae, model, eval_tokens: torch.Tensor, cfg: RunConfig, device: torch.device) -> tuple[dict, dict]:
     """sae_bench core metrics (every compute flag on) via its inner `run_evals` (its
-    `multiple_evals` would swallow exceptions): (metrics, per-latent metrics as lists)."""
+    `multiple_evals` would swallow exceptions): (metrics, per-latent metrics as lists). Added,
+    labelled as the harness's: the whole-set explained variance, the fraction of latents that never
+    fire on the evaluation text, and each headline score's bootstrap standard error (`bootstrap_se`)."""
     import datasets
-    from sae_bench.evals.core.main import CoreEvalConfig, run_evals as run_core
+    from sae_bench.evals.core import main as core
     from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
     from sae_lens import ActivationsStore
 
@@ -196,7 +200,7 @@ def evaluate_core(sae, model, eval_tokens: torch.Tensor, cfg: RunConfig, device:
         model, sae, dataset=datasets.Dataset.from_dict({"input_ids": eval_tokens.tolist()}),
         context_size=cfg.context_size, streaming=False, store_batch_size_prompts=cfg.eval_batch_prompts,
         device=str(device))
-    eval_cfg = CoreEvalConfig(
+    eval_cfg = core.CoreEvalConfig(
         model_name=cfg.model, batch_size_prompts=cfg.eval_batch_prompts,
         n_eval_reconstruction_batches=cfg.eval_reconstruction_batches,
         n_eval_sparsity_variance_batches=cfg.eval_sparsity_batches, context_size=cfg.context_size,
@@ -205,9 +209,78 @@ def evaluate_core(sae, model, eval_tokens: torch.Tensor, cfg: RunConfig, device:
         compute_featurewise_weight_based_metrics=True, exclude_special_tokens_from_reconstruction=True)
     tokenizer = model.tokenizer  # without one (the tiny model), BOS is every context's first token
     special = ({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id} if tokenizer is not None
-               else {int(eval_tokens[0, 0])})
-    metrics, feature_metrics = run_core(sae, store, model, eval_cfg, ignore_tokens=special)
+               else {int(eval_tokens[0, 0])}) - {None}
+    losses: dict[str, list[torch.Tensor]] = {}
+    with mock.patch.object(core, "get_recons_loss", _per_context(core.get_recons_loss, special, losses)):
+        metrics, feature_metrics = core.run_evals(sae, store, model, eval_cfg, ignore_tokens=special)
+    variance = _variance_sums(sae, model, eval_tokens, cfg, special, device)
+    metrics["reconstruction_quality"]["explained_variance_whole_set"] = whole_set_explained_variance(variance)
+    metrics["sparsity"]["dead_fraction_eval"] = float(np.mean(np.asarray(feature_metrics["feature_density"]) == 0))
+    metrics["bootstrap_se"] = bootstrap_standard_errors(variance, losses)
     return metrics, {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in feature_metrics.items()}
+
+
+def _per_context(get_recons_loss: Callable, special: set[int], losses: dict[str, list[torch.Tensor]]) -> Callable:
+    """sae_bench's `get_recons_loss`, also keeping each context's (sum, count) of every per-token
+    value over the tokens sae_bench's mean keeps (special ones excluded): the bootstrap's rows."""
+    def recording(sae, model, batch_tokens, *args, **kwargs):
+        result = get_recons_loss(sae, model, batch_tokens, *args, **kwargs)
+        keep = ~torch.isin(batch_tokens, torch.tensor(sorted(special), device=batch_tokens.device))
+        for name, value in result.items():
+            mask = keep[:, : value.shape[1]]  # the CE losses have one position fewer
+            losses.setdefault(name, []).append(
+                torch.stack([(value * mask).sum(1), mask.sum(1)], 1).double().cpu())
+        return result
+    return recording
+
+
+@torch.no_grad()
+def _variance_sums(sae, model, eval_tokens: torch.Tensor, cfg: RunConfig, special: set[int],
+                   device: torch.device) -> np.ndarray:
+    """Per evaluation context, over its non-special tokens: [Σ‖x − x̂‖², Σ‖x‖², n, Σx (d_in)],
+    in float64 (Gemma's outlier tokens reach norms in the thousands)."""
+    rows = []
+    for tokens in eval_tokens.split(cfg.eval_batch_prompts):
+        tokens = tokens.to(device)
+        _, cache = model.run_with_cache(tokens, names_filter=cfg.hook_name, stop_at_layer=cfg.layer + 1)
+        x = cache[cfg.hook_name]
+        keep = ~torch.isin(tokens, torch.tensor(sorted(special), device=device)).unsqueeze(-1)
+        error = (x.double() - sae(x).double()) * keep
+        x = x.double() * keep
+        rows.append(torch.cat([error.pow(2).sum((1, 2))[:, None], x.pow(2).sum((1, 2))[:, None],
+                               keep.sum((1, 2))[:, None].double(), x.sum(1)], 1).cpu())
+    return torch.cat(rows).numpy()
+
+
+def whole_set_explained_variance(variance: np.ndarray) -> float:
+    """1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² over every evaluation token, x̄ their mean (the field's
+    definition: dictionary_learning's, sparsify's, SAELens's); rows as `_variance_sums` gives."""
+    total = variance.sum(0)
+    sse, squares, n, x_sum = total[0], total[1], total[2], total[3:]
+    return float(1 - sse / (squares - x_sum @ x_sum / n))
+
+
+def _score(losses: np.ndarray, name: str) -> float:
+    """sae_bench's CE-loss or KL score from rows of [(sum, count) per loss]: the token means."""
+    mean = {k: v[:, 0].sum() / v[:, 1].sum() for k, v in zip(SCORE_PARTS[name], losses.transpose(1, 0, 2))}
+    if name == "ce_loss_score":
+        return (mean["ce_loss_with_ablation"] - mean["ce_loss_with_sae"]) / (
+            mean["ce_loss_with_ablation"] - mean["ce_loss_without_sae"])
+    return (mean["kl_div_with_ablation"] - mean["kl_div_with_sae"]) / mean["kl_div_with_ablation"]
+
+
+SCORE_PARTS = {"ce_loss_score": ("ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation"),
+               "kl_div_score": ("kl_div_with_sae", "kl_div_with_ablation")}
+
+
+def bootstrap_standard_errors(variance: np.ndarray, losses: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
+    """Each headline score's standard error over evaluation contexts resampled with replacement
+    (frontier.bootstrap_se: seeded, so a run always gets the same one; None below 2 contexts)."""
+    found = {"explained_variance_whole_set": frontier.bootstrap_se(variance, whole_set_explained_variance)}
+    for name, parts in SCORE_PARTS.items():
+        rows = np.stack([torch.cat(losses[part]).numpy() for part in parts], 1)  # (contexts, parts, 2)
+        found[name] = frontier.bootstrap_se(rows, lambda r, name=name: _score(r, name))
+    return {**found, "contexts": len(variance)}
 
 
 class _LoadedModel:

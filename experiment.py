@@ -45,6 +45,7 @@ import time
 import traceback
 import types
 import typing
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -80,7 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "embedded": dict(
         model="gemma-3-270m", layer=6, dict_size=2048, tokens=250_000, context_size=128,
         batch_size=1024, lr=1e-3, sparsity_penalty=0.2, warmup_steps=25, dataset="embedded",
-        llm_batch_size=8, eval_batch_prompts=4, eval_reconstruction_batches=2,
+        llm_batch_size=8, eval_batch_prompts=4, eval_reconstruction_batches=8,
         eval_sparsity_batches=8, cache_dtype="float32",
     ),
     # A randomly initialised 2-layer TransformerLens model on synthetic tokens: seconds.
@@ -315,7 +316,8 @@ class SAE(BaseSAE):
         export = StandardSAE(StandardSAEConfig(d_in=self.cfg.d_in, d_sae=self.cfg.d_sae, dtype="float32",
                                                device="cpu", metadata=self.sae_lens_metadata()))
         export.load_state_dict(self.scaled_weights(scale), strict=False)
-        return export, self.keeps("encoder_input", "pre_activation", "activation", "decoder_weight", "decode")
+        return export, self.keeps("encoder_input", "pre_activation", "activation", "decoder_weight", "decode",
+                                  "reconstruct")
 
     def sae_lens_training(self) -> tuple[Any, dict[str, float]] | None:
         """SAELens's training SAE of this architecture holding these weights, and the coefficients
@@ -346,16 +348,27 @@ class SAE(BaseSAE):
 
     def training_pass(self, x: torch.Tensor, step: int) -> Forward:
         """The formula's numbers for the loss, computed by kernels.py wherever the plugin kept the
-        formula's pieces: the one place the fast path is chosen."""
-        if self.sparse_backward and self.training and self.keeps(*FORMULA):
-            f, x_hat = kernels.SparseReLU.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec)
-            return Forward(x, None, f, x_hat, step)
+        formula's pieces: the one place the fast path is chosen. On the sparse step the encoder's
+        backward and the decoder read the active latents only; hooks still get pre and f, with
+        their exact gradients."""
+        if self.sparse_backward and self.training and self.takes_sparse_step():
+            pre = kernels.SparseBackwardPre.apply(x, self.W_enc, self.b_enc, self.b_dec)
+            f = self.activation(pre, x)
+            return Forward(x, pre, f, kernels.decode(f, self.W_dec, sparse=True) + self.b_dec, step)
         if self.keeps("encoder_input", "pre_activation"):
             pre = kernels.pre_activation(x, self.W_enc, self.b_enc, self.b_dec)
         else:
             pre = self.pre_activation(x)
         f = self.activation(pre, x)
         return Forward(x, pre, f, self.reconstruct(x, f), step)
+
+    def takes_sparse_step(self) -> bool:
+        """Whether kernels.py's sparse step computes this SAE's training pass exactly and fast: its
+        encoder and decoder are the formula's, its activation keeps some positive pre-activations
+        as they are and zeroes the rest (ReLU, TopK), and its hooks' gradients reach pre at the
+        active latents and few others. The plain formula here; an architecture that is such an
+        SAE says so for its own pieces."""
+        return self.keeps(*FORMULA)
 
     def keeps(self, *names: str, since: type | None = None) -> bool:
         """Whether this SAE uses the methods of these names of `since` (default: this base class):
@@ -441,10 +454,10 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
 
     def step(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, LossOutput]:
-        self.sae.sparse_backward = self.sparse and x.device.type in kernels.SPARSE_BELOW
+        self.sae.sparse_backward = self.sparse and x.device.type in kernels.SPARSE_DEVICES
         out = self.loss_fn(x, step)
-        if self.sae.keeps(*FORMULA):  # only the plain formula has a sparse step
-            self.sparse = kernels.use_sparse_step(out.latents, step, self.sparse)
+        if self.sae.takes_sparse_step():  # the switch point is measured once per machine and shape
+            self.sparse = kernels.use_sparse_step(out.latents, self.sae.cfg.d_in, step, self.sparse, CACHE_DIR)
         self.optimizer.zero_grad(set_to_none=True)
         self.backward(out, step)
         self.apply_update(step)
@@ -467,7 +480,10 @@ class Trainer:
         """After the update and sae.on_step_end: resampling, revival."""
 
 
-DEAD_WINDOW_TOKENS = 1_000_000  # a latent is dead if it has not fired in this many tokens (or ever)
+# A latent is dead if it has not fired in the last tenth of the run's tokens (the notebooks'
+# 1M-token window on their 10M-token runs), at most 1M tokens; evaluation reports the latents
+# that never fire on the held-out text beside it.
+DEAD_WINDOW_SHARE, DEAD_WINDOW_TOKENS = 0.1, 1_000_000
 
 
 CHECKPOINT = "checkpoint.pt"
@@ -495,6 +511,8 @@ class StepLog:
     the step it has just queued), stops on a non-finite one, and writes the logged steps to
     train_log.jsonl. Only the leader (rank 0) writes."""
 
+    sinks: list = []  # callables also given each written row: `run --wandb` adds its wandb run's
+
     def __init__(self, path: Path, cfg: RunConfig, progress, start: int, final: dict, leader: bool):
         self.cfg, self.progress, self.start, self.final, self.leader = cfg, progress, start, final, leader
         if start and leader:  # resumed: the log keeps only the steps the checkpoint holds
@@ -502,7 +520,8 @@ class StepLog:
             atomic_write(path, "".join(line + "\n" for line in kept))
         self.file = open(path, "a") if leader else None
         self.unread: collections.deque = collections.deque()
-        self.dead_window = max(1, DEAD_WINDOW_TOKENS // cfg.batch_size)  # steps
+        window = min(DEAD_WINDOW_TOKENS, int(cfg.tokens * DEAD_WINDOW_SHARE))
+        self.dead_window = max(1, window // cfg.batch_size)  # steps
         self.task = progress.add_task("train SAE", total=cfg.steps, completed=start, status="")
         self.started = time.perf_counter()
 
@@ -530,9 +549,11 @@ class StepLog:
                 self.write(record["step"], record["lr"], {k: float(v) for k, v in record["logged"].items()})
 
     def write(self, step: int, lr: float, logged: dict[str, float]) -> None:
-        tokens = (step + 1) * self.cfg.batch_size
-        self.file.write(json.dumps(dict(step=step, tokens=tokens, lr=lr, **self.final, **logged)) + "\n")
+        row = dict(step=step, tokens=(step + 1) * self.cfg.batch_size, lr=lr, **self.final, **logged)
+        self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        for sink in self.sinks:
+            sink(row)
         tok_s = (step + 1 - self.start) * self.cfg.batch_size / (time.perf_counter() - self.started)
         self.progress.update(self.task, status=f"{tok_s:,.0f} tok/s  loss {self.final['total_loss']:.4g}  "
                              f"L0 {logged['l0']:.1f}  dead {logged['dead_fraction']:.1%}")
@@ -1174,18 +1195,36 @@ class ScaledSAE(BaseSAE):
         super().__init__(sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.model_name, sae.cfg.hook_layer,
                          sae.device, sae.dtype)
         self.inner, self.scale = sae, scale
-        # sae_bench reads these for its weight-based metrics; they are the inner SAE's tensors.
-        self.W_enc, self.W_dec, self.b_enc = sae.W_enc, sae.W_dec, sae.b_enc
-        self.b_dec = torch.nn.Parameter(sae.b_dec.detach() / scale, requires_grad=False)
+        # sae_bench reads these for its weight-based metrics (encoder_norm...): the model-scale
+        # weights, as exported to SAELens; encoding and decoding go through the inner SAE.
+        weights = sae.scaled_weights(scale)
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            setattr(self, name, torch.nn.Parameter(weights[name].to(sae.device, sae.dtype), requires_grad=False))
+
+    _inputs: tuple = ()  # (weak reference to latents encode returned, their input), for skip paths
 
     def encode(self, x):
-        return self.inner.encode(self._tokens(x) * self.scale).reshape(*x.shape[:-1], -1)
+        """The latents; where the plugin's reconstruction also reads the input (a skip path), each
+        latents tensor is remembered, weakly, with its input: sae_bench decodes the very tensor
+        encode returned (edited in place for ablations), and its reconstruction must be the one
+        the SAE trained with."""
+        tokens = self._tokens(x) * self.scale
+        latents = self.inner.encode(tokens).reshape(*x.shape[:-1], -1)
+        if not self.inner.keeps("reconstruct"):
+            live = tuple(entry for entry in self._inputs if entry[0]() is not None)
+            self._inputs = (*live, (weakref.ref(latents), tokens))
+        return latents
 
     def decode(self, f):
-        return (self.inner.decode(self._tokens(f)) / self.scale).reshape(*f.shape[:-1], -1)
+        """inner.reconstruct(input, f) for latents encode returned (skip paths included), else
+        inner.decode(f)."""
+        inputs, latents = next((t for ref, t in self._inputs if ref() is f), None), self._tokens(f)
+        x_hat = self.inner.decode(latents) if inputs is None else self.inner.reconstruct(inputs, latents)
+        return (x_hat / self.scale).reshape(*f.shape[:-1], -1)
 
     def forward(self, x):
-        return (self.inner(self._tokens(x) * self.scale) / self.scale).reshape(x.shape)
+        tokens = self._tokens(x) * self.scale
+        return (self.inner.reconstruct(tokens, self.inner.encode(tokens)) / self.scale).reshape(x.shape)
 
     def _tokens(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1]).to(self.inner.dtype)
@@ -1212,21 +1251,18 @@ def save_sae(sae: SAE, scale: float, run_dir: Path) -> dict[str, Any]:
 
 
 def evaluate(info: dict, sae: BaseSAE, model, eval_tokens: torch.Tensor, cfg: RunConfig, device: torch.device,
-             run_dir: Path, eval_loaders=None, names: tuple[str, ...] | None = None) -> dict:
-    """Run the requested evals (the run's own by default) into info; returns what each scored."""
-    names, scores = names or cfg.evals, {}
+             run_dir: Path, eval_loaders=None, names: tuple[str, ...] | None = None) -> None:
+    """Run the requested evals (the run's own by default) into info."""
+    names = names or cfg.evals
     if "core" in names:
         console.print("Evaluating with sae_bench core metrics...")
         info["metrics"], feature_metrics = evals.evaluate_core(sae, model, eval_tokens, cfg, device)
-        scores["core"] = info["metrics"]
         atomic_write(run_dir / "feature_metrics.json", json.dumps(feature_metrics))
     if set(names) - {"core"}:
         console.print(f"Evaluating with sae_bench: {', '.join(e for e in names if e != 'core')}...")
         results = evals.run_evals(names, sae, model, cfg, eval_tokens, device, cache_dir=ACTIVATIONS_DIR,
                                    loaders=eval_loaders)
         info.setdefault("evals", {}).update(results)
-        scores.update({k: v.get("not_scored") or v["eval_result_metrics"] for k, v in results.items()})
-    return scores
 
 
 def finish(info: dict, run_dir: Path, plugin: Plugin, notes: Path, cfg: RunConfig, device: torch.device,
@@ -1303,7 +1339,7 @@ def suspicious(info: dict, run_dir: Path, plugin: Plugin, index: plot.Index | No
     if log[0]["total_loss"] == log[-1]["total_loss"]:
         found.append("the training loss never moved")
     quality = info.get("metrics", {}).get("reconstruction_quality", {})
-    for key in ("explained_variance", "explained_variance_legacy"):
+    for key in ("explained_variance_whole_set", "explained_variance", "explained_variance_legacy"):
         if quality.get(key, 0.0) < 0:
             found.append(f"{key} is negative ({quality[key]:.3g}): worse than predicting the mean")
     index = plot.run_index(runs_root(run_dir, plugin)) if index is None else index
@@ -1383,22 +1419,40 @@ def notes_entry(plugin: Plugin, run_dir: Path, info: dict, parent: dict | None) 
     shown = os.path.relpath(run_dir, ROOT) if run_dir.is_relative_to(ROOT) else str(run_dir)
     warnings = "".join(f"Warning: {w}\n" for w in info.get("warnings", []))
     return (f"## Run {plugin.run_number}: {plugin.title}\n"
-            f"Study: {plugin.study} · Plugin: {plugin.name} · Run folder: {shown}\n"
+            f"Study: {plugin.study} · Plugin: {plugin.name} · Setting: {setting(plugin, info)} · Run folder: {shown}\n"
             f"Results:\n{result_lines(info, parent, plugin.parent, run_dir)}"
             f"{verdict_lines(info.get('verdict', {}))}{warnings}"
             f"Description: {plugin.description}\n\n")
 
 
+def setting(plugin: Plugin, info: dict) -> str:
+    """What the run set away from its preset and the plugin's defaults ('k=16, seed 43'), or
+    'the preset's'; a sweep's runs differ only here."""
+    config = info.get("provenance", {}).get("config", {})
+    preset = PRESETS.get(config.get("preset"), {})
+    changed = [f"{k}={config[k]}" for k in SWEEPABLE if k in config and config[k] != preset.get(k)]
+    defaults = dataclasses.asdict(plugin.hyperparams_class())
+    changed += [f"{k}={v}" for k, v in config.get("hyperparams", {}).items() if defaults.get(k, v) != v]
+    changed += [f"seed {config['seed']}"] if config.get("seed", 42) != 42 else []
+    return ", ".join(changed) or "the preset's"
+
+
 HEADLINE = (  # what a notebook entry lists, and where final_info.json holds it
     ("CE-loss score", ("metrics", "model_performance_preservation", "ce_loss_score")),
     ("KL score", ("metrics", "model_behavior_preservation", "kl_div_score")),
-    ("explained variance (legacy, per batch)", ("metrics", "reconstruction_quality", "explained_variance_legacy")),
+    ("explained variance (whole set)", ("metrics", "reconstruction_quality", "explained_variance_whole_set")),
     ("MSE", ("metrics", "reconstruction_quality", "mse")),
     ("L0", ("metrics", "sparsity", "l0")),
     ("L1", ("metrics", "sparsity", "l1")),
     ("L2 ratio", ("metrics", "shrinkage", "l2_ratio")),
+    ("dead latents (never fire on the evaluation text)", ("metrics", "sparsity", "dead_fraction_eval")),
     ("final training loss", ("final_loss",)),
 )
+
+
+# The headline scores evaluation also gives a bootstrap standard error for (metrics.bootstrap_se).
+HEADLINE_SE = {"CE-loss score": "ce_loss_score", "KL score": "kl_div_score",
+               "explained variance (whole set)": "explained_variance_whole_set"}
 
 
 def headline(info: dict | None, label: str) -> float | None:
@@ -1415,10 +1469,13 @@ def result_lines(info: dict, parent: dict | None, parent_name: str | None, run_d
     for label, _ in HEADLINE:
         value, before = headline(info, label), headline(parent, label)
         if value is not None:
+            se = info.get("metrics", {}).get("bootstrap_se", {}).get(HEADLINE_SE.get(label))
             delta = f" ({value - before:+.3g} vs {parent_name})" if before is not None else ""
-            lines.append(f"- {label}: {value:.4g}{delta}")
+            known = isinstance(se, float) and math.isfinite(se)  # a score of -inf has no spread
+            lines.append(f"- {label}: {value:.4g}{f' ± {se:.2g}' if known else ''}{delta}")
     log = (run_dir / "train_log.jsonl").read_text().splitlines()
-    lines.append(f"- dead latents at the end of training: {json.loads(log[-1])['dead_fraction']:.1%}")
+    lines.append(f"- dead latents at the end of training (not fired in the run's last tenth): "
+                 f"{json.loads(log[-1])['dead_fraction']:.1%}")
     for name, result in info.get("evals", {}).items():  # the first few numbers; details stay in final_info
         numbers = itertools.islice(numeric_leaves(result["eval_result_metrics"]), 4)
         lines.append(f"- {name}: " + (result.get("not_scored") or ", ".join(f"{k} {v:.4g}" for k, v in numbers)))
@@ -1513,13 +1570,13 @@ def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_
     device = resolve_device(device_name)
     model = load_model(cfg.model, device)
     sae, eval_tokens = saved_sae(run_dir, cfg, plugin, device), torch.load(run_dir / "eval_tokens.pt")
-    scores = evaluate(info, sae, model, eval_tokens, cfg, device, run_dir, eval_loaders, names)
+    evaluate(info, sae, model, eval_tokens, cfg, device, run_dir, eval_loaders, names)
     if unevaluated:  # now it is a completed run, with the notebook entry it never got
         finish(info, run_dir, plugin, notes, cfg, device, info["provenance"]["wall_time_s"] + time.perf_counter() - started)
         return info
     atomic_write(info_path, json.dumps(info, indent=2, default=str))
     append_notes(notes, plugin, f"Re-scored run {plugin.run_number} ({plugin.study}/{plugin.name}, {run_dir}) "
-                                f"with {', '.join(names)}: {scores}\n\n")
+                                f"with {', '.join(names)}; its results now:\n{result_lines(info, None, None, run_dir)}\n")
     return info
 
 
@@ -1540,8 +1597,9 @@ def print_summary(info: dict, run_dir: Path) -> None:
         console.print(f"note: sae_weights.safetensors holds only the linear part of this SAE (as sae_lens's "
                       f"{export['architecture']}); plugin_state.safetensors holds the SAE that was evaluated")
     if "explained_variance" in info.get("metrics", {}).get("reconstruction_quality", {}):
-        console.print("reconstruction_quality.explained_variance is sae_bench 0.6.0's, biased upwards on "
-                      "activations of large norm (see README); read explained_variance_legacy")
+        console.print("reconstruction_quality: explained_variance_whole_set is the field's (1 − ΣSSE/ΣSST over "
+                      "all tokens); sae_bench's explained_variance (biased on large norms) and _legacy (per "
+                      "batch) are beside it (see README)")
     for warning in info["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
 
@@ -1604,33 +1662,47 @@ def previous_run(job: Job, earlier: dict[str, list[Path]]) -> tuple[Path | None,
     return (interrupted, "resumed") if interrupted else (None, "trained")
 
 
-def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None) -> list[dict]:
+def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None, workers: int = 0,
+             address: str | None = None) -> list[dict]:
     """Each job's run, reused, resumed or trained, with a line as each finishes; a run that fails
-    for its own reasons (a non-finite loss) is reported and the rest go on."""
-    rows, earlier = [], earlier_runs(runs_root)
-    for i, job in enumerate(jobs, 1):
+    for its own reasons (a non-finite loss) is reported and the rest go on. The runs go one after
+    another in this process or, with `workers` (a local Ray cluster) or `address` (a running one),
+    each run not reused is a Ray task (cluster.py). Rows come back in the jobs' order."""
+    earlier = earlier_runs(runs_root)
+    plans = [(i, job, *previous_run(job, earlier)) for i, job in enumerate(jobs)]  # (i, job, folder, how)
+    plans = [(i, job, folder or job.run_dir, how) for i, job, folder, how in plans]
+
+    def run_here(i: int, job: Job, folder: Path, how: str) -> tuple[int, str, Path, dict, float]:
         started = time.perf_counter()
-        folder, how = previous_run(job, earlier)
-        folder = folder or job.run_dir
         try:
             info = (json.loads((folder / "final_info.json").read_text()) if how == "reused"
                     else execute(job.cfg, job.plugin, folder, notes, resume=how == "resumed"))
         except HarnessError as exc:
             info, how = {"status": "failed", "error": str(exc)}, "failed"
-        rows.append(dict(plugin=job.plugin.name, label=job.label, how=how, folder=str(folder), info=info,
-                         wall_s=time.perf_counter() - started))
+        return i, how, folder, info, time.perf_counter() - started
+
+    if workers or address:
+        import cluster
+        finished = itertools.chain((run_here(*plan) for plan in plans if plan[3] == "reused"),
+                                   cluster.run_on_ray([p for p in plans if p[3] != "reused"], notes, workers, address))
+    else:
+        finished = (run_here(*plan) for plan in plans)
+    done: dict[int, dict] = {}
+    for i, how, folder, info, wall_s in finished:
+        done[i] = dict(plugin=jobs[i].plugin.name, label=jobs[i].label, how=how, folder=str(folder), info=info,
+                       wall_s=wall_s)
         l0, ce = headline(info, "L0"), headline(info, "CE-loss score")
-        console.print(f"[{i}/{len(jobs)}] {job.label}: {how}" + (f", L0 {l0:.1f}, CE-loss score {ce:.3f}"
-                      if l0 is not None and ce is not None else f": {info.get('error', '')}") +
-                      f" ({rows[-1]['wall_s']:.0f} s)")
+        console.print(f"[{len(done)}/{len(jobs)}] {jobs[i].label}: {how}" + (f", L0 {l0:.1f}, CE-loss score "
+                      f"{ce:.3f}" if l0 is not None and ce is not None else f": {info.get('error', '')}") +
+                      f" ({wall_s:.0f} s)")
         if on_done is not None:
-            on_done(rows)
-    return rows
+            on_done([done[k] for k in sorted(done)])
+    return [done[k] for k in sorted(done)]
 
 
 def summary_table(title: str, rows: list[dict]) -> Table:
     table = Table(title=title)
-    shown = ("L0", "CE-loss score", "KL score", "explained variance (legacy, per batch)")
+    shown = ("L0", "CE-loss score", "KL score", "explained variance (whole set)")
     for column in ("run", "how", *shown, "folder"):
         table.add_column(column)
     for row in rows:
@@ -1688,17 +1760,51 @@ def write_manifest(sweep_dir: Path, asked: dict, rows: list[dict]) -> None:
     atomic_write(sweep_dir / "manifest.json", json.dumps(dict(asked=asked, finished=done), indent=2))
 
 
-def study_notes(study: str, rows: list[dict], figures: list[Path]) -> str:
-    """The study's summary for notes.md: its runs and the figures written."""
-    shown = ("L0", "CE-loss score", "explained variance (legacy, per batch)")
-    lines = [f"## Study summary: {study}", "", f"| run | {' | '.join(shown)} | run folder |", "|---|---|---|---|---|"]
+def study_notes(study: str, rows: list[dict], figures: dict[Path, str]) -> str:
+    """The study's summary for notes.md: its runs with their verdicts at matched L0, and each
+    figure with its data-driven caption."""
+    shown = ("L0", "CE-loss score", "explained variance (whole set)")
+    lines = [f"## Study summary: {study}", "", f"| run | {' | '.join(shown)} | against the baselines at its L0 "
+             "(CE-loss score) | run folder |", "|---|---|---|---|---|---|"]
     for row in rows:
         cells = [headline(row["info"], label) for label in shown]
+        baseline = row["info"].get("run", {}).get("study") == "baseline"
+        against = "(a baseline)" if baseline else plot.matched(row["info"].get("verdict", {}))
         lines.append(f"| {row['label']} | " + " | ".join("-" if v is None else f"{v:.4g}" for v in cells)
-                     + f" | {row['folder']} |")
-    where = f" (in {figures[0].parent})" if figures else ""
-    lines += ["", f"Figures{where}: " + (", ".join(f.name for f in figures) or "none"), "", ""]
-    return "\n".join(lines)
+                     + f" | {against} | {row['folder']} |")
+    read = {path: caption for path, caption in figures.items()  # the figures whose captions read the data
+            if path.name.startswith("frontier_") or path.stem.endswith("_evolution")}
+    lines += ["", "Figures:", ""] + [f"- `{path}`: {caption}" for path, caption in read.items()] if read else []
+    return "\n".join(lines + ["", ""])
+
+
+def notebook(runs_root: Path, study: str | None = None) -> str:
+    """The lab notebook rebuilt from the run folders under runs_root: per study (baselines first)
+    its header, an entry for the latest completed run of each plugin and setting (its verdicts
+    against the baseline sweeps there now), and its summary."""
+    index = plot.run_index(runs_root)
+    latest: dict[tuple, tuple[Path, dict]] = {}  # oldest first: the latest of each setting wins
+    for folder, who, info in index:
+        if info.get("status") == "completed" and study in (None, who["study"]):
+            config = json.dumps(info.get("provenance", {}).get("config", {}), sort_keys=True, default=str)
+            latest[who["study"], who["number"], who["plugin"], config] = folder, info
+    if not latest:
+        raise HarnessError(f"no completed runs{f' of study {study}' if study else ''} under {runs_root}")
+    by_study: dict[str, list] = {}
+    for key in sorted(latest, key=lambda k: (k[0] != "baseline", k)):
+        plugin, (folder, info) = find_plugin(f"{key[0]}/{key[2]}"), latest[key]
+        # judged against the baseline sweeps as they stand now, which may have grown since the run
+        by_study.setdefault(key[0], []).append((plugin, folder, {**info, "verdict": verdicts(info, index, plugin)}))
+    text = ""
+    for name, runs in by_study.items():
+        module = importlib.import_module(f"plugins.{name}")
+        text += f"# Title: {module.TITLE}\n# Experiment description: {module.DESCRIPTION.strip()}\n\n"
+        text += "".join(notes_entry(plugin, folder, info, parent_run(index, plugin, info))
+                        for plugin, folder, info in runs)
+        if name != "baseline":
+            text += study_notes(name, [dict(label=f"{plugin.name} ({setting(plugin, info)})", info=info, folder=folder)
+                                       for plugin, folder, info in runs], {})
+    return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1731,29 +1837,35 @@ def run(
     compile_loss: bool = typer.Option(False, "--compile", help="torch.compile the SAE's loss (the first "
                                       "steps wait for the compiler; on CPU it needs a C++ compiler)."),
     resume: Path = typer.Option(None, help="Continue an interrupted run folder from its checkpoint."),
+    wandb: bool = typer.Option(False, help="Also log the config, every train_log row and the final metrics to "
+                               "wandb (offline without an API key or network; a wandb failure only warns)."),
+    wandb_project: str = typer.Option("sae-harness", help="The wandb project, with --wandb."),
 ) -> None:
     """Train a plugin's SAE, evaluate it with sae_bench, write a run folder and a notebook entry."""
+    import dashboard
+
     with one_line_errors():
         try:
             if resume is not None:
                 cfg, found = resumable_run(resume)
-                info = execute(cfg, found, resume, notes, resume=True)
-                print_summary(info, resume)
-                return
-            if plugin is None:
+                run_dir = resume
+            elif plugin is None:
                 raise HarnessError("--plugin is required (see `python experiment.py list`), or --resume RUN_DIR")
-            found = find_plugin(plugin)
-            cfg = build_config(preset, f"{found.study}/{found.name}", model=model, layer=layer,
-                               dict_size=dict_size, tokens=tokens, batch_size=batch_size, lr=lr,
-                               sparsity_penalty=sparsity_penalty, seed=seed, device=device,
-                               dataset=dataset, checkpoint_every=checkpoint_every, deterministic=deterministic,
-                               compile=compile_loss, evals=split(evals))
-            cfg.hyperparams = dataclasses.asdict(parse_hyperparams(found, set_))
-            run_dir = out or ROOT / "runs" / found.study / found.name / time.strftime("%Y%m%d-%H%M%S")
-            info = execute(cfg, found, run_dir, notes)
+            else:
+                found = find_plugin(plugin)
+                cfg = build_config(preset, f"{found.study}/{found.name}", model=model, layer=layer,
+                                   dict_size=dict_size, tokens=tokens, batch_size=batch_size, lr=lr,
+                                   sparsity_penalty=sparsity_penalty, seed=seed, device=device, dataset=dataset,
+                                   checkpoint_every=checkpoint_every, deterministic=deterministic,
+                                   compile=compile_loss, evals=split(evals))
+                cfg.hyperparams = dataclasses.asdict(parse_hyperparams(found, set_))
+                run_dir = out or ROOT / "runs" / found.study / found.name / time.strftime("%Y%m%d-%H%M%S")
+            with dashboard.WandbRun(wandb_project if wandb else None, dataclasses.asdict(cfg), str(run_dir),
+                                    StepLog.sinks) as logged:
+                info = execute(cfg, found, run_dir, notes, resume=resume is not None)
+                logged.summarise(info)
         except Interrupted as exc:
-            where = resume or run_dir
-            console.print(f"[yellow]{exc}; checkpoint saved; continue with: python experiment.py run --resume {where}")
+            console.print(f"[yellow]{exc}; checkpoint saved; continue with: python experiment.py run --resume {run_dir}")
             raise typer.Exit(130) from None
     if info.get("status") == "completed":  # rank 0 (or the only process)
         print_summary(info, run_dir)
@@ -1772,13 +1884,17 @@ def study(
     runs: Path = typer.Option(ROOT / "runs", help="Folder of run folders (searched for runs to reuse)."),
     notes: Path = typer.Option(ROOT / "notes.md", help="Lab notebook to append to."),
     figures: Path = typer.Option(ROOT / "figures", help="The study's figures go to FIGURES/<study>."),
+    workers: int = typer.Option(0, help="Run N runs at once on a local Ray cluster started for the command, "
+                                "each with its share of the CPUs and, where there are GPUs, one GPU."),
+    ray_address: str = typer.Option(None, "--ray", help="Run on the running Ray cluster at this address "
+                                    "(`ray start --head` prints it); see the README's cluster mode."),
 ) -> None:
     """Run a study's baselines and every run in order on one activation cache (reusing finished
     runs, resuming interrupted ones), then write its figures, compare table and notebook summary."""
     with one_line_errors(), interrupted_many():
         overrides = dict(tokens=tokens, dict_size=dict_size, seed=seed, device=device, evals=split(evals))
         jobs = study_jobs(name, split(baselines), preset, overrides, runs)
-        rows = run_jobs(jobs, notes, runs)
+        rows = run_jobs(jobs, notes, runs, workers=workers, address=ray_address)
         written = plot.plot_all(runs, figures / name, name)
         if any(row["how"] != "reused" for row in rows):  # a study run again that trained nothing notes nothing
             append_notes(notes, jobs[-1].plugin, study_notes(name, rows, written))
@@ -1801,6 +1917,10 @@ def sweep(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     runs: Path = typer.Option(ROOT / "runs", help="Folder of run folders; the sweep's go to RUNS/sweeps/."),
     notes: Path = typer.Option(ROOT / "notes.md", help="Lab notebook to append to."),
+    workers: int = typer.Option(0, help="Run N runs at once on a local Ray cluster started for the command, "
+                                "each with its share of the CPUs and, where there are GPUs, one GPU."),
+    ray_address: str = typer.Option(None, "--ray", help="Run on the running Ray cluster at this address "
+                                    "(`ray start --head` prints it); see the README's cluster mode."),
 ) -> None:
     """Train the cross product of --grid values × seeds (reusing finished runs, resuming interrupted
     ones) into one sweep folder with a manifest, a line per run and a summary table."""
@@ -1814,7 +1934,11 @@ def sweep(
         sweep_dir = runs / "sweeps" / f"{found.name}-{key}"
         jobs = sweep_jobs(found, preset, grid, seeds, overrides, sweep_dir)
         write_manifest(sweep_dir, asked, [])
-        rows = run_jobs(jobs, notes, runs, on_done=lambda done: write_manifest(sweep_dir, asked, done))
+        rows = run_jobs(jobs, notes, runs, on_done=lambda done: write_manifest(sweep_dir, asked, done),
+                        workers=workers, address=ray_address)
+        if any(row["how"] != "failed" for row in rows):
+            written = plot.sweep_figures(runs, sweep_dir / "figures", found.study, found.name)
+            console.print(f"{len(written)} frontier figures in {sweep_dir / 'figures'}")
     Console(width=200).print(summary_table(f"sweep {found.name} ({sweep_dir})", rows))
     exit_if_any_failed(rows)
 
@@ -1857,6 +1981,53 @@ def eval_run(
     with one_line_errors():
         info = rescore(run_dir, evals, device, notes)
     print_summary(info, run_dir)
+
+
+@app.command("dashboard")
+def dashboard_page(
+    run_dir: Path = typer.Argument(..., help="A run folder with a trained SAE."),
+    latents: str = typer.Option(None, help="The latents to show: ids and ranges, e.g. 0-49 or 3,17,100-120."),
+    top: int = typer.Option(None, help="Or the top N latents by --by (default: the top 50 by density)."),
+    by: str = typer.Option("density", help="With --top: density or activation (the max on the text)."),
+    tokens: int = typer.Option(None, help="Held-out tokens to stream (default 16,384 where the run's text "
+                                          "allows more than its evaluation contexts; else those)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Write RUN_DIR/dashboard/index.html, one self-contained page: per latent its top and sampled
+    contexts, activation histogram, promoted and suppressed tokens and plugin artifacts, under an
+    index sortable by density and max activation that lists the latents that never fired."""
+    import dashboard
+
+    with one_line_errors():
+        cfg, plugin = saved_config(run_dir, "dashboard")
+        chosen = dashboard.selection(latents, top, by, cfg.dict_size)
+        if not (run_dir / "plugin_state.safetensors").exists():
+            raise HarnessError(f"{run_dir} holds no trained SAE (no plugin_state.safetensors); finish the run first")
+        torch_device = resolve_device(device)
+        model = load_model(cfg.model, torch_device)
+        contexts, source = dashboard.held_out_contexts(torch.load(run_dir / "eval_tokens.pt"), tokens, cfg,
+                                                       lambda c: load_tokens(c, model))
+        page = dashboard.write_dashboard(run_dir, saved_sae(run_dir, cfg, plugin, torch_device), model, cfg,
+                                         contexts, source, chosen)
+    console.print(f"dashboard: {page}")
+
+
+@app.command()
+def notes(
+    out: Path = typer.Option(..., help="The notebook to write (e.g. notes.md)."),
+    runs: Path = typer.Option(ROOT / "runs", help="Folder of run folders."),
+    study: str = typer.Option(None, help="Only this study."),
+    replace: bool = typer.Option(False, help="Replace OUT if it exists (its old text is lost)."),
+) -> None:
+    """Rebuild the lab notebook from the run folders: one entry per plugin and setting (its latest
+    completed run), in the seed notebooks' shape, and each study's summary."""
+    with one_line_errors():
+        if out.exists() and not replace:
+            raise HarnessError(f"{out} exists; pass --replace to rebuild it from the runs, or another --out")
+        text = notebook(runs, study)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, text)
+    console.print(f"{text.count(chr(10) + '## Run ')} entries written to {out}")
 
 
 @app.command()

@@ -73,9 +73,10 @@ def _finite(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def record_from_final_info(info: dict, knob: str, explained_variance_key: str = "explained_variance_legacy") -> dict:
-    """One completed run's final_info.json as a record; the knob is read from its config (top level,
-    e.g. sparsity_penalty, else its plugin's hyperparameters, e.g. k)."""
+def record_from_final_info(info: dict, knob: str, explained_variance_key: str = "explained_variance_whole_set") -> dict:
+    """One completed run's final_info.json as a record, with evaluation's bootstrap standard errors
+    as its uncertainties; the knob is read from its config (top level, e.g. sparsity_penalty, else
+    its plugin's hyperparameters, e.g. k)."""
     if info.get("status") != "completed":
         raise HarnessError(f"run {info.get('run', {}).get('plugin', '?')} is not completed "
                            f"(status {info.get('status')}); only completed runs have a verdict")
@@ -89,8 +90,12 @@ def record_from_final_info(info: dict, knob: str, explained_variance_key: str = 
         raise HarnessError(f"knob '{knob}' is neither in the run's config nor in its hyperparameters")
     values = {name: metrics.get(section, {}).get(key) for name, (section, key) in FINAL_INFO_METRICS.items()}
     values["explained_variance"] = metrics.get("reconstruction_quality", {}).get(explained_variance_key)
+    se = metrics.get("bootstrap_se", {})
+    uncertainties = {name: u for name in values
+                     if (u := _finite(se.get(explained_variance_key if name == "explained_variance" else name)))
+                     is not None}
     return {"l0": metrics.get("sparsity", {}).get("l0"), "metrics": values, "knob": (knob, value),
-            "seed": info.get("provenance", {}).get("seed")}
+            "seed": info.get("provenance", {}).get("seed"), "uncertainties": uncertainties}
 
 
 def pool_seeds(records: Sequence[dict]) -> dict:

@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 import typer  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
@@ -199,17 +200,34 @@ def choose_runs(index: Index, runs_dir: Path, study: str | None, picks: Iterable
     studies = sorted({s for s, _ in chosen})
     if study is not None and study not in studies:
         raise HarnessError(f"no runs of study '{study}' under {runs_dir}; studies with runs: {', '.join(studies)}")
-    baselines = sorted((f for (s, plugin), f in chosen.items() if s == "baseline"),
-                       key=lambda f: chosen.get(("baseline", "run_0_baseline")) != f)  # the ReLU baseline first
     grouped = {}
     for name in studies if study is None else [study]:
         runs = sorted((read_run(f) for (s, _), f in chosen.items() if s == name), key=lambda r: (r.number, r.plugin))
         if name != "baseline" and not any(r.number == 0 for r in runs):
-            # the field's baselines are every study's run 0, where trained on the same activations
-            caches = {r.info.get("activation_cache") for r in runs}
-            runs[:0] = [base for base in map(read_run, baselines) if base.info.get("activation_cache") in caches]
+            runs[:0] = study_baselines(index, runs)
         grouped[name] = paint(runs)
     return grouped
+
+
+# Settings a study's runs share with the baseline run that stands as their run 0.
+SHARED_SETTINGS = ("sparsity_penalty", "dict_size", "tokens", "batch_size", "lr", "seed")
+
+
+def study_baselines(index: Index, runs: list[Run]) -> list[Run]:
+    """The field's baselines as a study's run 0, where trained on the same activations: of each
+    baseline plugin the latest run at the study's own setting (a swept baseline has runs at many),
+    else its latest; the ReLU baseline first."""
+    caches = {r.info.get("activation_cache") for r in runs}
+    common = {k: v.pop() for k in SHARED_SETTINGS if len(v := {json.dumps(r.config.get(k)) for r in runs}) == 1}
+    found: dict[str, tuple[bool, Path]] = {}  # oldest first: the latest wins among equals
+    for folder, who, info in index:
+        if who["study"] == "baseline" and info.get("activation_cache") in caches:
+            config = info.get("provenance", {}).get("config", {})
+            matches = all(json.dumps(config.get(k)) == v for k, v in common.items())
+            if matches or not found.get(who["plugin"], (False,))[0]:
+                found[who["plugin"]] = (matches, folder)
+    order = sorted(found, key=lambda plugin: plugin != "run_0_baseline")
+    return [read_run(found[plugin][1]) for plugin in order]
 
 
 def paint(runs: list[Run]) -> list[Run]:
@@ -229,10 +247,12 @@ def paint(runs: list[Run]) -> list[Run]:
 # ("one": closest to 1).
 
 METRICS = {
-    # sae_bench 0.6.0's explained_variance exceeds 1 on Gemma-scale activations (its total variance
-    # subtracts (mean x²)² rather than (mean x)²); the legacy 1 - SSE/SST is the trustworthy one.
-    "explained_variance": (("metrics", "reconstruction_quality", "explained_variance_legacy"),
-                           "explained variance, 1 − SSE/SST (fraction; 1 = perfect)", "higher"),
+    # The field's: 1 − ΣSSE/ΣSST over all evaluation tokens. sae_bench 0.6.0's explained_variance
+    # exceeds 1 on Gemma-scale activations, and its legacy one averages per-batch ratios.
+    "explained_variance": (("metrics", "reconstruction_quality", "explained_variance_whole_set"),
+                           "explained variance, 1 − ΣSSE/ΣSST over all tokens (1 = perfect)", "higher"),
+    "explained_variance_legacy": (("metrics", "reconstruction_quality", "explained_variance_legacy"),
+                                  "explained variance, sae_bench legacy (mean of per-batch ratios)", "higher"),
     "mse": (("metrics", "reconstruction_quality", "mse"), "reconstruction MSE (model activation units²)", "lower"),
     "l0": (("metrics", "sparsity", "l0"), "L0 (latents active per token)", "lower"),
     "l1": (("metrics", "sparsity", "l1"), "L1 (summed latent activation per token)", "lower"),
@@ -248,6 +268,11 @@ EVOLUTION = ["explained_variance", "mse", "l0", "l1", "kl_div_score", "ce_loss_s
 # Scores where 1 is perfect: below -1 a run is simply broken, and one run at -700 would flatten
 # every other run onto a line, so evolution plots put such values on the floor, marked.
 SCORE_FLOOR = {"explained_variance": -1.0, "kl_div_score": -1.0, "ce_loss_score": -1.0}
+# Where evaluation stored each metric's bootstrap standard error (metrics.bootstrap_se).
+SE_KEY = {"ce_loss_score": "ce_loss_score", "kl_div_score": "kl_div_score",
+          "explained_variance": "explained_variance_whole_set"}
+# The smallest difference worth a slope where no run says its noise: scores are read to 0.01.
+RESOLUTION = {"explained_variance": 0.01, "ce_loss_score": 0.01, "kl_div_score": 0.01}
 BETTER = {"higher": "higher is better", "lower": "lower is better", "one": "closest to 1 is better"}
 ABSORPTION_SCORE = ("mean_absorption_score", "mean_absorption_fraction_score")  # older, newer sae_bench
 
@@ -346,9 +371,35 @@ def bar_panel(ax, runs: list[Run], values: list[float | None], ylabel: str, comp
     ax.axhline(0, color="0.3", lw=0.8)
 
 
-def point_panel(ax, runs: list[Run], values: list[float | None], ylabel: str, floor: float | None = None) -> None:
+def least_span(name: str, values: list[float], errors: list[float | None]) -> float:
+    """The smallest y span a metric's axis may show: four standard errors where runs know theirs,
+    else the metric's resolution (1% of its size for unbounded ones)."""
+    known = [e for e in errors if e]
+    resolution = RESOLUTION.get(name, 0.01 * max((abs(v) for v in values), default=0.0))
+    return max(4 * max(known, default=0.0), resolution)
+
+
+def runs_span(runs: list[Run], name: str, values: list[float | None]) -> float:
+    """least_span for one value per run, with the runs' bootstrap standard errors."""
+    errors = [number(r.info.get("metrics", {}).get("bootstrap_se", {}).get(SE_KEY.get(name))) for r in runs]
+    return least_span(name, [v for v in values if v is not None and math.isfinite(v)], errors)
+
+
+def floor_span(ax, least: float) -> None:
+    """Never stretch differences below the noise into a slope: widen the y axis to `least`
+    around its middle, and label ticks without an offset."""
+    low, high = ax.get_ylim()
+    if high - low < least:
+        middle = (low + high) / 2
+        ax.set_ylim(middle - least / 2, middle + least / 2)
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+
+
+def point_panel(ax, runs: list[Run], values: list[float | None], ylabel: str, floor: float | None = None,
+                span: float = 0.0) -> None:
     """Values as points joined across consecutive runs; the line breaks at a failed or missing run.
-    Values below `floor` (−inf included) sit on it as ▼, labelled with their true value."""
+    Values below `floor` (−inf included) sit on it as ▼, labelled with their true value; the y
+    axis spans at least `span` (least_span: differences below the noise stay flat)."""
     drawn = [v if v is None or floor is None else max(v, floor) for v in values]
     present = run_slots(ax, runs, drawn, ylabel)
     ax.plot(range(len(runs)), [math.nan if v is None else v for v in drawn], color="0.6", zorder=1)
@@ -359,6 +410,7 @@ def point_panel(ax, runs: list[Run], values: list[float | None], ylabel: str, fl
         ax.annotate(f"{values[i]:.3g}" + (" (off scale)" if drawn[i] != values[i] else ""), (i, drawn[i]),
                     textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
     ax.margins(y=0.15)
+    floor_span(ax, span)
 
 
 def run_legend(fig_or_ax, runs: list[Run], **where) -> None:
@@ -419,9 +471,10 @@ def core_metric_figures(runs: list[Run]) -> Figures:
             _, label, better = METRICS[name]
             yield (f"{name}_evolution.png",
                    per_run_figure(runs, values, label, f"{name} across runs ({BETTER[better]})",
-                                  functools.partial(point_panel, floor=SCORE_FLOOR.get(name))),
-                   f"{label[0].upper()}{label[1:]}, sae_bench core, for each plugin in run order; "
-                   f"{BETTER[better]}.")
+                                  functools.partial(point_panel, floor=SCORE_FLOOR.get(name),
+                                                    span=runs_span(runs, name, values))),
+                   f"{label[0].upper()}{label[1:]} for each plugin in run order ({BETTER[better]}): "
+                   f"{sequence(runs, values)}.")
     key = {name: [metric(r.info, name) for r in runs] for name in ("explained_variance", "l0", "kl_div_score")}
     key = {name: values for name, values in key.items() if has(values)}
     if key:
@@ -430,7 +483,8 @@ def core_metric_figures(runs: list[Run]) -> Figures:
                                  figsize=(max(6.4, 0.8 * len(keep) + 3), 2.8 * len(key) + 1))
         for ax, (name, values) in zip(axes[:, 0], key.items()):
             point_panel(ax, [runs[i] for i in keep], [values[i] for i in keep],
-                        f"{name}\n({BETTER[METRICS[name][2]]})", floor=SCORE_FLOOR.get(name))
+                        f"{name}\n({BETTER[METRICS[name][2]]})", floor=SCORE_FLOOR.get(name),
+                        span=runs_span(runs, name, values))
         axes[0, 0].set_title(with_setting("Key metrics across runs", runs), fontsize=11)
         fig.tight_layout()
         yield ("key_metrics_combined.png", fig,
@@ -637,7 +691,113 @@ def frequency_figures(runs: list[Run]) -> Figures:
                "dots follow the line (Spearman ρ near −1), the better the index order matches frequency.")
 
 
-def study_figures(runs: list[Run]) -> Figures:
+# The L0–fidelity frontier (SAEBench's first figure): every completed run of the study's plugins
+# and of the baselines on the same activations, seeds of one setting pooled.
+FRONTIER = ["ce_loss_score", "explained_variance", "kl_div_score"]
+
+
+@dataclass
+class Point:
+    l0: float
+    value: float
+    error: float | None  # standard error across seeds, else the run's bootstrap one
+    seeds: int
+
+
+def frontier_points(infos: list[dict], name: str) -> list[Point]:
+    """One plugin's completed runs as points sorted by L0: runs of one config (the seed aside)
+    pooled into their mean, with the standard error across seeds (one seed: its bootstrap SE)."""
+    groups: dict[str, list[dict]] = {}
+    for info in infos:
+        config = {k: v for k, v in info.get("provenance", {}).get("config", {}).items() if k != "seed"}
+        groups.setdefault(json.dumps(config, sort_keys=True, default=str), []).append(info)
+    points = []
+    for group in groups.values():
+        pairs = [(l0, v, i) for i in group
+                 if (l0 := metric(i, "l0")) and (v := metric(i, name)) is not None and math.isfinite(v)]
+        if not pairs:
+            continue
+        values = [v for _, v, _ in pairs]
+        error = (float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1
+                 else number(pairs[0][2].get("metrics", {}).get("bootstrap_se", {}).get(SE_KEY.get(name))))
+        points.append(Point(float(np.mean([l0 for l0, _, _ in pairs])), float(np.mean(values)), error, len(pairs)))
+    return sorted(points, key=lambda p: p.l0)
+
+
+def sequence(runs: list[Run], values: list[float | None]) -> str:
+    """A one-line reading of a metric across runs: first, highest, lowest and last."""
+    present = [(r, v) for r, v in zip(runs, values) if v is not None and math.isfinite(v)]
+    if not present:
+        return ""
+    marks = {"first": present[0], "highest": max(present, key=lambda rv: rv[1]),
+             "lowest": min(present, key=lambda rv: rv[1]), "last": present[-1]}
+    said, parts = set(), []
+    for word, (run, value) in marks.items():
+        if id(run) not in said:
+            said.add(id(run))
+            parts.append(f"{word} {value:.3g} (run {run.number}{'' if run.number else ', ' + run.plugin})")
+    return "; ".join(parts)
+
+
+def trend(points: list[Point]) -> str:
+    """'0.62 at L0 16 → 0.85 at L0 128' (one point: '0.70 ± 0.01 at L0 40')."""
+    first, last = points[0], points[-1]
+    if len(points) == 1:
+        return f"{meaningful(first.value, first.error)} at L0 {first.l0:.3g}"
+    return f"{meaningful(first.value, first.error)} at L0 {first.l0:.3g} → {meaningful(last.value, last.error)} at L0 {last.l0:.3g}"
+
+
+def meaningful(value: float, error: float | None) -> str:
+    """The value with the digits its standard error leaves meaningful, and the error."""
+    if not error:
+        return f"{value:.3g}"
+    digits = max(0, 1 - math.floor(math.log10(error)))
+    return f"{value:.{digits}f} ± {error:.1g}"
+
+
+def frontier_figures(runs: list[Run], everything: list[Run]) -> Figures:
+    """Metric against L0 (log): the baselines as dashed reference curves, each plugin of the study
+    as markers joined across its settings, error bars from seeds or the bootstrap."""
+    caches = {r.info.get("activation_cache") for r in runs}
+    plugins = {(r.study, r.plugin): r for r in runs}
+    members: dict[tuple[str, str], list[dict]] = {}
+    for r in everything:
+        if (r.study, r.plugin) in plugins and r.info.get("status") == "completed" \
+                and r.info.get("activation_cache") in caches:
+            members.setdefault((r.study, r.plugin), []).append(r.info)
+    for name in FRONTIER:
+        series = {key: pts for key, infos in members.items() if (pts := frontier_points(infos, name))}
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(8.5, 5.2))
+        lines = []
+        for key, pts in series.items():
+            run, baseline = plugins[key], key[0] == "baseline"
+            ax.errorbar([p.l0 for p in pts], [p.value for p in pts], yerr=[p.error or 0 for p in pts],
+                        color=run.color, ls="--" if baseline else "-",
+                        marker="s" if baseline else "o", mfc="white" if baseline else None, capsize=3,
+                        label=key[1] if baseline else run.label)
+            lines.append(f"{key[1] if baseline else run.label}: {trend(pts)}")
+        ax.set_xscale("log")
+        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):  # 40, not 4×10¹
+            axis(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.set_xlabel("L0 (latents active per token, log scale)")
+        _, label, better = METRICS[name]
+        ax.set_ylabel(textwrap.fill(label, 40))
+        drawn = [p for pts in series.values() for p in pts]
+        floor_span(ax, least_span(name, [p.value for p in drawn], [p.error for p in drawn]))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.set_title(with_setting(f"{name} against L0 ({BETTER[better]}; up and left is better)", runs),
+                     fontsize=11)
+        yield (f"frontier_{name}.png", fig,
+               f"{label[0].upper()}{label[1:]} against L0, error bars one standard error. " + "; ".join(lines) + ".")
+
+
+def study_figures(runs: list[Run], everything: list[Run] = ()) -> Figures:
+    """Every figure with data for a study's chosen runs; `everything` (all its runs, and the
+    baselines', every setting and seed) feeds the frontier."""
+    yield from frontier_figures(runs, list(everything) or runs)
     yield from core_metric_figures(runs)
     yield from training_curve_figures(runs)
     yield from final_loss_figures(runs)
@@ -648,9 +808,11 @@ def study_figures(runs: list[Run]) -> Figures:
 # ----------------------------------------------------------------------------------------------
 # Writing figures and figures/README.md.
 
-def plot_all(runs_dir: Path, out: Path, study: str | None = None, picks: Iterable[Path] = ()) -> list[Path]:
-    """Write every figure with data for the selected runs, and out/README.md; returns the PNGs."""
-    studies = select_runs(runs_dir, study, picks)
+def plot_all(runs_dir: Path, out: Path, study: str | None = None, picks: Iterable[Path] = ()) -> dict[Path, str]:
+    """Write every figure with data for the selected runs, and out/README.md; returns each PNG
+    with its caption."""
+    index = run_index(runs_dir)
+    studies = choose_runs(index, runs_dir, study, picks)
     out.mkdir(parents=True, exist_ok=True)
     readme = out / "README.md"
     if readme.exists():  # figures written last time go, so none outlives the data it came from
@@ -659,7 +821,7 @@ def plot_all(runs_dir: Path, out: Path, study: str | None = None, picks: Iterabl
     lines = [f"# Figures\n\nWritten by `python plot.py` from `{runs_dir}` on {time.strftime('%Y-%m-%d %H:%M')}: "
              "the latest finished run of each plugin unless picked with `--run`. A failed run is drawn "
              "as a hatched slot or an × marker, never as a zero; a figure is written only where its data exists.\n"]
-    written = []
+    written = {}
     for name, runs in studies.items():
         folder = out / name if len(studies) > 1 else out
         folder.mkdir(parents=True, exist_ok=True)
@@ -669,14 +831,35 @@ def plot_all(runs_dir: Path, out: Path, study: str | None = None, picks: Iterabl
         lines += [f"- {r.label} (`{r.plugin}`): `{r.folder}` ({r.setting})"
                   + (f" — **failed**: {r.info.get('error', 'no reason recorded')}" if r.failed else "") for r in runs]
         lines.append("\nFigures:\n")
-        for file, fig, caption in study_figures(runs):
+        everything = [read_run(folder) for folder, who, _ in index if who["study"] in (name, "baseline")]
+        for file, fig, caption in study_figures(runs, everything):
             path = folder / file
-            fig.savefig(path, dpi=120, bbox_inches="tight")
-            plt.close(fig)
-            written.append(path)
+            save(fig, path)
+            written[path] = caption
             lines.append(f"- `{path.relative_to(out)}` — {caption}")
         lines.append("")
     readme.write_text("\n".join(lines) + "\n")
+    return written
+
+
+def save(fig: Figure, path: Path) -> None:
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def sweep_figures(runs_dir: Path, out: Path, study: str, plugin: str) -> dict[Path, str]:
+    """A sweep's frontier figures: every run of study/plugin under runs_dir against the baselines
+    on the same activations, written to out with their captions (out/README.md)."""
+    index = run_index(runs_dir)
+    chosen = choose_runs(index, runs_dir, study, ())[study]
+    runs = [r for r in chosen if r.plugin == plugin or r.study == "baseline"]
+    everything = [read_run(folder) for folder, who, _ in index if who["study"] in (study, "baseline")]
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for file, fig, caption in frontier_figures(runs, everything):
+        save(fig, out / file)
+        written[out / file] = caption
+    (out / "README.md").write_text("# Frontier figures\n\n" + "".join(f"- `{p.name}` — {c}\n" for p, c in written.items()))
     return written
 
 
@@ -685,6 +868,17 @@ def plot_all(runs_dir: Path, out: Path, study: str | None = None, picks: Iterabl
 
 TABLE = ["explained_variance", "mse", "l0", "l1", "kl_div_score", "ce_loss_score", "l2_ratio", "final_loss"]
 ARROW = {"higher": "↑", "lower": "↓", "one": "→1"}
+
+
+def matched(found: dict, metric: str = "ce_loss_score") -> str:
+    """A run's verdicts (final_info's `verdict`) on one metric: 'run_0_topk: better; run_0_gated:
+    tied; run_0_batchtopk: outside its sweep'."""
+    words = []
+    for name, v in found.items():
+        word = v.get("metrics", {}).get(metric, {}).get("word")
+        if word:
+            words.append(f"{name}: {'outside its sweep' if word.startswith('outside') else word}")
+    return "; ".join(words) or "no baseline sweep on these activations"
 
 
 def best_rows(values: list[float | None], better: str) -> set[int]:
@@ -710,6 +904,7 @@ def compare_table(runs_dir: Path, study: str | None = None) -> Table:
     table.add_column("run")
     for name in TABLE:
         table.add_column(f"{name} {ARROW[METRICS[name][2]]}", justify="right")
+    table.add_column("CE-loss score against the baselines at its L0")
     values = {name: [None if r.failed else metric(r.info, name) for r in runs] for name in TABLE}
     best = {name: best_rows(values[name], METRICS[name][2]) for name in TABLE}
     for i, run in enumerate(runs):
@@ -729,7 +924,8 @@ def compare_table(runs_dir: Path, study: str | None = None) -> Table:
             if before is not None:
                 cell.append(f" ({value - before:+.3g})", style="dim")
             cells.append(cell)
-        table.add_row(*([run.study] if len(studies) > 1 else []), label, *cells)
+        verdict = "" if run.failed or run.study == "baseline" else matched(run.info.get("verdict", {}))
+        table.add_row(*([run.study] if len(studies) > 1 else []), label, *cells, verdict)
     return table
 
 

@@ -3,8 +3,9 @@ per-latent sum of squared decoder overlaps between groups; grouping clusters lat
 similar inputs, periodically (run 2: from the whole period, after the step); α is a --set
 hyperparameter that changes the result; condition numbers of the groups' decoder subspaces land
 in final_info.json; gradient surgery removes only conflicting components; per-latent learning
-rates stay in [0.1, 10] and updates come every 4 batches; α follows its curriculum; the
-constraint warm-up ramps; progressive unlocking masks the expected fraction."""
+rates stay in [0.1, 10] and updates come every 4 batches; α follows its curriculum; run 8 cuts
+the learning rate tenfold and its constraint warm-up ramps; progressive unlocking masks the
+expected fraction. (Run 6's skip path in evaluation: tests/test_zscore_ortho.py.)"""
 
 import json
 import math
@@ -22,6 +23,7 @@ RUN_2 = "adaptive_ortho/run_2_loop_fix"
 RUN_4 = "adaptive_ortho/run_4_low_lr_weight_norm"
 RUN_5 = "adaptive_ortho/run_5_adaptive_lr_accum"
 RUN_7 = "adaptive_ortho/run_7_alpha_curriculum"
+RUN_8 = "adaptive_ortho/run_8_layer_norm_warmup"
 RUN_9 = "adaptive_ortho/run_9_progressive_unlock"
 TINY_STEPS = 32
 
@@ -161,7 +163,12 @@ def test_curriculum_warm_up_unlocking_and_rates_on_a_real_run(run_tiny):
         assert r["unlocked_fraction"] == pytest.approx(round(unlocked * 256) / 256)
         assert r["l0"] <= r["unlocked_fraction"] * 256
     assert any(r["lr_mult_min"] < r["lr_mult_max"] for r in log)
-    assert info["optimizer_lr"] == 1e-4 and "subspace_condition_numbers" in info
+    assert info["optimizer_lr"] == 1e-5 and "subspace_condition_numbers" in info  # run 8's tenfold cut
+
+
+def test_run_8_cuts_the_learning_rate_tenfold():
+    rates = [build(run)[1].optimizer.param_groups[0]["initial_lr"] for run in (RUN_7, RUN_8)]
+    assert rates == [1e-4, 1e-5]
 
 
 def test_locked_latents_never_fire():

@@ -5,15 +5,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 import bench
+import experiment
+import kernels
 
 ROOT = Path(bench.__file__).parent
+SPARSE_BELOW = 0.1  # the switch point these tests give the tiny preset's shapes, instead of timing it
 
 
 def bench_cli(*args: str):
     return CliRunner().invoke(bench.app, list(args))
+
+
+@pytest.fixture(autouse=True)
+def measured_switch_point(tmp_path, monkeypatch):
+    """The sparse step's switch point at the tiny preset's shapes (batch 256, d_in 64, d_sae 256),
+    cached as training's measurement leaves it."""
+    monkeypatch.setattr(experiment, "CACHE_DIR", tmp_path / "cache")
+    kernels.sparse_below(256, 64, 256, experiment.CACHE_DIR, measure=lambda *shape: {"sparse_below": SPARSE_BELOW})
 
 
 def test_bench_measures_every_quantity_it_reports(tmp_path):
@@ -38,6 +50,7 @@ def test_bench_at_two_percent_latent_density_times_the_sparse_step(tmp_path):
     assert result.exit_code == 0, result.output
     step = json.loads(out.read_text())["sae_step"]
     assert step["path"] == "sparse" and 0.01 < step["latent_density"] < 0.03
+    assert step["sparse_below"] == SPARSE_BELOW and "sparse below 10%" in result.output
 
 
 def test_experiment_bench_runs_bench_py_with_its_arguments():
@@ -48,7 +61,6 @@ def test_experiment_bench_runs_bench_py_with_its_arguments():
 
 
 def test_bench_refuses_a_plugin_no_sae_lens_architecture_is_before_any_work(monkeypatch):
-    import experiment
     monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("work")))
     result = bench_cli("--preset", "tiny", "--plugin", "run_7_adaptive_ln")
     assert result.exit_code == 2 and "is no SAELens architecture" in result.output
@@ -62,3 +74,4 @@ def test_bench_times_a_baseline_architecture_with_its_hyperparameters_against_sa
     bench = json.loads(out.read_text())
     assert bench["plugin"] == "baseline/run_0_topk" and bench["hyperparams"]["k"] == 8
     assert 0 < bench["ours_vs_sae_lens"] < float("inf") and 0 < bench["sae_step"]["latent_density"] <= 8 / 256
+    assert bench["sae_step"]["path"] == "sparse"  # TopK's sparse step, below the switch point

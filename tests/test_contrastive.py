@@ -1,7 +1,8 @@
 """What is particular to the contrastive study (notebook 002): the 128-d JL projection and its
-logged approximation check, the coordinated cosine schedules (contrast threshold 0.4 -> 0.05,
-lambda_i bounds [0.02, 1.0] -> [0.01, 0.5]), the exact cheap forms of the pairwise penalties, the
-block Gram-Schmidt, the 16 groups, and run 10's hard orthogonality and re-initialisation."""
+logged approximation check, the coordinated cosine schedules (contrast threshold 0.4 -> 0.05, never
+below the projection's noise; lambda_i bounds [0.02, 1.0] -> [0.01, 0.5]), the pairwise penalties
+summed so that they act (over the pairs above threshold; per latent), the full Gram-Schmidt in
+blocks of d_in rows, the 16 groups, and run 10's hard orthogonality and re-initialisation."""
 
 import math
 
@@ -10,7 +11,7 @@ import torch
 from conftest import read_log, tiny_run
 
 import experiment
-from plugins.contrastive.run_5_gram_schmidt import block_mgs
+from plugins.contrastive.run_5_gram_schmidt import gram_schmidt
 
 
 def build(run: str, d_in: int = 64, d_sae: int = 256, seed: int = 0, **hyperparams):
@@ -24,12 +25,13 @@ def build(run: str, d_in: int = 64, d_sae: int = 256, seed: int = 0, **hyperpara
 @pytest.fixture(scope="module")
 def lambda_run(tmp_path_factory):
     """One tiny run of run 3 (threshold and lambda schedules, JL check) with a 32-d JL space, so
-    that the projection is a real reduction of the tiny model's 64 dimensions."""
+    that the projection is a real reduction of the tiny model's 64 dimensions, and a noise floor of
+    1/√32 that the annealed threshold reaches after 59% of the run."""
     tmp = tmp_path_factory.mktemp("contrastive")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(experiment, "ACTIVATIONS_DIR", tmp / "activations")
         info = tiny_run("contrastive/run_3_lambda_bounds", tmp / "run", tmp / "notes.md",
-                        hyperparams={"jl_dim": 32}, evals=())
+                        hyperparams={"jl_dim": 32, "noise_z": 1.0}, evals=())
     return info, read_log(tmp / "run")
 
 
@@ -66,10 +68,16 @@ def test_jl_check_is_logged_every_step_and_in_final_info(lambda_run):
     assert info["jl_check"]["jl_recon_error"] == pytest.approx(math.sqrt(0.5), abs=0.15)
 
 
-def test_contrast_threshold_anneals_from_0_4_to_0_05(lambda_run):
+def test_contrast_threshold_anneals_from_0_4_towards_0_05_but_stays_above_the_projection_noise(lambda_run):
     thresholds = [r["contrast_threshold"] for r in lambda_run[1]]
-    assert thresholds[0] == pytest.approx(0.4) and thresholds[-1] == pytest.approx(0.05)
-    assert all(a > b for a, b in zip(thresholds, thresholds[1:]))
+    floor = 1 / 32 ** 0.5
+    assert thresholds[0] == pytest.approx(0.4) and thresholds[1] > thresholds[2] == pytest.approx(floor)
+    assert all(a >= b for a, b in zip(thresholds, thresholds[1:])) and thresholds[-1] == pytest.approx(floor)
+    embedded_like, _ = build("run_2_cosine_threshold", d_in=640, d_sae=1024)
+    last = embedded_like.run_cfg.steps - 1
+    assert embedded_like.contrast_threshold(last) == pytest.approx(3 / 128 ** 0.5)
+    noiseless, _ = build("run_2_cosine_threshold", noise_z=0.0)
+    assert noiseless.contrast_threshold(0) == pytest.approx(0.4) and noiseless.contrast_threshold(last) == pytest.approx(0.05)
     fixed, _ = build("run_1_jl_ema")
     assert fixed.contrast_threshold(0) == fixed.contrast_threshold(10_000) == 0.4
 
@@ -82,33 +90,48 @@ def test_lambdas_stay_within_step_dependent_bounds(lambda_run):
         assert r["lambda_lo"] - 1e-6 <= r["lambda_min"] <= r["lambda_mean"] <= r["lambda_max"] <= r["lambda_hi"] + 1e-6
 
 
-def test_contrastive_penalty_counts_only_pairs_above_threshold():
+def test_contrastive_penalty_is_summed_over_the_pairs_above_threshold():
     sae, _ = build("run_1_jl_ema")
     w = torch.nn.functional.normalize(torch.randn(256, 64), dim=1)
     cos = (w @ w.T).abs().triu(1)
     loss, over = sae.contrastive_loss(w, 0.3)  # the projection is a rotation on tiny
-    assert loss.item() == pytest.approx(((cos - 0.3).clamp_min(0) ** 2).sum().item() / 256, rel=1e-4)
+    assert loss.item() == pytest.approx(((cos - 0.3).clamp_min(0) ** 2).sum().item(), rel=1e-4)
     assert over.item() == pytest.approx((cos > 0.3).sum().item() / (256 * 255 / 2), rel=1e-4)
     assert sae.contrastive_loss(w, 1.0)[0] == 0
 
 
-def test_diversity_loss_is_the_mean_pairwise_cosine_of_activation_patterns():
+def test_diversity_loss_sums_each_latents_mean_cosine_with_the_others():
     sae, _ = build("run_4_diversity")
     f = torch.relu(torch.randn(64, 256))
     cos = torch.nn.functional.normalize(f, dim=0).T @ torch.nn.functional.normalize(f, dim=0)
-    brute = (cos.sum() - cos.diagonal().sum()) / (256 * 255)
+    brute = ((cos.sum(1) - cos.diagonal()) / 255).sum()
     assert sae.diversity_loss(f).item() == pytest.approx(brute.item(), rel=1e-4)
 
 
-def test_block_gram_schmidt_orthonormalises_within_blocks_and_keeps_norms():
-    w = torch.randn(100, 16) * torch.rand(100, 1)  # 100 = 6 blocks of 16 + a short block of 4
-    q = block_mgs(w, 16, 1e-8)
-    assert torch.allclose(q.norm(dim=1), w.norm(dim=1), rtol=1e-4)
+def modified_gram_schmidt(rows: torch.Tensor) -> torch.Tensor:
+    """The textbook loop: each row minus its projections on the unit rows before it, normalised."""
+    done = []
+    for row in rows:
+        for q in done:
+            row = row - (row @ q) * q
+        done.append(row / row.norm())
+    return torch.stack(done)
+
+
+def test_gram_schmidt_is_modified_gram_schmidt_within_blocks_keeping_norms():
+    w = torch.randn(100, 16, dtype=torch.float64) * torch.rand(100, 1, dtype=torch.float64)
+    q = gram_schmidt(w, 16)  # 100 = 6 blocks of 16 + a short block of 4
     for start in range(0, 100, 16):
-        block = torch.nn.functional.normalize(q[start:start + 16], dim=1)
-        assert torch.allclose(block @ block.T, torch.eye(len(block)), atol=1e-4)
+        rows = w[start:start + 16]
+        torch.testing.assert_close(q[start:start + 16], modified_gram_schmidt(rows) * rows.norm(dim=1, keepdim=True))
+
+
+def test_gram_schmidt_is_full_each_block_of_d_in_rows_an_orthonormal_basis():
     sae, _ = build("run_5_gram_schmidt")
-    assert sae.gs_block_size() == 32 and not torch.allclose(sae.decoder_weight(), sae.W_dec)
+    w = sae.decoder_weight().detach()
+    assert sae.gs_block_size() == 64 and not torch.allclose(w, sae.W_dec)
+    for block in w.split(64):  # 256 latents: four complete bases of the 64-d space
+        torch.testing.assert_close(block @ block.T, torch.eye(64), atol=1e-4, rtol=0)
 
 
 def test_hierarchical_structure_has_16_groups_and_masks_weak_groups():

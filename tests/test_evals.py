@@ -284,3 +284,44 @@ def test_capped_absorption_vocabulary_is_letter_balanced_and_independent_of_voca
     assert evals._capped_vocabulary(lambda tokenizer: shuffled, 520, seed=3)(None) == cap
     assert len(cap) <= 520 and {w.strip()[0] for w in cap} == set(LETTERS)
     assert sum(w.startswith(" x") for w in cap) == 20  # 520 // 26 each, where the letter has that many
+
+
+def test_core_adds_the_whole_set_explained_variance_the_eval_dead_fraction_and_bootstrap_errors(
+        sae, model, cfg, eval_tokens):
+    sae.inner.b_enc.data[:50] = -1e3  # these latents never fire
+    metrics, features = evals.evaluate_core(sae, model, eval_tokens, cfg, torch.device("cpu"))
+    hook = cfg.hook_name
+    with torch.no_grad():
+        _, cache = model.run_with_cache(eval_tokens, names_filter=hook)
+        x = cache[hook][:, 1:].reshape(-1, cache[hook].shape[-1]).double()  # BOS is special: left out
+        x_hat = sae(x.float()).double()
+    whole = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert metrics["reconstruction_quality"]["explained_variance_whole_set"] == pytest.approx(whole.item(), rel=1e-9)
+    never = np.mean(np.asarray(features["feature_density"]) == 0)
+    assert never >= 50 / cfg.dict_size and metrics["sparsity"]["dead_fraction_eval"] == never
+    se = metrics["bootstrap_se"]
+    assert se["contexts"] == len(eval_tokens)
+    assert all(0 < se[k] < 1 for k in ("explained_variance_whole_set", "ce_loss_score", "kl_div_score"))
+
+
+def test_the_bootstrap_s_per_context_rows_give_back_sae_bench_s_own_scores(sae, model, cfg, eval_tokens,
+                                                                          monkeypatch):
+    recorded = {}
+    real = evals.bootstrap_standard_errors
+    monkeypatch.setattr(evals, "bootstrap_standard_errors",
+                        lambda variance, losses: recorded.update(losses) or real(variance, losses))
+    metrics, _ = evals.evaluate_core(sae, model, eval_tokens, cfg, torch.device("cpu"))
+    for name, section in (("ce_loss_score", "model_performance_preservation"),
+                          ("kl_div_score", "model_behavior_preservation")):
+        rows = np.stack([torch.cat(recorded[part]).numpy() for part in evals.SCORE_PARTS[name]], 1)
+        assert len(rows) == cfg.eval_batch_prompts * cfg.eval_reconstruction_batches
+        assert evals._score(rows, name) == pytest.approx(metrics[section][name], rel=1e-5)  # its sums are fp32
+
+
+def test_sae_bench_reads_the_weights_in_the_model_s_scale_as_exported(cfg):
+    torch.manual_seed(0)
+    inner = experiment.SAE(experiment.TINY_MODEL["d_model"], cfg.dict_size, experiment.Hyperparams(), cfg).eval()
+    scaled = experiment.ScaledSAE(inner, 8.0)
+    x = torch.randn(5, experiment.TINY_MODEL["d_model"])
+    torch.testing.assert_close(scaled.encode(x), torch.relu(x @ scaled.W_enc + scaled.b_enc - scaled.b_dec @ scaled.W_enc))
+    torch.testing.assert_close(scaled.W_enc.norm(dim=0), inner.W_enc.norm(dim=0) * 8.0)  # feature_metrics' encoder_norm

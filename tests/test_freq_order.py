@@ -1,8 +1,9 @@
 """What is particular to the freq_order study: tracked activation frequencies are firing rates
-and reach the run folder; the ordering loss makes frequency fall with latent index; run 3's
-ordering weight ramps up from 0; resampling revives dead latents with fresh Adam state; run 5's
-L1 coefficient is the penalty over the reconstruction cosine; run 9's attention stays affordable
-at a realistic dictionary size."""
+and reach the run folder; the ordering loss's rates are exactly the hard rates and make frequency
+fall with latent index; run 3's ordering weight ramps up from 0; resampling revives only silent
+latents, at the rarest live rate, with fresh Adam state; run 5's L1 coefficient is the penalty
+over the reconstruction cosine; run 9's attention projects queries, keys and values from the
+latents' tokens and stays affordable at a realistic dictionary size."""
 
 import pytest
 import torch
@@ -42,6 +43,16 @@ def test_tracked_frequency_is_the_firing_rate():
     torch.testing.assert_close(sae.frequencies(), rate)
 
 
+def test_firing_rates_are_the_hard_rates_bit_for_bit_with_the_surrogate_gradient():
+    sae, _ = build("run_2_freq_ordering")
+    pre = (torch.randn(256, 2048) * 2).requires_grad_()
+    rates = sae.firing_rates(pre)
+    assert torch.equal(rates, (pre > 0).float().mean(0)), "the penalty's value must not carry rounding"
+    rates.sum().backward()
+    soft = torch.sigmoid(pre.detach() / sae.hp.surrogate_temperature)
+    torch.testing.assert_close(pre.grad, soft * (1 - soft) / sae.hp.surrogate_temperature / len(pre))
+
+
 def test_frequencies_and_their_order_are_saved_in_the_run_folder(run_tiny):
     info, out = run_2(run_tiny, 0.3)
     saved = load_file(out / "artifacts.safetensors")
@@ -73,6 +84,21 @@ def test_ordering_weight_ramps_from_zero_to_its_full_value():
     assert weights[ramp] == weights[-1] == pytest.approx(0.5)
     x = torch.randn(256, 64) * 3 + 1
     assert sae.loss(x, 0).terms["ordering_loss"] == 0 and sae.loss(x, ramp).terms["ordering_loss"] > 0
+
+
+@pytest.mark.parametrize("run", ["run_4_freq_resampling", "run_7_preact_layer_norm", "run_9_latent_attention"])
+def test_resampling_revives_only_silent_latents_at_the_rarest_live_rate(run):
+    sae, trainer = build(run)
+    x = torch.randn(256, 64) * 3 + 1
+    trainer.window_fires = torch.full((256,), 100.0 * trainer.every)
+    trainer.window_fires[:10] = 0  # silent in the window
+    trainer.window_fires[10] = 3 * trainer.every  # rare but alive: 3 tokens a batch
+    before = sae.W_dec.detach().clone()
+    trainer.resample(x)
+    assert trainer.resampled == 10
+    assert not torch.isclose(sae.W_dec[:10], before[:10]).all(dim=1).any()
+    assert torch.equal(sae.W_dec[10:], before[10:]), "a rare latent is the study's result, not a dead one"
+    assert ((sae.encode(x)[:, :10] > 0).sum(0) == 3).all(), "revived latents enter at the rarest live rate"
 
 
 @pytest.mark.parametrize("run", ["run_4_freq_resampling", "run_9_latent_attention"])
@@ -110,6 +136,21 @@ def test_l1_coefficient_is_the_penalty_over_the_reconstruction_cosine():
         expected = sae.run_cfg.sparsity_penalty / max(cosine.item(), sae.hp.min_cosine)
         assert stats["l1_coefficient"].item() == pytest.approx(expected)
     assert cosine < 0 and stats["l1_coefficient"].item() == pytest.approx(sae.run_cfg.sparsity_penalty / 0.1)
+
+
+def test_self_attention_projects_queries_keys_and_values_from_the_latents_tokens():
+    from plugins.freq_order import run_8_skip_projection
+
+    sae, _ = build("run_9_latent_attention", d_sae=32)
+    x = torch.randn(8, 64) * 3 + 1
+    pre = run_8_skip_projection.SAE.pre_activation(sae, x)
+    tokens = torch.relu(pre)[:, :, None] * sae.W_dec[None]  # (B, d_sae, d_in): what each latent writes
+    query = tokens.sum(1) @ sae.W_query
+    keys, values = tokens @ sae.W_key, tokens @ sae.W_value
+    weights = torch.softmax((keys @ query[:, :, None]).squeeze(-1) / sae.hp.d_attn ** 0.5, dim=-1)
+    context = (weights[:, :, None] * values).sum(1)
+    expected = pre + sae.attention_scale * context @ sae.W_out
+    torch.testing.assert_close(sae.pre_activation(x), expected)
 
 
 def test_self_attention_trains_at_a_realistic_dictionary_size():

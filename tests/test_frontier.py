@@ -205,17 +205,21 @@ def final_info(l0=42.0, penalty=0.2, k=None, status="completed"):
             "metrics": {"sparsity": {"l0": l0},
                         "model_performance_preservation": {"ce_loss_score": 0.9},
                         "model_behavior_preservation": {"kl_div_score": 0.8},
-                        "reconstruction_quality": {"explained_variance": 1.2, "explained_variance_legacy": 0.7}},
+                        "reconstruction_quality": {"explained_variance": 1.2, "explained_variance_legacy": 0.7,
+                                                   "explained_variance_whole_set": 0.6},
+                        "bootstrap_se": {"ce_loss_score": 0.01, "kl_div_score": None,
+                                         "explained_variance_whole_set": 0.02, "contexts": 32}},
             "provenance": {"seed": 7, "config": {"sparsity_penalty": penalty, "hyperparams": {"k": k}}}}
 
 
-def test_a_record_is_read_from_final_info():
+def test_a_record_is_read_from_final_info_with_its_bootstrap_uncertainties():
     got = frontier.record_from_final_info(final_info(), "sparsity_penalty")
     assert got == {"l0": 42.0, "knob": ("sparsity_penalty", 0.2), "seed": 7,
-                   "metrics": {"ce_loss_score": 0.9, "kl_div_score": 0.8, "explained_variance": 0.7}}
+                   "metrics": {"ce_loss_score": 0.9, "kl_div_score": 0.8, "explained_variance": 0.6},
+                   "uncertainties": {"ce_loss_score": 0.01, "explained_variance": 0.02}}
     assert frontier.record_from_final_info(final_info(k=64), "k")["knob"] == ("k", 64)
-    assert frontier.record_from_final_info(final_info(), "sparsity_penalty", "explained_variance") \
-        ["metrics"]["explained_variance"] == 1.2
+    assert frontier.record_from_final_info(final_info(), "sparsity_penalty", "explained_variance_legacy") \
+        ["metrics"]["explained_variance"] == 0.7
 
 
 def test_only_completed_runs_with_the_knob_make_records():

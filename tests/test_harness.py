@@ -285,7 +285,8 @@ def test_eval_of_a_run_folder_reproduces_its_core_metrics_and_notes_it(run_tiny,
     rescored = experiment.rescore(run_dir, "core", "cpu", notes)
     assert rescored["metrics"] == info["metrics"]
     assert json.loads((run_dir / "final_info.json").read_text())["metrics"] == info["metrics"]
-    assert f"Re-scored run 1 (zscore_ortho/run_1_initial, {run_dir}) with core" in notes.read_text()
+    assert f"Re-scored run 1 (zscore_ortho/run_1_initial, {run_dir}) with core; its results now:\n" in notes.read_text()
+    assert "{'" not in notes.read_text()  # the results as lines a person reads, no dict
     with pytest.raises(experiment.HarnessError, match="not a run folder"):
         experiment.rescore(run_dir.parent, "core", "cpu", notes)
 

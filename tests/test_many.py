@@ -8,6 +8,7 @@ import pytest
 from conftest import cli
 
 import experiment
+import plot
 
 TINY = ["--preset", "tiny", "--tokens", "2048"]
 
@@ -27,11 +28,23 @@ def test_sweep_trains_the_grid_times_seeds_once_and_then_reuses_it(tmp_path):
     assert {r["how"] for r in manifest["finished"]} == {"trained"}
     configs = [json.loads((manifest_path.parent / r["run"] / "config.json").read_text()) for r in manifest["finished"]]
     assert sorted((c["sparsity_penalty"], c["seed"]) for c in configs) == [(0.01, 42), (0.01, 43), (0.16, 42), (0.16, 43)]
+    figures = manifest_path.parent / "figures"
+    assert {p.name for p in figures.glob("*.png")} == {f"frontier_{m}.png" for m in plot.FRONTIER}
+    assert "at L0" in (figures / "README.md").read_text()  # each caption reads the data
     notes_before = notes.read_text()
     again = cli(*args)
     assert again.exit_code == 0, again.output
     assert {r["how"] for r in json.loads(manifest_path.read_text())["finished"]} == {"reused"}
     assert notes.read_text() == notes_before  # nothing trained, nothing noted
+
+    rebuilt = tmp_path / "rebuilt.md"  # the notebook rebuilt from the run folders: one entry per setting
+    assert cli("notes", "--out", str(rebuilt), "--runs", str(runs)).exit_code == 0
+    settings = [line.split(" · ")[2] for line in rebuilt.read_text().splitlines() if line.startswith("Study: ")]
+    assert sorted(settings) == [f"Setting: tokens=2048, sparsity_penalty={p}{seed}"  # TINY's --tokens too
+                                for p in (0.01, 0.16) for seed in ("", ", seed 43")]
+    assert "{'" not in rebuilt.read_text()  # no dict dumps
+    refused = cli("notes", "--out", str(rebuilt), "--runs", str(runs))
+    assert refused.exit_code == 2 and "pass --replace" in refused.output
 
 
 @pytest.mark.parametrize("grid, message", [
@@ -96,6 +109,8 @@ def test_a_run_gets_a_verdict_against_each_baseline_swept_on_the_same_activation
     assert verdict["knob"] == "sparsity_penalty" and verdict["points"] == 2
     assert set(verdict["metrics"]) == {"ce_loss_score", "kl_div_score", "explained_variance"}
     assert all(entry["word"] for entry in verdict["metrics"].values())
+    assert all(entry["uncertainty_parts"]["run"] for entry in verdict["metrics"].values()
+               if entry["delta"] is not None)  # the run's own bootstrap error enters each judged Δ
     line = next(line for line in notes.read_text().splitlines() if line.startswith("Against run_0_baseline"))
     assert line.startswith("Against run_0_baseline (sparsity_penalty, 2 runs)")
     words = {entry["word"] for entry in verdict["metrics"].values()}

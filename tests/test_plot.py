@@ -129,6 +129,7 @@ def test_every_figure_with_data_is_written_and_opens(runs, tmp_path):
                     for line in (runs / p / STAMP / "train_log.jsonl").read_text().splitlines()
                     for k in json.loads(line)} - {"step", "tokens"}
         expected = ({f"{m}_evolution" for m in plot.EVOLUTION} | {f"{k}_comparison" for k in log_keys}
+                    | {f"frontier_{m}" for m in plot.FRONTIER}
                     | {"key_metrics_combined", "final_losses", "training_loss_comparison", "reconstruction_metrics"})
         assert names == expected | ({"final_metrics_comparison"} if study == "topk_ortho" else set())
         assert {"total_loss_comparison", "l2_loss_comparison", "sparsity_loss_comparison",
@@ -201,14 +202,14 @@ def test_failed_run_is_marked_failed_not_zero(runs, tmp_path):
 
     cells = [str(list(column.cells)[2]) for column in plot.compare_table(runs, "zscore_ortho").columns]
     assert cells[0].startswith(label) and "failed: non-finite loss" in cells[0]
-    assert set(cells[1:]) == {"failed"}
+    assert set(cells[1:-1]) == {"failed"} and cells[-1] == ""  # and no verdict
 
 
 def test_latest_run_is_used_unless_another_is_picked(runs):
     plugin = runs / PLUGINS[0]
     newer = plugin / "20250102-000000"
     shutil.copytree(plugin / STAMP, newer)
-    edit_info(newer, lambda info: info["metrics"]["reconstruction_quality"].update(explained_variance_legacy=0.99))
+    edit_info(newer, lambda info: info["metrics"]["reconstruction_quality"].update(explained_variance_whole_set=0.99))
     (plugin / "20250103-000000").mkdir()  # still training: config.json only, no final_info.json
     shutil.copy(newer / "config.json", plugin / "20250103-000000" / "config.json")
 
@@ -233,8 +234,10 @@ def test_latest_run_is_used_unless_another_is_picked(runs):
 def test_compare_table_highlights_best_and_shows_delta_against_parent(runs):
     def set_metrics(plugin, ev, l2_ratio, mse):
         def edit(info):
-            info["metrics"]["reconstruction_quality"].update(explained_variance_legacy=ev, mse=mse)
+            info["metrics"]["reconstruction_quality"].update(explained_variance_whole_set=ev, mse=mse)
             info["metrics"]["shrinkage"]["l2_ratio"] = l2_ratio
+            info["verdict"] = {"run_0_topk": {"metrics": {"ce_loss_score": {"word": "better" if ev > 0.6 else "tied"}}},
+                               "run_0_gated": {"metrics": {"ce_loss_score": {"word": "outside the baseline sweep"}}}}
         edit_info(runs / plugin / STAMP, edit)
 
     set_metrics("zscore_ortho/run_1_initial", ev=0.50, l2_ratio=0.95, mse=0.30)
@@ -254,6 +257,9 @@ def test_compare_table_highlights_best_and_shows_delta_against_parent(runs):
     assert str(column["mse ↓"][2]) == "0.2 (-0.1)"
     assert str(column["explained_variance ↑"][1]) == "0.5" and str(column["explained_variance ↑"][0]) == "0.6"
     assert len(best("final_loss ↓")) == 1
+    assert [str(c) for c in column["CE-loss score against the baselines at its L0"]] == [
+        "run_0_topk: tied; run_0_gated: outside its sweep", "run_0_topk: tied; run_0_gated: outside its sweep",
+        "run_0_topk: better; run_0_gated: outside its sweep"]
 
 
 def test_cli_refuses_missing_runs_and_unknown_study(runs, tmp_path):
@@ -289,7 +295,7 @@ def test_a_broken_run_s_score_is_drawn_off_scale_not_flattening_the_others(runs)
     """One run at explained variance -700 (or a KL score of -inf) must not squash the others onto a
     line: it sits on the -1 floor as ▼ with its true value written."""
     broken = runs / PLUGINS[1] / STAMP
-    edit_info(broken, lambda info: (info["metrics"]["reconstruction_quality"].update(explained_variance_legacy=-700.0),
+    edit_info(broken, lambda info: (info["metrics"]["reconstruction_quality"].update(explained_variance_whole_set=-700.0),
                                     info["metrics"]["model_behavior_preservation"].update(kl_div_score=-math.inf)))
     fig = figures(runs, "zscore_ortho")["key_metrics_combined.png"]
     ev, _, kl = fig.axes
@@ -353,3 +359,48 @@ def test_plot_imports_no_project_module_that_imports_it_back():
         if name != "plot":
             source = Path(path).read_text()
             assert "import plot" not in source and "from plot import" not in source, name
+
+
+def sweep_copy(runs: Path, source: Path, plugin: str, name: str, l0: float, ce: float, se: float, **config) -> Path:
+    """A copy of a run as one point of a sweep of `plugin`: its L0, CE-loss score and bootstrap SE."""
+    folder = copy_run(source, runs / "sweeps" / name, plugin)
+
+    def edit(info):
+        info["metrics"]["sparsity"]["l0"] = l0
+        info["metrics"]["model_performance_preservation"]["ce_loss_score"] = ce
+        info["metrics"]["bootstrap_se"]["ce_loss_score"] = se
+        info["provenance"]["config"].update(config)
+    edit_info(folder, edit)
+    return folder
+
+
+def test_the_frontier_draws_each_baseline_sweep_as_a_curve_and_pools_a_plugin_s_seeds(runs):
+    source = runs / PLUGINS[0] / STAMP
+    for i, (l0, ce) in enumerate([(10.0, 0.5), (40.0, 0.7), (160.0, 0.9)]):
+        sweep_copy(runs, source, "baseline/run_0_baseline", f"base{i}", l0, ce, 0.01, sparsity_penalty=0.1 * i)
+    for seed, (l0, ce) in zip((1, 2), [(30.0, 0.80), (50.0, 0.84)]):  # two seeds of one setting: one point
+        sweep_copy(runs, source, "zscore_ortho/run_1_initial", f"z{seed}", l0, ce, 0.5, seed=seed, lr=0.5)
+    fig = figures(runs, "zscore_ortho", make=lambda rs: plot.frontier_figures(rs, [
+        plot.read_run(f) for f in plot.find_runs(runs)]))["frontier_ce_loss_score.png"]
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    curves = {c.get_label(): c for c in ax.containers}  # one errorbar container per series
+    base = curves["run_0_baseline"].lines[0]
+    assert base.get_linestyle() == "--" and list(base.get_xdata()) == [10.0, 40.0, 160.0]
+    initial = next(c for label, c in curves.items() if label.startswith("Run 1"))
+    pooled = list(initial.lines[0].get_xdata()).index(40.0)  # beside the trained run's own point
+    assert initial.lines[0].get_ydata()[pooled] == pytest.approx(0.82)
+    # the pooled point's error bar is the standard error across its two seeds (0.02), not their bootstrap 0.5
+    segment = initial.lines[2][0].get_segments()[pooled]
+    assert segment[1][1] - segment[0][1] == pytest.approx(2 * 0.02)
+
+
+def test_differences_far_below_the_noise_are_not_drawn_as_a_slope(runs):
+    for i, plugin in enumerate(PLUGINS[:2]):
+        edit_info(runs / plugin / STAMP, lambda info, i=i: (
+            info["metrics"]["reconstruction_quality"].update(explained_variance_whole_set=0.5 + 3e-7 * i),
+            info["metrics"]["bootstrap_se"].update(explained_variance_whole_set=0.004)))
+    fig = figures(runs, "zscore_ortho")["explained_variance_evolution.png"]
+    low, high = fig.axes[0].get_ylim()
+    assert high - low >= 4 * 0.004  # four standard errors, not 3e-7
+    assert not fig.axes[0].yaxis.get_offset_text().get_text()

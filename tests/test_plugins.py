@@ -88,7 +88,15 @@ def test_plugin_steps_at_the_gemma_2_2b_dictionary_size_without_quadratic_batch_
     assert torch.isfinite(total) and out.latents.shape == (256, 16384)
 
 
-@pytest.mark.parametrize("key", [k for k in ALL_PLUGINS if experiment.find_plugin(k).parent])
+# Plugins whose change acts only on latents that die, and none dies in a tiny run (every latent
+# fires in every 256-token batch): each is tested on forced-dead latents instead, where named.
+ACTS_ONLY_ON_DEAD_LATENTS = {
+    "freq_order/run_4_freq_resampling": "test_freq_order.py::test_resampling_revives_only_silent_latents_at_the_rarest_live_rate",
+}
+
+
+@pytest.mark.parametrize("key", [k for k in ALL_PLUGINS
+                                 if experiment.find_plugin(k).parent and k not in ACTS_ONLY_ON_DEAD_LATENTS])
 def test_plugin_changes_the_result_relative_to_its_parent(key, runs_dir):
     plugin = experiment.find_plugin(key)
     parent_key = next(k for k in ALL_PLUGINS if k.endswith("/" + plugin.parent))

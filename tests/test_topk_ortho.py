@@ -1,8 +1,10 @@
 """What the topk_ortho study must do on the tiny preset. Every per-step quantity the notebook
 tried and failed to record (its runs 2-10 logged nothing or zeros) is in every train_log.jsonl
 record, finite and non-zero, and its last value is in final_info's `final_metrics`; the
-selection takes the most co-active distinct pairs, as many as `topk_percent` says; pair
-stability is the Jaccard index with the previous step's selection; the adaptive τ moves."""
+selection takes the most co-active distinct pairs, as many as `topk_percent` says; the loss is
+the selected pairs' overlap energy beyond τ, large enough that the harness does not call it
+inert; pair stability is the Jaccard index with the previous step's selection; the adaptive τ
+moves."""
 
 import math
 
@@ -37,6 +39,10 @@ def selected(sae) -> set[tuple[int, int]]:
     return {(p // d, p % d) for p in sae.pairs.tolist() if p >= 0}
 
 
+def inert_warnings(info: dict) -> list[str]:
+    return [w for w in info["warnings"] if "cannot change the model" in w]
+
+
 def test_every_quantity_is_logged_finite_and_nonzero_on_a_real_run(run_tiny):
     info, run_dir = run_tiny(RUN_1, evals=())
     log = read_log(run_dir)
@@ -59,6 +65,7 @@ def test_every_quantity_is_logged_finite_and_nonzero_on_a_real_run(run_tiny):
     for name in LOGGED:
         assert math.isclose(final[name], log[-1][name], rel_tol=1e-6), name
     assert math.isclose(final["total_loss"], info["final_loss"], rel_tol=1e-6)
+    assert not inert_warnings(info)
 
 
 def test_set_topk_percent_selects_more_pairs(tmp_path, notes):
@@ -82,6 +89,7 @@ def test_adaptive_tau_moves_away_from_its_start(run_tiny):
     assert math.isclose(taus[0], 0.1, rel_tol=1e-6)  # logged before the first update
     assert abs(taus[-1] - 0.1) > 1e-3, taus
     assert math.isclose(info["final_metrics"]["tau"], taus[-1], rel_tol=1e-6)
+    assert not inert_warnings(info)
 
 
 def test_adaptive_tau_steps_towards_the_selected_pairs_median_overlap():
@@ -100,17 +108,20 @@ def test_selection_is_the_most_coactive_distinct_pairs():
     f = torch.relu(torch.randn(32, 64, generator=torch.Generator().manual_seed(1)) - 1)
     scores = {(i, j): (f[:, i] * f[:, j]).sum().item() for i in range(64) for j in range(i + 1, 64)}
     best = sorted(scores, key=scores.get, reverse=True)[:20]
-    got = sae.select_pairs(f)
+    got, coactivation = sae.select_pairs(f)
     assert len(got) == 20 and (got >= 0).all()
     assert {(p // 64, p % 64) for p in got.tolist()} == set(best)
+    for p, c in zip(got.tolist(), coactivation.tolist()):
+        assert math.isclose(c, scores[p // 64, p % 64] / 32, rel_tol=1e-5)  # the batch mean of f_i·f_j
 
 
 def test_pairs_that_never_cofire_are_not_selected():
     sae = sae_for(RUN_1, d_sae=64, topk_percent=0.01)
     f = torch.zeros(8, 64)
     f[:, :3] = 1.0  # only 3 co-firing pairs for 20 slots
-    got = sae.select_pairs(f)
+    got, coactivation = sae.select_pairs(f)
     assert {(p // 64, p % 64) for p in got.tolist() if p >= 0} == {(0, 1), (0, 2), (1, 2)}
+    assert (coactivation[got < 0] == 0).all()
     with torch.no_grad():
         sae.b_enc.fill_(-1e3)  # no latent fires: nothing to select
     out = sae.loss(batch(0), 0)
@@ -127,3 +138,22 @@ def test_pair_jaccard_is_the_overlap_with_the_previous_steps_selection():
     after = selected(sae)
     assert 0 < len(before & after) < len(before | after)
     assert math.isclose(jaccard, len(before & after) / len(before | after), rel_tol=1e-6)
+
+
+def test_ortho_loss_is_the_selected_pairs_overlap_energy_beyond_tau():
+    """ortho_weight · Σ_selected 2·mean_batch(f_i·f_j)·max(|w_i·w_j| − τ, 0), with gradients
+    into the decoder only."""
+    sae = sae_for(RUN_1, d_sae=64, topk_percent=0.01)
+    x = batch(3, n=32)
+    out = sae.loss(x, 0)
+    f, w = out.latents.detach(), sae.W_dec.detach()
+    expected = 0.0
+    for p in sae.pairs.tolist():
+        if p >= 0:
+            i, j = p // 64, p % 64
+            overlap = (w[i] @ w[j]).abs().item()
+            expected += 2 * (f[:, i] * f[:, j]).mean().item() * max(overlap - 0.1, 0.0)
+    assert expected > 0  # some selected pair overlaps beyond τ: the hinge is active
+    assert math.isclose(out.terms["ortho_loss"].item(), 0.1 * expected, rel_tol=1e-4)
+    out.terms["ortho_loss"].backward()
+    assert sae.W_dec.grad.abs().sum() > 0 and sae.W_enc.grad is None

@@ -97,6 +97,11 @@ class SAE(parent.SAE):
     def final_info(self):
         return {"topk_threshold": self.topk_threshold.item()}
 
+    def takes_sparse_step(self):
+        """The sparse step is exact here: the batch's top k·B are positive pre-activations as they
+        are (θ only reads them)."""
+        return self.keeps(*FORMULA, since=SAE)
+
     def sae_lens_export(self, scale):
         """The JumpReLU SAE this one is at inference, θ in every latent (as SAELens saves a
         BatchTopK SAE): exact where the encoder, activation and decoder are this file's."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
 from experiment import FORMULA
 from plugins.baseline import run_0_batchtopk as parent
 
@@ -62,10 +63,15 @@ class SAE(parent.SAE):
         terms = super().aux_losses(fwd)
         weight, decoded, start = self.decoder_weight(), self.b_dec, 0
         for width in self.widths[:-1]:
-            decoded = fwd.f[:, start:width] @ weight[start:width] + decoded
+            decoded = kernels.decode(fwd.f[:, start:width], weight[start:width], self.sparse_backward) + decoded
             terms[f"inner_mse_loss_{width}"] = (decoded - fwd.x).pow(2).sum(-1).mean()
             start = width
         return terms
+
+    def takes_sparse_step(self):
+        """The sparse step is exact here: BatchTopK's latents, and each prefix decodes its own
+        active latents only."""
+        return self.keeps(*FORMULA, since=SAE)
 
     def sae_lens_training(self):
         """SAELens's MatryoshkaBatchTopKTrainingSAE holding these weights and θ."""

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
 from experiment import FORMULA
 from plugins.baseline import run_0_baseline as parent
 
@@ -107,8 +108,14 @@ class SAE(parent.SAE):
         values, indices = candidates.topk(min(k_aux, dead.numel()), dim=-1, sorted=False)
         z = torch.zeros_like(fwd.pre).scatter(-1, indices, torch.where(values.isfinite(), values, 0.0))
         scale = (dead.sum() / k_aux).clamp(max=1.0)  # a few dead latents get a smaller loss
-        error = (z @ self.decoder_weight() - residual).pow(2).sum(-1).mean()  # ê without b_dec, as SAELens
+        e_hat = kernels.decode(z, self.decoder_weight(), self.sparse_backward)  # without b_dec, as SAELens
+        error = (e_hat - residual).pow(2).sum(-1).mean()
         return self.hp.aux_loss_coefficient * scale * error
+
+    def takes_sparse_step(self):
+        """The sparse step is exact here: the top k are positive pre-activations as they are, and
+        AuxK's gradient reaches pre at k_aux sites per token (its decode is sparse too)."""
+        return self.keeps(*FORMULA, since=SAE)
 
     def sae_lens_export(self, scale):
         from sae_lens import TopKSAE, TopKSAEConfig

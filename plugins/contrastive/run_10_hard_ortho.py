@@ -1,22 +1,22 @@
 """Hard Orthogonality Constraints with Feature Decorrelation: orthonormal decoder blocks, decorrelated codes.
 
 Notebook 002, run 10, on top of run 9: (1) hard orthogonality: after every optimizer step the
-stored decoder rows are re-orthonormalised with the modified Gram-Schmidt of run 5 within its
-blocks (and at initialisation, with the encoder re-tied), so the constraint holds for the weights
-themselves, not only in (2) the forward pass's Gram-Schmidt, which is kept; (3) a decorrelation
-loss, `decorrelation_weight` × Σ_{i≠j} corr(f_i, f_j)² / d_sae over the batch; (4) adaptive
-pruning: latents whose utilisation EMA falls to `prune_fraction` × the mean utilisation are
-pruned; (5) the decoder gradient is projected onto the tangent space of the block-orthonormal
+stored decoder rows are re-orthonormalised with the full Gram-Schmidt of run 5, in its blocks of
+d_in rows (and at initialisation, with the encoder re-tied), so the constraint holds for the
+weights themselves, not only in (2) the forward pass's Gram-Schmidt, which is kept; (3) a
+decorrelation loss, `decorrelation_weight` × Σ_{i≠j} corr(f_i, f_j)² / d_sae over the batch; (4)
+adaptive pruning: latents whose utilisation EMA falls to `prune_fraction` × the mean utilisation
+are pruned; (5) the decoder gradient is projected onto the tangent space of the block-orthonormal
 set, G ← G − sym(G Qᵀ) Q per block; (6) every `reinit_every` notebook steps the pruned (dead)
 units, least used first and at most `max_reinit`, are re-initialised on the residuals of the
 batch's worst-reconstructed inputs, their Adam state reset and their utilisation set to the mean;
-(7) batch-wise diversity tracking: the fraction of latents firing in the batch and the mean
-squared off-diagonal correlation are logged per step, with the blocks' orthogonality error and
-the number of re-initialised units.
-Readings chosen: "pruning" selects the units the re-initialisation replaces (prune and regrow);
-the threshold is adaptive through the mean utilisation. The correlation term uses the B × B Gram
-of the standardised code, ‖C‖_F² = ‖Z Zᵀ‖_F² / B², never the d_sae × d_sae correlation matrix.
-Order of the update: tangent projection, then run 8's and 6's updates, then the retraction.
+(7) batch-wise diversity tracking: the fraction of latents firing in the batch and the mean squared
+off-diagonal correlation are logged per step, with the blocks' orthogonality error and the number
+of re-initialised units.
+Readings chosen: "pruning" selects the units the re-initialisation replaces (prune and regrow); the
+threshold is adaptive through the mean utilisation. The correlation term uses the B × B Gram of the
+standardised code, ‖C‖_F² = ‖Z Zᵀ‖_F² / B², never the d_sae × d_sae correlation matrix. Order of
+the update: tangent projection, then run 8's and 6's updates, then the retraction.
 """
 
 from dataclasses import dataclass
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from plugins.contrastive import run_9_wta as parent
-from plugins.contrastive.run_5_gram_schmidt import block_mgs
+from plugins.contrastive.run_5_gram_schmidt import gram_schmidt
 
 
 @dataclass
@@ -49,7 +49,7 @@ class SAE(parent.SAE):
 
     @torch.no_grad()
     def retract(self) -> None:
-        self.W_dec.data.copy_(block_mgs(self.W_dec.data, self.gs_block_size(), self.hp.gs_eps))
+        self.W_dec.data.copy_(gram_schmidt(self.W_dec.data, self.gs_block_size()))
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:

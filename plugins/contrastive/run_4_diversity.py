@@ -1,11 +1,17 @@
 """Feature Diversity Loss Implementation: a progressive cosine penalty between activation patterns.
 
 Notebook 002, run 4, on top of run 3: each latent's activations over the batch are normalised to
-unit length, and the mean cosine similarity over all latent pairs is penalised with a weight
-that grows linearly from 0 at the first step to `diversity_weight` (0.1) at the last; the
-dynamic L1 bounds and the contrast threshold schedule are kept. Reading chosen: the mean over
-pairs is computed exactly from the column-normalised code F̂ as (‖F̂ 1‖² − ‖F̂‖²) / (d_sae(d_sae−1)),
-so no d_sae × d_sae matrix is formed. The weight is logged as `diversity_weight`.
+unit length, and their cosine similarities are penalised with a weight that grows linearly from 0
+at the first step to `diversity_weight` (0.1) at the last; the dynamic L1 bounds and the contrast
+threshold schedule are kept.
+Readings chosen: each latent pays the weight times its mean cosine with the other latents, summed
+over latents, Σ_i mean_{j≠i} cos(f_i, f_j), as each latent pays its own L1: the weight is a
+per-latent price, the same at any d_sae, against a reconstruction loss summed over dimensions. The
+mean over all pairs (the same divided by d_sae) was at most 0.079% of the loss on tiny and about
+0.003 of 18 on embedded, unable to move the model; summed over latents it reaches 17% of the loss
+on tiny at the last step. It is computed exactly from the column-normalised code F̂ as (‖F̂ 1‖² −
+‖F̂‖²) / (d_sae − 1), so no d_sae × d_sae matrix is formed. The weight is logged as
+`diversity_weight`.
 """
 
 from dataclasses import dataclass
@@ -22,9 +28,10 @@ class Hyperparams(parent.Hyperparams):
 
 class SAE(parent.SAE):
     def diversity_loss(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, d_sae) code -> Σ_i mean_{j≠i} cos(f_i, f_j), f_i latent i's activations over the batch."""
         unit = f / f.norm(dim=0, keepdim=True).clamp_min(1e-8)
         n = f.shape[1]
-        return (unit.sum(1).pow(2).sum() - unit.pow(2).sum()) / (n * (n - 1))
+        return (unit.sum(1).pow(2).sum() - unit.pow(2).sum()) / (n - 1)
 
     def aux_losses(self, fwd):
         terms = super().aux_losses(fwd)

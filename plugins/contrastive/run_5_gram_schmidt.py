@@ -1,50 +1,52 @@
-"""Modified Gram-Schmidt Orthogonalization Implementation: block-orthogonal decoder in the forward pass.
+"""Modified Gram-Schmidt Orthogonalization Implementation: an orthogonalised decoder in the forward pass.
 
 Notebook 002, run 5, on top of run 4: between encoding and reconstruction the dictionary is
-orthogonalised with modified Gram-Schmidt, each feature vector keeping its original magnitude,
-with an epsilon guarding the normalisations; the loss structure is unchanged.
+orthogonalised with Gram-Schmidt, each feature vector keeping its original magnitude; the loss
+structure is unchanged.
 Readings chosen: the "features" orthogonalised are the decoder rows (the directions the code is
 decoded onto), since orthogonalising the code itself would make a token's latents depend on the
-rest of the batch. d_sae rows cannot all be orthogonal in d_in dimensions, and MGS is sequential,
-so it runs within consecutive blocks of `gs_block` latents (at most d_in), all blocks at once:
-gs_block sequential steps, d_sae × d_in × gs_block / 2 memory, affordable at d_sae 16384. Decode
-and the contrastive penalty use the orthogonalised dictionary (so sae_bench's reconstruction
-metrics do too); sae_bench's weight-based metrics and the sae_lens export read the stored W_dec.
-`gs_row_shift` logs how far orthogonalisation moves rows (mean 1 − cos with the stored row).
+rest of the batch. The Gram-Schmidt is full: each row loses its projections on every row before it,
+up to the d_in rows that can be mutually orthogonal in d_in dimensions; so the dictionary is
+orthogonalised in consecutive blocks of d_in rows, each block a complete orthonormal basis (a
+single pass over all d_sae > d_in rows would leave every row after the d_in-th a zero residual). An
+earlier version used blocks of 32 rows. The output is that of modified Gram-Schmidt, computed as
+the Householder QR of each block (Q, with R's diagonal made positive, is Gram-Schmidt's result in
+exact arithmetic): stable without the notebook's epsilon guards, and one batched LAPACK call
+instead of d_in sequential steps. Measured forward + backward (one CPU thread, best of 5, a shared
+machine): 0.8 ms at d_sae 256 × d_in 64 (MGS in blocks of 32: 5.6 ms); 199 ms at d_sae 2048 × d_in
+640 (MGS in blocks of 32: 334 ms; the SAE's own step at batch 1024: 299 ms), where sequential MGS
+over blocks of 640 took 8.7 s. Decode and the contrastive penalty use the orthogonalised dictionary
+(so sae_bench's reconstruction metrics do too); sae_bench's weight-based metrics and the sae_lens
+export read the stored W_dec. `gs_row_shift` logs how far orthogonalisation moves rows (mean 1 −
+cos with the stored row).
 """
-
-from dataclasses import dataclass
 
 import torch
 
 from plugins.contrastive import run_4_diversity as parent
 
 
-@dataclass
-class Hyperparams(parent.Hyperparams):
-    gs_block: int = 32
-    gs_eps: float = 1e-6
-
-
-def block_mgs(w: torch.Tensor, block: int, eps: float) -> torch.Tensor:
-    """Modified Gram-Schmidt over consecutive blocks of `block` rows of w, each row keeping its
-    norm. A short last block is padded with zero rows, which stay zero and are dropped."""
+def gram_schmidt(w: torch.Tensor, block: int) -> torch.Tensor:
+    """(n, d) -> (n, d): Gram-Schmidt of the rows of w within consecutive blocks of `block` ≤ d rows
+    (the last may be shorter), each row keeping its norm. Row i of a block becomes the unit
+    component of w_i orthogonal to the block's rows before it, times ‖w_i‖."""
     n, d = w.shape
-    rest = torch.cat([w, w.new_zeros(-n % block, d)]).view(-1, block, d)
-    done = []
-    for _ in range(block):
-        q = rest[:, 0] / rest[:, 0].norm(dim=-1, keepdim=True).clamp_min(eps)
-        done.append(q)
-        rest = rest[:, 1:] - (rest[:, 1:] @ q.unsqueeze(-1)) * q.unsqueeze(1)
-    return torch.stack(done, 1).reshape(-1, d)[:n] * w.norm(dim=1, keepdim=True)
+    full = n - n % block
+    pieces = ([w[:full].reshape(-1, block, d)] if full else []) + ([w[full:][None]] if full < n else [])
+    rows = []
+    for piece in pieces:
+        q, r = torch.linalg.qr(piece.transpose(1, 2))  # (k, d, b): column i spans rows ≤ i
+        signs = torch.diagonal(r, dim1=1, dim2=2).sign()  # Gram-Schmidt keeps each row's own side
+        rows.append((q * signs[:, None, :]).transpose(1, 2).reshape(-1, d))
+    return torch.cat(rows) * w.norm(dim=1, keepdim=True)
 
 
 class SAE(parent.SAE):
     def gs_block_size(self) -> int:
-        return min(self.hp.gs_block, self.cfg.d_in)
+        return self.cfg.d_in
 
     def decoder_weight(self):
-        return block_mgs(self.W_dec, self.gs_block_size(), self.hp.gs_eps)
+        return gram_schmidt(self.W_dec, self.gs_block_size())
 
     def aux_losses(self, fwd):
         terms = super().aux_losses(fwd)

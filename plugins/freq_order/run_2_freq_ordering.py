@@ -11,9 +11,11 @@ ordering_loss = λ₂ · Σ_i |p_i − p↓_i|, zero exactly when frequency neve
 hinge on adjacent pairs, Σ max(p_{i+1} − p_i, 0), has the same zeros but only smooths neighbours:
 on the tiny preset it left the index-frequency correlation where it started.) It is a sum over
 latents, not a mean, so each latent's pull does not shrink as d_sae grows. Firing is not
-differentiable, so p is a straight-through estimate: its value is the hard firing rate, its
-gradient that of mean sigmoid(pre / `surrogate_temperature`), which also reaches latents that did
-not fire. Tracked frequencies are a bias-corrected EMA (decay `freq_decay`) of the batch rates,
+differentiable, so p is a straight-through estimate, p = hard + (soft − soft.detach()): its value
+is exactly the hard firing rate, a count over B that rounds alike on every machine (so the
+penalty's value moves only when a latent's firing does), its gradient that of soft = mean
+sigmoid(pre / `surrogate_temperature`), which also reaches latents that did not fire. Tracked
+frequencies are a bias-corrected EMA (decay `freq_decay`) of the batch rates,
 saved as artifacts for the frequency figures: `feature_frequencies`, and `frequency_order`, the
 latent indices from most to least frequent. Logged every log step and put in final_info:
 `frequency_index_spearman`, the rank correlation (ties averaged) of tracked frequency with index,
@@ -51,8 +53,7 @@ class SAE(parent.SAE):
         self.register_buffer("freq_updates", torch.zeros((), dtype=torch.long, device=device))
 
     def observe(self, fwd):
-        # The straight-through rates: their value is the hard firing rate, up to the same rounding
-        # as the loss's.
+        # The straight-through rates: their value is exactly the hard firing rate.
         rates = self.firing_rates(fwd.pre)
         d = self.hp.freq_decay
         self.freq_ema.mul_(d).add_((1 - d) * rates)
@@ -83,9 +84,11 @@ class SAE(parent.SAE):
         return (rates - target).abs().sum()
 
     def firing_rates(self, pre: torch.Tensor) -> torch.Tensor:
-        """Batch firing rate per latent: hard value, sigmoid-surrogate gradient."""
+        """Batch firing rate per latent: hard value, sigmoid-surrogate gradient. (soft − soft.detach())
+        is exactly 0, so the value is the hard rate bit for bit; (hard + soft) − soft would round,
+        and the sorted-rate penalty would carry that rounding into the loss."""
         soft = torch.sigmoid(pre / self.hp.surrogate_temperature).mean(0)
-        return (pre > 0).float().mean(0) + soft - soft.detach()
+        return (pre > 0).float().mean(0) + (soft - soft.detach())
 
     @torch.no_grad()
     def frequencies(self) -> torch.Tensor:

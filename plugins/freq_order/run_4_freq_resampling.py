@@ -4,18 +4,29 @@ Notebook 003, run 4, on top of run 3. Every `resample_every` notebook steps (sca
 length), dead latents are re-initialised on inputs the SAE reconstructs badly, and their
 optimizer state is zeroed so stale Adam moments do not throw them straight back.
 
-Readings chosen where the notebook is vague: "dead" follows run 3's stated aim, to improve
-utilisation: a latent is resampled when its firing rate since the previous check is at most
-`dead_ratio` (0.1) of the mean rate, which takes in every latent that stopped firing (0 gives the
-strictly-dead criterion, which never fires on short runs: on the tiny preset every latent fires
-in every batch). The recipe is that of dictionary_learning's standard trainer, which the
-notebook's template came from: inputs of the current batch are drawn (torch's global RNG) with
-probability ∝ their squared reconstruction error, one per resampled latent, the least used first
-if there are more of them than inputs; the decoder row becomes the unit-norm input, the encoder
-column the same direction at `encoder_scale` (0.2) × the mean encoder-column norm of the other
-latents, the encoder bias 0; Adam's moments of exactly those rows and columns are zeroed. 500
-notebook steps is about 1M tokens, the harness's own dead-latent window. "dtype consistency"
-needs no code: every tensor here follows the SAE's dtype. `resampled_total` is logged.
+Readings chosen where the notebook is vague: "dead" is dead, a latent that did not fire once in the
+window since the previous check (`resample_every` notebook steps, scaled; in the notebook's run
+about 1M tokens, the harness's own dead-latent window). An earlier reading resampled every latent
+firing below 0.1× the mean rate; but the ordering loss of runs 2–3 exists to make the high-index
+latents rare, so that criterion resampled the very tail the study builds (on embedded: the
+index-frequency Spearman of −0.91 of run 3 fell to −0.06, the reconstruction loss grew 7000-fold,
+and runs 5–6 inherited it). A rare latent is the study's result; only a silent one is wasted. On
+the tiny preset (32 steps) no latent stays silent for a window (every latent fires in every batch
+of 256 tokens), so this run trains exactly as run 3 there; with lr 1e-2 one to four latents of the
+index tail fall silent per window of 3 steps and are revived. The recipe is that of
+dictionary_learning's standard trainer, which the notebook's template came from: inputs of the
+current batch are drawn (torch's global RNG) with probability ∝ their squared reconstruction error,
+one per resampled latent, the lowest-indexed dead latents first if there are more of them than
+inputs; the decoder row becomes the unit-norm input, the encoder column the same direction at
+`encoder_scale` (0.2) × the mean encoder-column norm of the other latents, the encoder bias 0;
+Adam's moments of exactly those rows and columns are zeroed. One departure from that recipe, for
+this study: a revived latent enters at the rarest live latent's rate, its last pre-activation
+offset (`latent_offsets`: b_enc here, run 7's LayerNorm bias) set so that it fires on as many of
+the batch's tokens as the rarest live latent fired on per batch in the window, at least one. With
+bias 0 it fires on nearly every token (on tiny at lr 1e-2: on 86–98% of them, the mean latent on
+8–15%) at an index the ordering asks to be the rarest, and the ordering loss spends the next
+windows pulling it back. "dtype consistency" needs no code: every tensor here follows the SAE's
+dtype. `resampled_total` is logged.
 """
 
 from dataclasses import dataclass
@@ -28,7 +39,6 @@ from plugins.freq_order import run_3_ordering_ramp as parent
 @dataclass
 class Hyperparams(parent.Hyperparams):
     resample_every: int = 500
-    dead_ratio: float = 0.1
     encoder_scale: float = 0.2
 
 
@@ -46,6 +56,18 @@ class SAE(parent.SAE):
         self.W_dec[dead] = directions
         self.W_enc[:, dead] = directions.T * kept_norm * self.hp.encoder_scale
         self.b_enc[dead] = 0.0
+
+    def latent_offsets(self) -> torch.nn.Parameter:
+        """The per-latent parameter added to the pre-activations last, which sets how often a
+        latent fires."""
+        return self.b_enc
+
+    @torch.no_grad()
+    def fire_on_top_tokens(self, dead: torch.Tensor, x: torch.Tensor, count: int) -> None:
+        """Shift each latent in `dead` so that it fires on its `count` highest-scoring tokens of x
+        (halfway between the count-th and the next pre-activation)."""
+        top = self.pre_activation(x)[:, dead].topk(count + 1, dim=0).values
+        self.latent_offsets()[dead] -= (top[count - 1] + top[count]) / 2
 
 
 class Trainer(parent.Trainer):
@@ -66,17 +88,24 @@ class Trainer(parent.Trainer):
     def resample(self, x: torch.Tensor) -> None:
         sae, fires = self.sae, self.window_fires
         self.window_fires = torch.zeros_like(fires)
-        dead = (fires <= sae.hp.dead_ratio * fires.mean()).nonzero().squeeze(-1)
+        dead = (fires == 0).nonzero().squeeze(-1)
         if len(dead) == 0:
             return
         errors = (x - sae(x)).pow(2).sum(-1)
         if errors.sum() <= 0:  # a perfect batch has nothing to resample on
             return
-        dead = dead[fires[dead].argsort(stable=True)][: len(x)]
+        dead = dead[: len(x)]
         picked = torch.multinomial(errors, len(dead), replacement=False)
         sae.resample(dead, x[picked] / x[picked].norm(dim=-1, keepdim=True).clamp_min(1e-8))
+        sae.fire_on_top_tokens(dead, x, self.rarest_live_count(fires, len(x)))
         for param, dim in sae.latent_slices():
             for buffer in self.optimizer.state.get(param, {}).values():
                 if torch.is_tensor(buffer) and buffer.shape == param.shape:
                     buffer.index_fill_(dim, dead, 0.0)
         self.resampled += len(dead)
+
+    def rarest_live_count(self, fires: torch.Tensor, batch: int) -> int:
+        """Tokens per batch at the window's lowest non-zero firing rate: at least 1, below the batch."""
+        live = fires[fires > 0]
+        per_batch = round(live.min().item() / self.every) if len(live) else 1
+        return min(max(per_batch, 1), batch - 1)

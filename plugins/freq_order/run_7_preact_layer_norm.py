@@ -5,7 +5,8 @@ LayerNorm running over the d_sae pre-activations of each token with a learnable 
 and bias (eps `norm_eps`). Reading chosen: "normalize feature activations before ReLU in the
 encoder" is taken literally, so it is the pre-activations, not the input, that are normalised.
 Resampling (run 4) also resets a resampled latent's LayerNorm gain to 1 and bias to 0, with
-their Adam state: a dead latent is often dead through a very negative LayerNorm bias.
+their Adam state (a dead latent is often dead through a very negative LayerNorm bias), and sets
+its firing rate through the LayerNorm bias, the last term of its pre-activation.
 """
 
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ class SAE(parent.SAE):
 
     def latent_slices(self):
         return [*super().latent_slices(), (self.pre_norm.weight, 0), (self.pre_norm.bias, 0)]
+
+    def latent_offsets(self):
+        return self.pre_norm.bias  # added after the normalisation, which would rescale b_enc's shift
 
     @torch.no_grad()
     def resample(self, dead, directions):

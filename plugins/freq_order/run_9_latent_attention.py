@@ -1,16 +1,22 @@
 """Self-Attention Implementation: the latent code attends over its own latents and feeds back.
 
-Notebook 003, run 9, on top of run 8. From the code f₀ = ReLU(pre) of run 8, a query
-q = f₀ W_Q (d_attn = 64) attends over the d_sae latents, each with a learned key k_j: scaled
-dot-product weights a = softmax(q Kᵀ / √d_attn). The values are the latents' own activations
-projected, v_j = f₀_j W_V[j], so the context c = Σ_j a_j v_j = (a ⊙ f₀) W_V summarises which
-latents are active. Projected back, it is added to every pre-activation before the final ReLU,
-with a learnable scale γ (initially `attention_scale_init`): f = ReLU(pre + γ · c W_O).
-Readings chosen where the notebook is vague: the attention is the latent code attending over its
-own latents, one query per token, so a token's code never depends on the rest of the batch
-(attention across the batch would make sae_bench's codes batch-dependent), and its cost is
-B × d_sae plus B × d_sae × d_attn in matmuls, never B × d_sae × d_sae: latent-to-latent attention
-for every token would be that size. Every tensor follows the SAE's dtype ("dtype handling").
+Notebook 003, run 9, on top of run 8. Each token's latents form the sequence attended over: from
+the code f₀ = ReLU(pre) of run 8, latent j's token is what it writes into the reconstruction,
+e_j = f₀_j · d_j (d_j its decoder row, d_in wide). Query, key and value are linear projections
+(d_in → d_attn = 64, no bias) of these tokens: k_j = e_j W_K, v_j = e_j W_V, and one query per
+token, q = (Σ_j e_j) W_Q, the projection of the pooled sequence (the code's reconstruction, less
+b_dec). Scaled dot-product attention, a = softmax_j(q · k_j / √d_attn), gives the context
+c = Σ_j a_j v_j, projected back to the latents and added to every pre-activation before the final
+ReLU with a learnable scale γ (initially `attention_scale_init`): f = ReLU(pre + γ · c W_O).
+Readings chosen where the notebook is vague: the attention is over a token's own latents, so a
+token's code never depends on the rest of the batch (attention across the batch would make
+sae_bench's codes batch-dependent). The tokens are linear in f₀_j, so keys and values are
+computed as k_j = f₀_j (D W_K)_j and v_j = f₀_j (D W_V)_j from the d_sae × d_attn products with the
+dictionary D, once per batch: the cost is B × d_sae × d_attn, never B × d_sae × d_in or
+B × d_sae × d_sae (one query per latent would need that: latent-to-latent attention for every token).
+An earlier version had a learned key per latent and values f₀_j W_V[j], no projections of anything
+the latents carry. Resampling (run 4) zeroes a resampled latent's column of W_O, with its Adam
+state. Every tensor follows the SAE's dtype ("dtype handling").
 """
 
 from dataclasses import dataclass
@@ -29,16 +35,25 @@ class Hyperparams(parent.Hyperparams):
 class SAE(parent.SAE):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        d_sae, d_attn, device = self.cfg.d_sae, self.hp.d_attn, self.W_dec.device
-        self.W_query = torch.nn.Parameter(torch.randn(d_sae, d_attn, device=device) / d_sae ** 0.5)
-        self.latent_keys = torch.nn.Parameter(torch.randn(d_sae, d_attn, device=device))
-        self.W_value = torch.nn.Parameter(torch.randn(d_sae, d_attn, device=device))
+        d_in, d_sae, d_attn, device = self.cfg.d_in, self.cfg.d_sae, self.hp.d_attn, self.W_dec.device
+        self.W_query, self.W_key, self.W_value = (
+            torch.nn.Parameter(torch.randn(d_in, d_attn, device=device) / d_in ** 0.5) for _ in range(3))
         self.W_out = torch.nn.Parameter(torch.randn(d_attn, d_sae, device=device) / d_attn ** 0.5)
         self.attention_scale = torch.nn.Parameter(torch.tensor(self.hp.attention_scale_init, device=device))
 
     def pre_activation(self, x):
+        """pre + γ · c W_O, c the attention context over the tokens e_j = f₀_j d_j: (B, d_sae)."""
         pre = super().pre_activation(x)
-        f0 = torch.relu(pre)
-        scores = (f0 @ self.W_query) @ self.latent_keys.T / self.hp.d_attn ** 0.5
-        context = (torch.softmax(scores, dim=-1) * f0) @ self.W_value
+        f0, dictionary = torch.relu(pre), self.decoder_weight()
+        query = (f0 @ dictionary) @ self.W_query  # (B, d_attn): the pooled tokens, projected
+        scores = f0 * (query @ (dictionary @ self.W_key).T) / self.hp.d_attn ** 0.5
+        context = (torch.softmax(scores, dim=-1) * f0) @ (dictionary @ self.W_value)
         return pre + self.attention_scale * context @ self.W_out
+
+    def latent_slices(self):
+        return [*super().latent_slices(), (self.W_out, 1)]
+
+    @torch.no_grad()
+    def resample(self, dead, directions):
+        super().resample(dead, directions)
+        self.W_out[:, dead] = 0.0

@@ -8,13 +8,22 @@ them after every step), so w_i·w_j is their cosine.
 Readings chosen where the notebook is vague: the pair score is the batch sum of f_i·f_j, one
 d_sae × d_sae matmul FᵀF (never a per-example product), and the selection is made without
 gradient; the number of pairs is topk_percent of the d_sae·(d_sae−1)/2 distinct pairs, and
-slots whose pair never co-fires in the batch stay empty. τ is the overlap the loss tolerates:
-ortho_loss = ortho_weight · mean over selected pairs of max(|w_i·w_j| − τ, 0)². A pair's
-"correlation" is that decoder cosine |w_i·w_j|, the quantity the loss acts on. Pair-selection
-stability is the Jaccard index of this step's selected pair set with the previous step's
-(`pair_jaccard`, 0 on the first step). Logged every log step, and their last values in
-final_info's `final_metrics`: the loss terms and total, active_features (latents firing in the
-batch), selected_pairs, unique_features_in_pairs, max/mean_pair_correlation, pair_jaccard, tau.
+slots whose pair never co-fires in the batch stay empty. τ is the overlap the loss tolerates.
+The loss is a sum over the selected pairs, each priced in the reconstruction loss's own units:
+a pair's overlap adds 2·f_i·f_j·(w_i·w_j) to the squared norm of a token's reconstruction, so
+
+    ortho_loss = ortho_weight · Σ_selected 2·c_ij·max(|w_i·w_j| − τ, 0),   c_ij = mean_batch f_i·f_j
+
+is ortho_weight times the reconstruction energy the selected pairs' overlap beyond τ carries
+(c_ij is a statistic: the loss moves the decoder, not the latents), so the weight is a share of
+a quantity in the loss's own units whatever the activations' scale or d_in. The earlier reading,
+the mean over pairs of max(|w_i·w_j| − τ, 0)², stayed near 0.001% of the loss on tiny and could
+not change the model. A pair's "correlation" is its decoder cosine |w_i·w_j|, the quantity the
+loss acts on. Pair-selection stability is the Jaccard index of this step's selected pair set with
+the previous step's (`pair_jaccard`, 0 on the first step). Logged every log step, and their last
+values in final_info's `final_metrics`: the loss terms and total, active_features (latents firing
+in the batch), selected_pairs, unique_features_in_pairs, max/mean_pair_correlation, pair_jaccard,
+tau.
 """
 
 from dataclasses import dataclass
@@ -44,10 +53,12 @@ class SAE(parent.SAE):
         return torch.tensor(self.hp.tau, device=self.W_dec.device)
 
     @torch.no_grad()
-    def select_pairs(self, f: torch.Tensor) -> torch.Tensor:
+    def select_pairs(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The n_pairs most co-active pairs i < j as flat ids i·d_sae + j (-1 for an empty slot),
+        and each one's co-activation mean_batch f_i·f_j (0 for an empty slot)."""
         scores = (f.T @ f).triu_(1).flatten()  # strict upper triangle: each pair i < j once
         values, ids = scores.topk(self.n_pairs)
-        return torch.where(values > 0, ids, -1)
+        return torch.where(values > 0, ids, -1), values.clamp_min(0) / len(f)
 
     def pair_cosines(self, pairs: torch.Tensor) -> torch.Tensor:
         ids = pairs.clamp_min(0)
@@ -55,16 +66,15 @@ class SAE(parent.SAE):
 
     def aux_losses(self, fwd):
         f = fwd.f.detach()
-        pairs = self.select_pairs(f)
-        # Masks instead of boolean indexing: the loss needs no host sync.
+        pairs, coactivation = self.select_pairs(f)
+        # Masks instead of boolean indexing: the loss needs no host sync (empty slots weigh 0).
         valid = (pairs >= 0).float()
-        n_valid = valid.sum().clamp_min(1)
         overlap = self.pair_cosines(pairs).abs()
-        hinge = (overlap - self.tau()).clamp_min(0).pow(2)
+        excess = (overlap - self.tau()).clamp_min(0)
         fwd.stats.update(self.pair_stats(f, pairs, valid, overlap.detach()))  # before self.pairs moves on
         if self.training:
             self.pairs.copy_(pairs)
-        return {"ortho_loss": self.hp.ortho_weight * (hinge * valid).sum() / n_valid}
+        return {"ortho_loss": self.hp.ortho_weight * (2 * coactivation * excess).sum()}
 
     @torch.no_grad()
     def pair_stats(self, f, pairs, valid, overlap) -> dict[str, torch.Tensor]:

@@ -1,17 +1,30 @@
 """Initial Implementation: z-score thresholds, interference-weighted orthogonality, reactivation.
 
 Notebook 000, run 1. A latent fires only when its pre-activation exceeds EMA(μ) + z·EMA(σ) of
-its own pre-activations (z = 2). The orthogonality penalty is weighted linearly by
-EMA(h_i h_j) − τ on the latent pairs whose co-activation exceeds τ, times their squared decoder
-cosine. Dead latents that interfere most with live ones are revived.
+its own pre-activations (z = 2). The orthogonality penalty on the decoder overlap of latent pairs
+is weighted linearly by EMA(h_i h_j) − τ, on the pairs whose co-activation exceeds τ. Dead
+latents that interfere most with live ones are revived.
 
-Readings chosen where the notebook is vague: h is the firing indicator, so EMA(h_i h_j) is the
-co-firing rate and τ a rate; the co-activation EMA is updated from a rank-32 randomized SVD of
-the batch's firing matrix (never the B × d_sae × d_sae product); the penalty covers at most
-`max_pairs` pairs, the most co-active first; every `revive_every` steps up to `max_revive` dead
-latents, those whose decoder row has the largest |cos| with another row first, are re-initialised
-on the worst-reconstructed inputs of the batch, their threshold statistics restart from their
-pre-activations on that batch, and their Adam state is reset.
+Readings chosen where the notebook is vague: h is the latents' activation, so EMA(h_i h_j) is the
+EMA of the feature covariance E_batch[f_i f_j] (uncentred; the notebook's "covariance"), updated
+from a rank-32 randomized SVD of the batch's latents (never the B × d_sae × d_sae product), and τ
+is in its units (the SAE trains on activations of mean norm √d_in). A pair's overlap adds
+2·f_i·f_j·cos(d_i, d_j) to the squared norm of a token's reconstruction, so the penalty is the
+energy of that overlap beyond the tolerated co-activation, summed over at most `max_pairs` pairs,
+the most co-active first:
+
+    ortho_loss = ortho_weight · Σ 2·(EMA(h_i h_j) − τ)·|cos(d_i, d_j)|
+
+in the reconstruction loss's own units, so that its weight is a share of something the loss
+weighs. The earlier reading (h the firing indicator, cos², the mean over pairs) left the term at
+about 1e-5 % of the loss on tiny: it could not change the model.
+
+Every `revive_every` notebook steps (500, scaled to the run's length: a tenth of the run, 1M
+tokens at the notebook's scale, as the harness's dead-latent window) up to `max_revive` latents
+that fired in none of the period's steps, those whose decoder row has the largest |cos| with
+another row first, are re-initialised on the worst-reconstructed inputs of the batch, their
+threshold statistics restart from their pre-activations on that batch, and their Adam state is
+reset.
 """
 
 from dataclasses import dataclass
@@ -29,7 +42,7 @@ class Hyperparams(parent.Hyperparams):
     ortho_weight: float = 0.1
     svd_rank: int = 32
     max_pairs: int = 4096
-    revive_every: int = 50
+    revive_every: int = 500  # notebook steps
     max_revive: int = 64
 
 
@@ -47,30 +60,28 @@ class SAE(parent.SAE):
         return torch.relu(pre) * (pre > self.threshold())
 
     def observe(self, fwd):
-        """EMA of each latent's pre-activation mean and variance, and of the co-firing matrix."""
-        d = self.hp.ema_decay
-        self.pre_mean.mul_(d).add_((1 - d) * fwd.pre.mean(0))
-        self.pre_var.mul_(d).add_((1 - d) * fwd.pre.var(0))
-        fired = (fwd.f > 0).float()
-        _, s, v = torch.svd_lowrank(fired, q=min(self.hp.svd_rank, *fired.shape), niter=2)
-        batch_coact = (v * s.pow(2)) @ v.T / len(fired)
-        self.coactivation.mul_(d).add_((1 - d) * batch_coact)
+        """EMA of each latent's pre-activation mean and variance, and of the latents' covariance
+        FᵀF / B (rank-`svd_rank` randomized SVD of F, the batch's (B, d_sae) latents)."""
+        self.update_ema(self.pre_mean, fwd.pre.mean(0))
+        self.update_ema(self.pre_var, fwd.pre.var(0))
+        _, s, v = torch.svd_lowrank(fwd.f, q=min(self.hp.svd_rank, *fwd.f.shape), niter=2)
+        self.update_ema(self.coactivation, (v * s.pow(2)) @ v.T / len(fwd.f))
+
+    def update_ema(self, statistic: torch.Tensor, batch_value: torch.Tensor) -> None:
+        """statistic ← d·statistic + (1 − d)·batch_value, with d = ema_decay."""
+        statistic.lerp_(batch_value, 1 - self.hp.ema_decay)
 
     def aux_losses(self, fwd):
         return {"ortho_loss": self.hp.ortho_weight * self.ortho_penalty()}
 
     def ortho_penalty(self) -> torch.Tensor:
-        """Σ (EMA(h_i h_j) − τ) cos²(d_i, d_j) over the most co-active pairs above τ, per pair."""
+        """Σ 2·(EMA(h_i h_j) − τ)·|cos(d_i, d_j)| over the `max_pairs` most co-active pairs i < j;
+        pairs at or below τ weigh 0."""
         excess = torch.triu(self.coactivation - self.hp.tau, diagonal=1).clamp_min(0).flatten()
         weights, flat = excess.topk(min(self.hp.max_pairs, excess.numel()))
-        keep = weights > 0
         w_dec = self.decoder_weight()
-        if not keep.any():
-            return w_dec.sum() * 0.0
-        d_sae = self.cfg.d_sae
-        i, j = flat[keep] // d_sae, flat[keep] % d_sae
-        cos = (w_dec[i] * w_dec[j]).sum(-1)
-        return (weights[keep] * cos.pow(2)).sum() / keep.sum()
+        cos = (w_dec[flat // self.cfg.d_sae] * w_dec[flat % self.cfg.d_sae]).sum(-1)
+        return (2 * weights * cos.abs()).sum()
 
 
 class Trainer(parent.Trainer):
@@ -83,21 +94,23 @@ class Trainer(parent.Trainer):
 
     def after_step(self, x, out, step):
         self.last_fired[(out.latents > 0).any(0)] = step
-        if step > 0 and step % self.sae.hp.revive_every == 0:
-            self.revive(x, step)
+        period = self.cfg.scaled_steps(self.sae.hp.revive_every)
+        if step > 0 and step % period == 0:
+            self.revive(x, step, period)
         out.stats["revived_total"] = torch.tensor(self.revived)
 
     @torch.no_grad()
-    def revive(self, x: torch.Tensor, step: int) -> None:
+    def revive(self, x: torch.Tensor, step: int, period: int) -> None:
+        """Re-initialise up to max_revive latents that fired in none of the last `period` steps."""
         sae, hp = self.sae, self.sae.hp
-        dead = (self.last_fired < step - hp.revive_every).nonzero().squeeze(-1)
+        dead = (self.last_fired <= step - period).nonzero().squeeze(-1)
         if len(dead) == 0:
             return
         cos = sae.W_dec[dead] @ sae.W_dec.T
         cos[torch.arange(len(dead)), dead] = 0
         interference = cos.abs().amax(dim=1)
         dead = dead[interference.argsort(descending=True)[: hp.max_revive]]
-        residual = x - sae.decode(sae.encode(x))
+        residual = x - sae.reconstruct(x, sae.encode(x))  # skip paths (run 4 on) included
         worst = residual.norm(dim=-1).argsort(descending=True)[: len(dead)]
         directions = residual[worst] / residual[worst].norm(dim=-1, keepdim=True).clamp_min(1e-8)
         dead = dead[: len(directions)]

@@ -1,10 +1,15 @@
 """Improved Initialization and Training Stability: calibrated thresholds and clipped gradients.
 
 Notebook 000, run 2, on top of run 1. Run 1 fired no latent at all (L0 = 0): the z-score
-threshold was applied before its statistics meant anything. Here the threshold's z ramps from 0
-to its full value over `threshold_warmup` steps while the EMA statistics calibrate, and gradients
-are clipped to norm `grad_clip`. Reading chosen: the notebook names no mechanism beyond
-"initialisation and stability", so these two are the changes; everything else is run 1.
+threshold was applied before its statistics meant anything. Here (1) the running statistics are
+initialised from the first training batch (its pre-activations' mean and variance, its latents'
+covariance) instead of from zero, which the EMA then took about 1/(1 − ema_decay) steps to forget;
+(2) the threshold's z ramps from 0 to its full value over `threshold_warmup` notebook steps
+(scaled to the run's length) while those statistics settle; (3) gradients are clipped to norm
+`grad_clip`. Reading chosen: the notebook names no mechanism beyond "initialisation and
+stability". The old template's zero weights, the likely cause of its run 1, never exist here (every
+run, run 1 included, starts from random unit decoder rows and a tied encoder), so the
+initialisation this run can improve is that of the threshold's statistics.
 """
 
 from dataclasses import dataclass
@@ -16,7 +21,7 @@ from plugins.zscore_ortho import run_1_initial as parent
 
 @dataclass
 class Hyperparams(parent.Hyperparams):
-    threshold_warmup: int = 100
+    threshold_warmup: int = 100  # notebook steps
     grad_clip: float = 1.0
 
 
@@ -26,8 +31,14 @@ class SAE(parent.SAE):
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
 
     def threshold(self):
-        ramp = min(1.0, self.steps_seen.item() / max(self.hp.threshold_warmup, 1))
+        ramp = min(1.0, self.steps_seen.item() / self.run_cfg.scaled_steps(self.hp.threshold_warmup))
         return self.pre_mean + ramp * self.hp.z * self.pre_var.sqrt()
+
+    def update_ema(self, statistic, batch_value):
+        if self.steps_seen == 0:  # the first batch initialises the statistic
+            statistic.copy_(batch_value)
+        else:
+            super().update_ema(statistic, batch_value)
 
     def on_step_end(self, step):
         self.steps_seen += 1

@@ -1,9 +1,12 @@
 """Skip Connections Implementation: a scaled identity path from input to reconstruction.
 
-Notebook 000, run 4, on top of run 3: the training reconstruction is decode(f) + skip_scale·x
-with skip_scale = 0.1. Reading chosen: the skip path belongs to the training objective only;
-sae_bench evaluates decode(encode(x)), which has no access to x, so the evaluated SAE is the
-latent path. This is why the notebook saw no change in its core metrics from this run.
+Notebook 000, run 4, on top of run 3: the reconstruction is decode(f) + skip_scale·x with
+skip_scale = 0.1. Reading chosen: the skip path is part of the SAE, in training and in
+evaluation alike (experiment.ScaledSAE decodes the latents sae_bench got from encode with the
+input they came from), so the evaluated SAE is the one that was trained. Evaluated on the latent
+path alone, a decoder trained to output about 0.9·x, explained variance fell from 0.10 to −0.47
+(issue 17) and every later run inherited the loss. Its SAELens export holds the linear part
+only and says so (`sae_lens_export.exact` false): SAELens has no skip path.
 """
 
 from dataclasses import dataclass

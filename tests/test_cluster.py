@@ -1,0 +1,164 @@
+"""study and sweep on a Ray cluster (--workers N, --ray ADDRESS): each run a Ray task, with the
+same results as the local mode, run for run, and nothing lost or noted twice when a worker dies.
+One local Ray cluster of 2 CPUs serves the whole module (starting one costs seconds)."""
+
+import json
+import os
+import signal
+import threading
+
+import pytest
+import ray
+import torch
+from conftest import cli
+
+import cluster
+import experiment
+
+TINY = ["--preset", "tiny", "--tokens", "2048"]
+GRID = ["--grid", "sparsity_penalty=0.01,0.16", "--seeds", "2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    assert cluster.connect(None, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def finished_runs(runs) -> dict[str, dict]:
+    """label -> final_info.json of each run of the one sweep under runs/."""
+    (manifest,) = runs.glob("sweeps/*/manifest.json")
+    return {row["run"]: json.loads((manifest.parent / row["run"] / "final_info.json").read_text())
+            for row in json.loads(manifest.read_text())["finished"]}
+
+
+def test_a_sweep_on_two_ray_workers_gives_the_local_sweeps_metrics_and_weights_run_for_run(tmp_path):
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    for runs, extra in ((local, []), (on_ray, ["--workers", "2"])):
+        result = cli("sweep", "--plugin", "run_0_baseline", *TINY, *GRID, "--runs", str(runs),
+                     "--notes", str(runs / "notes.md"), *extra)
+        assert result.exit_code == 0, result.output
+    assert sum(line.startswith("[") and ": trained, L0 " in line for line in result.output.splitlines()) == 4
+    here, there = finished_runs(local), finished_runs(on_ray)
+    assert sorted(here) == sorted(there) and len(here) == 4
+    # Where it ran and whether the first run harvested the cache (on Ray, the driver did) differ.
+    ignored = {"provenance", "activations_from_cache"}
+    for label, info in here.items():
+        assert info["status"] == "completed"
+        assert {k: v for k, v in there[label].items() if k not in ignored} == {
+            k: v for k, v in info.items() if k not in ignored}, label
+        for weights in ("sae_weights.safetensors", "plugin_state.safetensors"):
+            (mine,) = local.glob(f"sweeps/*/{label}/{weights}")
+            (theirs,) = on_ray.glob(f"sweeps/*/{label}/{weights}")
+            assert mine.read_bytes() == theirs.read_bytes(), (label, weights)
+    notes = (on_ray / "notes.md").read_text()
+    assert all(notes.count(f"Run folder: {folder}\n") == 1 for folder in on_ray.glob("sweeps/*/*=*"))
+
+
+DIES_ONCE = '''"""Dies once: the baseline, whose worker is killed mid-run the first time it trains
+penalty 0.16."""
+import os
+import signal
+from pathlib import Path
+
+from plugins.baseline import run_0_baseline as parent
+
+STEPS, KILLED = Path({steps!r}), Path({killed!r})
+
+
+class Trainer(parent.Trainer):
+    def after_step(self, x, out, step):
+        super().after_step(x, out, step)
+        with open(STEPS, "a") as fh:
+            fh.write(f"{{self.cfg.sparsity_penalty}} {{step}} {{os.getpid()}}\\n")
+        if self.cfg.sparsity_penalty == 0.16 and step == 7 and not KILLED.exists():
+            KILLED.touch()
+            os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a lost node would
+'''
+
+
+def test_a_worker_killed_mid_run_is_retried_from_its_checkpoint_and_each_run_is_noted_once(tmp_path, scratch_study):
+    steps, killed = tmp_path / "steps.txt", tmp_path / "killed"
+    (scratch_study / "run_1_dies_once.py").write_text(DIES_ONCE.format(steps=str(steps), killed=str(killed)))
+    plugin = experiment.find_plugin("scratch_test_study/run_1_dies_once")
+    runs, notes = tmp_path / "runs", tmp_path / "notes.md"
+    overrides = dict(tokens=4096, seed=42, device="cpu", evals=("core",))
+    jobs = experiment.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.01,0.16"], 1, overrides, runs / "s")
+    for job in jobs:
+        job.cfg.checkpoint_every = 3  # checkpoints after steps 2, 5, 8, ...: the kill at step 7 loses steps 6-7
+    rows = experiment.run_jobs(jobs, notes, runs, workers=2)
+    assert killed.exists()
+    assert [row["how"] for row in rows] == ["trained", "resumed"]
+    assert all(row["info"]["status"] == "completed" and row["info"]["training_steps"] == 16 for row in rows)
+    attempts = {}  # (penalty, worker pid) -> the steps it trained, in order
+    for penalty, step, pid in (line.split() for line in steps.read_text().splitlines()):
+        attempts.setdefault((penalty, pid), []).append(int(step))
+    assert [trained for (penalty, _), trained in attempts.items() if penalty == "0.01"] == [list(range(16))]
+    # killed after step 7 (its last checkpoint after step 5), then resumed in another process
+    assert [trained for (penalty, _), trained in attempts.items() if penalty == "0.16"] == [
+        list(range(8)), list(range(6, 16))]
+    text = notes.read_text()
+    assert text.count("## Run 1: Dies once") == 2
+    assert all(text.count(f"Run folder: {job.run_dir}\n") == 1 for job in jobs)
+
+
+def test_each_run_asks_ray_for_its_share_of_the_cluster():
+    assert cluster.share_per_run(2) == (1, 0)  # 2 CPUs, no GPU
+    assert cluster.share_per_run(1) == (2, 0)
+    assert cluster.share_per_run(3) == (0.6666, 0)  # a fraction Ray takes, three fitting at once
+    assert cluster.share_per_run(0) == (2, 0)  # no --workers: one run per node
+
+
+SLOW = '''"""Slow: the baseline, a tenth of a second per step, so that a test can stop it mid-run."""
+import time
+from pathlib import Path
+
+from plugins.baseline import run_0_baseline as parent
+
+STEPS = Path({steps!r})
+
+
+class Trainer(parent.Trainer):
+    def after_step(self, x, out, step):
+        super().after_step(x, out, step)
+        with open(STEPS, "a") as fh:
+            fh.write(f"{{self.cfg.seed}} {{step}}\\n")
+        time.sleep(0.1)
+'''
+
+
+def test_ctrl_c_on_the_driver_stops_the_runs_at_a_checkpoint_and_the_same_call_resumes_them(tmp_path, scratch_study):
+    steps = tmp_path / "steps.txt"
+    (scratch_study / "run_1_slow.py").write_text(SLOW.format(steps=str(steps)))
+    plugin = experiment.find_plugin("scratch_test_study/run_1_slow")
+    runs, notes = tmp_path / "runs", tmp_path / "notes.md"
+    jobs = experiment.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.04"], 2,
+                                 dict(tokens=8192, seed=42, device="cpu", evals=("core",)), runs / "s")
+    for job in jobs:
+        job.cfg.checkpoint_every = 10  # the first after step 9
+
+    stop = threading.Event()
+
+    def ctrl_c_once_a_run_is_past_its_first_checkpoint():  # 22 steps, 2.2 s, before that run could end
+        while not stop.wait(0.05):
+            if any((job.run_dir / experiment.CHECKPOINT).exists() for job in jobs):
+                return os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=ctrl_c_once_a_run_is_past_its_first_checkpoint, daemon=True).start()
+    try:
+        with pytest.raises(experiment.Interrupted):
+            experiment.run_jobs(jobs, notes, runs, workers=2)
+    finally:
+        stop.set()
+    assert not any((job.run_dir / "final_info.json").exists() for job in jobs) and not notes.exists()
+    stopped = [job for job in jobs if job.run_dir.exists()]  # the other one may not have started yet
+    trained: dict[int, list[int]] = {}  # seed -> the steps it trained
+    for seed, step in map(str.split, steps.read_text().splitlines()):
+        trained.setdefault(int(seed), []).append(int(step))
+    saved = [torch.load(job.run_dir / experiment.CHECKPOINT, weights_only=False)["step"] for job in stopped]
+    assert stopped and [trained[job.cfg.seed][-1] for job in stopped] == saved  # stopped at a checkpoint
+    assert max(saved) < 31  # mid-run
+    rows = experiment.run_jobs(jobs, notes, runs, workers=2)
+    assert [row["how"] for row in rows] == ["resumed" if job in stopped else "trained" for job in jobs]
+    assert all(row["info"]["status"] == "completed" and row["info"]["training_steps"] == 32 for row in rows)
+    assert notes.read_text().count("## Run 1: Slow") == 2

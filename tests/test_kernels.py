@@ -1,0 +1,197 @@
+"""kernels.py's sparse step: the same loss and gradients as the dense path for the TopK family
+(AuxK acting or not), the same training log, and the switch between the two taken from a
+measurement on the machine, cached. Nothing here is timed: the measurement is injected."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import read_log
+
+import experiment
+import kernels
+
+D_IN, D_SAE, K, DEAD_STEPS, STEP = 64, 512, 8, 10, 20
+RTOL = 1e-5
+TOPK_FAMILY = ["baseline/run_0_topk", "baseline/run_0_batchtopk", "baseline/run_0_matryoshka"]
+
+
+def assert_close(ours, theirs, what):
+    """Relative to 1e-5 in norm over the whole tensor (summation orders differ)."""
+    diff, size = (ours - theirs).norm().item(), theirs.norm().item()
+    assert diff <= RTOL * size, f"{what}: |sparse - dense| = {diff:.3g}, |dense| = {size:.3g}"
+
+
+def family_sae(key, n_dead):
+    """A TopK-family SAE away from its initial biases, n_dead latents past the dead window."""
+    plugin = experiment.find_plugin(key)
+    torch.manual_seed(0)
+    hp = plugin.hyperparams_class(k=K, dead_steps=DEAD_STEPS)
+    sae = plugin.sae_class(D_IN, D_SAE, hp, experiment.build_config("tiny", key))
+    with torch.no_grad():
+        sae.W_enc.add_(0.05 * torch.randn(D_IN, D_SAE))
+        sae.b_enc.copy_(0.5 * torch.randn(D_SAE) - 1.0)
+        sae.b_dec.copy_(0.3 * torch.randn(D_IN))
+        sae.steps_since_fired[torch.randperm(D_SAE)[:n_dead]] = DEAD_STEPS + 5
+    return sae
+
+
+def loss_and_gradients(sae, x, sparse):
+    sae = copy.deepcopy(sae).train()  # observe() moves running statistics: each path gets its own
+    sae.sparse_backward = sparse
+    pre = sae.training_pass(x, STEP).pre
+    assert (type(pre.grad_fn).__name__ == "SparseBackwardPreBackward") is sparse
+    out = sae.loss(x, STEP)
+    total = sum(out.terms.values())
+    total.backward()
+    return out.terms | {"total": total}, {name: p.grad for name, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("n_dead", [0, 40], ids=["auxk_inactive", "auxk_active"])
+@pytest.mark.parametrize("key", TOPK_FAMILY)
+def test_the_sparse_step_gives_the_dense_steps_loss_terms_and_every_gradient(key, n_dead):
+    sae, x = family_sae(key, n_dead), torch.randn(256, D_IN) * 2 + 0.5
+    (dense_terms, dense_grads), (sparse_terms, sparse_grads) = (loss_and_gradients(sae, x, s) for s in (False, True))
+    assert set(sparse_terms) == set(dense_terms)
+    assert (dense_terms["auxiliary_reconstruction_loss"] > 0).item() is (n_dead > 0)
+    for name, term in dense_terms.items():
+        assert_close(sparse_terms[name], term, name)
+    for name, grad in dense_grads.items():
+        assert_close(sparse_grads[name], grad, f"grad {name}")
+    dead = sae.dead_latents()
+    assert (dense_grads["b_enc"][dead] != 0).any().item() is (n_dead > 0)  # AuxK's gradient reaches the dead
+
+
+def test_the_sparse_decode_is_the_product_and_passes_gradients_on_the_active_latents():
+    f = torch.relu(torch.randn(6, 10) - 1)
+    f[2] = 0  # a token with no active latent
+    weight = torch.randn(10, 4, requires_grad=True)
+    dense, sparse = (f.clone().requires_grad_() for _ in range(2))
+    out_dense, out_sparse = kernels.decode(dense, weight, False), kernels.decode(sparse, weight, True)
+    torch.testing.assert_close(out_sparse, out_dense)
+    grad_out = torch.randn(6, 4)
+    dense_grads = torch.autograd.grad(out_dense, (dense, weight), grad_out)
+    sparse_grads = torch.autograd.grad(out_sparse, (sparse, weight), grad_out)
+    torch.testing.assert_close(sparse_grads[1], dense_grads[1])
+    active = f > 0
+    torch.testing.assert_close(sparse_grads[0][active], dense_grads[0][active])
+    assert not sparse_grads[0][~active].any()
+
+
+def switch_point_file(cache_dir, batch, d_in, d_sae, sparse_below):
+    """The cache as a measurement on this machine would leave it, without timing anything."""
+    kernels.sparse_below(batch, d_in, d_sae, cache_dir, measure=lambda *shape: {"sparse_below": sparse_below})
+
+
+def test_the_switch_point_is_measured_once_per_machine_and_shape_then_read_back(tmp_path, monkeypatch):
+    measured = []
+
+    def measure(batch, d_in, d_sae):
+        measured.append((batch, d_in, d_sae))
+        return {"sparse_below": 0.25, "dense_ms": 3.0}
+
+    def never(*shape):
+        raise AssertionError("measured again")
+
+    assert kernels.sparse_below(1024, 640, 2048, tmp_path, measure) == 0.25
+    assert kernels.sparse_below(1024, 640, 2048, tmp_path, never) == 0.25
+    assert kernels.sparse_below(512, 640, 2048, tmp_path, measure) == 0.25
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    assert kernels.sparse_below(512, 640, 2048, tmp_path, measure) == 0.25
+    assert measured == [(1024, 640, 2048), (512, 640, 2048), (512, 640, 2048)]
+    stored = json.loads((tmp_path / kernels.SPARSE_CACHE).read_text())
+    key = kernels.machine_key(512, 640, 2048)
+    assert key in stored and stored[key]["dense_ms"] == 3.0 and len(stored) == 3
+    assert kernels.cpu_model() in key and torch.__version__ in key and "7 threads" in key
+
+
+def test_the_switch_point_is_where_the_sparse_pass_s_time_line_crosses_the_dense_time(monkeypatch):
+    timed = []
+
+    def time_pass(sparse, density):  # dense 1 s; sparse 0.2 s + 2 s per unit of density: even at 0.4
+        timed.append((sparse, density))
+        return 0.2 + 2 * density if sparse else 1.0
+    monkeypatch.setattr(kernels, "MEASURE_BUDGET_S", float("inf"))
+    result = kernels.switch_point(time_pass)
+    assert result == {"sparse_below": 0.4, "dense_ms": 1000.0, "sparse_ms": {"0.01": 220.0, "0.2": 600.0}}
+    assert timed[:3] == [(False, 0.01), (True, 0.01), (True, 0.2)]  # in turn, round after round
+    assert len(timed) == 3 * (kernels.MEASURE_ROUNDS + 1)
+
+
+@pytest.mark.parametrize("sparse_low, sparse_high, below", [
+    (1.5, 2.0, 0.0),  # slower even at the lower density
+    (0.1, 0.1, 0.2),  # no growth measured: faster across the densities timed, no further
+    (0.1, 0.15, 1.0),  # the crossing lies beyond every density
+])
+def test_the_switch_point_at_its_edges(sparse_low, sparse_high, below):
+    low, high = kernels.DENSITIES
+    result = kernels.switch_point(lambda sparse, density: (sparse_low if density == low else sparse_high) if sparse else 1.0)
+    assert result["sparse_below"] == below
+
+
+def test_the_measurement_stops_once_its_budget_is_spent():
+    timed = []
+    kernels.switch_point(lambda sparse, density: timed.append(sparse) or 1.0)  # 3 s a round
+    assert len(timed) == 2 * 3  # the warm-up round, and one timed round
+
+
+@pytest.mark.parametrize("key, b_enc, sparse_below, sparse", [
+    ("baseline/run_0_baseline", -5.0, 0.1, True),
+    ("baseline/run_0_baseline", 0.0, 0.1, False),
+    ("baseline/run_0_baseline", -5.0, 0.0, False),
+    ("baseline/run_0_topk", 0.0, 0.1, True),  # k 8 of 512
+    ("baseline/run_0_topk", 0.0, 0.01, False),
+    ("zscore_ortho/run_7_adaptive_ln", -5.0, 1.0, False),  # its own encoder: no sparse step
+])
+def test_the_trainer_switches_at_the_measured_density(tmp_path, monkeypatch, key, b_enc, sparse_below, sparse):
+    monkeypatch.setattr(experiment, "CACHE_DIR", tmp_path)
+    switch_point_file(tmp_path, 256, D_IN, D_SAE, sparse_below)
+    plugin = experiment.find_plugin(key)
+    cfg = experiment.build_config("tiny", key)
+    torch.manual_seed(0)
+    sae = plugin.sae_class(D_IN, D_SAE, plugin.hyperparams_class(**({"k": K} if "topk" in key else {})), cfg)
+    with torch.no_grad():
+        sae.b_enc.fill_(b_enc)
+    trainer = plugin.trainer_class(sae, cfg)
+    x = torch.randn(256, D_IN) * 2
+    trainer.step(x, 0)
+    assert trainer.sparse is sparse and not sae.sparse_backward  # decided at step 0, taken from step 1
+    trainer.step(x, 1)
+    assert sae.sparse_backward is sparse
+
+
+def test_other_devices_keep_the_dense_step_unmeasured(tmp_path):
+    latents = torch.zeros(4, 8, device="meta")
+    assert not kernels.use_sparse_step(latents, 3, 0, True, tmp_path, measure=pytest.fail)
+    assert not (tmp_path / kernels.SPARSE_CACHE).exists()
+
+
+def test_the_density_is_checked_every_few_steps_only(tmp_path):
+    switch_point_file(tmp_path, 4, 3, 8, 0.5)
+    latents = torch.ones(4, 8)  # all fire: dense, when checked
+    assert kernels.use_sparse_step(latents, 3, kernels.CHECK_EVERY + 1, True, tmp_path)
+    assert not kernels.use_sparse_step(latents, 3, kernels.CHECK_EVERY, True, tmp_path)
+
+
+def test_a_topk_run_logs_the_same_on_the_sparse_step_as_on_the_dense_one(run_tiny, tmp_path, monkeypatch):
+    """The tiny preset's 32 steps, AuxK acting from step 4, once with the switch point measured at
+    density 0 (dense throughout) and once at 1 (sparse from step 1)."""
+    sparse_decodes = []
+    dense_decode = kernels.decode
+    monkeypatch.setattr(kernels, "decode", lambda f, w, sparse: sparse_decodes.append(sparse) or dense_decode(f, w, sparse))
+    logs = {}
+    for sparse_below in (0.0, 1.0):
+        monkeypatch.setattr(experiment, "CACHE_DIR", tmp_path / f"cache_{sparse_below}")
+        switch_point_file(experiment.CACHE_DIR, 256, 64, 256, sparse_below)
+        sparse_decodes.clear()
+        _, run_dir = run_tiny("run_0_topk", hyperparams={"k": 8, "dead_steps": 3})
+        assert any(sparse_decodes) is (sparse_below == 1.0)
+        logs[sparse_below] = read_log(run_dir)
+    dense, sparse = logs[0.0], logs[1.0]
+    assert [r["step"] for r in sparse] == [r["step"] for r in dense] and len(dense) >= 3
+    assert dense[-1]["auxiliary_reconstruction_loss"] > 0
+    for dense_record, sparse_record in zip(dense, sparse):
+        assert set(sparse_record) == set(dense_record)
+        for name, value in dense_record.items():
+            assert sparse_record[name] == pytest.approx(value, rel=RTOL, abs=1e-7), (dense_record["step"], name)
