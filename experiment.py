@@ -1474,7 +1474,7 @@ def result_lines(info: dict, parent: dict | None, parent_name: str | None, run_d
             known = isinstance(se, float) and math.isfinite(se)  # a score of -inf has no spread
             lines.append(f"- {label}: {value:.4g}{f' ± {se:.2g}' if known else ''}{delta}")
     log = (run_dir / "train_log.jsonl").read_text().splitlines()
-    lines.append(f"- dead latents at the end of training (not fired in the run's last tenth): "
+    lines.append(f"- dead latents at the end of training (not fired in the last tenth of its tokens, at most 1M): "
                  f"{json.loads(log[-1])['dead_fraction']:.1%}")
     for name, result in info.get("evals", {}).items():  # the first few numbers; details stay in final_info
         numbers = itertools.islice(numeric_leaves(result["eval_result_metrics"]), 4)
