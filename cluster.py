@@ -146,7 +146,7 @@ def share_per_run(workers: int) -> tuple[float, int]:
 @ray.remote(max_calls=1)
 def run_in_worker(fields: dict, folder: str, how: str, notes: str, activations: str) -> tuple[str, dict, float]:
     """One run in a Ray worker, as run_jobs runs it in the process: (how, final_info, wall seconds).
-    The folder did not exist (how "trained") or held a checkpoint and no final_info.json ("resumed")
+    The folder did not exist (how "trained") or held a checkpoint of an unfinished run ("resumed")
     when the run was submitted; anything else in it now was left by an attempt of this task whose
     worker died, and Ray's retry continues from there."""
     import experiment  # the worker's own: Ray ships this function by value, and `python experiment.py`'s is __main__
@@ -154,12 +154,12 @@ def run_in_worker(fields: dict, folder: str, how: str, notes: str, activations: 
     started = time.perf_counter()
     experiment.ACTIVATIONS_DIR = Path(activations)  # the cache the driver built
     cfg, run_dir = experiment.RunConfig(**fields), Path(folder)
-    if (run_dir / "final_info.json").exists():  # that attempt finished; its worker died before returning
-        info = json.loads((run_dir / "final_info.json").read_text())
-        return (how if info.get("status") == "completed" else "failed"), info, time.perf_counter() - started
     resume = (run_dir / experiment.CHECKPOINT).exists()
+    info = json.loads((run_dir / "final_info.json").read_text()) if (run_dir / "final_info.json").exists() else {}
+    if info.get("status") == "completed" or (info and not resume):  # that attempt ended; its worker died after
+        return (how if info.get("status") == "completed" else "failed"), info, time.perf_counter() - started
     if run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)  # that attempt died before its first checkpoint (or after the last): start over
+        shutil.rmtree(run_dir)  # that attempt died before its first checkpoint: start over
     try:
         info = experiment.execute(cfg, experiment.find_plugin(cfg.plugin), run_dir, Path(notes), resume=resume)
     except HarnessError as exc:

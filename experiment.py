@@ -574,7 +574,8 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
           progress, device: torch.device, resume: bool = False, rank: int = 0, world: int = 1) -> dict[str, Any]:
     """Run cfg.steps optimizer steps over a seeded permutation of the cached activations,
     logging every cfg.log_every steps to train_log.jsonl and checkpointing every
-    cfg.checkpoint_every steps (and on Ctrl-C). Under torchrun each rank takes its shard of
+    cfg.checkpoint_every steps, at the last step (an interrupted evaluation resumes there) and on
+    Ctrl-C. Under torchrun each rank takes its shard of
     every batch and only rank 0 writes. Returns the final loss terms."""
     leader, shard = rank == 0, cfg.batch_size // world
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))
@@ -592,7 +593,7 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
                 log.queue(step, total, out, fired_at, trainer.scheduler.get_last_lr()[0])
                 log.read_back(step + 1 - REPORT_LAG.get(device.type, 0))
                 progress.update(log.task, advance=1)
-                if interrupted or (step + 1) % cfg.checkpoint_every == 0:
+                if interrupted or (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                     log.read_back(step + 1)  # every rank: never checkpoint a step not known to be finite
                     if leader:
                         save_checkpoint(run_dir, step, sae, trainer, fired_at, log.final)
@@ -1125,14 +1126,13 @@ def train_run(cfg: RunConfig, plugin: Plugin, hp, model, run_dir: Path, device: 
 
 
 def save_trained(info: dict, sae: SAE, data: ActivationData, cfg: RunConfig, run_dir: Path) -> None:
-    """The plugin's results and artifacts, and the SAE, which supersedes the checkpoint."""
+    """The plugin's results and artifacts, and the SAE (the checkpoint stays until the run is finished)."""
     info.update(sae.final_info())
     artifacts = {k: v.detach().cpu().contiguous() for k, v in sae.artifacts().items()}
     if artifacts:
         from safetensors.torch import save_file
         save_file(artifacts, run_dir / "artifacts.safetensors")
     info["sae_lens_export"] = save_sae(sae, data.scale, run_dir)
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)
 
 
 def mark_failed(info: dict, run_dir: Path, cfg: RunConfig, plugin: Plugin, device: torch.device, started: float,
@@ -1277,6 +1277,7 @@ def finish(info: dict, run_dir: Path, plugin: Plugin, notes: Path, cfg: RunConfi
     info["verdict"] = verdicts(info, index, plugin)
     atomic_write(run_dir / "final_info.json", json.dumps(info, indent=2, default=str))
     append_notes(notes, plugin, notes_entry(plugin, run_dir, info, parent_run(index, plugin, info)))
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the completed run supersedes it
 
 
 def verdicts(info: dict, index: plot.Index, plugin: Plugin) -> dict[str, Any]:
@@ -1650,14 +1651,15 @@ def earlier_runs(runs_root: Path) -> dict[str, list[Path]]:
 
 def previous_run(job: Job, earlier: dict[str, list[Path]]) -> tuple[Path | None, str]:
     """(folder, "reused") for a completed run of this config and plugin source among the earlier
-    runs, (folder, "resumed") for an interrupted one, else (None, "trained")."""
+    runs, (folder, "resumed") for one interrupted in training or evaluation or whose evaluation
+    failed (it continues from its checkpoint), else (None, "trained")."""
     source, interrupted = job.plugin.source_hash(), None
     for folder in earlier.get(comparable(dataclasses.asdict(job.cfg)), []):
         if (folder / "final_info.json").exists():
             info = json.loads((folder / "final_info.json").read_text())
             if info.get("status") == "completed" and info["provenance"]["plugin_source_sha256"] == source:
                 return folder, "reused"
-        elif (folder / CHECKPOINT).exists():
+        if (folder / CHECKPOINT).exists():
             interrupted = folder
     return (interrupted, "resumed") if interrupted else (None, "trained")
 

@@ -79,6 +79,34 @@ def test_a_killed_sweep_run_again_reuses_the_finished_resumes_the_interrupted_an
     assert all(row["info"]["status"] == "completed" and row["info"]["training_steps"] == 16 for row in rows)
 
 
+def test_a_sweep_killed_in_a_runs_evaluation_evaluates_it_again_without_training_and_notes_it_once(tmp_path,
+                                                                                                     monkeypatch):
+    plugin, runs, notes = experiment.find_plugin("run_0_baseline"), tmp_path / "runs", tmp_path / "notes.md"
+    overrides = dict(tokens=4096, seed=42, device="cpu", evals=("core",))
+    jobs = experiment.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.01,0.16"], 1, dict(overrides), runs / "s")
+    real_evaluate = experiment.evaluate
+
+    def killed_in_the_second_evaluation(info, sae, model, tokens, cfg, device, run_dir, *args):
+        if run_dir == jobs[1].run_dir:
+            raise KeyboardInterrupt  # as Ctrl-C or a kill lands: no final_info.json is written
+        return real_evaluate(info, sae, model, tokens, cfg, device, run_dir, *args)
+    monkeypatch.setattr(experiment, "evaluate", killed_in_the_second_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run_jobs(jobs, notes, runs)
+    assert not (jobs[1].run_dir / "final_info.json").exists()
+    monkeypatch.setattr(experiment, "evaluate", real_evaluate)
+    real_batches = experiment.prefetched_batches
+
+    def no_training(data, order, cfg, steps, *args):
+        assert len(steps) == 0, f"trained steps {steps} again"
+        return real_batches(data, order, cfg, steps, *args)
+    monkeypatch.setattr(experiment, "prefetched_batches", no_training)
+    rows = experiment.run_jobs(jobs, notes, runs)
+    assert [row["how"] for row in rows] == ["reused", "resumed"]
+    assert all(row["info"]["status"] == "completed" and row["info"]["training_steps"] == 16 for row in rows)
+    assert notes.read_text().count("## Run 0:") == 2 and not (jobs[1].run_dir / experiment.CHECKPOINT).exists()
+
+
 def test_study_runs_the_baseline_then_each_run_in_order_and_again_trains_nothing(tmp_path):
     runs, notes, figures = tmp_path / "runs", tmp_path / "notes.md", tmp_path / "figures"
     args = ["study", "topk_ortho", *TINY, "--runs", str(runs), "--notes", str(notes), "--figures", str(figures)]
