@@ -1,18 +1,22 @@
 """Where a run's time goes, measured in one process on the same data, side by side with SAELens.
 
     python bench.py --preset embedded --l0-fraction 0.02     # a table, and bench.json
+    python bench.py --activations random --dtype bf16        # every baseline at 2304 x 16384 x 4096, no LLM
 
 Four measurements: LLM activation harvest against the same model's plain forward to the hooked
 layer; cached-activation reads through training's own prefetching reader; the plugin's SAE training
-step (dense or sparse, as training's measured switch point picks it) against SAELens's training SAE
-of the same architecture on the same batch, weights, dtype and optimizer; and the step's
-dense-equivalent FLOP/s against a plain matmul of the same shape. Each pair is timed in
-turn over rounds (best of each), so load from elsewhere on a shared machine hits both alike.
+step (dense or sparse, as training's measured switch point picks it, or as --path forces it)
+against SAELens's training SAE of the same architecture on the same batch, weights, dtype,
+autocast and optimizer; and the step's dense-equivalent FLOP/s against a plain matmul of the same
+shape in the step's dtype. Each pair is timed in turn over rounds (best of each), so load from
+elsewhere on a shared machine hits both alike. With `--activations random` there is no LLM: the
+step alone, on Gaussian activations at any shape, for every baseline architecture.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -21,8 +25,10 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import experiment  # first: its import guards
+import kernels
 import numpy as np
 import torch
 import typer
@@ -91,7 +97,8 @@ def alternated(fns: dict[str, Any], device: torch.device, repeats: int, rounds: 
 
 
 def sae_lens_step(sae: experiment.SAE, cfg: RunConfig):
-    """SAELens's own training SAE of the same architecture, with our SAE's weights, doing its step."""
+    """SAELens's own training SAE of the same architecture, with our SAE's weights, doing its step
+    (its forward under the same autocast as ours, as its trainer's `autocast` flag does)."""
     from sae_lens.saes.sae import TrainStepInput
 
     ref, coefficients = sae.sae_lens_training()
@@ -99,9 +106,10 @@ def sae_lens_step(sae: experiment.SAE, cfg: RunConfig):
     no_dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.W_dec.device)
 
     def step(x):
-        out = ref.training_forward_pass(TrainStepInput(
-            sae_in=x, coefficients=coefficients, dead_neuron_mask=no_dead, n_training_steps=0,
-            is_logging_step=False))
+        with experiment.step_autocast(cfg.dtype, x.device):
+            out = ref.training_forward_pass(TrainStepInput(
+                sae_in=x, coefficients=coefficients, dead_neuron_mask=no_dead, n_training_steps=0,
+                is_logging_step=False))
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
@@ -154,7 +162,7 @@ def harvest_and_read(cfg: RunConfig, model, device: torch.device, results: dict)
 
 
 def sae_steps(cfg: RunConfig, plugin: experiment.Plugin, x: torch.Tensor, d_in: int, steps: int,
-              l0_fraction: float | None, results: dict) -> float:
+              l0_fraction: float | None, results: dict, path: str = "auto") -> float:
     """3. the plugin's training step against SAELens's on the same batch; returns ours in s."""
     torch.manual_seed(cfg.seed)
     sae = plugin.sae_class(d_in, cfg.dict_size, plugin.hyperparams_class(**cfg.hyperparams), cfg, device=x.device)
@@ -166,59 +174,128 @@ def sae_steps(cfg: RunConfig, plugin: experiment.Plugin, x: torch.Tensor, d_in: 
     trainer = plugin.trainer_class(sae, cfg)
     density = (sae.encode(x) > 0).float().mean().item()
     step_numbers = itertools.count()  # as in training: the density check runs every 10th step
-    for _ in range(2):  # the first picks the dense or sparse step, the second compiles it (--compile)
-        trainer.step(x, next(step_numbers))
-    reference(x)
-    timings = alternated(dict(ours=lambda: trainer.step(x, next(step_numbers)), sae_lens=lambda: reference(x)),
-                         x.device, repeats=steps, rounds=3)
+    with forced_path(path, x, cfg.dict_size):
+        for _ in range(2):  # the first picks the dense or sparse step, the second compiles it (--compile)
+            trainer.step(x, next(step_numbers))
+        reference(x)
+        timings = alternated(dict(ours=lambda: trainer.step(x, next(step_numbers)), sae_lens=lambda: reference(x)),
+                             x.device, repeats=steps, rounds=3)
     (ours_s, ours_mb), (ref_s, ref_mb) = timings["ours"], timings["sae_lens"]
     results["sae_step"] = dict(tokens_per_s=cfg.batch_size / ours_s, peak_mb=ours_mb, latent_density=density,
-                               path="sparse" if trainer.sparse else "dense", compiled=cfg.compile,
-                               sparse_below=switch_point(sae, x))
+                               path="sparse" if trainer.sparse else "dense", compiled=cfg.compile, dtype=cfg.dtype,
+                               sparse_below=switch_point(sae, x) if path == "auto" else None)
     results["sae_lens_step"] = dict(tokens_per_s=cfg.batch_size / ref_s, peak_mb=ref_mb)
     results["ours_vs_sae_lens"] = ref_s / ours_s
     return ours_s
 
 
+@contextlib.contextmanager
+def forced_path(path: str, x: torch.Tensor, d_sae: int):
+    """--path: training's own choice of the dense or the sparse step (auto), or one of them forced.
+    Within, Trainer.step reads its switch from a scratch cache holding a switch point of 1 (sparse)
+    or 0 (dense) for this shape, and a forced sparse step may run on x's device (training takes it
+    on CPU only, kernels.SPARSE_DEVICES). An SAE with no sparse step stays dense."""
+    if path == "auto":
+        yield
+        return
+    devices = kernels.SPARSE_DEVICES
+    if path == "sparse" and x.device.type not in devices:
+        devices = (*devices, x.device.type)
+    with tempfile.TemporaryDirectory(prefix="sae_bench_path_") as scratch:
+        forced = {"sparse_below": float(path == "sparse")}
+        kernels.sparse_below(len(x), x.shape[1], d_sae, scratch, measure=lambda *_: forced)
+        with mock.patch.object(experiment, "CACHE_DIR", Path(scratch)), \
+                mock.patch.object(kernels, "SPARSE_DEVICES", devices):
+            yield
+
+
 def switch_point(sae: experiment.SAE, x: torch.Tensor) -> float | None:
     """The latent density below which training takes the sparse step, as it measured it (once per
     machine and shape, cached); None where this step has no sparse path."""
-    kernels = experiment.kernels
     if x.device.type not in kernels.SPARSE_DEVICES or not sae.takes_sparse_step():
         return None
     return kernels.sparse_below(len(x), sae.cfg.d_in, sae.cfg.d_sae, experiment.CACHE_DIR)
 
 
 def roofline(cfg: RunConfig, d_in: int, ours_s: float, device: torch.device, steps: int, results: dict) -> None:
-    """4. the step's dense-equivalent FLOP/s (five B × d_in × d_sae matmuls) against one such matmul."""
-    step_flops = 10 * cfg.batch_size * d_in * cfg.dict_size
-    a = torch.randn(cfg.batch_size, d_in, device=device)
-    b = torch.randn(d_in, cfg.dict_size, device=device)
+    """4. the step's dense-equivalent FLOP/s against one B × d_in × d_sae matmul in its dtype."""
+    results["roofline_flops"] = matmul_flops(cfg, d_in, device, steps)
+    results["roofline_dtype"] = matmul_dtype(cfg.dtype, device)
+    roofline_fraction(cfg, d_in, ours_s, results["roofline_flops"], results)
+
+
+def matmul_flops(cfg: RunConfig, d_in: int, device: torch.device, steps: int) -> float:
+    """FLOP/s of a plain B × d_in × d_sae matmul in the step's matmul dtype, best of three rounds."""
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    a = torch.randn(cfg.batch_size, d_in, device=device, dtype=dtype)
+    b = torch.randn(d_in, cfg.dict_size, device=device, dtype=dtype)
     matmul_s, _ = alternated(dict(matmul=lambda: a @ b), device, repeats=steps, rounds=3)["matmul"]
-    results["roofline_flops"] = 2 * cfg.batch_size * d_in * cfg.dict_size / matmul_s
-    results["sae_step_flops"] = step_flops / ours_s
-    results["sae_step_roofline_fraction"] = results["sae_step_flops"] / results["roofline_flops"]
+    return 2 * cfg.batch_size * d_in * cfg.dict_size / matmul_s
 
 
-def run_bench(cfg: RunConfig, steps: int, l0_fraction: float | None) -> dict[str, Any]:
+def matmul_dtype(dtype: str, device: torch.device) -> str:
+    """What the step's matmuls run in: bf16, or fp32 (TF32 on CUDA where training allows it)."""
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    return "bf16" if dtype == "bf16" else "tf32" if tf32 else "fp32"
+
+
+def roofline_fraction(cfg: RunConfig, d_in: int, ours_s: float, roofline_flops: float, results: dict) -> None:
+    """The step's dense-equivalent FLOP/s (five B × d_in × d_sae matmuls: 10·B·d_in·d_sae) and its
+    fraction of the matmul's."""
+    results["sae_step_flops"] = 10 * cfg.batch_size * d_in * cfg.dict_size / ours_s
+    results["sae_step_roofline_fraction"] = results["sae_step_flops"] / roofline_flops
+
+
+def run_bench(cfg: RunConfig, steps: int, l0_fraction: float | None, path: str = "auto") -> dict[str, Any]:
     plugin = experiment.find_plugin(cfg.plugin)
-    sae_lens_architecture(plugin, cfg)
     device = experiment.resolve_device(cfg.device)
     experiment.configure_kernels(cfg, device)  # as training does: TF32 on CUDA
     model = experiment.load_model(cfg.model, device)
     d_in = model.cfg.d_model
     results: dict[str, Any] = dict(plugin=cfg.plugin, hyperparams=cfg.hyperparams, device=str(device),
-                                   model=cfg.model, layer=cfg.layer, d_in=d_in, d_sae=cfg.dict_size,
-                                   batch_size=cfg.batch_size, tokens=cfg.tokens, torch_threads=torch.get_num_threads())
+                                   device_name=device_name(device), model=cfg.model, layer=cfg.layer, d_in=d_in,
+                                   d_sae=cfg.dict_size, batch_size=cfg.batch_size, tokens=cfg.tokens, dtype=cfg.dtype,
+                                   torch_threads=torch.get_num_threads())
     x = harvest_and_read(cfg, model, device, results)
-    ours_s = sae_steps(cfg, plugin, x, d_in, steps, l0_fraction, results)
+    ours_s = sae_steps(cfg, plugin, x, d_in, steps, l0_fraction, results, path)
     roofline(cfg, d_in, ours_s, device, steps, results)
     return results
 
 
+REFERENCE_SHAPE = dict(d_in=2304, dict_size=16384, batch_size=4096)  # Gemma-2-2B's residual width, the field's d_sae
+
+
+def run_synthetic(cfgs: list[RunConfig], d_in: int, steps: int, l0_fraction: float | None, path: str) -> dict[str, Any]:
+    """The SAE step alone, no LLM: each config's plugin against SAELens's on one batch of Gaussian
+    activations, (B, d_in) with unit-variance entries, so a mean norm of about √d_in, the scale
+    training feeds the SAE; and the matmul roofline in the step's dtype, measured once."""
+    cfg = cfgs[0]
+    device = experiment.resolve_device(cfg.device)
+    experiment.configure_kernels(cfg, device)  # as training does: TF32 on CUDA
+    x = torch.randn(cfg.batch_size, d_in, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    results: dict[str, Any] = dict(
+        activations="random", device=str(device), device_name=device_name(device), d_in=d_in, d_sae=cfg.dict_size,
+        batch_size=cfg.batch_size, dtype=cfg.dtype, path=path, l0_fraction=l0_fraction, steps=steps,
+        torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
+        roofline_dtype=matmul_dtype(cfg.dtype, device), roofline_flops=matmul_flops(cfg, d_in, device, steps),
+        architectures={})
+    for each in cfgs:
+        row: dict[str, Any] = dict(hyperparams=each.hyperparams)
+        ours_s = sae_steps(each, experiment.find_plugin(each.plugin), x, d_in, steps, l0_fraction, row, path)
+        roofline_fraction(each, d_in, ours_s, results["roofline_flops"], row)
+        results["architectures"][each.plugin] = row
+        experiment.console.print(f"{each.plugin}: ours / sae_lens {row['ours_vs_sae_lens']:.2f}x "
+                                 f"({row['sae_step']['path']} step, {cfg.dtype})")
+    return results
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else kernels.cpu_model()
+
+
 def print_table(cfg: RunConfig, results: dict[str, Any]) -> None:
     table = Table(title=f"bench {cfg.plugin}: {cfg.model} layer {cfg.layer}, d_sae {cfg.dict_size}, "
-                        f"batch {cfg.batch_size}, {results['device']}")
+                        f"batch {cfg.batch_size}, {cfg.dtype}, {results['device']}")
     table.add_column("what")
     table.add_column("tokens/s", justify="right")
     table.add_column("peak MB", justify="right")
@@ -232,34 +309,98 @@ def print_table(cfg: RunConfig, results: dict[str, Any]) -> None:
         f"harvest / plain forward: {results['harvest_vs_forward']:.2f}   cache read / harvest: "
         f"{results['cache_read_vs_harvest']:.1f}x   ours / sae_lens: {results['ours_vs_sae_lens']:.2f}x   "
         f"SAE step: {results['sae_step_flops'] / 1e9:.1f} GFLOP/s (the dense step's FLOPs over its time) = "
-        f"{results['sae_step_roofline_fraction']:.0%} of the {results['roofline_flops'] / 1e9:.1f} GFLOP/s matmul "
-        f"roofline (latent density {step['latent_density']:.1%})")
+        f"{results['sae_step_roofline_fraction']:.0%} of the {results['roofline_flops'] / 1e9:.1f} GFLOP/s "
+        f"{results['roofline_dtype']} matmul roofline (latent density {step['latent_density']:.1%})")
+
+
+def print_synthetic_table(results: dict[str, Any]) -> None:
+    table = Table(title=f"bench, random activations: {results['d_in']} x {results['d_sae']} x batch "
+                        f"{results['batch_size']}, {results['dtype']}, {results['device_name']}; roofline "
+                        f"{results['roofline_flops'] / 1e9:,.1f} GFLOP/s ({results['roofline_dtype']} matmul)")
+    for column in ("architecture", "step", "density", "ours tok/s", "sae_lens tok/s", "ours / sae_lens",
+                   "roofline", "peak MB ours / sae_lens"):
+        text = column in ("architecture", "step")
+        table.add_column(column, justify="left" if text else "right", no_wrap=text)
+    for name, row in results["architectures"].items():
+        ours, theirs = row["sae_step"], row["sae_lens_step"]
+        table.add_row(name.removeprefix("baseline/"), ours["path"], f"{ours['latent_density']:.1%}",
+                      f"{ours['tokens_per_s']:,.0f}", f"{theirs['tokens_per_s']:,.0f}",
+                      f"{row['ours_vs_sae_lens']:.2f}x", f"{row['sae_step_roofline_fraction']:.0%}",
+                      f"{ours['peak_mb']:,.0f} / {theirs['peak_mb']:,.0f}")
+    Console().print(table)
+
+
+ACTIVATIONS, PATHS = ("model", "random"), ("auto", "dense", "sparse")
+
+
+def checked_options(activations: str, path: str, d_in: int | None, model: str | None, layer: int | None) -> None:
+    if activations not in ACTIVATIONS:
+        raise experiment.HarnessError(f"unknown --activations '{activations}'; use model or random")
+    if path not in PATHS:
+        raise experiment.HarnessError(f"unknown --path '{path}'; use auto, dense or sparse")
+    if activations == "model" and d_in is not None:
+        raise experiment.HarnessError("--d-in is for --activations random; with model activations the model sets it")
+    if activations == "random" and (model is not None or layer is not None):
+        raise experiment.HarnessError("--model and --layer are for --activations model; random activations have "
+                                      "no model (set their width with --d-in)")
+
+
+def bench_configs(preset: str, plugin: str | None, activations: str, set_: list[str], **overrides) -> list[RunConfig]:
+    """One config per architecture to time: --plugin, or with random activations and no --plugin
+    every baseline; each checked to be a SAELens architecture, before any work."""
+    names = [plugin] if plugin else ["run_0_baseline"] if activations == "model" else \
+        [key for key in experiment.plugin_files() if key.startswith("baseline/")]
+    cfgs = []
+    for name in names:
+        found = experiment.find_plugin(name)
+        cfg = experiment.build_config(preset, f"{found.study}/{found.name}", **overrides)
+        cfg.hyperparams = dataclasses.asdict(experiment.parse_hyperparams(found, set_))
+        sae_lens_architecture(found, cfg)
+        cfgs.append(cfg)
+    return cfgs
 
 
 @app.command()
 def bench(
-    preset: str = typer.Option("embedded", help="Model, layer and data come from this preset."),
-    plugin: str = typer.Option("run_0_baseline", help="The architecture to time: a baseline plugin (plugins/baseline/)."),
+    preset: str = typer.Option("embedded", help="Model, layer and data (and lr, L1) come from this preset."),
+    plugin: str = typer.Option(None, help="The architecture to time: a baseline plugin (plugins/baseline/); "
+                               "default run_0_baseline, or every baseline with --activations random."),
+    activations: str = typer.Option("model", help="model: the preset's LLM's, harvested (harvest and cache reads "
+                                    "timed too); random: Gaussian, no LLM, the SAE step alone at any shape."),
+    d_in: int = typer.Option(None, help="--activations random: their width (default 2304, Gemma-2-2B's)."),
     model: str = typer.Option(None), layer: int = typer.Option(None),
-    dict_size: int = typer.Option(None, help="d_sae."), batch_size: int = typer.Option(None),
+    dict_size: int = typer.Option(None, help="d_sae (random activations: default 16384)."),
+    batch_size: int = typer.Option(None, help="Tokens per step (random activations: default 4096)."),
     tokens: int = typer.Option(32_768, help="Tokens to harvest for the harvest and read timings."),
-    steps: int = typer.Option(20, help="Timed SAE steps."),
+    steps: int = typer.Option(20, help="Timed SAE steps per round (three rounds)."),
     l0_fraction: float = typer.Option(None, help="Set the fraction of latents that fire (e.g. 0.02)."),
     compile_loss: bool = typer.Option(False, "--compile", help="torch.compile our SAE's loss, as `run --compile`."),
+    dtype: str = typer.Option("fp32", help="The step's precision, as `run --dtype`: fp32 or bf16 (autocast, "
+                              "SAELens's step too)."),
+    path: str = typer.Option("auto", help="Our step: auto (as training picks it), or dense or sparse forced."),
     device: str = typer.Option("auto"), out: Path = typer.Option(Path("bench.json")),
     set_: list[str] = typer.Option([], "--set", help="Plugin hyperparameter key=value (repeatable), e.g. k=32."),
 ) -> None:
     """Throughput of harvesting, cache reads and the SAE step (vs sae_lens), the SAE step's
-    fraction of the measured matmul roofline, and peak memory; a table and bench.json."""
+    fraction of the measured matmul roofline, and peak memory; a table and bench.json. With
+    --activations random: the SAE step of every baseline (vs sae_lens) at any shape, no LLM."""
     with experiment.one_line_errors():
-        found = experiment.find_plugin(plugin)
-        cfg = experiment.build_config(preset, f"{found.study}/{found.name}", model=model, layer=layer,
-                                      dict_size=dict_size, batch_size=batch_size, tokens=tokens, device=device,
-                                      compile=compile_loss)
-        cfg.hyperparams = dataclasses.asdict(experiment.parse_hyperparams(found, set_))
-        results = run_bench(cfg, steps, l0_fraction)
+        checked_options(activations, path, d_in, model, layer)
+        shape = dict(dict_size=dict_size, batch_size=batch_size)
+        if activations == "random":
+            shape = {k: v or REFERENCE_SHAPE[k] for k, v in shape.items()}
+            tokens = max(tokens, shape["batch_size"])  # not harvested; only a config with one step or more
+        cfgs = bench_configs(preset, plugin, activations, set_, model=model, layer=layer, tokens=tokens,
+                             device=device, compile=compile_loss, dtype=experiment.checked_dtype(dtype), **shape)
+        if activations == "random":
+            results = run_synthetic(cfgs, d_in or REFERENCE_SHAPE["d_in"], steps, l0_fraction, path)
+        else:
+            results = run_bench(cfgs[0], steps, l0_fraction, path)
     experiment.atomic_write(out, json.dumps(results, indent=2))
-    print_table(cfg, results)
+    if activations == "random":
+        print_synthetic_table(results)
+    else:
+        print_table(cfgs[0], results)
 
 
 if __name__ == "__main__":

@@ -141,6 +141,7 @@ class RunConfig:
     checkpoint_every: int = 100
     deterministic: bool = False  # CUDA: deterministic kernels (slower); CPU runs are always bit-exact
     compile: bool = False  # torch.compile the loss (the SAE's forward and loss terms)
+    dtype: str = "fp32"  # the SAE step's forward: fp32, or bf16 under autocast (step_autocast)
     hyperparams: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -455,7 +456,8 @@ class Trainer:
 
     def step(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, LossOutput]:
         self.sae.sparse_backward = self.sparse and x.device.type in kernels.SPARSE_DEVICES
-        out = self.loss_fn(x, step)
+        with step_autocast(self.cfg.dtype, x.device):
+            out = self.loss_fn(x, step)
         if self.sae.takes_sparse_step():  # the switch point is measured once per machine and shape
             self.sparse = kernels.use_sparse_step(out.latents, self.sae.cfg.d_in, step, self.sparse, CACHE_DIR)
         self.optimizer.zero_grad(set_to_none=True)
@@ -478,6 +480,23 @@ class Trainer:
 
     def after_step(self, x: torch.Tensor, out: LossOutput, step: int) -> None:
         """After the update and sae.on_step_end: resampling, revival."""
+
+
+STEP_DTYPES = ("fp32", "bf16")  # --dtype
+
+
+def checked_dtype(name: str) -> str:
+    if name not in STEP_DTYPES:
+        raise HarnessError(f"unknown --dtype '{name}'; use {' or '.join(STEP_DTYPES)}")
+    return name
+
+
+def step_autocast(dtype: str, device: torch.device):
+    """The SAE step's forward and loss terms under autocast to bf16 for --dtype bf16 (as SAELens's
+    `autocast` flag; CPU autocast too): matmuls in bf16, their results promoted back to fp32 where
+    fp32 biases are added, so pre, f, x̂ and the loss terms are fp32. The backward, Adam and the
+    decoder-norm constraint run outside it, on the fp32 weights and gradients."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=checked_dtype(dtype) == "bf16")
 
 
 # A latent is dead if it has not fired in the last tenth of the run's tokens (the notebooks'
@@ -1471,9 +1490,12 @@ def result_lines(info: dict, parent: dict | None, parent_name: str | None, run_d
         value, before = headline(info, label), headline(parent, label)
         if value is not None:
             se = info.get("metrics", {}).get("bootstrap_se", {}).get(HEADLINE_SE.get(label))
-            delta = f" ({value - before:+.3g} vs {parent_name})" if before is not None else ""
+            share = label.startswith("dead latents")  # a fraction, shown as a percentage
+            delta = "" if before is None else (f" ({100 * (value - before):+.3g} points vs {parent_name})" if share
+                                               else f" ({value - before:+.3g} vs {parent_name})")
             known = isinstance(se, float) and math.isfinite(se)  # a score of -inf has no spread
-            lines.append(f"- {label}: {value:.4g}{f' ± {se:.2g}' if known else ''}{delta}")
+            shown, spread = f"{value:.1%}" if share else f"{value:.4g}", f" ± {se:.2g}" if known else ""
+            lines.append(f"- {label}: {shown}{spread}{delta}")
     log = (run_dir / "train_log.jsonl").read_text().splitlines()
     lines.append(f"- dead latents at the end of training (not fired in the last tenth of its tokens, at most 1M): "
                  f"{json.loads(log[-1])['dead_fraction']:.1%}")
@@ -1637,8 +1659,10 @@ def job_config(plugin: Plugin, preset: str, settings: dict[str, str], overrides:
 
 
 def comparable(config: dict) -> str:
-    """A config as saved, for equality (the device it ran on does not change what it is)."""
-    return json.dumps({k: v for k, v in config.items() if k != "device"}, sort_keys=True, default=list)
+    """A config as saved, for equality (the device it ran on does not change what it is); a field
+    added since a run was saved counts at its default there (`dtype`: runs before it were fp32)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+    return json.dumps({k: v for k, v in {**defaults, **config}.items() if k != "device"}, sort_keys=True, default=list)
 
 
 def earlier_runs(runs_root: Path) -> dict[str, list[Path]]:
@@ -1836,6 +1860,7 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="Plugin hyperparameter key=value (repeatable)."),
     checkpoint_every: int = typer.Option(100, help="Save a resumable checkpoint every N steps."),
     deterministic: bool = typer.Option(False, help="CUDA: use deterministic kernels (slower)."),
+    dtype: str = typer.Option("fp32", help="The SAE step: fp32, or bf16 (autocast; weights, Adam, losses fp32)."),
     compile_loss: bool = typer.Option(False, "--compile", help="torch.compile the SAE's loss (the first "
                                       "steps wait for the compiler; on CPU it needs a C++ compiler)."),
     resume: Path = typer.Option(None, help="Continue an interrupted run folder from its checkpoint."),
@@ -1859,7 +1884,7 @@ def run(
                                    dict_size=dict_size, tokens=tokens, batch_size=batch_size, lr=lr,
                                    sparsity_penalty=sparsity_penalty, seed=seed, device=device, dataset=dataset,
                                    checkpoint_every=checkpoint_every, deterministic=deterministic,
-                                   compile=compile_loss, evals=split(evals))
+                                   compile=compile_loss, dtype=checked_dtype(dtype), evals=split(evals))
                 cfg.hyperparams = dataclasses.asdict(parse_hyperparams(found, set_))
                 run_dir = out or ROOT / "runs" / found.study / found.name / time.strftime("%Y%m%d-%H%M%S")
             with dashboard.WandbRun(wandb_project if wandb else None, dataclasses.asdict(cfg), str(run_dir),
@@ -2041,6 +2066,35 @@ def compare(
     with one_line_errors():
         table = plot.compare_table(runs, study)
     Console(width=220).print(table)
+
+
+@app.command()
+def analyse(
+    name: str = typer.Argument(..., metavar="STUDY", help="The study (topk_ortho, adaptive_ortho, zscore_ortho, "
+                                                          "contrastive)."),
+    analysis: str = typer.Argument(None, help="One of its analyses (default: all; see analyses.py)."),
+    preset: str = typer.Option("embedded", help="embedded, tiny, pythia-70m or gemma-2-2b."),
+    tokens: int = typer.Option(None, help="Training activations to harvest and train on."),
+    dict_size: int = typer.Option(None, help="Number of SAE latents."),
+    seed: int = typer.Option(42, help="Seeds initialisation, data order and plugin randomness."),
+    evals: str = typer.Option("core", help="Comma-separated sae_bench evals (as the study's runs had them)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    only: str = typer.Option(None, help="Per-run analyses: only these runs of the study (and the baseline)."),
+    values: str = typer.Option(None, help="Sweep analyses (topk_threshold, alpha): the values to sweep."),
+    runs: Path = typer.Option(ROOT / "runs", help="Folder of run folders (searched for runs to reuse)."),
+    notes: Path = typer.Option(ROOT / "notes.md", help="Lab notebook to append to."),
+    figures: Path = typer.Option(ROOT / "figures", help="The figures go to FIGURES/<study>/analysis_<name>.png."),
+) -> None:
+    """The study-level analyses its notebook asks for (analyses.py): each runs what it needs
+    (reusing finished runs), writes a figure and appends a paragraph to the notebook."""
+    import analyses  # built on this module, as cluster is
+
+    with one_line_errors(), interrupted_many():
+        overrides = dict(tokens=tokens, dict_size=dict_size, seed=seed, device=device, evals=split(evals))
+        setting = analyses.Setting(name, preset, overrides, runs, notes, split(only or ""), split(values or ""))
+        found = analyses.run_analyses(name, analysis, setting, figures)
+    for path, finding in found.items():
+        console.print(f"{path}: {finding.caption}")
 
 
 @app.command("list")

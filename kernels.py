@@ -69,10 +69,12 @@ def sum_by_latent(tokens: torch.Tensor, latents: torch.Tensor, weights: torch.Te
 
 
 def stable_order(keys: torch.Tensor, below: int) -> torch.Tensor:
-    """argsort(keys, stable=True) for CPU keys in [0, below), by numpy's single-threaded sort (a
-    radix sort for 16-bit keys). torch's parallel radix sort often stalls while other processes
-    keep the cores busy: on the shared 2-core machine, 65k keys took a median 195-250 ms there
-    against 0.4 ms here."""
+    """argsort(keys, stable=True) for keys in [0, below). On CPU by numpy's single-threaded sort (a
+    radix sort for 16-bit keys): torch's parallel radix sort often stalls while other processes
+    keep the cores busy (on the shared 2-core machine, 65k keys took a median 195-250 ms there
+    against 0.4 ms here). Keys on a GPU are sorted there, by torch."""
+    if keys.device.type != "cpu":
+        return torch.argsort(keys, stable=True)
     keys = keys.numpy()
     return torch.from_numpy(np.argsort(keys.astype(np.uint16) if below <= 2**16 else keys, kind="stable"))
 

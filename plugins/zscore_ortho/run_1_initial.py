@@ -24,7 +24,9 @@ tokens at the notebook's scale, as the harness's dead-latent window) up to `max_
 that fired in none of the period's steps, those whose decoder row has the largest |cos| with
 another row first, are re-initialised on the worst-reconstructed inputs of the batch, their
 threshold statistics restart from their pre-activations on that batch, and their Adam state is
-reset.
+reset. Each revival is recorded (artifacts `revived_at`: the step, -1 for never; `revived_max_cos`:
+the row's max |cos| with another just before) for the notebook's "reactivation impact on feature
+diversity" (`python experiment.py analyse zscore_ortho reactivation`).
 """
 
 from dataclasses import dataclass
@@ -52,6 +54,10 @@ class SAE(parent.SAE):
         self.register_buffer("pre_mean", torch.zeros(d_sae, device=device))
         self.register_buffer("pre_var", torch.zeros(d_sae, device=device))
         self.register_buffer("coactivation", torch.zeros(d_sae, d_sae, device=device))
+        # The revival record, for the reactivation analysis (analyses.py): each latent's step of
+        # last revival (-1: never) and its decoder row's max |cos| with another row just before.
+        self.register_buffer("revived_at", torch.full((d_sae,), -1, dtype=torch.long, device=device))
+        self.register_buffer("revived_max_cos", torch.zeros(d_sae, device=device))
 
     def threshold(self) -> torch.Tensor:
         return self.pre_mean + self.hp.z * self.pre_var.sqrt()
@@ -83,6 +89,9 @@ class SAE(parent.SAE):
         cos = (w_dec[flat // self.cfg.d_sae] * w_dec[flat % self.cfg.d_sae]).sum(-1)
         return (2 * weights * cos.abs()).sum()
 
+    def artifacts(self):
+        return {"revived_at": self.revived_at, "revived_max_cos": self.revived_max_cos}
+
 
 class Trainer(parent.Trainer):
     """Adds dead-latent reactivation after the optimizer step."""
@@ -109,11 +118,14 @@ class Trainer(parent.Trainer):
         cos = sae.W_dec[dead] @ sae.W_dec.T
         cos[torch.arange(len(dead)), dead] = 0
         interference = cos.abs().amax(dim=1)
-        dead = dead[interference.argsort(descending=True)[: hp.max_revive]]
+        order = interference.argsort(descending=True)[: hp.max_revive]
+        dead, interference = dead[order], interference[order]
         residual = x - sae.reconstruct(x, sae.encode(x))  # skip paths (run 4 on) included
         worst = residual.norm(dim=-1).argsort(descending=True)[: len(dead)]
         directions = residual[worst] / residual[worst].norm(dim=-1, keepdim=True).clamp_min(1e-8)
         dead = dead[: len(directions)]
+        sae.revived_at[dead] = step
+        sae.revived_max_cos[dead] = interference[: len(dead)]
         sae.W_dec[dead] = directions
         sae.W_enc[:, dead] = directions.T * 0.2
         sae.b_enc[dead] = 0.0

@@ -1,0 +1,588 @@
+"""Study-level analyses: the comparisons each seed notebook asks for beyond its runs' own metrics,
+each one command that writes one figure and one notebook paragraph.
+
+    python experiment.py analyse topk_ortho                      # every analysis of the study
+    python experiment.py analyse contrastive jl_error --preset tiny --tokens 2048
+
+    study           analysis           what it shows
+    topk_ortho      topk_threshold     the top-k pair fraction ablation, fixed τ (run 1) and adaptive τ (run 2)
+    adaptive_ortho  alpha              the α ablation of run 1
+                    condition_numbers  σ_max/σ_min of each feature group's decoder rows, per run
+    zscore_ortho    reactivation       revived latents against the others: max |cos| to the rest, firing rate
+    contrastive     sparsity           log10 firing-frequency histograms on held-out text, per run
+                    jl_error           the JL projection's cosine error on decoder-row pairs, per run
+
+The runs come from the study and sweep machinery (experiment.study_jobs, sweep_jobs, run_jobs): a
+run completed with the same config and plugin source is reused and an interrupted one resumed, so
+an analysis after `study` trains only what it adds (a sweep's other values). A sweep analysis's
+runs go to RUNS/sweeps/analysis_<study>_<name>/<plugin>/ with a manifest. The figure goes to
+FIGURES/<study>/analysis_<name>.png; the paragraph (the runs, the numbers, the figure and its
+caption read from the data) is appended to the notebook unless it already holds it word for word.
+
+Read top to bottom: the measurements (pure functions of tensors), reading runs, the sweep
+analyses, the per-run analyses, and the driver the CLI calls.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from common import HarnessError, console  # first: its import guards
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
+
+import experiment  # noqa: E402
+import plot  # noqa: E402
+
+BASELINE = "run_0_baseline"  # the study command's default baseline, so its runs are reused
+
+# ----------------------------------------------------------------------------------------------
+# The measurements: pure functions of a trained SAE's tensors.
+
+
+@torch.no_grad()
+def max_abs_cosine(decoder: torch.Tensor, chunk: int = 1024) -> np.ndarray:
+    """(d_sae,): m_i = max_{j≠i} |d_i·d_j| / (‖d_i‖‖d_j‖) for the decoder rows d_i, computed in
+    blocks of `chunk` rows (never d_sae × d_sae at once)."""
+    unit = F.normalize(decoder.detach().double(), dim=1)
+    found = []
+    for start in range(0, len(unit), chunk):
+        cos = (unit[start:start + chunk] @ unit.T).abs()
+        rows = torch.arange(len(cos))
+        cos[rows, rows + start] = 0.0  # a row with itself
+        found.append(cos.amax(1))
+    return torch.cat(found).numpy()
+
+
+@torch.no_grad()
+def group_condition_numbers(decoder: torch.Tensor, groups: torch.Tensor, n_groups: int) -> list[float | None]:
+    """κ_g = σ_max(D_g) / σ_min(D_g) for each group g, D_g its latents' decoder rows (n_g × d_in;
+    min(n_g, d_in) singular values); None for an empty group, inf for a rank-deficient one."""
+    kappas: list[float | None] = []
+    for g in range(n_groups):
+        rows = decoder.detach()[groups == g].double()
+        s = torch.linalg.svdvals(rows) if len(rows) else None
+        kappas.append(None if s is None else (s[0] / s[-1]).item() if s[-1] > 0 else math.inf)
+    return kappas
+
+
+@torch.no_grad()
+def jl_cosine_errors(sae, rows: int = 2048) -> np.ndarray:
+    """|cos(P d_i, P d_j) − cos(d_i, d_j)| for every pair i < j of decoder rows d_i (up to `rows` of
+    them, evenly spaced), P the plugin's own JL projection (`sae.project`): (n(n−1)/2,)."""
+    w = sae.decoder_weight().detach()
+    w = w[torch.linspace(0, len(w) - 1, min(rows, len(w))).round().long()]
+    exact = F.normalize(w.double(), dim=1)
+    projected = F.normalize(sae.project(w).double(), dim=1)
+    upper = torch.triu_indices(len(w), len(w), offset=1)
+    return ((projected @ projected.T) - (exact @ exact.T))[upper[0], upper[1]].abs().numpy()
+
+
+def log_frequency_histogram(density: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, int]:
+    """Counts of log10(firing frequency) in the bins `edges` over the latents that fired, and the
+    number of latents that never fired (log10 0 = −∞: counted apart, never binned)."""
+    fired = density > 0
+    counts, _ = np.histogram(np.log10(density[fired]), bins=edges)
+    return counts, int((~fired).sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading runs: run folders through plot.read_run, SAEs through experiment.saved_sae.
+
+@dataclass
+class Setting:
+    """What an analysis runs on: the runs it asks for are trained at this preset and overrides
+    (as `study` passes them) under `runs`, noted in `notes`."""
+
+    study: str
+    preset: str
+    overrides: dict[str, Any]
+    runs: Path
+    notes: Path
+    only: tuple[str, ...] = ()  # the per-run analyses' plugins (default: the whole study)
+    values: tuple[str, ...] = ()  # a sweep analysis's values (default: its own)
+    trained: dict = field(default_factory=dict)  # the study's runs, once run
+
+
+class Finding(NamedTuple):
+    figure: Figure
+    caption: str  # one line that reads the data
+    body: str  # the paragraph between its heading and its figure line
+    data: dict  # the numbers, by plugin (and swept value): for tests and callers
+
+
+def shown_path(path: Path | str) -> str:
+    path = Path(path)
+    return os.path.relpath(path, experiment.ROOT) if path.resolve().is_relative_to(experiment.ROOT) else str(path)
+
+
+def completed(rows: list[dict]) -> tuple[list[plot.Run], list[str]]:
+    """run_jobs' rows as plot Runs (coloured by run number), and a line for each that failed."""
+    runs = plot.paint([plot.read_run(Path(r["folder"])) for r in rows if r["info"].get("status") == "completed"])
+    failed = [f"{r['label']} failed: {r['info'].get('error', 'no reason recorded')}"
+              for r in rows if r["info"].get("status") != "completed"]
+    return runs, failed
+
+
+def study_runs(s: Setting) -> tuple[list[plot.Run], list[str]]:
+    """The baseline and the study's runs (or those named in `only`), each reused, resumed or
+    trained by run_jobs; once per Setting."""
+    if not s.trained:
+        jobs = experiment.study_jobs(s.study, [BASELINE], s.preset, dict(s.overrides), s.runs)
+        wanted = {(p.study, p.name) for p in map(experiment.find_plugin, s.only)}
+        strays = sorted(f"{study}/{name}" for study, name in wanted if study != s.study)
+        if strays:
+            raise HarnessError(f"--only {', '.join(strays)}: not runs of study {s.study}")
+        jobs = [j for j in jobs if not wanted or j.plugin.name == BASELINE or (j.plugin.study, j.plugin.name) in wanted]
+        s.trained["rows"] = completed(experiment.run_jobs(jobs, s.notes, s.runs))
+    return s.trained["rows"]
+
+
+def trained_sae(run: plot.Run) -> tuple[experiment.SAE, experiment.RunConfig]:
+    """The plugin's SAE of a finished run, exactly as evaluated, on the CPU, and its config."""
+    cfg, plugin = experiment.saved_config(run.folder, "analyse")
+    return experiment.saved_sae(run.folder, cfg, plugin, torch.device("cpu")).inner, cfg
+
+
+def artifact(run: plot.Run, name: str) -> np.ndarray | None:
+    from safetensors.numpy import load_file
+
+    path = run.folder / "artifacts.safetensors"
+    return load_file(path).get(name) if path.exists() else None
+
+
+def firing_frequency(run: plot.Run) -> np.ndarray | None:
+    """Each latent's firing frequency on the run's held-out text: the core eval's feature_density
+    (fraction of its sparsity batches' tokens, special tokens excluded), which sums to its L0."""
+    density = plot.read_json(run.folder / "feature_metrics.json").get("feature_density")
+    return None if density is None else np.asarray(density, dtype=np.float64)
+
+
+def plain_log(axis) -> None:
+    """A log axis labelled 0.1, 1, 10 (not 10⁻¹, 10⁰, 10¹)."""
+    for set_formatter in (axis.set_major_formatter, axis.set_minor_formatter):
+        set_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table; a | inside a cell (|cos|) is escaped, not a column break."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+    return "\n".join([line(header), "|" + "---|" * len(header)] + [line(row) for row in rows])
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweep analyses: plugins × one hyperparameter's values, the baseline as the reference.
+
+class Panel(NamedTuple):
+    short: str  # column name in the notebook's table
+    label: str  # y axis
+    path: tuple[str, ...]  # where final_info.json holds the value
+    se_path: tuple[str, ...] | None = None  # where it holds the value's standard error
+
+
+def core_panel(name: str, short: str) -> Panel:
+    where, label, _ = plot.METRICS[name]
+    se = ("metrics", "bootstrap_se", plot.SE_KEY[name]) if name in plot.SE_KEY else None
+    return Panel(short, label, where, se)
+
+
+CORE_PANELS = (core_panel("l0", "L0"), core_panel("ce_loss_score", "CE-loss score"),
+               core_panel("explained_variance", "explained variance"))
+
+
+def value_at(info: dict, path: tuple[str, ...] | None) -> float | None:
+    node: Any = info
+    for key in path or ():
+        node = node.get(key) if isinstance(node, dict) else None
+    return plot.number(node) if path else None
+
+
+def sweep_points(s: Setting, name: str, plugins: tuple[str, ...], key: str,
+                 values: tuple[str, ...]) -> tuple[dict[str, list[tuple[float, plot.Run]]], plot.Run | None, list[str]]:
+    """Each plugin's runs at key=value for every value (sweep_jobs), and the baseline at the same
+    setting, through one run_jobs: ({plugin: [(value, run)]}, the baseline run, failures)."""
+    baseline = experiment.find_plugin(BASELINE)
+    jobs = [experiment.Job(experiment.job_config(baseline, s.preset, {}, dict(s.overrides)), baseline,
+                           s.runs / baseline.study / baseline.name / time.strftime("%Y%m%d-%H%M%S"), BASELINE)]
+    sweep_dir, xs = s.runs / "sweeps" / f"analysis_{s.study}_{name}", [math.nan]
+    for plugin in map(experiment.find_plugin, plugins):
+        jobs += experiment.sweep_jobs(plugin, s.preset, [f"{key}={','.join(values)}"], 1, dict(s.overrides),
+                                      sweep_dir / plugin.name)
+        xs += [float(v) for v in values]
+    rows = experiment.run_jobs(jobs, s.notes, s.runs)
+    asked = dict(analysis=f"{s.study}/{name}", plugins=list(plugins), grid=f"{key}={','.join(values)}",
+                 preset=s.preset, **s.overrides)
+    experiment.write_manifest(sweep_dir, asked, rows)
+    _, failed = completed(rows)
+    series: dict[str, list[tuple[float, plot.Run]]] = {}
+    for x, row in zip(xs[1:], rows[1:]):
+        if row["info"].get("status") == "completed":
+            run = plot.read_run(Path(row["folder"]))
+            run.color = plot.PALETTE[run.number % len(plot.PALETTE)]
+            series.setdefault(run.plugin, []).append((x, run))
+    base = completed(rows[:1])[0]
+    return series, base[0] if base else None, failed
+
+
+def sweep_figure(series: dict[str, list[tuple[float, plot.Run]]], baseline: plot.Run | None, key: str,
+                 panels: tuple[Panel, ...], title: str) -> Figure:
+    """One panel per metric against the swept value (log scale), one line per plugin with its
+    standard errors, the baseline at the same setting as a dashed line."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4.2), squeeze=False)
+    everything = [run for points in series.values() for _, run in points]
+    swept = sorted({x for points in series.values() for x, _ in points})
+    for ax, panel in zip(axes[0], panels):
+        drawn, errors = [], []
+        for i, points in enumerate(series.values()):  # marker and line style apart: equal runs overlap
+            ys = [value_at(run.info, panel.path) for _, run in points]
+            es = [value_at(run.info, panel.se_path) for _, run in points]
+            ax.errorbar([x for x, _ in points], [math.nan if y is None else y for y in ys],
+                        yerr=[e or 0.0 for e in es], color=points[0][1].color, marker="osD^"[i % 4], capsize=3,
+                        ls=("-", ":", "-.")[i % 3], mfc="white" if i else None, label=swept_label(points[0][1]))
+            drawn += [y for y in ys if y is not None and math.isfinite(y)]
+            errors += es
+        if baseline is not None and (reference := value_at(baseline.info, panel.path)) is not None:
+            ax.axhline(reference, color=baseline.color, ls="--", label=f"{baseline.label} (same setting)")
+        ax.set_xscale("log")
+        ax.set_xticks(swept, [f"{x:g}" for x in swept])
+        ax.minorticks_off()
+        ax.set_xlabel(key)
+        ax.set_ylabel(textwrap.fill(panel.label, 34))
+        ax.grid(alpha=0.3, which="both")
+        plot.floor_span(ax, plot.least_span(panel.short, drawn, errors))  # noise stays flat
+    handles, labels = axes[0][0].get_legend_handles_labels()  # the first panel has the baseline's line
+    axes[0][-1].legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(plot.with_setting(title, everything), fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def swept_label(run: plot.Run) -> str:
+    """'Run 1 (run_1_basic_ortho)': its title may name one value of the knob being swept."""
+    return f"Run {run.number} ({run.plugin})"
+
+
+def ends(points: list[tuple[float, plot.Run]], panel: Panel) -> str:
+    """'0.85 ± 0.01 at 0.0005 → 0.86 ± 0.01 at 0.005': a panel's value at the first and last swept
+    value that have one."""
+    found = [(x, y, value_at(run.info, panel.se_path)) for x, run in points
+             if (y := value_at(run.info, panel.path)) is not None]
+    if not found:
+        return "no value"
+    first_and_last = found if len(found) == 1 else found[::len(found) - 1]
+    return " → ".join(f"{plot.meaningful(y, e)} at {x:g}" for x, y, e in first_and_last)
+
+
+def sweep_analysis(s: Setting, name: str, plugins: tuple[str, ...], key: str, values: tuple[str, ...],
+                   panels: tuple[Panel, ...], title: str) -> Finding:
+    """plugins × key=values (or --values), each metric of `panels` against the value: the figure,
+    a caption reading each plugin's ends per metric, and a table of every run."""
+    values = tuple(sorted(s.values or values, key=float))
+    series, baseline, failed = sweep_points(s, name, plugins, key, values)
+    if not series:
+        raise HarnessError(f"no run of the {name} sweep completed: " + "; ".join(failed))
+    figure = sweep_figure(series, baseline, key, panels, title)
+    readings = [f"{panel.short}: " + "; ".join(f"{swept_label(points[0][1])} {ends(points, panel)}"
+                                               for points in series.values()) for panel in panels]
+    caption = (f"{', '.join(p.short for p in panels)} against {key} ({', '.join(values)}), one line per run, "
+               "error bars one bootstrap standard error, the baseline dashed. " + ". ".join(readings) + ".")
+    header = ["run", key, *(p.short for p in panels), "run folder"]
+    lines = [[swept_label(run), f"{x:g}", *(fmt(value_at(run.info, p.path), 4) for p in panels), shown_path(run.folder)]
+             for points in series.values() for x, run in points]
+    if baseline is not None:
+        lines.append([f"{baseline.label} (reference)", "-", *(fmt(value_at(baseline.info, p.path), 4) for p in panels),
+                      shown_path(baseline.folder)])
+    body = table(header, lines) + "".join(f"\n\nNot analysed: {line}" for line in failed)
+    data = {(run.plugin, x): {p.short: value_at(run.info, p.path) for p in panels}
+            for points in series.values() for x, run in points}
+    return Finding(figure, caption, body, data)
+
+
+def topk_threshold(s: Setting) -> Finding:
+    """Top-k threshold ablation with fixed τ (run 1) and adaptive τ (run 2) at each value: the
+    fraction of latent pairs the orthogonality loss selects each batch (`topk_percent`, notebook
+    0.1%), swept; both τ modes at the same setting, so the fixed-vs-adaptive comparison is read at
+    every value."""
+    pairs = Panel("mean |cos| of the selected pairs", "mean |cos| of the selected pairs (last step)",
+                  ("final_metrics", "mean_pair_correlation"))
+    return sweep_analysis(s, "topk_threshold", ("topk_ortho/run_1_topk_pairs", "topk_ortho/run_2_adaptive_tau"),
+                          "topk_percent", ("0.0005", "0.001", "0.002", "0.005"), (*CORE_PANELS, pairs),
+                          "Top-k threshold ablation, fixed and adaptive τ")
+
+
+def alpha_ablation(s: Setting) -> Finding:
+    """α ablation: the weight of run 1's between-group orthogonality loss (notebook α = 0.1, the
+    controlled-sharing knob: smaller α, more sharing), swept over decades around it, with the
+    condition numbers of the groups' decoder subspaces it is meant to improve."""
+    kappa = Panel("mean group κ", "mean condition number σ_max/σ_min of the groups' decoder rows",
+                  ("subspace_condition_numbers", "mean"))
+    return sweep_analysis(s, "alpha", ("adaptive_ortho/run_1_basic_ortho",), "alpha", ("0.01", "0.1", "1", "10"),
+                          (*CORE_PANELS, kappa), "α ablation of the adaptive orthogonality loss")
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-run analyses: every run of the study (or --only), each measured on its saved SAE and its
+# held-out evaluation.
+
+def condition_numbers(s: Setting) -> Finding:
+    """Condition numbers of the feature subspaces: for each run's feature groups (its
+    `feature_group` artifact), κ_g = σ_max/σ_min of group g's decoder rows of the SAE as evaluated;
+    1 is an orthonormal subspace, large κ a group whose directions nearly coincide."""
+    runs, failed = study_runs(s)
+    measured = {}
+    for run in runs:
+        groups = artifact(run, "feature_group")
+        if groups is not None:
+            sae, _ = trained_sae(run)
+            kappas = group_condition_numbers(sae.decoder_weight(), torch.as_tensor(groups), sae.hp.n_groups)
+            measured[run.label] = (run, kappas, np.bincount(groups, minlength=sae.hp.n_groups))
+    if not measured:
+        raise HarnessError(f"no run of {s.study} saved a feature_group artifact; nothing to measure")
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(measured) + 3), 4.8))
+    rows, readings = [], []
+    for i, (run, kappas, sizes) in enumerate(measured.values()):
+        present = [k for k in kappas if k is not None]
+        finite = [k for k in present if math.isfinite(k)]
+        ax.scatter(i + np.linspace(-0.2, 0.2, len(finite)), finite, color=run.color, s=22, alpha=0.8)
+        mean = float(np.mean(present)) if present else None
+        if mean is not None and math.isfinite(mean):
+            ax.plot([i - 0.3, i + 0.3], [mean, mean], color="black", lw=2)
+        top, least = max(present, default=None), min(present, default=None)
+        rows.append([run.label, str(len(present)), fmt(mean, 4), fmt(top, 4), fmt(least, 4),
+                     " ".join(map(str, sizes.tolist())), shown_path(run.folder)])
+        readings.append(f"{run.label} mean {fmt(mean)}, max {fmt(top)}")
+    ax.set_xticks(range(len(measured)), list(measured), rotation=30, ha="right")
+    ax.set_yscale("log")
+    plain_log(ax.yaxis)
+    ax.set_ylabel("condition number σ_max/σ_min (log)")
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.set_title(plot.with_setting("Condition numbers of the feature groups' decoder subspaces",
+                                   [r for r, _, _ in measured.values()]), fontsize=11)
+    caption = ("Each feature group's condition number σ_max/σ_min of its decoder rows (dots), the mean per run "
+               "(bar): " + "; ".join(readings) + ".")
+    body = table(["run", "groups", "mean κ", "max κ", "min κ", "group sizes", "run folder"], rows)
+    body += "".join(f"\n\nNot analysed: {line}" for line in failed)
+    return Finding(fig, caption, body, {run.plugin: dict(kappas=kappas, folder=run.folder)
+                                        for run, kappas, _ in measured.values()})
+
+
+def reactivation(s: Setting) -> Finding:
+    """Reactivation impact on feature diversity: the latents a run revived (its `revived_at`
+    artifact) against the others, by each decoder row's max |cos| with the rest (diversity: lower
+    is more distinct) just before its last revival (`revived_max_cos`, a dead row then, firing
+    rate 0) and at the end, and by firing frequency on the held-out text."""
+    runs, failed = study_runs(s)
+    measured = {}
+    for run in runs:
+        revived_at = artifact(run, "revived_at")
+        if revived_at is not None:
+            sae, _ = trained_sae(run)
+            revived = revived_at >= 0
+            measured[run.label] = dict(run=run, revived=revived, before=artifact(run, "revived_max_cos")[revived],
+                                       after=max_abs_cosine(sae.decoder_weight()), rate=firing_frequency(run))
+    if not measured:
+        raise HarnessError(f"no run of {s.study} saved a revived_at artifact; nothing to measure")
+    figure = reactivation_figure(measured)
+    rows, readings = [], []
+    for label, m in measured.items():
+        revived, after, rate = m["revived"], m["after"], m["rate"]
+        some = revived.any()  # else the revived columns have no value
+        cells = [np.median(m["before"]) if some else None, np.median(after[revived]) if some else None,
+                 np.median(after[~revived]), rate[revived].mean() if some else None, rate[~revived].mean(),
+                 (rate[revived] == 0).mean() if some else None, (rate[~revived] == 0).mean()]
+        rows.append([label, str(int(revived.sum())), *(fmt(c) for c in cells), shown_path(m["run"].folder)])
+        readings.append(f"{label}: {int(revived.sum())} revived, median max |cos| {fmt(cells[0])} before → "
+                        f"{fmt(cells[1])} after (others {fmt(cells[2])}), mean firing frequency {fmt(cells[3])} "
+                        f"(others {fmt(cells[4])})")
+    caption = ("Revived latents against the others: max |cos| of each decoder row with the rest before revival "
+               "and at the end, and firing frequency on the held-out text. " + "; ".join(readings) + ".")
+    body = table(["run", "revived", "median max |cos|: revived, before", "revived, after", "others, after",
+                  "mean firing frequency: revived", "others", "share never fired: revived", "others",
+                  "run folder"], rows)
+    body += "".join(f"\n\nNot analysed: {line}" for line in failed)
+    data = {m["run"].plugin: {"folder": m["run"].folder, **{k: m[k] for k in ("revived", "before", "after", "rate")}}
+            for m in measured.values()}
+    return Finding(figure, caption, body, data)
+
+
+def reactivation_figure(measured: dict[str, dict]) -> Figure:
+    """Per run, boxes of max |cos| (revived before, revived after, others) and of log10 firing
+    frequency of the latents that fired (revived, others)."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7.0, 1.6 * len(measured) + 3), 8.5))
+    groups = (("revived, before revival", "#d62728"), ("revived, at the end", "#ff7f0e"),
+              ("others, at the end", "#7f7f7f"))
+    for i, m in enumerate(measured.values()):
+        revived, rate = m["revived"], m["rate"]
+        boxes = [m["before"], m["after"][revived], m["after"][~revived]]
+        for j, (values, (_, color)) in enumerate(zip(boxes, groups)):
+            if len(values):
+                top.boxplot([values], positions=[i + (j - 1) * 0.27], widths=0.22, showfliers=False, patch_artist=True,
+                            boxprops=dict(facecolor=color, alpha=0.6), medianprops=dict(color="black"))
+        for j, chosen in enumerate((revived, ~revived)):
+            fired = rate[chosen][rate[chosen] > 0]
+            if len(fired):
+                bottom.boxplot([np.log10(fired)], positions=[i + (j - 0.5) * 0.35], widths=0.3, showfliers=False,
+                               patch_artist=True, boxprops=dict(facecolor=groups[1 + j][1], alpha=0.6),
+                               medianprops=dict(color="black"))
+            if chosen.any():
+                bottom.annotate(f"{int((rate[chosen] == 0).sum())} never fired", (i + (j - 0.5) * 0.35, 0.98),
+                                xycoords=("data", "axes fraction"), ha="center", va="top", fontsize=7)
+    for ax in (top, bottom):
+        ax.set_xticks(range(len(measured)), list(measured), rotation=20, ha="right")
+        ax.set_xlim(-0.6, len(measured) - 0.4)
+        ax.grid(axis="y", alpha=0.3)
+    top.set_ylabel("max |cos| of the decoder row with the rest")
+    top.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.6) for _, c in groups],
+               labels=[g for g, _ in groups], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    bottom.set_ylabel("log10 firing frequency on held-out text\n(latents that fired; revived | others)")
+    runs = [m["run"] for m in measured.values()]
+    top.set_title(plot.with_setting("Reactivation and feature diversity: revived latents against the others", runs),
+                  fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def sparsity_distributions(s: Setting) -> Finding:
+    """Final activation-sparsity distributions: each run's histogram of log10 firing frequency of
+    its latents on the held-out text (the core eval's feature_density, which sums to the run's L0),
+    the latents that never fired counted beside it."""
+    runs, failed = study_runs(s)
+    densities = {run.label: (run, d) for run in runs if (d := firing_frequency(run)) is not None}
+    if not densities:
+        raise HarnessError(f"no run of {s.study} has a core evaluation's feature_metrics.json; run it with core")
+    least = min((d[d > 0].min() for _, d in densities.values() if (d > 0).any()), default=1e-4)
+    edges = np.linspace(math.floor(np.log10(least)), 0.0, 8 * -math.floor(np.log10(least)) + 1)  # 8 bins a decade
+    fig, ax = plt.subplots(figsize=(9, 5))
+    rows, readings, data = [], [], {}
+    for label, (run, density) in densities.items():
+        counts, silent = log_frequency_histogram(density, edges)
+        ax.stairs(counts, edges, color=run.color, lw=1.8, label=f"{label} ({silent} never fired)")
+        fired = density[density > 0]
+        q10, q50, q90 = np.percentile(fired, [10, 50, 90]) if len(fired) else (None,) * 3
+        rows.append([label, str(len(fired)), str(silent), fmt(q50), fmt(q10), fmt(q90), fmt(float(density.sum()), 4),
+                     shown_path(run.folder)])
+        readings.append(f"{label} median {fmt(q50)} of the latents that fired, {silent} never fired")
+        data[run.plugin] = dict(counts=counts, silent=silent, density=density, folder=run.folder)
+    ax.set_xlabel("log10 firing frequency (fraction of held-out tokens)")
+    ax.set_ylabel("latents")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(plot.with_setting("Activation-sparsity distributions on held-out text",
+                                   [r for r, _ in densities.values()]), fontsize=11)
+    caption = ("Histogram of each latent's log10 firing frequency on the held-out text, one line per run "
+               f"(8 bins a decade from 1e{edges[0]:.0f}): " + "; ".join(readings) + ".")
+    body = table(["run", "latents fired", "never fired", "median frequency", "10th pct", "90th pct",
+                  "Σ frequency (= L0)", "run folder"], rows)
+    data["edges"] = edges
+    return Finding(fig, caption, body + "".join(f"\n\nNot analysed: {line}" for line in failed), data)
+
+
+def jl_error(s: Setting) -> Finding:
+    """JL approximation quality: for each run with a JL projection, the error of the projected
+    cosine against the exact one, |cos(P d_i, P d_j) − cos(d_i, d_j)|, over all pairs of decoder
+    rows of the SAE as evaluated (up to 2048 rows), against the run's final contrast threshold (a
+    threshold below the projection's own error measures its noise)."""
+    runs, failed = study_runs(s)
+    measured = {}
+    for run in runs:
+        sae, cfg = trained_sae(run)
+        if hasattr(sae, "project"):
+            threshold = sae.contrast_threshold(cfg.steps - 1) if hasattr(sae, "contrast_threshold") else None
+            measured[run.label] = (run, jl_cosine_errors(sae), threshold, sae.jl.shape[1], sae.cfg.d_in)
+    if not measured:
+        raise HarnessError(f"no run of {s.study} has a JL projection (`project`); nothing to measure")
+    fig, ax = plt.subplots(figsize=(9, 5))
+    rows, readings = [], []
+    for label, (run, errors, threshold, k, d_in) in measured.items():
+        ax.ecdf(errors, color=run.color, lw=1.8, label=f"{label} (k = {k} of d_in {d_in})")
+        if threshold is not None:
+            ax.axvline(threshold, color=run.color, ls="--", lw=1)
+        over = None if threshold is None else float((errors > threshold).mean())
+        stats = [errors.mean(), np.percentile(errors, 95), errors.max(), threshold, over]
+        rows.append([label, str(k), str(len(errors)), *(fmt(v) for v in stats), shown_path(run.folder)])
+        readings.append(f"{label} mean {fmt(stats[0])}, 95th pct {fmt(stats[1])}, final threshold {fmt(threshold)}"
+                        + ("" if over is None else f" ({over:.1%} of pairs err by more)"))
+    ax.set_xlabel("|projected cosine − exact cosine| of decoder-row pairs")
+    ax.set_ylabel("fraction of pairs with at most this error")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="dashed: final contrast threshold",
+              title_fontsize=8)
+    ax.set_title(plot.with_setting("JL projection's cosine error on decoder-row pairs",
+                                   [r for r, *_ in measured.values()]), fontsize=11)
+    caption = "Cumulative distribution of the JL projection's cosine error per run: " + "; ".join(readings) + "."
+    body = table(["run", "JL dim", "pairs", "mean error", "95th pct", "max", "final threshold",
+                  "fraction of pairs erring beyond it", "run folder"], rows)
+    data = {run.plugin: dict(errors=e, threshold=t, folder=run.folder) for run, e, t, _, _ in measured.values()}
+    return Finding(fig, caption, body + "".join(f"\n\nNot analysed: {line}" for line in failed), data)
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver: `python experiment.py analyse STUDY [NAME]`.
+
+ANALYSES: dict[str, dict[str, Callable[[Setting], Finding]]] = {
+    "topk_ortho": {"topk_threshold": topk_threshold},
+    "adaptive_ortho": {"alpha": alpha_ablation, "condition_numbers": condition_numbers},
+    "zscore_ortho": {"reactivation": reactivation},
+    "contrastive": {"sparsity": sparsity_distributions, "jl_error": jl_error},
+}
+
+
+def chosen(study: str, name: str | None) -> dict[str, Callable[[Setting], Finding]]:
+    if study not in ANALYSES:
+        raise HarnessError(f"no analyses for study '{study}'; studies with analyses: {', '.join(ANALYSES)}")
+    if name is not None and name not in ANALYSES[study]:
+        raise HarnessError(f"no analysis '{name}' for {study}; choose one of {', '.join(ANALYSES[study])}")
+    return ANALYSES[study] if name is None else {name: ANALYSES[study][name]}
+
+
+def paragraph(study: str, name: str, analysis: Callable, finding: Finding, figure: Path) -> str:
+    """The notebook paragraph: heading, what the analysis measures, the table, the figure with
+    its caption."""
+    what = " ".join((analysis.__doc__ or "").split())
+    return (f"## Analysis: {study} {name}\n\n{what}\n\n{finding.body}\n\n"
+            f"Figure `{shown_path(figure)}`: {finding.caption}\n\n")
+
+
+def note_once(notes: Path, study: str, text: str) -> bool:
+    """Append the paragraph through experiment.append_notes unless the notebook already holds it
+    word for word (the same analysis of the same runs, run again); True if appended."""
+    if notes.exists() and text in notes.read_text(encoding="utf-8"):
+        return False
+    key = next(k for k in experiment.plugin_files() if k.split("/")[0] == study)
+    experiment.append_notes(notes, experiment.find_plugin(key), text)
+    return True
+
+
+def run_analyses(study: str, name: str | None, s: Setting, figures: Path) -> dict[Path, Finding]:
+    """Each chosen analysis of the study: its runs (reused, resumed or trained), its figure at
+    FIGURES/<study>/analysis_<name>.png, its paragraph in the notebook once."""
+    found = {}
+    for key, analysis in chosen(study, name).items():
+        finding = analysis(s)
+        path = figures / study / f"analysis_{key}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plot.save(finding.figure, path)
+        if not note_once(s.notes, study, paragraph(study, key, analysis, finding, path)):
+            console.print(f"{s.notes} already holds this {study} {key} analysis of these runs; not noted again")
+        found[path] = finding
+    return found

@@ -1,0 +1,193 @@
+"""The study-level analyses (analyses.py, `python experiment.py analyse STUDY [NAME]`): each trains
+what it needs through the study and sweep machinery, writes its figure and notes its paragraph
+once, and its numbers are the ones a direct computation on the run folders gives."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli
+from safetensors.numpy import load_file
+
+import analyses
+import experiment
+
+TINY = ["--preset", "tiny", "--tokens", "2048"]
+
+
+def analyse(tmp_path, *args: str):
+    """The command on tiny into tmp_path; its Findings again through the API (every run reused)."""
+    runs, notes, figures = tmp_path / "runs", tmp_path / "notes.md", tmp_path / "figures"
+    result = cli("analyse", *args, *TINY, "--runs", str(runs), "--notes", str(notes), "--figures", str(figures))
+    assert result.exit_code == 0, result.output
+    study, name = args[0], (args[1] if len(args) > 1 and not args[1].startswith("--") else None)
+    only = next((a.split("=", 1)[1] for a in args if a.startswith("--only=")), "")
+    values = next((a.split("=", 1)[1] for a in args if a.startswith("--values=")), "")
+    notes_before = notes.read_text()
+    overrides = dict(tokens=2048, dict_size=None, seed=42, device="auto", evals=("core",))  # as the command's
+    setting = analyses.Setting(study, "tiny", overrides, runs, notes, experiment.split(only), experiment.split(values))
+    found = analyses.run_analyses(study, name, setting, figures)
+    assert notes.read_text() == notes_before  # the same analysis of the same runs is noted once
+    for path in found:
+        assert path.parent == figures / study and path.stat().st_size > 10_000
+        assert notes_before.count(f"## Analysis: {study} {path.stem.removeprefix('analysis_')}\n") == 1
+    return result.output, {path.stem.removeprefix("analysis_"): finding for path, finding in found.items()}
+
+
+# ---- the measurements, against the formulas computed another way ------------------------------
+
+def test_max_abs_cosine_is_each_rows_largest_overlap_with_another_in_any_block_size():
+    decoder = torch.randn(50, 8, generator=torch.Generator().manual_seed(0)) * torch.rand(50, 1)
+    unit = decoder.numpy() / np.linalg.norm(decoder.numpy(), axis=1, keepdims=True)
+    cos = np.abs(unit @ unit.T)
+    np.fill_diagonal(cos, -1)
+    for chunk in (7, 1024):
+        np.testing.assert_allclose(analyses.max_abs_cosine(decoder, chunk), cos.max(1), rtol=1e-6)
+
+
+def test_group_condition_numbers_are_numpys_per_group_with_empty_and_degenerate_groups_said():
+    decoder = torch.randn(12, 6, generator=torch.Generator().manual_seed(1))
+    decoder[11] = decoder[10] * 2  # group 3: two parallel rows
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 3, 3])
+    kappas = analyses.group_condition_numbers(decoder, groups, 4)
+    for g in (0, 1):
+        assert kappas[g] == pytest.approx(np.linalg.cond(decoder[groups == g].double().numpy()), rel=1e-9)
+    assert kappas[2] is None and (kappas[3] == math.inf or kappas[3] > 1e6)
+
+
+def test_jl_cosine_errors_compare_the_plugins_projection_with_the_exact_cosine():
+    found = experiment.find_plugin("contrastive/run_1_jl_ema")
+    cfg = experiment.build_config("tiny", "contrastive/run_1_jl_ema")
+    torch.manual_seed(0)
+    sae = found.sae_class(64, 40, found.hyperparams_class(jl_dim=16, jl_check_latents=8), cfg)  # 16 of 64 dims
+    w = sae.decoder_weight().detach().double().numpy()
+    p = w @ sae.jl.double().numpy()
+    exact = (w / np.linalg.norm(w, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T
+    approx = (p / np.linalg.norm(p, axis=1, keepdims=True)) @ (p / np.linalg.norm(p, axis=1, keepdims=True)).T
+    i, j = np.triu_indices(40, 1)
+    errors = analyses.jl_cosine_errors(sae)
+    np.testing.assert_allclose(errors, np.abs(approx - exact)[i, j], atol=1e-6)
+    assert errors.mean() > 0.05  # 16 dimensions cannot keep 64-d cosines: the error is real
+
+
+def test_the_log_frequency_histogram_bins_the_fired_latents_and_counts_the_silent_apart():
+    density = np.array([0.0, 1.0, 0.5, 0.01, 0.0, 0.001, 0.02])
+    edges = np.linspace(-3, 0, 4)
+    counts, silent = analyses.log_frequency_histogram(density, edges)
+    assert silent == 2 and counts.tolist() == [1, 2, 2]  # [-3,-2) [-2,-1) [-1,0]
+
+
+def test_a_revival_is_recorded_with_the_step_and_the_rows_overlap_just_before():
+    found = experiment.find_plugin("zscore_ortho/run_1_initial")
+    cfg = experiment.build_config("tiny", "zscore_ortho/run_1_initial", tokens=256 * 100)  # period: 10 steps
+    torch.manual_seed(0)
+    sae = found.sae_class(64, 128, found.hyperparams_class(max_revive=128), cfg)
+    trainer = found.trainer_class(sae, cfg)
+    with torch.no_grad():
+        sae.b_enc[:8] = -1e3  # latents 0-7 never fire
+    before, revive = {}, trainer.revive
+
+    def watched(x, step, period):
+        before[step] = sae.W_dec.detach().clone()
+        revive(x, step, period)
+    trainer.revive = watched
+    for step in range(11):
+        trainer.step(torch.randn(256, 64, generator=torch.Generator().manual_seed(step)) * 3 + 1, step)
+    record = sae.artifacts()
+    revived = (record["revived_at"] >= 0).nonzero().squeeze(-1)
+    assert set(range(8)) <= set(revived.tolist()) and (record["revived_at"][revived] == 10).all()
+    assert list(before) == [10] and (record["revived_at"] >= 0).sum() < 128  # not every latent
+    expected = analyses.max_abs_cosine(before[10])[revived.numpy()]
+    np.testing.assert_allclose(record["revived_max_cos"][revived].numpy(), expected, rtol=1e-5)
+
+
+# ---- each analysis on tiny, end to end ---------------------------------------------------------
+
+def test_contrastive_sparsity_and_jl_error_read_the_held_out_evaluation_and_the_saved_sae(tmp_path):
+    _, found = analyse(tmp_path, "contrastive", "--only=run_1_jl_ema")
+    assert set(found) == {"sparsity", "jl_error"}
+    sparsity = found["sparsity"].data
+    assert {k for k in sparsity if k != "edges"} == {"run_0_baseline", "run_1_jl_ema"}
+    for plugin in ("run_0_baseline", "run_1_jl_ema"):
+        folder = sparsity[plugin]["folder"]
+        density = np.asarray(json.loads((folder / "feature_metrics.json").read_text())["feature_density"])
+        l0 = json.loads((folder / "final_info.json").read_text())["metrics"]["sparsity"]["l0"]
+        assert density.sum() == pytest.approx(l0, rel=1e-5)  # a firing frequency per latent on held-out text
+        counts, _ = np.histogram(np.log10(density[density > 0]), bins=sparsity["edges"])
+        assert sparsity[plugin]["counts"].tolist() == counts.tolist()
+        assert counts.sum() + sparsity[plugin]["silent"] == 256
+    jl = found["jl_error"].data
+    assert list(jl) == ["run_1_jl_ema"]  # the baseline has no projection
+    assert len(jl["run_1_jl_ema"]["errors"]) == 256 * 255 // 2 and jl["run_1_jl_ema"]["threshold"] == 0.4
+    assert jl["run_1_jl_ema"]["errors"].max() < 1e-5  # d_in 64 ≤ 128: the projection is a rotation
+
+
+def test_zscore_reactivation_compares_the_revived_latents_with_the_others(tmp_path):
+    _, found = analyse(tmp_path, "zscore_ortho", "reactivation", "--only=run_4_skip")
+    data = found["reactivation"].data
+    assert list(data) == ["run_4_skip"]  # the baseline revives nothing and records nothing
+    m, folder = data["run_4_skip"], data["run_4_skip"]["folder"]
+    record = load_file(folder / "artifacts.safetensors")
+    revived = record["revived_at"] >= 0
+    assert revived.any() and (m["revived"] == revived).all()
+    np.testing.assert_array_equal(m["before"], record["revived_max_cos"][revived])
+    w = load_file(folder / "plugin_state.safetensors")["W_dec"].astype(np.float64)
+    cos = np.abs((w / np.linalg.norm(w, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T)
+    np.fill_diagonal(cos, 0)
+    np.testing.assert_allclose(m["after"], cos.max(1), rtol=1e-9)
+    density = json.loads((folder / "feature_metrics.json").read_text())["feature_density"]
+    np.testing.assert_array_equal(m["rate"], density)
+    assert f"| {int(revived.sum())} | " in found["reactivation"].body
+
+
+def test_adaptive_ortho_alpha_ablation_and_condition_numbers_of_the_groups(tmp_path):
+    output, found = analyse(tmp_path, "adaptive_ortho", "--only=run_1_basic_ortho", "--values=0.1,1")
+    alpha = found["alpha"].data
+    assert set(alpha) == {("run_1_basic_ortho", 0.1), ("run_1_basic_ortho", 1.0)}
+    sweep = tmp_path / "runs" / "sweeps" / "analysis_adaptive_ortho_alpha"
+    for value in ("0.1", "1"):
+        folder = sweep / "run_1_basic_ortho" / f"alpha={value},seed=42"
+        info = json.loads((folder / "final_info.json").read_text())
+        assert json.loads((folder / "config.json").read_text())["hyperparams"]["alpha"] == float(value)
+        assert alpha["run_1_basic_ortho", float(value)]["mean group κ"] == info["subspace_condition_numbers"]["mean"]
+        assert alpha["run_1_basic_ortho", float(value)]["CE-loss score"] == \
+            info["metrics"]["model_performance_preservation"]["ce_loss_score"]
+    assert json.loads((sweep / "manifest.json").read_text())["asked"]["grid"] == "alpha=0.1,1"
+    assert "adaptive_ortho/run_1_basic_ortho: reused" in output  # the study's run 1 is the sweep's α = 0.1
+    kappas, folder = found["condition_numbers"].data["run_1_basic_ortho"].values()
+    assert folder == sweep / "run_1_basic_ortho" / "alpha=0.1,seed=42"
+    w = load_file(folder / "plugin_state.safetensors")["W_dec"].astype(np.float64)
+    groups = load_file(folder / "artifacts.safetensors")["feature_group"]
+    assert kappas == pytest.approx([np.linalg.cond(w[groups == g]) for g in range(8)], rel=1e-9)
+    recorded = json.loads((folder / "final_info.json").read_text())["subspace_condition_numbers"]["per_group"]
+    assert kappas == pytest.approx(recorded, abs=1e-4)  # the plugin's own reading at the end of training
+
+
+def test_topk_threshold_ablation_sweeps_both_tau_modes_at_the_same_settings(tmp_path):
+    _, found = analyse(tmp_path, "topk_ortho", "--values=0.005,0.001")
+    data = found["topk_threshold"].data
+    assert sorted(data) == [("run_1_topk_pairs", 0.001), ("run_1_topk_pairs", 0.005),
+                            ("run_2_adaptive_tau", 0.001), ("run_2_adaptive_tau", 0.005)]
+    sweep = tmp_path / "runs" / "sweeps" / "analysis_topk_ortho_topk_threshold"
+    for (plugin, value), numbers in data.items():
+        folder = sweep / plugin / f"topk_percent={value:g},seed=42"
+        config = json.loads((folder / "config.json").read_text())
+        info = json.loads((folder / "final_info.json").read_text())
+        assert config["hyperparams"]["topk_percent"] == value and config["tokens"] == 2048
+        assert numbers["L0"] == info["metrics"]["sparsity"]["l0"]
+        assert numbers["mean |cos| of the selected pairs"] == info["final_metrics"]["mean_pair_correlation"]
+    body = found["topk_threshold"].body
+    assert "| Run 0: Baseline (reference) |" in body and "mean \\|cos\\| of the selected pairs" in body
+
+
+@pytest.mark.parametrize("args, message", [
+    (["freq_order"], "no analyses for study 'freq_order'; studies with analyses: topk_ortho"),
+    (["contrastive", "absorption"], "no analysis 'absorption' for contrastive; choose one of sparsity, jl_error"),
+    (["contrastive", "--only", "run_1_initial"], "--only zscore_ortho/run_1_initial: not runs of study contrastive"),
+])
+def test_a_bad_analysis_is_refused_in_one_line_naming_the_choices(tmp_path, args, message):
+    result = cli("analyse", *args, *TINY, "--runs", str(tmp_path / "runs"), "--notes", str(tmp_path / "notes.md"))
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "runs").exists()
