@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -42,6 +43,9 @@ STOP_WAIT_S = 60
 def connect(address: str | None, num_cpus: int | None = None) -> bool:
     """Join the Ray cluster at `address`, or start a local one (of num_cpus CPUs, default all)
     when it is None; True if this call started or joined it, False if this process already had one."""
+    if address and (silent := unanswered(address)):
+        raise HarnessError(f"--ray {address}: nothing answers there ({silent}); start the head with `ray start --head "
+                           "--port 6379` and pass its HOST:PORT, or use --workers N for a local cluster")
     if ray.is_initialized():
         return False
     try:  # each run's own log is in its run folder: N runs' progress bars would bury the run lines
@@ -51,6 +55,20 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
                            "there, and, as its token authentication asks, RAY_AUTH_MODE=token set here with the "
                            "head's ~/.ray/auth_token?") from None
     return True
+
+
+def unanswered(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why nothing accepts a connection at a HOST:PORT address, or None if something does (or the
+    address names no port, as "auto"). Ray itself retries an address where nothing answers for
+    minutes, silently."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def run_on_ray(plans: list[tuple], notes: Path, workers: int, address: str | None):

@@ -5,6 +5,7 @@ One local Ray cluster of 2 CPUs serves the whole module (starting one costs seco
 import json
 import os
 import signal
+import socket
 import threading
 
 import pytest
@@ -162,3 +163,18 @@ def test_ctrl_c_on_the_driver_stops_the_runs_at_a_checkpoint_and_the_same_call_r
     assert [row["how"] for row in rows] == ["resumed" if job in stopped else "trained" for job in jobs]
     assert all(row["info"]["status"] == "completed" and row["info"]["training_steps"] == 32 for row in rows)
     assert notes.read_text().count("## Run 1: Slow") == 2
+
+
+def test_an_address_where_nothing_answers_is_refused_in_one_line_before_any_work(tmp_path, monkeypatch):
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(cluster, "build_caches", lambda cfgs: pytest.fail("work started"))
+    result = cli("sweep", "--plugin", "run_0_baseline", *TINY, "--grid", "sparsity_penalty=0.01,0.16",
+                 "--ray", f"127.0.0.1:{port}", "--runs", str(tmp_path / "runs"))
+    assert result.exit_code == 2 and result.output.count("error:") == 1, result.output
+    assert f"--ray 127.0.0.1:{port}: nothing answers there" in result.output and "ray start --head" in result.output
+    with socket.socket() as listening:  # and where something does, the check lets Ray try
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        assert cluster.unanswered(f"127.0.0.1:{listening.getsockname()[1]}") is None
