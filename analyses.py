@@ -8,6 +8,7 @@ each one command that writes one figure and one notebook paragraph.
     topk_ortho      topk_threshold     the top-k pair fraction ablation, fixed τ (run 1) and adaptive τ (run 2)
     adaptive_ortho  alpha              the α ablation of run 1
                     condition_numbers  σ_max/σ_min of each feature group's decoder rows, per run
+                    unlearning         sae_bench's WMDP-bio unlearning score: baseline, run 1, fixed ortho (run 10)
     zscore_ortho    reactivation       revived latents against the others: max |cos| to the rest, firing rate
     contrastive     sparsity           log10 firing-frequency histograms on held-out text, per run
                     jl_error           the JL projection's cosine error on decoder-row pairs, per run
@@ -25,6 +26,7 @@ analyses, the per-run analyses, and the driver the CLI calls.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import textwrap
@@ -537,11 +539,96 @@ def jl_error(s: Setting) -> Finding:
 
 
 # ----------------------------------------------------------------------------------------------
+# The unlearning comparison: sae_bench's unlearning eval (WMDP-bio) on each arm's saved SAE.
+
+ADAPTIVE_ARM = "adaptive_ortho/run_1_basic_ortho"  # the notebook's mechanism, before the stability runs
+FIXED_ARM = "adaptive_ortho/run_10_fixed_ortho"
+UNLEARNING_SCORE = Panel("unlearning score", "sae_bench unlearning score (1 − WMDP-bio accuracy at retain ≥ 0.99)",
+                         ("evals", "unlearning", "eval_result_metrics", "unlearning", "unlearning_score"))
+
+
+class Unavailable(HarnessError):
+    """An analysis that cannot run here (its model, data or key is missing): refused when it is
+    named, passed over with its reason when every analysis of the study runs."""
+
+
+def unlearning_arms(s: Setting, eval_loaders: dict | None = None) -> Setting:
+    """The arms' Setting: the baseline, the adaptive runs (--only, default run 1) and the fixed-
+    orthogonality run 10, on the instruction-tuned sibling of the preset's model (sae_bench formats
+    its questions for those only: google/gemma-2-2b -> google/gemma-2-2b-it). Raises Unavailable,
+    in one line and before any training, where the unlearning eval cannot run."""
+    model = s.overrides.get("model") or experiment.build_config(s.preset, FIXED_ARM, **s.overrides).model
+    if f"{model}-it".split("/")[-1] in experiment.evals.UNLEARNING_MODELS:
+        model = f"{model}-it"
+    overrides = {**s.overrides, "model": model}
+    cfg = experiment.build_config(s.preset, FIXED_ARM, **overrides)
+    try:
+        experiment.evals.check_requirements(("unlearning",), cfg, loaders=eval_loaders)
+    except HarnessError as exc:
+        raise Unavailable(f"the unlearning analysis trains its arms on {model} (it runs on --preset gemma-2-2b, "
+                          f"as google/gemma-2-2b-it), and {exc}") from None
+    return dataclasses.replace(s, overrides=overrides, only=(*(s.only or (ADAPTIVE_ARM,)), FIXED_ARM), trained={})
+
+
+def unlearning(s: Setting, *, eval_loaders: dict | None = None) -> Finding:
+    """Unlearning comparison (WMDP-bio): sae_bench's unlearning eval on the baseline, the adaptive
+    orthogonality SAE (run 1, or --only) and the fixed-orthogonality SAE (run 10), each trained on
+    the instruction-tuned model. The eval clamps latents that fire on the WMDP-bio forget corpus and
+    rarely on WikiText to a negative value; its score is 1 − the lowest WMDP-bio accuracy (on the
+    questions the model knew) among the interventions that keep ≥ 0.99 of the retain questions
+    (MMLU subjects) right: higher is more knowledge removed at no cost to the rest."""
+    arms = unlearning_arms(s, eval_loaders)
+    runs, failed = study_runs(arms)
+    if not runs:
+        raise HarnessError("no arm of the unlearning comparison completed: " + "; ".join(failed))
+    for run in runs:
+        if "unlearning" not in run.info.get("evals", {}):  # scored once: a run again reuses the score
+            run.info = experiment.rescore(run.folder, "unlearning", arms.overrides.get("device") or "auto",
+                                          arms.notes, eval_loaders)
+    panels = (UNLEARNING_SCORE, core_panel("ce_loss_score", "CE-loss score"))
+    readings = [f"{run.label} {fmt(value_at(run.info, UNLEARNING_SCORE.path))}" for run in runs]
+    caption = ("sae_bench's unlearning score per arm (left) and its CE-loss score (right, ± one bootstrap "
+               "standard error): " + "; ".join(readings) + ".")
+    rows = [[run.label, *(fmt(value_at(run.info, p.path), 4) for p in (*panels, CORE_PANELS[0])),
+             run.config.get("model", "-"), shown_path(run.folder)] for run in runs]
+    body = table(["run", "unlearning score", "CE-loss score", "L0", "model", "run folder"], rows)
+    used = runs[0].info["evals"]["unlearning"].get("eval_config", {})
+    body += ("\n\nsae_bench's settings: " + ", ".join(f"{k} {used.get(k)}" for k in (
+        "dataset_names", "retain_thresholds", "n_features_list", "multipliers", "dataset_size", "seq_len"))
+        + ". It reports the score alone; each intervention's forget and retain accuracies stay in its artifacts.")
+    body += "".join(f"\n\nNot analysed: {line}" for line in failed)
+    data = {run.plugin: dict(unlearning_score=value_at(run.info, UNLEARNING_SCORE.path),
+                             ce_loss_score=value_at(run.info, panels[1].path), folder=run.folder) for run in runs}
+    figure = bars_figure(runs, panels, "Unlearning (WMDP-bio): baseline, adaptive and fixed orthogonality")
+    figure.axes[0].set_ylim(0, 1.05)  # the score's whole range: a score of 0 reads as one
+    return Finding(figure, caption, body, data)
+
+
+def bars_figure(runs: list[plot.Run], panels: tuple[Panel, ...], title: str) -> Figure:
+    """One panel per metric, one bar per run (its colour), its value written on it, error bars
+    where the metric has a standard error."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        ys = [value_at(run.info, panel.path) for run in runs]
+        errors = [value_at(run.info, panel.se_path) or 0.0 for run in runs]
+        ax.bar(range(len(runs)), [math.nan if y is None else y for y in ys], yerr=errors, capsize=3,
+               color=[run.color for run in runs])
+        for i, y in enumerate(ys):
+            ax.annotate(fmt(y), (i, 0 if y is None else y), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(runs)), [run.label for run in runs], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(textwrap.fill(panel.label, 40))
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(plot.with_setting(title, runs), fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
 # The driver: `python experiment.py analyse STUDY [NAME]`.
 
 ANALYSES: dict[str, dict[str, Callable[[Setting], Finding]]] = {
     "topk_ortho": {"topk_threshold": topk_threshold},
-    "adaptive_ortho": {"alpha": alpha_ablation, "condition_numbers": condition_numbers},
+    "adaptive_ortho": {"alpha": alpha_ablation, "condition_numbers": condition_numbers, "unlearning": unlearning},
     "zscore_ortho": {"reactivation": reactivation},
     "contrastive": {"sparsity": sparsity_distributions, "jl_error": jl_error},
 }
@@ -578,7 +665,13 @@ def run_analyses(study: str, name: str | None, s: Setting, figures: Path) -> dic
     FIGURES/<study>/analysis_<name>.png, its paragraph in the notebook once."""
     found = {}
     for key, analysis in chosen(study, name).items():
-        finding = analysis(s)
+        try:
+            finding = analysis(s)
+        except Unavailable as exc:  # named, it is refused; among all, the others still run
+            if name is not None:
+                raise
+            console.print(f"{study} {key}: not run: {exc}")
+            continue
         path = figures / study / f"analysis_{key}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         plot.save(finding.figure, path)

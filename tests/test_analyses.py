@@ -2,16 +2,21 @@
 what it needs through the study and sweep machinery, writes its figure and notes its paragraph
 once, and its numbers are the ones a direct computation on the run folders gives."""
 
+import functools
 import json
 import math
+import random
+import re
 
 import numpy as np
 import pytest
 import torch
 from conftest import cli
 from safetensors.numpy import load_file
+from test_evals import fake_load_dataset, text, tokenizer  # noqa: F401  (tokenizer: a fixture)
 
 import analyses
+import evals
 import experiment
 
 TINY = ["--preset", "tiny", "--tokens", "2048"]
@@ -191,3 +196,67 @@ def test_a_bad_analysis_is_refused_in_one_line_naming_the_choices(tmp_path, args
     result = cli("analyse", *args, *TINY, "--runs", str(tmp_path / "runs"), "--notes", str(tmp_path / "notes.md"))
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "runs").exists()
+
+
+# ---- the unlearning comparison: refused here, end to end with the hub's loaders injected --------
+
+@pytest.mark.parametrize("preset, message", [
+    ("tiny", "trains its arms on tiny .*no tokenizer.*instruction-tuned model .*not tiny.*WMDP bio forget corpus"),
+    ("embedded", "trains its arms on gemma-3-270m .*instruction-tuned model .*not gemma-3-270m"),
+    ("gemma-2-2b", "trains its arms on google/gemma-2-2b-it .*WMDP bio forget corpus.*WMDP_BIO_FORGET_CORPUS="),
+])
+def test_unlearning_is_refused_in_one_line_before_any_training(tmp_path, monkeypatch, preset, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv(evals.FORGET_CORPUS_VAR, raising=False)
+    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: pytest.fail("work started"))
+    result = cli("analyse", "adaptive_ortho", "unlearning", "--preset", preset, "--tokens", "2048",
+                 "--runs", str(tmp_path / "runs"), "--notes", str(tmp_path / "notes.md"))
+    assert result.exit_code == 2 and re.search(message, " ".join(result.output.split()))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "notes.md").exists()
+
+
+def test_unlearning_scores_the_baseline_adaptive_and_fixed_ortho_arms_through_sae_bench(tmp_path, monkeypatch,
+                                                                                        tokenizer):
+    """As tests/test_evals.py runs unlearning: the tiny model with a word-level tokenizer stands in
+    for gemma-2-2b-it, small local datasets for the hub and the gated forget corpus."""
+    from sae_bench.evals.unlearning.utils import metrics
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    corpus, rng = tmp_path / "bio-forget-corpus.jsonl", random.Random(1)
+    corpus.write_text("".join(json.dumps({"text": text(rng, 40)}) + "\n" for _ in range(20)))
+    monkeypatch.setenv(evals.FORGET_CORPUS_VAR, str(corpus))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # a random model answers no question right under all 24 orderings of its choices
+    monkeypatch.setattr(metrics, "_find_all_permutation_correct_ans",
+                        lambda found: np.arange(len(found["is_correct"]) // 24))
+
+    def instruct_model(name, device, dtype):
+        assert name == "google/gemma-2-2b-it"
+        model = HookedTransformer(HookedTransformerConfig(**experiment.TINY_MODEL, seed=0, device=device, dtype=dtype))
+        model.set_tokenizer(tokenizer)
+        model.cfg.model_name = "gemma-2-2b-it"  # sae_bench's prompt format is chosen by this name
+        return model
+
+    monkeypatch.setattr(HookedTransformer, "from_pretrained_no_processing", instruct_model)
+    with_loaders = functools.partial(analyses.unlearning, eval_loaders={"load_dataset": fake_load_dataset})
+    monkeypatch.setitem(analyses.ANALYSES["adaptive_ortho"], "unlearning",
+                        functools.update_wrapper(with_loaders, analyses.unlearning))
+    runs, notes, figures = tmp_path / "runs", tmp_path / "notes.md", tmp_path / "figures"
+    overrides = dict(tokens=2048, dict_size=None, seed=42, device="cpu", evals=("core",), model="google/gemma-2-2b-it")
+    setting = analyses.Setting("adaptive_ortho", "tiny", overrides, runs, notes)
+    finding = analyses.run_analyses("adaptive_ortho", "unlearning", setting, figures)[
+        figures / "adaptive_ortho" / "analysis_unlearning.png"]
+    assert list(finding.data) == ["run_0_baseline", "run_1_basic_ortho", "run_10_fixed_ortho"]
+    for plugin, numbers in finding.data.items():
+        info = json.loads((numbers["folder"] / "final_info.json").read_text())
+        result = info["evals"]["unlearning"]
+        assert numbers["unlearning_score"] == result["eval_result_metrics"]["unlearning"]["unlearning_score"]
+        assert 0 <= numbers["unlearning_score"] <= 1 and result["eval_config"]["model_name"] == "gemma-2-2b-it"
+        assert json.loads((numbers["folder"] / "config.json").read_text())["model"] == "google/gemma-2-2b-it"
+        assert f"| {numbers['unlearning_score']:.4g} |" in finding.body
+    text_before = notes.read_text()
+    assert text_before.count("## Analysis: adaptive_ortho unlearning\n") == 1
+    assert (figures / "adaptive_ortho" / "analysis_unlearning.png").stat().st_size > 10_000
+    analyses.run_analyses("adaptive_ortho", "unlearning", analyses.Setting("adaptive_ortho", "tiny", overrides, runs,
+                                                                           notes), figures)
+    assert notes.read_text() == text_before  # every arm and its score reused, the paragraph not noted again
