@@ -755,6 +755,11 @@ def meaningful(value: float, error: float | None) -> str:
     return f"{value:.{digits}f} ± {error:.1g}"
 
 
+def minor_l0_label(value: float, _) -> str:
+    """20, 30, 50 (and 200, 300, 500...) between the decades, not every tick: 9 beside 10 overlaps."""
+    return f"{value:g}" if value > 0 and round(value / 10 ** math.floor(math.log10(value))) in (2, 3, 5) else ""
+
+
 def frontier_figures(runs: list[Run], everything: list[Run]) -> Figures:
     """Metric against L0 (log): the baselines as dashed reference curves, each plugin of the study
     as markers joined across its settings, error bars from seeds or the bootstrap."""
@@ -779,8 +784,8 @@ def frontier_figures(runs: list[Run], everything: list[Run]) -> Figures:
                         label=key[1] if baseline else run.label)
             lines.append(f"{key[1] if baseline else run.label}: {trend(pts)}")
         ax.set_xscale("log")
-        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):  # 40, not 4×10¹
-            axis(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 100, not 10²
+        ax.xaxis.set_minor_formatter(FuncFormatter(minor_l0_label))
         ax.set_xlabel("L0 (latents active per token, log scale)")
         _, label, better = METRICS[name]
         ax.set_ylabel(textwrap.fill(label, 40))
