@@ -1452,7 +1452,8 @@ def setting(plugin: Plugin, info: dict) -> str:
     preset = PRESETS.get(config.get("preset"), {})
     changed = [f"{k}={config[k]}" for k in SWEEPABLE if k in config and config[k] != preset.get(k)]
     defaults = dataclasses.asdict(plugin.hyperparams_class())
-    changed += [f"{k}={v}" for k, v in config.get("hyperparams", {}).items() if defaults.get(k, v) != v]
+    same = lambda a, b: json.dumps(a, default=list) == json.dumps(b, default=list)  # a tuple default, saved a list
+    changed += [f"{k}={v}" for k, v in config.get("hyperparams", {}).items() if not same(defaults.get(k, v), v)]
     changed += [f"seed {config['seed']}"] if config.get("seed", 42) != 42 else []
     return ", ".join(changed) or "the preset's"
 

@@ -2,6 +2,7 @@
 config and plugin source exists and resumed where an interrupted one does, so the same command
 again trains nothing, and after a kill finishes the rest."""
 
+import dataclasses
 import json
 
 import pytest
@@ -162,3 +163,12 @@ def test_a_run_that_fails_for_its_own_reasons_is_reported_the_rest_go_on_and_the
     (manifest,) = (tmp_path / "runs").glob("sweeps/*/manifest.json")
     assert [(r["run"], r["how"]) for r in json.loads(manifest.read_text())["finished"]] == [
         ("sparsity_penalty=0.01,seed=42", "failed"), ("sparsity_penalty=0.16,seed=42", "trained")]
+
+
+def test_a_runs_setting_names_only_what_it_changed_even_where_a_default_is_a_tuple_saved_as_a_list():
+    plugin = experiment.find_plugin("run_0_matryoshka")
+    saved = json.loads(json.dumps(dataclasses.asdict(plugin.hyperparams_class())))  # as config.json holds them
+    info = {"provenance": {"config": {"preset": "embedded", "seed": 42, "hyperparams": saved}}}
+    assert experiment.setting(plugin, info) == "the preset's"
+    info["provenance"]["config"]["hyperparams"] = {**saved, "k": 16}
+    assert experiment.setting(plugin, info) == "k=16"
