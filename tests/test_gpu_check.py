@@ -46,9 +46,10 @@ def test_run_in_bf16_trains_near_the_fp32_run_with_fp32_weights_unit_decoder_row
     torch.testing.assert_close(state["W_dec"].norm(dim=1), torch.ones(len(state["W_dec"])), rtol=0, atol=1e-6)
 
 
-def test_a_bf16_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run_s_weights(run_tiny, notes,
-                                                                                         monkeypatch):
-    done, whole_dir = run_tiny("run_0_topk", dtype="bf16", checkpoint_every=8)  # 32 steps
+def killed_after_step_15_and_resumed(run_tiny, notes, monkeypatch, plugin: str, **overrides) -> experiment.RunConfig:
+    """Train a tiny run whole, then again killed after its checkpoint at step 15 and resumed: the
+    resumed run must end in the whole run's losses and weights, bit for bit. Returns its config."""
+    done, whole_dir = run_tiny(plugin, checkpoint_every=8, **overrides)  # 32 steps
     save_checkpoint = experiment.save_checkpoint
 
     def killed_after_step_15(run_dir, step, *args):
@@ -58,14 +59,19 @@ def test_a_bf16_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run_s
     with monkeypatch.context() as patch:
         patch.setattr(experiment, "save_checkpoint", killed_after_step_15)
         with pytest.raises(RuntimeError, match="killed"):
-            run_tiny("run_0_topk", dtype="bf16", checkpoint_every=8)
+            run_tiny(plugin, checkpoint_every=8, **overrides)
     run_dir = sorted((notes.parent / "runs").iterdir())[-1]
-    cfg, plugin = experiment.resumable_run(run_dir)
-    assert cfg.dtype == "bf16"
-    resumed = experiment.execute(cfg, plugin, run_dir, notes, resume=True)
+    cfg, found = experiment.resumable_run(run_dir)
+    resumed = experiment.execute(cfg, found, run_dir, notes, resume=True)
     assert resumed["final_loss_terms"] == done["final_loss_terms"]
     for name, tensor in plugin_state(whole_dir).items():
         assert torch.equal(plugin_state(run_dir)[name], tensor), name
+    return cfg
+
+
+def test_a_bf16_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run_s_weights(run_tiny, notes,
+                                                                                         monkeypatch):
+    assert killed_after_step_15_and_resumed(run_tiny, notes, monkeypatch, "run_0_topk", dtype="bf16").dtype == "bf16"
 
 
 def test_a_run_saved_before_the_dtype_field_is_found_as_the_same_fp32_run_by_study_and_sweep():
@@ -168,23 +174,7 @@ class TestOnCuda:
 
     def test_a_cuda_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run_s_weights(self, run_tiny, notes,
                                                                                             monkeypatch):
-        done, whole_dir = run_tiny("run_0_baseline", device="cuda", checkpoint_every=8)
-        save_checkpoint = experiment.save_checkpoint
-
-        def killed_after_step_15(run_dir, step, *args):
-            save_checkpoint(run_dir, step, *args)
-            if step == 15:
-                raise RuntimeError("killed")
-        with monkeypatch.context() as patch:
-            patch.setattr(experiment, "save_checkpoint", killed_after_step_15)
-            with pytest.raises(RuntimeError, match="killed"):
-                run_tiny("run_0_baseline", device="cuda", checkpoint_every=8)
-        run_dir = sorted((notes.parent / "runs").iterdir())[-1]
-        cfg, plugin = experiment.resumable_run(run_dir)
-        resumed = experiment.execute(cfg, plugin, run_dir, notes, resume=True)
-        assert resumed["final_loss_terms"] == done["final_loss_terms"]
-        for name, tensor in plugin_state(whole_dir).items():
-            assert torch.equal(plugin_state(run_dir)[name], tensor), name
+        killed_after_step_15_and_resumed(run_tiny, notes, monkeypatch, "run_0_baseline", device="cuda")
 
     def test_deterministic_mode_trains_the_same_weights_twice_on_cuda(self, tmp_path):
         """Each run in its own process: cuBLAS reads CUBLAS_WORKSPACE_CONFIG (set by --deterministic)
