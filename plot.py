@@ -55,7 +55,8 @@ ROOT = Path(__file__).resolve().parent
 
 # One colour per run number (0, the baseline, is grey), so a plugin looks the same in every figure.
 PALETTE = ["#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
-           "#e377c2", "#bcbd22", "#17becf", "#1b1b7a", "#e6ab02"]
+           "#e377c2", "#bcbd22", "#17becf", "#1b1b7a", "#e6ab02",  # enough for six baselines and a study:
+           "#843c39", "#637939", "#7b4173", "#3182bd", "#31a354", "#8c6d31", "#393b79", "#de9ed6"]
 
 
 @dataclass

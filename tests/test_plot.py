@@ -228,7 +228,7 @@ def test_latest_run_is_used_unless_another_is_picked(runs):
     # labelled from config.json's plugin name.
     copy_run(plugin / STAMP, runs / "old" / "folder", "zscore_ortho/run_12_removed_idea", recorded=False)
     last = plot.select_runs(runs, "zscore_ortho")["zscore_ortho"][-1]
-    assert (last.label, last.parent, last.color) == ("Run 12: removed idea", None, plot.PALETTE[0])
+    assert (last.label, last.parent, last.color) == ("Run 12: removed idea", None, plot.PALETTE[12])
 
 
 def test_compare_table_highlights_best_and_shows_delta_against_parent(runs):
