@@ -111,13 +111,14 @@ def test_each_run_asks_ray_for_its_share_of_the_cluster():
     assert cluster.share_per_run(0) == (2, 0)  # no --workers: one run per node
 
 
-SLOW = '''"""Slow: the baseline, a tenth of a second per step, so that a test can stop it mid-run."""
+SLOW = '''"""Slow: the baseline, a tenth of a second per step, and from step 15 on five seconds a
+step until the file GO exists, so that a test's Ctrl-C lands mid-run however loaded the machine."""
 import time
 from pathlib import Path
 
 from plugins.baseline import run_0_baseline as parent
 
-STEPS = Path({steps!r})
+STEPS, GO = Path({steps!r}), Path({go!r})
 
 
 class Trainer(parent.Trainer):
@@ -126,12 +127,16 @@ class Trainer(parent.Trainer):
         with open(STEPS, "a") as fh:
             fh.write(f"{{self.cfg.seed}} {{step}}\\n")
         time.sleep(0.1)
+        waited = 0.0
+        while step >= 15 and not GO.exists() and waited < 5:
+            time.sleep(0.05)
+            waited += 0.05
 '''
 
 
 def test_ctrl_c_on_the_driver_stops_the_runs_at_a_checkpoint_and_the_same_call_resumes_them(tmp_path, scratch_study):
-    steps = tmp_path / "steps.txt"
-    (scratch_study / "run_1_slow.py").write_text(SLOW.format(steps=str(steps)))
+    steps, go = tmp_path / "steps.txt", tmp_path / "go"
+    (scratch_study / "run_1_slow.py").write_text(SLOW.format(steps=str(steps), go=str(go)))
     plugin = experiment.find_plugin("scratch_test_study/run_1_slow")
     runs, notes = tmp_path / "runs", tmp_path / "notes.md"
     jobs = experiment.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.04"], 2,
@@ -141,7 +146,7 @@ def test_ctrl_c_on_the_driver_stops_the_runs_at_a_checkpoint_and_the_same_call_r
 
     stop = threading.Event()
 
-    def ctrl_c_once_a_run_is_past_its_first_checkpoint():  # 22 steps, 2.2 s, before that run could end
+    def ctrl_c_once_a_run_is_past_its_first_checkpoint():  # the runs slow to 5 s a step at step 15
         while not stop.wait(0.05):
             if any((job.run_dir / experiment.CHECKPOINT).exists() for job in jobs):
                 return os.kill(os.getpid(), signal.SIGINT)
@@ -159,6 +164,7 @@ def test_ctrl_c_on_the_driver_stops_the_runs_at_a_checkpoint_and_the_same_call_r
     saved = [torch.load(job.run_dir / experiment.CHECKPOINT, weights_only=False)["step"] for job in stopped]
     assert stopped and [trained[job.cfg.seed][-1] for job in stopped] == saved  # stopped at a checkpoint
     assert max(saved) < 31  # mid-run
+    go.touch()  # full speed from here
     rows = experiment.run_jobs(jobs, notes, runs, workers=2)
     assert [row["how"] for row in rows] == ["resumed" if job in stopped else "trained" for job in jobs]
     assert all(row["info"]["status"] == "completed" and row["info"]["training_steps"] == 32 for row in rows)
