@@ -151,11 +151,15 @@ def test_ctrl_c_on_the_driver_stops_the_runs_at_a_checkpoint_and_the_same_call_r
             if any((job.run_dir / experiment.CHECKPOINT).exists() for job in jobs):
                 return os.kill(os.getpid(), signal.SIGINT)
     threading.Thread(target=ctrl_c_once_a_run_is_past_its_first_checkpoint, daemon=True).start()
+    # Ctrl-C as a terminal delivers it, also where the suite itself was started in the background
+    # (`cmd &` starts a process with SIGINT ignored, and Python then keeps it ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(experiment.Interrupted):
             experiment.run_jobs(jobs, notes, runs, workers=2)
     finally:
         stop.set()
+        signal.signal(signal.SIGINT, previous)
     assert not any((job.run_dir / "final_info.json").exists() for job in jobs) and not notes.exists()
     stopped = [job for job in jobs if job.run_dir.exists()]  # the other one may not have started yet
     trained: dict[int, list[int]] = {}  # seed -> the steps it trained
