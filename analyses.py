@@ -168,6 +168,16 @@ def artifact(run: plot.Run, name: str) -> np.ndarray | None:
     return load_file(path).get(name) if path.exists() else None
 
 
+def runs_with_artifact(s: Setting, name: str) -> tuple[list[tuple[plot.Run, np.ndarray, Any]], list[str]]:
+    """(run, its artifact `name`, its SAE as evaluated) for each of the study's runs that saved it,
+    and the runs that failed; refused in one line where none did."""
+    runs, failed = study_runs(s)
+    found = [(run, value, trained_sae(run)[0]) for run in runs if (value := artifact(run, name)) is not None]
+    if not found:
+        raise HarnessError(f"no run of {s.study} saved a {name} artifact; nothing to measure")
+    return found, failed
+
+
 def firing_frequency(run: plot.Run) -> np.ndarray | None:
     """Each latent's firing frequency on the run's held-out text: the core eval's feature_density
     (fraction of its sparsity batches' tokens, special tokens excluded), which sums to its L0."""
@@ -350,16 +360,12 @@ def condition_numbers(s: Setting) -> Finding:
     """Condition numbers of the feature subspaces: for each run's feature groups (its
     `feature_group` artifact), κ_g = σ_max/σ_min of group g's decoder rows of the SAE as evaluated;
     1 is an orthonormal subspace, large κ a group whose directions nearly coincide."""
-    runs, failed = study_runs(s)
+    found, failed = runs_with_artifact(s, "feature_group")
     measured = {}
-    for run in runs:
-        groups = artifact(run, "feature_group")
-        if groups is not None:
-            sae, _ = trained_sae(run)
-            kappas = group_condition_numbers(sae.decoder_weight(), torch.as_tensor(groups), sae.hp.n_groups)
-            measured[run.label] = (run, kappas, np.bincount(groups, minlength=sae.hp.n_groups))
-    if not measured:
-        raise HarnessError(f"no run of {s.study} saved a feature_group artifact; nothing to measure")
+    for run, groups, sae in found:
+        n = sae.hp.n_groups
+        measured[run.label] = (run, group_condition_numbers(sae.decoder_weight(), torch.as_tensor(groups), n),
+                               np.bincount(groups, minlength=n))
     fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(measured) + 3), 4.8))
     rows, readings = [], []
     for i, (run, kappas, sizes) in enumerate(measured.values()):
@@ -393,17 +399,11 @@ def reactivation(s: Setting) -> Finding:
     artifact) against the others, by each decoder row's max |cos| with the rest (diversity: lower
     is more distinct) just before its last revival (`revived_max_cos`, a dead row then, firing
     rate 0) and at the end, and by firing frequency on the held-out text."""
-    runs, failed = study_runs(s)
-    measured = {}
-    for run in runs:
-        revived_at = artifact(run, "revived_at")
-        if revived_at is not None:
-            sae, _ = trained_sae(run)
-            revived = revived_at >= 0
-            measured[run.label] = dict(run=run, revived=revived, before=artifact(run, "revived_max_cos")[revived],
-                                       after=max_abs_cosine(sae.decoder_weight()), rate=firing_frequency(run))
-    if not measured:
-        raise HarnessError(f"no run of {s.study} saved a revived_at artifact; nothing to measure")
+    found, failed = runs_with_artifact(s, "revived_at")
+    measured = {run.label: dict(run=run, revived=(revived := revived_at >= 0),
+                                before=artifact(run, "revived_max_cos")[revived],
+                                after=max_abs_cosine(sae.decoder_weight()), rate=firing_frequency(run))
+                for run, revived_at, sae in found}
     figure = reactivation_figure(measured)
     rows, readings = [], []
     for label, m in measured.items():
