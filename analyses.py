@@ -18,7 +18,8 @@ run completed with the same config and plugin source is reused and an interrupte
 an analysis after `study` trains only what it adds (a sweep's other values). A sweep analysis's
 runs go to RUNS/sweeps/analysis_<study>_<name>/<plugin>/ with a manifest. The figure goes to
 FIGURES/<study>/analysis_<name>.png; the paragraph (the runs, the numbers, the figure and its
-caption read from the data) is appended to the notebook unless it already holds it word for word.
+caption read from the data) is appended to the notebook unless it already holds it word for word,
+and kept at RUNS/<study>/analyses/<name>.md, where `notes` finds it when it rebuilds the notebook.
 
 Read top to bottom: the measurements (pure functions of tensors), reading runs, the sweep
 analyses, the per-run analyses, and the driver the CLI calls.
@@ -595,7 +596,12 @@ def unlearning(s: Setting, *, eval_loaders: dict | None = None) -> Finding:
     used = runs[0].info["evals"]["unlearning"].get("eval_config", {})
     body += ("\n\nsae_bench's settings: " + ", ".join(f"{k} {used.get(k)}" for k in (
         "dataset_names", "retain_thresholds", "n_features_list", "multipliers", "dataset_size", "seq_len"))
-        + ". It reports the score alone; each intervention's forget and retain accuracies stay in its artifacts.")
+        + ".")
+    body += "\n\nEach intervention (latents clamped), its WMDP-bio accuracy and its accuracy on the retain questions:\n\n"
+    body += table(["run", "retain threshold", "latents", "multiplier", "WMDP-bio", "retain"], [
+        [run.label, fmt(row["retain_thres"], 4), str(row["n_features"]), str(row["multiplier"]),
+         fmt(row["wmdp-bio"]), fmt(row["all_side_effects_mcq"])]
+        for run in runs for row in run.info["evals"]["unlearning"].get("eval_result_unstructured", {})["interventions"]])
     body += "".join(f"\n\nNot analysed: {line}" for line in failed)
     data = {run.plugin: dict(unlearning_score=value_at(run.info, UNLEARNING_SCORE.path),
                              ce_loss_score=value_at(run.info, panels[1].path), folder=run.folder) for run in runs}
@@ -675,7 +681,12 @@ def run_analyses(study: str, name: str | None, s: Setting, figures: Path) -> dic
         path = figures / study / f"analysis_{key}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         plot.save(finding.figure, path)
-        if not note_once(s.notes, study, paragraph(study, key, analysis, finding, path)):
+        text = paragraph(study, key, analysis, finding, path)
+        # kept beside the runs too, so that `notes --replace` rebuilds the notebook with it
+        kept = s.runs / study / experiment.ANALYSES_FOLDER / f"{key}.md"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        experiment.atomic_write(kept, text)
+        if not note_once(s.notes, study, text):
             console.print(f"{s.notes} already holds this {study} {key} analysis of these runs; not noted again")
         found[path] = finding
     return found

@@ -36,6 +36,8 @@ import copy
 import dataclasses
 import functools
 import importlib
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -82,8 +84,9 @@ BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 # Absorption probes every single-token word of the vocabulary (140k for Gemma 3), each in a prompt
-# of about 65 tokens; a CPU preset probes this many, drawn with the run's seed.
-ABSORPTION_WORDS = {"embedded": 1000}
+# of about 65 tokens; a CPU preset probes this many, drawn with the run's seed. With fewer, a letter
+# has too few test words for its probe's F1 to clear sae_bench's bar (README, "Absorption").
+ABSORPTION_WORDS = {"embedded": 4000}
 # Autointerp reads at most sae_bench's default number of tokens from the run's held-out contexts
 # (on the hub presets they hold more; on embedded, 32 contexts of 128).
 AUTOINTERP_MAX_TOKENS = 2_000_000
@@ -298,7 +301,8 @@ def run_evals(evals, sae, model, cfg: RunConfig, eval_tokens: torch.Tensor, devi
               cache_dir: Path, loaders: dict[str, Callable] | None = None) -> dict[str, dict]:
     """Run every eval in `evals` except core (evaluate_core does that) on `sae` (a BaseSAE taking
     the model's raw activations; it is copied, never changed) and return {eval_type_id: result}.
-    Exceptions propagate. `cache_dir` keeps sae_probes' model activations between runs. `loaders` replaces what sae_bench reads from outside, for tests:
+    Exceptions propagate. `cache_dir` keeps what reads the model alone between runs (sae_probes'
+    activations, absorption's first-letter probe). `loaders` replaces what sae_bench reads from outside, for tests:
       "load_dataset":  called as sae_bench calls datasets.load_dataset, e.g. ("LabHC/bias_in_bios"),
                        ("Helsinki-NLP/europarl", "en-fr", streaming=True, split="train"),
                        ("cais/mmlu", "human_aging", split="test")
@@ -319,7 +323,9 @@ def run_evals(evals, sae, model, cfg: RunConfig, eval_tokens: torch.Tensor, devi
                 continue
             with _sandbox(model, cfg.seed) as workdir:
                 # a copy: sae_bench casts, moves and relabels the SAE it is given
-                runner = functools.partial(RUNNERS[name], cache_dir=cache_dir) if name == "sae_probes" else RUNNERS[name]
+                runner = RUNNERS[name]
+                if name in ("sae_probes", "absorption"):  # each keeps what reads the model alone
+                    runner = functools.partial(runner, cache_dir=cache_dir)
                 result = runner(copy.deepcopy(sae), model, cfg, eval_tokens, str(device), workdir)
             result["budget_overrides"] = _budget_overrides(name, cfg.preset)
             results[result["eval_type_id"]] = json.loads(json.dumps(result, default=str))
@@ -343,9 +349,7 @@ def _sandbox(model, seed: int):
 
     tokenizer = model.tokenizer
     sides, checks_off = (tokenizer.padding_side, tokenizer.truncation_side), jaxtyping.config.jaxtyping_disable
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    _reseed(seed)
     jaxtyping.config.update("jaxtyping_disable", True)
     try:
         with tempfile.TemporaryDirectory(prefix="sae_bench_") as workdir, torch.enable_grad():
@@ -353,6 +357,12 @@ def _sandbox(model, seed: int):
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = sides
         jaxtyping.config.update("jaxtyping_disable", checks_off)
+
+
+def _reseed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _llm_fields(cfg: RunConfig, model) -> dict[str, Any]:
@@ -364,6 +374,7 @@ def _run_eval(module, config, sae, cfg: RunConfig, device: str, workdir: Path, m
     """sae_bench's `run_eval` in `module` for this one SAE, run from `workdir` (it writes its
     artifacts relative to the working directory): its result, or None where it stopped without
     one. `model` is handed over where `run_eval` would load one by hub name."""
+    (workdir / "results").mkdir(exist_ok=True)  # absorption writes its result there without making it
     with contextlib.chdir(workdir), (mock.patch.object(module, "HookedTransformer", _LoadedModel(model))
                                      if model is not None else contextlib.nullcontext()):
         results = module.run_eval(config=config, selected_saes=[(cfg.plugin.replace("/", "_"), sae)],
@@ -398,32 +409,26 @@ def _sae_probes(sae, model, cfg, eval_tokens, device, workdir, *, cache_dir: Pat
     return _run_eval(main, config, sae, cfg, device, workdir)
 
 
-def _absorption(sae, model, cfg, eval_tokens, device, workdir) -> dict:
+def _absorption(sae, model, cfg, eval_tokens, device, workdir, *, cache_dir: Path) -> dict:
     """sae_bench keeps absorption's probes and results inside its own package folder and stops
-    without a result when too few first letters are linearly decodable: here they go to the
-    work folder, and the stop becomes a `not_scored` result."""
-    from sae_bench.evals.absorption import common, feature_absorption, main
+    without a result when too few first letters are linearly decodable: here the results go to the
+    work folder, the first-letter probe (trained on the model alone) to a cache shared by every run
+    on that model and layer, and the stop becomes a `not_scored` result."""
+    from sae_bench.evals.absorption import main
 
     config = _config("absorption", cfg, **_llm_fields(cfg, model))
-    k_sparse_dir, probes_dir = workdir / "k_sparse_probing", workdir / "probes"
+    sae = unit_decoder_rows(sae)
+    k_sparse_dir, probes_dir = workdir / "k_sparse_probing", _absorption_probe(model, cfg, config, cache_dir, device)
+    _reseed(cfg.seed)  # the same random state after the probe whether it was trained now or read back
     patches = [
         mock.patch.object(main, "run_k_sparse_probing_experiment", functools.partial(
             main.run_k_sparse_probing_experiment, experiment_dir=k_sparse_dir, probes_dir=probes_dir)),
         mock.patch.object(main, "run_feature_absortion_experiment", functools.partial(
             main.run_feature_absortion_experiment, experiment_dir=workdir / "feature_absorption",
             sparse_probing_experiment_dir=k_sparse_dir, probes_dir=probes_dir)),
-        # It caches only the hooked layer's activations but runs the whole model, unembedding
-        # included (over half of Gemma 3's compute): stopping after that layer gives the same
-        # activations several times faster.
-        mock.patch.object(model, "run_with_cache", functools.partial(model.run_with_cache,
-                                                                     stop_at_layer=cfg.layer + 1)),
     ]
-    if cfg.preset in ABSORPTION_WORDS:
-        words = _capped_vocabulary(common.get_alpha_tokens, ABSORPTION_WORDS[cfg.preset], cfg.seed)
-        patches += [mock.patch.object(common, "get_alpha_tokens", words),
-                    mock.patch.object(feature_absorption, "get_alpha_tokens", words)]
     with contextlib.ExitStack() as stack:
-        for patch in patches:
+        for patch in patches + _absorption_vocabulary(model, cfg):
             stack.enter_context(patch)
         result = _run_eval(main, config, sae, cfg, device, workdir, model)
     if result is not None:
@@ -439,6 +444,57 @@ def _absorption(sae, model, cfg, eval_tokens, device, workdir) -> dict:
                            f"needs {config.min_feats_for_eval} to measure absorption"
                            + (f" (probes trained on this preset's {ABSORPTION_WORDS[cfg.preset]} words, not the "
                               "whole vocabulary)" if cfg.preset in ABSORPTION_WORDS else ""))
+
+
+def unit_decoder_rows(sae):
+    """`sae` (the copy run_evals hands an eval) changed to move each decoder row's norm into its
+    latent: f_i‖d_i‖ and d_i/‖d_i‖, the same f_i d_i. Absorption reads latent i's share along the
+    probe direction p as f_i · cos(d_i, p), true only for unit rows; the harness's rows carry the
+    activation scale (norm 1/scale, about 130 on Gemma 3), and unfolded every absorption read 0."""
+    norms = sae.W_dec.norm(dim=1).clamp_min(1e-12)
+    encode, decode = sae.encode, sae.decode
+    sae.W_dec.data /= norms[:, None]
+    sae.encode = lambda x: encode(x) * norms.to(x.device)
+    sae.decode = lambda f: decode(f / norms.to(f.device))
+    return sae
+
+
+def _absorption_vocabulary(model, cfg) -> list:
+    """The patches absorption runs under: the preset's capped vocabulary, and the model stopped
+    after the hooked layer (sae_bench caches only that layer's activations but runs the whole
+    model, unembedding included: over half of Gemma 3's compute, for the same activations)."""
+    from sae_bench.evals.absorption import common, feature_absorption
+
+    patches = [mock.patch.object(model, "run_with_cache", functools.partial(model.run_with_cache,
+                                                                            stop_at_layer=cfg.layer + 1))]
+    if cfg.preset in ABSORPTION_WORDS:
+        words = _capped_vocabulary(common.get_alpha_tokens, ABSORPTION_WORDS[cfg.preset], cfg.seed)
+        patches += [mock.patch.object(common, "get_alpha_tokens", words),
+                    mock.patch.object(feature_absorption, "get_alpha_tokens", words)]
+    return patches
+
+
+def _absorption_probe(model, cfg, config, cache_dir: Path, device: str) -> Path:
+    """The folder holding sae_bench's first-letter probe for this model, layer, vocabulary, seed
+    and prompt, trained once (with the run's seed) and kept: it reads the model, not the SAE."""
+    from sae_bench.evals.absorption import common
+
+    key = json.dumps([cfg.model, model.cfg.model_name, cfg.layer, ABSORPTION_WORDS.get(cfg.preset), cfg.seed,
+                      config.prompt_template, config.prompt_token_pos, importlib.metadata.version("sae_bench")])
+    folder = Path(cache_dir).resolve() / "absorption_probes" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if not (folder / model.cfg.model_name / f"layer_{cfg.layer}" / "probe.pth").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with (tempfile.TemporaryDirectory(dir=folder.parent, ignore_cleanup_errors=True) as partial,
+              contextlib.ExitStack() as stack):
+            for patch in _absorption_vocabulary(model, cfg):
+                stack.enter_context(patch)
+            _reseed(cfg.seed)
+            common.train_and_save_probes(model, layers=[cfg.layer], probes_dir=partial, device=device,
+                                         base_template=config.prompt_template, pos_idx=config.prompt_token_pos)
+            (Path(partial) / "key.json").write_text(key)
+            with contextlib.suppress(OSError):  # another process kept the same probe first
+                os.rename(partial, folder)
+    return folder
 
 
 def _capped_vocabulary(get_alpha_tokens, limit: int, seed: int):
@@ -462,11 +518,23 @@ def _capped_vocabulary(get_alpha_tokens, limit: int, seed: int):
 def _unlearning(sae, model, cfg, eval_tokens, device, workdir) -> dict:
     """sae_bench opens the forget corpus at a fixed path under the working directory."""
     from sae_bench.evals.unlearning import main
+    from sae_bench.evals.unlearning.main import get_metrics_df
 
     (workdir / FORGET_CORPUS_PATH).parent.mkdir(parents=True)
     (workdir / FORGET_CORPUS_PATH).symlink_to(Path(os.environ[FORGET_CORPUS_VAR]).resolve())
     config = _config("unlearning", cfg, **_llm_fields(cfg, model))
-    return _run_eval(main, config, sae, cfg, device, workdir, model)
+    tables = []  # each intervention's accuracies, which sae_bench reduces to one score and deletes
+
+    def kept(metrics_dir):
+        tables.append(table := get_metrics_df(metrics_dir))
+        return table
+
+    with mock.patch.object(main, "get_metrics_df", kept):
+        result = _run_eval(main, config, sae, cfg, device, workdir, model)
+    # one row per (retain threshold, features ablated, multiplier): each dataset's accuracy
+    result["eval_result_unstructured"] = {"interventions": tables[0].sort_values(
+        ["retain_thres", "n_features", "multiplier"]).to_dict("records")}
+    return result
 
 
 def _autointerp(sae, model, cfg, eval_tokens, device, workdir) -> dict:

@@ -70,6 +70,7 @@ PLUGINS_DIR = ROOT / "plugins"
 CACHE_DIR = Path(os.environ.get("SAE_HARNESS_CACHE", Path.home() / ".cache" / "sae_harness"))
 MODELS_DIR = CACHE_DIR / "models"  # the dequantised embedded model
 ACTIVATIONS_DIR = CACHE_DIR / "activations"
+ANALYSES_FOLDER = "analyses"  # RUNS/<study>/analyses/<name>.md: the latest paragraph of each `analyse`
 
 # ----------------------------------------------------------------------------------------------
 # Config. A preset is a set of plain values; every CLI flag overrides one.
@@ -1808,7 +1809,7 @@ def study_notes(study: str, rows: list[dict], figures: dict[Path, str]) -> str:
 def notebook(runs_root: Path, study: str | None = None) -> str:
     """The lab notebook rebuilt from the run folders under runs_root: per study (baselines first)
     its header, an entry for the latest completed run of each plugin and setting (its verdicts
-    against the baseline sweeps there now), and its summary."""
+    against the baseline sweeps there now), its summary and its latest analyses (`analyse`)."""
     index = plot.run_index(runs_root)
     latest: dict[tuple, tuple[Path, dict]] = {}  # oldest first: the latest of each setting wins
     for folder, who, info in index:
@@ -1831,6 +1832,7 @@ def notebook(runs_root: Path, study: str | None = None) -> str:
         if name != "baseline":
             text += study_notes(name, [dict(label=f"{plugin.name} ({setting(plugin, info)})", info=info, folder=folder)
                                        for plugin, folder, info in runs], {})
+        text += "".join(p.read_text(encoding="utf-8") for p in sorted((runs_root / name / ANALYSES_FOLDER).glob("*.md")))
     return text
 
 

@@ -188,8 +188,15 @@ def select_runs(runs_dir: Path, study: str | None = None, picks: Iterable[Path] 
 
 
 def choose_runs(index: Index, runs_dir: Path, study: str | None, picks: Iterable[Path]) -> dict[str, list[Run]]:
-    """select_runs on an index already read."""
-    chosen = {(who["study"], who["plugin"]): folder for folder, who, _ in index}  # oldest first: the latest wins
+    """select_runs on an index already read. A run of a sweep (under RUNS/sweeps/, as `sweep` and
+    the sweep analyses write them) stands for its plugin only where the plugin has no other run:
+    a study's figures show the study's runs, not the last value a sweep tried."""
+    swept = (runs_dir / "sweeps").resolve()
+    chosen: dict[tuple[str, str], Path] = {}
+    for folder, who, _ in index:  # oldest first: the latest wins
+        key = (who["study"], who["plugin"])
+        if key not in chosen or not folder.resolve().is_relative_to(swept) or chosen[key].resolve().is_relative_to(swept):
+            chosen[key] = folder
     for folder in picks:
         if not (folder / "final_info.json").is_file():
             raise HarnessError(f"--run {folder} is not a finished run folder (it holds no final_info.json)")

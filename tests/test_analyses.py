@@ -35,9 +35,12 @@ def analyse(tmp_path, *args: str):
     setting = analyses.Setting(study, "tiny", overrides, runs, notes, experiment.split(only), experiment.split(values))
     found = analyses.run_analyses(study, name, setting, figures)
     assert notes.read_text() == notes_before  # the same analysis of the same runs is noted once
+    rebuilt = experiment.notebook(runs, study)  # `notes --replace` keeps the paragraphs
     for path in found:
         assert path.parent == figures / study and path.stat().st_size > 10_000
         assert notes_before.count(f"## Analysis: {study} {path.stem.removeprefix('analysis_')}\n") == 1
+        kept = (runs / study / experiment.ANALYSES_FOLDER / f"{path.stem.removeprefix('analysis_')}.md").read_text()
+        assert kept in notes_before and kept in rebuilt
     return result.output, {path.stem.removeprefix("analysis_"): finding for path, finding in found.items()}
 
 
@@ -254,6 +257,7 @@ def test_unlearning_scores_the_baseline_adaptive_and_fixed_ortho_arms_through_sa
         assert 0 <= numbers["unlearning_score"] <= 1 and result["eval_config"]["model_name"] == "gemma-2-2b-it"
         assert json.loads((numbers["folder"] / "config.json").read_text())["model"] == "google/gemma-2-2b-it"
         assert f"| {numbers['unlearning_score']:.4g} |" in finding.body
+    assert len(re.findall(r" \| 0\.01 \| [012] \| 25 \| ", finding.body)) == 3  # each arm's one intervention
     text_before = notes.read_text()
     assert text_before.count("## Analysis: adaptive_ortho unlearning\n") == 1
     assert (figures / "adaptive_ortho" / "analysis_unlearning.png").stat().st_size > 10_000

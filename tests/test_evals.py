@@ -4,6 +4,7 @@ dataset loader and OpenAI client replaced by small local fixtures (so a change i
 interface breaks a test here, not a researcher's run). The tiny model has no tokenizer of its
 own; these tests give it a small word-level one."""
 
+import copy
 import importlib.util
 import json
 import random
@@ -229,6 +230,11 @@ def test_unlearning_reads_the_forget_corpus_from_the_env_path(sae, model, cfg, e
                         lambda found: np.arange(len(found["is_correct"]) // 24))
     result = run(("unlearning",), sae, model, cfg, eval_tokens)["unlearning"]
     assert 0 <= result["eval_result_metrics"]["unlearning"]["unlearning_score"] <= 1
+    # each intervention's accuracies are kept; the score is sae_bench's reduction of them
+    (row,) = result["eval_result_unstructured"]["interventions"]  # tiny: 1 threshold × 1 size × 1 multiplier
+    assert (row["retain_thres"], row["multiplier"]) == (0.01, 25) and row["n_features"] <= 2  # of those qualifying
+    forgot = row["wmdp-bio"] if row["all_side_effects_mcq"] >= 0.99 else 1
+    assert result["eval_result_metrics"]["unlearning"]["unlearning_score"] == pytest.approx(1 - forgot)
     assert result["eval_config"]["dataset_names"] == ["wmdp-bio", "high_school_us_history"]
 
 
@@ -240,10 +246,40 @@ def test_autointerp_explains_and_scores_latents_through_the_api_client(sae, mode
     assert len(FakeOpenAI.requests) == 2 * len(result["eval_result_unstructured"]) > 0  # explain, then score
 
 
-def test_absorption_on_a_model_that_cannot_spell_records_why_and_claims_no_score(sae, model, cfg, eval_tokens):
+def test_absorption_on_a_model_that_cannot_spell_records_why_and_claims_no_score(sae, model, cfg, eval_tokens,
+                                                                                 isolated_cache):
     result = run(("absorption",), sae, model, cfg, eval_tokens)["absorption_first_letter"]
     assert result["eval_result_metrics"] == {} and "sae_bench needs 20 to measure absorption" in result["not_scored"]
     assert set(result["eval_result_unstructured"]["first_letter_probe_f1"]) == set(LETTERS)
+    # the first-letter probe reads the model alone: trained once, kept, read back by the next run
+    (probe,) = (isolated_cache / "absorption_probes").rglob("probe.pth")
+    trained_at = probe.stat().st_mtime_ns
+    assert run(("absorption",), sae, model, cfg, eval_tokens)["absorption_first_letter"] == result
+    assert probe.stat().st_mtime_ns == trained_at
+
+
+def test_absorption_scores_where_enough_letters_are_readable(sae, model, cfg, eval_tokens, isolated_cache,
+                                                               monkeypatch):
+    """The tiny model spells nothing, so sae_bench's bar is lowered to every letter: the path a model
+    that spells takes (Gemma 3 270M on the embedded preset) runs end to end."""
+    monkeypatch.setitem(evals.BUDGETS["tiny"], "absorption",
+                        {**evals.BUDGETS["tiny"]["absorption"], "min_GT_probe_f1": -1.0, "min_feats_for_eval": 1})
+    result = run(("absorption",), sae, model, cfg, eval_tokens)["absorption_first_letter"]
+    assert "not_scored" not in result
+    mean = result["eval_result_metrics"]["mean"]
+    assert 0 <= mean["mean_absorption_fraction_score"] <= 1 and 0 <= mean["mean_full_absorption_score"] <= 1
+    assert {d["first_letter"] for d in result["eval_result_details"]} <= set(LETTERS)
+
+
+def test_absorption_reads_an_sae_with_unit_decoder_rows_and_the_same_reconstruction(sae, eval_tokens, model, cfg):
+    x = model.run_with_cache(eval_tokens[:2], names_filter=cfg.hook_name)[1][cfg.hook_name]
+    sae = experiment.ScaledSAE(sae.inner, 0.05)  # activations scaled by 0.05 in training
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((sae.cfg.d_sae,), 20.0))  # rows carry 1/scale
+    before = sae.encode(x) @ sae.W_dec
+    folded = evals.unit_decoder_rows(copy.deepcopy(sae))
+    torch.testing.assert_close(folded.W_dec.norm(dim=1), torch.ones(sae.cfg.d_sae))
+    torch.testing.assert_close(folded.encode(x) @ folded.W_dec, before, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(folded.decode(folded.encode(x)), sae.decode(sae.encode(x)), rtol=1e-5, atol=1e-4)
 
 
 def test_sae_probes_runs_on_its_shipped_text_and_leaves_sae_and_tokenizer_alone(sae, model, cfg, eval_tokens,

@@ -217,6 +217,13 @@ def test_latest_run_is_used_unless_another_is_picked(runs):
         return {r.plugin: r.folder for r in plot.select_runs(runs, "zscore_ortho", **kwargs)["zscore_ortho"]}
 
     assert chosen()["run_1_initial"] == newer
+    swept = runs / "sweeps" / "analysis_zscore_ortho" / "run_1_initial" / "20250104-000000"
+    shutil.copytree(newer, swept)  # a later sweep's run: the study's own run still stands for the plugin
+    assert chosen()["run_1_initial"] == newer
+    aside = shutil.move(plugin, runs.parent / "aside")  # unless the plugin has no other
+    assert chosen()["run_1_initial"] == swept
+    shutil.move(aside, plugin)
+    shutil.rmtree(runs / "sweeps")
     assert chosen(picks=[plugin / STAMP])["run_1_initial"] == plugin / STAMP
     with pytest.raises(plot.HarnessError, match="not a finished run folder"):
         chosen(picks=[plugin / "20250103-000000"])
