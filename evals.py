@@ -35,8 +35,8 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import importlib
 import hashlib
+import importlib
 import importlib.metadata
 import importlib.util
 import json
