@@ -1,7 +1,7 @@
 """What is particular to the freq_order study: tracked activation frequencies are firing rates
 and reach the run folder; the ordering loss's rates are exactly the hard rates and make frequency
 fall with latent index; run 3's ordering weight ramps up from 0; resampling revives only silent
-latents, at the rarest live rate, with fresh Adam state; run 5's L1 coefficient is the penalty
+latents, along what their inputs miss, at the rarest live rate, with fresh Adam state; run 5's L1 coefficient is the penalty
 over the reconstruction cosine; run 9's attention projects queries, keys and values from the
 latents' tokens and stays affordable at a realistic dictionary size."""
 
@@ -99,6 +99,21 @@ def test_resampling_revives_only_silent_latents_at_the_rarest_live_rate(run):
     assert not torch.isclose(sae.W_dec[:10], before[:10]).all(dim=1).any()
     assert torch.equal(sae.W_dec[10:], before[10:]), "a rare latent is the study's result, not a dead one"
     assert ((sae.encode(x)[:, :10] > 0).sum(0) == 3).all(), "revived latents enter at the rarest live rate"
+
+
+def test_resampled_directions_are_what_the_inputs_miss_not_the_direction_they_share():
+    """A residual stream's inputs share one dominant direction; reviving latents along raw
+    inputs makes near-copies that fire together on the same tokens."""
+    sae, trainer = build("run_4_freq_resampling")
+    shared = torch.nn.functional.normalize(torch.randn(64), dim=0) * 30
+    x = torch.randn(256, 64) + shared  # raw inputs' pairwise cosine ≈ 0.9
+    trainer.window_fires = torch.full((256,), 100.0 * trainer.every)
+    trainer.window_fires[:40] = 0
+    trainer.resample(x)
+    rows = torch.nn.functional.normalize(sae.W_dec[:40], dim=-1)
+    cosines = (rows @ rows.T)[~torch.eye(40, dtype=torch.bool)]
+    assert cosines.abs().mean() < 0.2, f"revived rows are near-copies (mean |cos| {cosines.abs().mean():.2f})"
+    assert (rows @ torch.nn.functional.normalize(shared, dim=0)).abs().max() < 0.5
 
 
 @pytest.mark.parametrize("run", ["run_4_freq_resampling", "run_9_latent_attention"])
