@@ -140,7 +140,7 @@ class RunConfig:
     device: str = "auto"
     log_every: int = 10
     checkpoint_every: int = 100
-    deterministic: bool = False  # CUDA: deterministic kernels (slower); CPU runs are always bit-exact
+    deterministic: bool = False  # CUDA: deterministic kernels (slower); CPU runs always use them
     compile: bool = False  # torch.compile the loss (the SAE's forward and loss terms)
     dtype: str = "fp32"  # the SAE step's forward: fp32, or bf16 under autocast (step_autocast)
     hyperparams: dict[str, Any] = field(default_factory=dict)
@@ -1200,9 +1200,11 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
 
 def configure_kernels(cfg: RunConfig, device: torch.device) -> None:
+    # On CPU too: an indexing's backward (index_put_ with accumulate) adds rows in thread order,
+    # so a plugin gathering decoder rows got different bytes per process from the same seed.
+    torch.use_deterministic_algorithms(cfg.deterministic or device.type == "cpu")
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
-        torch.use_deterministic_algorithms(True)
     elif device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the SAE step's fp32 matmuls on tensor cores
 

@@ -121,6 +121,26 @@ def test_same_seed_and_config_give_identical_weights_and_metrics(run_tiny):
     assert c["final_loss"] != a["final_loss"]
 
 
+def test_a_cpu_run_adds_up_gathered_rows_gradients_in_the_same_order_every_time():
+    """An indexing's backward (index_put_ with accumulate) adds rows in thread order unless
+    deterministic kernels are on: zscore_ortho's gathered decoder rows gave other bytes per process."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(max(2, threads))
+    try:
+        experiment.configure_kernels(experiment.build_config("tiny", "run_0_baseline"), torch.device("cpu"))
+        rows = torch.randn(256, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        picked = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1))
+        weights = torch.rand(4096, generator=torch.Generator().manual_seed(2))
+        gradients = set()
+        for _ in range(20):
+            (gradient,) = torch.autograd.grad(rows[picked].pow(2).sum(-1).mul(weights).sum(), rows)
+            gradients.add(gradient.numpy().tobytes())
+        assert len(gradients) == 1
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
 def test_non_finite_loss_stops_training_and_marks_run_failed(run_tiny, notes, monkeypatch):
     original = experiment.SAE.loss
 
