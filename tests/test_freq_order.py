@@ -1,9 +1,9 @@
 """What is particular to the freq_order study: tracked activation frequencies are firing rates
 and reach the run folder; the ordering loss's rates are exactly the hard rates and make frequency
 fall with latent index; run 3's ordering weight ramps up from 0; resampling revives only silent
-latents, along what their inputs miss, at the rarest live rate, with fresh Adam state; run 5's L1 coefficient is the penalty
-over the reconstruction cosine; run 9's attention projects queries, keys and values from the
-latents' tokens and stays affordable at a realistic dictionary size."""
+latents, along what their inputs miss, at the rarest live rate, with fresh Adam state; run 5's L1
+coefficient is the penalty over the reconstruction cosine; run 9's attention projects queries,
+keys and values from the latents' tokens and stays affordable at a realistic dictionary size."""
 
 import pytest
 import torch
