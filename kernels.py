@@ -157,8 +157,10 @@ def use_sparse_step(latents: torch.Tensor, d_in: int, step: int, current: bool, 
 
 
 def machine_key(batch: int, d_in: int, d_sae: int) -> str:
-    """What the switch point depends on: the CPU, torch and its threads, and the step's shapes."""
-    return (f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    """What the switch point depends on: the CPU, torch, its threads and whether its kernels are the
+    deterministic ones (every CPU run's; index_put_ then adds up in one thread), and the step's shapes."""
+    mode = "deterministic" if torch.are_deterministic_algorithms_enabled() else "default"
+    return (f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, {mode} kernels, "
             f"batch {batch} x d_in {d_in} x d_sae {d_sae}")
 
 

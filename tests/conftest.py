@@ -22,6 +22,16 @@ def isolated_cache(tmp_path, monkeypatch):
     return tmp_path / "activations"
 
 
+@pytest.fixture(autouse=True)
+def kernel_settings():
+    """A run sets deterministic mode (every CPU run does) and TF32 for the whole process: each test
+    gets them back as they were, so a CUDA test does not inherit a CPU run's deterministic mode."""
+    deterministic, tf32 = torch.are_deterministic_algorithms_enabled(), torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 @pytest.fixture
 def notes(tmp_path) -> Path:
     return tmp_path / "notes.md"

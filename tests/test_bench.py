@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import bench
@@ -25,6 +26,7 @@ def measured_switch_point(tmp_path, monkeypatch):
     """The sparse step's switch point at the tiny preset's shapes (batch 256, d_in 64, d_sae 256),
     cached as training's measurement leaves it."""
     monkeypatch.setattr(experiment, "CACHE_DIR", tmp_path / "cache")
+    torch.use_deterministic_algorithms(True)  # stored under a CPU run's kernel mode, as bench runs
     kernels.sparse_below(256, 64, 256, experiment.CACHE_DIR, measure=lambda *shape: {"sparse_below": SPARSE_BELOW})
 
 

@@ -96,18 +96,8 @@ def test_run_refuses_an_unknown_dtype_in_one_line_before_any_work(tmp_path, monk
 CUDA = torch.device("cuda")
 
 
-@pytest.fixture
-def cuda_settings():
-    """A run sets TF32 and deterministic mode for the process: each test gets them back as they were."""
-    tf32, deterministic = torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.use_deterministic_algorithms(deterministic)
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.usefixtures("cuda_settings")
 class TestOnCuda:
     def test_a_step_s_losses_are_read_without_waiting_for_the_step_queued_after_it(self, tmp_path):
         """REPORT_LAG: on CUDA the host checks step s's losses (and logs them) after queuing step

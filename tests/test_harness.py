@@ -124,10 +124,11 @@ def test_same_seed_and_config_give_identical_weights_and_metrics(run_tiny):
 def test_a_cpu_run_adds_up_gathered_rows_gradients_in_the_same_order_every_time():
     """An indexing's backward (index_put_ with accumulate) adds rows in thread order unless
     deterministic kernels are on: zscore_ortho's gathered decoder rows gave other bytes per process."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(max(2, threads))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # the race needs two threads
     try:
         experiment.configure_kernels(experiment.build_config("tiny", "run_0_baseline"), torch.device("cpu"))
+        assert torch.are_deterministic_algorithms_enabled()
         rows = torch.randn(256, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
         picked = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1))
         weights = torch.rand(4096, generator=torch.Generator().manual_seed(2))
@@ -138,7 +139,6 @@ def test_a_cpu_run_adds_up_gathered_rows_gradients_in_the_same_order_every_time(
         assert len(gradients) == 1
     finally:
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
 
 
 def test_non_finite_loss_stops_training_and_marks_run_failed(run_tiny, notes, monkeypatch):

@@ -104,6 +104,8 @@ def test_the_switch_point_is_measured_once_per_machine_and_shape_then_read_back(
     key = kernels.machine_key(512, 640, 2048)
     assert key in stored and stored[key]["dense_ms"] == 3.0 and len(stored) == 3
     assert kernels.cpu_model() in key and torch.__version__ in key and "7 threads" in key
+    torch.use_deterministic_algorithms(not torch.are_deterministic_algorithms_enabled())
+    assert kernels.machine_key(512, 640, 2048) != key, "deterministic kernels time differently"
 
 
 def test_the_switch_point_is_where_the_sparse_pass_s_time_line_crosses_the_dense_time(monkeypatch):
@@ -181,6 +183,7 @@ def test_a_topk_run_logs_the_same_on_the_sparse_step_as_on_the_dense_one(run_tin
     dense_decode = kernels.decode
     monkeypatch.setattr(kernels, "decode", lambda f, w, sparse: sparse_decodes.append(sparse) or dense_decode(f, w, sparse))
     logs = {}
+    torch.use_deterministic_algorithms(True)  # the switch point is stored under a CPU run's kernel mode
     for sparse_below in (0.0, 1.0):
         monkeypatch.setattr(experiment, "CACHE_DIR", tmp_path / f"cache_{sparse_below}")
         switch_point_file(experiment.CACHE_DIR, 256, 64, 256, sparse_below)
