@@ -1595,6 +1595,7 @@ def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_
     cfg.device = device_name
     evals.check_requirements(names, cfg, loaders=eval_loaders)
     device = resolve_device(device_name)
+    configure_kernels(cfg, device)  # the kernels the run evaluated with (deterministic on CPU, TF32 on CUDA)
     model = load_model(cfg.model, device)
     sae, eval_tokens = saved_sae(run_dir, cfg, plugin, device), torch.load(run_dir / "eval_tokens.pt")
     evaluate(info, sae, model, eval_tokens, cfg, device, run_dir, eval_loaders, names)
