@@ -1,12 +1,9 @@
 """What every module of the harness shares, imported first by each: the one-line error and its
-console, and the import-time guards that must run before transformers or sae_bench load.
-Imports nothing of the project's."""
+console, and the warning filters. Imports nothing of the project's."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
-import sys
 import warnings
 
 import typer
@@ -28,21 +25,6 @@ def one_line_errors():
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
 
-
-def _block_mismatched_torchvision() -> None:
-    """A PyPI torchvision (built for CUDA torch) next to a CPU-only torch fails on import, and
-    transformers and datasets import it whenever it is installed. Nothing here needs it, so hide
-    it in exactly that situation."""
-    try:
-        torch_version = importlib.metadata.version("torch")
-        vision_version = importlib.metadata.version("torchvision")
-    except importlib.metadata.PackageNotFoundError:
-        return
-    if "+cpu" in torch_version and "+cpu" not in vision_version:
-        sys.modules["torchvision"] = None  # find_spec() then reports it absent
-
-
-_block_mismatched_torchvision()
 
 # Harmless warnings: in every core eval sae_lens weighs our held-out contexts against a training
 # budget and sae_bench copy-constructs tensors; TransformerLens announces a successor API (we keep
