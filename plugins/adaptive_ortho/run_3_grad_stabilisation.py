@@ -8,10 +8,9 @@ orthogonality gradient points against that row's gradient from the other terms, 
 component is projected out (gradient surgery, as in PCGrad); then the orthogonality gradient is
 rescaled so that its norm is α times the norm of the other terms' decoder gradient. From this run
 on α (0.1, and run 7's curriculum) is therefore the orthogonality's share of the decoder update:
-it can neither blow the step up nor fade to nothing as the reconstruction loss falls. (Surgery
-alone barely acts: after the first step few rows conflict.) Logged: `ortho_conflict_fraction`,
-the fraction of rows in conflict, and `ortho_grad_scale`, the factor applied to the orthogonality
-gradient.
+it can neither blow the step up nor fade to nothing as the reconstruction loss falls. Logged:
+`ortho_conflict_fraction`, the fraction of rows in conflict, and `ortho_grad_scale`, the factor
+applied to the orthogonality gradient.
 """
 
 import torch

@@ -14,13 +14,6 @@ applies whatever has accumulated, so `training_steps` counts batches and there a
 many optimizer updates. The notebook's "optimizer parameter grouping with explicit constraints"
 is the per-latent / shared split above. The multipliers' range is logged as `lr_mult_min` /
 `lr_mult_max`.
-
-Expected warning on short runs: on the embedded preset (244 batches, so 61 updates at run 4's lr
-1e-4) this run and those built on it (6–9) end far from trained, at L0 700–1,150 of 2,048 and a
-reconstruction loss 4× (run 5) to 86× (run 8) run 3's, and the inert-term guard flags
-`ortho_loss` (0.02–0.09% of the loss). The term itself is as large as in runs 1–4 (about 0.18 at α 0.1); what shrinks its share
-is the untrained reconstruction, which the notebook's slower learning makes. The notebook's α is
-kept: raising it would answer another question.
 """
 
 import warnings

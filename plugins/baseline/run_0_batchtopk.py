@@ -13,10 +13,9 @@ k is the average number of active latents per token; each token takes as many as
 competition gives it. θ is the running mean (rate η = `topk_threshold_lr`) of the smallest
 activation each training batch kept, so that at inference the encoding no longer depends on the
 batch and fires about k latents per token on data like the training data (the mean of the
-batches' cut-offs is no one batch's cut-off: 65 at k = 64 on the tiny model's held-out tokens in
-tests/test_baseline_batchtopk.py). θ starts at 0, where the eval-mode encoding is plain ReLU: an
-SAE evaluated before θ has converged (a few hundred training steps at η = 0.01) fires far more
-than k latents. Only training passes move θ.
+batches' cut-offs is no one batch's cut-off). θ starts at 0, where the eval-mode encoding is plain
+ReLU: an SAE evaluated before θ has converged (a few hundred training steps at η = 0.01) fires far
+more than k latents. Only training passes move θ.
 
 The second term is the TopK family's auxiliary loss for dead latents (AuxK), its dead mask and its
 logging exactly as in the TopK baseline this one builds on (run_0_topk, SAELens's

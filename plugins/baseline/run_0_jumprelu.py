@@ -32,11 +32,7 @@ class the run exports as.
 
 Defaults: bandwidth ε = 0.05 and initial θ = 0.01, SAELens's; λ = `l0_coefficient` = 1.0 (SAELens's
 default too; `--sparsity-penalty`, an L1 coefficient, is not read). Adam moves θ by about lr per
-step whatever λ is once the L0 gradient dominates θ's, so on short runs λ hardly matters: the
-tiny preset trains with λ = 1 (its L0 falls from 132 to 74 in 32 steps, the same for λ from 0.1
-to 10), and on embedded's 244 steps θ only reaches ~0.11 and L0 ends near 380 for λ = 1 or 10.
-There L0 ≈ 64 needs θ started near where λ = 1 holds it, θ ≈ 1: `--set init_threshold=1.05`
-(1.0 ends at L0 ≈ 71, 1.1 at ≈ 59, θ moving by less than 0.01).
+step whatever λ is once the L0 gradient dominates θ's, so on short runs λ hardly matters.
 
 Readings chosen: the decoder. SAELens leaves JumpReLU's decoder unconstrained (its L0 penalty does
 not see ‖W_dec‖); dictionary_learning's JumpReluTrainer keeps decoder rows at unit norm and

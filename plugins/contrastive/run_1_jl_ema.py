@@ -12,22 +12,13 @@ contrastive penalty whose threshold and weights later runs tune is defined here;
 penalty is a sum over the selected pairs, those above τ, not a mean over all m²/2 pairs: each pair
 of features that is too alike pays the same however many latents there are, as each latent pays its
 own L1 and each input dimension its own squared error in the summed reconstruction loss it is
-weighed against. (Divided by m, it was at most 0.0013% of the loss on tiny and about 0.00025 on
-embedded, where the loss is near 20: it could not move the model. Summed, on tiny it is at most
-0.16% of the loss; 37 of the 32,640 pairs of 64-d rows pass 0.4 at the start and 29 at the end, the
-penalty falling from 0.108 to 0.029.)
+weighed against.
 "Validate JL approximation quality via reconstruction tests" is a check on a fixed random probe set
 of `jl_check_latents` decoder rows, every step: mean and max absolute error of the projected
 pairwise cosines, mean norm distortion, and the relative error of reconstructing each row from its
 projection; logged as jl_* stats and as final_info["jl_check"]. With d_in ≤ 128 (the tiny preset)
 the projection is a rotation and these errors are zero to rounding. The per-latent utilisation EMA
 is saved as an artifact (the notebook compares sparsity distributions).
-
-Expected warning on the embedded preset: hardly any pair of Gemma 3's 640-d decoder rows passes
-τ = 0.4 (18 of 2.1 million pairs at the end of the embedded run, median |cos| 0.027), so the
-penalty stays under 0.02% of the loss (0.0039 of 22.6 at the last step) and the inert-term guard
-flags it. That is the notebook's threshold doing what it says; run 2 anneals τ to 0.05, where the
-penalty acts.
 """
 
 from dataclasses import dataclass

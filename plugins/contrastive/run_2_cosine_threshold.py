@@ -7,13 +7,10 @@ with training progress" means the schedule spans the whole run at any budget; th
 (`cosine(step)`, 1 → 0) is the one every later annealed quantity follows ("coordinated").
 The threshold never goes below the projection's noise: τ = max(annealed τ, z/√k), k the JL
 dimension (d_in where that is smaller), z = `noise_z` = 3. In k dimensions unrelated directions
-have cosines of spread 1/√k, and a 128-d JL sketch errs on a pair's cosine by as much (measured on
-random unit rows of 640 dimensions, embedded's d_in: projected cosines spread 0.088, errors 0.063
-mean absolute; the exact ones only 0.040). At the notebook's 0.05, 57% of such pairs read above the
-threshold in projection, so the loss would push against noise, not against alike features; at
-3/√128 = 0.265 it is 0.24% of them (1,281 of the 523,776 pairs of 1,024 rows; on tiny, k = 64:
-0.375, the projection exact and the floor 3× the spread of unrelated 64-d rows). The threshold is
-logged per step as `contrast_threshold`.
+have cosines of spread 1/√k, and a 128-d JL sketch errs on a pair's cosine by as much: below the
+floor the loss would push against noise, not against alike features. The floor is 3/√128 = 0.265
+(on tiny, k = 64: 0.375, the projection exact and the floor 3× the spread of unrelated 64-d rows).
+The threshold is logged per step as `contrast_threshold`.
 """
 
 import math

@@ -6,12 +6,10 @@ at the first step to `diversity_weight` (0.1) at the last; the dynamic L1 bounds
 threshold schedule are kept.
 Readings chosen: each latent pays the weight times its mean cosine with the other latents, summed
 over latents, Σ_i mean_{j≠i} cos(f_i, f_j), as each latent pays its own L1: the weight is a
-per-latent price, the same at any d_sae, against a reconstruction loss summed over dimensions. The
-mean over all pairs (the same divided by d_sae) was at most 0.079% of the loss on tiny and about
-0.003 of 18 on embedded, unable to move the model; summed over latents it reaches 17% of the loss
-on tiny at the last step. It is computed exactly from the column-normalised code F̂ as (‖F̂ 1‖² −
-‖F̂‖²) / (d_sae − 1), so no d_sae × d_sae matrix is formed. The weight is logged as
-`diversity_weight`.
+per-latent price, the same at any d_sae, against a reconstruction loss summed over dimensions (not
+the mean over all pairs, the same divided by d_sae). It is computed exactly from the
+column-normalised code F̂ as (‖F̂ 1‖² − ‖F̂‖²) / (d_sae − 1), so no d_sae × d_sae matrix is formed.
+The weight is logged as `diversity_weight`.
 """
 
 from dataclasses import dataclass

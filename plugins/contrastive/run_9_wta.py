@@ -18,12 +18,6 @@ the bar without receiving gradient from the losers. Temperature and winner thres
 buffers, the temperature set after each step and the threshold moved as each training batch is
 observed (the evaluated encoder uses their final values); they are logged per step with the
 fraction of competing windows (against the threshold the batch met) and the mean gate.
-
-Expected warning on the embedded preset: run 7's `group_similarity_loss` is about 0.04–0.07 in
-runs 7–10, about 0.1–0.16% of the loss in runs 7, 8 and 10 at the last step, and the inert-term
-guard flags it here (at most 0.096%), where competition leaves a reconstruction loss 5× run 7's
-(55.8 against 11.2 at the last step). The term is run 7's, unchanged; what shrinks its share is
-this run's reconstruction.
 """
 
 from dataclasses import dataclass

@@ -8,20 +8,19 @@ Readings chosen where the notebook is vague: the constraint is batch-wise, on th
 rates p_i = mean over tokens of 1[pre_i > 0]. Each latent is pulled toward the rate its index
 should have, the batch's rates sorted from most to least frequent (p↓, a detached target):
 ordering_loss = λ₂ · Σ_i |p_i − p↓_i|, zero exactly when frequency never rises with index. (A
-hinge on adjacent pairs, Σ max(p_{i+1} − p_i, 0), has the same zeros but only smooths neighbours:
-on the tiny preset it left the index-frequency correlation where it started.) It is a sum over
-latents, not a mean, so each latent's pull does not shrink as d_sae grows. Firing is not
-differentiable, so p is a straight-through estimate, p = hard + (soft − soft.detach()): its value
-is exactly the hard firing rate, a count over B that rounds alike on every machine (so the
+hinge on adjacent pairs, Σ max(p_{i+1} − p_i, 0), has the same zeros but only smooths neighbours.)
+It is a sum over latents, not a mean, so each latent's pull does not shrink as d_sae grows. Firing
+is not differentiable, so p is a straight-through estimate, p = hard + (soft − soft.detach()): its
+value is exactly the hard firing rate, a count over B that rounds alike on every machine (so the
 penalty's value moves only when a latent's firing does), its gradient that of soft = mean
 sigmoid(pre / `surrogate_temperature`), which also reaches latents that did not fire. Tracked
-frequencies are a bias-corrected EMA (decay `freq_decay`) of the batch rates,
-saved as artifacts for the frequency figures: `feature_frequencies`, and `frequency_order`, the
-latent indices from most to least frequent. Logged every log step and put in final_info:
-`frequency_index_spearman`, the rank correlation (ties averaged) of tracked frequency with index,
-−1 for a perfect ordering, and `ordering_error`, Σ|f − f↓| / Σ|f↑ − f↓| on tracked frequencies f,
-0 when ordered and 1 when fully reversed; the batch's reconstruction cosine `recon_cosine`, the L1
-coefficient and the ordering weight are logged too.
+frequencies are a bias-corrected EMA (decay `freq_decay`) of the batch rates, saved as artifacts for
+the frequency figures: `feature_frequencies`, and `frequency_order`, the latent indices from most to
+least frequent. Logged every log step and put in final_info: `frequency_index_spearman`, the rank
+correlation (ties averaged) of tracked frequency with index, −1 for a perfect ordering, and
+`ordering_error`, Σ|f − f↓| / Σ|f↑ − f↓| on tracked frequencies f, 0 when ordered and 1 when fully
+reversed; the batch's reconstruction cosine `recon_cosine`, the L1 coefficient and the ordering
+weight are logged too.
 """
 
 from dataclasses import dataclass

@@ -8,28 +8,21 @@ Readings chosen where the notebook is vague: "dead" is dead, a latent that did n
 window since the previous check (`resample_every` notebook steps, scaled; in the notebook's run
 about 1M tokens, the harness's own dead-latent window). An earlier reading resampled every latent
 firing below 0.1× the mean rate; but the ordering loss of runs 2–3 exists to make the high-index
-latents rare, so that criterion resampled the very tail the study builds (on embedded: the
-index-frequency Spearman of −0.91 of run 3 fell to −0.06, the reconstruction loss grew 7000-fold,
-and runs 5–6 inherited it). A rare latent is the study's result; only a silent one is wasted. On
-the tiny preset (32 steps) no latent stays silent for a window (every latent fires in every batch
-of 256 tokens), so this run trains exactly as run 3 there; with lr 1e-2 one to four latents of the
-index tail fall silent per window of 3 steps and are revived. The recipe is that of
-dictionary_learning's standard trainer, which the notebook's template came from: inputs of the
-current batch are drawn (torch's global RNG) with probability ∝ their squared reconstruction error,
-one per resampled latent, the lowest-indexed dead latents first if there are more of them than
-inputs; the decoder row becomes a unit-norm direction, the encoder column the same direction at
-`encoder_scale` (0.2) × the mean encoder-column norm of the other latents, the encoder bias 0;
-Adam's moments of exactly those rows and columns are zeroed. Two departures from that recipe, for
-this study. The direction is the drawn input's reconstruction error minus the batch's mean error,
-not the input: a residual stream shares one dominant direction (raw inputs on embedded: mean
-pairwise cosine 0.91), so input directions revive near-copies that fire together on rare
-high-norm tokens and overshoot them, and the ordering weakened (Spearman −0.81 against run 3's
-−0.91; with centred errors −0.92). And a revived latent enters at the rarest live latent's rate,
-its last pre-activation offset (`latent_offsets`: b_enc here, run 7's LayerNorm bias) set so that
-it fires on as many of the batch's tokens as the rarest live latent fired on per batch in the
-window, at least one. With bias 0 it fires on nearly every token (on tiny at lr 1e-2: on 86–98%
-of them, the mean latent on 8–15%) at an index the ordering asks to be the rarest, and the
-ordering loss spends the next windows pulling it back. "dtype consistency" needs no code: every
+latents rare, so that criterion resampled the very tail the study builds. A rare latent is the
+study's result; only a silent one is wasted. The recipe is that of dictionary_learning's standard
+trainer, which the notebook's template came from: inputs of the current batch are drawn (torch's
+global RNG) with probability ∝ their squared reconstruction error, one per resampled latent, the
+lowest-indexed dead latents first if there are more of them than inputs; the decoder row becomes a
+unit-norm direction, the encoder column the same direction at `encoder_scale` (0.2) × the mean
+encoder-column norm of the other latents, the encoder bias 0; Adam's moments of exactly those rows
+and columns are zeroed. Two departures from that recipe, for this study. The direction is the drawn
+input's reconstruction error minus the batch's mean error, not the input: a residual stream shares
+one dominant direction, so input directions revive near-copies that fire together on rare high-norm
+tokens and overshoot them. And a revived latent enters at the rarest live latent's rate, its last
+pre-activation offset (`latent_offsets`: b_enc here, run 7's LayerNorm bias) set so that it fires on
+as many of the batch's tokens as the rarest live latent fired on per batch in the window, at least
+one. With bias 0 it fires on nearly every token at an index the ordering asks to be the rarest, and
+the ordering loss spends the next windows pulling it back. "dtype consistency" needs no code: every
 tensor here follows the SAE's dtype. `resampled_total` is logged.
 """
 

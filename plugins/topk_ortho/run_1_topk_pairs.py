@@ -16,14 +16,12 @@ a pair's overlap adds 2·f_i·f_j·(w_i·w_j) to the squared norm of a token's r
 
 is ortho_weight times the reconstruction energy the selected pairs' overlap beyond τ carries
 (c_ij is a statistic: the loss moves the decoder, not the latents), so the weight is a share of
-a quantity in the loss's own units whatever the activations' scale or d_in. The earlier reading,
-the mean over pairs of max(|w_i·w_j| − τ, 0)², stayed near 0.001% of the loss on tiny and could
-not change the model. A pair's "correlation" is its decoder cosine |w_i·w_j|, the quantity the
-loss acts on. Pair-selection stability is the Jaccard index of this step's selected pair set with
-the previous step's (`pair_jaccard`, 0 on the first step). Logged every log step, and their last
-values in final_info's `final_metrics`: the loss terms and total, active_features (latents firing
-in the batch), selected_pairs, unique_features_in_pairs, max/mean_pair_correlation, pair_jaccard,
-tau.
+a quantity in the loss's own units whatever the activations' scale or d_in. A pair's "correlation"
+is its decoder cosine |w_i·w_j|, the quantity the loss acts on. Pair-selection stability is the
+Jaccard index of this step's selected pair set with the previous step's (`pair_jaccard`, 0 on the
+first step). Logged every log step, and their last values in final_info's `final_metrics`: the loss
+terms and total, active_features (latents firing in the batch), selected_pairs,
+unique_features_in_pairs, max/mean_pair_correlation, pair_jaccard, tau.
 """
 
 from dataclasses import dataclass

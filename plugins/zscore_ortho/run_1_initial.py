@@ -16,8 +16,7 @@ the most co-active first:
     ortho_loss = ortho_weight · Σ 2·(EMA(h_i h_j) − τ)·|cos(d_i, d_j)|
 
 in the reconstruction loss's own units, so that its weight is a share of something the loss
-weighs. The earlier reading (h the firing indicator, cos², the mean over pairs) left the term at
-about 1e-5 % of the loss on tiny: it could not change the model.
+weighs.
 
 Every `revive_every` notebook steps (500, scaled to the run's length: a tenth of the run, 1M
 tokens at the notebook's scale, as the harness's dead-latent window) up to `max_revive` latents
@@ -131,7 +130,6 @@ class Trainer(parent.Trainer):
         sae.b_enc[dead] = 0.0
         # A revived latent is a new latent: its threshold statistics restart from its
         # pre-activations on this batch, so it fires only above mean + z·σ like every other latent.
-        # (With the dead latent's stale threshold, the revived ones fired on most inputs at once.)
         pre = sae.pre_activation(x)[:, dead]
         sae.pre_mean[dead] = pre.mean(0)
         sae.pre_var[dead] = pre.var(0)
