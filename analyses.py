@@ -13,7 +13,7 @@ each one command that writes one figure and one notebook paragraph.
     contrastive     sparsity           log10 firing-frequency histograms on held-out text, per run
                     jl_error           the JL projection's cosine error on decoder-row pairs, per run
 
-The runs come from the study and sweep machinery (experiment.study_jobs, sweep_jobs, run_jobs): a
+The runs come from the study and sweep machinery (studies.study_jobs, sweep_jobs, run_jobs): a
 run completed with the same config and plugin source is reused and an interrupted one resumed, so
 an analysis after `study` trains only what it adds (a sweep's other values). A sweep analysis's
 runs go to RUNS/sweeps/analysis_<study>_<name>/<plugin>/ with a manifest. The figure goes to
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from common import HarnessError, console  # first: its import guards
+from common import ROOT, HarnessError, console  # first: its import guards
 
 import matplotlib  # noqa: E402
 
@@ -49,8 +49,11 @@ import torch.nn.functional as F  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+import evals  # noqa: E402
 import experiment  # noqa: E402
 import plot  # noqa: E402
+import studies  # noqa: E402
+from runs import Run, read_json, read_run  # noqa: E402
 
 BASELINE = "run_0_baseline"  # the study command's default baseline, so its runs are reused
 
@@ -105,7 +108,7 @@ def log_frequency_histogram(density: np.ndarray, edges: np.ndarray) -> tuple[np.
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading runs: run folders through plot.read_run, SAEs through experiment.saved_sae.
+# Reading runs: run folders through runs.read_run, SAEs through experiment.saved_sae.
 
 @dataclass
 class Setting:
@@ -131,45 +134,45 @@ class Finding(NamedTuple):
 
 def shown_path(path: Path | str) -> str:
     path = Path(path)
-    return os.path.relpath(path, experiment.ROOT) if path.resolve().is_relative_to(experiment.ROOT) else str(path)
+    return os.path.relpath(path, ROOT) if path.resolve().is_relative_to(ROOT) else str(path)
 
 
-def completed(rows: list[dict]) -> tuple[list[plot.Run], list[str]]:
+def completed(rows: list[dict]) -> tuple[list[Run], list[str]]:
     """run_jobs' rows as plot Runs (coloured by run number), and a line for each that failed."""
-    runs = plot.paint([plot.read_run(Path(r["folder"])) for r in rows if r["info"].get("status") == "completed"])
+    runs = plot.paint([read_run(Path(r["folder"])) for r in rows if r["info"].get("status") == "completed"])
     failed = [f"{r['label']} failed: {r['info'].get('error', 'no reason recorded')}"
               for r in rows if r["info"].get("status") != "completed"]
     return runs, failed
 
 
-def study_runs(s: Setting) -> tuple[list[plot.Run], list[str]]:
+def study_runs(s: Setting) -> tuple[list[Run], list[str]]:
     """The baseline and the study's runs (or those named in `only`), each reused, resumed or
     trained by run_jobs; once per Setting."""
     if not s.trained:
-        jobs = experiment.study_jobs(s.study, [BASELINE], s.preset, dict(s.overrides), s.runs)
+        jobs = studies.study_jobs(s.study, [BASELINE], s.preset, dict(s.overrides), s.runs)
         wanted = {(p.study, p.name) for p in map(experiment.find_plugin, s.only)}
         strays = sorted(f"{study}/{name}" for study, name in wanted if study != s.study)
         if strays:
             raise HarnessError(f"--only {', '.join(strays)}: not runs of study {s.study}")
         jobs = [j for j in jobs if not wanted or j.plugin.name == BASELINE or (j.plugin.study, j.plugin.name) in wanted]
-        s.trained["rows"] = completed(experiment.run_jobs(jobs, s.notes, s.runs))
+        s.trained["rows"] = completed(studies.run_jobs(jobs, s.notes, s.runs))
     return s.trained["rows"]
 
 
-def trained_sae(run: plot.Run) -> tuple[experiment.SAE, experiment.RunConfig]:
+def trained_sae(run: Run) -> tuple[experiment.SAE, experiment.RunConfig]:
     """The plugin's SAE of a finished run, exactly as evaluated, on the CPU, and its config."""
     cfg, plugin = experiment.saved_config(run.folder, "analyse")
     return experiment.saved_sae(run.folder, cfg, plugin, torch.device("cpu")).inner, cfg
 
 
-def artifact(run: plot.Run, name: str) -> np.ndarray | None:
+def artifact(run: Run, name: str) -> np.ndarray | None:
     from safetensors.numpy import load_file
 
     path = run.folder / "artifacts.safetensors"
     return load_file(path).get(name) if path.exists() else None
 
 
-def runs_with_artifact(s: Setting, name: str) -> tuple[list[tuple[plot.Run, np.ndarray, Any]], list[str]]:
+def runs_with_artifact(s: Setting, name: str) -> tuple[list[tuple[Run, np.ndarray, Any]], list[str]]:
     """(run, its artifact `name`, its SAE as evaluated) for each of the study's runs that saved it,
     and the runs that failed; refused in one line where none did."""
     runs, failed = study_runs(s)
@@ -179,10 +182,10 @@ def runs_with_artifact(s: Setting, name: str) -> tuple[list[tuple[plot.Run, np.n
     return found, failed
 
 
-def firing_frequency(run: plot.Run) -> np.ndarray | None:
+def firing_frequency(run: Run) -> np.ndarray | None:
     """Each latent's firing frequency on the run's held-out text: the core eval's feature_density
     (fraction of its sparsity batches' tokens, special tokens excluded), which sums to its L0."""
-    density = plot.read_json(run.folder / "feature_metrics.json").get("feature_density")
+    density = read_json(run.folder / "feature_metrics.json").get("feature_density")
     return None if density is None else np.asarray(density, dtype=np.float64)
 
 
@@ -231,33 +234,33 @@ def value_at(info: dict, path: tuple[str, ...] | None) -> float | None:
 
 
 def sweep_points(s: Setting, name: str, plugins: tuple[str, ...], key: str,
-                 values: tuple[str, ...]) -> tuple[dict[str, list[tuple[float, plot.Run]]], plot.Run | None, list[str]]:
+                 values: tuple[str, ...]) -> tuple[dict[str, list[tuple[float, Run]]], Run | None, list[str]]:
     """Each plugin's runs at key=value for every value (sweep_jobs), and the baseline at the same
     setting, through one run_jobs: ({plugin: [(value, run)]}, the baseline run, failures)."""
     baseline = experiment.find_plugin(BASELINE)
-    jobs = [experiment.Job(experiment.job_config(baseline, s.preset, {}, dict(s.overrides)), baseline,
+    jobs = [studies.Job(studies.job_config(baseline, s.preset, {}, dict(s.overrides)), baseline,
                            s.runs / baseline.study / baseline.name / time.strftime("%Y%m%d-%H%M%S"), BASELINE)]
     sweep_dir, xs = s.runs / "sweeps" / f"analysis_{s.study}_{name}", [math.nan]
     for plugin in map(experiment.find_plugin, plugins):
-        jobs += experiment.sweep_jobs(plugin, s.preset, [f"{key}={','.join(values)}"], 1, dict(s.overrides),
+        jobs += studies.sweep_jobs(plugin, s.preset, [f"{key}={','.join(values)}"], 1, dict(s.overrides),
                                       sweep_dir / plugin.name)
         xs += [float(v) for v in values]
-    rows = experiment.run_jobs(jobs, s.notes, s.runs)
+    rows = studies.run_jobs(jobs, s.notes, s.runs)
     asked = dict(analysis=f"{s.study}/{name}", plugins=list(plugins), grid=f"{key}={','.join(values)}",
                  preset=s.preset, **s.overrides)
-    experiment.write_manifest(sweep_dir, asked, rows)
+    studies.write_manifest(sweep_dir, asked, rows)
     _, failed = completed(rows)
-    series: dict[str, list[tuple[float, plot.Run]]] = {}
+    series: dict[str, list[tuple[float, Run]]] = {}
     for x, row in zip(xs[1:], rows[1:]):
         if row["info"].get("status") == "completed":
-            run = plot.read_run(Path(row["folder"]))
+            run = read_run(Path(row["folder"]))
             run.color = plot.PALETTE[run.number % len(plot.PALETTE)]
             series.setdefault(run.plugin, []).append((x, run))
     base = completed(rows[:1])[0]
     return series, base[0] if base else None, failed
 
 
-def sweep_figure(series: dict[str, list[tuple[float, plot.Run]]], baseline: plot.Run | None, key: str,
+def sweep_figure(series: dict[str, list[tuple[float, Run]]], baseline: Run | None, key: str,
                  panels: tuple[Panel, ...], title: str) -> Figure:
     """One panel per metric against the swept value (log scale), one line per plugin with its
     standard errors, the baseline at the same setting as a dashed line."""
@@ -290,12 +293,12 @@ def sweep_figure(series: dict[str, list[tuple[float, plot.Run]]], baseline: plot
     return fig
 
 
-def swept_label(run: plot.Run) -> str:
+def swept_label(run: Run) -> str:
     """'Run 1 (run_1_basic_ortho)': its title may name one value of the knob being swept."""
     return f"Run {run.number} ({run.plugin})"
 
 
-def ends(points: list[tuple[float, plot.Run]], panel: Panel) -> str:
+def ends(points: list[tuple[float, Run]], panel: Panel) -> str:
     """'0.85 ± 0.01 at 0.0005 → 0.86 ± 0.01 at 0.005': a panel's value at the first and last swept
     value that have one."""
     found = [(x, y, value_at(run.info, panel.se_path)) for x, run in points
@@ -559,12 +562,12 @@ def unlearning_arms(s: Setting, eval_loaders: dict | None = None) -> Setting:
     its questions for those only: google/gemma-2-2b -> google/gemma-2-2b-it). Raises Unavailable,
     in one line and before any training, where the unlearning eval cannot run."""
     model = s.overrides.get("model") or experiment.build_config(s.preset, FIXED_ARM, **s.overrides).model
-    if f"{model}-it".split("/")[-1] in experiment.evals.UNLEARNING_MODELS:
+    if f"{model}-it".split("/")[-1] in evals.UNLEARNING_MODELS:
         model = f"{model}-it"
     overrides = {**s.overrides, "model": model}
     cfg = experiment.build_config(s.preset, FIXED_ARM, **overrides)
     try:
-        experiment.evals.check_requirements(("unlearning",), cfg, loaders=eval_loaders)
+        evals.check_requirements(("unlearning",), cfg, loaders=eval_loaders)
     except HarnessError as exc:
         raise Unavailable(f"the unlearning analysis trains its arms on {model} (it runs on --preset gemma-2-2b, "
                           f"as google/gemma-2-2b-it), and {exc}") from None
@@ -584,7 +587,7 @@ def unlearning(s: Setting, *, eval_loaders: dict | None = None) -> Finding:
         raise HarnessError("no arm of the unlearning comparison completed: " + "; ".join(failed))
     for run in runs:
         if "unlearning" not in run.info.get("evals", {}):  # scored once: a run again reuses the score
-            run.info = experiment.rescore(run.folder, "unlearning", arms.overrides.get("device") or "auto",
+            run.info = studies.rescore(run.folder, "unlearning", arms.overrides.get("device") or "auto",
                                           arms.notes, eval_loaders)
     panels = (UNLEARNING_SCORE, core_panel("ce_loss_score", "CE-loss score"))
     readings = [f"{run.label} {fmt(value_at(run.info, UNLEARNING_SCORE.path))}" for run in runs]
@@ -610,7 +613,7 @@ def unlearning(s: Setting, *, eval_loaders: dict | None = None) -> Finding:
     return Finding(figure, caption, body, data)
 
 
-def bars_figure(runs: list[plot.Run], panels: tuple[Panel, ...], title: str) -> Figure:
+def bars_figure(runs: list[Run], panels: tuple[Panel, ...], title: str) -> Figure:
     """One panel per metric, one bar per run (its colour), its value written on it, error bars
     where the metric has a standard error."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.6), squeeze=False)

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import tempfile
 import threading
 import time
@@ -27,7 +28,9 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import experiment  # first: its import guards
+from common import cache_dir  # first: its import guards
+
+import experiment
 import kernels
 import numpy as np
 import torch
@@ -106,7 +109,7 @@ def sae_lens_step(sae: experiment.SAE, cfg: RunConfig):
     no_dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.W_dec.device)
 
     def step(x):
-        with experiment.step_autocast(cfg.dtype, x.device):
+        with kernels.step_autocast(cfg.dtype, x.device):
             out = ref.training_forward_pass(TrainStepInput(
                 sae_in=x, coefficients=coefficients, dead_neuron_mask=no_dead, n_training_steps=0,
                 is_logging_step=False))
@@ -119,7 +122,7 @@ def sae_lens_step(sae: experiment.SAE, cfg: RunConfig):
 def sae_lens_architecture(plugin: experiment.Plugin, cfg: RunConfig) -> None:
     """Refuse, before any work, a plugin that no SAELens architecture is."""
     probe = plugin.sae_class(8, 16, plugin.hyperparams_class(**cfg.hyperparams), cfg)
-    if probe.sae_lens_training() is None:
+    if not hasattr(probe, "sae_lens_training") or probe.sae_lens_training() is None:
         raise experiment.HarnessError(f"--plugin {plugin.name} is no SAELens architecture, so there is no SAELens "
                                       "step to time it against; bench the baselines (plugins/baseline/)")
 
@@ -204,7 +207,7 @@ def forced_path(path: str, x: torch.Tensor, d_sae: int):
     with tempfile.TemporaryDirectory(prefix="sae_bench_path_") as scratch:
         forced = {"sparse_below": float(path == "sparse")}
         kernels.sparse_below(len(x), x.shape[1], d_sae, scratch, measure=lambda *_: forced)
-        with mock.patch.object(experiment, "CACHE_DIR", Path(scratch)), \
+        with mock.patch.dict(os.environ, {"SAE_HARNESS_CACHE": scratch}), \
                 mock.patch.object(kernels, "SPARSE_DEVICES", devices):
             yield
 
@@ -214,7 +217,7 @@ def switch_point(sae: experiment.SAE, x: torch.Tensor) -> float | None:
     machine and shape, cached); None where this step has no sparse path."""
     if x.device.type not in kernels.SPARSE_DEVICES or not sae.takes_sparse_step():
         return None
-    return kernels.sparse_below(len(x), sae.cfg.d_in, sae.cfg.d_sae, experiment.CACHE_DIR)
+    return kernels.sparse_below(len(x), sae.cfg.d_in, sae.cfg.d_sae, cache_dir())
 
 
 def roofline(cfg: RunConfig, d_in: int, ours_s: float, device: torch.device, steps: int, results: dict) -> None:
@@ -248,8 +251,8 @@ def roofline_fraction(cfg: RunConfig, d_in: int, ours_s: float, roofline_flops: 
 
 def run_bench(cfg: RunConfig, steps: int, l0_fraction: float | None, path: str = "auto") -> dict[str, Any]:
     plugin = experiment.find_plugin(cfg.plugin)
-    device = experiment.resolve_device(cfg.device)
-    experiment.configure_kernels(cfg, device)  # as training does: TF32 on CUDA
+    device = kernels.resolve_device(cfg.device)
+    kernels.configure_kernels(cfg, device)  # as training does: TF32 on CUDA
     model = experiment.load_model(cfg.model, device)
     d_in = model.cfg.d_model
     results: dict[str, Any] = dict(plugin=cfg.plugin, hyperparams=cfg.hyperparams, device=str(device),
@@ -270,8 +273,8 @@ def run_synthetic(cfgs: list[RunConfig], d_in: int, steps: int, l0_fraction: flo
     activations, (B, d_in) with unit-variance entries, so a mean norm of about √d_in, the scale
     training feeds the SAE; and the matmul roofline in the step's dtype, measured once."""
     cfg = cfgs[0]
-    device = experiment.resolve_device(cfg.device)
-    experiment.configure_kernels(cfg, device)  # as training does: TF32 on CUDA
+    device = kernels.resolve_device(cfg.device)
+    kernels.configure_kernels(cfg, device)  # as training does: TF32 on CUDA
     x = torch.randn(cfg.batch_size, d_in, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     results: dict[str, Any] = dict(
         activations="random", device=str(device), device_name=device_name(device), d_in=d_in, d_sae=cfg.dict_size,
@@ -391,7 +394,7 @@ def bench(
             shape = {k: v or REFERENCE_SHAPE[k] for k, v in shape.items()}
             tokens = max(tokens, shape["batch_size"])  # not harvested; only a config with one step or more
         cfgs = bench_configs(preset, plugin, activations, set_, model=model, layer=layer, tokens=tokens,
-                             device=device, compile=compile_loss, dtype=experiment.checked_dtype(dtype), **shape)
+                             device=device, compile=compile_loss, dtype=kernels.checked_dtype(dtype), **shape)
         if activations == "random":
             results = run_synthetic(cfgs, d_in or REFERENCE_SHAPE["d_in"], steps, l0_fraction, path)
         else:

@@ -1,6 +1,6 @@
 """Studies and sweeps on a Ray cluster: with `--workers N` (a local Ray cluster started for the
-command) or `--ray ADDRESS` (a running one), experiment.run_jobs hands each run it does not reuse
-to run_on_ray, which makes it one Ray task. Ray schedules the tasks (N at once, each with its
+command) or `--ray ADDRESS` (a running one), studies.run_jobs hands each run it does not reuse
+to run_on_ray (bound by `runner`), which makes it one Ray task. Ray schedules the tasks (N at once, each with its
 share of the CPUs and, where the cluster has GPUs, one GPU), assigns the GPUs and retries a task
 whose worker died; the harness only maps runs to tasks:
 
@@ -12,17 +12,16 @@ whose worker died; the harness only maps runs to tasks:
 Every node must see the same paths: the checkout, the runs folder, the notebook, and the
 activation cache (SAE_HARNESS_CACHE) on shared storage.
 
-Imports: experiment imports this module only inside run_jobs (so the local mode never loads
-Ray), and this module imports experiment.
+Imports: the CLI's study and sweep commands import this module; it imports experiment (the core).
 """
 
 from __future__ import annotations
 
-from common import HarnessError, console  # first: its import guards
+from common import HarnessError, activations_dir, console  # first: its import guards
 
 import dataclasses
-import json
 import math
+import os
 import shutil
 import socket
 import time
@@ -33,6 +32,8 @@ import torch
 from rich.progress import Progress
 
 import experiment
+import kernels
+from runs import CHECKPOINT, check_writable, read_json
 
 # A run whose worker died (killed, out of memory, node lost) is tried again this many times.
 WORKER_RETRIES = 3
@@ -71,13 +72,21 @@ def unanswered(address: str, timeout_s: float = 5.0) -> str | None:
     return None
 
 
+def runner(workers: int, address: str | None):
+    """run_on_ray bound to this cluster, for studies.run_jobs; None (one run after another, here)
+    where neither --workers nor --ray asks for a cluster."""
+    if workers < 0:
+        raise HarnessError(f"--workers must be 0 (one run after another) or more, got {workers}")
+    if not (workers or address):
+        return None
+    return lambda plans, notes: run_on_ray(plans, notes, workers, address)
+
+
 def run_on_ray(plans: list[tuple], notes: Path, workers: int, address: str | None):
     """For each planned run (index, Job, run folder, "trained" or "resumed"), yield (index, how,
     folder, final_info, wall seconds) as its Ray task finishes; a run that fails for its own
     reasons (a HarnessError, a plugin's exception, a worker that died every retry) comes back
     with status failed. Ctrl-C cancels the tasks, which checkpoint, and raises Interrupted."""
-    if workers < 0:
-        raise HarnessError(f"--workers must be 0 (one run after another) or more, got {workers}")
     if not plans:  # every run was reused: no cluster to start
         return
     joined = connect(address)
@@ -103,7 +112,7 @@ def finished_runs(plans: list[tuple], notes: Path, workers: int):
         task = run_in_worker.options(num_cpus=cpus, num_gpus=gpus if job.cfg.device != "cpu" else 0,
                                      max_retries=WORKER_RETRIES)
         ref = task.remote(dataclasses.asdict(job.cfg), str(Path(folder).resolve()), how,
-                          str(Path(notes).resolve()), str(experiment.ACTIVATIONS_DIR.resolve()))
+                          str(Path(notes).resolve()), str(activations_dir().resolve()))
         pending[ref] = (index, folder, time.perf_counter())
     try:
         while pending:
@@ -122,7 +131,7 @@ def unwritable(folder: Path) -> str | None:
     """Why a new run cannot go to `folder` (as execute would refuse it), or None. Checked here,
     so that a folder a task finds was left by that task's own earlier attempt."""
     try:
-        experiment.check_writable(folder)
+        check_writable(folder)
     except HarnessError as exc:
         return str(exc)
     return None
@@ -145,7 +154,7 @@ def build_caches(cfgs: list) -> dict[str, str]:
 
 def build_cache(cfg, progress) -> None:
     """The model on this machine's device, then the cache (read back, if it exists, to check it)."""
-    model = experiment.checked_model(cfg, experiment.resolve_device(cfg.device))
+    model = experiment.checked_model(cfg, kernels.resolve_device(cfg.device))
     experiment.activation_data(cfg, model, progress)
 
 
@@ -170,10 +179,10 @@ def run_in_worker(fields: dict, folder: str, how: str, notes: str, activations: 
     import experiment  # the worker's own: Ray ships this function by value, and `python experiment.py`'s is __main__
 
     started = time.perf_counter()
-    experiment.ACTIVATIONS_DIR = Path(activations)  # the cache the driver built
+    os.environ["SAE_HARNESS_ACTIVATIONS"] = activations  # the cache the driver built
     cfg, run_dir = experiment.RunConfig(**fields), Path(folder)
-    resume = (run_dir / experiment.CHECKPOINT).exists()
-    info = json.loads((run_dir / "final_info.json").read_text()) if (run_dir / "final_info.json").exists() else {}
+    resume = (run_dir / CHECKPOINT).exists()
+    info = read_json(run_dir / "final_info.json")
     if info.get("status") == "completed" or (info and not resume):  # that attempt ended; its worker died after
         return (how if info.get("status") == "completed" else "failed"), info, time.perf_counter() - started
     if run_dir.exists() and not resume:

@@ -1,19 +1,62 @@
 """What every module of the harness shares, imported first by each: the one-line error and its
-console, and the warning filters. Imports nothing of the project's."""
+console, the cache location, and the import-time guards that must run before transformers or
+sae_bench load. Imports nothing of the project's."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import os
+import sys
 import warnings
+from pathlib import Path
 
 import typer
+import typer.core
+from typer._click import exceptions as click_errors  # Typer vendors Click: its usage errors are these
 from rich.console import Console
 
 console = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long
+ROOT = Path(__file__).resolve().parent  # the project: plugins/, runs/, notes.md
+
+
+def cache_dir() -> Path:
+    """The harness's cache (the dequantised embedded model, measured kernel switch points):
+    $SAE_HARNESS_CACHE, default ~/.cache/sae_harness. Read here and nowhere else."""
+    return Path(os.environ.get("SAE_HARNESS_CACHE", Path.home() / ".cache" / "sae_harness"))
+
+
+def activations_dir() -> Path:
+    """Where activation caches (and what evaluation computes once per model and text) are kept:
+    $SAE_HARNESS_ACTIVATIONS, default the cache's activations/ folder."""
+    return Path(os.environ.get("SAE_HARNESS_ACTIVATIONS", cache_dir() / "activations"))
 
 
 class HarnessError(Exception):
     """Bad input or a missing resource: the CLI prints the message as one line and exits 2."""
+
+
+class OneLineUsage(typer.core.TyperGroup):
+    """A Typer app's command group whose usage errors (a malformed value, an unknown option, a
+    missing argument) end, as HarnessError does, with one `error:` line and exit code 2:
+    `typer.Typer(cls=OneLineUsage)`."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as exc:
+            typer.echo(exc.ctx.get_help())
+            code = 0
+        except click_errors.ClickException as exc:
+            command = f" {exc.ctx.info_name}" if getattr(exc, "ctx", None) and exc.ctx.parent else ""
+            console.print(f"[red]error:[/red] {exc.format_message()} (see{command} --help)")
+            code = exc.exit_code
+        except click_errors.Abort:
+            console.print("[yellow]aborted")
+            code = 130
+        if standalone_mode:
+            sys.exit(code or 0)
+        return code
 
 
 @contextlib.contextmanager
@@ -25,6 +68,21 @@ def one_line_errors():
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
 
+
+def _block_mismatched_torchvision() -> None:
+    """A PyPI torchvision (built for CUDA torch) next to a CPU-only torch fails on import, and
+    transformers and datasets import it whenever it is installed. Nothing here needs it, so hide
+    it in exactly that situation."""
+    try:
+        torch_version = importlib.metadata.version("torch")
+        vision_version = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if "+cpu" in torch_version and "+cpu" not in vision_version:
+        sys.modules["torchvision"] = None  # find_spec() then reports it absent
+
+
+_block_mismatched_torchvision()
 
 # Harmless warnings: in every core eval sae_lens weighs our held-out contexts against a training
 # budget and sae_bench copy-constructs tensors; TransformerLens announces a successor API (we keep

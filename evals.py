@@ -5,10 +5,11 @@
     check_requirements(evals, cfg)      refuses, before any work, an eval whose data, model or key is missing
     evaluate_core(sae, model, eval_tokens, cfg, device)      (core metrics, per-latent metrics)
     run_evals(evals, sae, model, cfg, eval_tokens, device, cache_dir=...)   {eval_type_id: sae_bench's result}
+    ScaledSAE(sae, scale)               a trained SAE as sae_bench sees it (the model's own scale)
+    evaluate(info, sae, model, eval_tokens, cfg, device, run_dir)    a run's evals into its final_info
 
-This module imports nothing of the harness but common.py: the caller hands in the SAE (a
-sae_bench BaseSAE taking the model's raw activations), the model, the held-out tokens and the
-run's config (an experiment.RunConfig, read here, never imported).
+The caller hands in the SAE (a sae_bench BaseSAE taking the model's raw activations), the model,
+the held-out tokens and the run's config (an experiment.RunConfig, read here, never imported).
 
 Each eval calls sae_bench's own `run_eval` for the one SAE, with the harness's model handed over
 where sae_bench would load one by hub name, inside a fresh temporary working directory (sae_bench
@@ -44,16 +45,19 @@ import os
 import random
 import re
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 from unittest import mock
 
-from common import HarnessError  # first: it hides a torchvision that would break importing sae_bench
+from common import HarnessError, activations_dir, console  # first: its import guards
 
 import frontier
+from runs import atomic_write
 
 import numpy as np
 import torch
+from sae_bench.custom_saes.base_sae import BaseSAE
 
 RunConfig = Any  # experiment.RunConfig, handed in by the caller
 
@@ -562,3 +566,64 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "unlearning": _unlearning,
     "autointerp": _autointerp,
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# A run's evaluation: its SAE as sae_bench sees it, and the evals it asked for.
+
+class ScaledSAE(BaseSAE):
+    """The trained SAE as sae_bench sees it: takes the model's raw activations, with any leading
+    dimensions (sae_bench passes (batch, position, d_in)); plugins only ever see (tokens, d_in)."""
+
+    def __init__(self, sae, scale: float):
+        super().__init__(sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.model_name, sae.cfg.hook_layer,
+                         sae.device, sae.dtype)
+        self.inner, self.scale = sae, scale
+        # sae_bench reads these for its weight-based metrics (encoder_norm...): the model-scale
+        # weights, as exported to SAELens; encoding and decoding go through the inner SAE.
+        weights = sae.scaled_weights(scale)
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            setattr(self, name, torch.nn.Parameter(weights[name].to(sae.device, sae.dtype), requires_grad=False))
+
+    _inputs: tuple = ()  # (weak reference to latents encode returned, their input), for skip paths
+
+    def encode(self, x):
+        """The latents; where the plugin's reconstruction also reads the input (a skip path), each
+        latents tensor is remembered, weakly, with its input: sae_bench decodes the very tensor
+        encode returned (edited in place for ablations), and its reconstruction must be the one
+        the SAE trained with."""
+        tokens = self._tokens(x) * self.scale
+        latents = self.inner.encode(tokens).reshape(*x.shape[:-1], -1)
+        if not self.inner.keeps("reconstruct"):
+            live = tuple(entry for entry in self._inputs if entry[0]() is not None)
+            self._inputs = (*live, (weakref.ref(latents), tokens))
+        return latents
+
+    def decode(self, f):
+        """inner.reconstruct(input, f) for latents encode returned (skip paths included), else
+        inner.decode(f)."""
+        inputs, latents = next((t for ref, t in self._inputs if ref() is f), None), self._tokens(f)
+        x_hat = self.inner.decode(latents) if inputs is None else self.inner.reconstruct(inputs, latents)
+        return (x_hat / self.scale).reshape(*f.shape[:-1], -1)
+
+    def forward(self, x):
+        tokens = self._tokens(x) * self.scale
+        return (self.inner.reconstruct(tokens, self.inner.encode(tokens)) / self.scale).reshape(x.shape)
+
+    def _tokens(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, t.shape[-1]).to(self.inner.dtype)
+
+
+def evaluate(info: dict, sae: BaseSAE, model, eval_tokens: torch.Tensor, cfg, device: torch.device,
+             run_dir: Path, eval_loaders=None, names: tuple[str, ...] | None = None) -> None:
+    """Run the requested evals (the run's own by default) into info."""
+    names = names or cfg.evals
+    if "core" in names:
+        console.print("Evaluating with sae_bench core metrics...")
+        info["metrics"], feature_metrics = evaluate_core(sae, model, eval_tokens, cfg, device)
+        atomic_write(run_dir / "feature_metrics.json", json.dumps(feature_metrics))
+    if set(names) - {"core"}:
+        console.print(f"Evaluating with sae_bench: {', '.join(e for e in names if e != 'core')}...")
+        results = run_evals(names, sae, model, cfg, eval_tokens, device, cache_dir=activations_dir(),
+                                   loaders=eval_loaders)
+        info.setdefault("evals", {}).update(results)

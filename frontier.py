@@ -39,17 +39,26 @@ The rules:
 
 Which runs make up the baseline (same model, layer, activations, dictionary size) is the caller's
 choice; nothing here checks it. The run's L0 is taken as exact (its noise is not propagated).
-Imports only numpy and common's one-line error: a leaf."""
+
+Below the rules: `verdicts`, a run judged against every baseline swept on its activations (read
+from the run index), and `suspicious`, the sanity guards whose findings become a run's warnings."""
 
 from __future__ import annotations
 
+from common import HarnessError  # first: its import guards
+
+import json
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from common import HarnessError
+from runs import Index, newest, read_json, read_json_lines
+
+# The run settings a sweep may vary (besides a plugin's hyperparameters).
+SWEEPABLE = ("dict_size", "tokens", "batch_size", "lr", "sparsity_penalty", "warmup_steps", "layer")
 
 Z_BETTER = 2.0  # Δ must clear two standard errors to count as a difference
 OUTSIDE = "outside the baseline sweep: widen it"
@@ -270,3 +279,114 @@ def bootstrap_se(per_batch: Sequence[float] | np.ndarray, statistic: Callable[[n
     else:
         estimates = np.array([statistic(values[row]) for row in index])
     return float(np.std(estimates, ddof=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# A run's verdicts: against each baseline swept on the same activations.
+
+def verdicts(info: dict, index: Index, plugin_name: str, knob_of: Callable[[str], str]) -> dict[str, Any]:
+    """The run against each baseline architecture swept on the same activations, at the run's L0:
+    {baseline plugin: {metric: Δ, uncertainty, better/tied/worse}}. knob_of(baseline plugin)
+    names the setting its architecture moves L0 with (HarnessError where its plugin is gone)."""
+    sweeps: dict[str, list[dict]] = {}
+    for _, who, other in index:
+        if (who["study"] == "baseline" and other.get("status") == "completed" and other.get("metrics")
+                and other.get("activation_cache") == info.get("activation_cache")):
+            sweeps.setdefault(who["plugin"], []).append(other)
+    found = {}
+    for name, infos in sorted(sweeps.items()):
+        if name == plugin_name:
+            continue
+        try:
+            knob = swept_knob(infos, knob_of(name))
+        except HarnessError as exc:  # the baseline's plugin file is gone or broken: its knob is unknown
+            found[name] = dict(not_judged=str(exc))
+            continue
+        if knob is None:
+            found[name] = dict(not_judged="its runs vary more than one setting: no frontier of one knob")
+            continue
+        records = [record_from_final_info(other, knob) for other in infos]
+        run = record_from_final_info(info, "sparsity_penalty")
+        found[name] = dict(knob=knob, points=len(infos), metrics=verdict(run, build_frontiers(records)))
+    return found
+
+
+def swept_knob(infos: list[dict], default: str) -> str | None:
+    """The one run setting or hyperparameter that varies across a baseline's runs (the seed aside);
+    the architecture's own knob where none does; None where several do (no frontier of one knob)."""
+    configs = [other["provenance"]["config"] for other in infos]
+    values = lambda key: {json.dumps(c.get(key, c["hyperparams"].get(key))) for c in configs}  # noqa: E731
+    varying = [k for k in (*SWEEPABLE, *configs[0]["hyperparams"]) if len(values(k)) > 1]
+    return varying[0] if len(varying) == 1 else default if not varying else None
+
+
+def matched(found: dict, metric: str = "ce_loss_score") -> str:
+    """A run's verdicts (final_info's `verdict`) on one metric: 'run_0_topk: better; run_0_gated:
+    tied; run_0_batchtopk: outside its sweep'."""
+    words = []
+    for name, v in found.items():
+        word = v.get("metrics", {}).get(metric, {}).get("word")
+        if word:
+            words.append(f"{name}: {'outside its sweep' if word.startswith('outside') else word}")
+    return "; ".join(words) or "no baseline sweep on these activations"
+
+
+# ----------------------------------------------------------------------------------------------
+# Sanity guards: results the seed notebooks reported without noticing, each a run's warning.
+
+def suspicious(info: dict, run_dir: Path, parent_name: str | None, index: Index) -> list[str]:
+    """Results the seed notebooks reported without noticing: each becomes a warning."""
+    found = []
+    sparsity = info.get("metrics", {}).get("sparsity", {})
+    if sparsity.get("l0") == 0:
+        found.append("L0 is 0: no latent fires on the evaluation text")
+    log = read_json_lines(run_dir / "train_log.jsonl")
+    if log[-1]["dead_fraction"] >= 1.0:
+        found.append("every latent is dead at the end of training")
+    if log[0]["total_loss"] == log[-1]["total_loss"]:
+        found.append("the training loss never moved")
+    quality = info.get("metrics", {}).get("reconstruction_quality", {})
+    for key in ("explained_variance_whole_set", "explained_variance", "explained_variance_legacy"):
+        if quality.get(key, 0.0) < 0:
+            found.append(f"{key} is negative ({quality[key]:.3g}): worse than predicting the mean")
+    parent = newest(index, parent_name, same_data_as=info) if parent_name else None
+    if parent is not None and "metrics" in info and parent.get("metrics") == info["metrics"]:
+        found.append(f"metrics identical to the last digit to parent {parent_name}'s latest run: "
+                     "did the change reach the model?")
+    moved = unmoved_decoder(run_dir, parent_name, info, index) if parent_name else None
+    return found + inert_terms(log) + ([moved] if moved else [])
+
+
+DECODER_MOVED = 1e-3  # relative change from the parent's decoder below which a run did not change the model
+INERT_SHARE = 1e-3  # a loss term below this share of the total at every logged step cannot move the model
+
+
+def unmoved_decoder(run_dir: Path, parent_name: str, info: dict, index: Index) -> str | None:
+    """A warning when the decoder ended within DECODER_MOVED (relative) of the parent's newest
+    completed run on the same activations, seed and dictionary size."""
+    from safetensors.torch import load_file
+
+    seed, size = read_json(run_dir / "config.json")["seed"], info["dict_size"]
+    for folder, who, other in reversed(index):
+        if (who["plugin"] == parent_name and other.get("status") == "completed" and other.get("dict_size") == size
+                and other.get("activation_cache") == info.get("activation_cache")
+                and other.get("provenance", {}).get("seed") == seed):
+            ours, theirs = (load_file(f / "plugin_state.safetensors")["W_dec"] for f in (run_dir, folder))
+            change = ((ours - theirs).norm() / theirs.norm()).item()
+            if change >= DECODER_MOVED:
+                return None
+            return (f"the decoder ended {change:.2g} (relative) from parent {parent_name}'s on the same activations "
+                    "and seed: the change barely reached the model")
+    return None
+
+
+def inert_terms(log: list[dict]) -> list[str]:
+    """A warning for each extra loss term that stayed a negligible share of the loss all run."""
+    extra = [k for k in log[-1] if k.endswith("_loss") and k not in ("l2_loss", "sparsity_loss", "total_loss")]
+    found = []
+    for term in extra:
+        shares = [abs(r[term]) / abs(r["total_loss"]) for r in log if term in r and r["total_loss"]]
+        if shares and max(shares) < INERT_SHARE:
+            found.append(f"{term} is at most {100 * max(shares):.2g}% of the loss at every logged step: it cannot "
+                         "change the model; raise its weight")
+    return found

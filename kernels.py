@@ -22,6 +22,8 @@ pre and f (B, d_sae), x̂ (B, d_in).
 
 from __future__ import annotations
 
+from common import HarnessError  # first: its import guards
+
 import fcntl
 import functools
 import json
@@ -264,3 +266,57 @@ def loss_pass_timer(batch: int, d_in: int, d_sae: int):
         (x - x_hat).pow(2).sum(-1).mean().backward()
         return time.perf_counter() - start
     return time_pass
+
+
+# ----------------------------------------------------------------------------------------------
+# The device a run takes and how its kernels compute: precision, determinism, processes.
+
+STEP_DTYPES = ("fp32", "bf16")  # --dtype
+
+
+def checked_dtype(name: str) -> str:
+    if name not in STEP_DTYPES:
+        raise HarnessError(f"unknown --dtype '{name}'; use {' or '.join(STEP_DTYPES)}")
+    return name
+
+
+def step_autocast(dtype: str, device: torch.device):
+    """The SAE step's forward and loss terms under autocast to bf16 for --dtype bf16 (as SAELens's
+    `autocast` flag; CPU autocast too): matmuls in bf16, their results promoted back to fp32 where
+    fp32 biases are added, so pre, f, x̂ and the loss terms are fp32. The backward, Adam and the
+    decoder-norm constraint run outside it, on the fp32 weights and gradients."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=checked_dtype(dtype) == "bf16")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HarnessError("--device cuda but no CUDA device is available; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on
+    GPUs, gloo on CPU. Rank 0 harvests, logs, evaluates and writes; every rank trains on its
+    own shard of each batch and DistributedDataParallel all-reduces the gradients."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def configure_kernels(cfg, device: torch.device) -> None:
+    """Deterministic kernels where asked (and on every CPU run), TF32 matmuls on CUDA otherwise."""
+    # On CPU too: an indexing's backward (index_put_ with accumulate) adds rows in thread order,
+    # so a plugin gathering decoder rows got different bytes per process from the same seed.
+    torch.use_deterministic_algorithms(cfg.deterministic or device.type == "cpu")
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
+    elif device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the SAE step's fp32 matmuls on tensor cores

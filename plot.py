@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import HarnessError, console, one_line_errors  # first: its import guards
+from common import ROOT, HarnessError, console, one_line_errors  # first: its import guards
 
 import matplotlib  # noqa: E402
 
@@ -45,140 +45,16 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
-# ----------------------------------------------------------------------------------------------
-# Reading runs. A run folder is any folder holding a final_info.json, at any depth under the runs
-# folder (experiment.py writes runs/<study>/<plugin>/<timestamp>/, or wherever --out says), and it
-# says itself which plugin it ran: final_info.json's `run`, or for older folders config.json's
-# `plugin`. This is the one place that reads run folders.
+from frontier import matched  # noqa: E402
+from runs import Index, Run, identify, newest, read_json, read_run, run_index  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
+# ----------------------------------------------------------------------------------------------
+# Choosing runs (run folders are read by runs.py): each plugin's latest, the study's baselines.
 
 # One colour per run number (0, the baseline, is grey), so a plugin looks the same in every figure.
 PALETTE = ["#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
            "#e377c2", "#bcbd22", "#17becf", "#1b1b7a", "#e6ab02",  # enough for six baselines and a study:
            "#843c39", "#637939", "#7b4173", "#3182bd", "#31a354", "#8c6d31", "#393b79", "#de9ed6"]
-
-
-@dataclass
-class Run:
-    folder: Path
-    study: str
-    plugin: str  # file stem, e.g. run_7_adaptive_ln
-    number: int
-    title: str  # the plugin docstring's first line
-    parent: str | None
-    info: dict  # final_info.json
-    config: dict  # config.json
-    log: list[dict]  # train_log.jsonl
-    color: str = PALETTE[0]
-
-    @property
-    def failed(self) -> bool:
-        return self.info.get("status") == "failed"
-
-    @property
-    def label(self) -> str:
-        """'Run 7: Adaptive Layer Normalization': the title up to its colon, shortened."""
-        name = re.sub(r"\s+Implementation$", "", self.title.split(":")[0].rstrip(". "))
-        short = re.sub(r"\s+(and|with|for|of|the|to|in|on|by|from)$", "", textwrap.shorten(name, 36, placeholder=""))
-        return f"Run {self.number}: {short}{'…' if short != name else ''}"
-
-    @property
-    def setting(self) -> str:
-        c = self.config
-        return (f"{c.get('preset')} preset · {c.get('model')} layer {c.get('layer')} · "
-                f"{c.get('dict_size')} latents · {c.get('tokens', 0):,} tokens")
-
-
-def stamp_time(folder: Path) -> float:
-    try:
-        return time.mktime(time.strptime(folder.name, "%Y%m%d-%H%M%S"))
-    except ValueError:
-        return folder.stat().st_mtime
-
-
-def read_json(path: Path) -> dict:
-    """The JSON object in path, {} if there is no such file; HarnessError if it holds no object."""
-    if not path.exists():
-        return {}
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise HarnessError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise HarnessError(f"{path} holds {type(value).__name__}, not a JSON object")
-    return value
-
-
-def read_json_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def find_runs(root: Path) -> list[Path]:
-    """Every folder at any depth under root (root included) that holds a final_info.json, oldest
-    first: by the folder's timestamp name, else its modification time. Runs still training, or
-    interrupted before they finished, have none."""
-    folders = {path.parent for path in root.rglob("final_info.json") if path.is_file()}
-    return sorted(folders, key=lambda folder: (stamp_time(folder), str(folder)))
-
-
-def identify(folder: Path, info: dict) -> dict:
-    """The study, plugin (file stem), number, title and parent of the run in folder, as the run
-    recorded them in final_info.json's `run`; for a folder written before runs recorded that,
-    config.json's `plugin` (study/stem), titled from the file name, parent unknown."""
-    run = info.get("run") if isinstance(info.get("run"), dict) else {}
-    if run.get("study") and run.get("plugin"):
-        study, plugin = str(run["study"]), str(run["plugin"])
-    else:
-        run = {}
-        study, _, plugin = str(read_json(folder / "config.json").get("plugin", "")).rpartition("/")
-    found = re.match(r"run_(\d+)", plugin)
-    if not study or not found:
-        raise HarnessError(f"{folder} does not say which plugin it ran (no `run` in its final_info.json, "
-                           "no study/run_<n>_<slug> `plugin` in its config.json)")
-    recorded = run.get("number")
-    return dict(study=study, plugin=plugin, number=recorded if isinstance(recorded, int) else int(found.group(1)),
-                title=run.get("title") or plugin.split("_", 2)[-1].replace("_", " "), parent=run.get("parent"))
-
-
-def read_run(folder: Path) -> Run:
-    info = read_json(folder / "final_info.json")
-    who = identify(folder, info)
-    return Run(folder, who["study"], who["plugin"], who["number"], who["title"], who["parent"], info,
-               read_json(folder / "config.json"), read_json_lines(folder / "train_log.jsonl"))
-
-
-Index = list[tuple[Path, dict, dict]]  # (folder, identify()'s answer, final_info) of each run, oldest first
-
-
-def run_index(root: Path) -> Index:
-    """Every run under root, oldest first, with who it is; a folder that cannot say which plugin it
-    ran (or whose final_info.json is unreadable) is passed over with a note."""
-    index = []
-    for folder in find_runs(root):
-        try:
-            info = read_json(folder / "final_info.json")
-            index.append((folder, identify(folder, info), info))
-        except HarnessError as exc:
-            console.print(f"[yellow]note:[/yellow] {exc}; passed over")
-    return index
-
-
-def newest(index: Index, plugin_name: str, same_data_as: dict | None = None) -> dict | None:
-    """final_info of the newest completed run in index of plugin_name (its stem, any study; or
-    study/stem), optionally only among runs on the same activations as same_data_as."""
-    for _, who, info in reversed(index):
-        if plugin_name not in (who["plugin"], f"{who['study']}/{who['plugin']}") or info.get("status") != "completed":
-            continue
-        if same_data_as is None or info.get("activation_cache") == same_data_as.get("activation_cache"):
-            return info
-    return None
-
-
-def latest_run(runs_root: Path, plugin_name: str, same_data_as: dict | None = None) -> dict | None:
-    """final_info of the newest completed run of plugin_name under runs_root (any study, any
-    depth), optionally only among runs on the same activations (same `activation_cache`)."""
-    return newest(run_index(runs_root), plugin_name, same_data_as)
 
 
 def select_runs(runs_dir: Path, study: str | None = None, picks: Iterable[Path] = ()) -> dict[str, list[Run]]:
@@ -881,17 +757,6 @@ def sweep_figures(runs_dir: Path, out: Path, study: str, plugin: str) -> dict[Pa
 
 TABLE = ["explained_variance", "mse", "l0", "l1", "kl_div_score", "ce_loss_score", "l2_ratio", "final_loss"]
 ARROW = {"higher": "↑", "lower": "↓", "one": "→1"}
-
-
-def matched(found: dict, metric: str = "ce_loss_score") -> str:
-    """A run's verdicts (final_info's `verdict`) on one metric: 'run_0_topk: better; run_0_gated:
-    tied; run_0_batchtopk: outside its sweep'."""
-    words = []
-    for name, v in found.items():
-        word = v.get("metrics", {}).get(metric, {}).get("word")
-        if word:
-            words.append(f"{name}: {'outside its sweep' if word.startswith('outside') else word}")
-    return "; ".join(words) or "no baseline sweep on these activations"
 
 
 def best_rows(values: list[float | None], better: str) -> set[int]:

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 try:
     import bench  # noqa: E402  (first of the harness: experiment's import guards)
     import experiment  # noqa: E402
+    import kernels  # noqa: E402
     IMPORT_ERROR = None
 except Exception:  # a package the machine lacks, or has in a version that breaks: the JSON says which
     IMPORT_ERROR = traceback.format_exc()
@@ -55,7 +56,7 @@ def main() -> None:
     report["cuda_tests"] = cuda_tests()
     write(out, report)
     report["bench"] = {}
-    for dtype in experiment.STEP_DTYPES:
+    for dtype in kernels.STEP_DTYPES:
         for path in ("dense", "sparse"):
             part = f"{dtype}_{path}"
             if time.perf_counter() - started > BENCH_BUDGET_S:

@@ -13,12 +13,13 @@ import torch
 from typer.testing import CliRunner
 
 import experiment
+import sources
 
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
     """Activations are cached per test; the dequantised embedded model stays in the user cache."""
-    monkeypatch.setattr(experiment, "ACTIVATIONS_DIR", tmp_path / "activations")
+    monkeypatch.setenv("SAE_HARNESS_ACTIVATIONS", str(tmp_path / "activations"))
     return tmp_path / "activations"
 
 
@@ -81,8 +82,8 @@ def scratch_study():
 def tiny_model_activations(n_contexts: int) -> torch.Tensor:
     """Real activations of the tiny model at blocks.1.hook_resid_post on synthetic text, BOS
     dropped as in harvest: (n_contexts, 31, 64), in the model's own scale."""
-    model = experiment.load_model("tiny", torch.device("cpu"))
-    contexts = experiment.synthetic_contexts(n_contexts, 32, model.cfg.d_vocab)
+    model = sources.load_model("tiny", torch.device("cpu"))
+    contexts = sources.synthetic_contexts(n_contexts, 32, model.cfg.d_vocab)
     hook = "blocks.1.hook_resid_post"
     with torch.no_grad():
         _, cache = model.run_with_cache(contexts, names_filter=[hook])

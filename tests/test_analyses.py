@@ -18,6 +18,8 @@ from test_evals import fake_load_dataset, text, tokenizer  # noqa: F401  (tokeni
 import analyses
 import evals
 import experiment
+import studies
+import sources
 
 TINY = ["--preset", "tiny", "--tokens", "2048"]
 
@@ -35,7 +37,7 @@ def analyse(tmp_path, *args: str):
     setting = analyses.Setting(study, "tiny", overrides, runs, notes, experiment.split(only), experiment.split(values))
     found = analyses.run_analyses(study, name, setting, figures)
     assert notes.read_text() == notes_before  # the same analysis of the same runs is noted once
-    rebuilt = experiment.notebook(runs, study)  # `notes --replace` keeps the paragraphs
+    rebuilt = studies.rebuild_notebook(runs, study)  # `notes --replace` keeps the paragraphs
     for path in found:
         assert path.parent == figures / study and path.stat().st_size > 10_000
         assert notes_before.count(f"## Analysis: {study} {path.stem.removeprefix('analysis_')}\n") == 1
@@ -235,7 +237,7 @@ def test_unlearning_scores_the_baseline_adaptive_and_fixed_ortho_arms_through_sa
 
     def instruct_model(name, device, dtype):
         assert name == "google/gemma-2-2b-it"
-        model = HookedTransformer(HookedTransformerConfig(**experiment.TINY_MODEL, seed=0, device=device, dtype=dtype))
+        model = HookedTransformer(HookedTransformerConfig(**sources.TINY_MODEL, seed=0, device=device, dtype=dtype))
         model.set_tokenizer(tokenizer)
         model.cfg.model_name = "gemma-2-2b-it"  # sae_bench's prompt format is chosen by this name
         return model

@@ -32,6 +32,8 @@ from conftest import assert_same_state, tiny_model_activations
 from safetensors.torch import load_file
 
 import experiment
+import evals
+from runs import save_sae
 
 KEY = "baseline/run_0_batchtopk"
 D_IN, D_SAE = 64, 256
@@ -330,14 +332,14 @@ def export_equals_evaluated_sae(key, tiny_activations, tmp_path):
     for step in range(20):
         trainer.step(acts[256 * step:256 * (step + 1)] * scale, step)
     assert sae.topk_threshold > 0
-    assert experiment.save_sae(sae, scale, tmp_path) == {"architecture": "jumprelu", "exact": True}
+    assert save_sae(sae, scale, tmp_path) == {"architecture": "jumprelu", "exact": True}
     state = load_file(tmp_path / "plugin_state.safetensors")  # the harness's exact reload keeps θ in float64
     assert state["topk_threshold"].dtype == torch.float64 and torch.equal(state["topk_threshold"], sae.topk_threshold)
     assert json.loads((tmp_path / "cfg.json").read_text())["metadata"]["harness_export"] == "exact"
     loaded = SAELensSAE.load_from_disk(tmp_path)
     assert type(loaded) is JumpReLUSAE
     assert torch.equal(loaded.threshold, torch.full((D_SAE,), sae.topk_threshold.item()))
-    ours = experiment.ScaledSAE(sae.eval(), scale)
+    ours = evals.ScaledSAE(sae.eval(), scale)
     with torch.no_grad():
         f = ours.encode(acts)
         assert 0 < (f > 0).float().mean() < 1

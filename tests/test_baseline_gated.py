@@ -26,6 +26,8 @@ import torch
 from conftest import assert_same_state, tiny_model_activations
 
 import experiment
+import evals
+from runs import save_sae
 
 KEY = "baseline/run_0_gated"
 D_IN, D_SAE = 64, 256
@@ -169,11 +171,11 @@ def test_export_loads_in_sae_lens_as_gated_and_equals_the_evaluated_sae(tiny_act
         trainer.step(acts * scale, step)
     assert sae.r_mag.abs().max() > 0 and sae.b_mag.abs().max() > 0 and sae.b_enc.abs().max() > 0
 
-    assert experiment.save_sae(sae, scale, tmp_path) == {"architecture": "gated", "exact": True}
+    assert save_sae(sae, scale, tmp_path) == {"architecture": "gated", "exact": True}
     assert json.loads((tmp_path / "cfg.json").read_text())["metadata"]["harness_export"] == "exact"
     loaded = SAELensSAE.load_from_disk(tmp_path)
     assert type(loaded) is GatedSAE
-    ours = experiment.ScaledSAE(sae.eval(), scale)
+    ours = evals.ScaledSAE(sae.eval(), scale)
     with torch.no_grad():
         f = ours.encode(acts)
         assert 0 < (f > 0).float().mean() < 1

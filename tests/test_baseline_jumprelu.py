@@ -23,6 +23,8 @@ import torch
 from conftest import assert_same_state, tiny_model_activations
 
 import experiment
+import evals
+from runs import save_sae
 
 KEY = "baseline/run_0_jumprelu"
 D_IN, D_SAE = 64, 256
@@ -238,12 +240,12 @@ def test_export_loads_in_sae_lens_as_jumprelu_and_equals_the_evaluated_sae(tiny_
         trainer.step(acts * scale, step)
     assert sae.threshold.std() > 0 and sae.threshold.min() >= 0 and sae.b_dec.abs().max() > 0
 
-    assert experiment.save_sae(sae, scale, tmp_path) == {"architecture": "jumprelu", "exact": True}
+    assert save_sae(sae, scale, tmp_path) == {"architecture": "jumprelu", "exact": True}
     assert json.loads((tmp_path / "cfg.json").read_text())["metadata"]["harness_export"] == "exact"
     loaded = SAELensSAE.load_from_disk(tmp_path)
     assert type(loaded) is JumpReLUSAE
     assert torch.equal(loaded.threshold.detach(), sae.threshold.detach())
-    ours = experiment.ScaledSAE(sae.eval(), scale)
+    ours = evals.ScaledSAE(sae.eval(), scale)
     with torch.no_grad():
         assert no_ties(sae.pre_activation(acts * scale), sae.threshold, sae.hp.bandwidth)
         f = ours.encode(acts)

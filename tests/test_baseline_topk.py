@@ -27,6 +27,9 @@ import pytest
 import torch
 
 import experiment
+import sources
+import evals
+from runs import save_sae
 
 KEY = "baseline/run_0_topk"
 D_IN, D_SAE = 64, 256
@@ -181,8 +184,8 @@ def test_training_passes_sae_lens_trainers_dead_mask_from_before_each_step():
 
 def tiny_activations():
     """A few rows of the tiny model's layer-1 residual stream, as the harness harvests them."""
-    model = experiment.load_model("tiny", torch.device("cpu"))
-    tokens = experiment.synthetic_contexts(4, 32, model.cfg.d_vocab)
+    model = sources.load_model("tiny", torch.device("cpu"))
+    tokens = sources.synthetic_contexts(4, 32, model.cfg.d_vocab)
     hook = "blocks.1.hook_resid_post"
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=hook)
@@ -203,11 +206,11 @@ def test_export_loads_in_sae_lens_as_topk_and_encodes_and_decodes_like_the_evalu
     trainer = plugin.trainer_class(sae, sae.run_cfg)
     for step in range(4):  # the weights move, AuxK included
         trainer.step(flat * scale, step)
-    assert experiment.save_sae(sae, scale, tmp_path) == {"architecture": "topk", "exact": True}
+    assert save_sae(sae, scale, tmp_path) == {"architecture": "topk", "exact": True}
     assert json.loads((tmp_path / "cfg.json").read_text())["metadata"]["harness_export"] == "exact"
     loaded = sae_lens.SAE.load_from_disk(tmp_path)
     assert type(loaded) is TopKSAE and loaded.cfg.k == sae.hp.k
-    scaled = experiment.ScaledSAE(sae.eval(), scale)
+    scaled = evals.ScaledSAE(sae.eval(), scale)
     with torch.no_grad():
         ours, theirs = scaled.encode(acts), loaded.encode(acts)
         assert torch.equal(ours > 0, theirs > 0) and (ours > 0).sum(-1).float().mean() > 0.9 * sae.hp.k
@@ -233,4 +236,4 @@ def test_sae_lens_training_hook_is_the_twin_and_a_changed_formula_is_not_topk(tm
 
     child = Shifted(D_IN, D_SAE, sae.hp, sae.run_cfg)
     assert child.sae_lens_training() is None
-    assert experiment.save_sae(child, 1.0, tmp_path) == {"architecture": "topk", "exact": False}
+    assert save_sae(child, 1.0, tmp_path) == {"architecture": "topk", "exact": False}

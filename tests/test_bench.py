@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import bench
 import experiment
+from common import cache_dir
 import kernels
 
 ROOT = Path(bench.__file__).parent
@@ -25,9 +26,9 @@ def bench_cli(*args: str):
 def measured_switch_point(tmp_path, monkeypatch):
     """The sparse step's switch point at the tiny preset's shapes (batch 256, d_in 64, d_sae 256),
     cached as training's measurement leaves it."""
-    monkeypatch.setattr(experiment, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("SAE_HARNESS_CACHE", str(tmp_path / "cache"))
     torch.use_deterministic_algorithms(True)  # stored under a CPU run's kernel mode, as bench runs
-    kernels.sparse_below(256, 64, 256, experiment.CACHE_DIR, measure=lambda *shape: {"sparse_below": SPARSE_BELOW})
+    kernels.sparse_below(256, 64, 256, cache_dir(), measure=lambda *shape: {"sparse_below": SPARSE_BELOW})
 
 
 def test_bench_measures_every_quantity_it_reports(tmp_path):
@@ -129,13 +130,13 @@ def test_the_path_flag_forces_our_step_dense_or_sparse_where_the_sae_has_a_spars
         step = json.loads(out.read_text())["architectures"][f"baseline/{plugin}"]["sae_step"]
         assert step["path"] == (path if plugin != "run_0_gated" else "dense"), plugin
         assert step["sparse_below"] is None  # forced, not measured
-    assert kernels.SPARSE_DEVICES == ("cpu",) and experiment.CACHE_DIR.name == "cache"  # put back as they were
+    assert kernels.SPARSE_DEVICES == ("cpu",) and cache_dir().name == "cache"  # put back as they were
 
 
 def test_bench_in_bf16_autocasts_both_steps_and_takes_a_bf16_matmul_roofline(tmp_path, no_llm, monkeypatch):
     autocast_dtypes = []
-    step_autocast = experiment.step_autocast
-    monkeypatch.setattr(experiment, "step_autocast", lambda dtype, device: autocast_dtypes.append(dtype)
+    step_autocast = kernels.step_autocast
+    monkeypatch.setattr(kernels, "step_autocast", lambda dtype, device: autocast_dtypes.append(dtype)
                         or step_autocast(dtype, device))
     out = tmp_path / "bench.json"
     result = bench_cli(*SMALL, "--plugin", "run_0_topk", "--dtype", "bf16", "--out", str(out))

@@ -15,6 +15,7 @@ from conftest import cli
 
 import cluster
 import experiment
+import studies
 
 TINY = ["--preset", "tiny", "--tokens", "2048"]
 GRID = ["--grid", "sparsity_penalty=0.01,0.16", "--seeds", "2"]
@@ -85,10 +86,10 @@ def test_a_worker_killed_mid_run_is_retried_from_its_checkpoint_and_each_run_is_
     plugin = experiment.find_plugin("scratch_test_study/run_1_dies_once")
     runs, notes = tmp_path / "runs", tmp_path / "notes.md"
     overrides = dict(tokens=4096, seed=42, device="cpu", evals=("core",))
-    jobs = experiment.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.01,0.16"], 1, overrides, runs / "s")
+    jobs = studies.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.01,0.16"], 1, overrides, runs / "s")
     for job in jobs:
         job.cfg.checkpoint_every = 3  # checkpoints after steps 2, 5, 8, ...: the kill at step 7 loses steps 6-7
-    rows = experiment.run_jobs(jobs, notes, runs, workers=2)
+    rows = studies.run_jobs(jobs, notes, runs, remote=cluster.runner(2, None))
     assert killed.exists()
     assert [row["how"] for row in rows] == ["trained", "resumed"]
     assert all(row["info"]["status"] == "completed" and row["info"]["training_steps"] == 16 for row in rows)
@@ -139,7 +140,7 @@ def test_ctrl_c_on_the_driver_stops_the_runs_at_a_checkpoint_and_the_same_call_r
     (scratch_study / "run_1_slow.py").write_text(SLOW.format(steps=str(steps), go=str(go)))
     plugin = experiment.find_plugin("scratch_test_study/run_1_slow")
     runs, notes = tmp_path / "runs", tmp_path / "notes.md"
-    jobs = experiment.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.04"], 2,
+    jobs = studies.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.04"], 2,
                                  dict(tokens=8192, seed=42, device="cpu", evals=("core",)), runs / "s")
     for job in jobs:
         job.cfg.checkpoint_every = 10  # the first after step 9
@@ -156,7 +157,7 @@ def test_ctrl_c_on_the_driver_stops_the_runs_at_a_checkpoint_and_the_same_call_r
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(experiment.Interrupted):
-            experiment.run_jobs(jobs, notes, runs, workers=2)
+            studies.run_jobs(jobs, notes, runs, remote=cluster.runner(2, None))
     finally:
         stop.set()
         signal.signal(signal.SIGINT, previous)
@@ -169,7 +170,7 @@ def test_ctrl_c_on_the_driver_stops_the_runs_at_a_checkpoint_and_the_same_call_r
     assert stopped and [trained[job.cfg.seed][-1] for job in stopped] == saved  # stopped at a checkpoint
     assert max(saved) < 31  # mid-run
     go.touch()  # full speed from here
-    rows = experiment.run_jobs(jobs, notes, runs, workers=2)
+    rows = studies.run_jobs(jobs, notes, runs, remote=cluster.runner(2, None))
     assert [row["how"] for row in rows] == ["resumed" if job in stopped else "trained" for job in jobs]
     assert all(row["info"]["status"] == "completed" and row["info"]["training_steps"] == 32 for row in rows)
     assert notes.read_text().count("## Run 1: Slow") == 2

@@ -29,7 +29,7 @@ def lambda_run(tmp_path_factory):
     1/√32 that the annealed threshold reaches after 59% of the run."""
     tmp = tmp_path_factory.mktemp("contrastive")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(experiment, "ACTIVATIONS_DIR", tmp / "activations")
+        mp.setenv("SAE_HARNESS_ACTIVATIONS", str(tmp / "activations"))
         info = tiny_run("contrastive/run_3_lambda_bounds", tmp / "run", tmp / "notes.md",
                         hyperparams={"jl_dim": 32, "noise_z": 1.0}, evals=())
     return info, read_log(tmp / "run")

@@ -18,6 +18,7 @@ from conftest import cli, read_log, tiny_run
 
 import dashboard
 import experiment
+import sources
 
 LATENT_ROW = re.compile(r'<tr><td data-v="(\d+)">.*?</td><td data-v="([^"]+)">.*?</td><td data-v="([^"]+)">')
 
@@ -112,8 +113,8 @@ def test_more_text_than_the_eval_contexts_is_the_text_after_the_training_text(tm
     (tmp_path / "docs.txt").write_text("\n\n".join(" ".join(f"w{next(words)}" for _ in range(50)) for _ in range(400)))
     cfg = experiment.build_config("tiny", "baseline/run_0_baseline", dataset=str(tmp_path / "docs.txt"), tokens=2000)
     model = SimpleNamespace(tokenizer=WordTokenizer())
-    train, eval_tokens = experiment.load_tokens(cfg, model)
-    contexts, source = dashboard.held_out_contexts(eval_tokens, 40 * 31, cfg, lambda c: experiment.load_tokens(c, model))
+    train, eval_tokens = sources.load_tokens(cfg, model)
+    contexts, source = dashboard.held_out_contexts(eval_tokens, 40 * 31, cfg, lambda c: sources.load_tokens(c, model))
     after = contexts[len(eval_tokens):]
     assert torch.equal(contexts[:len(eval_tokens)], eval_tokens) and len(contexts) == 40
     assert after[after > 0].min() == train.max() + 1  # the next word after the last one training read
@@ -133,7 +134,7 @@ def test_synthetic_text_gives_its_eval_contexts_and_refuses_more():
 def direct_densities(run_dir: Path) -> torch.Tensor:
     """Each latent's firing frequency on the run's eval contexts, from the saved SAE's encode."""
     cfg, plugin = experiment.saved_config(run_dir, "test")
-    model, device = experiment.load_model(cfg.model, torch.device("cpu")), torch.device("cpu")
+    model, device = sources.load_model(cfg.model, torch.device("cpu")), torch.device("cpu")
     contexts = torch.load(run_dir / "eval_tokens.pt")
     with torch.no_grad():
         _, cache = model.run_with_cache(contexts, names_filter=[cfg.hook_name])

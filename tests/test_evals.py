@@ -18,6 +18,8 @@ from sae_bench.sae_bench_utils import dataset_info
 
 import evals
 import experiment
+import sources
+from common import activations_dir
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORDS = [c + end for c in LETTERS for end in ("ab", "ot", "ine", "ery", "ulk")]  # 5 single-token words per letter
@@ -34,7 +36,7 @@ def tokenizer(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    assert len(VOCAB) <= experiment.TINY_MODEL["d_vocab"] and VOCAB[experiment.TINY_BOS] == "<bos>"
+    assert len(VOCAB) <= sources.TINY_MODEL["d_vocab"] and VOCAB[sources.TINY_BOS] == "<bos>"
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
@@ -46,7 +48,7 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture
 def model(tokenizer):
-    model = experiment.load_model("tiny", torch.device("cpu"))
+    model = sources.load_model("tiny", torch.device("cpu"))
     model.set_tokenizer(tokenizer)
     return model
 
@@ -59,15 +61,15 @@ def cfg():
 @pytest.fixture
 def sae(cfg):
     torch.manual_seed(0)
-    inner = experiment.SAE(experiment.TINY_MODEL["d_model"], cfg.dict_size, experiment.Hyperparams(), cfg)
-    return experiment.ScaledSAE(inner.eval(), 1.0)
+    inner = experiment.SAE(sources.TINY_MODEL["d_model"], cfg.dict_size, experiment.Hyperparams(), cfg)
+    return evals.ScaledSAE(inner.eval(), 1.0)
 
 
 @pytest.fixture
 def eval_tokens(tokenizer, cfg):
     """Held-out contexts as the harness makes them: BOS, then cfg.context_size - 1 tokens."""
-    return experiment.tokenize_contexts([text(random.Random(0), 16 * cfg.context_size)], tokenizer,
-                                        experiment.TINY_BOS, cfg.context_size, 16)
+    return sources.tokenize_contexts([text(random.Random(0), 16 * cfg.context_size)], tokenizer,
+                                        sources.TINY_BOS, cfg.context_size, 16)
 
 
 def text(rng: random.Random, n_words: int = 12) -> str:
@@ -193,7 +195,7 @@ def test_offline_evals_need_nothing_and_loaders_stand_in_for_the_hub_and_key(off
 # Each eval end to end on the tiny model.
 
 def run(names, sae, model, cfg, eval_tokens):
-    return evals.run_evals(names, sae, model, cfg, eval_tokens, torch.device("cpu"), cache_dir=experiment.ACTIVATIONS_DIR,
+    return evals.run_evals(names, sae, model, cfg, eval_tokens, torch.device("cpu"), cache_dir=activations_dir(),
                            loaders=LOADERS)
 
 
@@ -273,7 +275,7 @@ def test_absorption_scores_where_enough_letters_are_readable(sae, model, cfg, ev
 
 def test_absorption_reads_an_sae_with_unit_decoder_rows_and_the_same_reconstruction(sae, eval_tokens, model, cfg):
     x = model.run_with_cache(eval_tokens[:2], names_filter=cfg.hook_name)[1][cfg.hook_name]
-    sae = experiment.ScaledSAE(sae.inner, 0.05)  # activations scaled by 0.05 in training
+    sae = evals.ScaledSAE(sae.inner, 0.05)  # activations scaled by 0.05 in training
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((sae.cfg.d_sae,), 20.0))  # rows carry 1/scale
     before = sae.encode(x) @ sae.W_dec
     folded = evals.unit_decoder_rows(copy.deepcopy(sae))
@@ -301,10 +303,10 @@ def test_a_failing_eval_raises_and_unknown_loaders_are_refused(sae, model, cfg, 
         raise ConnectionError("hub down")
 
     with pytest.raises(ConnectionError, match="hub down"):
-        evals.run_evals(("tpp",), sae, model, cfg, eval_tokens, torch.device("cpu"), cache_dir=experiment.ACTIVATIONS_DIR,
+        evals.run_evals(("tpp",), sae, model, cfg, eval_tokens, torch.device("cpu"), cache_dir=activations_dir(),
                            loaders={"load_dataset": hub_down})
     with pytest.raises(ValueError, match="unknown loaders"):
-        evals.run_evals(("tpp",), sae, model, cfg, eval_tokens, torch.device("cpu"), cache_dir=experiment.ACTIVATIONS_DIR,
+        evals.run_evals(("tpp",), sae, model, cfg, eval_tokens, torch.device("cpu"), cache_dir=activations_dir(),
                            loaders={"datasets": hub_down})
 
 
@@ -356,8 +358,8 @@ def test_the_bootstrap_s_per_context_rows_give_back_sae_bench_s_own_scores(sae, 
 
 def test_sae_bench_reads_the_weights_in_the_model_s_scale_as_exported(cfg):
     torch.manual_seed(0)
-    inner = experiment.SAE(experiment.TINY_MODEL["d_model"], cfg.dict_size, experiment.Hyperparams(), cfg).eval()
-    scaled = experiment.ScaledSAE(inner, 8.0)
-    x = torch.randn(5, experiment.TINY_MODEL["d_model"])
+    inner = experiment.SAE(sources.TINY_MODEL["d_model"], cfg.dict_size, experiment.Hyperparams(), cfg).eval()
+    scaled = evals.ScaledSAE(inner, 8.0)
+    x = torch.randn(5, sources.TINY_MODEL["d_model"])
     torch.testing.assert_close(scaled.encode(x), torch.relu(x @ scaled.W_enc + scaled.b_enc - scaled.b_dec @ scaled.W_enc))
     torch.testing.assert_close(scaled.W_enc.norm(dim=0), inner.W_enc.norm(dim=0) * 8.0)  # feature_metrics' encoder_norm

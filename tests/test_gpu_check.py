@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from test_kernels import D_IN, TOPK_FAMILY, assert_close, family_sae, loss_and_gradients
 
 import experiment
+import studies
 
 ROOT = Path(experiment.__file__).parent
 BF16_RTOL = 1e-2  # bf16 against fp32 final losses of a tiny run; measured 5e-5 (ReLU) and 2e-4 (TopK) on CPU
@@ -79,12 +80,12 @@ def test_a_run_saved_before_the_dtype_field_is_found_as_the_same_fp32_run_by_stu
     was fp32."""
     config = dataclasses.asdict(experiment.build_config("tiny", "baseline/run_0_baseline"))
     saved_before = {k: v for k, v in config.items() if k != "dtype"}
-    assert experiment.comparable(saved_before) == experiment.comparable(config)
-    assert experiment.comparable(saved_before) != experiment.comparable({**config, "dtype": "bf16"})
+    assert studies.comparable(saved_before) == studies.comparable(config)
+    assert studies.comparable(saved_before) != studies.comparable({**config, "dtype": "bf16"})
 
 
 def test_run_refuses_an_unknown_dtype_in_one_line_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.setattr(experiment, "execute", lambda *a, **k: pytest.fail("work"))
+    monkeypatch.setattr(studies, "execute", lambda *a, **k: pytest.fail("work"))
     result = cli("run", "--preset", "tiny", "--plugin", "run_0_baseline", "--dtype", "fp16",
                  "--out", str(tmp_path / "run"))
     assert result.exit_code == 2 and "unknown --dtype 'fp16'; use fp32 or bf16" in result.output

@@ -19,6 +19,9 @@ from conftest import cli
 
 import evals
 import experiment
+import frontier
+from runs import run_index
+import sources
 
 ROOT = Path(experiment.__file__).parent
 LONG_TINY = ["--preset", "tiny", "--plugin", "zscore_ortho/run_1_initial", "--tokens", "65536",
@@ -96,7 +99,7 @@ def test_ctrl_c_checkpoints_and_exits_130_with_one_line(tmp_path):
 def _append_many(notes, worker):
     plugin = experiment.find_plugin("run_0_baseline")
     for i in range(30):
-        experiment.append_notes(Path(notes), plugin, f"## Run 0: worker {worker} entry {i}\n" + "x" * 5000 + "\n\n")
+        experiment.append_notes(Path(notes), plugin.study_header, f"## Run 0: worker {worker} entry {i}\n" + "x" * 5000 + "\n\n")
 
 
 def test_two_processes_appending_to_notes_both_get_complete_entries(tmp_path):
@@ -140,11 +143,11 @@ def test_suspicious_results_are_flagged(run_tiny, tmp_path, monkeypatch):
         copied["run"] = experiment.find_plugin(stem).identity()
         (d / "final_info.json").write_text(json.dumps(copied))
     child = experiment.find_plugin("run_2_stable_init")
-    warnings = experiment.suspicious(info, child_dir, child)
+    warnings = frontier.suspicious(info, child_dir, child.parent, run_index(runs))
     assert any("identical to the last digit to parent run_1_initial" in w for w in warnings)
     zero = {**info, "metrics": {**info["metrics"], "sparsity": {"l0": 0.0, "l1": 0.0},
                                 "reconstruction_quality": {"explained_variance": -0.78}}}
-    warnings = experiment.suspicious(zero, run_dir, experiment.find_plugin("run_0_baseline"))
+    warnings = frontier.suspicious(zero, run_dir, None, [])
     assert any("L0 is 0" in w for w in warnings) and any("explained_variance is negative" in w for w in warnings)
 
 
@@ -261,7 +264,7 @@ def _tiny_with_tokenizer():
 
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [3 + (ord(c) % 500) for c in text]}
-    model = HookedTransformer(HookedTransformerConfig(**experiment.TINY_MODEL, seed=0))
+    model = HookedTransformer(HookedTransformerConfig(**sources.TINY_MODEL, seed=0))
     model.tokenizer = CharTokenizer()
     return model
 

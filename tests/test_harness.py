@@ -10,6 +10,11 @@ import torch
 from conftest import cli, read_log
 
 import experiment
+import kernels
+import studies
+import sources
+import notebook
+import evals
 
 NOTEBOOK_KEYS = {"training_steps", "final_loss", "layer", "dict_size", "learning_rate", "sparsity_penalty"}
 CORE_GROUPS = {"model_behavior_preservation", "model_performance_preservation", "reconstruction_quality",
@@ -59,7 +64,7 @@ def test_saved_sae_loads_in_sae_lens_and_matches_the_evaluated_sae(run_tiny):
     sae = experiment.SAE(64, 256, experiment.Hyperparams(), cfg)
     sae.load_state_dict(state)
     x = torch.randn(16, 64) * 3
-    expected = experiment.ScaledSAE(sae, scale)(x)
+    expected = evals.ScaledSAE(sae, scale)(x)
     torch.testing.assert_close(loaded(x), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -95,7 +100,7 @@ def test_a_notebook_entry_lists_each_headline_metric_with_its_change_against_the
         assert cli("run", "--preset", "tiny", "--plugin", plugin, "--tokens", "2048", "--out", str(out),
                    "--notes", str(notes)).exit_code == 0
     entry = notes.read_text().split("## Run 1:")[1]
-    for label in experiment.HEADLINE:
+    for label in notebook.HEADLINE:
         line = next(line for line in entry.splitlines() if line.startswith(f"- {label[0]}: "))
         assert line.endswith(" vs run_0_baseline)") and (" (+" in line or " (-" in line), line
     assert "- dead latents at the end of training (not fired in the last tenth of its tokens" in entry
@@ -127,7 +132,7 @@ def test_a_cpu_run_adds_up_gathered_rows_gradients_in_the_same_order_every_time(
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))  # the race needs two threads
     try:
-        experiment.configure_kernels(experiment.build_config("tiny", "run_0_baseline"), torch.device("cpu"))
+        kernels.configure_kernels(experiment.build_config("tiny", "run_0_baseline"), torch.device("cpu"))
         assert torch.are_deterministic_algorithms_enabled()
         rows = torch.randn(256, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
         picked = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1))
@@ -247,7 +252,7 @@ def test_hub_model_and_dataset_path_with_injected_loaders(tmp_path, notes):
 
     def hub_model(name, device, dtype):
         assert name == "EleutherAI/pythia-70m-deduped"
-        model = HookedTransformer(HookedTransformerConfig(**experiment.TINY_MODEL, seed=0, dtype=dtype))
+        model = HookedTransformer(HookedTransformerConfig(**sources.TINY_MODEL, seed=0, dtype=dtype))
         model.tokenizer = CharTokenizer()
         return model
 
@@ -271,44 +276,44 @@ def test_missing_hub_model_or_dataset_names_the_fix(monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
     with pytest.raises(experiment.HarnessError, match="not available offline.*--preset embedded"):
-        experiment.load_model("google/gemma-2-2b", torch.device("cpu"), model_loader=offline)
+        sources.load_model("google/gemma-2-2b", torch.device("cpu"), model_loader=offline)
     with pytest.raises(experiment.HarnessError, match="dataset 'monology/pile-uncopyrighted' is not available offline"):
-        list(experiment.hub_documents("monology/pile-uncopyrighted", dataset_loader=offline))
+        list(sources.hub_documents("monology/pile-uncopyrighted", dataset_loader=offline))
 
 
 def test_local_dataset_files_are_read(tmp_path):
     (tmp_path / "a.txt").write_text("first doc\n\nsecond doc\n")
     (tmp_path / "b.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
-    assert experiment.local_documents(tmp_path / "a.txt") == ["first doc", "second doc"]
-    assert experiment.local_documents(tmp_path / "b.jsonl") == ["one", "two"]
+    assert sources.local_documents(tmp_path / "a.txt") == ["first doc", "second doc"]
+    assert sources.local_documents(tmp_path / "b.jsonl") == ["one", "two"]
     with pytest.raises(experiment.HarnessError, match="does not exist"):
-        experiment.local_documents(tmp_path / "missing.txt")
+        sources.local_documents(tmp_path / "missing.txt")
 
 
 def test_harvest_drops_every_bos_position(tmp_path):
     from rich.progress import Progress
 
     cfg = experiment.build_config("tiny", "baseline/run_0_baseline", tokens=100, batch_size=50)
-    model = experiment.load_model("tiny", torch.device("cpu"))
-    contexts = experiment.synthetic_contexts(8, 32, model.cfg.d_vocab)
-    contexts[:, 10] = experiment.TINY_BOS  # a document separator inside every context
+    model = sources.load_model("tiny", torch.device("cpu"))
+    contexts = sources.synthetic_contexts(8, 32, model.cfg.d_vocab)
+    contexts[:, 10] = sources.TINY_BOS  # a document separator inside every context
     out = torch.zeros(100, 64).numpy()
     with Progress(disable=True) as progress:
         experiment.harvest(model, contexts, cfg, out, progress)
     _, cache = model.run_with_cache(contexts[:4], names_filter=[cfg.hook_name], stop_at_layer=2)
-    expected = cache[cfg.hook_name][contexts[:4] != experiment.TINY_BOS][:100]
+    expected = cache[cfg.hook_name][contexts[:4] != sources.TINY_BOS][:100]
     torch.testing.assert_close(torch.from_numpy(out), expected)
 
 
 def test_eval_of_a_run_folder_reproduces_its_core_metrics_and_notes_it(run_tiny, notes):
     info, run_dir = run_tiny("run_1_initial")
-    rescored = experiment.rescore(run_dir, "core", "cpu", notes)
+    rescored = studies.rescore(run_dir, "core", "cpu", notes)
     assert rescored["metrics"] == info["metrics"]
     assert json.loads((run_dir / "final_info.json").read_text())["metrics"] == info["metrics"]
     assert f"Re-scored run 1 (zscore_ortho/run_1_initial, {run_dir}) with core; its results now:\n" in notes.read_text()
     assert "{'" not in notes.read_text()  # the results as lines a person reads, no dict
     with pytest.raises(experiment.HarnessError, match="not a run folder"):
-        experiment.rescore(run_dir.parent, "core", "cpu", notes)
+        studies.rescore(run_dir.parent, "core", "cpu", notes)
 
 
 def test_a_missing_eval_requirement_is_refused_before_training(tmp_path, notes, monkeypatch):

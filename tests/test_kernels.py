@@ -10,6 +10,7 @@ import torch
 from conftest import read_log
 
 import experiment
+from common import cache_dir
 import kernels
 
 D_IN, D_SAE, K, DEAD_STEPS, STEP = 64, 512, 8, 10, 20
@@ -147,7 +148,7 @@ def test_the_measurement_stops_once_its_budget_is_spent():
     ("zscore_ortho/run_7_adaptive_ln", -5.0, 1.0, False),  # its own encoder: no sparse step
 ])
 def test_the_trainer_switches_at_the_measured_density(tmp_path, monkeypatch, key, b_enc, sparse_below, sparse):
-    monkeypatch.setattr(experiment, "CACHE_DIR", tmp_path)
+    monkeypatch.setenv("SAE_HARNESS_CACHE", str(tmp_path))
     switch_point_file(tmp_path, 256, D_IN, D_SAE, sparse_below)
     plugin = experiment.find_plugin(key)
     cfg = experiment.build_config("tiny", key)
@@ -185,8 +186,8 @@ def test_a_topk_run_logs_the_same_on_the_sparse_step_as_on_the_dense_one(run_tin
     logs = {}
     torch.use_deterministic_algorithms(True)  # the switch point is stored under a CPU run's kernel mode
     for sparse_below in (0.0, 1.0):
-        monkeypatch.setattr(experiment, "CACHE_DIR", tmp_path / f"cache_{sparse_below}")
-        switch_point_file(experiment.CACHE_DIR, 256, 64, 256, sparse_below)
+        monkeypatch.setenv("SAE_HARNESS_CACHE", str(tmp_path / f"cache_{sparse_below}"))
+        switch_point_file(cache_dir(), 256, 64, 256, sparse_below)
         sparse_decodes.clear()
         _, run_dir = run_tiny("run_0_topk", hyperparams={"k": 8, "dead_steps": 3})
         assert any(sparse_decodes) is (sparse_below == 1.0)

@@ -9,6 +9,8 @@ import pytest
 from conftest import cli
 
 import experiment
+import studies
+import evals
 import plot
 
 TINY = ["--preset", "tiny", "--tokens", "2048"]
@@ -54,7 +56,7 @@ def test_sweep_trains_the_grid_times_seeds_once_and_then_reuses_it(tmp_path):
     ("k=4", "--grid k"),
 ])
 def test_a_bad_grid_is_refused_before_any_work(tmp_path, grid, message, monkeypatch):
-    monkeypatch.setattr(experiment, "execute", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(studies, "execute", lambda *a, **k: pytest.fail("work started"))
     result = cli("sweep", "--plugin", "run_0_baseline", *TINY, "--grid", grid, "--runs", str(tmp_path / "r"))
     assert result.exit_code == 2 and result.output.count("error:") == 1 and message in result.output
 
@@ -62,7 +64,7 @@ def test_a_bad_grid_is_refused_before_any_work(tmp_path, grid, message, monkeypa
 def test_a_killed_sweep_run_again_reuses_the_finished_resumes_the_interrupted_and_trains_the_rest(tmp_path, monkeypatch):
     plugin, runs = experiment.find_plugin("run_0_baseline"), tmp_path / "runs"
     overrides = dict(tokens=4096, seed=42, device="cpu", evals=("core",))
-    jobs = experiment.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.01,0.04,0.16"], 1, dict(overrides), runs / "s")
+    jobs = studies.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.01,0.04,0.16"], 1, dict(overrides), runs / "s")
     for job in jobs:
         job.cfg.checkpoint_every = 5
     real_save = experiment.save_checkpoint
@@ -73,9 +75,9 @@ def test_a_killed_sweep_run_again_reuses_the_finished_resumes_the_interrupted_an
             raise experiment.Interrupted("killed")
     monkeypatch.setattr(experiment, "save_checkpoint", killed_in_the_second_run)
     with pytest.raises(experiment.Interrupted):
-        experiment.run_jobs(jobs, tmp_path / "notes.md", runs)
+        studies.run_jobs(jobs, tmp_path / "notes.md", runs)
     monkeypatch.setattr(experiment, "save_checkpoint", real_save)
-    rows = experiment.run_jobs(jobs, tmp_path / "notes.md", runs)
+    rows = studies.run_jobs(jobs, tmp_path / "notes.md", runs)
     assert [row["how"] for row in rows] == ["reused", "resumed", "trained"]
     assert all(row["info"]["status"] == "completed" and row["info"]["training_steps"] == 16 for row in rows)
 
@@ -84,25 +86,25 @@ def test_a_sweep_killed_in_a_runs_evaluation_evaluates_it_again_without_training
                                                                                                      monkeypatch):
     plugin, runs, notes = experiment.find_plugin("run_0_baseline"), tmp_path / "runs", tmp_path / "notes.md"
     overrides = dict(tokens=4096, seed=42, device="cpu", evals=("core",))
-    jobs = experiment.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.01,0.16"], 1, dict(overrides), runs / "s")
-    real_evaluate = experiment.evaluate
+    jobs = studies.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.01,0.16"], 1, dict(overrides), runs / "s")
+    real_evaluate = evals.evaluate
 
     def killed_in_the_second_evaluation(info, sae, model, tokens, cfg, device, run_dir, *args):
         if run_dir == jobs[1].run_dir:
             raise KeyboardInterrupt  # as Ctrl-C or a kill lands: no final_info.json is written
         return real_evaluate(info, sae, model, tokens, cfg, device, run_dir, *args)
-    monkeypatch.setattr(experiment, "evaluate", killed_in_the_second_evaluation)
+    monkeypatch.setattr(evals, "evaluate", killed_in_the_second_evaluation)
     with pytest.raises(KeyboardInterrupt):
-        experiment.run_jobs(jobs, notes, runs)
+        studies.run_jobs(jobs, notes, runs)
     assert not (jobs[1].run_dir / "final_info.json").exists()
-    monkeypatch.setattr(experiment, "evaluate", real_evaluate)
+    monkeypatch.setattr(evals, "evaluate", real_evaluate)
     real_batches = experiment.prefetched_batches
 
     def no_training(data, order, cfg, steps, *args):
         assert len(steps) == 0, f"trained steps {steps} again"
         return real_batches(data, order, cfg, steps, *args)
     monkeypatch.setattr(experiment, "prefetched_batches", no_training)
-    rows = experiment.run_jobs(jobs, notes, runs)
+    rows = studies.run_jobs(jobs, notes, runs)
     assert [row["how"] for row in rows] == ["reused", "resumed"]
     assert all(row["info"]["status"] == "completed" and row["info"]["training_steps"] == 16 for row in rows)
     assert notes.read_text().count("## Run 0:") == 2 and not (jobs[1].run_dir / experiment.CHECKPOINT).exists()
@@ -156,7 +158,7 @@ def test_a_run_that_fails_for_its_own_reasons_is_reported_the_rest_go_on_and_the
         if cfg.sparsity_penalty == 0.01:
             raise experiment.HarnessError("training stopped: l2_loss became nan at step 3")
         return real_execute(cfg, plugin, run_dir, *args, **kwargs)
-    monkeypatch.setattr(experiment, "execute", nan_for_one)
+    monkeypatch.setattr(studies, "execute", nan_for_one)
     result = cli("sweep", "--plugin", "run_0_baseline", *TINY, "--grid", "sparsity_penalty=0.01,0.16",
                  "--runs", str(tmp_path / "runs"), "--notes", str(tmp_path / "notes.md"))
     assert result.exit_code == 1 and "1 of 2 runs failed (sparsity_penalty=0.01,seed=42)" in result.output
@@ -172,3 +174,40 @@ def test_a_runs_setting_names_only_what_it_changed_even_where_a_default_is_a_tup
     assert experiment.setting(plugin, info) == "the preset's"
     info["provenance"]["config"]["hyperparams"] = {**saved, "k": 16}
     assert experiment.setting(plugin, info) == "k=16"
+
+
+PLUGIN = '''"""A scratch run: {title}"""
+
+from dataclasses import dataclass
+
+from plugins.baseline import run_0_baseline as parent
+
+
+@dataclass
+class Hyperparams(parent.Hyperparams):
+    weight: float = {weight}  # {comment}
+'''
+
+
+def test_a_plugins_identity_is_its_code_not_its_prose(scratch_study):
+    path = scratch_study / "run_1_scratch.py"
+    path.write_text(PLUGIN.format(title="first words", weight=0.5, comment="why"))
+    first = experiment.find_plugin("scratch_test_study/run_1_scratch").source_hash()
+    path.write_text(PLUGIN.format(title="other words, a measurement: 0.123", weight=0.5, comment="another why"))
+    assert experiment.find_plugin("scratch_test_study/run_1_scratch").source_hash() == first
+    path.write_text(PLUGIN.format(title="first words", weight=0.25, comment="why"))
+    assert experiment.find_plugin("scratch_test_study/run_1_scratch").source_hash() != first
+
+
+def test_study_reuses_a_run_whose_plugin_docstring_changed_and_retrains_one_whose_code_changed(tmp_path, scratch_study):
+    path, runs = scratch_study / "run_1_scratch.py", tmp_path / "runs"
+    args = ["study", "scratch_test_study", *TINY, "--runs", str(runs), "--notes", str(tmp_path / "notes.md"),
+            "--figures", str(tmp_path / "figures")]
+    path.write_text(PLUGIN.format(title="first words", weight=0.5, comment="why"))
+    assert cli(*args).exit_code == 0
+    path.write_text(PLUGIN.format(title="new words", weight=0.5, comment="why"))
+    reused = cli(*args)
+    assert reused.exit_code == 0 and "run_1_scratch: reused" in reused.output
+    path.write_text(PLUGIN.format(title="new words", weight=0.25, comment="why"))
+    retrained = cli(*args)
+    assert retrained.exit_code == 0 and "run_1_scratch: trained" in retrained.output

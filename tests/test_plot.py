@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 import experiment
 import plot
+from runs import find_runs, latest_run, read_run
 
 STAMP = "20250101-000000"
 PLUGINS = ["zscore_ortho/run_1_initial", "zscore_ortho/run_2_stable_init", "topk_ortho/run_1_topk_pairs"]
@@ -34,7 +35,7 @@ def trained(tmp_path_factory) -> Path:
     """Three tiny runs, trained once for the whole module, in the runs/<study>/<plugin>/<stamp> layout."""
     root = tmp_path_factory.mktemp("trained")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(experiment, "ACTIVATIONS_DIR", root / "activations")
+        mp.setenv("SAE_HARNESS_ACTIVATIONS", str(root / "activations"))
         for plugin in PLUGINS:
             tiny_run(plugin, root / "runs" / plugin / STAMP, root / "notes.md")
     return root / "runs"
@@ -315,7 +316,7 @@ def test_a_broken_run_s_score_is_drawn_off_scale_not_flattening_the_others(runs)
 def test_a_run_anywhere_under_runs_is_found_and_named_by_what_it_ran(trained, tmp_path, notes, monkeypatch):
     """`experiment.py run --out DIR/name` can put a run anywhere: plot finds every folder holding a
     final_info.json at any depth and names it by the study and plugin the run recorded, not by its path."""
-    monkeypatch.setattr(experiment, "ACTIVATIONS_DIR", trained.parent / "activations")  # the module's cache
+    monkeypatch.setenv("SAE_HARNESS_ACTIVATIONS", str(trained.parent / "activations"))  # the module's cache
     root = tmp_path / "some"
     info = tiny_run(PLUGINS[1], root / "where" / "name", notes)
     shutil.copytree(trained / PLUGINS[0] / STAMP, root / "else" / "deeper" / "copy")  # its parent, run 1
@@ -329,9 +330,9 @@ def test_a_run_anywhere_under_runs_is_found_and_named_by_what_it_ran(trained, tm
     ticks = figures(root, "zscore_ortho")["explained_variance_evolution.png"].axes[0].get_xticklabels()
     assert [t.get_text() for t in ticks] == [r.label for r in runs]
 
-    assert plot.latest_run(root, "run_2_stable_init") == info == plot.latest_run(root, PLUGINS[1])
-    assert plot.latest_run(root, "run_2_stable_init", same_data_as={"activation_cache": "elsewhere"}) is None
-    assert plot.latest_run(root, "run_3_reduced_ortho_lr") is None
+    assert latest_run(root, "run_2_stable_init") == info == latest_run(root, PLUGINS[1])
+    assert latest_run(root, "run_2_stable_init", same_data_as={"activation_cache": "elsewhere"}) is None
+    assert latest_run(root, "run_3_reduced_ortho_lr") is None
     column = {c.header: [str(cell) for cell in c.cells] for c in plot.compare_table(root).columns}
     assert "(" in column["explained_variance ↑"][1]  # run 2's change against run 1, found at another depth
 
@@ -388,7 +389,7 @@ def test_the_frontier_draws_each_baseline_sweep_as_a_curve_and_pools_a_plugin_s_
     for seed, (l0, ce) in zip((1, 2), [(30.0, 0.80), (50.0, 0.84)]):  # two seeds of one setting: one point
         sweep_copy(runs, source, "zscore_ortho/run_1_initial", f"z{seed}", l0, ce, 0.5, seed=seed, lr=0.5)
     fig = figures(runs, "zscore_ortho", make=lambda rs: plot.frontier_figures(rs, [
-        plot.read_run(f) for f in plot.find_runs(runs)]))["frontier_ce_loss_score.png"]
+        read_run(f) for f in find_runs(runs)]))["frontier_ce_loss_score.png"]
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
     curves = {c.get_label(): c for c in ax.containers}  # one errorbar container per series

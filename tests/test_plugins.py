@@ -9,6 +9,7 @@ from conftest import read_log, tiny_run
 from safetensors.torch import load_file
 
 import experiment
+import evals
 
 ALL_PLUGINS = sorted(experiment.plugin_files())
 _runs: dict[str, tuple[dict, object]] = {}
@@ -66,7 +67,7 @@ def test_evaluation_sees_the_plugin_token_by_token_whatever_the_input_shape(key)
     plugin = experiment.find_plugin(key)
     torch.manual_seed(0)
     sae = plugin.sae_class(64, 256, plugin.hyperparams_class(), experiment.build_config("tiny", key)).eval()
-    scaled = experiment.ScaledSAE(sae, scale=0.5)
+    scaled = evals.ScaledSAE(sae, scale=0.5)
     x = torch.randn(3, 5, 64) * 6 + 2
     with torch.no_grad():
         f, x_hat = scaled.encode(x), scaled(x)

@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import experiment
+import evals
+from runs import save_sae
 
 STUDY = "zscore_ortho"
 SKIP_PLUGINS = sorted(k for k in experiment.plugin_files()  # every plugin with its own reconstruction
@@ -53,7 +55,7 @@ def test_a_skip_plugins_evaluated_reconstruction_is_its_training_reconstruction(
     x, scale = batch(7), 0.5  # x in the training scale
     with torch.no_grad():
         trained = sae.training_pass(x, 2).x_hat
-        scaled = experiment.ScaledSAE(sae.eval(), scale)
+        scaled = evals.ScaledSAE(sae.eval(), scale)
         f = scaled.encode((x / scale).reshape(4, 64, 64))
         evaluated = scaled.decode(f).reshape(256, 64) * scale
         torch.testing.assert_close(evaluated, trained, rtol=1e-5, atol=1e-5)
@@ -65,7 +67,7 @@ def test_a_skip_plugins_evaluated_reconstruction_is_its_training_reconstruction(
         f[..., :32] = 0.0  # an ablation, as sae_bench's SCR/TPP and unlearning make it
         ablated = scaled.decode(f).reshape(256, 64) * scale
         torch.testing.assert_close(ablated, sae.reconstruct(x, f.reshape(256, -1)), rtol=1e-5, atol=1e-5)
-    assert experiment.save_sae(sae, scale, tmp_path)["exact"] is False
+    assert save_sae(sae, scale, tmp_path)["exact"] is False
 
 
 def test_covariance_statistics_and_run_2s_first_batch_initialisation():

@@ -6,7 +6,7 @@ output, and latents dropped with probability 0.3 (inverted dropout, torch's seed
 
 Readings chosen: the notebook gives no skip weight, so it is a fixed 0.1 (a learnable one would
 let the identity path take over the reconstruction). The skip path is part of the SAE, in
-training and in evaluation alike (experiment.ScaledSAE decodes the latents sae_bench got from
+training and in evaluation alike (evals.ScaledSAE decodes the latents sae_bench got from
 encode with the input they came from), so the evaluated SAE is the one that was trained; dropout
 is training only, as always (inverted, so evaluation needs no rescaling). The SAELens export holds
 the linear part only and says so (`sae_lens_export.exact` false). The sparsity penalty and the

@@ -1,0 +1,170 @@
+"""The lab notebook (notes.md): a run's entry, in the seed notebooks' shape, and a study's summary.
+
+    ## Run 7: <the plugin docstring's first line>
+    Study: ... · Plugin: ... · Setting: what the run changed · Run folder: runs/...
+    Results:
+    - CE-loss score: 0.7501 ± 0.012 (+0.012 vs run_6_layer_norm)        headline metrics (HEADLINE)
+    Against run_0_topk (k, 4 runs) at this L0: ce_loss_score better (+0.02 ± 0.01); ...
+    Warning: ...
+    Description: <the plugin docstring>
+
+Entries are appended under a lock (append_notes); `python experiment.py notes` rebuilds the whole
+notebook from the run folders (studies.rebuild_notebook).
+"""
+
+from __future__ import annotations
+
+from common import ROOT, HarnessError, console  # first: its import guards
+
+import fcntl
+import itertools
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from frontier import OUTSIDE, matched
+from runs import HEADLINE, HEADLINE_SE, headline, read_json_lines
+
+
+def notes_entry(plugin, run_dir: Path, info: dict, parent: dict | None, setting: str) -> str:
+    """The run's notebook entry, in the seed notebooks' shape, for a person: headline metrics with
+    their change against the parent run (its final_info), the verdicts, warnings; the full dict
+    stays in final_info. `plugin` is the run's experiment.Plugin; `setting` what it changed."""
+    shown = os.path.relpath(run_dir, ROOT) if run_dir.is_relative_to(ROOT) else str(run_dir)
+    warnings = "".join(f"Warning: {w}\n" for w in info.get("warnings", []))
+    return (f"## Run {plugin.run_number}: {plugin.title}\n"
+            f"Study: {plugin.study} · Plugin: {plugin.name} · Setting: {setting} · Run folder: {shown}\n"
+            f"Results:\n{result_lines(info, parent, plugin.parent, run_dir)}"
+            f"{verdict_lines(info.get('verdict', {}))}{warnings}"
+            f"Description: {plugin.description}\n\n")
+
+
+def result_lines(info: dict, parent: dict | None, parent_name: str | None, run_dir: Path) -> str:
+    """'- CE-loss score: 0.7501 (+0.012 vs run_1_initial)' per headline metric, then the evals."""
+    lines = [f"- training steps: {info['training_steps']}"]
+    for label, _ in HEADLINE:
+        value, before = headline(info, label), headline(parent, label)
+        if value is not None:
+            se = info.get("metrics", {}).get("bootstrap_se", {}).get(HEADLINE_SE.get(label))
+            share = label.startswith("dead latents")  # a fraction, shown as a percentage
+            delta = "" if before is None else (f" ({100 * (value - before):+.3g} points vs {parent_name})" if share
+                                               else f" ({value - before:+.3g} vs {parent_name})")
+            known = isinstance(se, float) and math.isfinite(se)  # a score of -inf has no spread
+            shown, spread = f"{value:.1%}" if share else f"{value:.4g}", f" ± {se:.2g}" if known else ""
+            lines.append(f"- {label}: {shown}{spread}{delta}")
+    log = read_json_lines(run_dir / "train_log.jsonl")
+    lines.append(f"- dead latents at the end of training (not fired in the last tenth of its tokens, at most 1M): "
+                 f"{log[-1]['dead_fraction']:.1%}")
+    for name, result in info.get("evals", {}).items():  # the first few numbers; details stay in final_info
+        numbers = itertools.islice(numeric_leaves(result["eval_result_metrics"]), 4)
+        lines.append(f"- {name}: " + (result.get("not_scored") or ", ".join(f"{k} {v:.4g}" for k, v in numbers)))
+    return "".join(line + "\n" for line in lines)
+
+
+def numeric_leaves(tree: dict):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from numeric_leaves(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield key, value
+
+
+def verdict_lines(found: dict[str, Any]) -> str:
+    """'Against run_0_topk (k swept, 4 points): ce_loss_score better (+0.012 ± 0.004), ...'"""
+    lines = []
+    for name, v in found.items():
+        if "not_judged" in v:
+            lines.append(f"Against {name}: not judged ({v['not_judged']})\n")
+            continue
+        runs = f"{v['knob']}, {v['points']} run{'s' if v['points'] != 1 else ''}"
+        entries = list(v["metrics"].values())
+        if all(entry["word"] == OUTSIDE for entry in entries):  # one sentence, with the knob to add
+            lines.append(f"Against {name} ({runs}): {OUTSIDE}: {entries[0]['suggest']['text']}\n")
+            continue
+        words = []
+        for metric, entry in v["metrics"].items():
+            delta = "" if entry.get("delta") is None else f" ({entry['delta']:+.3g}" + (
+                f" ± {entry['uncertainty']:.2g})" if entry.get("uncertainty") is not None else ")")
+            words.append(f"{metric} {entry['word']}{delta}")
+        lines.append(f"Against {name} ({runs}) at this L0: " + "; ".join(words) + "\n")
+    return "".join(lines)
+
+
+def study_header(title: str, description: str) -> str:
+    """A study's heading in the notebook, as the seed notebooks open."""
+    return f"# Title: {title}\n# Experiment description: {description.strip()}\n\n"
+
+
+def check_notes(notes: Path) -> None:
+    """Refuse, before any work, a notebook that cannot be appended to."""
+    if notes.is_dir():
+        raise HarnessError(f"--notes {notes} is a folder; give a file such as notes.md")
+    folder = notes.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not os.access(folder if not notes.exists() else notes, os.W_OK) or not folder.is_dir():
+        raise HarnessError(f"--notes {notes} cannot be written; give a writable file")
+
+
+def append_notes(notes: Path, header: str, entry: str) -> None:
+    """Append under an exclusive lock; the study's header (study_header) goes in before its
+    first entry."""
+    notes.parent.mkdir(parents=True, exist_ok=True)
+    with open(notes, "a+", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        text = entry if header.splitlines()[0] + "\n" in fh.read() else header + entry
+        fh.seek(0, os.SEEK_END)
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def study_notes(study: str, rows: list[dict], figures: dict[Path, str]) -> str:
+    """The study's summary for notes.md: its runs with their verdicts at matched L0, and each
+    figure with its data-driven caption."""
+    shown = ("L0", "CE-loss score", "explained variance (whole set)")
+    lines = [f"## Study summary: {study}", "", f"| run | {' | '.join(shown)} | against the baselines at its L0 "
+             "(CE-loss score) | run folder |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = [headline(row["info"], label) for label in shown]
+        baseline = row["info"].get("run", {}).get("study") == "baseline"
+        against = "(a baseline)" if baseline else matched(row["info"].get("verdict", {}))
+        lines.append(f"| {row['label']} | " + " | ".join("-" if v is None else f"{v:.4g}" for v in cells)
+                     + f" | {against} | {row['folder']} |")
+    read = {path: caption for path, caption in figures.items()  # the figures whose captions read the data
+            if path.name.startswith("frontier_") or path.stem.endswith("_evolution")}
+    lines += ["", "Figures:", ""] + [f"- `{path}`: {caption}" for path, caption in read.items()] if read else []
+    return "\n".join(lines + ["", ""])
+
+
+def print_summary(info: dict, run_dir: Path) -> None:
+    """A finished run's metrics, what its export holds, and its warnings, on the console."""
+    table = Table(title=f"Run {run_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("training_steps", str(info["training_steps"]))
+    table.add_row("final_loss", f"{info['final_loss']:.5g}")
+    for group, values in info.get("metrics", {}).items():
+        for key, value in values.items():
+            if isinstance(value, float):
+                table.add_row(f"{group}.{key}", f"{value:.4g}")
+    table.add_row("wall time (s)", f"{info['provenance']['wall_time_s']:.1f}")
+    Console().print(table)
+    export = info.get("sae_lens_export", {})
+    if export and export["architecture"] is None:
+        console.print("note: no SAELens export (the plugin builds on no baseline); plugin_state.safetensors holds "
+                      "the SAE that was evaluated")
+    elif export and not export["exact"]:
+        console.print(f"note: sae_weights.safetensors holds only the linear part of this SAE (as sae_lens's "
+                      f"{export['architecture']}); plugin_state.safetensors holds the SAE that was evaluated")
+    if "explained_variance" in info.get("metrics", {}).get("reconstruction_quality", {}):
+        console.print("reconstruction_quality: explained_variance_whole_set is the field's (1 − ΣSSE/ΣSST over "
+                      "all tokens); sae_bench's explained_variance (biased on large norms) and _legacy (per "
+                      "batch) are beside it (see README)")
+    for warning in info["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}")

@@ -1,0 +1,393 @@
+"""Run folders: the one place that reads and writes them.
+
+    runs/<study>/<plugin>/<timestamp>/      (or wherever `run --out` says)
+        config.json              the RunConfig the run was built from
+        train_log.jsonl          the logged training steps
+        final_info.json          status, metrics, verdicts, warnings, provenance
+        feature_metrics.json     per-latent evaluation numbers
+        sae_weights.safetensors, cfg.json    the SAE as SAELens loads it (SAE.load_from_disk)
+        plugin_state.safetensors the plugin's whole state, for exact reloading
+        eval_tokens.pt, checkpoint.pt, artifacts.safetensors
+
+A run folder is any folder under a runs root, at any depth, that holds a final_info.json, and it
+says itself which plugin it ran: final_info.json's `run`, or for older folders config.json's
+`plugin`. `runs_table` lists them as a pandas DataFrame for one's own analysis.
+"""
+
+from __future__ import annotations
+
+from common import ROOT, HarnessError, console  # first: its import guards
+
+import importlib.metadata
+import json
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass
+from typing import Any
+from pathlib import Path
+
+import torch
+
+CHECKPOINT = "checkpoint.pt"  # an unfinished run's resumable state; removed once the run is completed
+
+
+@dataclass
+class Run:
+    folder: Path
+    study: str
+    plugin: str  # file stem, e.g. run_7_adaptive_ln
+    number: int
+    title: str  # the plugin docstring's first line
+    parent: str | None
+    info: dict  # final_info.json
+    config: dict  # config.json
+    log: list[dict]  # train_log.jsonl
+    color: str = "#7f7f7f"  # plot.py gives each run its colour
+
+    @property
+    def failed(self) -> bool:
+        return self.info.get("status") == "failed"
+
+    @property
+    def label(self) -> str:
+        """'Run 7: Adaptive Layer Normalization': the title up to its colon, shortened."""
+        name = re.sub(r"\s+Implementation$", "", self.title.split(":")[0].rstrip(". "))
+        short = re.sub(r"\s+(and|with|for|of|the|to|in|on|by|from)$", "", textwrap.shorten(name, 36, placeholder=""))
+        return f"Run {self.number}: {short}{'…' if short != name else ''}"
+
+    @property
+    def setting(self) -> str:
+        c = self.config
+        return (f"{c.get('preset')} preset · {c.get('model')} layer {c.get('layer')} · "
+                f"{c.get('dict_size')} latents · {c.get('tokens', 0):,} tokens")
+
+
+def stamp_time(folder: Path) -> float:
+    try:
+        return time.mktime(time.strptime(folder.name, "%Y%m%d-%H%M%S"))
+    except ValueError:
+        return folder.stat().st_mtime
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in path, {} if there is no such file; HarnessError if it holds no object."""
+    if not path.exists():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise HarnessError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise HarnessError(f"{path} holds {type(value).__name__}, not a JSON object")
+    return value
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every folder at any depth under root (root included) that holds a final_info.json, oldest
+    first: by the folder's timestamp name, else its modification time. Runs still training, or
+    interrupted before they finished, have none."""
+    folders = {path.parent for path in root.rglob("final_info.json") if path.is_file()}
+    return sorted(folders, key=lambda folder: (stamp_time(folder), str(folder)))
+
+
+def identify(folder: Path, info: dict) -> dict:
+    """The study, plugin (file stem), number, title and parent of the run in folder, as the run
+    recorded them in final_info.json's `run`; for a folder written before runs recorded that,
+    config.json's `plugin` (study/stem), titled from the file name, parent unknown."""
+    run = info.get("run") if isinstance(info.get("run"), dict) else {}
+    if run.get("study") and run.get("plugin"):
+        study, plugin = str(run["study"]), str(run["plugin"])
+    else:
+        run = {}
+        study, _, plugin = str(read_json(folder / "config.json").get("plugin", "")).rpartition("/")
+    found = re.match(r"run_(\d+)", plugin)
+    if not study or not found:
+        raise HarnessError(f"{folder} does not say which plugin it ran (no `run` in its final_info.json, "
+                           "no study/run_<n>_<slug> `plugin` in its config.json)")
+    recorded = run.get("number")
+    return dict(study=study, plugin=plugin, number=recorded if isinstance(recorded, int) else int(found.group(1)),
+                title=run.get("title") or plugin.split("_", 2)[-1].replace("_", " "), parent=run.get("parent"))
+
+
+def read_run(folder: Path) -> Run:
+    info = read_json(folder / "final_info.json")
+    who = identify(folder, info)
+    return Run(folder, who["study"], who["plugin"], who["number"], who["title"], who["parent"], info,
+               read_json(folder / "config.json"), read_json_lines(folder / "train_log.jsonl"))
+
+
+Index = list[tuple[Path, dict, dict]]  # (folder, identify()'s answer, final_info) of each run, oldest first
+
+
+def run_index(root: Path) -> Index:
+    """Every run under root, oldest first, with who it is; a folder that cannot say which plugin it
+    ran (or whose final_info.json is unreadable) is passed over with a note."""
+    index = []
+    for folder in find_runs(root):
+        try:
+            info = read_json(folder / "final_info.json")
+            index.append((folder, identify(folder, info), info))
+        except HarnessError as exc:
+            console.print(f"[yellow]note:[/yellow] {exc}; passed over")
+    return index
+
+
+def newest(index: Index, plugin_name: str, same_data_as: dict | None = None) -> dict | None:
+    """final_info of the newest completed run in index of plugin_name (its stem, any study; or
+    study/stem), optionally only among runs on the same activations as same_data_as."""
+    for _, who, info in reversed(index):
+        if plugin_name not in (who["plugin"], f"{who['study']}/{who['plugin']}") or info.get("status") != "completed":
+            continue
+        if same_data_as is None or info.get("activation_cache") == same_data_as.get("activation_cache"):
+            return info
+    return None
+
+
+def latest_run(runs_root: Path, plugin_name: str, same_data_as: dict | None = None) -> dict | None:
+    """final_info of the newest completed run of plugin_name under runs_root (any study, any
+    depth), optionally only among runs on the same activations (same `activation_cache`)."""
+    return newest(run_index(runs_root), plugin_name, same_data_as)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def runs_root(run_dir: Path, plugin_name: str) -> Path:
+    """Where a run's sibling runs live: <root> of <root>/<study>/<plugin>/<timestamp>, else the
+    folder holding an --out folder."""
+    if len(run_dir.parents) > 2 and run_dir.parent.name == plugin_name:
+        return run_dir.parents[2]
+    return run_dir.parent
+
+
+HEADLINE = (  # what a notebook entry lists, and where final_info.json holds it
+    ("CE-loss score", ("metrics", "model_performance_preservation", "ce_loss_score")),
+    ("KL score", ("metrics", "model_behavior_preservation", "kl_div_score")),
+    ("explained variance (whole set)", ("metrics", "reconstruction_quality", "explained_variance_whole_set")),
+    ("MSE", ("metrics", "reconstruction_quality", "mse")),
+    ("L0", ("metrics", "sparsity", "l0")),
+    ("L1", ("metrics", "sparsity", "l1")),
+    ("L2 ratio", ("metrics", "shrinkage", "l2_ratio")),
+    ("dead latents (never fire on the evaluation text)", ("metrics", "sparsity", "dead_fraction_eval")),
+    ("final training loss", ("final_loss",)),
+)
+
+
+# The headline scores evaluation also gives a bootstrap standard error for (metrics.bootstrap_se).
+HEADLINE_SE = {"CE-loss score": "ce_loss_score", "KL score": "kl_div_score",
+               "explained variance (whole set)": "explained_variance_whole_set"}
+
+
+def headline(info: dict | None, label: str) -> float | None:
+    """A headline metric (HEADLINE's label) of a final_info, or None where the run has none."""
+    tree = info
+    for key in dict(HEADLINE)[label]:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree if isinstance(tree, (int, float)) else None
+
+
+def runs_table(root: str | Path = ROOT / "runs"):
+    """A pandas DataFrame of every run folder under root, oldest first: who it is, its status, the
+    headline metrics (HEADLINE's labels), its verdict on the CE-loss score against each baseline
+    (`vs <baseline>`), and its settings (hyperparameters as `hp.<name>`)."""
+    import pandas as pd
+
+    rows = []
+    for folder, who, info in run_index(Path(root)):
+        config = info.get("provenance", {}).get("config") or read_json(folder / "config.json")
+        row = dict(folder=str(folder), study=who["study"], plugin=who["plugin"], run=who["number"],
+                   status=info.get("status"), **{label: headline(info, label) for label, _ in HEADLINE})
+        for name, found in info.get("verdict", {}).items():
+            row[f"vs {name}"] = found.get("metrics", {}).get("ce_loss_score", {}).get("word", found.get("not_judged"))
+        row.update({k: config.get(k) for k in ("preset", "model", "layer", "dict_size", "tokens", "lr",
+                                               "sparsity_penalty", "seed")})
+        row.update({f"hp.{k}": v for k, v in config.get("hyperparams", {}).items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def save_sae(sae, scale: float, run_dir: Path) -> dict[str, Any]:
+    """The SAE for sae_lens (`SAE.load_from_disk(run_dir)`), in the model's own activation scale,
+    where the plugin has a SAELens twin, and plugin_state.safetensors, the full plugin state for
+    exact reloading (experiment.load_run).
+    Returns what the export is (final_info.json's `sae_lens_export`)."""
+    from safetensors.torch import save_file
+
+    staging = run_dir / ".weights.tmp"  # written whole, then renamed into place
+    staging.mkdir(exist_ok=True)
+    export, exact = sae.sae_lens_export(scale) if hasattr(sae, "sae_lens_export") else (None, False)
+    if export is not None:  # the baselines' plugins (and every plugin built on one) have a SAELens twin
+        export.cfg.metadata.harness_export = "exact" if exact else (
+            f"linear part only: {type(sae).__module__}'s own pieces are not in this {export.cfg.architecture()} "
+            "SAE; experiment.load_run(run_dir) reloads the SAE that was evaluated")
+        export.save_model(staging)
+    state = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
+    save_file({**state, "activation_scale": torch.tensor(scale)}, staging / "plugin_state.safetensors")
+    for path in staging.iterdir():
+        os.replace(path, run_dir / path.name)
+    staging.rmdir()
+    return dict(architecture=export.cfg.architecture() if export is not None else None, exact=exact)
+
+
+def provenance(config: dict, plugin: str, source_sha256: str, device: torch.device, wall_time: float) -> dict:
+    """What a run ran on and with: its config, plugin and source hash, commit, packages, device."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except OSError:
+            return ""
+    versions = {}
+    for pkg in ("torch", "transformer-lens", "transformers", "sae-lens", "sae-bench", "numpy", "datasets"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return dict(config=config, seed=config["seed"], plugin=plugin,
+                plugin_source_sha256=source_sha256, git_commit=git("rev-parse", "HEAD") or None,
+                git_dirty=bool(git("status", "--porcelain")), package_versions=versions,
+                python=sys.version.split()[0], device=str(device),
+                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                torch_threads=torch.get_num_threads(), wall_time_s=round(wall_time, 2))
+
+
+def save_checkpoint(run_dir: Path, step: int, sae, trainer, fired_at: torch.Tensor,
+                    terms: dict[str, float]) -> None:
+    """Everything needed to continue bit for bit: weights and buffers, optimizer and scheduler,
+    the trainer's plugin state, dead-latent tracking, RNG states, the data position, and the
+    step's loss terms (the final ones, should the checkpoint fall on the last step)."""
+    state = dict(step=step, sae=sae.state_dict(), optimizer=trainer.optimizer.state_dict(),
+                 scheduler=trainer.scheduler.state_dict(), fired_at=fired_at, terms=terms,
+                 trainer={k: v for k, v in vars(trainer).items() if k not in trainer.OWN},
+                 rng=torch.get_rng_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    tmp = run_dir / f".{CHECKPOINT}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, run_dir / CHECKPOINT)
+
+
+def load_checkpoint(run_dir: Path, sae, trainer) -> tuple[int, torch.Tensor, dict[str, float]]:
+    """Restore what save_checkpoint saved; (the next step, dead-latent tracking, the last loss terms)."""
+    state = torch.load(run_dir / CHECKPOINT, weights_only=False, map_location=sae.W_dec.device)
+    sae.load_state_dict(state["sae"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    for key, value in state["trainer"].items():
+        setattr(trainer, key, value)
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"] + 1, state["fired_at"], state.get("terms", {})  # older checkpoints lack terms
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse, before any work, a run folder that exists or cannot be created."""
+    if run_dir.exists():
+        raise HarnessError(f"run folder {run_dir} already exists; pick another --out")
+    parent = run_dir.parent
+    while not parent.exists():
+        parent = parent.parent
+    try:  # permissions alone do not tell (root may write anywhere, except where nothing can be made)
+        tempfile.TemporaryDirectory(dir=parent, prefix=".write_check_").cleanup()
+    except OSError as exc:
+        raise HarnessError(f"cannot create run folder {run_dir}: {parent} is not a writable folder "
+                           f"({exc.strerror}); pick another --out") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The training log (train_log.jsonl), written as the loop runs.
+
+# A latent is dead if it has not fired in the last tenth of the run's tokens (the notebooks'
+# 1M-token window on their 10M-token runs), at most 1M tokens; evaluation reports the latents
+# that never fire on the held-out text beside it.
+DEAD_WINDOW_SHARE, DEAD_WINDOW_TOKENS = 0.1, 1_000_000
+
+
+# Steps by which the host lags the device when it reads a step's losses (the non-finite check,
+# the log): on CUDA one, so the host never waits for the step it has just queued; on CPU, where
+# nothing is queued, none.
+REPORT_LAG = {"cuda": 1}
+
+
+class NonFiniteLoss(Exception):
+    """A loss term became NaN or infinite: the run stops and is marked failed."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: raised after the checkpoint of the last completed step is saved."""
+
+
+class StepLog:
+    """Reads each step's loss terms back (on CUDA one step late, so that the host never waits for
+    the step it has just queued), stops on a non-finite one, and writes the logged steps to
+    train_log.jsonl. Only the leader (rank 0) writes."""
+
+    sinks: list = []  # callables also given each written row: `run --wandb` adds its wandb run's
+
+    def __init__(self, path: Path, cfg, progress, start: int, final: dict, leader: bool):
+        self.cfg, self.progress, self.start, self.final, self.leader = cfg, progress, start, final, leader
+        if start and leader:  # resumed: the log keeps only the steps the checkpoint holds
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start]
+            atomic_write(path, "".join(line + "\n" for line in kept))
+        self.file = open(path, "a") if leader else None
+        self.unread: collections.deque = collections.deque()
+        window = min(DEAD_WINDOW_TOKENS, int(cfg.tokens * DEAD_WINDOW_SHARE))
+        self.dead_window = max(1, window // cfg.batch_size)  # steps
+        self.task = progress.add_task("train SAE", total=cfg.steps, completed=start, status="")
+        self.started = time.perf_counter()
+
+    def queue(self, step: int, total: torch.Tensor, out, fired_at: torch.Tensor, lr: float) -> None:
+        """Keep the step's tensors (not read yet) for read_back."""
+        terms = {k: v.detach() for k, v in {**out.terms, "total_loss": total}.items()}
+        record = dict(step=step, terms=terms, finite=torch.stack(list(terms.values())).isfinite().all(),
+                      lr=lr, logged=None)
+        if step % self.cfg.log_every == 0 or step == self.cfg.steps - 1:
+            record["logged"] = dict(
+                l0=(out.latents.detach() > 0).float().sum(-1).mean(),
+                dead_fraction=(fired_at <= step - min(step + 1, self.dead_window)).float().mean(),
+                **{k: v.detach().clone() if torch.is_tensor(v) else v for k, v in out.stats.items()})
+        self.unread.append(record)
+
+    def read_back(self, until: int) -> None:
+        """Check, and log, the queued steps before `until`."""
+        while self.unread and self.unread[0]["step"] < until:
+            record = self.unread.popleft()
+            if not record["finite"]:
+                name, value = next((k, v.item()) for k, v in record["terms"].items() if not torch.isfinite(v))
+                raise NonFiniteLoss(f"{name} became {value} at step {record['step']}")
+            self.final = {k: v.item() for k, v in record["terms"].items()}
+            if self.leader and record["logged"]:
+                self.write(record["step"], record["lr"], {k: float(v) for k, v in record["logged"].items()})
+
+    def write(self, step: int, lr: float, logged: dict[str, float]) -> None:
+        row = dict(step=step, tokens=(step + 1) * self.cfg.batch_size, lr=lr, **self.final, **logged)
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for sink in self.sinks:
+            sink(row)
+        tok_s = (step + 1 - self.start) * self.cfg.batch_size / (time.perf_counter() - self.started)
+        self.progress.update(self.task, status=f"{tok_s:,.0f} tok/s  loss {self.final['total_loss']:.4g}  "
+                             f"L0 {logged['l0']:.1f}  dead {logged['dead_fraction']:.1%}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        try:
+            if kind is not None and not issubclass(kind, (NonFiniteLoss, Interrupted)):
+                self.read_back(self.cfg.steps)  # a non-finite loss in a step not yet read is the cause to report
+        finally:
+            if self.file is not None:
+                self.file.close()

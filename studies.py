@@ -1,0 +1,247 @@
+"""Many runs: a study (its baselines, then each run in order) or a sweep (a grid of settings ×
+seeds), one run re-scored, and the notebook rebuilt from the run folders.
+
+A run already completed with the same config and plugin code is reused, an interrupted one
+resumed from its checkpoint, so the same command again finishes what is left. With `workers` or
+a Ray `address`, each run not reused is a Ray task (cluster.py); analyses.py builds on these too.
+"""
+
+from __future__ import annotations
+
+from common import ROOT, HarnessError, console  # first: its import guards
+
+import dataclasses
+import itertools
+import json
+import os
+import re
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+from rich.table import Table
+
+import evals
+from experiment import (ANALYSES_FOLDER, Plugin, RunConfig, build_config, execute, find_plugin, finish, judged,
+                        parent_info, parse_hyperparams, plugin_files, saved_config, saved_sae, setting)
+from kernels import configure_kernels, resolve_device
+from frontier import SWEEPABLE
+from notebook import append_notes, notes_entry, result_lines, study_notes
+from runs import CHECKPOINT, atomic_write, headline, read_json, run_index
+from sources import load_model
+
+
+@dataclass
+class Job:
+    cfg: RunConfig
+    plugin: Plugin
+    run_dir: Path  # where a new run goes; a previous one is found by its config
+    label: str  # what distinguishes it in the progress lines and the summary
+
+
+def job_config(plugin: Plugin, preset: str, settings: dict[str, str], overrides: dict[str, Any]) -> RunConfig:
+    """A run's config as `run` builds it; `settings` are key=value strings of run-config fields
+    (SWEEPABLE) or the plugin's hyperparameters, typed and checked here."""
+    fields = typing.get_type_hints(RunConfig)
+    flags = {k: fields[k](v) if fields[k] in (int, float, str) else v for k, v in settings.items() if k in SWEEPABLE}
+    try:
+        cfg = build_config(preset, f"{plugin.study}/{plugin.name}", **{**overrides, **flags})
+    except ValueError as exc:
+        raise HarnessError(f"--grid {settings}: {exc}") from None
+    cfg.hyperparams = dataclasses.asdict(parse_hyperparams(
+        plugin, [f"{k}={v}" for k, v in settings.items() if k not in SWEEPABLE]))
+    evals.check_requirements(cfg.evals, cfg)
+    return cfg
+
+
+def comparable(config: dict) -> str:
+    """A config as saved, for equality (the device it ran on does not change what it is); a field
+    added since a run was saved counts at its default there (`dtype`: runs before it were fp32)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+    return json.dumps({k: v for k, v in {**defaults, **config}.items() if k != "device"}, sort_keys=True, default=list)
+
+
+def earlier_runs(runs_root: Path) -> dict[str, list[Path]]:
+    """Every run folder under runs_root, finished or not, by its config: read once per study or sweep."""
+    found: dict[str, list[Path]] = {}
+    for config_path in sorted(runs_root.rglob("config.json")) if runs_root.is_dir() else []:
+        found.setdefault(comparable(read_json(config_path)), []).append(config_path.parent)
+    return found
+
+
+def previous_run(job: Job, earlier: dict[str, list[Path]]) -> tuple[Path | None, str]:
+    """(folder, "reused") for a completed run of this config and plugin source among the earlier
+    runs, (folder, "resumed") for one interrupted in training or evaluation or whose evaluation
+    failed (it continues from its checkpoint), else (None, "trained")."""
+    source, interrupted = job.plugin.source_hash(), None
+    for folder in earlier.get(comparable(dataclasses.asdict(job.cfg)), []):
+        if (folder / "final_info.json").exists():
+            info = read_json(folder / "final_info.json")
+            if info.get("status") == "completed" and info["provenance"]["plugin_source_sha256"] == source:
+                return folder, "reused"
+        if (folder / CHECKPOINT).exists():
+            interrupted = folder
+    return (interrupted, "resumed") if interrupted else (None, "trained")
+
+
+def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None, remote=None) -> list[dict]:
+    """Each job's run, reused, resumed or trained, with a line as each finishes; a run that fails
+    for its own reasons (a non-finite loss) is reported and the rest go on. The runs go one after
+    another in this process or, given `remote` (cluster.py's run_on_ray, bound to its cluster),
+    each run not reused goes there. Rows come back in the jobs' order."""
+    earlier = earlier_runs(runs_root)
+    plans = [(i, job, *previous_run(job, earlier)) for i, job in enumerate(jobs)]  # (i, job, folder, how)
+    plans = [(i, job, folder or job.run_dir, how) for i, job, folder, how in plans]
+
+    def run_here(i: int, job: Job, folder: Path, how: str) -> tuple[int, str, Path, dict, float]:
+        started = time.perf_counter()
+        try:
+            info = (read_json(folder / "final_info.json") if how == "reused"
+                    else execute(job.cfg, job.plugin, folder, notes, resume=how == "resumed"))
+        except HarnessError as exc:
+            info, how = {"status": "failed", "error": str(exc)}, "failed"
+        return i, how, folder, info, time.perf_counter() - started
+
+    if remote is not None:
+        finished = itertools.chain((run_here(*plan) for plan in plans if plan[3] == "reused"),
+                                   remote([p for p in plans if p[3] != "reused"], notes))
+    else:
+        finished = (run_here(*plan) for plan in plans)
+    done: dict[int, dict] = {}
+    for i, how, folder, info, wall_s in finished:
+        done[i] = dict(plugin=jobs[i].plugin.name, label=jobs[i].label, how=how, folder=str(folder), info=info,
+                       wall_s=wall_s)
+        l0, ce = headline(info, "L0"), headline(info, "CE-loss score")
+        console.print(f"[{len(done)}/{len(jobs)}] {jobs[i].label}: {how}" + (f", L0 {l0:.1f}, CE-loss score "
+                      f"{ce:.3f}" if l0 is not None and ce is not None else f": {info.get('error', '')}") +
+                      f" ({wall_s:.0f} s)")
+        if on_done is not None:
+            on_done([done[k] for k in sorted(done)])
+    return [done[k] for k in sorted(done)]
+
+
+def exit_if_any_failed(rows: list[dict]) -> None:
+    failed = [row["label"] for row in rows if row["how"] == "failed"]
+    if failed:
+        console.print(f"[red]error:[/red] {len(failed)} of {len(rows)} runs failed ({', '.join(failed)}); see above")
+        raise typer.Exit(1)
+
+
+def summary_table(title: str, rows: list[dict]) -> Table:
+    table = Table(title=title)
+    shown = ("L0", "CE-loss score", "KL score", "explained variance (whole set)")
+    for column in ("run", "how", *shown, "folder"):
+        table.add_column(column)
+    for row in rows:
+        values = [headline(row["info"], label) for label in shown]
+        table.add_row(row["label"], row["how"], *("-" if v is None else f"{v:.4g}" for v in values),
+                      os.path.relpath(row["folder"], ROOT) if Path(row["folder"]).is_relative_to(ROOT) else row["folder"])
+    return table
+
+
+def study_jobs(study: str, baselines: list[str], preset: str, overrides: dict[str, Any], runs_root: Path) -> list[Job]:
+    keys = [key for key in plugin_files() if key.split("/")[0] == study]
+    if not keys:
+        studies = sorted({key.split("/")[0] for key in plugin_files()})
+        raise HarnessError(f"unknown study '{study}'; choose one of {', '.join(studies)}")
+    plugins = [find_plugin(name) for name in baselines]
+    plugins += sorted((find_plugin(key) for key in keys if find_plugin(key).name not in baselines),
+                      key=lambda p: p.run_number)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return [Job(job_config(p, preset, {}, overrides), p, runs_root / p.study / p.name / stamp,
+                f"{p.study}/{p.name}") for p in plugins]
+
+
+def parse_grid(grid: list[str], seeds: int, seed: int) -> list[dict[str, str]]:
+    """['sparsity_penalty=0.1,0.2', 'k=16,32'] and 2 seeds -> every combination, each with its seed."""
+    axes = {}
+    for item in grid:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise HarnessError(f"--grid '{item}' must look like key=value1,value2")
+        axes[key] = [v.strip() for v in values.split(",") if v.strip()]
+    if seeds < 1:
+        raise HarnessError(f"--seeds must be at least 1, got {seeds}")
+    combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    return [{**combo, "seed": str(seed + i)} for combo in combos for i in range(seeds)]
+
+
+def sweep_jobs(plugin: Plugin, preset: str, grid: list[str], seeds: int, overrides: dict[str, Any],
+               sweep_dir: Path) -> list[Job]:
+    combos, jobs = parse_grid(grid, seeds, overrides.pop("seed")), []
+    hyperparams = [f.name for f in dataclasses.fields(plugin.hyperparams_class)]
+    for key in set(combos[0]) - set(SWEEPABLE) - set(hyperparams) - {"seed"}:
+        raise HarnessError(f"--grid {key}: neither a run setting ({', '.join(SWEEPABLE)}) nor a hyperparameter "
+                           f"of {plugin.name} ({', '.join(hyperparams) or 'it has none'})")
+    for settings in combos:
+        seed = int(settings.pop("seed"))
+        cfg = job_config(plugin, preset, settings, {**overrides, "seed": seed})
+        label = ",".join(f"{k}={v}" for k, v in settings.items()) + f",seed={seed}"
+        jobs.append(Job(cfg, plugin, sweep_dir / re.sub(r"[^\w.,=-]", "_", label), label.lstrip(",")))
+    return jobs
+
+
+def write_manifest(sweep_dir: Path, asked: dict, rows: list[dict]) -> None:
+    done = [dict(run=r["label"], how=r["how"], status=r["info"].get("status"), folder=r["folder"]) for r in rows]
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(sweep_dir / "manifest.json", json.dumps(dict(asked=asked, finished=done), indent=2))
+
+
+def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_loaders=None) -> dict:
+    """Evaluate a finished run's saved SAE again, on its own held-out tokens, without retraining;
+    merge the results into its final_info.json and note the re-scoring in the notebook."""
+    started = time.perf_counter()
+    cfg, plugin = saved_config(run_dir, "eval")
+    info_path = run_dir / "final_info.json"
+    info = read_json(info_path)
+    unevaluated = info.get("failed_at") == "evaluation"  # trained and saved; its evaluation crashed
+    if info.get("status") != "completed" and not unevaluated:
+        raise HarnessError(f"{run_dir} holds no completed run to re-score")
+    names = evals.parse_evals(eval_names)
+    cfg.device = device_name
+    evals.check_requirements(names, cfg, loaders=eval_loaders)
+    device = resolve_device(device_name)
+    configure_kernels(cfg, device)  # the kernels the run evaluated with (deterministic on CPU, TF32 on CUDA)
+    model = load_model(cfg.model, device)
+    sae, eval_tokens = saved_sae(run_dir, cfg, plugin, device), torch.load(run_dir / "eval_tokens.pt")
+    evals.evaluate(info, sae, model, eval_tokens, cfg, device, run_dir, eval_loaders, names)
+    if unevaluated:  # now it is a completed run, with the notebook entry it never got
+        finish(info, run_dir, plugin, notes, cfg, device, info["provenance"]["wall_time_s"] + time.perf_counter() - started)
+        return info
+    atomic_write(info_path, json.dumps(info, indent=2, default=str))
+    append_notes(notes, plugin.study_header, f"Re-scored run {plugin.run_number} ({plugin.study}/{plugin.name}, {run_dir}) "
+                                f"with {', '.join(names)}; its results now:\n{result_lines(info, None, None, run_dir)}\n")
+    return info
+
+
+def rebuild_notebook(runs_root: Path, study: str | None = None) -> str:
+    """The lab notebook rebuilt from the run folders under runs_root: per study (baselines first)
+    its header, an entry for the latest completed run of each plugin and setting (its verdicts
+    against the baseline sweeps there now), its summary and its latest analyses (`analyse`)."""
+    index = run_index(runs_root)
+    latest: dict[tuple, tuple[Path, dict]] = {}  # oldest first: the latest of each setting wins
+    for folder, who, info in index:
+        if info.get("status") == "completed" and study in (None, who["study"]):
+            config = json.dumps(info.get("provenance", {}).get("config", {}), sort_keys=True, default=str)
+            latest[who["study"], who["number"], who["plugin"], config] = folder, info
+    if not latest:
+        raise HarnessError(f"no completed runs{f' of study {study}' if study else ''} under {runs_root}")
+    by_study: dict[str, list] = {}
+    for key in sorted(latest, key=lambda k: (k[0] != "baseline", k)):
+        plugin, (folder, info) = find_plugin(f"{key[0]}/{key[2]}"), latest[key]
+        # judged against the baseline sweeps as they stand now, which may have grown since the run
+        by_study.setdefault(key[0], []).append((plugin, folder, {**info, "verdict": judged(info, index, plugin)}))
+    text = ""
+    for name, runs in by_study.items():
+        text += runs[0][0].study_header
+        text += "".join(notes_entry(plugin, folder, info, parent_info(index, plugin, info), setting(plugin, info))
+                        for plugin, folder, info in runs)
+        if name != "baseline":
+            text += study_notes(name, [dict(label=f"{plugin.name} ({setting(plugin, info)})", info=info, folder=folder)
+                                       for plugin, folder, info in runs], {})
+        text += "".join(p.read_text(encoding="utf-8") for p in sorted((runs_root / name / ANALYSES_FOLDER).glob("*.md")))
+    return text
