@@ -56,7 +56,7 @@ import evals
 import frontier
 import kernels
 from notebook import append_notes, check_notes, notes_entry, study_header
-from runs import (CHECKPOINT, REPORT_LAG, Interrupted, NonFiniteLoss, StepLog, atomic_write, check_writable,
+from runs import (CHECKPOINT, REPORT_LAG, Interrupted, NonFiniteLoss, StepLog, atomic_write, check_runs_root, check_writable,
                   load_checkpoint, newest, provenance, read_json, run_index, runs_root, save_checkpoint, save_sae)
 from sources import eval_contexts_needed, load_model, load_tokens
 
@@ -170,6 +170,9 @@ def build_config(preset: str, plugin: str, **overrides: Any) -> RunConfig:
     cfg.evals = evals.parse_evals(",".join(cfg.evals))
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise HarnessError(f"unknown device '{cfg.device}'; use auto, cpu or cuda")
+    for text in (cfg.dataset, cfg.eval_dataset):
+        if text and Path(text).suffix in (".txt", ".jsonl", ".parquet") and not Path(text).is_file():
+            raise HarnessError(f"--dataset {text}: no such file; give an existing .txt/.jsonl/.parquet file")
     return cfg
 
 
@@ -290,6 +293,11 @@ class SAE(BaseSAE):
         """Extra named loss terms, each logged and added to the total."""
         return {}
 
+    def latent_slices(self) -> list[tuple[torch.nn.Parameter, int]]:
+        """Parameters holding one slice per latent, with the dimension that indexes latents: what
+        a revived latent re-initialises and Trainer.reset_optimizer_state clears."""
+        return [(self.W_enc, 1), (self.W_dec, 0), (self.b_enc, 0)]
+
     def on_step_end(self, step: int) -> None:
         """Called after every optimizer step (EMA updates, resampling...)."""
 
@@ -397,10 +405,10 @@ class Trainer:
     (gradient surgery), apply_update (clipping, projections, accumulation), after_step
     (resampling, revival). A hook may add diagnostics to out.stats."""
 
-    OWN = ("sae", "cfg", "optimizer", "scheduler", "loss_fn")  # the rest of a Trainer is plugin state, checkpointed
+    OWN = ("sae", "run_cfg", "optimizer", "scheduler", "loss_fn")  # the rest of a Trainer is plugin state, checkpointed
 
     def __init__(self, sae: SAE, cfg: RunConfig):
-        self.sae, self.cfg = sae, cfg
+        self.sae, self.run_cfg = sae, cfg
         self.sparse = False  # take kernels.py's sparse step (few latents fire); checkpointed
         self.loss_fn = sae.loss
         if torch.distributed.is_initialized():
@@ -411,15 +419,15 @@ class Trainer:
         self.scheduler = self.make_scheduler()
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.sae.parameters(), lr=self.cfg.lr, fused=self.sae.W_dec.is_cuda)
+        return torch.optim.Adam(self.sae.parameters(), lr=self.run_cfg.lr, fused=self.sae.W_dec.is_cuda)
 
     def make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
-        warmup = max(self.cfg.warmup_steps, 1)
+        warmup = max(self.run_cfg.warmup_steps, 1)
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
 
     def step(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, LossOutput]:
         self.sae.sparse_backward = self.sparse and x.device.type in kernels.SPARSE_DEVICES
-        with kernels.step_autocast(self.cfg.dtype, x.device):
+        with kernels.step_autocast(self.run_cfg.dtype, x.device):
             out = self.loss_fn(x, step)
         if self.sae.takes_sparse_step():  # the switch point is measured once per machine and shape
             self.sparse = kernels.use_sparse_step(out.latents, self.sae.cfg.d_in, step, self.sparse, cache_dir())
@@ -443,6 +451,15 @@ class Trainer:
 
     def after_step(self, x: torch.Tensor, out: LossOutput, step: int) -> None:
         """After the update and sae.on_step_end: resampling, revival."""
+
+    @torch.no_grad()
+    def reset_optimizer_state(self, latents: torch.Tensor) -> None:
+        """Zero the optimizer's per-element state (Adam's moments) of these latents' slices
+        (sae.latent_slices), so that re-initialised latents do not start from stale moments."""
+        for param, dim in self.sae.latent_slices():
+            for buffer in self.optimizer.state.get(param, {}).values():
+                if torch.is_tensor(buffer) and buffer.shape == param.shape:
+                    buffer.index_fill_(dim, latents, 0.0)
 
 
 def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_dir: Path,
@@ -1037,6 +1054,7 @@ def study(
 
     with one_line_errors(), interrupted_many():
         check_notes(notes)
+        check_runs_root(runs)
         overrides = dict(tokens=tokens, dict_size=dict_size, seed=seed, device=device, evals=split(evals))
         jobs = studies.study_jobs(name, split(baselines), preset, overrides, runs)
         rows = studies.run_jobs(jobs, notes, runs, remote=ray_runner(workers, ray_address))
@@ -1071,6 +1089,7 @@ def sweep(
 
     with one_line_errors(), interrupted_many():
         check_notes(notes)
+        check_runs_root(runs)
         found = find_plugin(plugin)
         if not grid:
             raise HarnessError("--grid key=v1,v2 is required (e.g. --grid sparsity_penalty=0.05,0.1,0.2)")
@@ -1226,6 +1245,7 @@ def analyse(
 
     with one_line_errors(), interrupted_many():
         check_notes(notes)
+        check_runs_root(runs)
         overrides = dict(tokens=tokens, dict_size=dict_size, seed=seed, device=device, evals=split(evals))
         setting = analyses.Setting(name, preset, overrides, runs, notes, split(only or ""), split(values or ""))
         found = analyses.run_analyses(name, analysis, setting, figures)

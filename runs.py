@@ -292,6 +292,15 @@ def load_checkpoint(run_dir: Path, sae, trainer) -> tuple[int, torch.Tensor, dic
     return state["step"] + 1, state["fired_at"], state.get("terms", {})  # older checkpoints lack terms
 
 
+def check_runs_root(root: Path) -> None:
+    """Refuse, before any work, a --runs that is a file or lies where no folder can be made."""
+    existing = root
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise HarnessError(f"--runs {root}: {existing} is not a writable folder; pick another --runs")
+
+
 def check_writable(run_dir: Path) -> None:
     """Refuse, before any work, a run folder that exists or cannot be created."""
     if run_dir.exists():

@@ -46,12 +46,13 @@ class Job:
 def job_config(plugin: Plugin, preset: str, settings: dict[str, str], overrides: dict[str, Any]) -> RunConfig:
     """A run's config as `run` builds it; `settings` are key=value strings of run-config fields
     (SWEEPABLE) or the plugin's hyperparameters, typed and checked here."""
-    fields = typing.get_type_hints(RunConfig)
-    flags = {k: fields[k](v) if fields[k] in (int, float, str) else v for k, v in settings.items() if k in SWEEPABLE}
-    try:
-        cfg = build_config(preset, f"{plugin.study}/{plugin.name}", **{**overrides, **flags})
-    except ValueError as exc:
-        raise HarnessError(f"--grid {settings}: {exc}") from None
+    fields, flags = typing.get_type_hints(RunConfig), {}
+    for key, raw in ((k, v) for k, v in settings.items() if k in SWEEPABLE):
+        try:
+            flags[key] = fields[key](raw)
+        except ValueError:
+            raise HarnessError(f"--grid {key}={raw}: expected {fields[key].__name__}") from None
+    cfg = build_config(preset, f"{plugin.study}/{plugin.name}", **{**overrides, **flags})
     cfg.hyperparams = dataclasses.asdict(parse_hyperparams(
         plugin, [f"{k}={v}" for k, v in settings.items() if k not in SWEEPABLE]))
     evals.check_requirements(cfg.evals, cfg)

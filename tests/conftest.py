@@ -2,18 +2,15 @@
 the `tiny` preset (a random 2-layer TransformerLens model on synthetic tokens) unless it says
 otherwise."""
 
-import functools
-import json
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from helpers import tiny_run
 
 import experiment
-import sources
 
 
 @pytest.fixture(autouse=True)
@@ -38,15 +35,6 @@ def notes(tmp_path) -> Path:
     return tmp_path / "notes.md"
 
 
-def tiny_run(plugin: str, out: Path, notes: Path, *, hyperparams=None, **overrides) -> dict:
-    """Train and evaluate `plugin` on the tiny preset; returns final_info.json's content."""
-    found = experiment.find_plugin(plugin)
-    cfg = experiment.build_config("tiny", f"{found.study}/{found.name}", **overrides)
-    cfg.hyperparams = hyperparams or {}
-    experiment.execute(cfg, found, out, notes)
-    return json.loads((out / "final_info.json").read_text())
-
-
 @pytest.fixture
 def run_tiny(tmp_path, notes):
     counter = iter(range(1000))
@@ -55,15 +43,6 @@ def run_tiny(tmp_path, notes):
         out = tmp_path / "runs" / f"{plugin.replace('/', '_')}_{next(counter)}"
         return tiny_run(plugin, out, kwargs.pop("notes", notes), **kwargs), out
     return run
-
-
-def cli(*args: str):
-    """Invoke the CLI in-process; returns the result (exit_code, output)."""
-    return CliRunner().invoke(experiment.app, list(args))
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture
@@ -76,23 +55,3 @@ def scratch_study():
     shutil.rmtree(folder)
     for name in [m for m in sys.modules if m.startswith("plugins.scratch_test_study")]:
         del sys.modules[name]
-
-
-@functools.cache
-def tiny_model_activations(n_contexts: int) -> torch.Tensor:
-    """Real activations of the tiny model at blocks.1.hook_resid_post on synthetic text, BOS
-    dropped as in harvest: (n_contexts, 31, 64), in the model's own scale."""
-    model = sources.load_model("tiny", torch.device("cpu"))
-    contexts = sources.synthetic_contexts(n_contexts, 32, model.cfg.d_vocab)
-    hook = "blocks.1.hook_resid_post"
-    with torch.no_grad():
-        _, cache = model.run_with_cache(contexts, names_filter=[hook])
-    return cache[hook][:, 1:].float()
-
-
-def assert_same_state(module, twin) -> None:
-    """The same state-dict keys, and every tensor equal to the last bit."""
-    twin_state = twin.state_dict()
-    assert module.state_dict().keys() == twin_state.keys()
-    for name, value in module.state_dict().items():
-        assert torch.equal(value, twin_state[name]), name

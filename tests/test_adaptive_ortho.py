@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import cli, read_log
+from helpers import cli, read_log
 from safetensors.torch import load_file
 
 import experiment

@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import cli
+from helpers import cli
 from safetensors.numpy import load_file
 from test_evals import fake_load_dataset, text, tokenizer  # noqa: F401  (tokenizer: a fixture)
 

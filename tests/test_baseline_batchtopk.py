@@ -28,7 +28,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_same_state, tiny_model_activations
+from helpers import assert_same_state, tiny_model_activations
 from safetensors.torch import load_file
 
 import experiment

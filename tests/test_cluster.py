@@ -11,7 +11,7 @@ import threading
 import pytest
 import ray
 import torch
-from conftest import cli
+from helpers import cli
 
 import cluster
 import experiment

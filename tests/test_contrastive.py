@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import read_log, tiny_run
+from helpers import read_log, tiny_run
 
 import experiment
 from plugins.contrastive.run_5_gram_schmidt import gram_schmidt
@@ -154,7 +154,7 @@ def test_temperature_anneals_and_competition_leaves_window_winners_intact():
     sae, trainer = build("run_9_wta")
     x = torch.randn(256, 64) * 3
     assert float(sae.temperature) == pytest.approx(1.0)
-    for step in range(trainer.cfg.steps):
+    for step in range(trainer.run_cfg.steps):
         sae.on_step_end(step)
     assert float(sae.temperature) == pytest.approx(0.05)
     windows = sae.windows(sae.encode(x)).detach()
@@ -177,7 +177,7 @@ def test_hard_orthogonality_holds_and_dead_units_are_reinitialised():
     sae, trainer = build("run_10_hard_ortho")
     assert sae.ortho_error() < 1e-4
     x = torch.randn(256, 64) * 3 + 1
-    every = trainer.cfg.scaled_steps(sae.hp.reinit_every)
+    every = trainer.run_cfg.scaled_steps(sae.hp.reinit_every)
     for step in range(every):
         trainer.step(x, step)
     with torch.no_grad():  # five dead units

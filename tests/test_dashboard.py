@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import wandb
-from conftest import cli, read_log, tiny_run
+from helpers import cli, read_log, tiny_run
 
 import dashboard
 import experiment

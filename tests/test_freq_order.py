@@ -7,7 +7,7 @@ keys and values from the latents' tokens and stays affordable at a realistic dic
 
 import pytest
 import torch
-from conftest import read_log
+from helpers import read_log
 from safetensors.torch import load_file
 
 import experiment

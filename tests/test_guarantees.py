@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli
+from helpers import cli
 
 import evals
 import experiment

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import cli, read_log
+from helpers import cli, read_log
 
 import experiment
 import kernels

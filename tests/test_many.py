@@ -6,7 +6,7 @@ import dataclasses
 import json
 
 import pytest
-from conftest import cli
+from helpers import cli
 
 import experiment
 import studies

@@ -15,7 +15,7 @@ import matplotlib.image
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from conftest import tiny_run
+from helpers import tiny_run
 from matplotlib.collections import PathCollection
 from safetensors.numpy import save_file
 from typer.testing import CliRunner

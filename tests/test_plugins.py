@@ -5,7 +5,7 @@ on the same seed (a plugin that changes nothing is the bug the notebooks kept hi
 
 import pytest
 import torch
-from conftest import read_log, tiny_run
+from helpers import read_log, tiny_run
 from safetensors.torch import load_file
 
 import experiment

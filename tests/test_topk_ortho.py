@@ -9,7 +9,7 @@ moves."""
 import math
 
 import torch
-from conftest import cli, read_log
+from helpers import cli, read_log
 
 import experiment
 

@@ -80,7 +80,7 @@ class Trainer(parent.Trainer):
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         self.grad_sum = grads if self.grad_sum is None else [a + g for a, g in zip(self.grad_sum, grads)]
         self.pending += 1
-        if self.pending == self.sae.hp.accumulation or step == self.cfg.steps - 1:
+        if self.pending == self.sae.hp.accumulation or step == self.run_cfg.steps - 1:
             for p, g in zip(params, self.grad_sum):
                 p.grad = g / self.pending
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.sae.hp.grad_clip)

@@ -1,9 +1,6 @@
 """Baseline: the plain ReLU SAE with L1 sparsity and unit-norm decoder rows.
 
-Every study's run 0. The formula and the trainer are the harness's base SAE and Trainer; this file
-adds only the SAE's twins in SAELens: the export every run descending from it writes (SAELens's
-standard SAE, exact while the formula is kept) and SAELens's training SAE that the parity tests
-and bench.py hold it to.
+Every study's run 0: the harness's base SAE and Trainer, unchanged.
 """
 
 from typing import Any
@@ -13,6 +10,10 @@ from experiment import FORMULA
 
 
 class SAE(experiment.SAE):
+    """The base SAE with its twins in SAELens: the export every run built on it writes (SAELens's
+    standard SAE, exact while the formula is kept) and SAELens's training SAE, which the parity
+    tests and bench.py hold it to."""
+
     def sae_lens_export(self, scale: float) -> tuple[Any, bool]:
         """This SAE in the model's activation scale as a SAELens SAE, and whether that is exactly
         this SAE: the plain formula is SAELens's standard SAE; of a plugin with its own pieces only

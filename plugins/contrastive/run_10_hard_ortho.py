@@ -97,7 +97,7 @@ class Trainer(parent.Trainer):
 
     def after_step(self, x, out, step):
         super().after_step(x, out, step)
-        if step > 0 and step % self.cfg.scaled_steps(self.sae.hp.reinit_every) == 0:
+        if step > 0 and step % self.run_cfg.scaled_steps(self.sae.hp.reinit_every) == 0:
             self.reinitialise(x)
         out.stats["reinitialised_total"] = self.reinitialised
 
@@ -115,10 +115,7 @@ class Trainer(parent.Trainer):
         sae.retract()
         sae.W_enc[:, pruned] = sae.W_dec[pruned].T * hp.reinit_encoder_scale
         sae.b_enc[pruned] = 0.0
-        for param, rows in ((sae.W_dec, (pruned,)), (sae.W_enc, (slice(None), pruned)), (sae.b_enc, (pruned,))):
-            for buffer in self.optimizer.state.get(param, {}).values():
-                if torch.is_tensor(buffer) and buffer.shape == param.shape:
-                    buffer[rows] = 0.0
+        self.reset_optimizer_state(pruned)
         u[pruned] = u.mean()
         self.reinitialised += len(pruned)
 

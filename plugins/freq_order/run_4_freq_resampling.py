@@ -40,11 +40,6 @@ class Hyperparams(parent.Hyperparams):
 
 
 class SAE(parent.SAE):
-    def latent_slices(self) -> list[tuple[torch.nn.Parameter, int]]:
-        """Parameters holding one slice per latent, with the dimension that indexes latents:
-        what resampling re-initialises and whose optimizer state it resets."""
-        return [(self.W_enc, 1), (self.W_dec, 0), (self.b_enc, 0)]
-
     @torch.no_grad()
     def resample(self, dead: torch.Tensor, directions: torch.Tensor) -> None:
         kept = torch.ones(self.cfg.d_sae, dtype=torch.bool, device=dead.device)
@@ -97,10 +92,7 @@ class Trainer(parent.Trainer):
         directions = residuals[picked] - residuals.mean(0)  # what these inputs miss beyond the shared error
         sae.resample(dead, directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8))
         sae.fire_on_top_tokens(dead, x, self.rarest_live_count(fires, len(x)))
-        for param, dim in sae.latent_slices():
-            for buffer in self.optimizer.state.get(param, {}).values():
-                if torch.is_tensor(buffer) and buffer.shape == param.shape:
-                    buffer.index_fill_(dim, dead, 0.0)
+        self.reset_optimizer_state(dead)
         self.resampled += len(dead)
 
     def rarest_live_count(self, fires: torch.Tensor, batch: int) -> int:

@@ -102,7 +102,7 @@ class Trainer(parent.Trainer):
 
     def after_step(self, x, out, step):
         self.last_fired[(out.latents > 0).any(0)] = step
-        period = self.cfg.scaled_steps(self.sae.hp.revive_every)
+        period = self.run_cfg.scaled_steps(self.sae.hp.revive_every)
         if step > 0 and step % period == 0:
             self.revive(x, step, period)
         out.stats["revived_total"] = torch.tensor(self.revived)
@@ -135,14 +135,7 @@ class Trainer(parent.Trainer):
         sae.pre_var[dead] = pre.var(0)
         sae.coactivation[dead] = 0.0
         sae.coactivation[:, dead] = 0.0
-        self.reset_adam_state(dead)
+        self.reset_optimizer_state(dead)
         self.last_fired[dead] = step
         self.revived += len(dead)
 
-    def reset_adam_state(self, dead: torch.Tensor) -> None:
-        """Zero the optimizer's per-parameter buffers (moments) of the revived latents."""
-        sae = self.sae
-        for param, rows in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
-            for buffer in self.optimizer.state.get(param, {}).values():
-                if torch.is_tensor(buffer) and buffer.shape == param.shape:
-                    buffer[rows] = 0.0

@@ -21,7 +21,7 @@ class Hyperparams(parent.Hyperparams):
 
 class Trainer(parent.Trainer):
     def make_scheduler(self):
-        warmup, total = max(self.cfg.warmup_steps, 1), max(self.cfg.steps, 1)
+        warmup, total = max(self.run_cfg.warmup_steps, 1), max(self.run_cfg.steps, 1)
         floor = self.sae.hp.min_lr_fraction
 
         def factor(s):
