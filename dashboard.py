@@ -19,7 +19,7 @@ bar; what is kept is bounded by tracked latents x (top contexts + samples) x win
 
 from __future__ import annotations
 
-from common import HarnessError, console
+from common import HarnessError, console  # first: its import guards
 
 import dataclasses
 import html
@@ -33,6 +33,9 @@ from urllib.parse import urlparse
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+import experiment
+import kernels
 
 DEFAULT_LATENTS = 50  # the top N by density, when neither --latents nor --top is given
 DEFAULT_TOKENS = 16_384  # where the run's text allows more than its eval contexts: 4x the embedded eval text
@@ -467,6 +470,22 @@ def page_html(title: str, about: str, page: Page, latents: list[int]) -> str:
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f'<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(about)}</p>'
             f'{index_html(page, latents)}{sections}<script>{SCRIPT}</script></body></html>')
+
+
+def for_run(run_dir: Path, latents: str | None, top: int | None, by: str, tokens: int | None, device: str) -> Path:
+    """`python experiment.py dashboard RUN_DIR`: the page of a finished run, every input checked first."""
+    cfg, plugin = experiment.saved_config(run_dir, "dashboard")
+    chosen = selection(latents, top, by, cfg.dict_size)
+    if tokens is not None and tokens <= 0:
+        raise HarnessError(f"--tokens must be positive, got {tokens}")
+    if not (run_dir / "plugin_state.safetensors").exists():
+        raise HarnessError(f"{run_dir} holds no trained SAE (no plugin_state.safetensors); finish the run first")
+    torch_device = kernels.resolve_device(device)
+    model = experiment.load_model(cfg.model, torch_device)
+    contexts, source = held_out_contexts(torch.load(run_dir / "eval_tokens.pt"), tokens, cfg,
+                                         lambda c: experiment.load_tokens(c, model))
+    return write_dashboard(run_dir, experiment.saved_sae(run_dir, cfg, plugin, torch_device), model, cfg, contexts,
+                           source, chosen)
 
 
 def write_dashboard(run_dir: Path, sae, model, cfg, contexts: torch.Tensor, text_source: str,

@@ -31,7 +31,6 @@ import functools
 import hashlib
 import importlib
 import json
-import math
 import os
 import re
 import signal
@@ -58,7 +57,7 @@ import kernels
 from notebook import append_notes, check_notes, notes_entry, study_header
 from runs import (CHECKPOINT, REPORT_LAG, Interrupted, NonFiniteLoss, StepLog, atomic_write, check_runs_root, check_writable,
                   load_checkpoint, newest, provenance, read_json, run_index, runs_root, save_checkpoint, save_sae)
-from sources import eval_contexts_needed, load_model, load_tokens
+from sources import activation_scale, eval_contexts_needed, harvest, load_model, load_tokens
 
 # Run as a script, this file is `__main__`; plugins import `experiment`: make that the same module.
 sys.modules.setdefault("experiment", sys.modules[__name__])
@@ -565,34 +564,6 @@ def activation_data(cfg: RunConfig, model, progress, dataset_loader=None) -> Act
                     config=dict(model=cfg.model, layer=cfg.layer, dataset=cfg.dataset))
     atomic_write(manifest_path, json.dumps(manifest, indent=2))
     return ActivationData(np.load(acts_path, mmap_mode="r"), eval_tokens, scale, from_cache=False)
-
-
-@torch.no_grad()
-def harvest(model, contexts: torch.Tensor, cfg: RunConfig, out: np.memmap, progress) -> None:
-    """Fill `out` with activations at the hooked layer, forward stopped there, BOS positions
-    (each context's first token and the document separators) dropped."""
-    task = progress.add_task("harvest activations", total=cfg.tokens, status="")
-    row, hook, bos = 0, cfg.hook_name, contexts[0, 0].item()
-    for start in range(0, len(contexts), cfg.llm_batch_size):
-        batch = contexts[start:start + cfg.llm_batch_size].to(model.cfg.device)
-        _, cache = model.run_with_cache(batch, names_filter=[hook], stop_at_layer=cfg.layer + 1)
-        acts = cache[hook][batch != bos][: cfg.tokens - row].float().cpu().numpy()
-        out[row:row + len(acts)] = acts
-        row += len(acts)
-        progress.update(task, completed=row)
-        if row == cfg.tokens:
-            break
-    if row < cfg.tokens:
-        raise HarnessError(f"the dataset gave {row} non-BOS tokens, need {cfg.tokens}; add text or lower --tokens")
-    if not np.isfinite(out).all():
-        raise HarnessError(f"non-finite activations at {hook} with cache dtype {cfg.cache_dtype}; "
-                           "use float32")
-
-
-def activation_scale(acts: np.ndarray) -> float:
-    """The factor that makes the mean activation norm sqrt(d_model), from the first 100k rows."""
-    sample = torch.from_numpy(np.asarray(acts[:100_000], dtype=np.float32))
-    return float(math.sqrt(acts.shape[1]) / sample.norm(dim=-1).mean())
 
 
 def _sha256(path: Path) -> str:
@@ -1173,18 +1144,7 @@ def dashboard_page(
     import dashboard
 
     with one_line_errors():
-        cfg, plugin = saved_config(run_dir, "dashboard")
-        chosen = dashboard.selection(latents, top, by, cfg.dict_size)
-        if tokens is not None and tokens <= 0:
-            raise HarnessError(f"--tokens must be positive, got {tokens}")
-        if not (run_dir / "plugin_state.safetensors").exists():
-            raise HarnessError(f"{run_dir} holds no trained SAE (no plugin_state.safetensors); finish the run first")
-        torch_device = kernels.resolve_device(device)
-        model = load_model(cfg.model, torch_device)
-        contexts, source = dashboard.held_out_contexts(torch.load(run_dir / "eval_tokens.pt"), tokens, cfg,
-                                                       lambda c: load_tokens(c, model))
-        page = dashboard.write_dashboard(run_dir, saved_sae(run_dir, cfg, plugin, torch_device), model, cfg,
-                                         contexts, source, chosen)
+        page = dashboard.for_run(run_dir, latents, top, by, tokens, device)
     console.print(f"dashboard: {page}")
 
 

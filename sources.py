@@ -2,6 +2,7 @@
 
     load_model(name, device)         "tiny" (built from a config), "gemma-3-270m" (the embedded
                                      model, from a PyPI package), or a hub name for TransformerLens
+    harvest(model, contexts, cfg, out, progress)    the residual stream at the hooked layer, BOS dropped
     load_tokens(cfg, model)          training and held-out evaluation contexts, from disjoint text:
                                      "embedded" (shipped by sae_probes), "synthetic" (Zipf tokens for
                                      tiny), a local .txt/.jsonl/.parquet file, or a hub dataset
@@ -192,3 +193,34 @@ def synthetic_contexts(n_contexts: int, context_size: int, d_vocab: int) -> torc
     tokens = torch.multinomial(probs, n_contexts * (context_size - 1), replacement=True, generator=gen) + 1
     rows = tokens.view(n_contexts, context_size - 1)
     return torch.cat([torch.full((n_contexts, 1), TINY_BOS), rows], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations: the model run over the contexts, stopped at the hooked layer.
+
+@torch.no_grad()
+def harvest(model, contexts: torch.Tensor, cfg, out: np.memmap, progress) -> None:
+    """Fill `out` with activations at the hooked layer, forward stopped there, BOS positions
+    (each context's first token and the document separators) dropped."""
+    task = progress.add_task("harvest activations", total=cfg.tokens, status="")
+    row, hook, bos = 0, cfg.hook_name, contexts[0, 0].item()
+    for start in range(0, len(contexts), cfg.llm_batch_size):
+        batch = contexts[start:start + cfg.llm_batch_size].to(model.cfg.device)
+        _, cache = model.run_with_cache(batch, names_filter=[hook], stop_at_layer=cfg.layer + 1)
+        acts = cache[hook][batch != bos][: cfg.tokens - row].float().cpu().numpy()
+        out[row:row + len(acts)] = acts
+        row += len(acts)
+        progress.update(task, completed=row)
+        if row == cfg.tokens:
+            break
+    if row < cfg.tokens:
+        raise HarnessError(f"the dataset gave {row} non-BOS tokens, need {cfg.tokens}; add text or lower --tokens")
+    if not np.isfinite(out).all():
+        raise HarnessError(f"non-finite activations at {hook} with cache dtype {cfg.cache_dtype}; "
+                           "use float32")
+
+
+def activation_scale(acts: np.ndarray) -> float:
+    """The factor that makes the mean activation norm sqrt(d_model), from the first 100k rows."""
+    sample = torch.from_numpy(np.asarray(acts[:100_000], dtype=np.float32))
+    return float(math.sqrt(acts.shape[1]) / sample.norm(dim=-1).mean())
