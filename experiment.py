@@ -19,7 +19,8 @@ kernels.py, plot.py, bench.py, dashboard.py, cluster.py, analyses.py.
 
 from __future__ import annotations
 
-from common import ROOT, HarnessError, OneLineUsage, activations_dir, cache_dir, console, one_line_errors  # first: its import guards
+from common import (ROOT, HarnessError, OneLineUsage, activations_dir, cache_dir, console,  # first: its import guards
+                    one_line_errors)
 
 import ast
 import collections
@@ -55,8 +56,8 @@ import evals
 import frontier
 import kernels
 from notebook import append_notes, check_notes, notes_entry, study_header
-from runs import (CHECKPOINT, REPORT_LAG, Interrupted, NonFiniteLoss, StepLog, atomic_write, check_runs_root, check_writable,
-                  load_checkpoint, newest, provenance, read_json, run_index, runs_root, save_checkpoint, save_sae)
+from runs import (CHECKPOINT, REPORT_LAG, Interrupted, NonFiniteLoss, StepLog, atomic_write, check_runs_root,
+                  check_writable, load_checkpoint, newest, provenance, read_json, run_index, runs_root, save_checkpoint, save_sae)
 from sources import activation_scale, eval_contexts_needed, harvest, load_model, load_tokens
 
 # Run as a script, this file is `__main__`; plugins import `experiment`: make that the same module.
@@ -721,10 +722,11 @@ def parse_hyperparams(plugin: Plugin, assignments: list[str]) -> Any:
 # A run: check everything, train, save, evaluate, and mark the run folder; provenance and notes.md.
 
 def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: bool = False,
-            model_loader=None, dataset_loader=None, eval_loaders=None) -> dict:
+            model_loader=None, dataset_loader=None, eval_loaders=None, loaded_models: dict | None = None) -> dict:
     """Train and evaluate one run (or continue one from its checkpoint); returns final_info.
     Raises HarnessError on bad input, Interrupted on Ctrl-C (after checkpointing).
-    model_loader(name, device=, dtype=) and dataset_loader(name) replace the hub (for tests)."""
+    model_loader(name, device=, dtype=) and dataset_loader(name) replace the hub (for tests);
+    loaded_models (checked_model) lets the runs of one process share their model."""
     started = time.perf_counter()
     hp, device = checked_inputs(cfg, plugin, eval_loaders)
     rank, world = kernels.init_distributed(device)
@@ -733,7 +735,7 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: 
     kernels.configure_kernels(cfg, device)
     if not resume and rank == 0:
         check_writable(run_dir)
-    model = checked_model(cfg, device, model_loader)
+    model = checked_model(cfg, device, model_loader, loaded_models)
     sae, data, info = train_run(cfg, plugin, hp, model, run_dir, device, resume, rank, world, dataset_loader, started)
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -765,8 +767,13 @@ def checked_inputs(cfg: RunConfig, plugin: Plugin, eval_loaders=None) -> tuple[A
     return hp, device
 
 
-def checked_model(cfg: RunConfig, device: torch.device, model_loader=None):
-    model = load_model(cfg.model, device, model_loader)
+def checked_model(cfg: RunConfig, device: torch.device, model_loader=None, loaded: dict | None = None):
+    """The run's model, checked against its layer and context size; `loaded` keeps the models this
+    process has loaded, by name and device, for the next run that shares one (study, sweep)."""
+    key = (cfg.model, str(device))
+    model = loaded[key] if loaded and key in loaded else load_model(cfg.model, device, model_loader)
+    if loaded is not None:
+        loaded[key] = model
     if not 0 <= cfg.layer < model.cfg.n_layers:
         raise HarnessError(f"--layer {cfg.layer} is outside {cfg.model} (layers 0..{model.cfg.n_layers - 1})")
     if cfg.context_size > model.cfg.n_ctx:

@@ -97,12 +97,13 @@ def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None, remote
     earlier = earlier_runs(runs_root)
     plans = [(i, job, *previous_run(job, earlier)) for i, job in enumerate(jobs)]  # (i, job, folder, how)
     plans = [(i, job, folder or job.run_dir, how) for i, job, folder, how in plans]
+    loaded_models: dict = {}  # the runs here share their model: it is loaded once
 
     def run_here(i: int, job: Job, folder: Path, how: str) -> tuple[int, str, Path, dict, float]:
         started = time.perf_counter()
         try:
-            info = (read_json(folder / "final_info.json") if how == "reused"
-                    else execute(job.cfg, job.plugin, folder, notes, resume=how == "resumed"))
+            info = (read_json(folder / "final_info.json") if how == "reused" else
+                    execute(job.cfg, job.plugin, folder, notes, resume=how == "resumed", loaded_models=loaded_models))
         except HarnessError as exc:
             info, how = {"status": "failed", "error": str(exc)}, "failed"
         return i, how, folder, info, time.perf_counter() - started

@@ -211,3 +211,13 @@ def test_study_reuses_a_run_whose_plugin_docstring_changed_and_retrains_one_whos
     path.write_text(PLUGIN.format(title="new words", weight=0.25, comment="why"))
     retrained = cli(*args)
     assert retrained.exit_code == 0 and "run_1_scratch: trained" in retrained.output
+
+
+def test_a_study_loads_its_model_once_for_all_its_runs(tmp_path, monkeypatch):
+    loads = []
+    real_load = experiment.load_model
+    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    result = cli("study", "topk_ortho", *TINY, "--runs", str(tmp_path / "runs"), "--notes", str(tmp_path / "n.md"),
+                 "--figures", str(tmp_path / "figures"))
+    assert result.exit_code == 0, result.output
+    assert result.output.count(": trained") == 3 and loads == ["tiny"]  # the baseline and both runs
