@@ -53,6 +53,7 @@ import evals  # noqa: E402
 import experiment  # noqa: E402
 import plot  # noqa: E402
 import studies  # noqa: E402
+from notebook import append_notes  # noqa: E402
 from runs import Run, read_json, read_run  # noqa: E402
 
 BASELINE = "run_0_baseline"  # the study command's default baseline, so its runs are reused
@@ -660,12 +661,12 @@ def paragraph(study: str, name: str, analysis: Callable, finding: Finding, figur
 
 
 def note_once(notes: Path, study: str, text: str) -> bool:
-    """Append the paragraph through experiment.append_notes unless the notebook already holds it
+    """Append the paragraph through notebook.append_notes unless the notebook already holds it
     word for word (the same analysis of the same runs, run again); True if appended."""
     if notes.exists() and text in notes.read_text(encoding="utf-8"):
         return False
     key = next(k for k in experiment.plugin_files() if k.split("/")[0] == study)
-    experiment.append_notes(notes, experiment.find_plugin(key), text)
+    append_notes(notes, experiment.find_plugin(key).study_header, text)
     return True
 
 

@@ -51,7 +51,7 @@ class OneLineUsage(typer.core.TyperGroup):
             command = f" {exc.ctx.info_name}" if getattr(exc, "ctx", None) and exc.ctx.parent else ""
             console.print(f"[red]error:[/red] {exc.format_message()} (see{command} --help)")
             code = exc.exit_code
-        except click_errors.Abort:
+        except typer.Abort:
             console.print("[yellow]aborted")
             code = 130
         if standalone_mode:

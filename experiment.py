@@ -55,9 +55,9 @@ from sae_bench.custom_saes.base_sae import BaseSAE
 import evals
 import frontier
 import kernels
-from notebook import append_notes, check_notes, notes_entry, study_header
+from notebook import append_notes, changed_setting, check_notes, notes_entry, study_header
 from runs import (CHECKPOINT, REPORT_LAG, Interrupted, NonFiniteLoss, StepLog, atomic_write, check_runs_root,
-                  check_writable, load_checkpoint, newest, provenance, read_json, run_index, runs_root, save_checkpoint, save_sae)
+                  check_writable, load_checkpoint, newest, provenance, read_json, run_index, runs_root, save_checkpoint, save_trained)
 from sources import activation_scale, eval_contexts_needed, harvest, load_model, load_tokens
 
 # Run as a script, this file is `__main__`; plugins import `experiment`: make that the same module.
@@ -361,24 +361,6 @@ class SAE(BaseSAE):
 @functools.cache  # asked every training step; a class's methods do not change
 def keeps_methods(cls: type, names: tuple[str, ...], since: type) -> bool:
     return all(getattr(cls, name) is getattr(since, name) for name in names)
-
-
-@torch.no_grad()
-def check_contract(sae: SAE, x: torch.Tensor) -> None:
-    """A plugin must map (B, d_in) -> latents (B, d_sae) -> reconstruction (B, d_in) and return
-    scalar loss terms; checked on a few real activations before training starts."""
-    d_sae, name = sae.cfg.d_sae, type(sae).__module__
-    f = sae.encode(x)
-    if f.shape != (len(x), d_sae):
-        raise HarnessError(f"plugin {name}: encode returned shape {tuple(f.shape)}, expected {(len(x), d_sae)}")
-    x_hat = sae.decode(f)
-    if x_hat.shape != x.shape:
-        raise HarnessError(f"plugin {name}: decode returned shape {tuple(x_hat.shape)}, expected {tuple(x.shape)}")
-    with torch.enable_grad(), torch.random.fork_rng(devices=[]):
-        out = copy.deepcopy(sae).loss(x, 0)  # a copy: loss may update plugin statistics
-    bad = [k for k, v in out.terms.items() if v.dim() != 0]
-    if bad or not out.terms:
-        raise HarnessError(f"plugin {name}: loss must return scalar terms; {bad or 'none'} are not")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -741,7 +723,7 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: 
         torch.distributed.destroy_process_group()
     if rank != 0:
         return info
-    save_trained(info, sae, data, cfg, run_dir)  # before evaluating: a failing eval must not cost the training
+    save_trained(info, sae, data.scale, run_dir)  # before evaluating: a failing eval must not cost the training
     try:
         evals.evaluate(info, evals.ScaledSAE(sae.eval(), data.scale), model, data.eval_tokens, cfg, device, run_dir,
                        eval_loaders)
@@ -765,6 +747,24 @@ def checked_inputs(cfg: RunConfig, plugin: Plugin, eval_loaders=None) -> tuple[A
     device = kernels.resolve_device(cfg.device)
     evals.check_requirements(cfg.evals, cfg, loaders=eval_loaders)
     return hp, device
+
+
+@torch.no_grad()
+def check_contract(sae: SAE, x: torch.Tensor) -> None:
+    """A plugin must map (B, d_in) -> latents (B, d_sae) -> reconstruction (B, d_in) and return
+    scalar loss terms; checked on a few real activations before training starts."""
+    d_sae, name = sae.cfg.d_sae, type(sae).__module__
+    f = sae.encode(x)
+    if f.shape != (len(x), d_sae):
+        raise HarnessError(f"plugin {name}: encode returned shape {tuple(f.shape)}, expected {(len(x), d_sae)}")
+    x_hat = sae.decode(f)
+    if x_hat.shape != x.shape:
+        raise HarnessError(f"plugin {name}: decode returned shape {tuple(x_hat.shape)}, expected {tuple(x.shape)}")
+    with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        out = copy.deepcopy(sae).loss(x, 0)  # a copy: loss may update plugin statistics
+    bad = [k for k, v in out.terms.items() if v.dim() != 0]
+    if bad or not out.terms:
+        raise HarnessError(f"plugin {name}: loss must return scalar terms; {bad or 'none'} are not")
 
 
 def checked_model(cfg: RunConfig, device: torch.device, model_loader=None, loaded: dict | None = None):
@@ -816,16 +816,6 @@ def train_run(cfg: RunConfig, plugin: Plugin, hp, model, run_dir: Path, device: 
     return sae, data, info
 
 
-def save_trained(info: dict, sae: SAE, data: ActivationData, cfg: RunConfig, run_dir: Path) -> None:
-    """The plugin's results and artifacts, and the SAE (the checkpoint stays until the run is finished)."""
-    info.update(sae.final_info())
-    artifacts = {k: v.detach().cpu().contiguous() for k, v in sae.artifacts().items()}
-    if artifacts:
-        from safetensors.torch import save_file
-        save_file(artifacts, run_dir / "artifacts.safetensors")
-    info["sae_lens_export"] = save_sae(sae, data.scale, run_dir)
-
-
 def mark_failed(info: dict, run_dir: Path, cfg: RunConfig, plugin: Plugin, device: torch.device, started: float,
                 **why: str) -> None:
     """final_info.json of a run that stopped: status failed, why, provenance, and no metrics it lacks."""
@@ -866,16 +856,9 @@ def run_provenance(cfg: RunConfig, plugin: Plugin, device: torch.device, wall_ti
 
 
 def setting(plugin: Plugin, info: dict) -> str:
-    """What the run set away from its preset and the plugin's defaults ('k=16, seed 43'), or
-    'the preset's'; a sweep's runs differ only here."""
+    """What the run set away from its preset and the plugin's defaults (notebook.changed_setting)."""
     config = info.get("provenance", {}).get("config", {})
-    preset = PRESETS.get(config.get("preset"), {})
-    changed = [f"{k}={config[k]}" for k in frontier.SWEEPABLE if k in config and config[k] != preset.get(k)]
-    defaults = dataclasses.asdict(plugin.hyperparams_class())
-    same = lambda a, b: json.dumps(a, default=list) == json.dumps(b, default=list)  # a tuple default, saved a list
-    changed += [f"{k}={v}" for k, v in config.get("hyperparams", {}).items() if not same(defaults.get(k, v), v)]
-    changed += [f"seed {config['seed']}"] if config.get("seed", 42) != 42 else []
-    return ", ".join(changed) or "the preset's"
+    return changed_setting(config, PRESETS.get(config.get("preset"), {}), dataclasses.asdict(plugin.hyperparams_class()))
 
 
 def saved_config(run_dir: Path, flag: str) -> tuple[RunConfig, Plugin]:
@@ -1026,20 +1009,14 @@ def study(
 ) -> None:
     """Run a study's baselines and every run in order on one activation cache (reusing finished
     runs, resuming interrupted ones), then write its figures, compare table and notebook summary."""
-    import plot
     import studies
-    from notebook import study_notes
 
     with one_line_errors(), interrupted_many():
         check_notes(notes)
         check_runs_root(runs)
         overrides = dict(tokens=tokens, dict_size=dict_size, seed=seed, device=device, evals=split(evals))
-        jobs = studies.study_jobs(name, split(baselines), preset, overrides, runs)
-        rows = studies.run_jobs(jobs, notes, runs, remote=ray_runner(workers, ray_address))
-        written = plot.plot_all(runs, figures / name, name)
-        if any(row["how"] != "reused" for row in rows):  # a study run again that trained nothing notes nothing
-            append_notes(notes, jobs[-1].plugin.study_header, study_notes(name, rows, written))
-        Console(width=220).print(plot.compare_table(runs, name))
+        rows = studies.study(name, split(baselines), preset, overrides, runs, notes, figures,
+                             ray_runner(workers, ray_address))
     Console(width=200).print(studies.summary_table(f"study {name}", rows))
     studies.exit_if_any_failed(rows)
 
@@ -1062,27 +1039,15 @@ def sweep(
 ) -> None:
     """Train the cross product of --grid values × seeds (reusing finished runs, resuming interrupted
     ones) into one sweep folder with a manifest, a line per run and a summary table."""
-    import plot
     import studies
 
     with one_line_errors(), interrupted_many():
         check_notes(notes)
         check_runs_root(runs)
         found = find_plugin(plugin)
-        if not grid:
-            raise HarnessError("--grid key=v1,v2 is required (e.g. --grid sparsity_penalty=0.05,0.1,0.2)")
         overrides = dict(tokens=tokens, seed=seed, device=device, evals=split(evals))
-        asked = dict(plugin=f"{found.study}/{found.name}", preset=preset, grid=grid, seeds=seeds, **overrides)
-        key = hashlib.sha256(json.dumps(asked, sort_keys=True, default=list).encode()).hexdigest()[:8]
-        sweep_dir = runs / "sweeps" / f"{found.name}-{key}"
-        jobs = studies.sweep_jobs(found, preset, grid, seeds, overrides, sweep_dir)
-        remote = ray_runner(workers, ray_address)
-        studies.write_manifest(sweep_dir, asked, [])
-        rows = studies.run_jobs(jobs, notes, runs, remote=remote,
-                                on_done=lambda done: studies.write_manifest(sweep_dir, asked, done))
-        if any(row["how"] != "failed" for row in rows):
-            written = plot.sweep_figures(runs, sweep_dir / "figures", found.study, found.name)
-            console.print(f"{len(written)} frontier figures in {sweep_dir / 'figures'}")
+        rows, sweep_dir = studies.sweep(found, grid, seeds, preset, overrides, runs, notes,
+                                        ray_runner(workers, ray_address))
     Console(width=200).print(studies.summary_table(f"sweep {found.name} ({sweep_dir})", rows))
     studies.exit_if_any_failed(rows)
 

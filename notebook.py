@@ -18,6 +18,7 @@ from common import ROOT, HarnessError, console  # first: its import guards
 
 import fcntl
 import itertools
+import json
 import math
 import os
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from frontier import OUTSIDE, matched
+from frontier import OUTSIDE, SWEEPABLE, matched
 from runs import HEADLINE, HEADLINE_SE, headline, read_json_lines
 
 
@@ -41,6 +42,16 @@ def notes_entry(plugin, run_dir: Path, info: dict, parent: dict | None, setting:
             f"Results:\n{result_lines(info, parent, plugin.parent, run_dir)}"
             f"{verdict_lines(info.get('verdict', {}))}{warnings}"
             f"Description: {plugin.description}\n\n")
+
+
+def changed_setting(config: dict, preset: dict, defaults: dict) -> str:
+    """What a run (its saved config) set away from its preset and its plugin's hyperparameter
+    defaults ('k=16, seed 43'), or 'the preset's'; a sweep's runs differ only here."""
+    changed = [f"{k}={config[k]}" for k in SWEEPABLE if k in config and config[k] != preset.get(k)]
+    same = lambda a, b: json.dumps(a, default=list) == json.dumps(b, default=list)  # a tuple default, saved a list
+    changed += [f"{k}={v}" for k, v in config.get("hyperparams", {}).items() if not same(defaults.get(k, v), v)]
+    changed += [f"seed {config['seed']}"] if config.get("seed", 42) != 42 else []
+    return ", ".join(changed) or "the preset's"
 
 
 def result_lines(info: dict, parent: dict | None, parent_name: str | None, run_dir: Path) -> str:

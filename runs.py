@@ -219,6 +219,16 @@ def runs_table(root: str | Path = ROOT / "runs"):
     return pd.DataFrame(rows)
 
 
+def save_trained(info: dict, sae, scale: float, run_dir: Path) -> None:
+    """The plugin's results and artifacts, and the SAE (the checkpoint stays until the run is finished)."""
+    info.update(sae.final_info())
+    artifacts = {k: v.detach().cpu().contiguous() for k, v in sae.artifacts().items()}
+    if artifacts:
+        from safetensors.torch import save_file
+        save_file(artifacts, run_dir / "artifacts.safetensors")
+    info["sae_lens_export"] = save_sae(sae, scale, run_dir)
+
+
 def save_sae(sae, scale: float, run_dir: Path) -> dict[str, Any]:
     """The SAE for sae_lens (`SAE.load_from_disk(run_dir)`), in the model's own activation scale,
     where the plugin has a SAELens twin, and plugin_state.safetensors, the full plugin state for

@@ -11,6 +11,7 @@ from __future__ import annotations
 from common import ROOT, HarnessError, console  # first: its import guards
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -23,9 +24,11 @@ from typing import Any
 
 import torch
 import typer
+from rich.console import Console
 from rich.table import Table
 
 import evals
+import plot
 from experiment import (ANALYSES_FOLDER, Plugin, RunConfig, build_config, execute, find_plugin, finish, judged,
                         parent_info, parse_hyperparams, plugin_files, saved_config, saved_sae, setting)
 from kernels import configure_kernels, resolve_device
@@ -124,6 +127,37 @@ def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None, remote
         if on_done is not None:
             on_done([done[k] for k in sorted(done)])
     return [done[k] for k in sorted(done)]
+
+
+def study(name: str, baselines: list[str], preset: str, overrides: dict[str, Any], runs_root: Path, notes: Path,
+          figures: Path, remote=None) -> list[dict]:
+    """`python experiment.py study NAME`: its baselines, then its runs in order; then its figures,
+    the compare table and, where anything was trained, its summary in the notebook."""
+    jobs = study_jobs(name, baselines, preset, overrides, runs_root)
+    rows = run_jobs(jobs, notes, runs_root, remote=remote)
+    written = plot.plot_all(runs_root, figures / name, name)
+    if any(row["how"] != "reused" for row in rows):  # a study run again that trained nothing notes nothing
+        append_notes(notes, jobs[-1].plugin.study_header, study_notes(name, rows, written))
+    Console(width=220).print(plot.compare_table(runs_root, name))
+    return rows
+
+
+def sweep(plugin: Plugin, grid: list[str], seeds: int, preset: str, overrides: dict[str, Any], runs_root: Path,
+          notes: Path, remote=None) -> tuple[list[dict], Path]:
+    """`python experiment.py sweep`: the grid × seeds into runs/sweeps/<plugin>-<hash of what was
+    asked>/, its manifest kept as runs finish, and its frontier figures: (rows, the sweep folder)."""
+    if not grid:
+        raise HarnessError("--grid key=v1,v2 is required (e.g. --grid sparsity_penalty=0.05,0.1,0.2)")
+    asked = dict(plugin=f"{plugin.study}/{plugin.name}", preset=preset, grid=grid, seeds=seeds, **overrides)
+    key = hashlib.sha256(json.dumps(asked, sort_keys=True, default=list).encode()).hexdigest()[:8]
+    sweep_dir = runs_root / "sweeps" / f"{plugin.name}-{key}"
+    jobs = sweep_jobs(plugin, preset, grid, seeds, dict(overrides), sweep_dir)
+    write_manifest(sweep_dir, asked, [])
+    rows = run_jobs(jobs, notes, runs_root, remote=remote, on_done=lambda done: write_manifest(sweep_dir, asked, done))
+    if any(row["how"] != "failed" for row in rows):
+        written = plot.sweep_figures(runs_root, sweep_dir / "figures", plugin.study, plugin.name)
+        console.print(f"{len(written)} frontier figures in {sweep_dir / 'figures'}")
+    return rows, sweep_dir
 
 
 def exit_if_any_failed(rows: list[dict]) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import textwrap
 import threading
 
 import pytest
@@ -58,32 +59,50 @@ def test_a_sweep_on_two_ray_workers_gives_the_local_sweeps_metrics_and_weights_r
     assert all(notes.count(f"Run folder: {folder}\n") == 1 for folder in on_ray.glob("sweeps/*/*=*"))
 
 
-DIES_ONCE = '''"""Dies once: the baseline, whose worker is killed mid-run the first time it trains
-penalty 0.16."""
+STEP_LOGGER = '''"""{title}: {description}"""
 import os
 import signal
+import time
 from pathlib import Path
 
 from plugins.baseline import run_0_baseline as parent
 
-STEPS, KILLED = Path({steps!r}), Path({killed!r})
+STEPS, FLAG = Path({steps!r}), Path({flag!r})
 
 
 class Trainer(parent.Trainer):
     def after_step(self, x, out, step):
         super().after_step(x, out, step)
         with open(STEPS, "a") as fh:
-            fh.write(f"{{self.cfg.sparsity_penalty}} {{step}} {{os.getpid()}}\\n")
-        if self.cfg.sparsity_penalty == 0.16 and step == 7 and not KILLED.exists():
-            KILLED.touch()
-            os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a lost node would
-'''
+            fh.write(f"{{self.run_cfg.sparsity_penalty}} {{self.run_cfg.seed}} {{step}} {{os.getpid()}}\\n")
+{then}'''
+
+
+def step_logger(folder, name: str, description: str, steps, flag, then: str):
+    """A scratch run `name`: the baseline, whose trainer appends 'penalty seed step pid' to
+    `steps` after each step, then runs `then` (the rest of after_step's body; FLAG is `flag`)."""
+    title = name.split("_", 2)[2].replace("_", " ").capitalize()
+    (folder / f"{name}.py").write_text(STEP_LOGGER.format(title=title, description=description, steps=str(steps),
+                                                           flag=str(flag), then=textwrap.indent(then, " " * 8)))
+    return experiment.find_plugin(f"{folder.name}/{name}")
+
+
+def trained_steps(steps, *by: str) -> dict[tuple[str, ...], list[int]]:
+    """The values of `by` (of penalty, seed, pid) -> the steps trained with them, in order."""
+    found = {}
+    for line in steps.read_text().splitlines():
+        row = dict(zip(("penalty", "seed", "step", "pid"), line.split()))
+        found.setdefault(tuple(row[name] for name in by), []).append(int(row["step"]))
+    return found
 
 
 def test_a_worker_killed_mid_run_is_retried_from_its_checkpoint_and_each_run_is_noted_once(tmp_path, scratch_study):
     steps, killed = tmp_path / "steps.txt", tmp_path / "killed"
-    (scratch_study / "run_1_dies_once.py").write_text(DIES_ONCE.format(steps=str(steps), killed=str(killed)))
-    plugin = experiment.find_plugin("scratch_test_study/run_1_dies_once")
+    plugin = step_logger(scratch_study, "run_1_dies_once", "the worker is killed mid-run the first time it trains "
+                         "penalty 0.16", steps, killed,
+                         "if self.run_cfg.sparsity_penalty == 0.16 and step == 7 and not FLAG.exists():\n"
+                         "    FLAG.touch()\n"
+                         "    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a lost node would\n")
     runs, notes = tmp_path / "runs", tmp_path / "notes.md"
     overrides = dict(tokens=4096, seed=42, device="cpu", evals=("core",))
     jobs = studies.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.01,0.16"], 1, overrides, runs / "s")
@@ -93,9 +112,7 @@ def test_a_worker_killed_mid_run_is_retried_from_its_checkpoint_and_each_run_is_
     assert killed.exists()
     assert [row["how"] for row in rows] == ["trained", "resumed"]
     assert all(row["info"]["status"] == "completed" and row["info"]["training_steps"] == 16 for row in rows)
-    attempts = {}  # (penalty, worker pid) -> the steps it trained, in order
-    for penalty, step, pid in (line.split() for line in steps.read_text().splitlines()):
-        attempts.setdefault((penalty, pid), []).append(int(step))
+    attempts = trained_steps(steps, "penalty", "pid")  # (penalty, worker pid) -> the steps it trained
     assert [trained for (penalty, _), trained in attempts.items() if penalty == "0.01"] == [list(range(16))]
     # killed after step 7 (its last checkpoint after step 5), then resumed in another process
     assert [trained for (penalty, _), trained in attempts.items() if penalty == "0.16"] == [
@@ -112,33 +129,16 @@ def test_each_run_asks_ray_for_its_share_of_the_cluster():
     assert cluster.share_per_run(0) == (2, 0)  # no --workers: one run per node
 
 
-SLOW = '''"""Slow: the baseline, a tenth of a second per step, and from step 15 on five seconds a
-step until the file GO exists, so that a test's Ctrl-C lands mid-run however loaded the machine."""
-import time
-from pathlib import Path
-
-from plugins.baseline import run_0_baseline as parent
-
-STEPS, GO = Path({steps!r}), Path({go!r})
-
-
-class Trainer(parent.Trainer):
-    def after_step(self, x, out, step):
-        super().after_step(x, out, step)
-        with open(STEPS, "a") as fh:
-            fh.write(f"{{self.cfg.seed}} {{step}}\\n")
-        time.sleep(0.1)
-        waited = 0.0
-        while step >= 15 and not GO.exists() and waited < 5:
-            time.sleep(0.05)
-            waited += 0.05
-'''
-
-
 def test_ctrl_c_on_the_driver_stops_the_runs_at_a_checkpoint_and_the_same_call_resumes_them(tmp_path, scratch_study):
     steps, go = tmp_path / "steps.txt", tmp_path / "go"
-    (scratch_study / "run_1_slow.py").write_text(SLOW.format(steps=str(steps), go=str(go)))
-    plugin = experiment.find_plugin("scratch_test_study/run_1_slow")
+    plugin = step_logger(scratch_study, "run_1_slow", "a tenth of a second per step, and from step 15 on five "
+                         "seconds a step until the flag file exists, so that a test's Ctrl-C lands mid-run however "
+                         "loaded the machine", steps, go,
+                         "time.sleep(0.1)\n"
+                         "waited = 0.0\n"
+                         "while step >= 15 and not FLAG.exists() and waited < 5:\n"
+                         "    time.sleep(0.05)\n"
+                         "    waited += 0.05\n")
     runs, notes = tmp_path / "runs", tmp_path / "notes.md"
     jobs = studies.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.04"], 2,
                                  dict(tokens=8192, seed=42, device="cpu", evals=("core",)), runs / "s")
@@ -163,9 +163,7 @@ def test_ctrl_c_on_the_driver_stops_the_runs_at_a_checkpoint_and_the_same_call_r
         signal.signal(signal.SIGINT, previous)
     assert not any((job.run_dir / "final_info.json").exists() for job in jobs) and not notes.exists()
     stopped = [job for job in jobs if job.run_dir.exists()]  # the other one may not have started yet
-    trained: dict[int, list[int]] = {}  # seed -> the steps it trained
-    for seed, step in map(str.split, steps.read_text().splitlines()):
-        trained.setdefault(int(seed), []).append(int(step))
+    trained = {int(seed): done for (seed,), done in trained_steps(steps, "seed").items()}  # seed -> its steps
     saved = [torch.load(job.run_dir / experiment.CHECKPOINT, weights_only=False)["step"] for job in stopped]
     assert stopped and [trained[job.cfg.seed][-1] for job in stopped] == saved  # stopped at a checkpoint
     assert max(saved) < 31  # mid-run

@@ -5,16 +5,15 @@ run it on every change (the full suite is what CI runs)."""
 import ast
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, imported_modules
 
 import experiment
 from runs import save_sae
 import kernels
 
-ROOT = Path(experiment.__file__).parent
 CFG = experiment.build_config("tiny", "baseline/run_0_baseline")
 
 
@@ -171,10 +170,13 @@ def test_a_run_file_defines_only_what_it_changes(scratch_study):
     assert second.trainer_class.__mro__[1] is experiment.Trainer
 
 
-def test_baseline_is_the_harness_sae_and_a_docstring():
+def test_baseline_is_the_harness_sae_and_trainer_plus_only_its_sae_lens_twins():
     plugin = experiment.find_plugin("run_0_baseline")
-    assert plugin.sae_class is experiment.SAE and plugin.trainer_class is experiment.Trainer
-    assert plugin.path.read_text().strip().startswith('"""') and plugin.path.read_text().strip().endswith('"""')
+    assert plugin.sae_class.__bases__ == (experiment.SAE,) and plugin.trainer_class is experiment.Trainer
+    assert plugin.hyperparams_class is experiment.Hyperparams
+    assert experiment.keeps_methods(plugin.sae_class, experiment.FORMULA, experiment.SAE)
+    own = {name for name, value in vars(plugin.sae_class).items() if callable(value)}
+    assert own and all(name.startswith("sae_lens_") for name in own), own
 
 
 def test_training_reads_the_same_batches_as_the_seeded_permutation(tmp_path):
@@ -265,16 +267,7 @@ def import_graph() -> dict[str, set[str]]:
     graph = {}
     for module in MODULES:
         tree = ast.parse((ROOT / f"{module}.py").read_text())
-        skip = cli_start(tree) if module == "experiment" else math.inf
-        found = set()
-        for node in ast.walk(tree):
-            if getattr(node, "lineno", 0) >= skip:
-                continue
-            if isinstance(node, ast.Import):
-                found |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                found.add(node.module.split(".")[0])
-        graph[module] = found & MODULES - {module}
+        graph[module] = imported_modules(tree, cli_start(tree) if module == "experiment" else math.inf) & MODULES - {module}
     return graph
 
 
@@ -337,7 +330,23 @@ def test_plugins_override_hooks_not_the_loss_the_encoder_or_the_step(path):
     defined = {(c.name, f.name) for c in tree.body if isinstance(c, ast.ClassDef)
                for f in c.body if isinstance(f, ast.FunctionDef)}
     assert not defined & {("SAE", "loss"), ("SAE", "encode"), ("SAE", "training_pass"), ("Trainer", "step")}
-    assert "x_hat).pow(2)" not in path.read_text()  # the reconstruction loss is the base class's
+    assert not squared_errors_of_x_hat(tree)  # the reconstruction loss is the base class's
+
+
+def squared_errors_of_x_hat(tree: ast.Module) -> list[int]:
+    """The lines that square a difference with x_hat, `(x - x_hat).pow(2)` or `(x_hat - x) ** 2`."""
+    def squared(node):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "pow":
+            return node.func.value
+        return node.left if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow) else None
+    return [node.lineno for node in ast.walk(tree) if isinstance(base := squared(node), ast.BinOp)
+            and isinstance(base.op, ast.Sub) and "x_hat" in {getattr(side, "attr", getattr(side, "id", None))
+                                                            for side in (base.left, base.right)}]
+
+
+def test_the_x_hat_check_finds_a_squared_reconstruction_error():
+    assert squared_errors_of_x_hat(ast.parse("a = (fwd.x - fwd.x_hat).pow(2)\nb = (x_hat - x) ** 2\nc = x.pow(2)"))\
+        == [1, 2]
 
 
 def test_a_newcomer_meets_the_sae_and_the_trainer_first_in_a_file_of_its_core():

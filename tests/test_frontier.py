@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from helpers import ROOT, imported_modules
+from safetensors.torch import save_file
 
 import frontier
 from common import HarnessError
-from frontier import OUTSIDE, bootstrap_se, build_frontiers, interpolate, pool_seeds, suggest_knob, verdict
-
-ROOT = Path(__file__).resolve().parents[1]
+from frontier import OUTSIDE, bootstrap_se, build_frontiers, interpolate, matched, pool_seeds, suggest_knob, verdict
 
 
 def record(l0, knob, seed=0, knob_name="sparsity_penalty", uncertainties=None, **metrics):
@@ -200,10 +201,10 @@ def test_a_baseline_sweep_varies_exactly_one_knob():
         build_frontiers([])
 
 
-def final_info(l0=42.0, penalty=0.2, k=None, status="completed"):
+def final_info(l0=42.0, penalty=0.2, k=None, status="completed", ce=0.9):
     return {"status": status, "run": {"study": "baseline", "plugin": "run_0_baseline"},
             "metrics": {"sparsity": {"l0": l0},
-                        "model_performance_preservation": {"ce_loss_score": 0.9},
+                        "model_performance_preservation": {"ce_loss_score": ce},
                         "model_behavior_preservation": {"kl_div_score": 0.8},
                         "reconstruction_quality": {"explained_variance": 1.2, "explained_variance_legacy": 0.7,
                                                    "explained_variance_whole_set": 0.6},
@@ -255,11 +256,10 @@ def test_the_bootstrap_takes_a_statistic_of_rows_and_needs_two_batches():
 
 # ---- the module's place ------------------------------------------------------------------------
 
-def test_frontier_is_a_leaf_with_short_functions():
+def test_frontier_builds_only_on_the_run_folders_reader_and_has_short_functions():
     tree = ast.parse((ROOT / "frontier.py").read_text())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert imported <= {"__future__", "math", "collections", "typing", "numpy", "common"}
+    assert imported_modules(tree) <= {"__future__", "json", "math", "collections", "pathlib", "typing", "numpy",
+                                      "safetensors", "common", "runs"}
     assert not [n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno >= 60]
 
 
@@ -269,3 +269,127 @@ def test_a_nearly_flat_sweep_suggests_by_the_proportional_rule_not_orders_of_mag
         {"l0": 118.0, "metrics": {"ce_loss_score": 0.9}, "knob": ("sparsity_penalty", 0.01), "seed": 0}])
     suggestion = frontier.suggest_knob(flat["ce_loss_score"], 71.37)
     assert 0.16 < suggestion["value"] < 1.0  # L0 ∝ 1/penalty from the sweep's end, aimed past the run
+
+
+# ---- a run against every baseline on its activations, and the words the notebook shows ---------
+
+def indexed(info: dict, plugin: str, cache: str = "acts-1", study: str = "baseline") -> tuple[Path, dict, dict]:
+    """An entry of the run index (runs.run_index) for a made-up run folder."""
+    return Path(f"/runs/{plugin}/{len(info)}"), {"study": study, "plugin": plugin}, {**info, "activation_cache": cache}
+
+
+def test_a_run_is_judged_against_each_baseline_swept_on_its_activations():
+    run = {**final_info(l0=math.sqrt(1000), ce=0.95), "activation_cache": "acts-1"}
+    run["metrics"]["bootstrap_se"] = {"ce_loss_score": 0.01}
+    index = [indexed(final_info(l0=10, penalty=1.0, ce=0.5), "run_0_baseline"),
+             indexed(final_info(l0=100, penalty=0.1, ce=0.9), "run_0_baseline"),
+             indexed(final_info(l0=30, penalty=0.3, ce=0.1), "run_0_baseline", cache="acts-2"),  # other activations
+             indexed(final_info(l0=20, penalty=0.3, status="failed"), "run_0_baseline"),
+             indexed(final_info(l0=20, k=16), "run_0_topk"), indexed(final_info(l0=40, k=32), "run_0_topk"),
+             indexed({**final_info(l0=20, k=16), "dict_size": 8}, "run_0_gated"),
+             indexed(final_info(l0=40, penalty=0.1, k=32), "run_0_gated")]  # two settings vary
+
+    def knob_of(plugin):
+        if plugin == "run_0_topk":
+            raise frontier.HarnessError("no plugin run_0_topk")
+        return "sparsity_penalty"
+    found = frontier.verdicts(run, index, "run_1_mine", knob_of)
+    assert list(found) == ["run_0_baseline", "run_0_gated", "run_0_topk"]
+    assert found["run_0_baseline"]["knob"] == "sparsity_penalty" and found["run_0_baseline"]["points"] == 2
+    ce = found["run_0_baseline"]["metrics"]["ce_loss_score"]
+    assert ce["baseline"] == pytest.approx(0.7) and ce["word"] == "better"
+    assert found["run_0_gated"] == {"not_judged": "its runs vary more than one setting: no frontier of one knob"}
+    assert found["run_0_topk"] == {"not_judged": "no plugin run_0_topk"}
+    assert "run_0_baseline" not in frontier.verdicts(run, index, "run_0_baseline", knob_of)  # not against itself
+
+
+def test_the_swept_knob_is_the_one_setting_that_varies_besides_the_seed():
+    infos = [final_info(penalty=p) for p in (0.1, 0.2)]
+    infos[1]["provenance"]["config"]["seed"] = 3
+    assert frontier.swept_knob(infos, "k") == "sparsity_penalty"
+    assert frontier.swept_knob([final_info(k=k) for k in (16, 32)], "sparsity_penalty") == "k"
+    assert frontier.swept_knob([final_info(), final_info()], "k") == "k"  # nothing varies: the architecture's knob
+    assert frontier.swept_knob([final_info(penalty=0.1, k=16), final_info(penalty=0.2, k=32)], "k") is None
+
+
+def test_matched_says_each_baselines_word_on_one_metric():
+    found = {"run_0_topk": {"metrics": {"ce_loss_score": {"word": "better"}, "kl_div_score": {"word": "worse"}}},
+             "run_0_gated": {"not_judged": "its runs vary more than one setting"},
+             "run_0_batchtopk": {"metrics": {"ce_loss_score": {"word": OUTSIDE}}},
+             "run_0_jumprelu": {"metrics": {"ce_loss_score": {"word": "tied (no uncertainty)"}}}}
+    assert matched(found) == "run_0_topk: better; run_0_batchtopk: outside its sweep; run_0_jumprelu: tied (no uncertainty)"
+    assert matched(found, "kl_div_score") == "run_0_topk: worse"
+    assert matched({}) == matched(found, "explained_variance") == "no baseline sweep on these activations"
+
+
+# ---- the sanity guards: a run's warnings ----------------------------------------------------------
+
+def logged(total, **extra):
+    return {"l2_loss": 0.9 * total, "sparsity_loss": 0.1 * total, "total_loss": total, "dead_fraction": 0.0, **extra}
+
+
+def test_an_extra_term_below_a_thousandth_of_the_loss_at_every_logged_step_is_flagged():
+    log = [logged(10.0, whisper_loss=0.009, spoken_loss=-0.5, late_loss=0.0),
+           logged(5.0, whisper_loss=-0.004, spoken_loss=0.001, late_loss=0.0),
+           logged(0.0, whisper_loss=1.0, spoken_loss=0.0, late_loss=0.0),  # a zero total is passed over
+           logged(2.0, whisper_loss=0.0001, spoken_loss=0.0001, late_loss=0.0)]
+    log[0].pop("late_loss")  # a term first logged later is judged where it is logged
+    assert frontier.inert_terms(log) == [
+        "whisper_loss is at most 0.09% of the loss at every logged step: it cannot change the model; raise its weight",
+        "late_loss is at most 0% of the loss at every logged step: it cannot change the model; raise its weight"]
+    tiny_base = [{**logged(10.0), "sparsity_loss": 1e-9}]  # the base terms are never flagged
+    assert frontier.inert_terms(tiny_base) == []
+
+
+def saved_run(folder: Path, W_dec: torch.Tensor, seed: int = 0) -> Path:
+    """A run folder with what the decoder guard reads: config.json's seed and the plugin state."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"seed": seed}))
+    save_file({"W_dec": W_dec.contiguous()}, folder / "plugin_state.safetensors")
+    return folder
+
+
+def parent_entry(folder: Path, seed=0, dict_size=8, cache="acts-1", status="completed") -> tuple[Path, dict, dict]:
+    return folder, {"study": "s", "plugin": "run_1_parent"}, {
+        "status": status, "dict_size": dict_size, "activation_cache": cache, "provenance": {"seed": seed}}
+
+
+def test_a_decoder_within_a_thousandth_of_the_parents_newest_on_the_same_activations_and_seed_is_flagged(tmp_path):
+    W = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    info = {"dict_size": 8, "activation_cache": "acts-1"}
+    run = saved_run(tmp_path / "run", W * 1.0001)
+    close, far = saved_run(tmp_path / "close", W), saved_run(tmp_path / "far", W * 1.01)
+    warning = ("the decoder ended 0.0001 (relative) from parent run_1_parent's on the same activations and seed: "
+               "the change barely reached the model")
+    assert frontier.unmoved_decoder(run, "run_1_parent", info, [parent_entry(close)]) == warning
+    assert frontier.unmoved_decoder(run, "run_1_parent", info, [parent_entry(far)]) is None
+    assert frontier.unmoved_decoder(run, "run_1_parent", info, [parent_entry(close), parent_entry(far)]) is None
+    for other in (dict(seed=1), dict(dict_size=16), dict(cache="acts-2"), dict(status="failed")):
+        assert frontier.unmoved_decoder(run, "run_1_parent", info, [parent_entry(close, **other)]) is None, other
+    assert frontier.unmoved_decoder(run, "run_2_other", info, [parent_entry(close)]) is None
+
+
+def test_every_suspicious_result_becomes_a_warning(tmp_path):
+    run = tmp_path / "run"
+    saved_run(run, torch.ones(8, 4))
+    log = [logged(10.0, whisper_loss=0.0), {**logged(10.0, whisper_loss=0.0), "dead_fraction": 1.0}]
+    (run / "train_log.jsonl").write_text("".join(json.dumps(record) + "\n" for record in log))
+    metrics = {"sparsity": {"l0": 0}, "reconstruction_quality": {"explained_variance": -0.5, "explained_variance_legacy": 0.1}}
+    info = {"metrics": metrics, "dict_size": 8, "activation_cache": "acts-1"}
+    parent = tmp_path / "parent"
+    saved_run(parent, torch.ones(8, 4))
+    entry = parent_entry(parent)
+    index = [(entry[0], entry[1], {**entry[2], "metrics": metrics})]
+    assert frontier.suspicious(info, run, "run_1_parent", index) == [
+        "L0 is 0: no latent fires on the evaluation text",
+        "every latent is dead at the end of training",
+        "the training loss never moved",
+        "explained_variance is negative (-0.5): worse than predicting the mean",
+        "metrics identical to the last digit to parent run_1_parent's latest run: did the change reach the model?",
+        "whisper_loss is at most 0% of the loss at every logged step: it cannot change the model; raise its weight",
+        "the decoder ended 0 (relative) from parent run_1_parent's on the same activations and seed: "
+        "the change barely reached the model"]
+    log[1].update(total_loss=8.0, dead_fraction=0.5, whisper_loss=1.0)
+    (run / "train_log.jsonl").write_text("".join(json.dumps(record) + "\n" for record in log))
+    healthy = {"metrics": {"sparsity": {"l0": 12.0}}, "dict_size": 8, "activation_cache": "acts-1"}
+    assert frontier.suspicious(healthy, run, None, index) == []

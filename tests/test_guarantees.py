@@ -75,7 +75,7 @@ def test_a_run_killed_after_its_last_checkpointed_step_resumes_to_its_final_loss
     def killed(*args):
         raise RuntimeError("killed after training")
     with monkeypatch.context() as patch:
-        patch.setattr(experiment, "save_sae", killed)
+        patch.setattr(experiment, "save_trained", killed)
         with pytest.raises(RuntimeError, match="killed after training"):
             run_tiny("run_0_baseline", checkpoint_every=8)
     run_dir = sorted((notes.parent / "runs").iterdir())[-1]
