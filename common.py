@@ -59,14 +59,22 @@ class OneLineUsage(typer.core.TyperGroup):
         return code
 
 
+class Interrupted(Exception):
+    """Ctrl-C during training: raised after the checkpoint of the last completed step is saved."""
+
+
 @contextlib.contextmanager
 def one_line_errors():
-    """Bad input (HarnessError) ends a command with one `error:` line and exit code 2."""
+    """Bad input (HarnessError) ends a command with one `error:` line and exit code 2; Ctrl-C in
+    training (Interrupted, the run checkpointed) with one line and exit code 130."""
     try:
         yield
     except HarnessError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    except Interrupted as exc:
+        console.print(f"[yellow]{exc}; checkpoint saved; run the same command again to continue")
+        raise typer.Exit(130) from None
 
 
 def _block_mismatched_torchvision() -> None:

@@ -19,12 +19,11 @@ kernels.py, plot.py, bench.py, dashboard.py, cluster.py, analyses.py.
 
 from __future__ import annotations
 
-from common import (ROOT, HarnessError, OneLineUsage, activations_dir, cache_dir, console,  # first: its import guards
-                    one_line_errors)
+from common import (ROOT, HarnessError, Interrupted, OneLineUsage, activations_dir, cache_dir,  # first: its import guards
+                    console, one_line_errors)
 
 import ast
 import collections
-import contextlib
 import copy
 import dataclasses
 import difflib
@@ -56,8 +55,9 @@ import evals
 import frontier
 import kernels
 from notebook import append_notes, changed_setting, check_notes, notes_entry, study_header
-from runs import (CHECKPOINT, REPORT_LAG, Interrupted, NonFiniteLoss, StepLog, atomic_write, check_runs_root,
-                  check_writable, load_checkpoint, newest, provenance, read_json, run_index, runs_root, save_checkpoint, save_trained)
+from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_runs_root,
+                  check_writable, code_without_prose, load_checkpoint, newest, provenance, read_json, run_index,
+                  runs_root, save_checkpoint, save_trained)
 from sources import activation_scale, eval_contexts_needed, harvest, load_model, load_tokens
 
 # Run as a script, this file is `__main__`; plugins import `experiment`: make that the same module.
@@ -621,18 +621,6 @@ class Plugin:
         return digest.hexdigest()
 
 
-def code_without_prose(source: str) -> str:
-    """A Python file's syntax tree with every docstring removed, dumped: what the code does."""
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
-            node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree, include_attributes=False)
-
-
 def run_number(path: Path) -> int:
     """run_<n>_<slug>.py -> n."""
     return int(re.match(r"run_(\d+)", path.stem).group(1))
@@ -862,18 +850,14 @@ def setting(plugin: Plugin, info: dict) -> str:
 
 
 def saved_config(run_dir: Path, flag: str) -> tuple[RunConfig, Plugin]:
+    """The config and plugin a run folder was made with; for --resume, only where it has a checkpoint."""
     values = read_json(run_dir / "config.json")
     if not values:
         raise HarnessError(f"{flag} {run_dir} is not a run folder (no config.json)")
+    if flag == "--resume" and not (run_dir / CHECKPOINT).exists():
+        raise HarnessError(f"--resume {run_dir} has no {CHECKPOINT} to continue from; start a new run")
     cfg = RunConfig(**{**values, "evals": tuple(values["evals"])})
     return cfg, find_plugin(cfg.plugin)
-
-
-def resumable_run(run_dir: Path) -> tuple[RunConfig, Plugin]:
-    cfg, plugin = saved_config(run_dir, "--resume")
-    if not (run_dir / CHECKPOINT).exists():
-        raise HarnessError(f"--resume {run_dir} has no {CHECKPOINT} to continue from; start a new run")
-    return cfg, plugin
 
 
 def saved_sae(run_dir: Path, cfg: RunConfig, plugin: Plugin, device: torch.device) -> evals.ScaledSAE:
@@ -966,7 +950,7 @@ def run(
     with one_line_errors():
         try:
             if resume is not None:
-                cfg, found = resumable_run(resume)
+                cfg, found = saved_config(resume, "--resume")
                 run_dir = resume
             elif plugin is None:
                 raise HarnessError("--plugin is required (see `python experiment.py list`), or --resume RUN_DIR")
@@ -1011,7 +995,7 @@ def study(
     runs, resuming interrupted ones), then write its figures, compare table and notebook summary."""
     import studies
 
-    with one_line_errors(), interrupted_many():
+    with one_line_errors():
         check_notes(notes)
         check_runs_root(runs)
         overrides = dict(tokens=tokens, dict_size=dict_size, seed=seed, device=device, evals=split(evals))
@@ -1041,7 +1025,7 @@ def sweep(
     ones) into one sweep folder with a manifest, a line per run and a summary table."""
     import studies
 
-    with one_line_errors(), interrupted_many():
+    with one_line_errors():
         check_notes(notes)
         check_runs_root(runs)
         found = find_plugin(plugin)
@@ -1063,16 +1047,6 @@ def ray_runner(workers: int, address: str | None):
 
 def split(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-@contextlib.contextmanager
-def interrupted_many():
-    """Ctrl-C in a study or sweep: the run in progress is checkpointed; the same command continues."""
-    try:
-        yield
-    except Interrupted as exc:
-        console.print(f"[yellow]{exc}; checkpoint saved; run the same command again to continue")
-        raise typer.Exit(130) from None
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
@@ -1175,7 +1149,7 @@ def analyse(
     (reusing finished runs), writes a figure and appends a paragraph to the notebook."""
     import analyses
 
-    with one_line_errors(), interrupted_many():
+    with one_line_errors():
         check_notes(notes)
         check_runs_root(runs)
         overrides = dict(tokens=tokens, dict_size=dict_size, seed=seed, device=device, evals=split(evals))

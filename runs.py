@@ -16,10 +16,11 @@ says itself which plugin it ran: final_info.json's `run`, or for older folders c
 
 from __future__ import annotations
 
-from common import ROOT, HarnessError, console  # first: its import guards
+from common import ROOT, HarnessError, Interrupted, console  # first: its import guards
 
 import importlib.metadata
 import json
+import ast
 import collections
 import os
 import re
@@ -252,6 +253,18 @@ def save_sae(sae, scale: float, run_dir: Path) -> dict[str, Any]:
     return dict(architecture=export.cfg.architecture() if export is not None else None, exact=exact)
 
 
+def code_without_prose(source: str) -> str:
+    """A Python file's syntax tree with every docstring removed, dumped: what the code does."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False)
+
+
 def provenance(config: dict, plugin: str, source_sha256: str, device: torch.device, wall_time: float) -> dict:
     """What a run ran on and with: its config, plugin and source hash, commit, packages, device."""
     def git(*args):
@@ -342,10 +355,6 @@ REPORT_LAG = {"cuda": 1}
 
 class NonFiniteLoss(Exception):
     """A loss term became NaN or infinite: the run stops and is marked failed."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C during training: raised after the checkpoint of the last completed step is saved."""
 
 
 class StepLog:

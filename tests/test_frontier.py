@@ -275,7 +275,7 @@ def test_a_nearly_flat_sweep_suggests_by_the_proportional_rule_not_orders_of_mag
 
 def indexed(info: dict, plugin: str, cache: str = "acts-1", study: str = "baseline") -> tuple[Path, dict, dict]:
     """An entry of the run index (runs.run_index) for a made-up run folder."""
-    return Path(f"/runs/{plugin}/{len(info)}"), {"study": study, "plugin": plugin}, {**info, "activation_cache": cache}
+    return Path("runs") / study / plugin, {"study": study, "plugin": plugin}, {**info, "activation_cache": cache}
 
 
 def test_a_run_is_judged_against_each_baseline_swept_on_its_activations():
@@ -291,7 +291,7 @@ def test_a_run_is_judged_against_each_baseline_swept_on_its_activations():
 
     def knob_of(plugin):
         if plugin == "run_0_topk":
-            raise frontier.HarnessError("no plugin run_0_topk")
+            raise HarnessError("no plugin run_0_topk")
         return "sparsity_penalty"
     found = frontier.verdicts(run, index, "run_1_mine", knob_of)
     assert list(found) == ["run_0_baseline", "run_0_gated", "run_0_topk"]

@@ -62,7 +62,7 @@ def killed_after_step_15_and_resumed(run_tiny, notes, monkeypatch, plugin: str, 
         with pytest.raises(RuntimeError, match="killed"):
             run_tiny(plugin, checkpoint_every=8, **overrides)
     run_dir = sorted((notes.parent / "runs").iterdir())[-1]
-    cfg, found = experiment.resumable_run(run_dir)
+    cfg, found = experiment.saved_config(run_dir, "--resume")
     resumed = experiment.execute(cfg, found, run_dir, notes, resume=True)
     assert resumed["final_loss_terms"] == done["final_loss_terms"]
     for name, tensor in plugin_state(whole_dir).items():

@@ -79,7 +79,7 @@ def test_a_run_killed_after_its_last_checkpointed_step_resumes_to_its_final_loss
         with pytest.raises(RuntimeError, match="killed after training"):
             run_tiny("run_0_baseline", checkpoint_every=8)
     run_dir = sorted((notes.parent / "runs").iterdir())[-1]
-    cfg, plugin = experiment.resumable_run(run_dir)
+    cfg, plugin = experiment.saved_config(run_dir, "--resume")
     resumed = experiment.execute(cfg, plugin, run_dir, notes, resume=True)
     assert resumed["status"] == "completed" and resumed["final_loss_terms"] == done["final_loss_terms"]
 
