@@ -2,8 +2,8 @@
 seeds), one run re-scored, and the notebook rebuilt from the run folders.
 
 A run already completed with the same config and plugin code is reused, an interrupted one
-resumed from its checkpoint, so the same command again finishes what is left. With `workers` or
-a Ray `address`, each run not reused is a Ray task (cluster.py); analyses.py builds on these too.
+resumed from its checkpoint, so the same command again finishes what is left. Given cluster.py's
+runner (`--workers`, `--ray`), each run not reused is a Ray task; analyses.py builds on these too.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import evals
 import plot
 from experiment import (ANALYSES_FOLDER, Plugin, RunConfig, build_config, execute, find_plugin, finish, judged,
                         parent_info, parse_hyperparams, plugin_files, saved_config, saved_sae, setting)
-from kernels import configure_kernels, resolve_device
 from frontier import SWEEPABLE
+from kernels import configure_kernels, resolve_device
 from notebook import append_notes, notes_entry, result_lines, study_notes
 from runs import CHECKPOINT, atomic_write, headline, read_json, run_index
 from sources import load_model
