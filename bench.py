@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from common import cache_dir  # first: its import guards
+from common import OneLineUsageCommand, cache_dir  # first: its import guards
 
 import experiment
 import kernels
@@ -363,7 +363,7 @@ def bench_configs(preset: str, plugin: str | None, activations: str, set_: list[
     return cfgs
 
 
-@app.command()
+@app.command(cls=OneLineUsageCommand)
 def bench(
     preset: str = typer.Option("embedded", help="Model, layer and data (and lr, L1) come from this preset."),
     plugin: str = typer.Option(None, help="The architecture to time: a baseline plugin (plugins/baseline/); "

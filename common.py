@@ -36,10 +36,10 @@ class HarnessError(Exception):
     """Bad input or a missing resource: the CLI prints the message as one line and exits 2."""
 
 
-class OneLineUsage(typer.core.TyperGroup):
-    """A Typer app's command group whose usage errors (a malformed value, an unknown option, a
-    missing argument) end, as HarnessError does, with one `error:` line and exit code 2:
-    `typer.Typer(cls=OneLineUsage)`."""
+class OneLineUsageErrors:
+    """Usage errors (a malformed value, an unknown option, a missing argument) end, as HarnessError
+    does, with one `error:` line and exit code 2: `typer.Typer(cls=OneLineUsage)` for an app of
+    commands, `@app.command(cls=OneLineUsageCommand)` for an app of one."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
@@ -57,6 +57,14 @@ class OneLineUsage(typer.core.TyperGroup):
         if standalone_mode:
             sys.exit(code or 0)
         return code
+
+
+class OneLineUsage(OneLineUsageErrors, typer.core.TyperGroup):
+    pass
+
+
+class OneLineUsageCommand(OneLineUsageErrors, typer.core.TyperCommand):
+    pass
 
 
 class Interrupted(Exception):

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import ROOT, HarnessError, console, one_line_errors  # first: its import guards
+from common import ROOT, HarnessError, OneLineUsageCommand, console, one_line_errors  # first: its import guards
 
 import matplotlib  # noqa: E402
 
@@ -813,7 +813,7 @@ def compare_table(runs_dir: Path, study: str | None = None) -> Table:
 app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
 
 
-@app.command()
+@app.command(cls=OneLineUsageCommand)
 def main(
     runs: Path = typer.Option(ROOT / "runs", help="Searched at any depth for run folders (those holding "
                               "final_info.json), e.g. <study>/<plugin>/<timestamp>/."),

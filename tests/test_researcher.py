@@ -3,6 +3,7 @@ analysis (`load_run`, `runs_table`), and every command refusing malformed input 
 before any work."""
 
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -127,3 +128,11 @@ def test_a_malformed_value_is_refused_in_one_line_with_nothing_written(tmp_path,
     assert refused.exit_code == 2, refused.output
     assert refused.output.count("\n") == 1 and refused.output.startswith("error:"), refused.output
     assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("script, args", [("bench.py", ["--steps", "many"]), ("plot.py", ["--runs"])])
+def test_the_side_scripts_refuse_malformed_input_in_one_line(script, args):
+    done = subprocess.run([sys.executable, str(experiment.ROOT / script), *args], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error:"), done.stderr
