@@ -298,9 +298,6 @@ class SAE(BaseSAE):
         a revived latent re-initialises and Trainer.reset_optimizer_state clears."""
         return [(self.W_enc, 1), (self.W_dec, 0), (self.b_enc, 0)]
 
-    def on_step_end(self, step: int) -> None:
-        """Called after every optimizer step (EMA updates, resampling...)."""
-
     def final_info(self) -> dict[str, Any]:
         """Extra results a plugin measures (small: scalars, short lists), merged into
         final_info.json and the notebook entry."""
@@ -380,12 +377,11 @@ class _LossModule(torch.nn.Module):
 class Trainer:
     """Adam with linear LR warm-up; keeps decoder rows at unit norm. One step is
 
-        out = sae.loss(x, step);  backward(out, step);  apply_update(step);
-        sae.on_step_end(step);  after_step(x, out, step)
+        out = sae.loss(x, step);  backward(out, step);  apply_update(step);  after_step(x, out, step)
 
     and plugins override the hooks, not the step: make_optimizer / make_scheduler, backward
-    (gradient surgery), apply_update (clipping, projections, accumulation), after_step
-    (resampling, revival). A hook may add diagnostics to out.stats."""
+    (gradient surgery), apply_update (clipping, projections, accumulation), after_step (the SAE's
+    running state, resampling, revival). A hook may add diagnostics to out.stats."""
 
     OWN = ("sae", "run_cfg", "optimizer", "scheduler", "loss_fn")  # the rest of a Trainer is plugin state, checkpointed
 
@@ -416,7 +412,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.backward(out, step)
         self.apply_update(step)
-        self.sae.on_step_end(step)
         self.after_step(x, out, step)
         return sum(out.terms.values()).detach(), out
 
@@ -432,7 +427,8 @@ class Trainer:
         self.sae.normalize_decoder()
 
     def after_step(self, x: torch.Tensor, out: LossOutput, step: int) -> None:
-        """After the update and sae.on_step_end: resampling, revival."""
+        """After the update, the one post-step hook: the SAE's running state (dead counters,
+        schedules), resampling, revival."""
 
     @torch.no_grad()
     def reset_optimizer_state(self, latents: torch.Tensor) -> None:

@@ -75,7 +75,7 @@ def test_run_2_regroups_only_after_the_step_that_closes_a_period():
     for step in range(period):
         sae.loss(batch(step), step)
         assert torch.equal(sae.groups, initial)
-        sae.on_step_end(step)
+        sae.regroup_if_due(step)  # as Trainer.after_step calls it
     assert not torch.equal(sae.groups, initial)
     assert sae.profile_sum.abs().sum() == 0 and not sae.fired_in_period.any()
 
@@ -175,5 +175,5 @@ def test_locked_latents_never_fire():
     sae, _ = build(RUN_9)
     f = sae.encode(batch(0))
     assert (f[:, 64:] == 0).all() and (f[:, :64] > 0).any()
-    sae.on_step_end(sae.run_cfg.scaled_steps(1000) - 1)
+    sae.unlock_due(sae.run_cfg.scaled_steps(1000) - 1)
     assert sae.unlocked.sum() == round(0.35 * 256)

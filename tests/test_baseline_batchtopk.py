@@ -22,73 +22,27 @@ gradient is radial, and the harness projects radial gradients out). SAELens's tr
 mode still takes the batch's top k·B; its inference model is the JumpReLU SAE its
 `save_inference_model` writes, θ in every latent: that is what our `sae.eval()` is compared with.
 Every comparison is to 1e-5 relative (in norm, over the whole tensor); supports are compared
-exactly."""
-
-import json
+exactly. Every check runs on the Matryoshka baseline too, which builds on this one
+(tests/test_baseline_matryoshka.py tests its prefixes)."""
 
 import pytest
 import torch
-from helpers import assert_same_state, tiny_model_activations
+from helpers import (PARITY_D_IN, PARITY_D_SAE, PARAMS, assert_close_in_norm, assert_export_is_the_evaluated_sae,
+                     assert_same_state, batch, exported, make_sae, sae_lens_pass, sae_lens_twin,
+                     tiny_model_activations, trained_sae)
 from safetensors.torch import load_file
 
 import experiment
-import evals
-from runs import save_sae
 
-KEY = "baseline/run_0_batchtopk"
-D_IN, D_SAE = 64, 256
-RTOL = 1e-5
-PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+FAMILY = ["baseline/run_0_batchtopk", "baseline/run_0_matryoshka"]
+D_IN, D_SAE = PARITY_D_IN, PARITY_D_SAE
 
 
-def assert_close(ours, theirs, what):
-    assert ours.shape == theirs.shape, what
-    diff, size = (ours.double() - theirs.double()).norm().item(), theirs.double().norm().item()
-    assert diff <= RTOL * size, f"{what}: |ours - SAELens| = {diff:.3g}, |SAELens| = {size:.3g}"
-
-
-def make_sae(key, seed=0, never_firing=8, **hp):
-    """The plugin's SAE away from its initial weights (decoder rows on the unit sphere, as the
-    harness keeps them); the last `never_firing` latents get a bias that keeps them off, so that
-    they go dead after dead_steps steps."""
-    plugin = experiment.find_plugin(key)
-    torch.manual_seed(seed)
-    sae = plugin.sae_class(D_IN, D_SAE, plugin.hyperparams_class(**hp), experiment.build_config("tiny", key))
-    with torch.no_grad():
-        sae.W_enc.copy_(sae.W_dec.T + 0.05 * torch.randn(D_IN, D_SAE))
-        sae.b_enc.copy_(0.3 * torch.randn(D_SAE))
-        sae.b_dec.copy_(0.3 * torch.randn(D_IN))
-        sae.b_enc[D_SAE - never_firing:] = -30.0  # ten standard deviations of pre below 0
-    return sae
-
-
-def sae_lens_twin(sae, rescale: bool):
-    """SAELens's training SAE of the plugin's kind holding our weights and θ, built here (not by
-    the plugin's hook)."""
-    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
-    from sae_lens.saes.matryoshka_batchtopk_sae import (
-        MatryoshkaBatchTopKTrainingSAE,
-        MatryoshkaBatchTopKTrainingSAEConfig,
-    )
-
-    hp = sae.hp
-    common = dict(d_in=D_IN, d_sae=D_SAE, k=hp.k, topk_threshold_lr=hp.topk_threshold_lr, dtype="float32",
-                  device="cpu", aux_loss_coefficient=hp.aux_loss_coefficient, rescale_acts_by_decoder_norm=rescale)
-    if hasattr(hp, "prefix_fractions"):
-        widths = [round(f * D_SAE) for f in hp.prefix_fractions]
-        ref = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(**common, matryoshka_widths=widths))
-    else:
-        ref = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
-    with torch.no_grad():
-        for name in PARAMS:
-            getattr(ref, name).copy_(getattr(sae, name))
-        ref.topk_threshold.copy_(sae.topk_threshold)
-    return ref
-
-
-def batch(seed, n=256):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, D_IN, generator=gen) * 3 + 1
+def train_and_held_activations() -> tuple[torch.Tensor, torch.Tensor]:
+    """Real activations of the tiny model at blocks.1.hook_resid_post, BOS dropped as in harvest,
+    in the model's scale: (train, held-out) rows of the same synthetic text."""
+    acts = tiny_model_activations(288)
+    return acts[:256].reshape(-1, D_IN), acts[256:].reshape(-1, D_IN)
 
 
 class SAELensDeadCounts:
@@ -106,13 +60,6 @@ class SAELensDeadCounts:
         self.n_forward_passes_since_fired[did_fire] = 0
 
 
-def sae_lens_pass(ref, x, step, dead):
-    from sae_lens.saes.sae import TrainStepInput
-
-    return ref.train().training_forward_pass(TrainStepInput(
-        sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=False))
-
-
 AUXK = "auxiliary_reconstruction_loss"
 
 
@@ -120,20 +67,20 @@ def compare_pass(sae, out, theirs, x):
     """Latents, pre-activations, reconstruction, every term and the total. No sparsity_loss;
     where ours has no AuxK term yet (step ≤ dead_steps), SAELens's is exactly 0."""
     assert torch.equal(out.latents > 0, theirs.feature_acts > 0), "latent supports"
-    assert_close(out.latents, theirs.feature_acts, "latents")
-    assert_close(sae.pre_activation(x), theirs.hidden_pre, "pre-activations")
-    assert_close(sae.decode(out.latents), theirs.sae_out, "reconstruction")
+    assert_close_in_norm(out.latents, theirs.feature_acts, "latents")
+    assert_close_in_norm(sae.pre_activation(x), theirs.hidden_pre, "pre-activations")
+    assert_close_in_norm(sae.decode(out.latents), theirs.sae_out, "reconstruction")
     names = {"l2_loss": "mse_loss", **{name: name for name in out.terms if name != "l2_loss"}}
     assert "sparsity_loss" not in out.terms and set(theirs.losses) == set(names.values()) | {AUXK}
     for ours_name, their_name in names.items():
-        assert_close(out.terms[ours_name], theirs.losses[their_name], ours_name)
+        assert_close_in_norm(out.terms[ours_name], theirs.losses[their_name], ours_name)
     if AUXK not in out.terms:
         assert theirs.losses[AUXK].item() == 0
-    assert_close(sum(out.terms.values()), theirs.loss, "total loss")
+    assert_close_in_norm(sum(out.terms.values()), theirs.loss, "total loss")
 
 
 def run_side_by_side(sae, refs, steps=8, first_dead=(), first_step=100):
-    """`steps` training passes (no update; on_step_end as the trainer calls it) of ours and of
+    """`steps` training passes (no update; the dead counters moved as the trainer's after_step moves them) of ours and of
     each SAELens twin on the same batches, numbered from `first_step`, with SAELens's trainer's
     dead mask; returns the AuxK values seen (None: no such term) and the dead counts."""
     start = torch.zeros(D_SAE)
@@ -145,11 +92,11 @@ def run_side_by_side(sae, refs, steps=8, first_dead=(), first_step=100):
         step, x, dead = first_step + i, batch(i), counts.dead_neurons()
         assert torch.equal(sae.dead_latents(), dead), f"step {step}: the dead mask is not SAELens's trainer's"
         out = sae.train().loss(x, step)
-        sae.on_step_end(step)
+        sae.update_dead_counters()
         for ref in refs:
             theirs = sae_lens_pass(ref, x, step, dead)
             compare_pass(sae, out, theirs, x)
-            assert_close(sae.topk_threshold, ref.topk_threshold, "θ after the pass")
+            assert_close_in_norm(sae.topk_threshold, ref.topk_threshold, "θ after the pass")
         counts.after_step(theirs.feature_acts)
         aux.append(out.terms[AUXK].item() if AUXK in out.terms else None)
         n_dead.append(int(dead.sum()))
@@ -157,11 +104,8 @@ def run_side_by_side(sae, refs, steps=8, first_dead=(), first_step=100):
 
 
 @pytest.mark.parametrize("first_dead", [range(10), range(60)], ids=["few_dead", "many_dead"])
-def test_training_passes_equal_sae_lens_with_its_trainers_dead_mask(first_dead):
-    passes_equal_sae_lens(KEY, first_dead)
-
-
-def passes_equal_sae_lens(key, first_dead):
+@pytest.mark.parametrize("key", FAMILY, ids=["batchtopk", "matryoshka"])
+def test_training_passes_equal_sae_lens_with_its_trainers_dead_mask(key, first_dead):
     """Past step dead_steps (4 here), dead at the start: 10 latents (AuxK scaled by 10/32) or 60
     (more than k_aux = 32); they fire and revive, then the 8 never-firing latents go dead once
     they have not fired in dead_steps steps."""
@@ -173,11 +117,8 @@ def passes_equal_sae_lens(key, first_dead):
     assert sae.topk_threshold > 0
 
 
-def test_auxk_is_neither_computed_nor_logged_before_anything_can_be_dead():
-    auxk_starts_after_dead_steps(KEY)
-
-
-def auxk_starts_after_dead_steps(key):
+@pytest.mark.parametrize("key", FAMILY, ids=["batchtopk", "matryoshka"])
+def test_auxk_is_neither_computed_nor_logged_before_anything_can_be_dead(key):
     """From step 0, nothing can be dead before step dead_steps + 1 (SAELens's AuxK is 0 there);
     the never-firing latents are dead from then on, and the term is SAELens's."""
     sae = make_sae(key, dead_steps=4)
@@ -191,11 +132,8 @@ def radial_free(grad, W_dec):
     return grad - (grad * W_dec).sum(1, keepdim=True) * W_dec
 
 
-def test_gradients_equal_sae_lens():
-    gradients_equal_sae_lens(KEY)
-
-
-def gradients_equal_sae_lens(key):
+@pytest.mark.parametrize("key", FAMILY, ids=["batchtopk", "matryoshka"])
+def test_gradients_equal_sae_lens(key):
     """Every parameter's gradient of the total, with dead latents in the AuxK term."""
     sae = make_sae(key, dead_steps=4)
     refs = {rescale: sae_lens_twin(sae, rescale) for rescale in (False, True)}
@@ -208,19 +146,16 @@ def gradients_equal_sae_lens(key):
         theirs = sae_lens_pass(ref, x, 0, dead)
         grads = dict(zip(PARAMS, torch.autograd.grad(theirs.loss, [getattr(ref, n) for n in PARAMS])))
         for name in ("W_enc", "b_enc", "b_dec"):
-            assert_close(getattr(sae, name).grad, grads[name], f"grad {name} (rescale {rescale})")
+            assert_close_in_norm(getattr(sae, name).grad, grads[name], f"grad {name} (rescale {rescale})")
         W_dec = sae.W_dec.detach()
         if rescale:  # ‖W_dec,i‖'s own gradient is radial: compare along the sphere
-            assert_close(radial_free(sae.W_dec.grad, W_dec), radial_free(grads["W_dec"], W_dec), "grad W_dec")
+            assert_close_in_norm(radial_free(sae.W_dec.grad, W_dec), radial_free(grads["W_dec"], W_dec), "grad W_dec")
         else:
-            assert_close(sae.W_dec.grad, grads["W_dec"], "grad W_dec")
+            assert_close_in_norm(sae.W_dec.grad, grads["W_dec"], "grad W_dec")
 
 
-def test_inference_encoding_equals_sae_lens_saved_inference_model(tmp_path):
-    inference_equals_sae_lens(KEY, tmp_path)
-
-
-def inference_equals_sae_lens(key, tmp_path):
+@pytest.mark.parametrize("key", FAMILY, ids=["batchtopk", "matryoshka"])
+def test_inference_encoding_equals_sae_lens_saved_inference_model(key, tmp_path):
     """After a few training passes (θ > 0), SAELens's own conversion to its inference model (a
     JumpReLU SAE) encodes and decodes as our eval-mode SAE."""
     from sae_lens import SAE as SAELensSAE
@@ -238,15 +173,12 @@ def inference_equals_sae_lens(key, tmp_path):
         f = sae.eval().encode(x)
         assert 0 < (f > 0).float().mean() < 1
         assert torch.equal(f > 0, inference.encode(x) > 0)
-        assert_close(f, inference.encode(x), "eval encode vs SAELens's JumpReLUSAE")
-        assert_close(sae.decode(f), inference.decode(f), "decode vs SAELens's JumpReLUSAE")
+        assert_close_in_norm(f, inference.encode(x), "eval encode vs SAELens's JumpReLUSAE")
+        assert_close_in_norm(sae.decode(f), inference.decode(f), "decode vs SAELens's JumpReLUSAE")
 
 
-def test_the_bench_hook_gives_sae_lens_twin_and_no_coefficients():
-    bench_hook_gives_the_twin(KEY)
-
-
-def bench_hook_gives_the_twin(key):
+@pytest.mark.parametrize("key", FAMILY, ids=["batchtopk", "matryoshka"])
+def test_the_bench_hook_gives_sae_lens_twin_and_no_coefficients(key):
     sae = make_sae(key)
     sae.topk_threshold.fill_(0.25)
     hooked, coefficients = sae.sae_lens_training()
@@ -258,30 +190,19 @@ def bench_hook_gives_the_twin(key):
     assert_same_state(hooked, twin)
 
 
-@pytest.fixture(scope="module")
-def tiny_activations():
-    """Real activations of the tiny model at blocks.1.hook_resid_post, BOS dropped as in harvest,
-    in the model's scale: (train, held-out) rows of the same synthetic text."""
-    acts = tiny_model_activations(288)
-    return acts[:256].reshape(-1, D_IN), acts[256:].reshape(-1, D_IN)
-
-
 def l0(f):
     return (f > 0).float().sum(-1).mean().item()
 
 
-def test_inference_l0_is_k_once_the_threshold_has_converged(tiny_activations):
-    inference_l0_is_k(KEY, tiny_activations)
-
-
-def inference_l0_is_k(key, tiny_activations):
+@pytest.mark.parametrize("key", FAMILY, ids=["batchtopk", "matryoshka"])
+def test_inference_l0_is_k_once_the_threshold_has_converged(key):
     """Training and inference encodings agree in expectation. θ starts at 0 (an eval-mode SAE
     then fires like a ReLU SAE, far above k: evaluating before θ has converged is the trap); after
     training, and enough training-mode passes for θ's running mean (rate 0.01) to settle on the
     final weights, the JumpReLU encoding of held-out tokens fires k latents per token to within
     5% (θ is E[a batch's smallest kept activation], not the cut-off of any one batch, so not
     exactly k), keeps the latents training would keep, and reconstructs as well."""
-    train, held = tiny_activations
+    train, held = train_and_held_activations()
     scale = experiment.activation_scale(train.numpy())
     train, held = train * scale, held * scale
     plugin, cfg = experiment.find_plugin(key), experiment.build_config("tiny", key)
@@ -313,46 +234,28 @@ def inference_l0_is_k(key, tiny_activations):
     assert abs(mse[1] / mse[0] - 1) < 0.05, mse
 
 
-def test_export_loads_in_sae_lens_as_jumprelu_and_equals_the_evaluated_sae(tiny_activations, tmp_path):
-    export_equals_evaluated_sae(KEY, tiny_activations, tmp_path)
-
-
-def export_equals_evaluated_sae(key, tiny_activations, tmp_path):
+@pytest.mark.parametrize("key", FAMILY, ids=["batchtopk", "matryoshka"])
+def test_export_loads_in_sae_lens_as_jumprelu_and_equals_the_evaluated_sae(key, tmp_path):
     """Train on real activations, save as the harness does, load with SAELens: a JumpReLUSAE with
     θ in every latent, encoding and decoding as the evaluated ScaledSAE."""
-    from sae_lens import SAE as SAELensSAE
     from sae_lens import JumpReLUSAE
 
-    acts = torch.cat(tiny_activations)
-    scale = experiment.activation_scale(acts.numpy())
-    plugin, cfg = experiment.find_plugin(key), experiment.build_config("tiny", key)
-    torch.manual_seed(0)
-    sae = plugin.sae_class(D_IN, D_SAE, plugin.hyperparams_class(), cfg)
-    trainer = plugin.trainer_class(sae, cfg)
-    for step in range(20):
-        trainer.step(acts[256 * step:256 * (step + 1)] * scale, step)
+    acts = torch.cat(train_and_held_activations())
+    sae, scale = trained_sae(key, acts, D_SAE, rows=256)
     assert sae.topk_threshold > 0
-    assert save_sae(sae, scale, tmp_path) == {"architecture": "jumprelu", "exact": True}
+    loaded = exported(sae, scale, tmp_path, "jumprelu")
     state = load_file(tmp_path / "plugin_state.safetensors")  # the harness's exact reload keeps θ in float64
     assert state["topk_threshold"].dtype == torch.float64 and torch.equal(state["topk_threshold"], sae.topk_threshold)
-    assert json.loads((tmp_path / "cfg.json").read_text())["metadata"]["harness_export"] == "exact"
-    loaded = SAELensSAE.load_from_disk(tmp_path)
     assert type(loaded) is JumpReLUSAE
     assert torch.equal(loaded.threshold, torch.full((D_SAE,), sae.topk_threshold.item()))
-    ours = evals.ScaledSAE(sae.eval(), scale)
-    with torch.no_grad():
-        f = ours.encode(acts)
-        assert 0 < (f > 0).float().mean() < 1
-        assert torch.equal(loaded.encode(acts) > 0, f > 0)
-        assert_close(loaded.encode(acts), f, "exported encode")
-        assert_close(loaded.decode(f), ours.decode(f), "exported decode")
-        assert_close(loaded(acts), ours(acts), "exported forward")
+    f = assert_export_is_the_evaluated_sae(loaded, sae, scale, acts)
+    assert torch.equal(loaded.encode(acts) > 0, f > 0)
 
 
 def test_the_threshold_stays_float64_when_the_sae_is_cast():
     """sae_bench casts the SAE to the model's dtype (bf16 on CUDA); θ keeps its float64 (SAELens
     keeps it so: the running mean's small steps), and is compared in the pre-activations' dtype."""
-    sae = make_sae(KEY)
+    sae = make_sae(FAMILY[0])
     sae.topk_threshold.fill_(0.3)
     sae.to(torch.bfloat16)
     assert sae.W_enc.dtype == torch.bfloat16 and sae.topk_threshold.dtype == torch.float64

@@ -16,15 +16,11 @@ encodes and decodes real tiny-model activations as `ScaledSAE` does. Also held: 
 the installed SAELens's (raw threshold parameter, "step" L0, no pre-activation loss, STE to the
 threshold only), the threshold projection onto θ ≥ 0, and θ staying float32 in a bf16 SAE."""
 
-import json
-
 import pytest
 import torch
-from helpers import assert_same_state, tiny_model_activations
+from helpers import assert_export_is_the_evaluated_sae, assert_same_state, exported, tiny_model_activations, trained_sae
 
 import experiment
-import evals
-from runs import save_sae
 
 KEY = "baseline/run_0_jumprelu"
 D_IN, D_SAE = 64, 256
@@ -158,7 +154,7 @@ def test_the_threshold_is_projected_onto_non_negative_values_as_sae_lens_does():
     twin = sae_lens_twin(sae).train()
     theirs = twin.training_forward_pass(TrainStepInput(
         sae_in=x, coefficients={"l0": 1.0}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False))
-    sae.on_step_end(0)
+    sae.project_threshold()
     assert sae.threshold.min() == 0 and torch.equal(sae.threshold.detach(), twin.threshold.detach())
     assert_close(sae.train().loss(x, 0).latents, theirs.feature_acts, "latents after the projection")
 
@@ -219,37 +215,15 @@ def test_the_bench_hook_gives_sae_lens_s_twin_and_coefficients():
     assert_same_state(hooked, twin)
 
 
-@pytest.fixture(scope="module")
-def tiny_activations():
-    """Real activations of the tiny model at blocks.1.hook_resid_post, BOS dropped as in harvest."""
-    return tiny_model_activations(16).reshape(-1, 64)
-
-
-def test_export_loads_in_sae_lens_as_jumprelu_and_equals_the_evaluated_sae(tiny_activations, tmp_path):
-    from sae_lens import SAE as SAELensSAE
+def test_export_loads_in_sae_lens_as_jumprelu_and_equals_the_evaluated_sae(tmp_path):
     from sae_lens import JumpReLUSAE
 
-    acts = tiny_activations
-    scale = experiment.activation_scale(acts.numpy())
-    plugin = experiment.find_plugin(KEY)
-    cfg = experiment.build_config("tiny", KEY)
-    torch.manual_seed(0)
-    sae = plugin.sae_class(acts.shape[1], D_SAE, plugin.hyperparams_class(), cfg)
-    trainer = plugin.trainer_class(sae, cfg)
-    for step in range(20):
-        trainer.step(acts * scale, step)
+    acts = tiny_model_activations(16).reshape(-1, D_IN)
+    sae, scale = trained_sae(KEY, acts, D_SAE)
     assert sae.threshold.std() > 0 and sae.threshold.min() >= 0 and sae.b_dec.abs().max() > 0
-
-    assert save_sae(sae, scale, tmp_path) == {"architecture": "jumprelu", "exact": True}
-    assert json.loads((tmp_path / "cfg.json").read_text())["metadata"]["harness_export"] == "exact"
-    loaded = SAELensSAE.load_from_disk(tmp_path)
+    loaded = exported(sae, scale, tmp_path, "jumprelu")
     assert type(loaded) is JumpReLUSAE
     assert torch.equal(loaded.threshold.detach(), sae.threshold.detach())
-    ours = evals.ScaledSAE(sae.eval(), scale)
     with torch.no_grad():
         assert no_ties(sae.pre_activation(acts * scale), sae.threshold, sae.hp.bandwidth)
-        f = ours.encode(acts)
-        assert 0 < (f > 0).float().mean() < 1
-        assert_close(loaded.encode(acts), f, "exported encode")
-        assert_close(loaded.decode(f), ours.decode(f), "exported decode")
-        assert_close(loaded(acts), ours(acts), "exported forward")
+    assert_export_is_the_evaluated_sae(loaded, sae, scale, acts, close=assert_close)

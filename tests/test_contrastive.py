@@ -155,7 +155,7 @@ def test_temperature_anneals_and_competition_leaves_window_winners_intact():
     x = torch.randn(256, 64) * 3
     assert float(sae.temperature) == pytest.approx(1.0)
     for step in range(trainer.run_cfg.steps):
-        sae.on_step_end(step)
+        sae.anneal_temperature(step)
     assert float(sae.temperature) == pytest.approx(0.05)
     windows = sae.windows(sae.encode(x)).detach()
     # with a sharp temperature each competing window is dominated by its winner

@@ -130,13 +130,9 @@ def test_a_step_calls_the_hooks_in_order_with_the_step_number():
             calls.append(("after_step", step))
             out.stats["from_hook"] = 1.0
 
-    class Ended(experiment.SAE):
-        def on_step_end(self, step):
-            calls.append(("on_step_end", step))
-
-    sae = base_sae(cls=Ended)
+    sae = base_sae()
     total, out = Hooked(sae, CFG).step(torch.randn(8, 16), 5)
-    assert calls == [("backward", 5), ("apply_update", 5, True), ("on_step_end", 5), ("after_step", 5)]
+    assert calls == [("backward", 5), ("apply_update", 5, True), ("after_step", 5)]
     assert out.stats["from_hook"] == 1.0 and total == sum(out.terms.values()).detach()
 
 

@@ -95,7 +95,7 @@ def test_adaptive_tau_moves_away_from_its_start(run_tiny):
 def test_adaptive_tau_steps_towards_the_selected_pairs_median_overlap():
     sae = sae_for(RUN_2)
     trainer = experiment.Trainer(sae, sae.run_cfg)
-    trainer.step(batch(0), 0)  # the harness step calls on_step_end after the update
+    trainer.step(batch(0), 0)  # the trainer's after_step moves τ after the update
     pairs = sae.pairs[sae.pairs >= 0]
     median = sae.pair_cosines(pairs).abs().median().item()
     expected = 0.99 * 0.1 + 0.01 * median

@@ -28,9 +28,15 @@ class SAE(parent.SAE):
         self.profile_sum += parent.latent_profiles(fwd.x, fwd.f)
         self.fired_in_period |= (fwd.f > 0).any(0)
 
-    def on_step_end(self, step):
-        super().on_step_end(step)
+    def regroup_if_due(self, step: int) -> None:
+        """After each update (Trainer.after_step): regroup at the end of every grouping period."""
         if (step + 1) % self.run_cfg.scaled_steps(self.hp.group_every) == 0:
             self.regroup(self.profile_sum, self.fired_in_period)
             self.profile_sum.zero_()
             self.fired_in_period.zero_()
+
+
+class Trainer(parent.Trainer):
+    def after_step(self, x, out, step):
+        super().after_step(x, out, step)
+        self.sae.regroup_if_due(step)

@@ -42,7 +42,13 @@ class SAE(parent.SAE):
         fwd.stats["unlocked_fraction"] = self.unlocked.mean()
         return terms
 
-    def on_step_end(self, step):
-        super().on_step_end(step)
+    def unlock_due(self, step: int) -> None:
+        """After each update (Trainer.after_step): the latents unlocked by this step."""
         rounds = (step + 1) // self.run_cfg.scaled_steps(self.hp.unlock_every)
         self.unlock(self.hp.initial_unlocked + rounds * self.hp.unlock_fraction)
+
+
+class Trainer(parent.Trainer):
+    def after_step(self, x, out, step):
+        super().after_step(x, out, step)  # the parent's regrouping first, as the notebook's loop has it
+        self.sae.unlock_due(step)

@@ -124,7 +124,7 @@ class SAE(parent.SAE):
 
     def sae_lens_training(self):
         """SAELens's BatchTopKTrainingSAE holding these weights and θ; it takes no coefficients."""
-        if not self.keeps(*FORMULA, "on_step_end", since=SAE):
+        if not self.keeps(*FORMULA, "update_dead_counters", since=SAE):
             return None
         from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 

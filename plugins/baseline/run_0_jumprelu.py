@@ -129,9 +129,9 @@ class SAE(parent.SAE):
         fwd.stats["mean_threshold"] = self.threshold.mean()  # θ is the L0 penalty's only lever: logged
 
     @torch.no_grad()
-    def on_step_end(self, step):
-        super().on_step_end(step)
-        self.threshold.clamp_(min=0.0)  # SAELens's projection onto θ ≥ 0 (see the docstring)
+    def project_threshold(self) -> None:
+        """After each update (Trainer.after_step): SAELens's projection onto θ ≥ 0 (see the docstring)."""
+        self.threshold.clamp_(min=0.0)
 
     def sae_lens_export(self, scale):
         """SAELens's JumpReLUSAE in the model's scale: θ compares pre-activations, which the
@@ -157,3 +157,9 @@ class SAE(parent.SAE):
             jumprelu_bandwidth=hp.bandwidth, l0_coefficient=hp.l0_coefficient, l0_warm_up_steps=hp.l0_warm_up_steps))
         ref.load_state_dict({k: v.detach().clone() for k, v in self.state_dict().items()}, strict=False)
         return ref, {"l0": hp.l0_coefficient}
+
+
+class Trainer(parent.Trainer):
+    def after_step(self, x, out, step):
+        self.sae.project_threshold()
+        super().after_step(x, out, step)

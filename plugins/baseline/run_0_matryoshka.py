@@ -75,7 +75,7 @@ class SAE(parent.SAE):
 
     def sae_lens_training(self):
         """SAELens's MatryoshkaBatchTopKTrainingSAE holding these weights and θ."""
-        if not self.keeps(*FORMULA, "on_step_end", since=SAE):
+        if not self.keeps(*FORMULA, "update_dead_counters", since=SAE):
             return None
         from sae_lens.saes.matryoshka_batchtopk_sae import (
             MatryoshkaBatchTopKTrainingSAE,

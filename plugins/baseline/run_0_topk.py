@@ -64,7 +64,7 @@ class SAE(parent.SAE):
         # Training steps since each latent last fired (SAELens's n_forward_passes_since_fired);
         # a buffer, so it is checkpointed with the weights.
         self.register_buffer("steps_since_fired", torch.zeros(d_sae, dtype=torch.long, device=device))
-        self.fired: torch.Tensor | None = None  # this step's firing, from observe to on_step_end
+        self.fired: torch.Tensor | None = None  # this step's firing, from observe to update_dead_counters
 
     def activation(self, pre, x):
         values, indices = pre.topk(self.hp.k, dim=-1, sorted=False)
@@ -77,8 +77,8 @@ class SAE(parent.SAE):
     def observe(self, fwd):
         self.fired = (fwd.f > 0).any(dim=0)
 
-    def on_step_end(self, step):
-        """The dead counters move after the step, so a step's AuxK sees the mask from before it."""
+    def update_dead_counters(self) -> None:
+        """After each update (Trainer.after_step), so that a step's AuxK sees the mask from before it."""
         if self.fired is None:
             return
         fired = self.fired
@@ -132,7 +132,7 @@ class SAE(parent.SAE):
     def sae_lens_training(self):
         """SAELens's TopKTrainingSAE with these weights (its default rescale_acts_by_decoder_norm,
         the same SAE on our unit-norm rows), and its coefficients: none."""
-        if not self.keeps(*FORMULA, "on_step_end", since=SAE):
+        if not self.keeps(*FORMULA, "update_dead_counters", since=SAE):
             return None
         from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
@@ -142,3 +142,9 @@ class SAE(parent.SAE):
             device=str(self.W_dec.device)))
         ref.load_state_dict({k: v.detach().clone() for k, v in self.named_parameters()}, strict=False)
         return ref, {}
+
+
+class Trainer(parent.Trainer):
+    def after_step(self, x, out, step):
+        self.sae.update_dead_counters()
+        super().after_step(x, out, step)

@@ -83,8 +83,13 @@ class SAE(parent.SAE):
                          gate_mean=2 * torch.sigmoid(self.gate_logits.detach()).mean())
         return {**terms, "competition_loss": self.hp.competition_weight * loser_mass}
 
-    def on_step_end(self, step):
-        super().on_step_end(step)
+    def anneal_temperature(self, step: int) -> None:
+        """After each update (Trainer.after_step): the competition's temperature for the next step."""
         hp = self.hp
         self.temperature.fill_(self.anneal(hp.temperature_start, hp.temperature_end, step + 1))
 
+
+class Trainer(parent.Trainer):
+    def after_step(self, x, out, step):
+        self.sae.anneal_temperature(step)
+        super().after_step(x, out, step)

@@ -30,8 +30,15 @@ class SAE(parent.SAE):
         return self.tau_ema
 
     @torch.no_grad()
-    def on_step_end(self, step):
+    def update_tau(self) -> None:
+        """After each update (Trainer.after_step): τ's EMA towards this step's pair-cosine quantile."""
         selected = self.pairs[self.pairs >= 0]
         if len(selected):
             target = self.pair_cosines(selected).abs().quantile(self.hp.tau_quantile)
             self.tau_ema.lerp_(target, 1 - self.hp.tau_decay)
+
+
+class Trainer(parent.Trainer):
+    def after_step(self, x, out, step):
+        self.sae.update_tau()
+        super().after_step(x, out, step)

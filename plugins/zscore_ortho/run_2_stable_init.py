@@ -40,11 +40,12 @@ class SAE(parent.SAE):
         else:
             super().update_ema(statistic, batch_value)
 
-    def on_step_end(self, step):
-        self.steps_seen += 1
-
 
 class Trainer(parent.Trainer):
+    def after_step(self, x, out, step):
+        self.sae.steps_seen += 1
+        super().after_step(x, out, step)
+
     def apply_update(self, step):
         torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.sae.hp.grad_clip)
         super().apply_update(step)
