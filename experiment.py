@@ -363,16 +363,6 @@ def keeps_methods(cls: type, names: tuple[str, ...], since: type) -> bool:
 # ----------------------------------------------------------------------------------------------
 # Training: the Trainer's step and hooks; the loop over the cached activations, its log and checkpoints.
 
-class _LossModule(torch.nn.Module):
-    """DistributedDataParallel wraps a module's forward; this one's forward is the SAE's loss."""
-
-    def __init__(self, sae: SAE):
-        super().__init__()
-        self.sae = sae
-
-    def forward(self, x: torch.Tensor, step: int) -> LossOutput:
-        return self.sae.loss(x, step)
-
 
 class Trainer:
     """Adam with linear LR warm-up; keeps decoder rows at unit norm. One step is
@@ -420,11 +410,22 @@ class Trainer:
         sum(out.terms.values()).backward()
 
     def apply_update(self, step: int) -> None:
-        """From gradients to parameters: the step along the unit sphere of each decoder row."""
+        """From gradients to parameters: the step along the unit sphere of each decoder row, with
+        the step of each slice that update_scales names scaled by its multiplier."""
         self.sae.remove_parallel_decoder_grad()
+        scaled = self.update_scales()
+        before = [p.detach().clone() for p, _, _ in scaled]
         self.optimizer.step()
+        with torch.no_grad():
+            for (p, scale, dim), old in zip(scaled, before):
+                p.copy_(old + scale.view([-1 if d == dim else 1 for d in range(p.dim())]) * (p - old))
         self.scheduler.step()
         self.sae.normalize_decoder()
+
+    def update_scales(self) -> list[tuple[torch.nn.Parameter, torch.Tensor, int]]:
+        """[(parameter, multipliers, dim)]: learning rates of its own for each slice along dim, e.g.
+        per latent (Adam ignores a gradient's scale, so the rate scales the step itself)."""
+        return []
 
     def after_step(self, x: torch.Tensor, out: LossOutput, step: int) -> None:
         """After the update, the one post-step hook: the SAE's running state (dead counters,
@@ -438,6 +439,17 @@ class Trainer:
             for buffer in self.optimizer.state.get(param, {}).values():
                 if torch.is_tensor(buffer) and buffer.shape == param.shape:
                     buffer.index_fill_(dim, latents, 0.0)
+
+
+class _LossModule(torch.nn.Module):
+    """DistributedDataParallel wraps a module's forward; this one's forward is the SAE's loss."""
+
+    def __init__(self, sae: SAE):
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x: torch.Tensor, step: int) -> LossOutput:
+        return self.sae.loss(x, step)
 
 
 def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_dir: Path,

@@ -8,9 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_run
+from helpers import tiny_run, word_level_tokenizer
 
 import experiment
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """The activation cache of module- and session-scoped fixtures (set up before any test's own):
+    the session's, never the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SAE_HARNESS_ACTIVATIONS", str(tmp_path_factory.mktemp("activations")))
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -55,3 +64,9 @@ def scratch_study():
     shutil.rmtree(folder)
     for name in [m for m in sys.modules if m.startswith("plugins.scratch_test_study")]:
         del sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A word-level tokenizer for the tiny model (helpers.VOCAB), for the evaluations that need words."""
+    return word_level_tokenizer(tmp_path_factory.mktemp("tokenizer"))

@@ -7,16 +7,28 @@ import copy
 import functools
 import json
 import math
+import random
 from pathlib import Path
 
 import torch
 from typer.testing import CliRunner
 
+import evals
 import experiment
 import sources
+from runs import save_sae
 
 ROOT = Path(experiment.__file__).resolve().parent
 TOPK_FAMILY = ["baseline/run_0_topk", "baseline/run_0_batchtopk", "baseline/run_0_matryoshka"]
+
+# A word-level vocabulary for the tiny model (which has no tokenizer of its own) and text in it, for
+# the evaluations that need words: 5 single-token words per letter.
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+WORDS = [c + end for c in LETTERS for end in ("ab", "ot", "ine", "ery", "ulk")]
+SPECIAL = ["<bos>", "<pad>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+VOCAB = (SPECIAL + list(LETTERS.upper() + LETTERS) + list("0123456789:.,()") + WORDS
+         + ["has", "the", "first", "letter", "user", "model", "Answer"])
+AMAZON_CATEGORIES = [1, 2, 3, 5, 6, 11, 18, 24, 26, 30]  # sparse probing's classes and SCR's pairs
 
 
 def tiny_run(plugin: str, out: Path, notes: Path, *, hyperparams=None, **overrides) -> dict:
@@ -116,3 +128,154 @@ def assert_sparse_step_is_the_dense_step(sae, x) -> tuple[dict, dict]:
     for name, grad in dense_grads.items():
         assert_close_in_norm(sparse_grads[name], grad, f"grad {name}", names=("sparse", "dense"))
     return dense_terms, dense_grads
+
+
+def word_level_tokenizer(folder: Path):
+    """A Hugging Face tokenizer of VOCAB, one token per word, BOS first, saved in `folder` and
+    loaded back from it (TransformerLens needs one loaded from a folder)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    assert len(VOCAB) <= sources.TINY_MODEL["d_vocab"] and VOCAB[sources.TINY_BOS] == "<bos>"
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>", eos_token="<eos>",
+                            unk_token="<unk>", additional_special_tokens=SPECIAL[4:]).save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def text(rng: random.Random, n_words: int = 12) -> str:
+    return " ".join(rng.choices(WORDS, k=n_words))
+
+
+def fake_load_dataset(path, name=None, split=None, streaming=False, **kwargs):
+    """Small stand-ins, in the columns sae_bench reads, for every hub dataset its evals load."""
+    import datasets
+    from sae_bench.sae_bench_utils import dataset_info
+
+    rng = random.Random(f"{path}/{name}/{split}")
+    professions = sorted({int(c) for name_, classes in dataset_info.chosen_classes_per_dataset.items()
+                          if "bias_in_bios" in name_ for c in classes})
+
+    def both_splits(make_rows):
+        return datasets.DatasetDict({s: datasets.Dataset.from_list(make_rows()) for s in ("train", "test")})
+
+    if path == "LabHC/bias_in_bios":
+        return both_splits(lambda: [dict(hard_text=text(rng), profession=p, gender=g)
+                                    for p in professions for g in (0, 1) for _ in range(24)])
+    if path == "canrager/amazon_reviews_mcauley_1and5":
+        return both_splits(lambda: [dict(text=text(rng), category=c, rating=r)
+                                    for c in AMAZON_CATEGORIES for r in (1.0, 5.0) for _ in range(24)])
+    if path == "fancyzhx/ag_news":
+        return both_splits(lambda: [dict(text=text(rng), label=c) for c in range(4) for _ in range(24)])
+    if path == "Helsinki-NLP/europarl" and streaming:
+        return [{"translation": {lang: text(rng) for lang in name.split("-")}} for _ in range(40)]
+    if path == "codeparrot/github-code" and streaming:
+        return [dict(language=lang, code=text(rng, 120)) for _ in range(40) for lang in kwargs["languages"]]
+    if path == "wikitext" and split == "test":
+        return datasets.Dataset.from_list([dict(text=text(rng, 30)) for _ in range(40)])
+    if path in ("cais/wmdp", "cais/mmlu") and split == "test":
+        return datasets.Dataset.from_list([dict(question=text(rng, 8), choices=rng.sample(WORDS, 4),
+                                                answer=rng.randrange(4)) for _ in range(6)])
+    raise FileNotFoundError(f"no fixture for {path} {name} {split}")
+
+
+# ---- SAELens parity of the baselines (tests/test_baseline_*.py) ---------------------------------
+
+PARITY_D_IN, PARITY_D_SAE = 64, 256  # the parity tests' SAE
+PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def trained_sae(key: str, acts: torch.Tensor, d_sae: int, steps: int = 20, rows: int | None = None):
+    """The plugin's SAE (seed 0) trained `steps` steps by its trainer on real activations at the
+    harness's training scale, each step on the next `rows` rows (or all of them): (sae, scale)."""
+    scale = experiment.activation_scale(acts.numpy())
+    plugin, cfg = experiment.find_plugin(key), experiment.build_config("tiny", key)
+    torch.manual_seed(0)
+    sae = plugin.sae_class(acts.shape[1], d_sae, plugin.hyperparams_class(), cfg)
+    trainer = plugin.trainer_class(sae, cfg)
+    for step in range(steps):
+        trainer.step((acts if rows is None else acts[rows * step:rows * (step + 1)]) * scale, step)
+    return sae, scale
+
+
+def exported(sae, scale: float, folder: Path, architecture: str):
+    """Save `sae` as a run does, as an exact export of `architecture`, and load it with SAELens."""
+    from sae_lens import SAE as SAELensSAE
+
+    assert save_sae(sae, scale, folder) == {"architecture": architecture, "exact": True}
+    assert json.loads((folder / "cfg.json").read_text())["metadata"]["harness_export"] == "exact"
+    return SAELensSAE.load_from_disk(folder)
+
+
+def assert_export_is_the_evaluated_sae(loaded, sae, scale: float, acts: torch.Tensor,
+                                       close=assert_close_in_norm) -> torch.Tensor:
+    """The SAELens export encodes, decodes and reconstructs the model's activations as the SAE
+    that was evaluated (evals.ScaledSAE) does, each to `close(ours, theirs, what)`; returns the
+    evaluated SAE's latents."""
+    ours = evals.ScaledSAE(sae.eval(), scale)
+    with torch.no_grad():
+        f = ours.encode(acts)
+        assert 0 < (f > 0).float().mean() < 1
+        close(loaded.encode(acts), f, "exported encode")
+        close(loaded.decode(f), ours.decode(f), "exported decode")
+        close(loaded(acts), ours(acts), "exported forward")
+    return f
+
+
+# The BatchTopK family's SAE and its SAELens twin (test_baseline_batchtopk.py, whose docstring gives
+# the setting, runs the family's checks on BatchTopK and Matryoshka; test_baseline_matryoshka.py adds
+# the prefixes').
+
+def make_sae(key, seed=0, never_firing=8, **hp):
+    """The plugin's SAE away from its initial weights (decoder rows on the unit sphere, as the
+    harness keeps them); the last `never_firing` latents get a bias that keeps them off, so that
+    they go dead after dead_steps steps."""
+    plugin = experiment.find_plugin(key)
+    torch.manual_seed(seed)
+    cfg = experiment.build_config("tiny", key)
+    sae = plugin.sae_class(PARITY_D_IN, PARITY_D_SAE, plugin.hyperparams_class(**hp), cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(sae.W_dec.T + 0.05 * torch.randn(PARITY_D_IN, PARITY_D_SAE))
+        sae.b_enc.copy_(0.3 * torch.randn(PARITY_D_SAE))
+        sae.b_dec.copy_(0.3 * torch.randn(PARITY_D_IN))
+        sae.b_enc[PARITY_D_SAE - never_firing:] = -30.0  # ten standard deviations of pre below 0
+    return sae
+
+
+def sae_lens_twin(sae, rescale: bool):
+    """SAELens's training SAE of the plugin's kind holding our weights and θ, built here (not by
+    the plugin's hook)."""
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.matryoshka_batchtopk_sae import (
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
+
+    hp = sae.hp
+    common = dict(d_in=PARITY_D_IN, d_sae=PARITY_D_SAE, k=hp.k, topk_threshold_lr=hp.topk_threshold_lr,
+                  dtype="float32", device="cpu", aux_loss_coefficient=hp.aux_loss_coefficient,
+                  rescale_acts_by_decoder_norm=rescale)
+    if hasattr(hp, "prefix_fractions"):
+        widths = [round(f * PARITY_D_SAE) for f in hp.prefix_fractions]
+        ref = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(**common, matryoshka_widths=widths))
+    else:
+        ref = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
+    with torch.no_grad():
+        for name in PARAMS:
+            getattr(ref, name).copy_(getattr(sae, name))
+        ref.topk_threshold.copy_(sae.topk_threshold)
+    return ref
+
+
+def batch(seed, n=256):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, PARITY_D_IN, generator=gen) * 3 + 1
+
+
+def sae_lens_pass(ref, x, step, dead):
+    from sae_lens.saes.sae import TrainStepInput
+
+    return ref.train().training_forward_pass(TrainStepInput(
+        sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=False))

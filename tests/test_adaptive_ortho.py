@@ -137,14 +137,13 @@ def test_run_5_updates_every_fourth_batch_with_bounded_per_latent_rates():
         sae.fire_rate.copy_(torch.cat([torch.zeros(128), torch.full((127,), 0.01), torch.ones(1)]))
     mult = trainer.lr_multipliers()
     assert mult.min() == pytest.approx(0.1) and mult.max() == pytest.approx(10.0)
-    before = [p.detach().clone() for p, _ in trainer.per_latent()]
-    trainer.remember_weights(None, (), {})
-    with torch.no_grad():
-        for p, _ in trainer.per_latent():
-            p.add_(1.0)  # a unit step everywhere
-    trainer.scale_latent_updates(None, (), {})
-    assert torch.allclose(sae.b_enc - before[2], mult)
-    assert torch.allclose(sae.W_enc - before[0], mult.expand(64, 256))
+    before = {"W_enc": sae.W_enc.detach().clone(), "b_enc": sae.b_enc.detach().clone()}
+    trainer.optimizer = torch.optim.SGD(sae.parameters(), lr=1.0)
+    for p in sae.parameters():
+        p.grad = -torch.ones_like(p)  # a unit step everywhere
+    experiment.Trainer.apply_update(trainer, 8)  # the update itself, which scales each latent's step
+    assert torch.allclose(sae.b_enc - before["b_enc"], mult)
+    assert torch.allclose(sae.W_enc - before["W_enc"], mult.expand(64, 256))
 
 
 def test_curriculum_warm_up_unlocking_and_rates_on_a_real_run(run_tiny):

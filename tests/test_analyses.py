@@ -11,9 +11,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import cli
+from helpers import cli, fake_load_dataset, text
 from safetensors.numpy import load_file
-from test_evals import fake_load_dataset, text, tokenizer  # noqa: F401  (tokenizer: a fixture)
 
 import analyses
 import evals

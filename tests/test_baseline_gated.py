@@ -19,25 +19,14 @@ what its auxiliary term sends through the decoder (W_dec, and b_dec as the decod
 as the encoder's centring keeps its share), and the test checks that this part is not zero.
 Every comparison is to 1e-5 relative (in norm, over the whole tensor)."""
 
-import json
-
-import pytest
 import torch
-from helpers import assert_same_state, tiny_model_activations
+from helpers import (assert_close_in_norm, assert_export_is_the_evaluated_sae, assert_same_state, exported,
+                     tiny_model_activations, trained_sae)
 
 import experiment
-import evals
-from runs import save_sae
 
 KEY = "baseline/run_0_gated"
 D_IN, D_SAE = 64, 256
-RTOL = 1e-5
-
-
-def assert_close(ours, theirs, what):
-    assert ours.shape == theirs.shape, what
-    diff, size = (ours - theirs).norm().item(), theirs.norm().item()
-    assert diff <= RTOL * size, f"{what}: |ours - SAELens| = {diff:.3g}, |SAELens| = {size:.3g}"
 
 
 def gated_sae(seed=0):
@@ -88,14 +77,14 @@ def test_training_latents_reconstruction_and_loss_terms_equal_sae_lens():
     out, theirs = sae.train().loss(x, 7), sae_lens_step(ref.train(), x, 7)
     assert 0 < (out.latents > 0).float().mean() < 1  # some latents gated off, some on
     assert torch.equal(out.latents > 0, theirs.feature_acts > 0)
-    assert_close(out.latents, theirs.feature_acts, "latents")
-    assert_close(sae.decode(out.latents), theirs.sae_out, "reconstruction")
+    assert_close_in_norm(out.latents, theirs.feature_acts, "latents")
+    assert_close_in_norm(sae.decode(out.latents), theirs.sae_out, "reconstruction")
     assert set(out.terms) == {"l2_loss", "sparsity_loss", "auxiliary_reconstruction_loss"}
     assert set(theirs.losses) == {"mse_loss", "l1_loss", "auxiliary_reconstruction_loss"}
     for ours_name, their_name in (("l2_loss", "mse_loss"), ("sparsity_loss", "l1_loss"),
                                   ("auxiliary_reconstruction_loss", "auxiliary_reconstruction_loss")):
-        assert_close(out.terms[ours_name], theirs.losses[their_name], ours_name)
-    assert_close(sum(out.terms.values()), theirs.loss, "total loss")
+        assert_close_in_norm(out.terms[ours_name], theirs.losses[their_name], ours_name)
+    assert_close_in_norm(sum(out.terms.values()), theirs.loss, "total loss")
 
 
 def aux_gradient_through_the_decoder(ref, x):
@@ -118,10 +107,10 @@ def test_gradients_equal_sae_lens_with_the_auxiliary_decoder_frozen():
     whole = dict(zip(("W_enc", "b_enc", "r_mag", "b_mag", "W_dec", "b_dec"),
                      torch.autograd.grad(theirs.loss, params)))
     for name in ("W_enc", "b_enc", "r_mag", "b_mag"):
-        assert_close(getattr(sae, name).grad, whole[name], f"grad {name}")
+        assert_close_in_norm(getattr(sae, name).grad, whole[name], f"grad {name}")
     # b_dec also centres the encoder's input: that part of the auxiliary gradient stays, as in the paper.
     for name, through_decoder in zip(("W_dec", "b_dec"), aux_gradient_through_the_decoder(ref, x)):
-        assert_close(getattr(sae, name).grad, whole[name] - through_decoder, f"grad {name}")
+        assert_close_in_norm(getattr(sae, name).grad, whole[name] - through_decoder, f"grad {name}")
         # The frozen decoder is a real difference: SAELens's auxiliary term moves the decoder.
         assert (getattr(sae, name).grad - whole[name]).norm() > 1e-3 * whole[name].norm()
 
@@ -136,9 +125,9 @@ def test_inference_encoding_equals_sae_lens():
     x = batch(seed=3)
     with torch.no_grad():
         f = sae.eval().encode(x)
-        assert_close(f, ref.encode(x), "eval encode vs GatedTrainingSAE")
-        assert_close(f, inference.encode(x), "eval encode vs GatedSAE")
-        assert_close(sae.decode(f), inference.decode(f), "decode vs GatedSAE")
+        assert_close_in_norm(f, ref.encode(x), "eval encode vs GatedTrainingSAE")
+        assert_close_in_norm(f, inference.encode(x), "eval encode vs GatedSAE")
+        assert_close_in_norm(sae.decode(f), inference.decode(f), "decode vs GatedSAE")
 
 
 def test_the_bench_hook_gives_sae_lens_twin_and_coefficients():
@@ -150,35 +139,12 @@ def test_the_bench_hook_gives_sae_lens_twin_and_coefficients():
     assert_same_state(hooked, twin)
 
 
-@pytest.fixture(scope="module")
-def tiny_activations():
-    """Real activations of the tiny model at blocks.1.hook_resid_post, BOS dropped as in harvest."""
-    return tiny_model_activations(16).reshape(-1, 64)
-
-
-def test_export_loads_in_sae_lens_as_gated_and_equals_the_evaluated_sae(tiny_activations, tmp_path):
-    from sae_lens import SAE as SAELensSAE
+def test_export_loads_in_sae_lens_as_gated_and_equals_the_evaluated_sae(tmp_path):
     from sae_lens import GatedSAE
 
-    acts = tiny_activations
-    scale = experiment.activation_scale(acts.numpy())
-    plugin = experiment.find_plugin(KEY)
-    cfg = experiment.build_config("tiny", KEY)
-    torch.manual_seed(0)
-    sae = plugin.sae_class(acts.shape[1], D_SAE, plugin.hyperparams_class(), cfg)
-    trainer = plugin.trainer_class(sae, cfg)
-    for step in range(20):
-        trainer.step(acts * scale, step)
+    acts = tiny_model_activations(16).reshape(-1, D_IN)
+    sae, scale = trained_sae(KEY, acts, D_SAE)
     assert sae.r_mag.abs().max() > 0 and sae.b_mag.abs().max() > 0 and sae.b_enc.abs().max() > 0
-
-    assert save_sae(sae, scale, tmp_path) == {"architecture": "gated", "exact": True}
-    assert json.loads((tmp_path / "cfg.json").read_text())["metadata"]["harness_export"] == "exact"
-    loaded = SAELensSAE.load_from_disk(tmp_path)
+    loaded = exported(sae, scale, tmp_path, "gated")
     assert type(loaded) is GatedSAE
-    ours = evals.ScaledSAE(sae.eval(), scale)
-    with torch.no_grad():
-        f = ours.encode(acts)
-        assert 0 < (f > 0).float().mean() < 1
-        assert_close(loaded.encode(acts), f, "exported encode")
-        assert_close(loaded.decode(f), ours.decode(f), "exported decode")
-        assert_close(loaded(acts), ours(acts), "exported forward")
+    assert_export_is_the_evaluated_sae(loaded, sae, scale, acts)

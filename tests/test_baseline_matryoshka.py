@@ -1,6 +1,6 @@
 """The Matryoshka BatchTopK baseline (plugins/baseline/run_0_matryoshka.py) against SAELens's own
-`MatryoshkaBatchTopKTrainingSAE`, with the same checks as the BatchTopK baseline it builds on
-(tests/test_baseline_batchtopk.py, whose docstring gives the setting and the mapped names), plus
+`MatryoshkaBatchTopKTrainingSAE`: every check of the BatchTopK baseline it builds on runs on it too,
+in tests/test_baseline_batchtopk.py (whose docstring gives the setting and the mapped names); here,
 the prefixes: SAELens's `matryoshka_widths` are ours (16, 32, 64, 128, 256 at d_sae 256, the
 paper's), and each inner prefix's term `inner_mse_loss_<width>` is SAELens's term of that name
 (Σ over d_in, mean over the batch, summed into the total with weight 1 as SAELens does). The
@@ -9,34 +9,12 @@ whole dictionary's reconstruction is our l2_loss and SAELens's mse_loss. Every c
 
 import pytest
 import torch
-from test_baseline_batchtopk import (  # noqa: F401  (tiny_activations is a fixture)
-    auxk_starts_after_dead_steps,
-    batch,
-    bench_hook_gives_the_twin,
-    export_equals_evaluated_sae,
-    gradients_equal_sae_lens,
-    inference_equals_sae_lens,
-    inference_l0_is_k,
-    make_sae,
-    passes_equal_sae_lens,
-    sae_lens_pass,
-    sae_lens_twin,
-    tiny_activations,
-)
+from helpers import batch, make_sae, sae_lens_pass, sae_lens_twin
 
 import experiment
 
 KEY = "baseline/run_0_matryoshka"
 INNER = {f"inner_mse_loss_{w}" for w in (16, 32, 64, 128)}
-
-
-@pytest.mark.parametrize("first_dead", [range(10), range(60)], ids=["few_dead", "many_dead"])
-def test_training_passes_equal_sae_lens_with_its_trainers_dead_mask(first_dead):
-    passes_equal_sae_lens(KEY, first_dead)
-
-
-def test_auxk_is_neither_computed_nor_logged_before_anything_can_be_dead():
-    auxk_starts_after_dead_steps(KEY)
 
 
 def test_the_prefixes_are_the_papers_and_sae_lens_sees_the_same():
@@ -64,22 +42,3 @@ def test_prefix_widths_follow_the_dictionary_size_and_are_checked():
         with pytest.raises(ValueError):
             module.prefix_widths(bad, 256)
 
-
-def test_gradients_equal_sae_lens():
-    gradients_equal_sae_lens(KEY)
-
-
-def test_inference_encoding_equals_sae_lens_saved_inference_model(tmp_path):
-    inference_equals_sae_lens(KEY, tmp_path)
-
-
-def test_the_bench_hook_gives_sae_lens_twin_and_no_coefficients():
-    bench_hook_gives_the_twin(KEY)
-
-
-def test_inference_l0_is_k_once_the_threshold_has_converged(tiny_activations):
-    inference_l0_is_k(KEY, tiny_activations)
-
-
-def test_export_loads_in_sae_lens_as_jumprelu_and_equals_the_evaluated_sae(tiny_activations, tmp_path):
-    export_equals_evaluated_sae(KEY, tiny_activations, tmp_path)

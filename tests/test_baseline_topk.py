@@ -25,6 +25,7 @@ import json
 
 import pytest
 import torch
+from helpers import assert_close_in_norm
 
 import experiment
 import sources
@@ -34,13 +35,6 @@ from runs import save_sae
 KEY = "baseline/run_0_topk"
 D_IN, D_SAE = 64, 256
 DEAD_STEPS, STEP = 10, 20
-RTOL = 1e-5
-
-
-def assert_close(ours, theirs, what):
-    assert ours.shape == theirs.shape, what
-    diff, size = (ours - theirs).norm().item(), theirs.norm().item()
-    assert diff <= RTOL * size, f"{what}: |ours - SAELens| = {diff:.3g}, |SAELens| = {size:.3g}"
 
 
 def topk_sae(n_dead=0, seed=0, **hyperparams):
@@ -108,26 +102,26 @@ def test_training_latents_reconstruction_loss_terms_and_gradients_equal_sae_lens
     assert torch.equal(out.latents > 0, theirs.feature_acts > 0)
     l0 = (out.latents > 0).sum(-1)
     assert l0.max() == sae.hp.k and l0.min() < sae.hp.k  # the k largest, and the ReLU of them
-    assert_close(out.latents, theirs.feature_acts, "latents")
-    assert_close(fwd.x_hat, theirs.sae_out, "reconstruction")
+    assert_close_in_norm(out.latents, theirs.feature_acts, "latents")
+    assert_close_in_norm(fwd.x_hat, theirs.sae_out, "reconstruction")
     terms = dict(out.terms)
     assert terms.pop("sparsity_loss", torch.zeros(())).item() == 0.0  # no such penalty: zero, or no term at all
     assert set(terms) == {"l2_loss", "auxiliary_reconstruction_loss"}
     assert set(theirs.losses) == {"mse_loss", "auxiliary_reconstruction_loss"}
-    assert_close(out.terms["l2_loss"], theirs.losses["mse_loss"], "l2_loss")
+    assert_close_in_norm(out.terms["l2_loss"], theirs.losses["mse_loss"], "l2_loss")
     aux = out.terms["auxiliary_reconstruction_loss"]
-    assert_close(aux, theirs.losses["auxiliary_reconstruction_loss"], "auxiliary_reconstruction_loss")
+    assert_close_in_norm(aux, theirs.losses["auxiliary_reconstruction_loss"], "auxiliary_reconstruction_loss")
     assert (aux > 0) == (n_dead > 0) and out.stats["auxk_dead"].item() == n_dead
-    assert_close(sum(out.terms.values()), theirs.loss, "total loss")
+    assert_close_in_norm(sum(out.terms.values()), theirs.loss, "total loss")
 
     sum(out.terms.values()).backward()
     theirs.loss.backward()
     for name in ("W_enc", "b_enc", "b_dec"):
-        assert_close(getattr(sae, name).grad, getattr(ref, name).grad, f"grad {name}")
+        assert_close_in_norm(getattr(sae, name).grad, getattr(ref, name).grad, f"grad {name}")
     ours_w, theirs_w = sae.W_dec.grad, ref.W_dec.grad
     if rescale:
         ours_w, theirs_w = along_the_sphere(ours_w, sae.W_dec), along_the_sphere(theirs_w, sae.W_dec)
-    assert_close(ours_w, theirs_w, "grad W_dec")
+    assert_close_in_norm(ours_w, theirs_w, "grad W_dec")
 
 
 def test_inference_encoding_equals_sae_lens_and_the_training_encoding():
@@ -141,12 +135,12 @@ def test_inference_encoding_equals_sae_lens_and_the_training_encoding():
         for rescale in (False, True):
             theirs = sae_lens_twin(sae, rescale).eval().encode(x)
             assert torch.equal(ours > 0, theirs > 0)
-            assert_close(ours, theirs, f"eval encoding, training SAE (rescale {rescale})")
+            assert_close_in_norm(ours, theirs, f"eval encoding, training SAE (rescale {rescale})")
         inference = TopKSAE(TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=sae.hp.k, dtype="float32", device="cpu"))
         inference.load_state_dict({n: getattr(sae, n).detach() for n in ("W_enc", "b_enc", "W_dec", "b_dec")})
         theirs = inference.encode(x)
     assert torch.equal(ours > 0, theirs > 0)
-    assert_close(ours, theirs, "eval encoding, inference TopKSAE")
+    assert_close_in_norm(ours, theirs, "eval encoding, inference TopKSAE")
     assert torch.equal(trained, ours)
 
 
@@ -173,7 +167,7 @@ def test_training_passes_sae_lens_trainers_dead_mask_from_before_each_step():
             assert "auxiliary_reconstruction_loss" not in out.terms and not dead.any()
         else:
             aux = out.terms["auxiliary_reconstruction_loss"]
-            assert_close(aux, theirs.losses["auxiliary_reconstruction_loss"], f"AuxK at step {step}")
+            assert_close_in_norm(aux, theirs.losses["auxiliary_reconstruction_loss"], f"AuxK at step {step}")
             seen_aux.append(aux.item())
         counts += 1
         counts[(theirs.feature_acts > 0).any(0)] = 0
@@ -214,9 +208,9 @@ def test_export_loads_in_sae_lens_as_topk_and_encodes_and_decodes_like_the_evalu
     with torch.no_grad():
         ours, theirs = scaled.encode(acts), loaded.encode(acts)
         assert torch.equal(ours > 0, theirs > 0) and (ours > 0).sum(-1).float().mean() > 0.9 * sae.hp.k
-        assert_close(ours, theirs, "encode")
-        assert_close(scaled.decode(ours), loaded.decode(ours), "decode")
-        assert_close(scaled(acts), loaded(acts), "forward")
+        assert_close_in_norm(ours, theirs, "encode")
+        assert_close_in_norm(scaled.decode(ours), loaded.decode(ours), "decode")
+        assert_close_in_norm(scaled(acts), loaded(acts), "forward")
 
 
 def test_sae_lens_training_hook_is_the_twin_and_a_changed_formula_is_not_topk(tmp_path):

@@ -10,41 +10,15 @@ import json
 import random
 from types import SimpleNamespace
 
-import datasets
 import numpy as np
 import pytest
 import torch
-from sae_bench.sae_bench_utils import dataset_info
+from helpers import LETTERS, fake_load_dataset, text
 
 import evals
 import experiment
 import sources
 from common import activations_dir
-
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-WORDS = [c + end for c in LETTERS for end in ("ab", "ot", "ine", "ery", "ulk")]  # 5 single-token words per letter
-SPECIAL = ["<bos>", "<pad>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-VOCAB = (SPECIAL + list(LETTERS.upper() + LETTERS) + list("0123456789:.,()") + WORDS
-         + ["has", "the", "first", "letter", "user", "model", "Answer"])
-PROFESSIONS = sorted({int(c) for name, classes in dataset_info.chosen_classes_per_dataset.items()
-                      if "bias_in_bios" in name for c in classes})
-AMAZON_CATEGORIES = [1, 2, 3, 5, 6, 11, 18, 24, 26, 30]  # sparse probing's classes and SCR's pairs
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    assert len(VOCAB) <= sources.TINY_MODEL["d_vocab"] and VOCAB[sources.TINY_BOS] == "<bos>"
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
-    folder = tmp_path_factory.mktemp("tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>", eos_token="<eos>",
-                            unk_token="<unk>", additional_special_tokens=SPECIAL[4:]).save_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder)  # TransformerLens needs one loaded from a folder
-
 
 @pytest.fixture
 def model(tokenizer):
@@ -70,37 +44,6 @@ def eval_tokens(tokenizer, cfg):
     """Held-out contexts as the harness makes them: BOS, then cfg.context_size - 1 tokens."""
     return sources.tokenize_contexts([text(random.Random(0), 16 * cfg.context_size)], tokenizer,
                                         sources.TINY_BOS, cfg.context_size, 16)
-
-
-def text(rng: random.Random, n_words: int = 12) -> str:
-    return " ".join(rng.choices(WORDS, k=n_words))
-
-
-def fake_load_dataset(path, name=None, split=None, streaming=False, **kwargs):
-    """Small stand-ins, in the columns sae_bench reads, for every hub dataset its evals load."""
-    rng = random.Random(f"{path}/{name}/{split}")
-
-    def both_splits(make_rows):
-        return datasets.DatasetDict({s: datasets.Dataset.from_list(make_rows()) for s in ("train", "test")})
-
-    if path == "LabHC/bias_in_bios":
-        return both_splits(lambda: [dict(hard_text=text(rng), profession=p, gender=g)
-                                    for p in PROFESSIONS for g in (0, 1) for _ in range(24)])
-    if path == "canrager/amazon_reviews_mcauley_1and5":
-        return both_splits(lambda: [dict(text=text(rng), category=c, rating=r)
-                                    for c in AMAZON_CATEGORIES for r in (1.0, 5.0) for _ in range(24)])
-    if path == "fancyzhx/ag_news":
-        return both_splits(lambda: [dict(text=text(rng), label=c) for c in range(4) for _ in range(24)])
-    if path == "Helsinki-NLP/europarl" and streaming:
-        return [{"translation": {lang: text(rng) for lang in name.split("-")}} for _ in range(40)]
-    if path == "codeparrot/github-code" and streaming:
-        return [dict(language=lang, code=text(rng, 120)) for _ in range(40) for lang in kwargs["languages"]]
-    if path == "wikitext" and split == "test":
-        return datasets.Dataset.from_list([dict(text=text(rng, 30)) for _ in range(40)])
-    if path in ("cais/wmdp", "cais/mmlu") and split == "test":
-        return datasets.Dataset.from_list([dict(question=text(rng, 8), choices=rng.sample(WORDS, 4),
-                                                answer=rng.randrange(4)) for _ in range(6)])
-    raise FileNotFoundError(f"no fixture for {path} {name} {split}")
 
 
 class FakeOpenAI:

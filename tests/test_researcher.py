@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import typer
+from helpers import cli
 
 import experiment
 from runs import runs_table
@@ -24,12 +25,6 @@ def new_study():
     shutil.rmtree(folder, ignore_errors=True)
     for name in [m for m in sys.modules if m.startswith(f"plugins.{STUDY}")]:
         del sys.modules[name]
-
-
-def cli(*args):
-    from typer.testing import CliRunner
-
-    return CliRunner().invoke(experiment.app, list(args))
 
 
 def test_new_writes_a_plugin_that_trains_unchanged_in_a_study_of_one_file(tmp_path, new_study):

@@ -48,29 +48,15 @@ class Trainer(parent.Trainer):
     def __init__(self, sae, cfg):
         super().__init__(sae, cfg)
         self.grad_sum, self.pending = None, 0  # gradients of the batches since the last update
-        self.before_step = None  # the per-latent weights before the optimizer step
-        self.optimizer.register_step_pre_hook(self.remember_weights)
-        self.optimizer.register_step_post_hook(self.scale_latent_updates)
 
-    def per_latent(self) -> list[tuple[torch.Tensor, int]]:
-        """Each latent's own weights, with the dimension that indexes latents."""
-        sae = self.sae
-        return [(sae.W_enc, 1), (sae.W_dec, 0), (sae.b_enc, 0), (sae.enc_gain, 0)]
+    def update_scales(self):
+        """Each latent's own weights (encoder column and gain, decoder row, encoder bias) at its rate."""
+        sae, mult = self.sae, self.lr_multipliers()
+        return [(sae.W_enc, mult, 1), (sae.W_dec, mult, 0), (sae.b_enc, mult, 0), (sae.enc_gain, mult, 0)]
 
     def lr_multipliers(self) -> torch.Tensor:
         rate = self.sae.fire_rate
         return ((rate.mean() + 1e-6) / (rate + 1e-6)).clamp(self.sae.hp.min_lr_mult, self.sae.hp.max_lr_mult)
-
-    def remember_weights(self, optimizer, args, kwargs) -> None:
-        self.before_step = [p.detach().clone() for p, _ in self.per_latent()]
-
-    @torch.no_grad()
-    def scale_latent_updates(self, optimizer, args, kwargs) -> None:
-        mult = self.lr_multipliers()
-        for (p, dim), old in zip(self.per_latent(), self.before_step):
-            shape = [-1 if d == dim else 1 for d in range(p.dim())]
-            p.copy_(old + mult.view(shape) * (p - old))
-        self.before_step = None  # not trainer state worth checkpointing
 
     def apply_update(self, step):
         """Adds this batch's gradients to the sum; every `accumulation` batches, and at the run's

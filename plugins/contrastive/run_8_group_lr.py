@@ -72,14 +72,10 @@ class SAE(parent.SAE):
 
 
 class Trainer(parent.Trainer):
-    def apply_update(self, step):
+    def update_scales(self):
+        """Each latent's weights at its group's rate, and each group's threshold."""
         sae = self.sae
-        params = (sae.W_enc, sae.W_dec, sae.b_enc, sae.group_thresholds)
-        before = [p.detach().clone() for p in params]
-        super().apply_update(step)
         group = sae.group_lr_multipliers()
         latent = group[sae.group_index]
-        with torch.no_grad():
-            for p, old, scale in zip(params, before, (latent, latent[:, None], latent, group)):
-                p.copy_(old + scale * (p - old))
-        sae.normalize_decoder()
+        return [*super().update_scales(), (sae.W_enc, latent, 1), (sae.W_dec, latent, 0), (sae.b_enc, latent, 0),
+                (sae.group_thresholds, group, 0)]
