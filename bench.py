@@ -11,6 +11,13 @@ autocast and optimizer; and the step's dense-equivalent FLOP/s against a plain m
 shape in the step's dtype. Each pair is timed in turn over rounds (best of each), so load from
 elsewhere on a shared machine hits both alike. With `--activations random` there is no LLM: the
 step alone, on Gaussian activations at any shape, for every baseline architecture.
+
+    python bench.py --eval runs/baseline/run_0_baseline_...      # a run's core evaluation, before and after
+
+With `--eval RUN_DIR`: the run's core evaluation (its saved SAE, its held-out tokens) the way
+sae_bench runs it, every pass its own (before), against the cached path (evals.evaluate_core with
+a cache_dir: after), alternated in one process, each split into its parts, with the largest
+relative difference between the two paths' metrics.
 """
 
 from __future__ import annotations
@@ -28,14 +35,16 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from common import OneLineUsageCommand, cache_dir  # first: its import guards
+from common import OneLineUsageCommand, activations_dir, cache_dir, one_line_errors  # first: its import guards
 
+import evals
 import experiment
 import kernels
 import numpy as np
 import torch
 import typer
 from experiment import RunConfig
+from runs import atomic_write
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -292,6 +301,139 @@ def run_synthetic(cfgs: list[RunConfig], d_in: int, steps: int, l0_fraction: flo
     return results
 
 
+class EvalParts:
+    """Seconds spent in each part of a core evaluation while the block runs: the model's passes by
+    kind and sae_bench's and the harness's steps, each part's own time (a part it calls is counted
+    there, not in it); `other` is the rest (sae_bench's bookkeeping, the token store, the SAE's setup)."""
+
+    FULL_PASSES = ("full pass: clean", "full pass: SAE spliced in", "full pass: zero-ablated")
+
+    def __init__(self, model):
+        from sae_bench.evals.core import main as core
+
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self._nested: list[float] = []
+        self._full_passes = iter(())
+        functions = [
+            (core, "get_recons_loss", "sae_bench's KL and CE from full logits", self.FULL_PASSES),
+            (core, "get_sparsity_and_variance_metrics", "sae_bench's sparsity and variance metrics", ()),
+            (core, "get_featurewise_weight_based_metrics", "sae_bench's weight-based metrics", ()),
+            (evals, "_variance_sums", "harness variance sums", ()),
+            (evals, "_variance_row", "harness variance sums", ()),
+            (evals, "bootstrap_standard_errors", "harness bootstrap", ()),
+            (evals, "clean_reference", "cached reference: read and sha256 check", ()),
+            (evals, "_reference_values", "cached reference: KL and clean terms (built once)",
+             itertools.cycle(self.FULL_PASSES[::2])),
+            (evals, "_spliced_losses", "splice, KL and CE from cached terms", ()),
+            (evals, "_logit_terms", "unembedding of kept positions, log-normaliser", ()),
+        ]
+        self._patches = [mock.patch.object(module, name, self._timed(getattr(module, name), label, passes))
+                         for module, name, label, passes in functions]
+        self._patches.append(mock.patch.object(model, "forward", self._timed(model.forward, self._pass_kind)))
+
+    def _pass_kind(self, kwargs: dict) -> str:
+        if kwargs.get("start_at_layer"):
+            return "model from the hooked layer on, SAE spliced in"
+        if kwargs.get("stop_at_layer") is not None:
+            return "model up to the hooked layer"
+        return next(self._full_passes, "full pass")
+
+    def _timed(self, fn, label, passes=()):
+        def timed(*args, **kwargs):
+            name = label(kwargs) if callable(label) else label
+            if passes:  # the full passes this function runs, in order
+                self._full_passes = iter(passes)
+            self._nested.append(0.0)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                self.seconds[name] += elapsed - self._nested.pop()
+                if self._nested:
+                    self._nested[-1] += elapsed
+        return timed
+
+    def __enter__(self):
+        for patch in self._patches:
+            patch.start()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.total = time.perf_counter() - self._start
+        for patch in self._patches:
+            patch.stop()
+        self.seconds["other"] = self.total - sum(self.seconds.values())
+
+
+EVAL_PATHS = ("sae_bench", "cached")  # before, after
+
+
+def run_eval_bench(run_dir: Path, rounds: int) -> dict[str, Any]:
+    """A run's core evaluation, sae_bench's path and the cached one in turn each round, in one
+    process: each path's fastest round, split into its parts; the cached reference's first
+    computation (when this call makes it) apart; and how far the two paths' metrics differ."""
+    cfg, plugin = experiment.saved_config(run_dir, "bench --eval")
+    device = kernels.resolve_device(cfg.device)
+    kernels.configure_kernels(cfg, device)  # as the run evaluated
+    model = experiment.load_model(cfg.model, device)
+    sae, eval_tokens = experiment.saved_sae(run_dir, cfg, plugin, device), torch.load(run_dir / "eval_tokens.pt")
+    cache_dirs = dict(sae_bench=None, cached=activations_dir())
+
+    def evaluate(path: str) -> tuple[EvalParts, dict]:
+        with EvalParts(model) as parts:
+            metrics, _ = evals.evaluate_core(sae, model, eval_tokens, cfg, device,
+                                                        cache_dir=cache_dirs[path])
+        return parts, metrics
+
+    first, _ = evaluate("cached")  # computes the cached reference if no earlier run did
+    best: dict[str, EvalParts] = {}
+    found: dict[str, dict] = {}
+    for _ in range(rounds):
+        for path in EVAL_PATHS:
+            parts, found[path] = evaluate(path)
+            best[path] = min(best.get(path, parts), parts, key=lambda p: p.total)
+    differences = metric_differences(found["sae_bench"], found["cached"])
+    return dict(eval=dict(
+        run=str(run_dir), preset=cfg.preset, model=cfg.model, layer=cfg.layer, device=str(device),
+        device_name=device_name(device), torch_threads=torch.get_num_threads(), rounds=rounds,
+        contexts=list(eval_tokens.shape), reference_first_s=first.total,
+        reference_built=first.seconds.get("cached reference: KL and clean terms (built once)", 0) > 0,
+        paths={path: dict(total_s=best[path].total, parts=dict(best[path].seconds)) for path in EVAL_PATHS},
+        cached_vs_sae_bench=best["cached"].total / best["sae_bench"].total,
+        max_relative_difference=max(differences.values()), relative_differences=differences))
+
+
+def metric_differences(reference: dict, other: dict, prefix: str = "") -> dict[str, float]:
+    """|a − b| / |a| for every number in two nested metric dicts (0 where both are 0)."""
+    found = {}
+    for key, value in reference.items():
+        if isinstance(value, dict):
+            found.update(metric_differences(value, other[key], f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and value is not None:
+            found[prefix + key] = abs(value - other[key]) / abs(value) if value else float(other[key] != 0)
+    return found
+
+
+def print_eval_table(results: dict[str, Any]) -> None:
+    run = results["eval"]
+    table = Table(title=f"core evaluation of {run['run']}: {run['model']} layer {run['layer']}, "
+                        f"{run['contexts'][0]} x {run['contexts'][1]} tokens, {run['device_name']}, "
+                        f"best of {run['rounds']} (seconds)")
+    for column in ("part", "sae_bench (before)", "cached (after)"):
+        table.add_column(column, justify="left" if column == "part" else "right")
+    paths = [run["paths"][path] for path in EVAL_PATHS]
+    names = sorted({name for path in paths for name in path["parts"]}, key=lambda n: (n == "other", n))
+    for name in names:
+        table.add_row(name, *(f"{path['parts'][name]:.2f}" if name in path["parts"] else "" for path in paths))
+    table.add_row("total", *(f"{path['total_s']:.2f}" for path in paths))
+    Console().print(table)
+    Console().print(f"cached / sae_bench: {run['cached_vs_sae_bench']:.2f} of the time; largest relative difference "
+                    f"in a metric: {run['max_relative_difference']:.1e}; the cached reference took "
+                    f"{run['reference_first_s']:.1f} s to {'compute' if run['reference_built'] else 'read'} first")
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else kernels.cpu_model()
 
@@ -383,11 +525,20 @@ def bench(
     path: str = typer.Option("auto", help="Our step: auto (as training picks it), or dense or sparse forced."),
     device: str = typer.Option("auto"), out: Path = typer.Option(Path("bench.json")),
     set_: list[str] = typer.Option([], "--set", help="Plugin hyperparameter key=value (repeatable), e.g. k=32."),
+    eval_run: Path = typer.Option(None, "--eval", help="A finished run's folder: time its core evaluation, "
+                                  "sae_bench's path against the cached one (nothing else is timed)."),
+    eval_rounds: int = typer.Option(3, help="--eval: rounds, each timing both paths in turn."),
 ) -> None:
     """Throughput of harvesting, cache reads and the SAE step (vs sae_lens), the SAE step's
     fraction of the measured matmul roofline, and peak memory; a table and bench.json. With
     --activations random: the SAE step of every baseline (vs sae_lens) at any shape, no LLM."""
-    with experiment.one_line_errors():
+    if eval_run is not None:
+        with one_line_errors():
+            results = run_eval_bench(eval_run, eval_rounds)
+        atomic_write(out, json.dumps(results, indent=2))
+        print_eval_table(results)
+        return
+    with one_line_errors():
         checked_options(activations, path, d_in, model, layer)
         shape = dict(dict_size=dict_size, batch_size=batch_size)
         if activations == "random":
@@ -399,7 +550,7 @@ def bench(
             results = run_synthetic(cfgs, d_in or REFERENCE_SHAPE["d_in"], steps, l0_fraction, path)
         else:
             results = run_bench(cfgs[0], steps, l0_fraction, path)
-    experiment.atomic_write(out, json.dumps(results, indent=2))
+    atomic_write(out, json.dumps(results, indent=2))
     if activations == "random":
         print_synthetic_table(results)
     else:

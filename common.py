@@ -1,11 +1,10 @@
 """What every module of the harness shares, imported first by each: the one-line error and its
-console, the cache location, and the import-time guards that must run before transformers or
-sae_bench load. Imports nothing of the project's."""
+console, the cache location, Typer's usage errors in one line, and the warning filters. Imports
+nothing of the project's."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import os
 import sys
 import warnings
@@ -84,21 +83,6 @@ def one_line_errors():
         console.print(f"[yellow]{exc}; checkpoint saved; run the same command again to continue")
         raise typer.Exit(130) from None
 
-
-def _block_mismatched_torchvision() -> None:
-    """A PyPI torchvision (built for CUDA torch) next to a CPU-only torch fails on import, and
-    transformers and datasets import it whenever it is installed. Nothing here needs it, so hide
-    it in exactly that situation."""
-    try:
-        torch_version = importlib.metadata.version("torch")
-        vision_version = importlib.metadata.version("torchvision")
-    except importlib.metadata.PackageNotFoundError:
-        return
-    if "+cpu" in torch_version and "+cpu" not in vision_version:
-        sys.modules["torchvision"] = None  # find_spec() then reports it absent
-
-
-_block_mismatched_torchvision()
 
 # Harmless warnings: in every core eval sae_lens weighs our held-out contexts against a training
 # budget and sae_bench copy-constructs tensors; TransformerLens announces a successor API (we keep

@@ -3,7 +3,8 @@
     EVAL_NAMES                          every name --evals accepts ("all" means all of them)
     parse_evals("core,absorption")      the names, checked
     check_requirements(evals, cfg)      refuses, before any work, an eval whose data, model or key is missing
-    evaluate_core(sae, model, eval_tokens, cfg, device)      (core metrics, per-latent metrics)
+    evaluate_core(sae, model, eval_tokens, cfg, device, cache_dir=...)   (core metrics, per-latent metrics);
+                                        without cache_dir, every pass sae_bench's own (the reference)
     run_evals(evals, sae, model, cfg, eval_tokens, device, cache_dir=...)   {eval_type_id: sae_bench's result}
     ScaledSAE(sae, scale)               a trained SAE as sae_bench sees it (the model's own scale)
     evaluate(info, sae, model, eval_tokens, cfg, device, run_dir)    a run's evals into its final_info
@@ -11,7 +12,11 @@
 The caller hands in the SAE (a sae_bench BaseSAE taking the model's raw activations), the model,
 the held-out tokens and the run's config (an experiment.RunConfig, read here, never imported).
 
-Each eval calls sae_bench's own `run_eval` for the one SAE, with the harness's model handed over
+Core runs sae_bench's `run_evals` with the passes that do not depend on the SAE (clean, zero-ablated)
+read from a cache under `cache_dir` (clean_reference), so a run's core evaluation runs the model
+once to the hooked layer and once on from it with its SAE spliced in; its metrics are sae_bench's.
+
+Each other eval calls sae_bench's own `run_eval` for the one SAE, with the harness's model handed over
 where sae_bench would load one by hub name, inside a fresh temporary working directory (sae_bench
 writes its artifacts relative to it, so nothing from an earlier run is reused; the one cache kept
 is sae_probes' model activations, which depend only on the model and the hook). A result is
@@ -32,6 +37,7 @@ and every eval but core needs a tokenizer, which the tiny model does not have.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -191,11 +197,18 @@ def _unreadable_on_hub(repo: str) -> str | None:
     return None
 
 
-def evaluate_core(sae, model, eval_tokens: torch.Tensor, cfg: RunConfig, device: torch.device) -> tuple[dict, dict]:
+def evaluate_core(sae, model, eval_tokens: torch.Tensor, cfg: RunConfig, device: torch.device,
+                  cache_dir: Path | None = None) -> tuple[dict, dict]:
     """sae_bench core metrics (every compute flag on) via its inner `run_evals` (its
     `multiple_evals` would swallow exceptions): (metrics, per-latent metrics as lists). Added,
     labelled as the harness's: the whole-set explained variance, the fraction of latents that never
-    fire on the evaluation text, and each headline score's bootstrap standard error (`bootstrap_se`)."""
+    fire on the evaluation text, and each headline score's bootstrap standard error (`bootstrap_se`).
+
+    With `cache_dir`, what does not depend on the SAE (the clean and the zero-ablated pass) comes
+    from a cache kept there (clean_reference), and the model runs once up to the hooked layer and
+    once on from there with the SAE spliced in: sae_bench's metrics, to float rounding. Without it,
+    or for a model with soft-capped logits (Gemma 2: the cached KL term needs logits linear in the
+    final residual), sae_bench runs every pass itself, as it always did: the reference."""
     import datasets
     from sae_bench.evals.core import main as core
     from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
@@ -214,17 +227,56 @@ def evaluate_core(sae, model, eval_tokens: torch.Tensor, cfg: RunConfig, device:
         compute_kl=True, compute_ce_loss=True, compute_l2_norms=True, compute_sparsity_metrics=True,
         compute_variance_metrics=True, compute_featurewise_density_statistics=True,
         compute_featurewise_weight_based_metrics=True, exclude_special_tokens_from_reconstruction=True)
-    tokenizer = model.tokenizer  # without one (the tiny model), BOS is every context's first token
-    special = ({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id} if tokenizer is not None
-               else {int(eval_tokens[0, 0])}) - {None}
-    losses: dict[str, list[torch.Tensor]] = {}
-    with mock.patch.object(core, "get_recons_loss", _per_context(core.get_recons_loss, special, losses)):
-        metrics, feature_metrics = core.run_evals(sae, store, model, eval_cfg, ignore_tokens=special)
-    variance = _variance_sums(sae, model, eval_tokens, cfg, special, device)
+    special = special_tokens(model, eval_tokens)
+    run_core = functools.partial(core.run_evals, sae, store, model, eval_cfg, ignore_tokens=special)
+    if cache_dir is None or model.cfg.output_logits_soft_cap > 0:
+        metrics, feature_metrics, variance, losses = _sae_bench_passes(run_core, sae, model, eval_tokens, cfg,
+                                                                       special, device)
+    else:
+        metrics, feature_metrics, variance, losses = _cached_passes(run_core, sae, model, eval_tokens, cfg,
+                                                                    special, device, Path(cache_dir))
     metrics["reconstruction_quality"]["explained_variance_whole_set"] = whole_set_explained_variance(variance)
     metrics["sparsity"]["dead_fraction_eval"] = float(np.mean(np.asarray(feature_metrics["feature_density"]) == 0))
     metrics["bootstrap_se"] = bootstrap_standard_errors(variance, losses)
     return metrics, {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in feature_metrics.items()}
+
+
+def special_tokens(model, eval_tokens: torch.Tensor) -> set[int]:
+    """The tokens sae_bench leaves out of its means; without a tokenizer (the tiny model), BOS,
+    every context's first token."""
+    tokenizer = model.tokenizer
+    return ({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id} if tokenizer is not None
+            else {int(eval_tokens[0, 0])}) - {None}
+
+
+def _sae_bench_passes(run_core: Callable, sae, model, eval_tokens: torch.Tensor, cfg: RunConfig,
+                      special: set[int], device: torch.device):
+    """sae_bench's own passes (clean, spliced, zero-ablated; to the hooked layer), then one more to
+    the hooked layer for the variance sums: (metrics, feature metrics, variance rows, loss rows)."""
+    from sae_bench.evals.core import main as core
+
+    losses: dict[str, list[torch.Tensor]] = {}
+    with mock.patch.object(core, "get_recons_loss", _per_context(core.get_recons_loss, special, losses)):
+        metrics, feature_metrics = run_core()
+    return metrics, feature_metrics, _variance_sums(sae, model, eval_tokens, cfg, special, device), losses
+
+
+def _cached_passes(run_core: Callable, sae, model, eval_tokens: torch.Tensor, cfg: RunConfig,
+                   special: set[int], device: torch.device, cache_dir: Path):
+    """sae_bench's run_evals with its model passes replaced: the clean and zero-ablated values
+    from the cache, the hooked layer's activations computed once per batch (the sparsity pass and
+    the variance sums read them too), the rest of the model run from there with the SAE spliced in."""
+    from sae_bench.evals.core import main as core
+
+    reference = clean_reference(model, eval_tokens, cfg, device, cache_dir)
+    activations = _EvalActivations(model, cfg, eval_tokens, sae, special)
+    spliced = functools.partial(_spliced_losses, reference=reference, activations=activations,
+                                unembed=_Unembedding(model))
+    losses: dict[str, list[torch.Tensor]] = {}
+    with (mock.patch.object(core, "get_recons_loss", _per_context(spliced, special, losses)),
+          mock.patch.object(model, "run_with_cache", activations.run_with_cache)):
+        metrics, feature_metrics = run_core()
+    return metrics, feature_metrics, activations.variance_sums(), losses
 
 
 def _per_context(get_recons_loss: Callable, special: set[int], losses: dict[str, list[torch.Tensor]]) -> Callable:
@@ -250,13 +302,258 @@ def _variance_sums(sae, model, eval_tokens: torch.Tensor, cfg: RunConfig, specia
     for tokens in eval_tokens.split(cfg.eval_batch_prompts):
         tokens = tokens.to(device)
         _, cache = model.run_with_cache(tokens, names_filter=cfg.hook_name, stop_at_layer=cfg.layer + 1)
-        x = cache[cfg.hook_name]
-        keep = ~torch.isin(tokens, torch.tensor(sorted(special), device=device)).unsqueeze(-1)
-        error = (x.double() - sae(x).double()) * keep
-        x = x.double() * keep
-        rows.append(torch.cat([error.pow(2).sum((1, 2))[:, None], x.pow(2).sum((1, 2))[:, None],
-                               keep.sum((1, 2))[:, None].double(), x.sum(1)], 1).cpu())
+        rows.append(_variance_row(sae, cache[cfg.hook_name], tokens, special))
     return torch.cat(rows).numpy()
+
+
+@torch.no_grad()
+def _variance_row(sae, x: torch.Tensor, tokens: torch.Tensor, special: set[int]) -> torch.Tensor:
+    """_variance_sums' rows for one batch of contexts, from their activations x."""
+    keep = ~torch.isin(tokens, torch.tensor(sorted(special), device=tokens.device)).unsqueeze(-1)
+    error = (x.double() - sae(x).double()) * keep
+    x = x.double() * keep
+    return torch.cat([error.pow(2).sum((1, 2))[:, None], x.pow(2).sum((1, 2))[:, None],
+                      keep.sum((1, 2))[:, None].double(), x.sum(1)], 1).cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# The cached path. The clean and the zero-ablated pass depend on the model, the layer and the
+# evaluation tokens alone: computed once, kept on disk. What the KL with the SAE needs of the clean
+# pass is two numbers and one d_model vector per position, not its logits: with log q the spliced
+# pass's log-probs, z its logits = h·W_U + b_U and p the clean probs,
+#     KL(p‖q) = Σ p log p − Σ p log q = Σ p log p − (h · W_U p + b_U · p) + logsumexp(z).
+
+REFERENCE_VERSION = 1  # bump when what clean_reference stores, or how, changes
+LOGIT_CHUNK = 1 << 26  # logits computed at a time (positions × vocabulary): 256 MiB in fp32
+
+
+def clean_reference(model, eval_tokens: torch.Tensor, cfg: RunConfig, device: torch.device,
+                    cache_dir: Path) -> dict[str, torch.Tensor]:
+    """What the core eval needs of the clean and the zero-ablated pass over the reconstruction
+    contexts (per position: `_reference_values`), read from cache_dir/core_reference/ or computed
+    there first. The file is named by a sha256 of what the values are computed from; its own
+    sha256, in the manifest beside it, is checked on every read, and a stale or damaged file is
+    computed again, never read."""
+    from safetensors.torch import load_file, save_file
+
+    source = _reference_source(model, eval_tokens, cfg, device)
+    key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
+    folder = Path(cache_dir).resolve() / "core_reference"
+    path, manifest_path = folder / f"{key[:16]}.safetensors", folder / f"{key[:16]}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        manifest = json.loads(manifest_path.read_text())
+        if manifest["key"] == key and _file_sha256(path) == manifest["sha256"]:
+            return {name: value.to(device) for name, value in load_file(path).items()}
+    values = _reference_values(model, eval_tokens, cfg, device)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{key[:16]}.{os.getpid()}.partial"  # renamed into place whole
+    save_file({k: v.contiguous().cpu() for k, v in values.items()}, partial)
+    digest = _file_sha256(partial)
+    os.replace(partial, path)
+    _atomic_write(manifest_path, json.dumps(dict(key=key, sha256=digest, computed_from=source), indent=2))
+    return values
+
+
+def _reference_source(model, eval_tokens: torch.Tensor, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """Everything clean_reference's values are computed from: the model (its weights by sample),
+    the hook, the reconstruction contexts and their batching, the kernels and the libraries."""
+    contexts = eval_tokens[: cfg.eval_batch_prompts * cfg.eval_reconstruction_batches].cpu().contiguous()
+    return dict(
+        version=REFERENCE_VERSION, model=cfg.model, model_name=model.cfg.model_name, weights=_weights_sample(model),
+        dtype=str(model.cfg.dtype), device=device.type, hook=cfg.hook_name, batch_prompts=cfg.eval_batch_prompts,
+        tokens=hashlib.sha256(contexts.numpy().tobytes()).hexdigest(), tokens_shape=list(contexts.shape),
+        deterministic=torch.are_deterministic_algorithms_enabled(),
+        libraries={name: importlib.metadata.version(name) for name in ("torch", "transformer_lens", "sae_bench")})
+
+
+def _weights_sample(model, per_tensor: int = 4096) -> str:
+    """A sha256 of the model's parameter names, shapes and an evenly spaced sample of each one's
+    values: hashing every weight would cost as much as a good part of the evaluation."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        flat = value.detach().flatten()
+        sample = flat[:: max(1, len(flat) // per_tensor)].float().cpu().numpy()
+        digest.update(f"{name}{list(value.shape)}{value.dtype}".encode() + sample.tobytes())
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def _reference_values(model, eval_tokens: torch.Tensor, cfg: RunConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    """The clean and the zero-ablated pass exactly as sae_bench's get_recons_loss runs them, over
+    the reconstruction contexts in its batches; per position: the clean and the zero-ablated CE
+    (positions - 1), the zero-ablated KL, and of the clean distribution p: Σ p log p, W_U p and
+    b_U · p (float64: the KL with the SAE is their small difference with logsumexp)."""
+    n_contexts = cfg.eval_batch_prompts * cfg.eval_reconstruction_batches
+    zero_ablate = [(cfg.hook_name, lambda acts, hook: torch.zeros_like(acts))]
+    unembed = _Unembedding(model)
+    parts: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
+    for tokens in eval_tokens[:n_contexts].split(cfg.eval_batch_prompts):
+        tokens = tokens.to(device)
+        logits, clean_ce = model(tokens, return_type="both", loss_per_token=True)
+        ablated_logits, ablated_ce = model.run_with_hooks(tokens, return_type="both", fwd_hooks=zero_ablate,
+                                                          loss_per_token=True)
+        parts["ce_loss_without_sae"].append(clean_ce)
+        parts["ce_loss_with_ablation"].append(ablated_ce)
+        for name, value in _clean_distribution_terms(logits, ablated_logits, unembed).items():
+            parts[name].append(value)
+        del logits, ablated_logits
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def _clean_distribution_terms(logits: torch.Tensor, ablated_logits: torch.Tensor, unembed) -> dict[str, torch.Tensor]:
+    """Per position, over chunks of positions: sae_bench's KL(clean ‖ zero-ablated), in its own
+    arithmetic (softmax, then log), and Σ p log p, W_U p and b_U · p of the clean distribution p,
+    in float64 from its logits (fp32 probabilities sum to 1 only to ~1e-7, which the decomposition,
+    against a logsumexp of 10 or more, would multiply)."""
+    shape = logits.shape[:-1]
+    logits, ablated_logits = logits.flatten(0, -2), ablated_logits.flatten(0, -2)
+    found: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
+    for rows in torch.arange(len(logits), device=logits.device).split(max(1, LOGIT_CHUNK // logits.shape[-1])):
+        p = torch.nn.functional.softmax(logits[rows], dim=-1)
+        log_q = torch.log(torch.nn.functional.softmax(ablated_logits[rows], dim=-1))
+        found["kl_div_with_ablation"].append((p * (torch.log(p) - log_q)).sum(dim=-1))
+        del p, log_q
+        log_p = torch.log_softmax(logits[rows].double(), dim=-1)
+        p = log_p.exp()
+        found["neg_entropy"].append((p * log_p).sum(dim=-1))
+        found["expected_unembedding"].append(p @ unembed.weight_double)
+        found["expected_bias"].append(p @ unembed.bias_double)
+    return {name: torch.cat(values).unflatten(0, shape) for name, values in found.items()}
+
+
+class _Unembedding:
+    """The model's unembedding as TransformerLens computes it (F.linear with W_U transposed and
+    contiguous), with that transpose made once rather than on every call; and W_U, b_U in float64."""
+
+    def __init__(self, model):
+        self.weight = model.unembed.W_U.T.contiguous()
+        self.bias = model.unembed.b_U
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(h, self.weight, self.bias)
+
+    @functools.cached_property
+    def weight_double(self) -> torch.Tensor:
+        return self.weight.double()  # (d_vocab, d_model): p @ it is W_U p
+
+    @functools.cached_property
+    def bias_double(self) -> torch.Tensor:
+        return self.bias.double()
+
+
+class _EvalActivations:
+    """The hooked layer's activations per batch of evaluation contexts, each batch's computed once
+    (the forward stopped there) with the attention mask the model's own forward would use. The
+    spliced pass keeps what it computes for sae_bench's sparsity pass, which reads it last; each
+    batch's variance sums (`_variance_sums`' rows) are taken when it is first computed."""
+
+    def __init__(self, model, cfg: RunConfig, eval_tokens: torch.Tensor, sae, special: set[int]):
+        self.model, self.cfg, self.sae, self.special = model, cfg, sae, special
+        self.batches = list(eval_tokens.split(cfg.eval_batch_prompts))
+        self.index = {self._key(batch): i for i, batch in enumerate(self.batches)}
+        self.kept: dict[int, tuple] = {}
+        self.variance: dict[int, torch.Tensor] = {}
+
+    @staticmethod
+    def _key(tokens: torch.Tensor) -> bytes:
+        return str(list(tokens.shape)).encode() + tokens.long().cpu().numpy().tobytes()
+
+    def batch_index(self, tokens: torch.Tensor) -> int:
+        """Which batch of the evaluation contexts `tokens` is (sae_bench's store hands them in order)."""
+        try:
+            return self.index[self._key(tokens)]
+        except KeyError:
+            raise HarnessError("sae_bench's core eval batched the evaluation contexts other than "
+                               f"{self.cfg.eval_batch_prompts} at a time, in order: the cached path needs that") from None
+
+    def __call__(self, tokens: torch.Tensor, keep: bool = False) -> tuple:
+        """(activations, attention mask, shortformer position embedding) of this batch."""
+        index = self.batch_index(tokens)
+        if index in self.kept:
+            return self.kept[index] if keep else self.kept.pop(index)
+        found = self._forward(tokens)
+        self.variance[index] = _variance_row(self.sae, found[0], tokens, self.special)
+        if keep:
+            self.kept[index] = found
+        return found
+
+    @torch.no_grad()
+    def _forward(self, tokens: torch.Tensor) -> tuple:
+        residual, tokens, shortformer, attention_mask = self.model.input_to_embed(tokens)
+        acts = self.model(residual, start_at_layer=0, stop_at_layer=self.cfg.layer + 1, tokens=tokens,
+                          shortformer_pos_embed=shortformer, attention_mask=attention_mask)
+        return acts, attention_mask, shortformer
+
+    def run_with_cache(self, tokens: torch.Tensor, *args, names_filter, **kwargs):
+        """Stands in for model.run_with_cache in sae_bench's sparsity pass, which reads the hooked layer."""
+        assert list(names_filter) == [self.cfg.hook_name], names_filter
+        return None, {self.cfg.hook_name: self(tokens)[0]}
+
+    def variance_sums(self) -> np.ndarray:
+        """`_variance_sums` over every evaluation context: the batches no pass read computed now."""
+        for index, tokens in enumerate(self.batches):
+            if index not in self.variance:
+                self(tokens.to(self.model.cfg.device))
+        return torch.cat([self.variance[i] for i in range(len(self.batches))]).numpy()
+
+
+@torch.no_grad()
+def _spliced_losses(sae, model, batch_tokens: torch.Tensor, *args, reference: dict[str, torch.Tensor],
+                    activations: _EvalActivations, unembed: _Unembedding, ignore_tokens: set[int],
+                    **kwargs) -> dict[str, torch.Tensor]:
+    """Stands in for sae_bench's get_recons_loss (every compute flag on, special tokens kept out of
+    the reconstruction): the same five per-token values, from one pass that starts at the hooked
+    layer with the SAE's reconstruction spliced in and the cached clean and zero-ablated values.
+    Logits are made only where sae_bench's means read them (positions holding no special token)."""
+    start = activations.batch_index(batch_tokens) * activations.cfg.eval_batch_prompts
+    rows = slice(start, start + len(batch_tokens))
+    acts, attention_mask, shortformer = activations(batch_tokens, keep=True)
+    keep = ~torch.isin(batch_tokens, torch.tensor(sorted(ignore_tokens), device=batch_tokens.device))
+    reconstructed = sae.decode(sae.encode(acts.to(sae.device))).to(acts.dtype).to(acts.device)
+    spliced = torch.where(keep[..., None], reconstructed, acts)
+    residual = model(spliced, start_at_layer=activations.cfg.layer + 1, stop_at_layer=model.cfg.n_layers,
+                     shortformer_pos_embed=shortformer, attention_mask=attention_mask)
+    h = model.ln_final(residual) if model.cfg.normalization_type is not None else residual
+    log_normaliser, ce = _logit_terms(unembed, h, batch_tokens, keep)
+    cross = (h.double() * reference["expected_unembedding"][rows]).sum(-1) + reference["expected_bias"][rows]
+    kl = torch.where(keep, reference["neg_entropy"][rows] - cross + log_normaliser, 0.0)
+    return dict(kl_div_with_sae=kl.to(ce.dtype), kl_div_with_ablation=reference["kl_div_with_ablation"][rows],
+                ce_loss_with_sae=ce[:, :-1], ce_loss_without_sae=reference["ce_loss_without_sae"][rows],
+                ce_loss_with_ablation=reference["ce_loss_with_ablation"][rows])
+
+
+def _logit_terms(unembed: _Unembedding, h: torch.Tensor, tokens: torch.Tensor,
+                 keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position (0 where not kept): the logits' log-normaliser (logsumexp, float64) and the
+    CE of the next token as TransformerLens computes it (−log_softmax, gathered), the logits made a
+    chunk of kept positions at a time. log_softmax is one fused pass (faster than logsumexp); the
+    log-normaliser is the top logit less its log-prob, which log_softmax rounds only once."""
+    log_normaliser = torch.zeros(keep.numel(), dtype=torch.float64, device=h.device)
+    ce = torch.zeros(keep.numel(), dtype=h.dtype, device=h.device)
+    next_tokens = tokens.roll(-1, dims=1).flatten()  # the last position's is a stand-in: its CE is not used
+    kept = keep.flatten().nonzero().squeeze(1)
+    h = h.flatten(0, 1)
+    for rows in kept.split(max(1, LOGIT_CHUNK // unembed.weight.shape[0])):
+        logits = unembed(h[rows])
+        log_probs = torch.log_softmax(logits, dim=-1)
+        top, top_token = logits.max(dim=-1)
+        log_normaliser[rows] = top.double() - log_probs.gather(-1, top_token[:, None])[:, 0].double()
+        ce[rows] = -log_probs.gather(-1, next_tokens[rows, None])[:, 0]
+    return log_normaliser.view(keep.shape), ce.view(keep.shape)
 
 
 def whole_set_explained_variance(variance: np.ndarray) -> float:
@@ -620,7 +917,8 @@ def evaluate(info: dict, sae: BaseSAE, model, eval_tokens: torch.Tensor, cfg, de
     names = names or cfg.evals
     if "core" in names:
         console.print("Evaluating with sae_bench core metrics...")
-        info["metrics"], feature_metrics = evaluate_core(sae, model, eval_tokens, cfg, device)
+        info["metrics"], feature_metrics = evaluate_core(sae, model, eval_tokens, cfg, device,
+                                                         cache_dir=activations_dir())
         atomic_write(run_dir / "feature_metrics.json", json.dumps(feature_metrics))
     if set(names) - {"core"}:
         console.print(f"Evaluating with sae_bench: {', '.join(e for e in names if e != 'core')}...")

@@ -13,6 +13,14 @@ from helpers import tiny_run, word_level_tokenizer
 import experiment
 
 
+def pytest_collection_modifyitems(items):
+    """A test that asks for run_tiny trains and evaluates a run: it is end to end (`e2e`), left out
+    of the fast check `-m "not e2e"`. Other end-to-end tests carry the mark themselves."""
+    for item in items:
+        if "run_tiny" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_cache(tmp_path_factory):
     """The activation cache of module- and session-scoped fixtures (set up before any test's own):

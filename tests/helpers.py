@@ -1,6 +1,9 @@
 """What several test modules share: running the tiny preset, the CLI in-process, reading a run's
 log and real tiny-model activations, comparisons of tensors and states, the imports of a source
-file. Fixtures live in conftest.py; this module holds plain functions and constants only."""
+file; the sparse step against the dense one (test_kernels, test_gpu_check); a word-level
+tokenizer and stand-ins for sae_bench's hub datasets (test_evals, test_analyses); the baselines'
+SAELens parity pieces (test_baseline_*). Fixtures live in conftest.py; this module holds plain
+functions and constants only, and no test module imports from another."""
 
 import ast
 import copy
@@ -92,7 +95,7 @@ def imported_modules(tree: ast.Module, before_line: float = math.inf) -> set[str
 
 
 def family_sae(key: str, n_dead: int, d_in=64, d_sae=512, k=8, dead_steps=10):
-    """A TopK-family SAE away from its initial biases, n_dead latents past the dead window."""
+    """An SAE of TOPK_FAMILY away from its initial biases, n_dead latents past the dead window."""
     plugin = experiment.find_plugin(key)
     torch.manual_seed(0)
     hp = plugin.hyperparams_class(k=k, dead_steps=dead_steps)
@@ -224,9 +227,9 @@ def assert_export_is_the_evaluated_sae(loaded, sae, scale: float, acts: torch.Te
     return f
 
 
-# The BatchTopK family's SAE and its SAELens twin (test_baseline_batchtopk.py, whose docstring gives
-# the setting, runs the family's checks on BatchTopK and Matryoshka; test_baseline_matryoshka.py adds
-# the prefixes').
+# The BatchTopK family (BatchTopK and Matryoshka): its SAE, SAELens's twin of it and a training pass
+# of the twin, for test_baseline_batchtopk.py (the family's checks; its docstring gives the setting)
+# and test_baseline_matryoshka.py (the prefixes).
 
 def make_sae(key, seed=0, never_firing=8, **hp):
     """The plugin's SAE away from its initial weights (decoder rows on the unit sphere, as the

@@ -127,6 +127,7 @@ def test_run_4_uses_its_own_learning_rate_and_a_weight_normalised_encoder():
     assert torch.allclose(sae.pre_activation(x), expected, atol=1e-4)
 
 
+@pytest.mark.e2e
 def test_run_5_updates_every_fourth_batch_with_bounded_per_latent_rates():
     sae, trainer = build(RUN_5)
     for step in range(8):

@@ -88,6 +88,7 @@ def test_the_log_frequency_histogram_bins_the_fired_latents_and_counts_the_silen
     assert silent == 2 and counts.tolist() == [1, 2, 2]  # [-3,-2) [-2,-1) [-1,0]
 
 
+@pytest.mark.e2e
 def test_a_revival_is_recorded_with_the_step_and_the_rows_overlap_just_before():
     found = experiment.find_plugin("zscore_ortho/run_1_initial")
     cfg = experiment.build_config("tiny", "zscore_ortho/run_1_initial", tokens=256 * 100)  # period: 10 steps
@@ -114,6 +115,7 @@ def test_a_revival_is_recorded_with_the_step_and_the_rows_overlap_just_before():
 
 # ---- each analysis on tiny, end to end ---------------------------------------------------------
 
+@pytest.mark.e2e
 def test_contrastive_sparsity_and_jl_error_read_the_held_out_evaluation_and_the_saved_sae(tmp_path):
     _, found = analyse(tmp_path, "contrastive", "--only=run_1_jl_ema")
     assert set(found) == {"sparsity", "jl_error"}
@@ -133,6 +135,7 @@ def test_contrastive_sparsity_and_jl_error_read_the_held_out_evaluation_and_the_
     assert jl["run_1_jl_ema"]["errors"].max() < 1e-5  # d_in 64 ≤ 128: the projection is a rotation
 
 
+@pytest.mark.e2e
 def test_zscore_reactivation_compares_the_revived_latents_with_the_others(tmp_path):
     _, found = analyse(tmp_path, "zscore_ortho", "reactivation", "--only=run_4_skip")
     data = found["reactivation"].data
@@ -151,6 +154,7 @@ def test_zscore_reactivation_compares_the_revived_latents_with_the_others(tmp_pa
     assert f"| {int(revived.sum())} | " in found["reactivation"].body
 
 
+@pytest.mark.e2e
 def test_adaptive_ortho_alpha_ablation_and_condition_numbers_of_the_groups(tmp_path):
     output, found = analyse(tmp_path, "adaptive_ortho", "--only=run_1_basic_ortho", "--values=0.1,1")
     alpha = found["alpha"].data
@@ -174,6 +178,7 @@ def test_adaptive_ortho_alpha_ablation_and_condition_numbers_of_the_groups(tmp_p
     assert kappas == pytest.approx(recorded, abs=1e-4)  # the plugin's own reading at the end of training
 
 
+@pytest.mark.e2e
 def test_topk_threshold_ablation_sweeps_both_tau_modes_at_the_same_settings(tmp_path):
     _, found = analyse(tmp_path, "topk_ortho", "--values=0.005,0.001")
     data = found["topk_threshold"].data
@@ -219,6 +224,7 @@ def test_unlearning_is_refused_in_one_line_before_any_training(tmp_path, monkeyp
     assert not (tmp_path / "runs").exists() and not (tmp_path / "notes.md").exists()
 
 
+@pytest.mark.e2e
 def test_unlearning_scores_the_baseline_adaptive_and_fixed_ortho_arms_through_sae_bench(tmp_path, monkeypatch,
                                                                                         tokenizer):
     """As tests/test_evals.py runs unlearning: the tiny model with a word-level tokenizer stands in

@@ -103,6 +103,7 @@ def run_side_by_side(sae, refs, steps=8, first_dead=(), first_step=100):
     return aux, n_dead
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("first_dead", [range(10), range(60)], ids=["few_dead", "many_dead"])
 @pytest.mark.parametrize("key", FAMILY, ids=["batchtopk", "matryoshka"])
 def test_training_passes_equal_sae_lens_with_its_trainers_dead_mask(key, first_dead):
@@ -117,6 +118,7 @@ def test_training_passes_equal_sae_lens_with_its_trainers_dead_mask(key, first_d
     assert sae.topk_threshold > 0
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key", FAMILY, ids=["batchtopk", "matryoshka"])
 def test_auxk_is_neither_computed_nor_logged_before_anything_can_be_dead(key):
     """From step 0, nothing can be dead before step dead_steps + 1 (SAELens's AuxK is 0 there);
@@ -154,6 +156,7 @@ def test_gradients_equal_sae_lens(key):
             assert_close_in_norm(sae.W_dec.grad, grads["W_dec"], "grad W_dec")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key", FAMILY, ids=["batchtopk", "matryoshka"])
 def test_inference_encoding_equals_sae_lens_saved_inference_model(key, tmp_path):
     """After a few training passes (θ > 0), SAELens's own conversion to its inference model (a
@@ -194,6 +197,7 @@ def l0(f):
     return (f > 0).float().sum(-1).mean().item()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key", FAMILY, ids=["batchtopk", "matryoshka"])
 def test_inference_l0_is_k_once_the_threshold_has_converged(key):
     """Training and inference encodings agree in expectation. θ starts at 0 (an eval-mode SAE
@@ -234,6 +238,7 @@ def test_inference_l0_is_k_once_the_threshold_has_converged(key):
     assert abs(mse[1] / mse[0] - 1) < 0.05, mse
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key", FAMILY, ids=["batchtopk", "matryoshka"])
 def test_export_loads_in_sae_lens_as_jumprelu_and_equals_the_evaluated_sae(key, tmp_path):
     """Train on real activations, save as the harness does, load with SAELens: a JumpReLUSAE with

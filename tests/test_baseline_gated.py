@@ -19,6 +19,7 @@ what its auxiliary term sends through the decoder (W_dec, and b_dec as the decod
 as the encoder's centring keeps its share), and the test checks that this part is not zero.
 Every comparison is to 1e-5 relative (in norm, over the whole tensor)."""
 
+import pytest
 import torch
 from helpers import (assert_close_in_norm, assert_export_is_the_evaluated_sae, assert_same_state, exported,
                      tiny_model_activations, trained_sae)
@@ -139,6 +140,7 @@ def test_the_bench_hook_gives_sae_lens_twin_and_coefficients():
     assert_same_state(hooked, twin)
 
 
+@pytest.mark.e2e
 def test_export_loads_in_sae_lens_as_gated_and_equals_the_evaluated_sae(tmp_path):
     from sae_lens import GatedSAE
 

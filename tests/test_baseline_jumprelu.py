@@ -215,6 +215,7 @@ def test_the_bench_hook_gives_sae_lens_s_twin_and_coefficients():
     assert_same_state(hooked, twin)
 
 
+@pytest.mark.e2e
 def test_export_loads_in_sae_lens_as_jumprelu_and_equals_the_evaluated_sae(tmp_path):
     from sae_lens import JumpReLUSAE
 

@@ -186,6 +186,7 @@ def tiny_activations():
     return cache[hook]  # (4, 32, d_model)
 
 
+@pytest.mark.e2e
 def test_export_loads_in_sae_lens_as_topk_and_encodes_and_decodes_like_the_evaluated_sae(tmp_path):
     import sae_lens
     from sae_lens import TopKSAE

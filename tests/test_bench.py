@@ -31,6 +31,7 @@ def measured_switch_point(tmp_path, monkeypatch):
     kernels.sparse_below(256, 64, 256, cache_dir(), measure=lambda *shape: {"sparse_below": SPARSE_BELOW})
 
 
+@pytest.mark.e2e
 def test_bench_measures_every_quantity_it_reports(tmp_path):
     """bench: harvest vs plain forward, cache reads, our SAE step vs sae_lens's, the roofline
     fraction and peak memory, all measured (positive and finite) and written to bench.json."""
@@ -46,6 +47,7 @@ def test_bench_measures_every_quantity_it_reports(tmp_path):
     assert bench["sae_step"]["path"] == "dense"  # a fresh SAE: about half its latents fire
 
 
+@pytest.mark.e2e
 def test_bench_at_two_percent_latent_density_times_the_sparse_step(tmp_path):
     out = tmp_path / "bench.json"
     result = bench_cli("--preset", "tiny", "--steps", "2", "--tokens", "4096", "--l0-fraction", "0.02",
@@ -56,6 +58,7 @@ def test_bench_at_two_percent_latent_density_times_the_sparse_step(tmp_path):
     assert step["sparse_below"] == SPARSE_BELOW and "sparse below 10%" in result.output
 
 
+@pytest.mark.e2e
 def test_experiment_bench_runs_bench_py_with_its_arguments():
     """`python experiment.py bench ARGS` is `python bench.py ARGS`: bench.py's own refusal comes back."""
     done = subprocess.run([sys.executable, str(ROOT / "experiment.py"), "bench", "--preset", "no-such-preset"],
@@ -69,6 +72,7 @@ def test_bench_refuses_a_plugin_no_sae_lens_architecture_is_before_any_work(monk
     assert result.exit_code == 2 and "is no SAELens architecture" in result.output
 
 
+@pytest.mark.e2e
 def test_bench_times_a_baseline_architecture_with_its_hyperparameters_against_sae_lens_s(tmp_path):
     out = tmp_path / "bench.json"
     result = bench_cli("--preset", "tiny", "--plugin", "run_0_topk", "--set", "k=8", "--steps", "2",
@@ -90,6 +94,7 @@ def no_llm(monkeypatch):
     monkeypatch.setattr(experiment, "load_model", lambda *a, **k: pytest.fail("random activations loaded a model"))
 
 
+@pytest.mark.e2e
 def test_bench_on_random_activations_times_every_baseline_against_sae_lens_with_no_llm(tmp_path, no_llm):
     out = tmp_path / "bench.json"
     result = bench_cli(*SMALL, "--out", str(out))
@@ -120,6 +125,7 @@ def test_random_activations_default_to_the_field_s_reference_shape(no_llm, monke
     # ...and ReLU at half its latents firing and TopK at k 64 of 256 dense.
     ("sparse", {"run_0_baseline": [], "run_0_topk": [], "run_0_gated": []}),
 ])
+@pytest.mark.e2e
 def test_the_path_flag_forces_our_step_dense_or_sparse_where_the_sae_has_a_sparse_step(tmp_path, no_llm, path,
                                                                                        settings):
     """Gated has no sparse step: dense either way."""
@@ -133,6 +139,7 @@ def test_the_path_flag_forces_our_step_dense_or_sparse_where_the_sae_has_a_spars
     assert kernels.SPARSE_DEVICES == ("cpu",) and cache_dir().name == "cache"  # put back as they were
 
 
+@pytest.mark.e2e
 def test_bench_in_bf16_autocasts_both_steps_and_takes_a_bf16_matmul_roofline(tmp_path, no_llm, monkeypatch):
     autocast_dtypes = []
     step_autocast = kernels.step_autocast
@@ -160,3 +167,24 @@ def test_bench_refuses_bad_options_in_one_line_before_any_work(monkeypatch, args
     monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("work"))
     result = bench_cli("--preset", "tiny", *args)
     assert result.exit_code == 2 and message in result.output
+
+
+def test_bench_eval_times_a_run_s_core_evaluation_both_ways_split_into_its_passes(tmp_path, run_tiny):
+    """--eval RUN_DIR: sae_bench's path (its clean, spliced and zero-ablated full passes) against the
+    cached one (to the hooked layer, on from it), each split into parts that add up to its total,
+    with the same metrics."""
+    _, run_dir = run_tiny("run_0_baseline")
+    out = tmp_path / "bench.json"
+    result = bench_cli("--eval", str(run_dir), "--eval-rounds", "1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    run = json.loads(out.read_text())["eval"]
+    before, after = run["paths"]["sae_bench"], run["paths"]["cached"]
+    assert set(bench.EvalParts.FULL_PASSES) <= set(before["parts"])
+    assert not set(bench.EvalParts.FULL_PASSES) & set(after["parts"])
+    assert {"model up to the hooked layer", "model from the hooked layer on, SAE spliced in"} <= set(after["parts"])
+    for path in (before, after):
+        assert sum(path["parts"].values()) == pytest.approx(path["total_s"]) and path["total_s"] > 0
+        assert all(seconds >= -1e-3 for seconds in path["parts"].values())
+    assert not run["reference_built"]  # the run's own evaluation made it; bench read it
+    assert run["max_relative_difference"] < 1e-5
+    assert "cached / sae_bench" in result.output

@@ -18,6 +18,8 @@ import cluster
 import experiment
 import studies
 
+pytestmark = pytest.mark.e2e  # every test here starts a Ray cluster
+
 TINY = ["--preset", "tiny", "--tokens", "2048"]
 GRID = ["--grid", "sparsity_penalty=0.01,0.16", "--seeds", "2"]
 

@@ -59,6 +59,7 @@ def test_jl_check_measures_the_expected_distortion():
     assert all(v < 1e-5 for v in rotation.jl_check(rotation.W_dec.detach()).values())
 
 
+@pytest.mark.e2e
 def test_jl_check_is_logged_every_step_and_in_final_info(lambda_run):
     info, log = lambda_run
     keys = ("jl_cos_error_mean", "jl_cos_error_max", "jl_norm_distortion", "jl_recon_error")
@@ -68,6 +69,7 @@ def test_jl_check_is_logged_every_step_and_in_final_info(lambda_run):
     assert info["jl_check"]["jl_recon_error"] == pytest.approx(math.sqrt(0.5), abs=0.15)
 
 
+@pytest.mark.e2e
 def test_contrast_threshold_anneals_from_0_4_towards_0_05_but_stays_above_the_projection_noise(lambda_run):
     thresholds = [r["contrast_threshold"] for r in lambda_run[1]]
     floor = 1 / 32 ** 0.5
@@ -82,6 +84,7 @@ def test_contrast_threshold_anneals_from_0_4_towards_0_05_but_stays_above_the_pr
     assert fixed.contrast_threshold(0) == fixed.contrast_threshold(10_000) == 0.4
 
 
+@pytest.mark.e2e
 def test_lambdas_stay_within_step_dependent_bounds(lambda_run):
     log = lambda_run[1]
     assert (log[0]["lambda_lo"], log[0]["lambda_hi"]) == pytest.approx((0.02, 1.0))

@@ -263,7 +263,8 @@ def import_graph() -> dict[str, set[str]]:
     graph = {}
     for module in MODULES:
         tree = ast.parse((ROOT / f"{module}.py").read_text())
-        graph[module] = imported_modules(tree, cli_start(tree) if module == "experiment" else math.inf) & MODULES - {module}
+        commands = cli_start(tree) if module == "experiment" else math.inf
+        graph[module] = imported_modules(tree, commands) & MODULES - {module}
     return graph
 
 

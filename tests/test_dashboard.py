@@ -142,6 +142,7 @@ def direct_densities(run_dir: Path) -> torch.Tensor:
     return (f > 0).float().mean(0)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key", last_plugins())
 def test_dashboard_of_a_tiny_run_reads_the_sae_through_its_own_encode(key, tmp_path):
     run_dir = tmp_path / "run"
@@ -155,6 +156,7 @@ def test_dashboard_of_a_tiny_run_reads_the_sae_through_its_own_encode(key, tmp_p
     assert re.search(r'<span class="m"[^>]*>#\d+ </span>', page)  # token ids: the tiny model has no tokenizer
 
 
+@pytest.mark.e2e
 def test_top_latents_by_max_activation_and_the_plugins_artifacts(tmp_path):
     run_dir = tmp_path / "run"
     tiny_run("freq_order/run_2_freq_ordering", run_dir, tmp_path / "notes.md", evals=(), tokens=2048)
@@ -191,6 +193,7 @@ def tiny_page(tmp_path_factory) -> Path:
     return folder / "run" / "dashboard" / "index.html"
 
 
+@pytest.mark.e2e
 def test_the_page_opens_in_chromium_without_console_errors_and_shows_every_latents_contexts(tiny_page):
     html = tiny_page.read_text()
     assert not re.search(r'(src|href)="(?!#)', html), "the page must load nothing from anywhere"
@@ -205,6 +208,7 @@ def test_the_page_opens_in_chromium_without_console_errors_and_shows_every_laten
         assert section.count('<code class="ctx">') >= 2 and '<span class="m"' in section
 
 
+@pytest.mark.e2e
 def test_the_browser_check_catches_a_script_error(tiny_page, tmp_path):
     broken = tmp_path / "broken.html"
     broken.write_text(tiny_page.read_text().replace('sortBy(new URLSearchParams', 'sortBy(undefinedName'))
@@ -249,6 +253,7 @@ def no_wandb_key(tmp_path, monkeypatch):
     return tmp_path / "wandb_dir"
 
 
+@pytest.mark.e2e
 def test_run_with_wandb_offline_holds_every_train_log_row_and_the_final_metrics(tmp_path, no_wandb_key):
     run_dir = tmp_path / "run"
     result = cli("run", "--preset", "tiny", "--plugin", "run_0_baseline", "--out", str(run_dir),
@@ -297,6 +302,7 @@ class BrokenWandb:
 
 @pytest.mark.parametrize("broken, message", [("init", "could not start (OSError: disk full)"),
                                              ("log", "could not log a train_log row (RuntimeError")])
+@pytest.mark.e2e
 def test_a_failing_wandb_only_warns(broken, message, tmp_path, no_wandb_key, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", BrokenWandb(broken))
     result = cli("run", "--preset", "tiny", "--plugin", "run_0_baseline", "--out", str(tmp_path / "run"),
@@ -306,6 +312,7 @@ def test_a_failing_wandb_only_warns(broken, message, tmp_path, no_wandb_key, mon
     assert json.loads((tmp_path / "run" / "final_info.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.e2e
 def test_an_unwritable_wandb_dir_only_warns(tmp_path, no_wandb_key, monkeypatch):
     (tmp_path / "a_file").write_text("")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "a_file" / "wandb"))  # nothing can be made under a file

@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 import experiment
+
+pytestmark = pytest.mark.e2e  # torchrun processes
 
 ROOT = Path(experiment.__file__).parent
 TINY = ["run", "--preset", "tiny", "--plugin", "run_0_baseline", "--tokens", "16384"]

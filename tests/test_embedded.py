@@ -4,7 +4,11 @@ sae_bench's core evaluation, with no hub."""
 
 import math
 
+import pytest
+
 import experiment
+
+pytestmark = pytest.mark.e2e  # the embedded Gemma model, end to end
 
 
 def test_embedded_model_and_text_run_end_to_end_offline(tmp_path, monkeypatch):

@@ -142,6 +142,7 @@ def run(names, sae, model, cfg, eval_tokens):
                            loaders=LOADERS)
 
 
+@pytest.mark.e2e
 def test_sparse_probing_reads_every_dataset_and_reports_in_sae_bench_format(sae, model, cfg, eval_tokens):
     result = run(("core", "sparse_probing"), sae, model, cfg, eval_tokens)["sparse_probing"]
     assert result["eval_type_id"] == "sparse_probing"
@@ -154,6 +155,7 @@ def test_sparse_probing_reads_every_dataset_and_reports_in_sae_bench_format(sae,
     json.dumps(result)  # final_info.json takes it as it is
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name, metric", [("scr", "scr_metrics"), ("tpp", "tpp_metrics")])
 def test_scr_and_tpp_report_their_metrics(sae, model, cfg, eval_tokens, name, metric):
     result = run((name,), sae, model, cfg, eval_tokens)[name]
@@ -161,6 +163,7 @@ def test_scr_and_tpp_report_their_metrics(sae, model, cfg, eval_tokens, name, me
     assert result["eval_result_metrics"][metric] and result["eval_result_details"]
 
 
+@pytest.mark.e2e
 def test_unlearning_reads_the_forget_corpus_from_the_env_path(sae, model, cfg, eval_tokens, monkeypatch, tmp_path):
     from sae_bench.evals.unlearning.utils import metrics
 
@@ -183,6 +186,7 @@ def test_unlearning_reads_the_forget_corpus_from_the_env_path(sae, model, cfg, e
     assert result["eval_config"]["dataset_names"] == ["wmdp-bio", "high_school_us_history"]
 
 
+@pytest.mark.e2e
 def test_autointerp_explains_and_scores_latents_through_the_api_client(sae, model, cfg, eval_tokens):
     FakeOpenAI.requests.clear()
     result = run(("autointerp",), sae, model, cfg, eval_tokens)["autointerp"]
@@ -191,6 +195,7 @@ def test_autointerp_explains_and_scores_latents_through_the_api_client(sae, mode
     assert len(FakeOpenAI.requests) == 2 * len(result["eval_result_unstructured"]) > 0  # explain, then score
 
 
+@pytest.mark.e2e
 def test_absorption_on_a_model_that_cannot_spell_records_why_and_claims_no_score(sae, model, cfg, eval_tokens,
                                                                                  isolated_cache):
     result = run(("absorption",), sae, model, cfg, eval_tokens)["absorption_first_letter"]
@@ -203,6 +208,7 @@ def test_absorption_on_a_model_that_cannot_spell_records_why_and_claims_no_score
     assert probe.stat().st_mtime_ns == trained_at
 
 
+@pytest.mark.e2e
 def test_absorption_scores_where_enough_letters_are_readable(sae, model, cfg, eval_tokens, isolated_cache,
                                                                monkeypatch):
     """The tiny model spells nothing, so sae_bench's bar is lowered to every letter: the path a model
@@ -227,6 +233,7 @@ def test_absorption_reads_an_sae_with_unit_decoder_rows_and_the_same_reconstruct
     torch.testing.assert_close(folded.decode(folded.encode(x)), sae.decode(sae.encode(x)), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.e2e
 def test_sae_probes_runs_on_its_shipped_text_and_leaves_sae_and_tokenizer_alone(sae, model, cfg, eval_tokens,
                                                                                  isolated_cache):
     before = {k: v.clone() for k, v in sae.state_dict().items()}
@@ -267,6 +274,7 @@ def test_capped_absorption_vocabulary_is_letter_balanced_and_independent_of_voca
     assert sum(w.startswith(" x") for w in cap) == 20  # 520 // 26 each, where the letter has that many
 
 
+@pytest.mark.e2e
 def test_core_adds_the_whole_set_explained_variance_the_eval_dead_fraction_and_bootstrap_errors(
         sae, model, cfg, eval_tokens):
     sae.inner.b_enc.data[:50] = -1e3  # these latents never fire
@@ -285,6 +293,7 @@ def test_core_adds_the_whole_set_explained_variance_the_eval_dead_fraction_and_b
     assert all(0 < se[k] < 1 for k in ("explained_variance_whole_set", "ce_loss_score", "kl_div_score"))
 
 
+@pytest.mark.e2e
 def test_the_bootstrap_s_per_context_rows_give_back_sae_bench_s_own_scores(sae, model, cfg, eval_tokens,
                                                                           monkeypatch):
     recorded = {}
@@ -306,3 +315,133 @@ def test_sae_bench_reads_the_weights_in_the_model_s_scale_as_exported(cfg):
     x = torch.randn(5, sources.TINY_MODEL["d_model"])
     torch.testing.assert_close(scaled.encode(x), torch.relu(x @ scaled.W_enc + scaled.b_enc - scaled.b_dec @ scaled.W_enc))
     torch.testing.assert_close(scaled.W_enc.norm(dim=0), inner.W_enc.norm(dim=0) * 8.0)  # feature_metrics' encoder_norm
+
+
+# ----------------------------------------------------------------------------------------------
+# The cached core path: sae_bench's metrics from the cached clean and zero-ablated passes.
+
+def metric_leaves(metrics: dict, prefix: str = "") -> dict:
+    found = {}
+    for key, value in metrics.items():
+        found.update(metric_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return found
+
+
+@pytest.fixture
+def nearly_exact_sae(sae):
+    """Latents ±x_i: an exact reconstruction, then its decoder nudged, so that the KL with the SAE
+    is small (about 1e-3) and float rounding weighs most in it."""
+    d = sources.TINY_MODEL["d_model"]
+    inner = sae.inner
+    with torch.no_grad():
+        for weights in (inner.W_enc, inner.W_dec, inner.b_enc, inner.b_dec):
+            weights.zero_()
+        eye = torch.eye(d)
+        inner.W_enc[:, :d], inner.W_enc[:, d:2 * d] = eye, -eye
+        inner.W_dec[:d], inner.W_dec[d:2 * d] = eye, -eye
+        inner.W_dec.add_(0.02 * torch.randn(inner.W_dec.shape, generator=torch.Generator().manual_seed(1)))
+    return sae
+
+
+def passes_run(model, monkeypatch) -> list:
+    """Records each model forward as (start_at_layer, stop_at_layer)."""
+    calls, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append((k.get("start_at_layer"),
+                                                                          k.get("stop_at_layer"))) or forward(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("which", ["sae", "nearly_exact_sae"])
+def test_the_cached_core_path_gives_sae_bench_s_metrics_from_the_spliced_pass_and_the_activations_alone(
+        which, request, model, cfg, eval_tokens, tmp_path, monkeypatch):
+    """Every metric as sae_bench's own passes give it (to 1e-6 relative; the CE ones to the bit);
+    the bootstrap errors to 1e-5: an error is the spread of resampled scores, ~100 times smaller than
+    them, so the scores' last-digit rounding weighs that much more in it. The second evaluation
+    reads the cache and runs no full pass: once to the hooked layer per batch of contexts, once on
+    from there per reconstruction batch."""
+    sae, cpu = request.getfixturevalue(which), torch.device("cpu")
+    reference, reference_features = evals.evaluate_core(sae, model, eval_tokens, cfg, cpu)
+    first, _ = evals.evaluate_core(sae, model, eval_tokens, cfg, cpu, cache_dir=tmp_path)
+    calls = passes_run(model, monkeypatch)
+    cached, cached_features = evals.evaluate_core(sae, model, eval_tokens, cfg, cpu, cache_dir=tmp_path)
+    n_batches = len(eval_tokens) // cfg.eval_batch_prompts
+    assert sorted(calls, key=str) == sorted([(0, cfg.layer + 1)] * n_batches + [
+        (cfg.layer + 1, model.cfg.n_layers)] * cfg.eval_reconstruction_batches, key=str)
+    assert cached == first
+    np.testing.assert_equal(cached_features, reference_features)  # NaN where a latent never fires
+    expected, found = metric_leaves(reference), metric_leaves(cached)
+    assert found.keys() == expected.keys()
+    for name, value in expected.items():
+        assert found[name] == pytest.approx(value, rel=1e-5 if name.startswith("bootstrap_se.") else 1e-6), name
+    for name in ("ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation", "ce_loss_score"):
+        assert found[f"model_performance_preservation.{name}"] == expected[f"model_performance_preservation.{name}"]
+    if which == "nearly_exact_sae":
+        assert 0 < expected["model_behavior_preservation.kl_div_with_sae"] < 1e-2
+
+
+def test_a_model_with_soft_capped_logits_is_scored_by_sae_bench_s_own_passes(sae, model, cfg, eval_tokens, tmp_path):
+    """The cached KL term needs logits linear in the final residual, which Gemma 2's soft cap breaks."""
+    model.cfg.output_logits_soft_cap = 30.0
+    reference, _ = evals.evaluate_core(sae, model, eval_tokens, cfg, torch.device("cpu"))
+    assert evals.evaluate_core(sae, model, eval_tokens, cfg, torch.device("cpu"), cache_dir=tmp_path)[0] == reference
+    assert not (tmp_path / "core_reference").exists()
+
+
+@pytest.fixture
+def reference_reads(monkeypatch):
+    """Counts of clean_reference's computations and file reads."""
+    import safetensors.torch
+
+    counts = dict(computed=0, read=0)
+    compute, read = evals._reference_values, safetensors.torch.load_file
+
+    def computing(*args):
+        counts["computed"] += 1
+        return compute(*args)
+
+    def reading(*args, **kwargs):
+        counts["read"] += 1
+        return read(*args, **kwargs)
+    monkeypatch.setattr(evals, "_reference_values", computing)
+    monkeypatch.setattr(safetensors.torch, "load_file", reading)
+    return counts
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "manifest of another key"])
+def test_a_damaged_core_reference_is_computed_again_never_read(model, cfg, eval_tokens, tmp_path, reference_reads,
+                                                              damage):
+    cpu = torch.device("cpu")
+    made = evals.clean_reference(model, eval_tokens, cfg, cpu, tmp_path)
+    (path,) = (tmp_path / "core_reference").glob("*.safetensors")
+    manifest_path = path.with_suffix(".json")
+    data = bytearray(path.read_bytes())
+    if damage == "flipped byte":
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        manifest = json.loads(manifest_path.read_text())
+        manifest_path.write_text(json.dumps({**manifest, "key": "0" * 64}))
+    assert reference_reads == dict(computed=1, read=0)
+    again = evals.clean_reference(model, eval_tokens, cfg, cpu, tmp_path)
+    assert reference_reads == dict(computed=2, read=0)  # computed again; the damaged file was never loaded
+    assert json.loads(manifest_path.read_text())["sha256"] == evals._file_sha256(path)
+    read = evals.clean_reference(model, eval_tokens, cfg, cpu, tmp_path)
+    assert reference_reads == dict(computed=2, read=1)
+    for name, value in made.items():
+        assert torch.equal(again[name], value) and torch.equal(read[name], value), name
+
+
+def test_other_evaluation_tokens_or_weights_get_their_own_core_reference(model, cfg, eval_tokens, tmp_path,
+                                                                          reference_reads):
+    cpu = torch.device("cpu")
+    other_tokens = eval_tokens.clone()
+    other_tokens[3, 5] = (other_tokens[3, 5] + 1) % model.cfg.d_vocab
+    for tokens in (eval_tokens, eval_tokens.clone(), other_tokens):
+        evals.clean_reference(model, tokens, cfg, cpu, tmp_path)
+    assert reference_reads == dict(computed=2, read=1)
+    with torch.no_grad():
+        model.blocks[0].mlp.W_in[0, 0] += 1.0  # a weight the sample reads: every tensor's first value
+    evals.clean_reference(model, eval_tokens, cfg, cpu, tmp_path)
+    assert reference_reads["computed"] == 3 and len(list((tmp_path / "core_reference").glob("*.safetensors"))) == 3

@@ -168,6 +168,7 @@ def test_self_attention_projects_queries_keys_and_values_from_the_latents_tokens
     torch.testing.assert_close(sae.pre_activation(x), expected)
 
 
+@pytest.mark.e2e
 def test_self_attention_trains_at_a_realistic_dictionary_size():
     # B x d_sae x d_sae would be 256 x 16384 x 16384 floats (275 GB): this only runs if the
     # attention never builds it.

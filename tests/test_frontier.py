@@ -1,7 +1,9 @@
 """frontier.py, the matched verdict: a baseline frontier with known values gives the interpolated
 value in log L0, Δ and its uncertainty, the better/tied/worse word, the standard error across seeds,
 the refusal to extrapolate with the knob to add (penalty and k sweeps), and a bootstrap that is
-deterministic for a seed and shrinks with more batches. Pure numpy, no model: runs in a second."""
+deterministic for a seed and shrinks with more batches; a run judged against every baseline in the
+run index, the words the notebook shows, and the sanity guards (a run's warnings) on made-up run
+folders. No model, no training: runs in a second."""
 
 import ast
 import json
@@ -317,7 +319,8 @@ def test_matched_says_each_baselines_word_on_one_metric():
              "run_0_gated": {"not_judged": "its runs vary more than one setting"},
              "run_0_batchtopk": {"metrics": {"ce_loss_score": {"word": OUTSIDE}}},
              "run_0_jumprelu": {"metrics": {"ce_loss_score": {"word": "tied (no uncertainty)"}}}}
-    assert matched(found) == "run_0_topk: better; run_0_batchtopk: outside its sweep; run_0_jumprelu: tied (no uncertainty)"
+    assert matched(found) == ("run_0_topk: better; run_0_batchtopk: outside its sweep; "
+                              "run_0_jumprelu: tied (no uncertainty)")
     assert matched(found, "kl_div_score") == "run_0_topk: worse"
     assert matched({}) == matched(found, "explained_variance") == "no baseline sweep on these activations"
 
@@ -374,7 +377,8 @@ def test_every_suspicious_result_becomes_a_warning(tmp_path):
     saved_run(run, torch.ones(8, 4))
     log = [logged(10.0, whisper_loss=0.0), {**logged(10.0, whisper_loss=0.0), "dead_fraction": 1.0}]
     (run / "train_log.jsonl").write_text("".join(json.dumps(record) + "\n" for record in log))
-    metrics = {"sparsity": {"l0": 0}, "reconstruction_quality": {"explained_variance": -0.5, "explained_variance_legacy": 0.1}}
+    metrics = {"sparsity": {"l0": 0},
+               "reconstruction_quality": {"explained_variance": -0.5, "explained_variance_legacy": 0.1}}
     info = {"metrics": metrics, "dict_size": 8, "activation_cache": "acts-1"}
     parent = tmp_path / "parent"
     saved_run(parent, torch.ones(8, 4))

@@ -160,6 +160,7 @@ class TestOnCuda:
                                                                                             monkeypatch):
         killed_after_step_15_and_resumed(run_tiny, notes, monkeypatch, "run_0_baseline", device="cuda")
 
+    @pytest.mark.e2e
     def test_deterministic_mode_trains_the_same_weights_twice_on_cuda(self, tmp_path):
         """Each run in its own process: cuBLAS reads CUBLAS_WORKSPACE_CONFIG (set by --deterministic)
         only when a process first uses it."""
@@ -178,6 +179,7 @@ class TestOnCuda:
 # ----------------------------------------------------------------------------------------------
 # The check itself, in its CPU form.
 
+@pytest.mark.e2e
 def test_the_gpu_check_runs_in_its_cpu_form_and_writes_one_json(tmp_path):
     """No CUDA: every CUDA-marked test is skipped, not failed, and the synthetic bench times every
     baseline in fp32 and bf16 with the sparse step forced off and on (where an SAE has one)."""

@@ -42,6 +42,7 @@ def wait_for(path: Path, proc, timeout=120):
         time.sleep(0.05)
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
     notes = tmp_path / "notes.md"
     notes.write_text("earlier entry\n")
@@ -84,6 +85,7 @@ def test_a_run_killed_after_its_last_checkpointed_step_resumes_to_its_final_loss
     assert resumed["status"] == "completed" and resumed["final_loss_terms"] == done["final_loss_terms"]
 
 
+@pytest.mark.e2e
 def test_ctrl_c_checkpoints_and_exits_130_with_one_line(tmp_path):
     out = tmp_path / "run"
     proc = start_cli([*LONG_TINY, "--out", str(out), "--notes", str(tmp_path / "notes.md")], tmp_path)
@@ -102,6 +104,7 @@ def _append_many(notes, worker):
         experiment.append_notes(Path(notes), plugin.study_header, f"## Run 0: worker {worker} entry {i}\n" + "x" * 5000 + "\n\n")
 
 
+@pytest.mark.e2e
 def test_two_processes_appending_to_notes_both_get_complete_entries(tmp_path):
     notes = tmp_path / "notes.md"
     workers = [multiprocessing.get_context("fork").Process(target=_append_many, args=(notes, w)) for w in (1, 2)]
@@ -165,6 +168,7 @@ def refused(tmp_path, *args):
     return " ".join(result.output.split())
 
 
+@pytest.mark.e2e
 def test_an_evaluation_crash_keeps_the_trained_sae_and_eval_run_dir_completes_it(tmp_path, monkeypatch):
     """A crash inside an eval (a sae_bench bug, say) after an hour of training must not cost the
     training: the SAE is saved, the run is marked failed at evaluation with the traceback, the
@@ -206,6 +210,7 @@ def test_plugin_with_import_error_names_file_and_line(tmp_path, scratch_study):
     assert "failed to import" in out and "run_1_broken.py:2" in out and "not_a_module_anywhere" in out
 
 
+@pytest.mark.e2e
 def test_plugin_breaking_the_sae_contract_is_refused_before_training(tmp_path, scratch_study):
     (scratch_study / "run_1_shape.py").write_text(
         '"""Wrong shape."""\nfrom experiment import SAE as Base, Hyperparams\n\n\n'
@@ -269,6 +274,7 @@ def _tiny_with_tokenizer():
     return model
 
 
+@pytest.mark.e2e
 def test_a_loss_term_too_small_to_move_the_model_is_flagged(tmp_path, scratch_study, monkeypatch):
     (scratch_study / "run_1_whisper.py").write_text(
         '"""Whisper: an extra term a millionth of the loss."""\nfrom plugins.baseline import run_0_baseline as parent\n\n\n'
@@ -283,6 +289,7 @@ def test_a_loss_term_too_small_to_move_the_model_is_flagged(tmp_path, scratch_st
     assert "Warning: whisper_loss is at most" in (tmp_path / "notes.md").read_text()
 
 
+@pytest.mark.e2e
 def test_a_run_whose_decoder_barely_moved_from_its_parents_is_flagged(tmp_path, scratch_study):
     """A change that reaches the loss but not the model: the decoder ends within 1e-3 (relative)
     of the parent's, trained on the same activations and seed."""

@@ -93,6 +93,7 @@ def test_notes_get_study_header_once_then_one_entry_per_run(run_tiny, notes):
     assert "Study: baseline" in entry and "Run folder:" in entry
 
 
+@pytest.mark.e2e
 def test_a_notebook_entry_lists_each_headline_metric_with_its_change_against_the_parent(tmp_path, notes):
     runs = tmp_path / "runs"
     for plugin in ("run_0_baseline", "run_1_initial"):
@@ -241,6 +242,7 @@ def test_list_shows_every_plugin_with_title_parent_and_hyperparameters():
 
 # ---- hub models and datasets: the same code path, with the loaders injected -----------------
 
+@pytest.mark.e2e
 def test_hub_model_and_dataset_path_with_injected_loaders(tmp_path, notes):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 

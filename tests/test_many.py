@@ -16,6 +16,7 @@ import plot
 TINY = ["--preset", "tiny", "--tokens", "2048"]
 
 
+@pytest.mark.e2e
 def test_sweep_trains_the_grid_times_seeds_once_and_then_reuses_it(tmp_path):
     runs, notes = tmp_path / "runs", tmp_path / "notes.md"
     args = ["sweep", "--plugin", "run_0_baseline", *TINY, "--grid", "sparsity_penalty=0.01,0.16", "--seeds", "2",
@@ -61,6 +62,7 @@ def test_a_bad_grid_is_refused_before_any_work(tmp_path, grid, message, monkeypa
     assert result.exit_code == 2 and result.output.count("error:") == 1 and message in result.output
 
 
+@pytest.mark.e2e
 def test_a_killed_sweep_run_again_reuses_the_finished_resumes_the_interrupted_and_trains_the_rest(tmp_path, monkeypatch):
     plugin, runs = experiment.find_plugin("run_0_baseline"), tmp_path / "runs"
     overrides = dict(tokens=4096, seed=42, device="cpu", evals=("core",))
@@ -82,6 +84,7 @@ def test_a_killed_sweep_run_again_reuses_the_finished_resumes_the_interrupted_an
     assert all(row["info"]["status"] == "completed" and row["info"]["training_steps"] == 16 for row in rows)
 
 
+@pytest.mark.e2e
 def test_a_sweep_killed_in_a_runs_evaluation_evaluates_it_again_without_training_and_notes_it_once(tmp_path,
                                                                                                      monkeypatch):
     plugin, runs, notes = experiment.find_plugin("run_0_baseline"), tmp_path / "runs", tmp_path / "notes.md"
@@ -110,6 +113,7 @@ def test_a_sweep_killed_in_a_runs_evaluation_evaluates_it_again_without_training
     assert notes.read_text().count("## Run 0:") == 2 and not (jobs[1].run_dir / experiment.CHECKPOINT).exists()
 
 
+@pytest.mark.e2e
 def test_study_runs_the_baseline_then_each_run_in_order_and_again_trains_nothing(tmp_path):
     runs, notes, figures = tmp_path / "runs", tmp_path / "notes.md", tmp_path / "figures"
     args = ["study", "topk_ortho", *TINY, "--runs", str(runs), "--notes", str(notes), "--figures", str(figures)]
@@ -129,6 +133,7 @@ def test_an_unknown_study_is_refused_naming_the_studies(tmp_path):
     assert result.exit_code == 2 and "unknown study 'no_such_study'" in result.output and "topk_ortho" in result.output
 
 
+@pytest.mark.e2e
 def test_a_run_gets_a_verdict_against_each_baseline_swept_on_the_same_activations(tmp_path):
     runs, notes = tmp_path / "runs", tmp_path / "notes.md"
     swept = cli("sweep", "--plugin", "run_0_baseline", *TINY, "--grid", "sparsity_penalty=0.01,0.16",
@@ -151,6 +156,7 @@ def test_a_run_gets_a_verdict_against_each_baseline_swept_on_the_same_activation
         assert " at this L0: ce_loss_score " in line
 
 
+@pytest.mark.e2e
 def test_a_run_that_fails_for_its_own_reasons_is_reported_the_rest_go_on_and_the_command_fails(tmp_path, monkeypatch):
     real_execute = experiment.execute
 
@@ -199,6 +205,7 @@ def test_a_plugins_identity_is_its_code_not_its_prose(scratch_study):
     assert experiment.find_plugin("scratch_test_study/run_1_scratch").source_hash() != first
 
 
+@pytest.mark.e2e
 def test_study_reuses_a_run_whose_plugin_docstring_changed_and_retrains_one_whose_code_changed(tmp_path, scratch_study):
     path, runs = scratch_study / "run_1_scratch.py", tmp_path / "runs"
     args = ["study", "scratch_test_study", *TINY, "--runs", str(runs), "--notes", str(tmp_path / "notes.md"),
@@ -213,6 +220,7 @@ def test_study_reuses_a_run_whose_plugin_docstring_changed_and_retrains_one_whos
     assert retrained.exit_code == 0 and "run_1_scratch: trained" in retrained.output
 
 
+@pytest.mark.e2e
 def test_a_study_loads_its_model_once_for_all_its_runs(tmp_path, monkeypatch):
     loads = []
     real_load = experiment.load_model

@@ -25,6 +25,8 @@ import experiment
 import plot
 from runs import find_runs, latest_run, read_run
 
+pytestmark = pytest.mark.e2e  # on real tiny runs, trained once for the module
+
 STAMP = "20250101-000000"
 PLUGINS = ["zscore_ortho/run_1_initial", "zscore_ortho/run_2_stable_init", "topk_ortho/run_1_topk_pairs"]
 EVAL_FIGURES = {"absorption_scores", "feature_splits", "absorption_metrics", "letter_absorption",

@@ -29,6 +29,7 @@ def trained(key: str, runs_dir) -> tuple[dict, object]:
     return _runs[key]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key", ALL_PLUGINS)
 def test_plugin_trains_with_finite_logged_loss_terms(key, runs_dir):
     info, out = trained(key, runs_dir)
@@ -41,6 +42,7 @@ def test_plugin_trains_with_finite_logged_loss_terms(key, runs_dir):
         assert any(v != 0 for v in values), f"loss term {term} is zero at every logged step"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key", ALL_PLUGINS)
 def test_gradients_reach_every_trainable_parameter(key):
     plugin = experiment.find_plugin(key)
@@ -76,6 +78,7 @@ def test_evaluation_sees_the_plugin_token_by_token_whatever_the_input_shape(key)
         assert torch.allclose(scaled.decode(f), x_hat, atol=1e-5)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key", ALL_PLUGINS)
 def test_plugin_steps_at_the_gemma_2_2b_dictionary_size_without_quadratic_batch_memory(key):
     """d_sae 16384 as in the seed notebooks' largest setting: anything of size batch x d_sae x d_sae
@@ -98,6 +101,7 @@ ACTS_ONLY_ON_DEAD_LATENTS = {
 
 @pytest.mark.parametrize("key", [k for k in ALL_PLUGINS
                                  if experiment.find_plugin(k).parent and k not in ACTS_ONLY_ON_DEAD_LATENTS])
+@pytest.mark.e2e
 def test_plugin_changes_the_result_relative_to_its_parent(key, runs_dir):
     plugin = experiment.find_plugin(key)
     parent_key = next(k for k in ALL_PLUGINS if k.endswith("/" + plugin.parent))
@@ -107,7 +111,3 @@ def test_plugin_changes_the_result_relative_to_its_parent(key, runs_dir):
     parent_w = load_file(parent_dir / "plugin_state.safetensors")["W_dec"]
     assert not torch.equal(child_w, parent_w), f"{key} trains exactly like its parent {parent_key}"
     assert child_info["final_loss"] != parent_info["final_loss"]
-
-
-def test_baseline_is_the_harness_sae():
-    assert experiment.find_plugin("run_0_baseline").sae_class is experiment.SAE

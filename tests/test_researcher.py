@@ -27,6 +27,7 @@ def new_study():
         del sys.modules[name]
 
 
+@pytest.mark.e2e
 def test_new_writes_a_plugin_that_trains_unchanged_in_a_study_of_one_file(tmp_path, new_study):
     written = cli("new", f"{STUDY}/run_1_first_try", "--parent", "run_0_topk")
     assert written.exit_code == 0, written.output

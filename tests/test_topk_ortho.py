@@ -8,6 +8,7 @@ moves."""
 
 import math
 
+import pytest
 import torch
 from helpers import cli, read_log
 
@@ -68,6 +69,7 @@ def test_every_quantity_is_logged_finite_and_nonzero_on_a_real_run(run_tiny):
     assert not inert_warnings(info)
 
 
+@pytest.mark.e2e
 def test_set_topk_percent_selects_more_pairs(tmp_path, notes):
     runs = {}
     for percent in ("0.001", "0.01"):

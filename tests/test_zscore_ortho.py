@@ -43,6 +43,7 @@ def test_the_skip_plugins_are_zscore_run_4_and_adaptive_run_6_and_their_descenda
     assert all(k.startswith(("zscore_ortho/", "adaptive_ortho/")) for k in SKIP_PLUGINS)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key", SKIP_PLUGINS)
 def test_a_skip_plugins_evaluated_reconstruction_is_its_training_reconstruction(key, tmp_path):
     """sae_bench core computes decode(encode(x)) on (batch, position, d_in) activations in the
@@ -102,6 +103,7 @@ def test_the_orthogonality_term_is_not_inert_on_tiny(run, run_tiny):
     assert not [w for w in info["warnings"] if "cannot change the model" in w], info["warnings"]
 
 
+@pytest.mark.e2e
 def test_revival_and_threshold_warm_up_follow_the_notebooks_steps_scaled_to_the_run():
     sae, trainer = build("run_2_stable_init", tokens=256 * 100, max_revive=256)  # 100 steps
     period, warmup = sae.run_cfg.scaled_steps(500), sae.run_cfg.scaled_steps(100)
