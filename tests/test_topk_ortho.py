@@ -96,7 +96,7 @@ def test_adaptive_tau_moves_away_from_its_start(run_tiny):
 
 def test_adaptive_tau_steps_towards_the_selected_pairs_median_overlap():
     sae = sae_for(RUN_2)
-    trainer = experiment.Trainer(sae, sae.run_cfg)
+    trainer = experiment.find_plugin(RUN_2).trainer_class(sae, sae.run_cfg)
     trainer.step(batch(0), 0)  # the trainer's after_step moves τ after the update
     pairs = sae.pairs[sae.pairs >= 0]
     median = sae.pair_cosines(pairs).abs().median().item()
