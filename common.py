@@ -5,6 +5,7 @@ nothing of the project's."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 import warnings
@@ -29,6 +30,15 @@ def activations_dir() -> Path:
     """Where activation caches (and what evaluation computes once per model and text) are kept:
     $SAE_HARNESS_ACTIVATIONS, default the cache's activations/ folder."""
     return Path(os.environ.get("SAE_HARNESS_ACTIVATIONS", cache_dir() / "activations"))
+
+
+def file_sha256(path: Path) -> str:
+    """A file's sha256, read in 16 MiB blocks: what cache manifests record and check."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class HarnessError(Exception):

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Callable
 from unittest import mock
 
-from common import HarnessError, activations_dir, console  # first: its import guards
+from common import HarnessError, activations_dir, console, file_sha256  # first: its import guards
 
 import frontier
 from runs import atomic_write
@@ -342,13 +342,13 @@ def clean_reference(model, eval_tokens: torch.Tensor, cfg: RunConfig, device: to
     path, manifest_path = folder / f"{key[:16]}.safetensors", folder / f"{key[:16]}.json"
     with contextlib.suppress(OSError, ValueError, KeyError):
         manifest = json.loads(manifest_path.read_text())
-        if manifest["key"] == key and _file_sha256(path) == manifest["sha256"]:
+        if manifest["key"] == key and file_sha256(path) == manifest["sha256"]:
             return {name: value.to(device) for name, value in load_file(path).items()}
     values = _reference_values(model, eval_tokens, cfg, device)
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f".{key[:16]}.{os.getpid()}.partial"  # renamed into place whole
     save_file({k: v.contiguous().cpu() for k, v in values.items()}, partial)
-    digest = _file_sha256(partial)
+    digest = file_sha256(partial)
     os.replace(partial, path)
     _atomic_write(manifest_path, json.dumps(dict(key=key, sha256=digest, computed_from=source), indent=2))
     return values
@@ -374,14 +374,6 @@ def _weights_sample(model, per_tensor: int = 4096) -> str:
         flat = value.detach().flatten()
         sample = flat[:: max(1, len(flat) // per_tensor)].float().cpu().numpy()
         digest.update(f"{name}{list(value.shape)}{value.dtype}".encode() + sample.tobytes())
-    return digest.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 

@@ -20,7 +20,7 @@ kernels.py, plot.py, bench.py, dashboard.py, cluster.py, analyses.py.
 from __future__ import annotations
 
 from common import (ROOT, HarnessError, Interrupted, OneLineUsage, activations_dir, cache_dir,  # first: its import guards
-                    console, one_line_errors)
+                    console, file_sha256, one_line_errors)
 
 import ast
 import collections
@@ -534,7 +534,7 @@ def activation_data(cfg: RunConfig, model, progress, dataset_loader=None) -> Act
     acts_path, tokens_path = folder / "train_acts.npy", folder / "eval_tokens.pt"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
-        if acts_path.exists() and acts_path.stat().st_size == manifest["bytes"] and _sha256(acts_path) == manifest["sha256"]:
+        if acts_path.exists() and acts_path.stat().st_size == manifest["bytes"] and file_sha256(acts_path) == manifest["sha256"]:
             console.print(f"[green]Reusing cached activations {folder} (the LLM is not run for training data)")
             return ActivationData(np.load(acts_path, mmap_mode="r"), torch.load(tokens_path),
                                   manifest["scale"], from_cache=True)
@@ -550,19 +550,11 @@ def activation_data(cfg: RunConfig, model, progress, dataset_loader=None) -> Act
     del out
     partial.rename(acts_path)
     torch.save(eval_tokens, tokens_path)
-    manifest = dict(key=cache_key(cfg), bytes=acts_path.stat().st_size, sha256=_sha256(acts_path),
+    manifest = dict(key=cache_key(cfg), bytes=acts_path.stat().st_size, sha256=file_sha256(acts_path),
                     shape=[cfg.tokens, model.cfg.d_model], dtype=cfg.cache_dtype, scale=scale,
                     config=dict(model=cfg.model, layer=cfg.layer, dataset=cfg.dataset))
     atomic_write(manifest_path, json.dumps(manifest, indent=2))
     return ActivationData(np.load(acts_path, mmap_mode="r"), eval_tokens, scale, from_cache=False)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from helpers import LETTERS, fake_load_dataset, text
 import evals
 import experiment
 import sources
-from common import activations_dir
+from common import activations_dir, file_sha256
 
 @pytest.fixture
 def model(tokenizer):
@@ -426,7 +426,7 @@ def test_a_damaged_core_reference_is_computed_again_never_read(model, cfg, eval_
     assert reference_reads == dict(computed=1, read=0)
     again = evals.clean_reference(model, eval_tokens, cfg, cpu, tmp_path)
     assert reference_reads == dict(computed=2, read=0)  # computed again; the damaged file was never loaded
-    assert json.loads(manifest_path.read_text())["sha256"] == evals._file_sha256(path)
+    assert json.loads(manifest_path.read_text())["sha256"] == file_sha256(path)
     read = evals.clean_reference(model, eval_tokens, cfg, cpu, tmp_path)
     assert reference_reads == dict(computed=2, read=1)
     for name, value in made.items():
