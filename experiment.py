@@ -56,8 +56,8 @@ import frontier
 import kernels
 from notebook import append_notes, changed_setting, check_notes, notes_entry, study_header
 from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_runs_root,
-                  check_writable, code_without_prose, load_checkpoint, newest, provenance, read_json, run_index,
-                  runs_root, save_checkpoint, save_trained)
+                  check_writable, code_without_prose, convergence, load_checkpoint, newest, provenance, read_json,
+                  read_json_lines, run_index, runs_root, save_checkpoint, save_trained)
 from sources import activation_scale, eval_contexts_needed, harvest, load_model, load_tokens
 
 # Run as a script, this file is `__main__`; plugins import `experiment`: make that the same module.
@@ -820,17 +820,18 @@ def finish(info: dict, run_dir: Path, plugin: Plugin, notes: Path, cfg: RunConfi
     info["warnings"] = frontier.suspicious(info, run_dir, plugin.parent, index)
     info["status"] = "completed"
     info["provenance"] = run_provenance(cfg, plugin, device, wall_time)
-    info["verdict"] = judged(info, index, plugin)
+    info["convergence"] = convergence(read_json_lines(run_dir / "train_log.jsonl"))
+    info["verdict"] = judged(info, index, plugin, run_dir)
     atomic_write(run_dir / "final_info.json", json.dumps(info, indent=2, default=str))
     entry = notes_entry(plugin, run_dir, info, parent_info(index, plugin, info), setting(plugin, info))
     append_notes(notes, plugin.study_header, entry)
     (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the completed run supersedes it
 
 
-def judged(info: dict, index: list, plugin: Plugin) -> dict[str, Any]:
+def judged(info: dict, index: list, plugin: Plugin, run_dir: Path) -> dict[str, Any]:
     """The run's verdicts against each baseline swept on its activations (frontier.verdicts)."""
     knob_of = lambda name: find_plugin(f"baseline/{name}").sae_class.sparsity_knob  # noqa: E731
-    return frontier.verdicts(info, index, plugin.name, knob_of)
+    return frontier.verdicts(info, index, plugin.name, knob_of, run_dir, evals.score_of)
 
 
 def parent_info(index: list, plugin: Plugin, info: dict) -> dict | None:
@@ -983,6 +984,9 @@ def study(
     tokens: Tokens = None,
     dict_size: DictSize = None,
     seed: Seed = 42,
+    seeds: Annotated[int, typer.Option(help="Seeds per run, baselines too: --seed, --seed+1, ...")] = 1,
+    cover_cap: Annotated[int, typer.Option(help="Widen each baseline's sweep to cover every run, to at most "
+                                                "this many knob values (1: never).")] = 6,
     evals: Evals = "core",
     device: Device = "auto",
     runs: Runs = RUNS,
@@ -1000,7 +1004,7 @@ def study(
         check_runs_root(runs)
         overrides = dict(tokens=tokens, dict_size=dict_size, seed=seed, device=device, evals=split(evals))
         rows = studies.study(name, split(baselines), preset, overrides, runs, notes, figures,
-                             ray_runner(workers, ray_address))
+                             ray_runner(workers, ray_address), seeds, cover_cap)
     Console(width=200).print(studies.summary_table(f"study {name}", rows))
     studies.exit_if_any_failed(rows)
 
