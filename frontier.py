@@ -12,8 +12,9 @@ value at the run's own L0.
     info["verdict"] = verdict(run, frontiers)       # {metric: entry}, JSON-serialisable as is
 
 A record is one run: {"l0": float, "metrics": {name: float | None}, "knob": (name, value),
-"seed": int, "uncertainties": {name: float}}; "uncertainties" (e.g. `bootstrap_se` over its
-evaluation batches) and "seed" are optional. Records of one knob value but several seeds are pooled
+"seed": int, "uncertainties": {name: float}, "convergence": dict, "folder": path}; "uncertainties"
+(e.g. `bootstrap_se` over its evaluation batches), "seed", "convergence" (runs.convergence) and
+"folder" (where its per-context rows are) are optional. Records of one knob value but several seeds are pooled
 (`pool_seeds`): the point is their mean and its uncertainty the standard error across seeds; a
 single seed keeps its own uncertainty, or None.
 
@@ -26,16 +27,25 @@ The rules:
   value None and the reason.
 - Δ = run − baseline, raw, in the metric's own units and sign; the word carries the direction
   (`higher_is_better`, default `HIGHER_IS_BETTER`).
-- Δ's uncertainty: the run's and the baseline's in quadrature. A missing part counts as zero
-  (entry["uncertainty_parts"] shows which are known); with neither known it is None.
+- Δ's uncertainty, where the run and the points it is matched against all kept their per-context
+  rows (`rows_of`, `score_of`): a paired bootstrap over the evaluation contexts they share
+  (`paired_se`: one resample of contexts scores both sides, the baseline through the same
+  interpolation weights), and each side's seed-to-seed spread over its seeds' mean (the run's own,
+  the baseline architecture's pooled over its swept points: `seed_spread`; a side without one
+  borrows the other's), in quadrature; entry["pairing"] says "paired over N evaluation contexts".
+  Otherwise ("unpaired: why") the run's and the baseline's standard errors in quadrature. A
+  missing part counts as zero (entry["uncertainty_parts"] shows which are known); with none known
+  it is None.
 - The word: "better" if Δ is beyond Z_BETTER (2) uncertainties in the good direction, "worse" if
   in the bad one, else "tied". With no uncertainty, "tied" only on exact equality, and the word
-  ends in " (no uncertainty)". Outside the sweep: "outside the baseline sweep: widen it", with
-  entry["suggest"], the knob value to add: the sweep's two end points on the run's side, fitted as
-  a line in log(knob) against log(L0) and followed to AIM_PAST (1.25×) beyond the run's L0 (a one-point
-  sweep, or a fit with the wrong slope, assumes L0 ∝ k for a whole-number knob and L0 ∝
-  1/penalty otherwise), rounded to 2 significant digits. "no baseline" / "no value" when the
-  frontier or the run lacks the metric.
+  ends in " (no uncertainty)". "not converged" instead where the run or a baseline point it is
+  matched against was still moving (runs.convergence); with one seed of the run the word ends in
+  "(one seed: provisional)". entry["seeds"], entry["convergence"] say what it stands on.
+- Outside the sweep: "outside the baseline sweep: widen it", with entry["suggest"], the knob value
+  to add: the sweep's two end points on the run's side, fitted as a line in log(knob) against
+  log(L0) and followed to AIM_PAST (1.25×) beyond the run's L0 (a one-point sweep, or a fit with
+  the wrong slope, assumes L0 ∝ k for a whole-number knob and L0 ∝ 1/penalty otherwise), rounded
+  to 2 significant digits. "no baseline" / "no value" when the frontier or the run lacks the metric.
 
 Which runs make up the baseline (same model, layer, activations, dictionary size) is the caller's
 choice; nothing here checks it. The run's L0 is taken as exact (its noise is not propagated).
@@ -111,7 +121,8 @@ def record_from_final_info(info: dict, knob: str, explained_variance_key: str = 
 
 def pool_seeds(records: Sequence[dict]) -> dict:
     """Several seeds of one configuration as one record: mean L0, mean of each metric, and as its
-    uncertainty the standard error across seeds (a lone seed keeps its own, or None)."""
+    uncertainty the standard error across seeds (a lone seed keeps its own, or None); each seed's
+    values ("seed_values"), folders and convergence are kept for the verdict."""
     if not records:
         raise HarnessError("no runs to pool")
     l0s = [_finite(r.get("l0")) for r in records]
@@ -280,7 +291,8 @@ def verdict(run: dict, frontiers: dict[str, dict], higher_is_better: dict[str, b
             word = f"{word[:-1]}; one seed: provisional)" if word.endswith(")") else f"{word} (one seed: provisional)"
         entry.update(baseline=base["value"], delta=delta, uncertainty=uncertainty, between=base["between"],
                      uncertainty_parts=parts, word=word, pairing=pairing, convergence=converged,
-                     seeds={**entry["seeds"], "baseline": {str(p["knob_value"]): p["seeds"] for p, _ in base["weights"]}})
+                     seeds={**entry["seeds"],
+                            "baseline": {str(p["knob_value"]): p["seeds"] for p, _ in base["weights"]}})
     return out
 
 
@@ -384,8 +396,9 @@ def verdicts(info: dict, index: Index, plugin_name: str, knob_of: Callable[[str]
                 and other.get("activation_cache") == info.get("activation_cache")):
             sweeps.setdefault(who["plugin"], []).append((folder, other))
     rows_of = functools.lru_cache(maxsize=None)(load_context_rows)
-    run = pool_seeds([_record(info, "sparsity_penalty", run_dir)]
-                     + [_record(other, "sparsity_penalty", folder) for folder, other in seeds_of(info, index, run_dir)])
+    seeds = [(info, run_dir), *((other, folder) for folder, other in seeds_of(info, index, run_dir))]
+    run = pool_seeds(sorted((_record(i, "sparsity_penalty", folder) for i, folder in seeds),
+                            key=lambda r: (r["seed"] is None, r["seed"] or 0)))
     found = {}
     for name, runs in sorted(sweeps.items()):
         if name == plugin_name:
@@ -418,7 +431,8 @@ def seeds_of(info: dict, index: Index, run_dir: Path | None) -> list[tuple[Path,
     activations whose config differs only in its seed (folder, final_info), its own folder aside."""
     def same(other: dict) -> bool:
         mine, theirs = info.get("provenance", {}), other.get("provenance", {})
-        return (other.get("status") == "completed" and other.get("run") == info.get("run")
+        who = lambda i: [i.get("run", {}).get(k) for k in ("study", "plugin")]  # noqa: E731 (the title is prose)
+        return (other.get("status") == "completed" and who(other) == who(info)
                 and other.get("activation_cache") == info.get("activation_cache")
                 and theirs.get("plugin_source_sha256") == mine.get("plugin_source_sha256")
                 and theirs.get("seed") != mine.get("seed")

@@ -171,7 +171,8 @@ def coverage_lines(rows: list[dict]) -> list[str]:
     if not covers:
         return []
     return ["", "Coverage (a baseline covers a run whose L0 lies inside its sweep):", ""] + [
-        f"- {name}: covers {', '.join(inside) or 'none'}" + (f"; leaves outside {', '.join(outside)}" if outside else "")
+        f"- {name}: covers {', '.join(inside) or 'none'}"
+        + (f"; leaves outside {', '.join(outside)}" if outside else "")
         for name, (inside, outside) in sorted(covers.items())]
 
 
