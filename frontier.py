@@ -456,9 +456,9 @@ def swept_knob(infos: list[dict], default: str) -> str | None:
 
 
 def matched(found: dict, metric: str = "ce_loss_score") -> str:
-    """A run's verdicts (final_info's `verdict`) on one metric, each with its footing:
-    'run_0_topk: better (2 seeds v 2+2, paired over 32 contexts, converged); run_0_batchtopk:
-    outside its sweep'."""
+    """A run's verdicts (final_info's `verdict`) on one metric, each with its footing: 'run_0_topk:
+    better (2 seeds v 2+2, paired over 32 evaluation contexts, converged); run_0_batchtopk: outside
+    its sweep'."""
     words = []
     for name, v in found.items():
         entry = v.get("metrics", {}).get(metric, {})

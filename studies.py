@@ -183,7 +183,7 @@ def seed_spread(rows: list[dict]) -> dict[str, dict]:
     for info in completed:
         config = {k: v for k, v in info["provenance"]["config"].items() if k not in ("seed", "device")}
         groups.setdefault(json.dumps(config, sort_keys=True, default=str), []).append(
-            frontier.record_from_final_info(info, "seed"))
+            frontier.record_from_final_info(info, "seed"))  # any knob: only the record's metrics count here
     pooled = [frontier.pool_seeds(group)["seed_values"] for group in groups.values()]
     names = sorted({name for values in pooled for name in values})
     return {name: frontier.seed_spread([values.get(name, []) for values in pooled]) for name in names}
@@ -196,7 +196,7 @@ def rejudge(rows: list[dict], runs_root: Path) -> list[dict]:
     for row in rows:
         if row["info"].get("status") == "completed":
             plugin, folder = find_plugin(f"{row['info']['run']['study']}/{row['plugin']}"), Path(row["folder"])
-            row["info"] = {**read_json(folder / "final_info.json")}
+            row["info"] = read_json(folder / "final_info.json")
             row["info"]["verdict"] = judged(row["info"], index, plugin, folder)
             atomic_write(folder / "final_info.json", json.dumps(row["info"], indent=2, default=str))
     return rows

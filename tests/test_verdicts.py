@@ -122,7 +122,8 @@ def test_the_notebook_line_ends_with_what_the_verdict_stands_on():
 
     got = judge([judged_record(math.sqrt(1000), 0.3, s, v, HARD) for s, v in ((5, 0.78), (6, 0.80))],
                 two_seed_baseline())
-    line = verdict_lines({"run_0_baseline": {"knob": "sparsity_penalty", "points": 4, "metrics": {"ce_loss_score": got}}})
+    found = {"run_0_baseline": {"knob": "sparsity_penalty", "points": 4, "metrics": {"ce_loss_score": got}}}
+    line = verdict_lines(found)
     assert line.startswith("Against run_0_baseline (sparsity_penalty, 4 runs) at this L0: ce_loss_score better (+")
     assert line.endswith(" [2 seeds v 2+2, paired over 32 evaluation contexts, converged]\n")
 
