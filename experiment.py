@@ -181,7 +181,13 @@ def build_config(preset: str, plugin: str, **overrides: Any) -> RunConfig:
 
 @dataclass
 class Hyperparams:
-    """The base SAE has no hyperparameters beyond the run config's lr and sparsity penalty."""
+    """Every plugin's hyperparameters extend these (`--set name=value`); lr and λ are the run's."""
+
+    b_dec_init: str = "geometric_median"  # b_dec from the first batch (SAE.init_from_data); "zeros": the notebooks'
+
+    def __post_init__(self):
+        if self.b_dec_init not in ("geometric_median", "zeros"):
+            raise ValueError(f"b_dec_init must be geometric_median or zeros, got {self.b_dec_init!r}")
 
 
 @dataclass
@@ -230,6 +236,14 @@ class SAE(BaseSAE):
 
     sparse_backward = False  # set by the Trainer before each step from the measured latent density
     sparsity_knob = "sparsity_penalty"  # the setting a baseline's sweep varies to move L0 (frontier.py)
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Before the first step, from the first training batch x (B, d_in): b_dec at its geometric
+        median, as Gao et al.'s, dictionary_learning's and Anthropic's trainers start, so that no
+        latent spends itself rebuilding the data's mean."""
+        if self.hp.b_dec_init == "geometric_median":
+            self.b_dec.copy_(geometric_median(x.float()).to(self.b_dec.dtype))
 
     def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         """(B, d_in) -> (B, d_in): what the encoder matrix sees."""
@@ -355,11 +369,6 @@ class SAE(BaseSAE):
             self.W_dec.grad -= parallel * self.W_dec.data
 
 
-@functools.cache  # asked every training step; a class's methods do not change
-def keeps_methods(cls: type, names: tuple[str, ...], since: type) -> bool:
-    return all(getattr(cls, name) is getattr(since, name) for name in names)
-
-
 # ----------------------------------------------------------------------------------------------
 # Training: the Trainer's step and hooks; the loop over the cached activations, its log and checkpoints.
 
@@ -470,6 +479,10 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
     try:
         with StepLog(run_dir / "train_log.jsonl", cfg, progress, start, final, leader) as log:
             for step, x in prefetched_batches(data, order, cfg, range(start, cfg.steps), rank, shard, device, sae.dtype):
+                if step == 0:
+                    sae.init_from_data(x)
+                    if world > 1:  # each rank saw its shard: all start from rank 0's
+                        torch.distributed.broadcast(sae.b_dec.data, src=0)
                 total, out = trainer.step(x, step)
                 fired_at.masked_fill_((out.latents.detach() > 0).any(dim=0), step)
                 log.queue(step, total, out, fired_at, trainer.scheduler.get_last_lr()[0])
@@ -485,6 +498,23 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     return log.final
+
+
+@functools.cache  # asked every training step; a class's methods do not change
+def keeps_methods(cls: type, names: tuple[str, ...], since: type) -> bool:
+    return all(getattr(cls, name) is getattr(since, name) for name in names)
+
+
+def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """(N, d) -> (d,): the point of least summed distance to the points, by Weiszfeld's iterations
+    from the mean (dictionary_learning's `geometric_median`)."""
+    guess = points.mean(dim=0)
+    for _ in range(max_iter):
+        weights = 1 / (points - guess).norm(dim=1).clamp_min(1e-12)
+        previous, guess = guess, (weights[:, None] * points).sum(0) / weights.sum()
+        if (guess - previous).norm() < tol:
+            break
+    return guess
 
 
 def prefetched_batches(data: ActivationData, order: torch.Tensor, cfg: RunConfig, steps: range, rank: int,
@@ -729,7 +759,7 @@ def checked_inputs(cfg: RunConfig, plugin: Plugin, eval_loaders=None) -> tuple[A
     """The plugin's hyperparameters and the device, once everything checkable without work is checked."""
     try:
         hp = plugin.hyperparams_class(**cfg.hyperparams)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise HarnessError(f"plugin {plugin.name}: bad hyperparameters {cfg.hyperparams}: {exc}") from None
     cfg.hyperparams = dataclasses.asdict(hp)
     device = kernels.resolve_device(cfg.device)

@@ -33,8 +33,9 @@ rescaling for the model's activation scale, since the export folds the scale int
 leaves the pre-activations as they were.
 
 Defaults: k = 64 (this harness's baseline k), η = 0.01 (SAELens's), α = 1/32 (the paper's code,
-Gao et al. and dictionary_learning; SAELens's config default is 1.0), dead_steps = 1000 (SAELens's
-`dead_feature_window`; the paper's code counts a latent dead after 5 batches). The loss is
+Gao et al. and dictionary_learning; SAELens's config default is 1.0), dead_steps as TopK's: the
+run's dead-latent window (SAELens's `dead_feature_window` is 1,000 steps; the paper's code counts
+a latent dead after 5 batches). The loss is
 SAELens's, Σ over d_in (the paper's code averages both terms over d_in, so α means the same).
 
 Readings chosen: `topk_threshold` (logged) is θ after the step's update. Under torchrun each
