@@ -185,10 +185,6 @@ class Hyperparams:
 
     b_dec_init: str = "geometric_median"  # b_dec from the first batch (SAE.init_from_data); "zeros": the notebooks'
 
-    def __post_init__(self):
-        if self.b_dec_init not in ("geometric_median", "zeros"):
-            raise ValueError(f"b_dec_init must be geometric_median or zeros, got {self.b_dec_init!r}")
-
 
 @dataclass
 class Forward:
@@ -383,6 +379,7 @@ class Trainer:
     running state, resampling, revival). A hook may add diagnostics to out.stats."""
 
     OWN = ("sae", "run_cfg", "optimizer", "scheduler", "loss_fn")  # the rest of a Trainer is plugin state, checkpointed
+    max_grad_norm: float | None = 1.0  # the gradient's norm is clipped to this, as SAELens's and dictionary_learning's
 
     def __init__(self, sae: SAE, cfg: RunConfig):
         self.sae, self.run_cfg = sae, cfg
@@ -419,9 +416,11 @@ class Trainer:
         sum(out.terms.values()).backward()
 
     def apply_update(self, step: int) -> None:
-        """From gradients to parameters: the step along the unit sphere of each decoder row, with
-        the step of each slice that update_scales names scaled by its multiplier."""
+        """From gradients to parameters: the step along the unit sphere of each decoder row, the
+        gradient's norm clipped, the step of each slice that update_scales names scaled by its multiplier."""
         self.sae.remove_parallel_decoder_grad()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.max_grad_norm)
         scaled = self.update_scales()
         before = [p.detach().clone() for p, _, _ in scaled]
         self.optimizer.step()
@@ -759,8 +758,10 @@ def checked_inputs(cfg: RunConfig, plugin: Plugin, eval_loaders=None) -> tuple[A
     """The plugin's hyperparameters and the device, once everything checkable without work is checked."""
     try:
         hp = plugin.hyperparams_class(**cfg.hyperparams)
-    except (TypeError, ValueError) as exc:
+    except TypeError as exc:
         raise HarnessError(f"plugin {plugin.name}: bad hyperparameters {cfg.hyperparams}: {exc}") from None
+    if hp.b_dec_init not in ("geometric_median", "zeros"):
+        raise HarnessError(f"--set b_dec_init={hp.b_dec_init}: b_dec_init must be geometric_median or zeros")
     cfg.hyperparams = dataclasses.asdict(hp)
     device = kernels.resolve_device(cfg.device)
     evals.check_requirements(cfg.evals, cfg, loaders=eval_loaders)

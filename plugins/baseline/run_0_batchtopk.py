@@ -26,7 +26,7 @@ Decoder rows are kept at unit norm with the parallel gradient projected out (the
 trainer), as the paper's code and dictionary_learning's BatchTopK trainer do. SAELens instead
 leaves the decoder free and multiplies pre-activations by ‖W_dec,i‖ (`rescale_acts_by_decoder_norm`);
 on unit rows that factor is 1: the same latents and losses, and the same gradients along the
-sphere. SAELens's trainer also clips the gradient norm at 1, which the harness's does not. The
+sphere. The harness's trainer clips the gradient norm at 1, as SAELens's does. The
 export is the JumpReLU SAE this one is at inference (`sae_lens.JumpReLUSAE`, θ in every latent,
 in float32 as the eval-mode SAE compares it), as SAELens saves a BatchTopK SAE; θ needs no
 rescaling for the model's activation scale, since the export folds the scale into W_enc and

@@ -44,8 +44,7 @@ removes the gradient parallel to them, as the harness's Trainer does, which is k
 Every loss term at given weights is SAELens's either way; the constraint fixes the gauge of
 f·‖W_dec‖ (and θ with it). Initialisation is the harness's (unit decoder rows, W_enc = W_decᵀ,
 b_enc = 0), not SAELens's decoder rows of norm 0.1, so initial pre-activations are ~10× larger
-relative to θ = 0.01 than in SAELens. SAELens's trainer also clips the gradient norm at 1; the
-harness's Trainer does not.
+relative to θ = 0.01 than in SAELens. Both trainers clip the gradient norm at 1.
 """
 
 from dataclasses import dataclass

@@ -38,8 +38,8 @@ firing, so the AuxK term is identically zero there: it is neither computed nor l
 zero when nothing is dead, as in SAELens. The dead mask needs no host sync either: SAELens reads
 n_dead to size its top-k; here the top-k takes k_aux and drops the picks that are not dead latents,
 the same sum. `auxk_dead` (logged) is the number of dead latents AuxK sees; a latent fired in a
-step if it fired on any rank's share of the batch. SAELens also clips the gradient norm to 1 in
-its trainer, for every architecture; the harness's trainer does not, for none.
+step if it fired on any rank's share of the batch. The gradient norm is clipped to 1 before each
+step by the harness's trainer, as by SAELens's and dictionary_learning's, for every architecture.
 """
 
 from dataclasses import dataclass
