@@ -309,9 +309,10 @@ class SAE(BaseSAE):
 
     @torch.no_grad()
     def scaled_weights(self, scale: float) -> dict[str, torch.Tensor]:
-        """W_enc, b_enc, W_dec, b_dec for inputs in the model's scale (training saw x · scale)."""
+        """W_enc, b_enc, W_dec, b_dec for inputs in the model's scale (training saw x · scale); W_dec
+        is decoder_weight(), the dictionary decode uses, which every weight reader gets from here."""
         return dict(W_enc=self.W_enc.float().cpu() * scale, b_enc=self.b_enc.float().cpu(),
-                    W_dec=self.W_dec.float().cpu() / scale, b_dec=self.b_dec.float().cpu() / scale)
+                    W_dec=self.decoder_weight().float().cpu() / scale, b_dec=self.b_dec.float().cpu() / scale)
 
     def training_pass(self, x: torch.Tensor, step: int) -> Forward:
         """The formula's numbers for the loss, computed by kernels.py wherever the plugin kept the

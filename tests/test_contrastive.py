@@ -10,6 +10,8 @@ import pytest
 import torch
 from helpers import read_log, tiny_run
 
+import analyses
+import evals
 import experiment
 from plugins.contrastive.run_5_gram_schmidt import gram_schmidt
 
@@ -190,3 +192,24 @@ def test_hard_orthogonality_holds_and_dead_units_are_reinitialised():
     total, out = trainer.step(x, every)
     assert out.stats["reinitialised_total"] == 5 and not torch.allclose(sae.W_dec[:5], before)
     assert sae.ortho_error() < 1e-4 and (sae.utilisation[:5] > 0).all()
+
+
+def test_every_weight_reader_reads_the_decoder_that_decode_uses():
+    """Run 5 decodes through gram_schmidt(W_dec): sae_bench's weights (absorption's unit rows
+    included), the SAELens export, the dashboard's directions and the analyses' rows are that
+    decoder, not the stored W_dec."""
+    sae, _ = build("run_5_gram_schmidt")
+    scale, effective = 4.0, sae.decoder_weight().detach()
+    assert not torch.allclose(effective, sae.W_dec.detach(), atol=1e-2)  # the transform matters here
+    scaled = evals.ScaledSAE(sae, scale)
+    torch.testing.assert_close(scaled.W_dec, effective / scale)
+    torch.testing.assert_close(sae.sae_lens_export(scale)[0].W_dec.detach(), effective / scale)
+    x = torch.randn(32, 64)
+    reconstruction = scaled(x)
+    unit = evals.unit_decoder_rows(evals.ScaledSAE(sae, scale))
+    torch.testing.assert_close(unit.W_dec, torch.nn.functional.normalize(effective, dim=1))
+    torch.testing.assert_close(unit.decode(unit.encode(x)), reconstruction, rtol=1e-4, atol=1e-5)
+    one_hot = torch.eye(sae.cfg.d_sae)[:5]
+    torch.testing.assert_close(scaled.decode(one_hot) - scaled.decode(0 * one_hot), effective[:5] / scale)
+    kappas = analyses.group_condition_numbers(sae.decoder_weight(), torch.zeros(256, dtype=torch.long), 1)
+    assert kappas[0] == pytest.approx(1.0, abs=1e-3)  # blocks of 64 orthonormal rows: the whole is 4 stacked bases
