@@ -6,9 +6,11 @@ is weighted linearly by EMA(h_i h_j) − τ, on the pairs whose co-activation ex
 latents that interfere most with live ones are revived.
 
 Readings chosen where the notebook is vague: h is the latents' activation, so EMA(h_i h_j) is the
-EMA of the feature covariance E_batch[f_i f_j] (uncentred; the notebook's "covariance"), updated
-from a rank-32 randomized SVD of the batch's latents (never the B × d_sae × d_sae product), and τ
-is in its units (the SAE trains on activations of mean norm √d_in). A pair's overlap adds
+EMA of the feature covariance E_batch[f_i f_j] (uncentred; the notebook's "covariance"), held at
+rank 32 as a factor U (d_sae × 32, the EMA ≈ UUᵀ) and updated from a rank-32 randomized SVD of the
+batch's latents (never the B × d_sae × d_sae product, nor a d_sae × d_sae buffer): the kept factor
+and the batch's are stacked and re-compressed to their top 32 directions; the most co-active
+pairs are read from UUᵀ in blocks of rows. τ is in its units (the SAE trains on activations of mean norm √d_in). A pair's overlap adds
 2·f_i·f_j·cos(d_i, d_j) to the squared norm of a token's reconstruction, so the penalty is the
 energy of that overlap beyond the tolerated co-activation, summed over at most `max_pairs` pairs,
 the most co-active first:
@@ -52,7 +54,7 @@ class SAE(parent.SAE):
         super().__init__(d_in, d_sae, hp, cfg, device, dtype)
         self.register_buffer("pre_mean", torch.zeros(d_sae, device=device))
         self.register_buffer("pre_var", torch.zeros(d_sae, device=device))
-        self.register_buffer("coactivation", torch.zeros(d_sae, d_sae, device=device))
+        self.register_buffer("coactivation_factor", torch.zeros(d_sae, min(hp.svd_rank, d_sae), device=device))
         # The revival record, for the reactivation analysis (analyses.py): each latent's step of
         # last revival (-1: never) and its decoder row's max |cos| with another row just before.
         self.register_buffer("revived_at", torch.full((d_sae,), -1, dtype=torch.long, device=device))
@@ -69,12 +71,27 @@ class SAE(parent.SAE):
         FᵀF / B (rank-`svd_rank` randomized SVD of F, the batch's (B, d_sae) latents)."""
         self.update_ema(self.pre_mean, fwd.pre.mean(0))
         self.update_ema(self.pre_var, fwd.pre.var(0))
-        _, s, v = torch.svd_lowrank(fwd.f, q=min(self.hp.svd_rank, *fwd.f.shape), niter=2)
-        self.update_ema(self.coactivation, (v * s.pow(2)) @ v.T / len(fwd.f))
+        self.update_coactivation(fwd.f)
+
+    def ema_keep(self) -> float:
+        """d, the share of a running statistic each update keeps: ema_decay."""
+        return self.hp.ema_decay
 
     def update_ema(self, statistic: torch.Tensor, batch_value: torch.Tensor) -> None:
-        """statistic ← d·statistic + (1 − d)·batch_value, with d = ema_decay."""
-        statistic.lerp_(batch_value, 1 - self.hp.ema_decay)
+        """statistic ← d·statistic + (1 − d)·batch_value."""
+        statistic.lerp_(batch_value, 1 - self.ema_keep())
+
+    def update_coactivation(self, f: torch.Tensor) -> None:
+        """UUᵀ ← the best rank-r approximation of d·UUᵀ + (1 − d)·FᵀF/B, FᵀF/B ≈ (V S)(V S)ᵀ/B from
+        the randomized SVD: the factor [√d U, √(1−d) V S/√B] re-compressed by a QR and the SVD of
+        its small R (d_sae × 2r at most, never d_sae × d_sae)."""
+        _, s, v = torch.svd_lowrank(f, q=min(self.hp.svd_rank, *f.shape), niter=2)
+        keep, u = self.ema_keep(), self.coactivation_factor
+        stacked = torch.cat([keep ** 0.5 * u, (1 - keep) ** 0.5 * v * s / len(f) ** 0.5], dim=1)
+        q, r = torch.linalg.qr(stacked)
+        left, sv, _ = torch.linalg.svd(r, full_matrices=False)
+        rank = u.shape[1]
+        u.copy_((q @ left[:, :rank]) * sv[:rank])
 
     def aux_losses(self, fwd):
         return {"ortho_loss": self.hp.ortho_weight * self.ortho_penalty()}
@@ -82,11 +99,26 @@ class SAE(parent.SAE):
     def ortho_penalty(self) -> torch.Tensor:
         """Σ 2·(EMA(h_i h_j) − τ)·|cos(d_i, d_j)| over the `max_pairs` most co-active pairs i < j;
         pairs at or below τ weigh 0."""
-        excess = torch.triu(self.coactivation - self.hp.tau, diagonal=1).clamp_min(0).flatten()
-        weights, flat = excess.topk(min(self.hp.max_pairs, excess.numel()))
+        weights, flat = self.coactive_pairs()
         w_dec = self.decoder_weight()
         cos = (w_dec[flat // self.cfg.d_sae] * w_dec[flat % self.cfg.d_sae]).sum(-1)
         return (2 * weights * cos.abs()).sum()
+
+    @torch.no_grad()
+    def coactive_pairs(self, rows: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `max_pairs` largest max(EMA(h_i h_j) − τ, 0) over pairs i < j and their flat ids
+        i·d_sae + j, from UUᵀ `rows` rows at a time."""
+        u, n = self.coactivation_factor, self.cfg.d_sae
+        k = min(self.hp.max_pairs, n * (n - 1) // 2)
+        columns, weights, ids = torch.arange(n, device=u.device), [], []
+        for start in range(0, n, rows):
+            block = u[start:start + rows] @ u.T - self.hp.tau
+            upper = columns > columns[start:start + rows, None]  # j > i: each pair once
+            top = block.where(upper, 0.0).clamp_min(0).flatten().topk(min(k, block.numel()))
+            weights.append(top.values)
+            ids.append(top.indices + start * n)
+        top = torch.cat(weights).topk(k)
+        return top.values, torch.cat(ids)[top.indices]
 
     def artifacts(self):
         return {"revived_at": self.revived_at, "revived_max_cos": self.revived_max_cos}
@@ -133,8 +165,7 @@ class Trainer(parent.Trainer):
         pre = sae.pre_activation(x)[:, dead]
         sae.pre_mean[dead] = pre.mean(0)
         sae.pre_var[dead] = pre.var(0)
-        sae.coactivation[dead] = 0.0
-        sae.coactivation[:, dead] = 0.0
+        sae.coactivation_factor[dead] = 0.0  # their rows and columns of UUᵀ
         self.reset_optimizer_state(dead)
         self.last_fired[dead] = step
         self.revived += len(dead)
