@@ -356,7 +356,8 @@ def suspicious(info: dict, run_dir: Path, parent_name: str | None, index: Index,
         found.append(f"metrics identical to the last digit to parent {parent_name}'s latest run: "
                      "did the change reach the model?")
     moved = unmoved_decoder(run_dir, parent_name, info, index, parent_source) if parent_name else None
-    return found + inert_terms(log) + ([moved] if moved else [])
+    same = no_measurable_effect(info, parent_name, index, parent_source) if parent_name else None
+    return found + inert_terms(log) + [w for w in (moved, same) if w]
 
 
 # A decoder within this many float epsilons (relative) of the parent's differs by rounding alone:
@@ -401,3 +402,39 @@ def inert_terms(log: list[dict]) -> list[str]:
                          f"parameters it reaches ({len(shares)} logged steps): it cannot change the model; "
                          "raise its weight")
     return found
+
+
+# The headline metrics a run must move beyond its parent's seed-to-seed spread to show an effect.
+EFFECT_METRICS = {"CE-loss score": ("model_performance_preservation", "ce_loss_score"),
+                  "explained variance": ("reconstruction_quality", "explained_variance_whole_set"),
+                  "L0": ("sparsity", "l0")}
+EFFECT_SPREADS = 2.0  # standard deviations across the parent's seeds
+
+
+def no_measurable_effect(info: dict, parent_name: str, index: Index, parent_source: str | None = None) -> str | None:
+    """A warning where the parent has completed runs at two or more seeds (the newest of each) on
+    the same activations and dictionary size, of its current source where given, and every
+    EFFECT_METRICS value of this run lies within EFFECT_SPREADS of their standard deviations
+    across seeds from their mean."""
+    by_seed = {}
+    for _, who, other in index:  # oldest first: the newest run of each seed stays
+        provenance = other.get("provenance", {})
+        if (who["plugin"] == parent_name and other.get("status") == "completed" and other.get("metrics")
+                and other.get("activation_cache") == info.get("activation_cache")
+                and other.get("dict_size") == info.get("dict_size")
+                and parent_source in (None, provenance.get("plugin_source_sha256"))):
+            by_seed[provenance.get("seed")] = other["metrics"]
+    if len(by_seed) < 2 or "metrics" not in info:
+        return None
+    readings = []
+    for name, (group, key) in EFFECT_METRICS.items():
+        ours = _finite(info["metrics"].get(group, {}).get(key))
+        theirs = [v for m in by_seed.values() if (v := _finite(m.get(group, {}).get(key))) is not None]
+        if ours is None or len(theirs) < 2:
+            return None
+        mean, spread = float(np.mean(theirs)), float(np.std(theirs, ddof=1))
+        if abs(ours - mean) > EFFECT_SPREADS * spread:
+            return None
+        readings.append(f"{name} {ours:.4g} (parent {mean:.4g} ± {spread:.2g})")
+    return (f"no measurable effect: every headline metric is within {EFFECT_SPREADS:g} seed-to-seed standard "
+            f"deviations of parent {parent_name}'s {len(by_seed)} seeds: " + ", ".join(readings))

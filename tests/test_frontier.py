@@ -393,9 +393,10 @@ def test_a_decoder_within_float_noise_of_the_parents_newest_of_its_source_on_the
     info = {"dict_size": 8, "activation_cache": "acts-1"}
     run = saved_run(tmp_path / "run", W * (1 + 2e-7))  # float rounding's size: flagged
     close, far = saved_run(tmp_path / "close", W), saved_run(tmp_path / "far", W * 1.0001)  # 1e-4: a change
-    warning = ("the decoder ended 2e-07 (relative) from parent run_1_parent's on the same activations and seed, "
-               "within float noise (1.2e-05): the change did not reach the model")
-    assert frontier.unmoved_decoder(run, "run_1_parent", info, [parent_entry(close)], "parent-source") == warning
+    warning = frontier.unmoved_decoder(run, "run_1_parent", info, [parent_entry(close)], "parent-source")
+    assert warning.startswith("the decoder ended 2") and warning.endswith(
+        "e-07 (relative) from parent run_1_parent's on the same activations and seed, within float noise (1.2e-05): "
+        "the change did not reach the model")
     assert frontier.unmoved_decoder(run, "run_1_parent", info, [parent_entry(far)], "parent-source") is None
     assert frontier.unmoved_decoder(run, "run_1_parent", info, [parent_entry(close), parent_entry(far)]) is None
     for other in (dict(seed=1), dict(dict_size=16), dict(cache="acts-2"), dict(status="failed"),
@@ -403,6 +404,30 @@ def test_a_decoder_within_float_noise_of_the_parents_newest_of_its_source_on_the
         assert frontier.unmoved_decoder(run, "run_1_parent", info, [parent_entry(close, **other)],
                                         "parent-source") is None, other
     assert frontier.unmoved_decoder(run, "run_2_other", info, [parent_entry(close)]) is None
+
+
+def seed_entry(seed: int, ce: float, ev: float = 0.8, l0: float = 50.0, source="parent-source"):
+    folder, who, info = parent_entry(Path(f"parent-{seed}"), seed=seed, source=source)
+    info["metrics"] = {"model_performance_preservation": {"ce_loss_score": ce},
+                       "reconstruction_quality": {"explained_variance_whole_set": ev}, "sparsity": {"l0": l0}}
+    return folder, who, info
+
+
+def test_a_run_within_its_parents_seed_to_seed_spread_on_every_headline_metric_has_no_measurable_effect():
+    parents = [seed_entry(0, 0.90, 0.80, 50.0), seed_entry(1, 0.92, 0.82, 52.0), seed_entry(2, 0.91, 0.81, 51.0)]
+    run = {"dict_size": 8, "activation_cache": "acts-1", **{k: v for k, v in seed_entry(9, 0.915, 0.805, 50.5)[2].items()
+                                                            if k == "metrics"}}
+    found = frontier.no_measurable_effect(run, "run_1_parent", parents, "parent-source")
+    assert found == ("no measurable effect: every headline metric is within 2 seed-to-seed standard deviations of "
+                     "parent run_1_parent's 3 seeds: CE-loss score 0.915 (parent 0.91 ± 0.01), explained variance "
+                     "0.805 (parent 0.81 ± 0.01), L0 50.5 (parent 51 ± 1)")
+    moved = {**run, "metrics": seed_entry(9, 0.95, 0.805, 50.5)[2]["metrics"]}  # CE 4 spreads above
+    assert frontier.no_measurable_effect(moved, "run_1_parent", parents, "parent-source") is None
+    assert frontier.no_measurable_effect(run, "run_1_parent", parents[:1], "parent-source") is None  # one seed
+    stale = [seed_entry(0, 0.9, source="old"), seed_entry(1, 0.92, source="old")]
+    assert frontier.no_measurable_effect(run, "run_1_parent", stale, "parent-source") is None
+    again = [*parents, seed_entry(0, 0.95), seed_entry(1, 0.951), seed_entry(2, 0.952)]  # each seed's newest counts
+    assert frontier.no_measurable_effect(run, "run_1_parent", again, "parent-source") is None
 
 
 def test_every_suspicious_result_becomes_a_warning(tmp_path):

@@ -26,8 +26,9 @@ that fired in none of the period's steps, those whose decoder row has the larges
 another row first, are re-initialised on the worst-reconstructed inputs of the batch, their
 threshold statistics restart from their pre-activations on that batch, and their Adam state is
 reset. Each revival is recorded (artifacts `revived_at`: the step, -1 for never; `revived_max_cos`:
-the row's max |cos| with another just before) for the notebook's "reactivation impact on feature
-diversity" (`python experiment.py analyse zscore_ortho reactivation`).
+the new row's max |cos| with every other row right after it is written, the revived direction at
+revival) for the notebook's "reactivation impact on feature diversity" (`python experiment.py
+analyse zscore_ortho reactivation`).
 """
 
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ class SAE(parent.SAE):
         self.register_buffer("pre_var", torch.zeros(d_sae, device=device))
         self.register_buffer("coactivation_factor", torch.zeros(d_sae, min(hp.svd_rank, d_sae), device=device))
         # The revival record, for the reactivation analysis (analyses.py): each latent's step of
-        # last revival (-1: never) and its decoder row's max |cos| with another row just before.
+        # last revival (-1: never) and its new decoder row's max |cos| with every other row then.
         self.register_buffer("revived_at", torch.full((d_sae,), -1, dtype=torch.long, device=device))
         self.register_buffer("revived_max_cos", torch.zeros(d_sae, device=device))
 
@@ -105,6 +106,14 @@ class SAE(parent.SAE):
         return (2 * weights * cos.abs()).sum()
 
     @torch.no_grad()
+    def max_abs_cosine(self, latents: torch.Tensor) -> torch.Tensor:
+        """Each of these latents' decoder row's max |cos| with every other row (of the decoder used)."""
+        w = torch.nn.functional.normalize(self.decoder_weight(), dim=1)
+        cos = (w[latents] @ w.T).abs()
+        cos[torch.arange(len(latents)), latents] = 0.0
+        return cos.amax(dim=1)
+
+    @torch.no_grad()
     def coactive_pairs(self, rows: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """The `max_pairs` largest max(EMA(h_i h_j) − τ, 0) over pairs i < j and their flat ids
         i·d_sae + j, from UUᵀ `rows` rows at a time."""
@@ -150,14 +159,14 @@ class Trainer(parent.Trainer):
         cos[torch.arange(len(dead)), dead] = 0
         interference = cos.abs().amax(dim=1)
         order = interference.argsort(descending=True)[: hp.max_revive]
-        dead, interference = dead[order], interference[order]
+        dead = dead[order]
         residual = x - sae.reconstruct(x, sae.encode(x))  # skip paths (run 4 on) included
         worst = residual.norm(dim=-1).argsort(descending=True)[: len(dead)]
         directions = residual[worst] / residual[worst].norm(dim=-1, keepdim=True).clamp_min(1e-8)
         dead = dead[: len(directions)]
         sae.revived_at[dead] = step
-        sae.revived_max_cos[dead] = interference[: len(dead)]
         sae.W_dec[dead] = directions
+        sae.revived_max_cos[dead] = sae.max_abs_cosine(dead)
         sae.W_enc[:, dead] = directions.T * 0.2
         sae.b_enc[dead] = 0.0
         # A revived latent is a new latent: its threshold statistics restart from its
