@@ -56,8 +56,8 @@ import frontier
 import kernels
 from notebook import append_notes, changed_setting, check_notes, notes_entry, study_header
 from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_runs_root,
-                  check_writable, code_without_prose, load_checkpoint, newest, provenance, read_json, run_index,
-                  runs_root, save_checkpoint, save_trained)
+                  check_writable, code_without_prose, load_checkpoint, newest, provenance, read_json,
+                  record_gradient_shares, run_index, runs_root, save_checkpoint, save_trained, term_gradients)
 from sources import activation_scale, eval_contexts_needed, harvest, load_model, load_tokens
 
 # Run as a script, this file is `__main__`; plugins import `experiment`: make that the same module.
@@ -319,9 +319,10 @@ class SAE(BaseSAE):
 
     @torch.no_grad()
     def scaled_weights(self, scale: float) -> dict[str, torch.Tensor]:
-        """W_enc, b_enc, W_dec, b_dec for inputs in the model's scale (training saw x · scale)."""
+        """W_enc, b_enc, W_dec, b_dec for inputs in the model's scale (training saw x · scale); W_dec
+        is decoder_weight(), the dictionary decode uses, which every weight reader gets from here."""
         return dict(W_enc=self.W_enc.float().cpu() * scale, b_enc=self.b_enc.float().cpu(),
-                    W_dec=self.W_dec.float().cpu() / scale, b_dec=self.b_dec.float().cpu() / scale)
+                    W_dec=self.decoder_weight().float().cpu() / scale, b_dec=self.b_dec.float().cpu() / scale)
 
     def training_pass(self, x: torch.Tensor, step: int) -> Forward:
         """The formula's numbers for the loss, computed by kernels.py wherever the plugin kept the
@@ -406,7 +407,9 @@ class Trainer:
         if self.sae.takes_sparse_step():  # the switch point is measured once per machine and shape
             self.sparse = kernels.use_sparse_step(out.latents, self.sae.cfg.d_in, step, self.sparse, cache_dir())
         self.optimizer.zero_grad(set_to_none=True)
+        own = term_gradients(out, self.sae, step, self.run_cfg)  # the inert-term guard's measure
         self.backward(out, step)
+        record_gradient_shares(own, out.stats)
         self.apply_update(step)
         self.after_step(x, out, step)
         return sum(out.terms.values()).detach(), out
@@ -848,7 +851,8 @@ def finish(info: dict, run_dir: Path, plugin: Plugin, notes: Path, cfg: RunConfi
     for key in ("failed_at", "error", "traceback"):
         info.pop(key, None)
     index = run_index(runs_root(run_dir, plugin.name))  # the sibling runs, read once
-    info["warnings"] = frontier.suspicious(info, run_dir, plugin.parent, index)
+    info["warnings"] = frontier.suspicious(info, run_dir, plugin.parent, index,
+                                           find_plugin(plugin.parent).source_hash() if plugin.parent else None)
     info["status"] = "completed"
     info["provenance"] = run_provenance(cfg, plugin, device, wall_time)
     info["verdict"] = judged(info, index, plugin)
