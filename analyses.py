@@ -77,6 +77,44 @@ def max_abs_cosine(decoder: torch.Tensor, chunk: int = 1024) -> np.ndarray:
 
 
 @torch.no_grad()
+def mean_abs_cosine(decoder: torch.Tensor, chunk: int = 1024) -> float:
+    """Mean |cos(d_i, d_j)| over every pair i < j of decoder rows: the whole dictionary's overlap,
+    computed in blocks of `chunk` rows."""
+    unit = F.normalize(decoder.detach().double(), dim=1)
+    total = 0.0
+    for start in range(0, len(unit), chunk):
+        cos = (unit[start:start + chunk] @ unit.T).abs()
+        total += cos.sum().item() - cos.diagonal(start).sum().item()  # less each row with itself
+    return total / (len(unit) * (len(unit) - 1))
+
+
+def random_mean_abs_cosine(d_in: int) -> float:
+    """E|cos| of two independent uniformly random directions in d_in dimensions:
+    Γ(d/2) / (√π Γ((d+1)/2)), about √(2/(π d)) for large d."""
+    return math.exp(math.lgamma(d_in / 2) - math.lgamma((d_in + 1) / 2)) / math.sqrt(math.pi)
+
+
+def random_unit_rows(n: int, d_in: int, seed: int) -> torch.Tensor:
+    """(n, d_in) independent uniformly random unit rows, seeded."""
+    return F.normalize(torch.randn(n, d_in, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=1)
+
+
+REFERENCE_DRAWS = 5  # dictionaries drawn per reference: their spread is the reference's noise
+
+
+def reference_kappas(sizes: np.ndarray, rows_for: Callable[[int, int], torch.Tensor],
+                     draws: int = REFERENCE_DRAWS) -> np.ndarray:
+    """(draws,) mean group κ of `draws` dictionaries whose groups have these sizes, the rows of
+    draw k given by rows_for(n, k): random unit rows, or another SAE's rows in random groups."""
+    means = []
+    for k in range(draws):
+        groups = torch.repeat_interleave(torch.arange(len(sizes)), torch.as_tensor(sizes))
+        kappas = group_condition_numbers(rows_for(int(sizes.sum()), k), groups, len(sizes))
+        means.append(float(np.mean([x for x in kappas if x is not None])))
+    return np.asarray(means)
+
+
+@torch.no_grad()
 def group_condition_numbers(decoder: torch.Tensor, groups: torch.Tensor, n_groups: int) -> list[float | None]:
     """κ_g = σ_max(D_g) / σ_min(D_g) for each group g, D_g its latents' decoder rows (n_g × d_in;
     min(n_g, d_in) singular values); None for an empty group, inf for a rank-deficient one."""
@@ -311,13 +349,17 @@ def ends(points: list[tuple[float, Run]], panel: Panel) -> str:
 
 
 def sweep_analysis(s: Setting, name: str, plugins: tuple[str, ...], key: str, values: tuple[str, ...],
-                   panels: tuple[Panel, ...], title: str) -> Finding:
+                   panels: tuple[Panel, ...], title: str, measure: Callable[[Run], dict] | None = None) -> Finding:
     """plugins × key=values (or --values), each metric of `panels` against the value: the figure,
-    a caption reading each plugin's ends per metric, and a table of every run."""
+    a caption reading each plugin's ends per metric, and a table of every run. `measure`: what a
+    panel reads that final_info lacks, measured on each run (the baseline's too) and merged into
+    its info here."""
     values = tuple(sorted(s.values or values, key=float))
     series, baseline, failed = sweep_points(s, name, plugins, key, values)
     if not series:
         raise HarnessError(f"no run of the {name} sweep completed: " + "; ".join(failed))
+    for run in [run for points in series.values() for _, run in points] + [baseline] * (baseline is not None):
+        run.info.update(measure(run) if measure else {})
     figure = sweep_figure(series, baseline, key, panels, title)
     readings = [f"{panel.short}: " + "; ".join(f"{swept_label(points[0][1])} {ends(points, panel)}"
                                                for points in series.values()) for panel in panels]
@@ -339,12 +381,27 @@ def topk_threshold(s: Setting) -> Finding:
     """Top-k threshold ablation with fixed τ (run 1) and adaptive τ (run 2) at each value: the
     fraction of latent pairs the orthogonality loss selects each batch (`topk_percent`, notebook
     0.1%), swept; both τ modes at the same setting, so the fixed-vs-adaptive comparison is read at
-    every value."""
-    pairs = Panel("mean |cos| of the selected pairs", "mean |cos| of the selected pairs (last step)",
-                  ("final_metrics", "mean_pair_correlation"))
-    return sweep_analysis(s, "topk_threshold", ("topk_ortho/run_1_topk_pairs", "topk_ortho/run_2_adaptive_tau"),
-                          "topk_percent", ("0.0005", "0.001", "0.002", "0.005"), (*CORE_PANELS, pairs),
-                          "Top-k threshold ablation, fixed and adaptive τ")
+    every value. The overlap is the whole dictionary's (mean |cos| over every pair of decoder
+    rows, the baseline's beside it), not the selected pairs' (a set that changes with the fraction:
+    its mean falls by selection alone)."""
+    overlap = Panel("dictionary mean |cos|", "mean |cos| over every pair of decoder rows",
+                    ("dictionary_overlap", "mean_abs_cos"))
+    widths = set()
+
+    def dictionary_overlap(run: Run) -> dict:
+        sae, _ = trained_sae(run)
+        widths.add(sae.cfg.d_in)
+        return {"dictionary_overlap": {"mean_abs_cos": mean_abs_cosine(sae.decoder_weight())}}
+
+    finding = sweep_analysis(s, "topk_threshold", ("topk_ortho/run_1_topk_pairs", "topk_ortho/run_2_adaptive_tau"),
+                             "topk_percent", ("0.0005", "0.001", "0.002", "0.005"), (*CORE_PANELS, overlap),
+                             "Top-k threshold ablation, fixed and adaptive τ", measure=dictionary_overlap)
+    (d_in,) = widths  # one model, one layer
+    reference = (f" Reference: random directions in d_in = {d_in} dimensions have mean |cos| "
+                 f"{random_mean_abs_cosine(d_in):.4f}; the baseline at the same setting is the dashed line. Noise: one "
+                 "seed per value, so the seed-to-seed spread is not measured here; the core metrics carry their "
+                 "bootstrap standard errors.")
+    return finding._replace(caption=finding.caption + reference, body=finding.body + "\n\n" + reference.strip())
 
 
 def alpha_ablation(s: Setting) -> Finding:
@@ -364,50 +421,79 @@ def alpha_ablation(s: Setting) -> Finding:
 def condition_numbers(s: Setting) -> Finding:
     """Condition numbers of the feature subspaces: for each run's feature groups (its
     `feature_group` artifact), κ_g = σ_max/σ_min of group g's decoder rows of the SAE as evaluated;
-    1 is an orthonormal subspace, large κ a group whose directions nearly coincide."""
+    1 is an orthonormal subspace, large κ a group whose directions nearly coincide. κ depends on a
+    group's size against d_in (a group of more rows than d_in has σ_min near 0 whatever its
+    training), so each run's mean κ stands beside two references with the same group sizes: random
+    unit rows, and the baseline's decoder rows dealt into groups at random; each reference is the
+    mean over REFERENCE_DRAWS draws, its spread across draws the noise."""
     found, failed = runs_with_artifact(s, "feature_group")
+    base = next((run for run in study_runs(s)[0] if run.plugin == BASELINE), None)
+    base_rows = trained_sae(base)[0].decoder_weight().detach().double() if base is not None else None
     measured = {}
     for run, groups, sae in found:
-        n = sae.hp.n_groups
-        measured[run.label] = (run, group_condition_numbers(sae.decoder_weight(), torch.as_tensor(groups), n),
-                               np.bincount(groups, minlength=n))
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(measured) + 3), 4.8))
+        n, sizes = sae.hp.n_groups, np.bincount(groups, minlength=sae.hp.n_groups)
+        d_in = sae.cfg.d_in
+        random_ref = reference_kappas(sizes, lambda rows, k: random_unit_rows(rows, d_in, seed=k))
+        base_ref = None if base_rows is None else reference_kappas(sizes, lambda rows, k: base_rows[
+            torch.randperm(len(base_rows), generator=torch.Generator().manual_seed(k))[:rows]])
+        measured[run.label] = (run, group_condition_numbers(sae.decoder_weight(), torch.as_tensor(groups), n), sizes,
+                               random_ref, base_ref)
+    fig = condition_figure(measured)
     rows, readings = [], []
-    for i, (run, kappas, sizes) in enumerate(measured.values()):
+    for run, kappas, sizes, random_ref, base_ref in measured.values():
+        present = [k for k in kappas if k is not None]
+        mean = float(np.mean(present)) if present else None
+        refs = [f"{r.mean():.4g} ± {r.std():.2g}" if r is not None else "-" for r in (random_ref, base_ref)]
+        rows.append([run.label, str(len(present)), fmt(mean, 4), *refs, fmt(max(present, default=None), 4),
+                     fmt(min(present, default=None), 4), " ".join(map(str, sizes.tolist())), shown_path(run.folder)])
+        readings.append(f"{run.label} mean {fmt(mean)} (random rows {refs[0]}, baseline rows {refs[1]})")
+    caption = ("Each feature group's condition number σ_max/σ_min of its decoder rows (dots), the mean per run "
+               "(bar), beside the mean κ of random unit rows (open circle) and of the baseline's rows (cross) in "
+               f"groups of the same sizes, mean ± spread over {REFERENCE_DRAWS} draws: " + "; ".join(readings) + ".")
+    body = table(["run", "groups", "mean κ", "random unit rows: mean κ ± sd", "baseline rows: mean κ ± sd",
+                  "max κ", "min κ", "group sizes", "run folder"], rows)
+    body += "".join(f"\n\nNot analysed: {line}" for line in failed)
+    return Finding(fig, caption, body, {run.plugin: dict(kappas=kappas, folder=run.folder, random=random_ref,
+                                                          baseline=base_ref)
+                                        for run, kappas, _, random_ref, base_ref in measured.values()})
+
+
+def condition_figure(measured: dict[str, tuple]) -> Figure:
+    """Per run, its groups' κ (dots), their mean (bar) and the two references' means."""
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(measured) + 3), 4.8))
+    for i, (run, kappas, _, random_ref, base_ref) in enumerate(measured.values()):
         present = [k for k in kappas if k is not None]
         finite = [k for k in present if math.isfinite(k)]
         ax.scatter(i + np.linspace(-0.2, 0.2, len(finite)), finite, color=run.color, s=22, alpha=0.8)
-        mean = float(np.mean(present)) if present else None
-        if mean is not None and math.isfinite(mean):
+        if present and math.isfinite(mean := float(np.mean(present))):
             ax.plot([i - 0.3, i + 0.3], [mean, mean], color="black", lw=2)
-        top, least = max(present, default=None), min(present, default=None)
-        rows.append([run.label, str(len(present)), fmt(mean, 4), fmt(top, 4), fmt(least, 4),
-                     " ".join(map(str, sizes.tolist())), shown_path(run.folder)])
-        readings.append(f"{run.label} mean {fmt(mean)}, max {fmt(top)}")
+        for ref, marker, label in ((random_ref, "o", "random unit rows"), (base_ref, "x", "baseline rows")):
+            if ref is not None and math.isfinite(ref.mean()):
+                ax.errorbar([i + 0.35], [ref.mean()], yerr=[ref.std()], color="black", marker=marker, mfc="white",
+                            capsize=3, label=f"{label}, same group sizes" if i == 0 else None)
     ax.set_xticks(range(len(measured)), list(measured), rotation=30, ha="right")
     ax.set_yscale("log")
     plain_log(ax.yaxis)
     ax.set_ylabel("condition number σ_max/σ_min (log)")
     ax.grid(axis="y", alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     ax.set_title(plot.with_setting("Condition numbers of the feature groups' decoder subspaces",
-                                   [r for r, _, _ in measured.values()]), fontsize=11)
-    caption = ("Each feature group's condition number σ_max/σ_min of its decoder rows (dots), the mean per run "
-               "(bar): " + "; ".join(readings) + ".")
-    body = table(["run", "groups", "mean κ", "max κ", "min κ", "group sizes", "run folder"], rows)
-    body += "".join(f"\n\nNot analysed: {line}" for line in failed)
-    return Finding(fig, caption, body, {run.plugin: dict(kappas=kappas, folder=run.folder)
-                                        for run, kappas, _ in measured.values()})
+                                   [m[0] for m in measured.values()]), fontsize=11)
+    return fig
 
 
 def reactivation(s: Setting) -> Finding:
     """Reactivation impact on feature diversity: the latents a run revived (its `revived_at`
     artifact) against the others, by each decoder row's max |cos| with the rest (diversity: lower
-    is more distinct) just before its last revival (`revived_max_cos`, a dead row then, firing
-    rate 0) and at the end, and by firing frequency on the held-out text."""
+    is more distinct) at its last revival, the new direction just written (`revived_max_cos`), and
+    at the end, and by firing frequency on the held-out text. Reference: the max |cos| of random
+    unit rows of the same shape (d_sae × d_in), median and 10th-90th percentiles over its rows, the
+    spread a row's max |cos| has with no training at all."""
     found, failed = runs_with_artifact(s, "revived_at")
     measured = {run.label: dict(run=run, revived=(revived := revived_at >= 0),
                                 before=artifact(run, "revived_max_cos")[revived],
-                                after=max_abs_cosine(sae.decoder_weight()), rate=firing_frequency(run))
+                                after=max_abs_cosine(sae.decoder_weight()), rate=firing_frequency(run),
+                                random=max_abs_cosine(random_unit_rows(sae.cfg.d_sae, sae.cfg.d_in, seed=0)))
                 for run, revived_at, sae in found}
     figure = reactivation_figure(measured)
     rows, readings = [], []
@@ -417,17 +503,22 @@ def reactivation(s: Setting) -> Finding:
         cells = [np.median(m["before"]) if some else None, np.median(after[revived]) if some else None,
                  np.median(after[~revived]), rate[revived].mean() if some else None, rate[~revived].mean(),
                  (rate[revived] == 0).mean() if some else None, (rate[~revived] == 0).mean()]
-        rows.append([label, str(int(revived.sum())), *(fmt(c) for c in cells), shown_path(m["run"].folder)])
-        readings.append(f"{label}: {int(revived.sum())} revived, median max |cos| {fmt(cells[0])} before → "
-                        f"{fmt(cells[1])} after (others {fmt(cells[2])}), mean firing frequency {fmt(cells[3])} "
+        low, mid, high = np.percentile(m["random"], [10, 50, 90])
+        rows.append([label, str(int(revived.sum())), *(fmt(c) for c in cells), f"{mid:.3g} ({low:.3g}-{high:.3g})",
+                     shown_path(m["run"].folder)])
+        readings.append(f"{label}: {int(revived.sum())} revived, median max |cos| {fmt(cells[0])} at revival → "
+                        f"{fmt(cells[1])} at the end (others {fmt(cells[2])}; random unit rows {mid:.3g}, "
+                        f"10th-90th pct {low:.3g}-{high:.3g}), mean firing frequency {fmt(cells[3])} "
                         f"(others {fmt(cells[4])})")
-    caption = ("Revived latents against the others: max |cos| of each decoder row with the rest before revival "
-               "and at the end, and firing frequency on the held-out text. " + "; ".join(readings) + ".")
-    body = table(["run", "revived", "median max |cos|: revived, before", "revived, after", "others, after",
-                  "mean firing frequency: revived", "others", "share never fired: revived", "others",
-                  "run folder"], rows)
+    caption = ("Revived latents against the others: max |cos| of each decoder row with the rest at revival (the "
+               "new direction) and at the end, beside random unit rows of the same shape, and firing frequency on "
+               "the held-out text. " + "; ".join(readings) + ".")
+    body = table(["run", "revived", "median max |cos|: revived, at revival", "revived, at the end",
+                  "others, at the end", "mean firing frequency: revived", "others", "share never fired: revived", "others",
+                  "random unit rows: median max |cos| (10th-90th pct)", "run folder"], rows)
     body += "".join(f"\n\nNot analysed: {line}" for line in failed)
-    data = {m["run"].plugin: {"folder": m["run"].folder, **{k: m[k] for k in ("revived", "before", "after", "rate")}}
+    data = {m["run"].plugin: {"folder": m["run"].folder, **{k: m[k] for k in ("revived", "before", "after", "rate",
+                                                                                 "random")}}
             for m in measured.values()}
     return Finding(figure, caption, body, data)
 
@@ -436,11 +527,13 @@ def reactivation_figure(measured: dict[str, dict]) -> Figure:
     """Per run, boxes of max |cos| (revived before, revived after, others) and of log10 firing
     frequency of the latents that fired (revived, others)."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7.0, 1.6 * len(measured) + 3), 8.5))
-    groups = (("revived, before revival", "#d62728"), ("revived, at the end", "#ff7f0e"),
+    groups = (("revived, at revival", "#d62728"), ("revived, at the end", "#ff7f0e"),
               ("others, at the end", "#7f7f7f"))
     for i, m in enumerate(measured.values()):
         revived, rate = m["revived"], m["rate"]
         boxes = [m["before"], m["after"][revived], m["after"][~revived]]
+        top.hlines(np.median(m["random"]), i - 0.45, i + 0.45, colors="black", linestyles=":",
+                   label="random unit rows, median" if i == 0 else None)
         for j, (values, (_, color)) in enumerate(zip(boxes, groups)):
             if len(values):
                 top.boxplot([values], positions=[i + (j - 1) * 0.27], widths=0.22, showfliers=False, patch_artist=True,
@@ -459,8 +552,10 @@ def reactivation_figure(measured: dict[str, dict]) -> Figure:
         ax.set_xlim(-0.6, len(measured) - 0.4)
         ax.grid(axis="y", alpha=0.3)
     top.set_ylabel("max |cos| of the decoder row with the rest")
-    top.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.6) for _, c in groups],
-               labels=[g for g, _ in groups], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    top.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.6) for _, c in groups]
+               + [plt.Line2D([], [], color="black", ls=":")],
+               labels=[g for g, _ in groups] + ["random unit rows, median"], fontsize=8, loc="upper left",
+               bbox_to_anchor=(1.01, 1.0))
     bottom.set_ylabel("log10 firing frequency on held-out text\n(latents that fired; revived | others)")
     runs = [m["run"] for m in measured.values()]
     top.set_title(plot.with_setting("Reactivation and feature diversity: revived latents against the others", runs),

@@ -57,7 +57,8 @@ import kernels
 from notebook import append_notes, changed_setting, check_notes, notes_entry, study_header
 from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_runs_root,
                   check_writable, code_without_prose, convergence, load_checkpoint, newest, provenance, read_json,
-                  read_json_lines, run_index, runs_root, save_checkpoint, save_trained)
+                  read_json_lines, record_gradient_shares, run_index, runs_root, save_checkpoint, save_trained,
+                  term_gradients)
 from sources import activation_scale, eval_contexts_needed, harvest, load_model, load_tokens
 
 # Run as a script, this file is `__main__`; plugins import `experiment`: make that the same module.
@@ -181,7 +182,9 @@ def build_config(preset: str, plugin: str, **overrides: Any) -> RunConfig:
 
 @dataclass
 class Hyperparams:
-    """The base SAE has no hyperparameters beyond the run config's lr and sparsity penalty."""
+    """Every plugin's hyperparameters extend these (`--set name=value`); lr and λ are the run's."""
+
+    b_dec_init: str = "geometric_median"  # b_dec from the first batch (SAE.init_from_data); "zeros": the notebooks'
 
 
 @dataclass
@@ -230,6 +233,14 @@ class SAE(BaseSAE):
 
     sparse_backward = False  # set by the Trainer before each step from the measured latent density
     sparsity_knob = "sparsity_penalty"  # the setting a baseline's sweep varies to move L0 (frontier.py)
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Before the first step, from the first training batch x (B, d_in): b_dec at its geometric
+        median, as Gao et al.'s, dictionary_learning's and Anthropic's trainers start, so that no
+        latent spends itself rebuilding the data's mean."""
+        if self.hp.b_dec_init == "geometric_median":
+            self.b_dec.copy_(geometric_median(x.float()).to(self.b_dec.dtype))
 
     def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         """(B, d_in) -> (B, d_in): what the encoder matrix sees."""
@@ -309,9 +320,10 @@ class SAE(BaseSAE):
 
     @torch.no_grad()
     def scaled_weights(self, scale: float) -> dict[str, torch.Tensor]:
-        """W_enc, b_enc, W_dec, b_dec for inputs in the model's scale (training saw x · scale)."""
+        """W_enc, b_enc, W_dec, b_dec for inputs in the model's scale (training saw x · scale); W_dec
+        is decoder_weight(), the dictionary decode uses, which every weight reader gets from here."""
         return dict(W_enc=self.W_enc.float().cpu() * scale, b_enc=self.b_enc.float().cpu(),
-                    W_dec=self.W_dec.float().cpu() / scale, b_dec=self.b_dec.float().cpu() / scale)
+                    W_dec=self.decoder_weight().float().cpu() / scale, b_dec=self.b_dec.float().cpu() / scale)
 
     def training_pass(self, x: torch.Tensor, step: int) -> Forward:
         """The formula's numbers for the loss, computed by kernels.py wherever the plugin kept the
@@ -355,11 +367,6 @@ class SAE(BaseSAE):
             self.W_dec.grad -= parallel * self.W_dec.data
 
 
-@functools.cache  # asked every training step; a class's methods do not change
-def keeps_methods(cls: type, names: tuple[str, ...], since: type) -> bool:
-    return all(getattr(cls, name) is getattr(since, name) for name in names)
-
-
 # ----------------------------------------------------------------------------------------------
 # Training: the Trainer's step and hooks; the loop over the cached activations, its log and checkpoints.
 
@@ -374,6 +381,7 @@ class Trainer:
     running state, resampling, revival). A hook may add diagnostics to out.stats."""
 
     OWN = ("sae", "run_cfg", "optimizer", "scheduler", "loss_fn")  # the rest of a Trainer is plugin state, checkpointed
+    max_grad_norm: float | None = 1.0  # the gradient's norm is clipped to this, as SAELens's and dictionary_learning's
 
     def __init__(self, sae: SAE, cfg: RunConfig):
         self.sae, self.run_cfg = sae, cfg
@@ -400,7 +408,9 @@ class Trainer:
         if self.sae.takes_sparse_step():  # the switch point is measured once per machine and shape
             self.sparse = kernels.use_sparse_step(out.latents, self.sae.cfg.d_in, step, self.sparse, cache_dir())
         self.optimizer.zero_grad(set_to_none=True)
+        own = term_gradients(out, self.sae, step, self.run_cfg)  # the inert-term guard's measure
         self.backward(out, step)
+        record_gradient_shares(own, out.stats)
         self.apply_update(step)
         self.after_step(x, out, step)
         return sum(out.terms.values()).detach(), out
@@ -410,9 +420,11 @@ class Trainer:
         sum(out.terms.values()).backward()
 
     def apply_update(self, step: int) -> None:
-        """From gradients to parameters: the step along the unit sphere of each decoder row, with
-        the step of each slice that update_scales names scaled by its multiplier."""
+        """From gradients to parameters: the step along the unit sphere of each decoder row, the
+        gradient's norm clipped, the step of each slice that update_scales names scaled by its multiplier."""
         self.sae.remove_parallel_decoder_grad()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.max_grad_norm)
         scaled = self.update_scales()
         before = [p.detach().clone() for p, _, _ in scaled]
         self.optimizer.step()
@@ -470,6 +482,10 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
     try:
         with StepLog(run_dir / "train_log.jsonl", cfg, progress, start, final, leader) as log:
             for step, x in prefetched_batches(data, order, cfg, range(start, cfg.steps), rank, shard, device, sae.dtype):
+                if step == 0:
+                    sae.init_from_data(x)
+                    if world > 1:  # each rank saw its shard: all start from rank 0's
+                        torch.distributed.broadcast(sae.b_dec.data, src=0)
                 total, out = trainer.step(x, step)
                 fired_at.masked_fill_((out.latents.detach() > 0).any(dim=0), step)
                 log.queue(step, total, out, fired_at, trainer.scheduler.get_last_lr()[0])
@@ -485,6 +501,23 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     return log.final
+
+
+@functools.cache  # asked every training step; a class's methods do not change
+def keeps_methods(cls: type, names: tuple[str, ...], since: type) -> bool:
+    return all(getattr(cls, name) is getattr(since, name) for name in names)
+
+
+def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """(N, d) -> (d,): the point of least summed distance to the points, by Weiszfeld's iterations
+    from the mean (dictionary_learning's `geometric_median`)."""
+    guess = points.mean(dim=0)
+    for _ in range(max_iter):
+        weights = 1 / (points - guess).norm(dim=1).clamp_min(1e-12)
+        previous, guess = guess, (weights[:, None] * points).sum(0) / weights.sum()
+        if (guess - previous).norm() < tol:
+            break
+    return guess
 
 
 def prefetched_batches(data: ActivationData, order: torch.Tensor, cfg: RunConfig, steps: range, rank: int,
@@ -731,6 +764,8 @@ def checked_inputs(cfg: RunConfig, plugin: Plugin, eval_loaders=None) -> tuple[A
         hp = plugin.hyperparams_class(**cfg.hyperparams)
     except TypeError as exc:
         raise HarnessError(f"plugin {plugin.name}: bad hyperparameters {cfg.hyperparams}: {exc}") from None
+    if hp.b_dec_init not in ("geometric_median", "zeros"):
+        raise HarnessError(f"--set b_dec_init={hp.b_dec_init}: b_dec_init must be geometric_median or zeros")
     cfg.hyperparams = dataclasses.asdict(hp)
     device = kernels.resolve_device(cfg.device)
     evals.check_requirements(cfg.evals, cfg, loaders=eval_loaders)
@@ -817,7 +852,8 @@ def finish(info: dict, run_dir: Path, plugin: Plugin, notes: Path, cfg: RunConfi
     for key in ("failed_at", "error", "traceback"):
         info.pop(key, None)
     index = run_index(runs_root(run_dir, plugin.name))  # the sibling runs, read once
-    info["warnings"] = frontier.suspicious(info, run_dir, plugin.parent, index)
+    info["warnings"] = frontier.suspicious(info, run_dir, plugin.parent, index,
+                                           find_plugin(plugin.parent).source_hash() if plugin.parent else None)
     info["status"] = "completed"
     info["provenance"] = run_provenance(cfg, plugin, device, wall_time)
     info["convergence"] = convergence(read_json_lines(run_dir / "train_log.jsonl"))

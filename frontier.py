@@ -66,7 +66,8 @@ from typing import Any
 
 import numpy as np
 
-from runs import CONVERGED_WITHIN, Index, convergence, load_context_rows, newest, read_json, read_json_lines
+from runs import (BASE_TERMS, CONVERGED_WITHIN, Index, convergence, load_context_rows, newest, read_json,
+                  read_json_lines)
 
 # The run settings a sweep may vary (besides a plugin's hyperparameters).
 SWEEPABLE = ("dict_size", "tokens", "batch_size", "lr", "sparsity_penalty", "warmup_steps", "layer")
@@ -490,8 +491,10 @@ def footing_of(entry: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # Sanity guards: results the seed notebooks reported without noticing, each a run's warning.
 
-def suspicious(info: dict, run_dir: Path, parent_name: str | None, index: Index) -> list[str]:
-    """Results the seed notebooks reported without noticing: each becomes a warning."""
+def suspicious(info: dict, run_dir: Path, parent_name: str | None, index: Index,
+               parent_source: str | None = None) -> list[str]:
+    """Results the seed notebooks reported without noticing: each becomes a warning. parent_source:
+    the parent plugin's current source hash (only a parent run of that source is a reference)."""
     found = []
     sparsity = info.get("metrics", {}).get("sparsity", {})
     if sparsity.get("l0") == 0:
@@ -509,40 +512,86 @@ def suspicious(info: dict, run_dir: Path, parent_name: str | None, index: Index)
     if parent is not None and "metrics" in info and parent.get("metrics") == info["metrics"]:
         found.append(f"metrics identical to the last digit to parent {parent_name}'s latest run: "
                      "did the change reach the model?")
-    moved = unmoved_decoder(run_dir, parent_name, info, index) if parent_name else None
-    return found + inert_terms(log) + ([moved] if moved else [])
+    moved = unmoved_decoder(run_dir, parent_name, info, index, parent_source) if parent_name else None
+    same = no_measurable_effect(info, parent_name, index, parent_source) if parent_name else None
+    return found + inert_terms(log) + [w for w in (moved, same) if w]
 
 
-DECODER_MOVED = 1e-3  # relative change from the parent's decoder below which a run did not change the model
-INERT_SHARE = 1e-3  # a loss term below this share of the total at every logged step cannot move the model
+# A decoder within this many float epsilons (relative) of the parent's differs by rounding alone:
+# the same computation in another summation order ends about 1e-7 (relative, float32) away.
+NOISE_EPSILONS = 100
+INERT_SHARE = 1e-2  # a term below this share of the gradient norm it touches (median) cannot move the model
 
 
-def unmoved_decoder(run_dir: Path, parent_name: str, info: dict, index: Index) -> str | None:
-    """A warning when the decoder ended within DECODER_MOVED (relative) of the parent's newest
-    completed run on the same activations, seed and dictionary size."""
-    from safetensors.torch import load_file
+def unmoved_decoder(run_dir: Path, parent_name: str, info: dict, index: Index,
+                    parent_source: str | None = None) -> str | None:
+    """A warning when the decoder ended within float noise (NOISE_EPSILONS of its dtype, relative)
+    of the parent's newest completed run on the same activations, seed and dictionary size, of
+    the parent's current source where parent_source is given (an older parent is no reference)."""
+    from safetensors.numpy import load_file
 
     seed, size = read_json(run_dir / "config.json")["seed"], info["dict_size"]
     for folder, who, other in reversed(index):
+        provenance = other.get("provenance", {})
         if (who["plugin"] == parent_name and other.get("status") == "completed" and other.get("dict_size") == size
-                and other.get("activation_cache") == info.get("activation_cache")
-                and other.get("provenance", {}).get("seed") == seed):
+                and other.get("activation_cache") == info.get("activation_cache") and provenance.get("seed") == seed
+                and parent_source in (None, provenance.get("plugin_source_sha256"))):
             ours, theirs = (load_file(f / "plugin_state.safetensors")["W_dec"] for f in (run_dir, folder))
-            change = ((ours - theirs).norm() / theirs.norm()).item()
-            if change >= DECODER_MOVED:
+            change = float(np.linalg.norm(ours.astype(np.float64) - theirs) / np.linalg.norm(theirs.astype(np.float64)))
+            noise = NOISE_EPSILONS * float(np.finfo(theirs.dtype).eps)
+            if change > noise:
                 return None
             return (f"the decoder ended {change:.2g} (relative) from parent {parent_name}'s on the same activations "
-                    "and seed: the change barely reached the model")
+                    f"and seed, within float noise ({noise:.2g}): the change did not reach the model")
     return None
 
 
 def inert_terms(log: list[dict]) -> list[str]:
-    """A warning for each extra loss term that stayed a negligible share of the loss all run."""
-    extra = [k for k in log[-1] if k.endswith("_loss") and k not in ("l2_loss", "sparsity_loss", "total_loss")]
+    """A warning for each extra loss term whose median share of the gradient norm on the
+    parameters it reaches (record_gradient_shares), over the logged steps, is below INERT_SHARE:
+    a term that acts only at the start, or weighs in the loss with no gradient, is flagged too."""
+    extra = [k for k in log[-1] if k.endswith("_loss") and k not in BASE_TERMS]
     found = []
     for term in extra:
-        shares = [abs(r[term]) / abs(r["total_loss"]) for r in log if term in r and r["total_loss"]]
-        if shares and max(shares) < INERT_SHARE:
-            found.append(f"{term} is at most {100 * max(shares):.2g}% of the loss at every logged step: it cannot "
-                         "change the model; raise its weight")
+        shares = [r[f"{term}_grad_share"] for r in log if f"{term}_grad_share" in r]
+        if shares and float(np.median(shares)) < INERT_SHARE:
+            found.append(f"{term} is a median {100 * float(np.median(shares)):.2g}% of the gradient norm on the "
+                         f"parameters it reaches ({len(shares)} logged steps): it cannot change the model; "
+                         "raise its weight")
     return found
+
+
+# The headline metrics a run must move beyond its parent's seed-to-seed spread to show an effect.
+EFFECT_METRICS = {"CE-loss score": ("model_performance_preservation", "ce_loss_score"),
+                  "explained variance": ("reconstruction_quality", "explained_variance_whole_set"),
+                  "L0": ("sparsity", "l0")}
+EFFECT_SPREADS = 2.0  # standard deviations across the parent's seeds
+
+
+def no_measurable_effect(info: dict, parent_name: str, index: Index, parent_source: str | None = None) -> str | None:
+    """A warning where the parent has completed runs at two or more seeds (the newest of each) on
+    the same activations and dictionary size, of its current source where given, and every
+    EFFECT_METRICS value of this run lies within EFFECT_SPREADS of their standard deviations
+    across seeds from their mean."""
+    by_seed = {}
+    for _, who, other in index:  # oldest first: the newest run of each seed stays
+        provenance = other.get("provenance", {})
+        if (who["plugin"] == parent_name and other.get("status") == "completed" and other.get("metrics")
+                and other.get("activation_cache") == info.get("activation_cache")
+                and other.get("dict_size") == info.get("dict_size")
+                and parent_source in (None, provenance.get("plugin_source_sha256"))):
+            by_seed[provenance.get("seed")] = other["metrics"]
+    if len(by_seed) < 2 or "metrics" not in info:
+        return None
+    readings = []
+    for name, (group, key) in EFFECT_METRICS.items():
+        ours = _finite(info["metrics"].get(group, {}).get(key))
+        theirs = [v for m in by_seed.values() if (v := _finite(m.get(group, {}).get(key))) is not None]
+        if ours is None or len(theirs) < 2:
+            return None
+        mean, spread = float(np.mean(theirs)), float(np.std(theirs, ddof=1))
+        if abs(ours - mean) > EFFECT_SPREADS * spread:
+            return None
+        readings.append(f"{name} {ours:.4g} (parent {mean:.4g} ± {spread:.2g})")
+    return (f"no measurable effect: every headline metric is within {EFFECT_SPREADS:g} seed-to-seed standard "
+            f"deviations of parent {parent_name}'s {len(by_seed)} seeds: " + ", ".join(readings))

@@ -371,6 +371,11 @@ def check_writable(run_dir: Path) -> None:
 DEAD_WINDOW_SHARE, DEAD_WINDOW_TOKENS = 0.1, 1_000_000
 
 
+def dead_window_steps(cfg) -> int:
+    """Steps a latent may go without firing before it counts as dead (the log, TopK's AuxK)."""
+    return max(1, min(DEAD_WINDOW_TOKENS, int(cfg.tokens * DEAD_WINDOW_SHARE)) // cfg.batch_size)
+
+
 # Steps by which the host lags the device when it reads a step's losses (the non-finite check,
 # the log): on CUDA one, so the host never waits for the step it has just queued; on CPU, where
 # nothing is queued, none.
@@ -415,6 +420,45 @@ class NonFiniteLoss(Exception):
     """A loss term became NaN or infinite: the run stops and is marked failed."""
 
 
+BASE_TERMS = ("l2_loss", "sparsity_loss", "total_loss")  # every SAE's terms: the inert-term guard judges the others
+
+
+def logged_step(step: int, cfg) -> bool:
+    """Whether StepLog writes this step's row (every cfg.log_every steps and the last)."""
+    return step % cfg.log_every == 0 or step == cfg.steps - 1
+
+
+def term_gradients(out, sae, step: int, cfg) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """On a logged step, before the Trainer's backward: each extra loss term's own gradient,
+    [(parameter, gradient)] over the parameters it reaches (none for a term without a graph)."""
+    if not logged_step(step, cfg):
+        return {}
+    params = [p for p in sae.parameters() if p.requires_grad]
+    found = {}
+    for name, term in out.terms.items():
+        if name in BASE_TERMS:
+            continue
+        grads = (torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+                 if torch.is_tensor(term) and term.requires_grad else [None] * len(params))
+        found[name] = [(p, g) for p, g in zip(params, grads) if g is not None]
+    return found
+
+
+@torch.no_grad()
+def record_gradient_shares(found: dict, stats: dict) -> None:
+    """After the Trainer's backward: stats[<term>_grad_share] = ‖term's gradient‖ / ‖the gradient
+    the update uses‖ over the parameters the term reaches (0 where it reaches none, or the update
+    has no gradient there). A plugin whose backward applies a term otherwise (rescaled, projected)
+    logs its own share, which is kept."""
+    def norm(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+        return torch.stack([t.double().pow(2).sum() for t in tensors]).sum().sqrt() if tensors else None
+
+    for name, pairs in found.items():
+        own, update = norm([g for _, g in pairs]), norm([p.grad for p, _ in pairs if p.grad is not None])
+        share = torch.zeros(()) if own is None or update is None else (own / update.clamp_min(1e-30)).float()
+        stats.setdefault(f"{name}_grad_share", share)
+
+
 class StepLog:
     """Reads each step's loss terms back (on CUDA one step late, so that the host never waits for
     the step it has just queued), stops on a non-finite one, and writes the logged steps to
@@ -429,8 +473,7 @@ class StepLog:
             atomic_write(path, "".join(line + "\n" for line in kept))
         self.file = open(path, "a") if leader else None
         self.unread: collections.deque = collections.deque()
-        window = min(DEAD_WINDOW_TOKENS, int(cfg.tokens * DEAD_WINDOW_SHARE))
-        self.dead_window = max(1, window // cfg.batch_size)  # steps
+        self.dead_window = dead_window_steps(cfg)
         self.task = progress.add_task("train SAE", total=cfg.steps, completed=start, status="")
         self.started = time.perf_counter()
 
@@ -439,7 +482,7 @@ class StepLog:
         terms = {k: v.detach() for k, v in {**out.terms, "total_loss": total}.items()}
         record = dict(step=step, terms=terms, finite=torch.stack(list(terms.values())).isfinite().all(),
                       lr=lr, logged=None)
-        if step % self.cfg.log_every == 0 or step == self.cfg.steps - 1:
+        if logged_step(step, self.cfg):
             record["logged"] = dict(
                 l0=(out.latents.detach() > 0).float().sum(-1).mean(),
                 dead_fraction=(fired_at <= step - min(step + 1, self.dead_window)).float().mean(),

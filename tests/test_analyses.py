@@ -56,6 +56,17 @@ def test_max_abs_cosine_is_each_rows_largest_overlap_with_another_in_any_block_s
         np.testing.assert_allclose(analyses.max_abs_cosine(decoder, chunk), cos.max(1), rtol=1e-6)
 
 
+def test_the_dictionary_s_mean_overlap_is_over_every_pair_in_any_block_size_and_random_rows_give_its_reference():
+    w = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    unit = torch.nn.functional.normalize(w.double(), dim=1)
+    cos = (unit @ unit.T).abs()
+    brute = (cos.sum() - cos.trace()).item() / (50 * 49)
+    assert all(analyses.mean_abs_cosine(w, chunk) == pytest.approx(brute, rel=1e-12) for chunk in (7, 50, 1024))
+    assert analyses.random_mean_abs_cosine(2) == pytest.approx(2 / math.pi)
+    rows = analyses.random_unit_rows(4000, 64, seed=1)
+    assert analyses.mean_abs_cosine(rows) == pytest.approx(analyses.random_mean_abs_cosine(64), rel=0.01)
+
+
 def test_group_condition_numbers_are_numpys_per_group_with_empty_and_degenerate_groups_said():
     decoder = torch.randn(12, 6, generator=torch.Generator().manual_seed(1))
     decoder[11] = decoder[10] * 2  # group 3: two parallel rows
@@ -89,7 +100,7 @@ def test_the_log_frequency_histogram_bins_the_fired_latents_and_counts_the_silen
 
 
 @pytest.mark.e2e
-def test_a_revival_is_recorded_with_the_step_and_the_rows_overlap_just_before():
+def test_a_revival_is_recorded_with_the_step_and_the_new_rows_overlap_at_revival():
     found = experiment.find_plugin("zscore_ortho/run_1_initial")
     cfg = experiment.build_config("tiny", "zscore_ortho/run_1_initial", tokens=256 * 100)  # period: 10 steps
     torch.manual_seed(0)
@@ -97,11 +108,12 @@ def test_a_revival_is_recorded_with_the_step_and_the_rows_overlap_just_before():
     trainer = found.trainer_class(sae, cfg)
     with torch.no_grad():
         sae.b_enc[:8] = -1e3  # latents 0-7 never fire
-    before, revive = {}, trainer.revive
+    before, at_revival, revive = {}, {}, trainer.revive
 
     def watched(x, step, period):
         before[step] = sae.W_dec.detach().clone()
         revive(x, step, period)
+        at_revival[step] = sae.W_dec.detach().clone()
     trainer.revive = watched
     for step in range(11):
         trainer.step(torch.randn(256, 64, generator=torch.Generator().manual_seed(step)) * 3 + 1, step)
@@ -109,8 +121,9 @@ def test_a_revival_is_recorded_with_the_step_and_the_rows_overlap_just_before():
     revived = (record["revived_at"] >= 0).nonzero().squeeze(-1)
     assert set(range(8)) <= set(revived.tolist()) and (record["revived_at"][revived] == 10).all()
     assert list(before) == [10] and (record["revived_at"] >= 0).sum() < 128  # not every latent
-    expected = analyses.max_abs_cosine(before[10])[revived.numpy()]
+    expected = analyses.max_abs_cosine(at_revival[10])[revived.numpy()]  # the new direction, not the dead row
     np.testing.assert_allclose(record["revived_max_cos"][revived].numpy(), expected, rtol=1e-5)
+    assert not np.allclose(analyses.max_abs_cosine(before[10])[revived.numpy()], expected, rtol=1e-2)
 
 
 # ---- each analysis on tiny, end to end ---------------------------------------------------------
@@ -152,6 +165,9 @@ def test_zscore_reactivation_compares_the_revived_latents_with_the_others(tmp_pa
     density = json.loads((folder / "feature_metrics.json").read_text())["feature_density"]
     np.testing.assert_array_equal(m["rate"], density)
     assert f"| {int(revived.sum())} | " in found["reactivation"].body
+    random = analyses.max_abs_cosine(analyses.random_unit_rows(256, 64, seed=0))
+    np.testing.assert_array_equal(m["random"], random)
+    assert f"random unit rows {np.median(random):.3g}" in found["reactivation"].caption
 
 
 @pytest.mark.e2e
@@ -169,13 +185,19 @@ def test_adaptive_ortho_alpha_ablation_and_condition_numbers_of_the_groups(tmp_p
             info["metrics"]["model_performance_preservation"]["ce_loss_score"]
     assert json.loads((sweep / "manifest.json").read_text())["asked"]["grid"] == "alpha=0.1,1"
     assert "adaptive_ortho/run_1_basic_ortho: reused" in output  # the study's run 1 is the sweep's α = 0.1
-    kappas, folder = found["condition_numbers"].data["run_1_basic_ortho"].values()
+    kappas, folder, random, base = found["condition_numbers"].data["run_1_basic_ortho"].values()
     assert folder == sweep / "run_1_basic_ortho" / "alpha=0.1,seed=42"
     w = load_file(folder / "plugin_state.safetensors")["W_dec"].astype(np.float64)
     groups = load_file(folder / "artifacts.safetensors")["feature_group"]
     assert kappas == pytest.approx([np.linalg.cond(w[groups == g]) for g in range(8)], rel=1e-9)
     recorded = json.loads((folder / "final_info.json").read_text())["subspace_condition_numbers"]["per_group"]
     assert kappas == pytest.approx(recorded, abs=1e-4)  # the plugin's own reading at the end of training
+    sizes = np.bincount(groups, minlength=8)
+    assert random.shape == base.shape == (analyses.REFERENCE_DRAWS,) and base.std() > 0
+    first = analyses.random_unit_rows(int(sizes.sum()), 64, seed=0).numpy()
+    starts = np.cumsum(sizes) - sizes
+    assert random[0] == pytest.approx(np.mean([np.linalg.cond(first[a:a + n]) for a, n in zip(starts, sizes) if n]))
+    assert "random unit rows: mean κ ± sd" in found["condition_numbers"].body
 
 
 @pytest.mark.e2e
@@ -191,9 +213,14 @@ def test_topk_threshold_ablation_sweeps_both_tau_modes_at_the_same_settings(tmp_
         info = json.loads((folder / "final_info.json").read_text())
         assert config["hyperparams"]["topk_percent"] == value and config["tokens"] == 2048
         assert numbers["L0"] == info["metrics"]["sparsity"]["l0"]
-        assert numbers["mean |cos| of the selected pairs"] == info["final_metrics"]["mean_pair_correlation"]
+        w = load_file(folder / "plugin_state.safetensors")["W_dec"].astype(np.float64)
+        unit = w / np.linalg.norm(w, axis=1, keepdims=True)
+        cos = np.abs(unit @ unit.T)
+        assert numbers["dictionary mean |cos|"] == pytest.approx((cos.sum() - np.trace(cos)) / (256 * 255), rel=1e-9)
     body = found["topk_threshold"].body
-    assert "| Run 0: Baseline (reference) |" in body and "mean \\|cos\\| of the selected pairs" in body
+    baseline_row = next(line for line in body.splitlines() if line.startswith("| Run 0: Baseline (reference) |"))
+    assert float(baseline_row.split(" | ")[-2]) > 0 and "dictionary mean \\|cos\\|" in body  # its reference line
+    assert f"mean |cos| {analyses.random_mean_abs_cosine(64):.4f}" in found["topk_threshold"].caption
 
 
 @pytest.mark.parametrize("args, message", [

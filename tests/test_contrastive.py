@@ -1,6 +1,6 @@
 """What is particular to the contrastive study (notebook 002): the 128-d JL projection and its
-logged approximation check, the coordinated cosine schedules (contrast threshold 0.4 -> 0.05, never
-below the projection's noise; lambda_i bounds [0.02, 1.0] -> [0.01, 0.5]), the pairwise penalties
+logged approximation check, the coordinated cosine schedules (contrast threshold 0.4 -> 0.05, held
+above the projection's noise only where a floor is set; lambda_i bounds [0.02, 1.0] -> [0.01, 0.5]), the pairwise penalties
 summed so that they act (over the pairs above threshold; per latent), the full Gram-Schmidt in
 blocks of d_in rows, the 16 groups, and run 10's hard orthogonality and re-initialisation."""
 
@@ -10,6 +10,8 @@ import pytest
 import torch
 from helpers import read_log, tiny_run
 
+import analyses
+import evals
 import experiment
 from plugins.contrastive.run_5_gram_schmidt import gram_schmidt
 
@@ -70,16 +72,17 @@ def test_jl_check_is_logged_every_step_and_in_final_info(lambda_run):
 
 
 @pytest.mark.e2e
-def test_contrast_threshold_anneals_from_0_4_towards_0_05_but_stays_above_the_projection_noise(lambda_run):
+def test_contrast_threshold_anneals_from_0_4_towards_0_05_and_a_noise_floor_set_holds_it_above(lambda_run):
     thresholds = [r["contrast_threshold"] for r in lambda_run[1]]
     floor = 1 / 32 ** 0.5
     assert thresholds[0] == pytest.approx(0.4) and thresholds[1] > thresholds[2] == pytest.approx(floor)
     assert all(a >= b for a, b in zip(thresholds, thresholds[1:])) and thresholds[-1] == pytest.approx(floor)
-    embedded_like, _ = build("run_2_cosine_threshold", d_in=640, d_sae=1024)
+    embedded_like, _ = build("run_2_cosine_threshold", d_in=640, d_sae=1024)  # the notebook's schedule, no floor
     last = embedded_like.run_cfg.steps - 1
-    assert embedded_like.contrast_threshold(last) == pytest.approx(3 / 128 ** 0.5)
-    noiseless, _ = build("run_2_cosine_threshold", noise_z=0.0)
-    assert noiseless.contrast_threshold(0) == pytest.approx(0.4) and noiseless.contrast_threshold(last) == pytest.approx(0.05)
+    assert embedded_like.contrast_threshold(0) == pytest.approx(0.4)
+    assert embedded_like.contrast_threshold(last) == pytest.approx(0.05)
+    floored, _ = build("run_2_cosine_threshold", d_in=640, d_sae=1024, noise_z=3.0)
+    assert floored.contrast_threshold(last) == pytest.approx(3 / 128 ** 0.5)
     fixed, _ = build("run_1_jl_ema")
     assert fixed.contrast_threshold(0) == fixed.contrast_threshold(10_000) == 0.4
 
@@ -190,3 +193,39 @@ def test_hard_orthogonality_holds_and_dead_units_are_reinitialised():
     total, out = trainer.step(x, every)
     assert out.stats["reinitialised_total"] == 5 and not torch.allclose(sae.W_dec[:5], before)
     assert sae.ortho_error() < 1e-4 and (sae.utilisation[:5] > 0).all()
+
+
+def test_re_initialisation_leaves_every_live_latent_s_decoder_row_exactly_as_it_was():
+    sae, trainer = build("run_10_hard_ortho")
+    x = torch.randn(256, 64) * 3 + 1
+    with torch.no_grad():  # dead units in the first block, the middle of the second and the last
+        dead = torch.tensor([0, 3, 70, 100, 255])
+        sae.utilisation.fill_(0.1)
+        sae.utilisation[dead] = 0.0
+    live, before = torch.ones(256, dtype=torch.bool), sae.W_dec.detach().clone()
+    live[dead] = False
+    trainer.reinitialise(x)
+    assert trainer.reinitialised == 5
+    assert torch.equal(sae.W_dec[live], before[live]) and not torch.allclose(sae.W_dec[dead], before[dead])
+    assert sae.ortho_error() < 1e-5
+
+
+def test_every_weight_reader_reads_the_decoder_that_decode_uses():
+    """Run 5 decodes through gram_schmidt(W_dec): sae_bench's weights (absorption's unit rows
+    included), the SAELens export, the dashboard's directions and the analyses' rows are that
+    decoder, not the stored W_dec."""
+    sae, _ = build("run_5_gram_schmidt")
+    scale, effective = 4.0, sae.decoder_weight().detach()
+    assert not torch.allclose(effective, sae.W_dec.detach(), atol=1e-2)  # the transform matters here
+    scaled = evals.ScaledSAE(sae, scale)
+    torch.testing.assert_close(scaled.W_dec, effective / scale)
+    torch.testing.assert_close(sae.sae_lens_export(scale)[0].W_dec.detach(), effective / scale)
+    x = torch.randn(32, 64)
+    reconstruction = scaled(x)
+    unit = evals.unit_decoder_rows(evals.ScaledSAE(sae, scale))
+    torch.testing.assert_close(unit.W_dec, torch.nn.functional.normalize(effective, dim=1))
+    torch.testing.assert_close(unit.decode(unit.encode(x)), reconstruction, rtol=1e-4, atol=1e-5)
+    one_hot = torch.eye(sae.cfg.d_sae)[:5]
+    torch.testing.assert_close(scaled.decode(one_hot) - scaled.decode(0 * one_hot), effective[:5] / scale)
+    kappas = analyses.group_condition_numbers(sae.decoder_weight(), torch.zeros(256, dtype=torch.long), 1)
+    assert kappas[0] == pytest.approx(1.0, abs=1e-3)  # blocks of 64 orthonormal rows: the whole is 4 stacked bases

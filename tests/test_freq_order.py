@@ -162,10 +162,22 @@ def test_self_attention_projects_queries_keys_and_values_from_the_latents_tokens
     tokens = torch.relu(pre)[:, :, None] * sae.W_dec[None]  # (B, d_sae, d_in): what each latent writes
     query = tokens.sum(1) @ sae.W_query
     keys, values = tokens @ sae.W_key, tokens @ sae.W_value
-    weights = torch.softmax((keys @ query[:, :, None]).squeeze(-1) / sae.hp.d_attn ** 0.5, dim=-1)
+    firing = pre > 0  # the sequence: the latents that write something for the token
+    scores = (keys @ query[:, :, None]).squeeze(-1) / sae.hp.d_attn ** 0.5
+    weights = torch.stack([torch.zeros(32).index_put((row,), torch.softmax(s[row], 0)) for s, row in zip(scores, firing)])
     context = (weights[:, :, None] * values).sum(1)
     expected = pre + sae.attention_scale * context @ sae.W_out
     torch.testing.assert_close(sae.pre_activation(x), expected)
+
+
+def test_self_attention_weighs_only_the_latents_that_fire_and_a_token_with_none_attends_to_nothing():
+    sae, _ = build("run_9_latent_attention")
+    f0 = torch.relu(torch.randn(16, 256) - 2)  # about 2% of the latents fire per token
+    f0[0] = 0.0  # a token on which nothing fires
+    weights = sae.attention(f0, sae.decoder_weight()).detach()
+    assert (weights[f0 == 0] == 0).all() and (weights[0] == 0).all()
+    torch.testing.assert_close(weights[1:].sum(1), torch.ones(15))
+    assert torch.isfinite(torch.autograd.grad(sae.attention(f0, sae.decoder_weight()).pow(2).sum(), sae.W_key)[0]).all()
 
 
 @pytest.mark.e2e

@@ -16,7 +16,9 @@ import torch
 from helpers import ROOT, imported_modules
 from safetensors.torch import save_file
 
+import experiment
 import frontier
+import runs
 from common import HarnessError
 from frontier import OUTSIDE, bootstrap_se, build_frontiers, interpolate, matched, pool_seeds, suggest_knob, verdict
 
@@ -335,17 +337,43 @@ def logged(total, **extra):
     return {"l2_loss": 0.9 * total, "sparsity_loss": 0.1 * total, "total_loss": total, "dead_fraction": 0.0, **extra}
 
 
-def test_an_extra_term_below_a_thousandth_of_the_loss_at_every_logged_step_is_flagged():
-    log = [logged(10.0, whisper_loss=0.009, spoken_loss=-0.5, late_loss=0.0),
-           logged(5.0, whisper_loss=-0.004, spoken_loss=0.001, late_loss=0.0),
-           logged(0.0, whisper_loss=1.0, spoken_loss=0.0, late_loss=0.0),  # a zero total is passed over
-           logged(2.0, whisper_loss=0.0001, spoken_loss=0.0001, late_loss=0.0)]
-    log[0].pop("late_loss")  # a term first logged later is judged where it is logged
-    assert frontier.inert_terms(log) == [
-        "whisper_loss is at most 0.09% of the loss at every logged step: it cannot change the model; raise its weight",
-        "late_loss is at most 0% of the loss at every logged step: it cannot change the model; raise its weight"]
-    tiny_base = [{**logged(10.0), "sparsity_loss": 1e-9}]  # the base terms are never flagged
-    assert frontier.inert_terms(tiny_base) == []
+def flag(term: str, percent: str, steps: int) -> str:
+    return (f"{term} is a median {percent}% of the gradient norm on the parameters it reaches ({steps} logged "
+            "steps): it cannot change the model; raise its weight")
+
+
+def test_an_extra_term_below_a_hundredth_of_the_gradient_norm_it_reaches_at_the_median_logged_step_is_flagged():
+    log = [logged(10.0, early_loss=5.0, early_loss_grad_share=0.9, quiet_loss=1e-9, quiet_loss_grad_share=0.3),
+           logged(5.0, early_loss=1.0, early_loss_grad_share=0.004, quiet_loss=1e-9, quiet_loss_grad_share=0.02),
+           logged(2.0, early_loss=1.0, early_loss_grad_share=0.001, quiet_loss=1e-9, quiet_loss_grad_share=0.2)]
+    log[0]["unmeasured_loss"] = 0.0  # a run logged before the shares were: nothing to judge it on
+    assert frontier.inert_terms(log) == [flag("early_loss", "0.4", 3)]  # a tiny loss share is no verdict
+    tiny_base = [{**logged(10.0), "sparsity_loss": 1e-9, "sparsity_loss_grad_share": 0.0}]
+    assert frontier.inert_terms(tiny_base) == []  # the base terms are never judged
+
+
+class Probe(experiment.SAE):
+    """The plain SAE with three extra terms: one that acts at step 0 only, one that weighs a
+    thousand in the loss with no gradient, and one that is 0 in the loss with a large gradient."""
+
+    def aux_losses(self, fwd):
+        return {"start_loss": (fwd.step == 0) * 10 * fwd.f.abs().sum(-1).mean(),
+                "heavy_loss": 1e3 + 0 * self.W_dec.sum(),
+                "pushing_loss": (self.W_dec - self.W_dec.detach()).sum()}
+
+
+def test_the_trainer_logs_each_term_s_gradient_share_and_the_guard_flags_the_terms_that_do_not_act():
+    cfg = experiment.build_config("tiny", "baseline/run_0_baseline", tokens=31 * 64, batch_size=64)
+    torch.manual_seed(0)
+    sae = Probe(16, 32, experiment.Hyperparams(), cfg)
+    trainer, x, log = experiment.Trainer(sae, cfg), torch.randn(64, 16), []
+    for step in range(cfg.steps):
+        total, out = trainer.step(x, step)
+        if runs.logged_step(step, cfg):
+            log.append({**{k: float(v) for k, v in {**out.terms, **out.stats}.items()}, "total_loss": float(total)})
+    assert [row["start_loss_grad_share"] > 0.1 for row in log] == [True, False, False, False]  # steps 0, 10, 20, 30
+    assert all(row["heavy_loss_grad_share"] == 0 and row["pushing_loss_grad_share"] > 0.5 for row in log)
+    assert [w.split(" is a median")[0] for w in frontier.inert_terms(log)] == ["start_loss", "heavy_loss"]
 
 
 def saved_run(folder: Path, W_dec: torch.Tensor, seed: int = 0) -> Path:
@@ -356,30 +384,61 @@ def saved_run(folder: Path, W_dec: torch.Tensor, seed: int = 0) -> Path:
     return folder
 
 
-def parent_entry(folder: Path, seed=0, dict_size=8, cache="acts-1", status="completed") -> tuple[Path, dict, dict]:
+def parent_entry(folder: Path, seed=0, dict_size=8, cache="acts-1", status="completed",
+                 source="parent-source") -> tuple[Path, dict, dict]:
     return folder, {"study": "s", "plugin": "run_1_parent"}, {
-        "status": status, "dict_size": dict_size, "activation_cache": cache, "provenance": {"seed": seed}}
+        "status": status, "dict_size": dict_size, "activation_cache": cache,
+        "provenance": {"seed": seed, "plugin_source_sha256": source}}
 
 
-def test_a_decoder_within_a_thousandth_of_the_parents_newest_on_the_same_activations_and_seed_is_flagged(tmp_path):
+def test_a_decoder_within_float_noise_of_the_parents_newest_of_its_source_on_the_same_activations_and_seed_is_flagged(
+        tmp_path):
     W = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
     info = {"dict_size": 8, "activation_cache": "acts-1"}
-    run = saved_run(tmp_path / "run", W * 1.0001)
-    close, far = saved_run(tmp_path / "close", W), saved_run(tmp_path / "far", W * 1.01)
-    warning = ("the decoder ended 0.0001 (relative) from parent run_1_parent's on the same activations and seed: "
-               "the change barely reached the model")
-    assert frontier.unmoved_decoder(run, "run_1_parent", info, [parent_entry(close)]) == warning
-    assert frontier.unmoved_decoder(run, "run_1_parent", info, [parent_entry(far)]) is None
+    run = saved_run(tmp_path / "run", W * (1 + 2e-7))  # float rounding's size: flagged
+    close, far = saved_run(tmp_path / "close", W), saved_run(tmp_path / "far", W * 1.0001)  # 1e-4: a change
+    warning = frontier.unmoved_decoder(run, "run_1_parent", info, [parent_entry(close)], "parent-source")
+    assert warning.startswith("the decoder ended 2") and warning.endswith(
+        "e-07 (relative) from parent run_1_parent's on the same activations and seed, within float noise (1.2e-05): "
+        "the change did not reach the model")
+    assert frontier.unmoved_decoder(run, "run_1_parent", info, [parent_entry(far)], "parent-source") is None
     assert frontier.unmoved_decoder(run, "run_1_parent", info, [parent_entry(close), parent_entry(far)]) is None
-    for other in (dict(seed=1), dict(dict_size=16), dict(cache="acts-2"), dict(status="failed")):
-        assert frontier.unmoved_decoder(run, "run_1_parent", info, [parent_entry(close, **other)]) is None, other
+    for other in (dict(seed=1), dict(dict_size=16), dict(cache="acts-2"), dict(status="failed"),
+                  dict(source="an-older-parent")):
+        assert frontier.unmoved_decoder(run, "run_1_parent", info, [parent_entry(close, **other)],
+                                        "parent-source") is None, other
     assert frontier.unmoved_decoder(run, "run_2_other", info, [parent_entry(close)]) is None
+
+
+def seed_entry(seed: int, ce: float, ev: float = 0.8, l0: float = 50.0, source="parent-source"):
+    folder, who, info = parent_entry(Path(f"parent-{seed}"), seed=seed, source=source)
+    info["metrics"] = {"model_performance_preservation": {"ce_loss_score": ce},
+                       "reconstruction_quality": {"explained_variance_whole_set": ev}, "sparsity": {"l0": l0}}
+    return folder, who, info
+
+
+def test_a_run_within_its_parents_seed_to_seed_spread_on_every_headline_metric_has_no_measurable_effect():
+    parents = [seed_entry(0, 0.90, 0.80, 50.0), seed_entry(1, 0.92, 0.82, 52.0), seed_entry(2, 0.91, 0.81, 51.0)]
+    run = {"dict_size": 8, "activation_cache": "acts-1", **{k: v for k, v in seed_entry(9, 0.915, 0.805, 50.5)[2].items()
+                                                            if k == "metrics"}}
+    found = frontier.no_measurable_effect(run, "run_1_parent", parents, "parent-source")
+    assert found == ("no measurable effect: every headline metric is within 2 seed-to-seed standard deviations of "
+                     "parent run_1_parent's 3 seeds: CE-loss score 0.915 (parent 0.91 ± 0.01), explained variance "
+                     "0.805 (parent 0.81 ± 0.01), L0 50.5 (parent 51 ± 1)")
+    moved = {**run, "metrics": seed_entry(9, 0.95, 0.805, 50.5)[2]["metrics"]}  # CE 4 spreads above
+    assert frontier.no_measurable_effect(moved, "run_1_parent", parents, "parent-source") is None
+    assert frontier.no_measurable_effect(run, "run_1_parent", parents[:1], "parent-source") is None  # one seed
+    stale = [seed_entry(0, 0.9, source="old"), seed_entry(1, 0.92, source="old")]
+    assert frontier.no_measurable_effect(run, "run_1_parent", stale, "parent-source") is None
+    again = [*parents, seed_entry(0, 0.95), seed_entry(1, 0.951), seed_entry(2, 0.952)]  # each seed's newest counts
+    assert frontier.no_measurable_effect(run, "run_1_parent", again, "parent-source") is None
 
 
 def test_every_suspicious_result_becomes_a_warning(tmp_path):
     run = tmp_path / "run"
     saved_run(run, torch.ones(8, 4))
-    log = [logged(10.0, whisper_loss=0.0), {**logged(10.0, whisper_loss=0.0), "dead_fraction": 1.0}]
+    log = [logged(10.0, whisper_loss=0.0, whisper_loss_grad_share=0.0),
+           {**logged(10.0, whisper_loss=0.0, whisper_loss_grad_share=0.0), "dead_fraction": 1.0}]
     (run / "train_log.jsonl").write_text("".join(json.dumps(record) + "\n" for record in log))
     metrics = {"sparsity": {"l0": 0},
                "reconstruction_quality": {"explained_variance": -0.5, "explained_variance_legacy": 0.1}}
@@ -394,10 +453,10 @@ def test_every_suspicious_result_becomes_a_warning(tmp_path):
         "the training loss never moved",
         "explained_variance is negative (-0.5): worse than predicting the mean",
         "metrics identical to the last digit to parent run_1_parent's latest run: did the change reach the model?",
-        "whisper_loss is at most 0% of the loss at every logged step: it cannot change the model; raise its weight",
-        "the decoder ended 0 (relative) from parent run_1_parent's on the same activations and seed: "
-        "the change barely reached the model"]
-    log[1].update(total_loss=8.0, dead_fraction=0.5, whisper_loss=1.0)
+        flag("whisper_loss", "0", 2),
+        "the decoder ended 0 (relative) from parent run_1_parent's on the same activations and seed, "
+        "within float noise (1.2e-05): the change did not reach the model"]
+    log[1].update(total_loss=8.0, dead_fraction=0.5, whisper_loss=1.0, whisper_loss_grad_share=1.0)
     (run / "train_log.jsonl").write_text("".join(json.dumps(record) + "\n" for record in log))
     healthy = {"metrics": {"sparsity": {"l0": 12.0}}, "dict_size": 8, "activation_cache": "acts-1"}
     assert frontier.suspicious(healthy, run, None, index) == []

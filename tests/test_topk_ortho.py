@@ -3,8 +3,8 @@ tried and failed to record (its runs 2-10 logged nothing or zeros) is in every t
 record, finite and non-zero, and its last value is in final_info's `final_metrics`; the
 selection takes the most co-active distinct pairs, as many as `topk_percent` says; the loss is
 the selected pairs' overlap energy beyond τ, large enough that the harness does not call it
-inert; pair stability is the Jaccard index with the previous step's selection; the adaptive τ
-moves."""
+inert; pair stability is the Jaccard index with the previous step's selection and with the
+selection a window (a tenth of the run) earlier; the adaptive τ moves."""
 
 import math
 
@@ -18,7 +18,7 @@ RUN_1 = "topk_ortho/run_1_topk_pairs"
 RUN_2 = "topk_ortho/run_2_adaptive_tau"
 LOGGED = ("total_loss", "l2_loss", "sparsity_loss", "ortho_loss", "active_features",
           "unique_features_in_pairs", "max_pair_correlation", "mean_pair_correlation",
-          "pair_jaccard", "selected_pairs", "tau")
+          "pair_jaccard", "pair_jaccard_window", "selected_pairs", "tau")
 NONZERO_EVERY_STEP = ("active_features", "selected_pairs", "unique_features_in_pairs",
                       "max_pair_correlation", "mean_pair_correlation", "tau")
 TINY_PAIRS = 256 * 255 // 2
@@ -140,6 +140,22 @@ def test_pair_jaccard_is_the_overlap_with_the_previous_steps_selection():
     after = selected(sae)
     assert 0 < len(before & after) < len(before | after)
     assert math.isclose(jaccard, len(before & after) / len(before | after), rel_tol=1e-6)
+
+
+def test_pair_jaccard_window_is_the_overlap_with_the_selection_a_window_earlier():
+    sae = sae_for(RUN_1)
+    window = sae.run_cfg.scaled_steps(sae.hp.stability_every)
+    assert window > 1
+    kept = {}
+    for step in range(2 * window + 1):
+        stats = sae.loss(batch(step), step).stats
+        if step % window == 0:
+            kept[step] = selected(sae)
+        expected = 0.0 if step < window else len(kept[window] & kept[0]) / len(kept[window] | kept[0])
+        if step == 2 * window:
+            expected = len(kept[2 * window] & kept[window]) / len(kept[2 * window] | kept[window])
+        assert math.isclose(stats["pair_jaccard_window"].item(), expected, rel_tol=1e-6, abs_tol=1e-9), step
+    assert 0 < expected < 1
 
 
 def test_ortho_loss_is_the_selected_pairs_overlap_energy_beyond_tau():

@@ -79,22 +79,39 @@ def test_covariance_statistics_and_run_2s_first_batch_initialisation():
         out = sae.loss(x, 0)
         f = out.latents.detach()
         assert 0 < (f > 0).float().mean() < 1
-        torch.testing.assert_close(sae.coactivation, expected_share * f.T @ f / len(f), rtol=1e-3, atol=1e-4)
+        u = sae.coactivation_factor
+        torch.testing.assert_close(u @ u.T, expected_share * f.T @ f / len(f), rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(sae.pre_mean, expected_share * pre.mean(0))
         torch.testing.assert_close(sae.pre_var, expected_share * pre.var(0))
 
 
 def test_ortho_loss_is_the_overlap_energy_of_the_most_coactive_pairs_beyond_tau():
     sae, _ = build("run_1_initial", d_sae=8, max_pairs=2)
-    coactivation = torch.zeros(8, 8)
-    coactivation[0, 1], coactivation[2, 3], coactivation[4, 5], coactivation[6, 7] = 0.9, 0.5, 0.3, 0.05
-    sae.coactivation.copy_(coactivation + coactivation.T)
+    factor = torch.zeros(8, 8)  # UUᵀ: pairs (0, 1), (2, 3), (4, 5), (6, 7) co-active 0.9, 0.5, 0.3, 0.05
+    for i, c in zip((0, 2, 4, 6), (0.9, 0.5, 0.3, 0.05)):
+        factor[i, i] = factor[i + 1, i] = c ** 0.5
+    sae.coactivation_factor.copy_(factor)
     w = sae.W_dec.detach()
     expected = sum(2 * (c - 0.1) * (w[i] @ w[j]).abs() for i, j, c in ((0, 1, 0.9), (2, 3, 0.5)))  # the top two
     loss = sae.aux_losses(None)["ortho_loss"]
     assert math.isclose(loss.item(), 0.1 * expected.item(), rel_tol=1e-5)
     loss.backward()
     assert sae.W_dec.grad[:4].abs().sum() > 0 and sae.W_dec.grad[4:].abs().sum() == 0
+
+
+def test_the_most_coactive_pairs_are_read_from_the_rank_r_factor_in_blocks_and_no_buffer_is_d_sae_squared():
+    sae, _ = build("run_1_initial", max_pairs=100)
+    sae.loss(batch(0), 0)
+    assert sae.coactivation_factor.shape == (256, 32)
+    assert all(b.numel() < 256 * 256 for b in sae.buffers())
+    with torch.no_grad():
+        sae.coactivation_factor.mul_(10)  # some pairs above τ
+    u = sae.coactivation_factor
+    brute = torch.triu(u @ u.T - sae.hp.tau, diagonal=1).clamp_min(0).flatten().topk(100)
+    for rows in (256, 7):
+        weights, ids = sae.coactive_pairs(rows)
+        torch.testing.assert_close(weights, brute.values)
+        assert set(ids.tolist()) == set(brute.indices.tolist())
 
 
 @pytest.mark.parametrize("run", ["run_1_initial", "run_3_reduced_ortho_lr"])  # weights 0.1 and 0.01

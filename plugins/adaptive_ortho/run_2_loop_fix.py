@@ -10,7 +10,7 @@ batch of the update step, so that step's loss already uses groups built from the
 fitting. Here every training step adds its latent profiles to a running sum, and the groups are
 recomputed after the optimizer step that closes each `group_every`-step period, from all the
 batches of the period, and then the sum is reset. Where the period is one step (the tiny preset's
-32 steps), this is nearly run 1, and the harness may say its decoder barely moved.
+32 steps), this differs from run 1 only in which batch's groups a step uses.
 """
 
 import torch

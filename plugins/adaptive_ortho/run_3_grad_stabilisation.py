@@ -9,8 +9,10 @@ component is projected out (gradient surgery, as in PCGrad); then the orthogonal
 rescaled so that its norm is α times the norm of the other terms' decoder gradient. From this run
 on α (0.1, and run 7's curriculum) is therefore the orthogonality's share of the decoder update:
 it can neither blow the step up nor fade to nothing as the reconstruction loss falls. Logged:
-`ortho_conflict_fraction`, the fraction of rows in conflict, and `ortho_grad_scale`, the factor
-applied to the orthogonality gradient.
+`ortho_conflict_fraction`, the fraction of rows in conflict, `ortho_grad_scale`, the factor
+applied to the orthogonality gradient, and `ortho_loss_grad_share`, the applied orthogonality
+gradient's share of the decoder gradient's norm (what the inert-term guard reads: the term's
+autograd gradient is not what this run applies).
 """
 
 import torch
@@ -36,4 +38,5 @@ class Trainer(parent.Trainer):
         g_ortho, conflict = deconflict(g_ortho, w.grad)
         scale = self.sae.ortho_weight(step) * w.grad.norm() / g_ortho.norm().clamp_min(1e-12)
         w.grad += scale * g_ortho
-        out.stats.update(ortho_conflict_fraction=conflict.float().mean(), ortho_grad_scale=scale)
+        out.stats.update(ortho_conflict_fraction=conflict.float().mean(), ortho_grad_scale=scale,
+                         ortho_loss_grad_share=(scale * g_ortho).norm() / w.grad.norm().clamp_min(1e-12))

@@ -10,6 +10,8 @@ are pruned; (5) the decoder gradient is projected onto the tangent space of the 
 set, G ← G − sym(G Qᵀ) Q per block; (6) every `reinit_every` notebook steps the pruned (dead)
 units, least used first and at most `max_reinit`, are re-initialised on the residuals of the
 batch's worst-reconstructed inputs, their Adam state reset and their utilisation set to the mean;
+each new row is the Gram-Schmidt of its residual against the other rows of its block, so the
+live latents keep their rows exactly (re-orthonormalising the whole block would move them);
 (7) batch-wise diversity tracking: the fraction of latents firing in the batch and the mean squared
 off-diagonal correlation are logged per step, with the blocks' orthogonality error and the number
 of re-initialised units.
@@ -50,6 +52,21 @@ class SAE(parent.SAE):
     @torch.no_grad()
     def retract(self) -> None:
         self.W_dec.data.copy_(gram_schmidt(self.W_dec.data, self.gs_block_size()))
+
+    @torch.no_grad()
+    def place(self, rows: torch.Tensor, directions: torch.Tensor) -> None:
+        """Decoder rows `rows` ← the Gram-Schmidt of `directions` (one each) within each block,
+        orthogonal to the block's other rows, which stay exactly as they are."""
+        w, block = self.W_dec.data, self.gs_block_size()
+        for b in (rows // block).unique():
+            mine = rows // block == b
+            others = torch.arange(b * block, min((b + 1) * block, len(w)), device=w.device)
+            others = others[~torch.isin(others, rows[mine])]
+            d = directions[mine]
+            for _ in range(2):  # twice: what is left of d can be small, and one pass loses its orthogonality
+                d = d - (d @ w[others].T) @ w[others]
+            q, r = torch.linalg.qr(d.T)
+            w[rows[mine]] = (q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)).T
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
@@ -111,8 +128,7 @@ class Trainer(parent.Trainer):
             return
         residual = x - sae.decode(sae.encode(x))
         worst = residual.norm(dim=-1).argsort(descending=True)[: len(pruned)]
-        sae.W_dec[pruned] = residual[worst] / residual[worst].norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        sae.retract()
+        sae.place(pruned, residual[worst])
         sae.W_enc[:, pruned] = sae.W_dec[pruned].T * hp.reinit_encoder_scale
         sae.b_enc[pruned] = 0.0
         self.reset_optimizer_state(pruned)

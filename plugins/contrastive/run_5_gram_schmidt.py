@@ -12,10 +12,11 @@ single pass over all d_sae > d_in rows would leave every row after the d_in-th a
 earlier version used blocks of 32 rows. The output is that of modified Gram-Schmidt, computed as
 the Householder QR of each block (Q, with R's diagonal made positive, is Gram-Schmidt's result in
 exact arithmetic): stable without the notebook's epsilon guards, and one batched LAPACK call
-instead of d_in sequential steps. Decode and the contrastive penalty use the orthogonalised
-dictionary (so sae_bench's reconstruction metrics do too); sae_bench's weight-based metrics and the
-sae_lens export read the stored W_dec. `gs_row_shift` logs how far orthogonalisation moves rows
-(mean 1 − cos with the stored row).
+instead of d_in sequential steps. Decode, the contrastive penalty and every reader of the weights
+(sae_bench's metrics, absorption's latent directions, the sae_lens export, the analyses: all
+through `decoder_weight()`) use the orthogonalised dictionary; the stored W_dec is only what the
+optimizer moves. `gs_row_shift` logs how far orthogonalisation moves rows (mean 1 − cos with the
+stored row).
 """
 
 import torch

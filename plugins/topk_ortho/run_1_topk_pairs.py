@@ -17,11 +17,16 @@ a pair's overlap adds 2·f_i·f_j·(w_i·w_j) to the squared norm of a token's r
 is ortho_weight times the reconstruction energy the selected pairs' overlap beyond τ carries
 (c_ij is a statistic: the loss moves the decoder, not the latents), so the weight is a share of
 a quantity in the loss's own units whatever the activations' scale or d_in. A pair's "correlation"
-is its decoder cosine |w_i·w_j|, the quantity the loss acts on. Pair-selection stability is the
-Jaccard index of this step's selected pair set with the previous step's (`pair_jaccard`, 0 on the
-first step). Logged every log step, and their last values in final_info's `final_metrics`: the loss
-terms and total, active_features (latents firing in the batch), selected_pairs,
-unique_features_in_pairs, max/mean_pair_correlation, pair_jaccard, tau.
+is its decoder cosine |w_i·w_j|, the quantity the loss acts on. Pair-selection stability ("analyse
+pair selection stability") is measured at two horizons: the Jaccard index of this step's selected
+pair set with the previous step's (`pair_jaccard`, 0 on the first step), and with the selection
+one window earlier (`pair_jaccard_window`: every `stability_every` notebook steps, 500, a tenth
+of the run at any budget, the selection is compared with the one kept at the window before, and
+the value holds until the next window; 0 before the first), which says whether the same pairs stay
+selected over training, not only from one batch to the next. Logged every log step, and their
+last values in final_info's `final_metrics`: the loss terms and total, active_features (latents
+firing in the batch), selected_pairs, unique_features_in_pairs, max/mean_pair_correlation,
+pair_jaccard, pair_jaccard_window, tau.
 """
 
 from dataclasses import dataclass
@@ -36,6 +41,14 @@ class Hyperparams(parent.Hyperparams):
     topk_percent: float = 0.001
     ortho_weight: float = 0.1
     tau: float = 0.1
+    stability_every: int = 500  # notebook steps between the windowed stability's selections
+
+
+def jaccard(pairs: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """|A ∩ B| / |A ∪ B| of two selections (flat pair ids, -1 slots empty); 0 where both are empty."""
+    valid = pairs >= 0
+    shared = (torch.isin(pairs, others) & valid).sum()
+    return shared / (valid.sum() + (others >= 0).sum() - shared).clamp_min(1)
 
 
 class SAE(parent.SAE):
@@ -45,6 +58,8 @@ class SAE(parent.SAE):
         # Flat ids i·d_sae + j of the last step's selection, -1 for empty slots (fixed size, so
         # it checkpoints with the weights).
         self.register_buffer("pairs", torch.full((self.n_pairs,), -1, dtype=torch.long, device=device))
+        self.register_buffer("window_pairs", torch.full((self.n_pairs,), -1, dtype=torch.long, device=device))
+        self.register_buffer("window_jaccard", torch.zeros((), device=device))
         self.last_metrics: dict[str, torch.Tensor] = {}
 
     def tau(self) -> torch.Tensor:
@@ -72,6 +87,10 @@ class SAE(parent.SAE):
         fwd.stats.update(self.pair_stats(f, pairs, valid, overlap.detach()))  # before self.pairs moves on
         if self.training:
             self.pairs.copy_(pairs)
+            if fwd.step % self.run_cfg.scaled_steps(self.hp.stability_every) == 0:
+                self.window_jaccard.fill_(jaccard(pairs, self.window_pairs) if fwd.step else 0.0)
+                self.window_pairs.copy_(pairs)
+            fwd.stats["pair_jaccard_window"] = self.window_jaccard.clone()
         return {"ortho_loss": self.hp.ortho_weight * (2 * coactivation * excess).sum()}
 
     @torch.no_grad()
@@ -80,14 +99,12 @@ class SAE(parent.SAE):
         ids = pairs.clamp_min(0)
         in_pairs = torch.zeros(d_sae, device=f.device)
         in_pairs.index_add_(0, ids // d_sae, valid).index_add_(0, ids % d_sae, valid)
-        shared = (torch.isin(pairs, self.pairs).float() * valid).sum()  # -1 slots are masked
-        union = valid.sum() + (self.pairs >= 0).sum() - shared
         return {"active_features": (f > 0).any(0).sum().float(),
                 "selected_pairs": valid.sum(),
                 "unique_features_in_pairs": (in_pairs > 0).sum().float(),
                 "max_pair_correlation": (overlap * valid).max(),
                 "mean_pair_correlation": (overlap * valid).sum() / valid.sum().clamp_min(1),
-                "pair_jaccard": shared / union.clamp_min(1),
+                "pair_jaccard": jaccard(pairs, self.pairs),
                 "tau": self.tau().detach().clone()}
 
     def final_info(self):

@@ -34,11 +34,8 @@ class SAE(parent.SAE):
         ramp = min(1.0, self.steps_seen.item() / self.run_cfg.scaled_steps(self.hp.threshold_warmup))
         return self.pre_mean + ramp * self.hp.z * self.pre_var.sqrt()
 
-    def update_ema(self, statistic, batch_value):
-        if self.steps_seen == 0:  # the first batch initialises the statistic
-            statistic.copy_(batch_value)
-        else:
-            super().update_ema(statistic, batch_value)
+    def ema_keep(self):
+        return 0.0 if self.steps_seen == 0 else super().ema_keep()  # the first batch initialises the statistics
 
 
 class Trainer(parent.Trainer):
