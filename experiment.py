@@ -55,10 +55,9 @@ import evals
 import frontier
 import kernels
 from notebook import append_notes, changed_setting, check_notes, notes_entry, study_header
-from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_runs_root,
-                  check_writable, code_without_prose, convergence, load_checkpoint, newest, provenance, read_json,
-                  read_json_lines, record_gradient_shares, run_index, runs_root, save_checkpoint, save_trained,
-                  term_gradients)
+from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_runs_root, check_writable,
+                  code_without_prose, convergence, load_checkpoint, newest, provenance, read_json, read_json_lines,
+                  record_gradient_shares, run_index, runs_root, save_checkpoint, save_trained, term_gradients)
 from sources import activation_scale, eval_contexts_needed, harvest, load_model, load_tokens
 
 # Run as a script, this file is `__main__`; plugins import `experiment`: make that the same module.

@@ -2,7 +2,7 @@
 evaluation contexts the run and the baseline share, the seeds' spread, one seed provisional, a
 run pooled with its other seeds, and the baselines widened until they cover a study's runs; on
 made-up runs (no model, no training). The calibration on tiny (an A/A test and a known-worse
-change, lr ÷ 10) trains five runs: e2e."""
+change, lr ÷ 3) trains five runs: e2e."""
 
 import json
 import math
@@ -193,17 +193,18 @@ def test_the_sweeps_manifest_keeps_the_seed_spread_measured_on_it(tmp_path):
     assert kept["sd"] == pytest.approx(np.std([0.7, 0.72], ddof=1)) and kept["dof"] == 1
 
 
-# ---- calibration on tiny: the same plugin at other seeds is tied with itself, lr ÷ 10 is worse -------
+# ---- calibration on tiny: the same plugin at other seeds is tied with itself, lr ÷ 3 is worse --------
 
 # TopK at k 16: its L0 is exactly 16 on every seed, so each run meets the baseline on its sweep point;
-# at lr 3e-3 over 128 steps its loss has settled (within CONVERGED_WITHIN over the last fifth).
-CALIBRATION = dict(tokens=32768, lr=3e-3)
+# at lr 3e-3 (and at a third of it) over 192 steps its loss has settled (within CONVERGED_WITHIN over
+# the last fifth); at a tenth of it the loss still falls by 11% there: "not converged", not "worse".
+CALIBRATION = dict(tokens=49152, lr=3e-3)
 
 
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory):
     """Records of run_0_topk (k 16) on tiny: the baseline at seeds 42, 43; the same plugin at seeds
-    44, 45; and at seed 44 with a tenth of the learning rate."""
+    44, 45; and at seed 44 with a third of the learning rate."""
     from helpers import tiny_run
 
     root = tmp_path_factory.mktemp("calibration")
@@ -214,7 +215,7 @@ def calibration(tmp_path_factory):
                         **{**CALIBRATION, **overrides})
         return frontier._record(info, "k", out)
     return ([trained("baseline", s) for s in (42, 43)], [trained("same", s) for s in (44, 45)],
-            [trained("slow", 44, lr=CALIBRATION["lr"] / 10)])
+            [trained("slow", 44, lr=CALIBRATION["lr"] / 3)])
 
 
 def judged_on_tiny(run_records, baseline_records):
@@ -235,7 +236,7 @@ def test_the_same_plugin_at_other_seeds_judged_against_itself_is_tied(calibratio
 
 
 @pytest.mark.e2e
-def test_a_tenth_of_the_learning_rate_is_called_worse(calibration):
+def test_a_third_of_the_learning_rate_is_called_worse(calibration):
     baseline, _, slow = calibration
     got = judged_on_tiny(slow, baseline)
     assert got["explained_variance"]["convergence"]["run"] is True  # worse for its learning rate, not unfinished
