@@ -1,8 +1,11 @@
 """kernels.py's sparse step: the same loss and gradients as the dense path for the TopK family
 (AuxK acting or not), the same training log, and the switch between the two taken from a
-measurement on the machine, cached. Nothing here is timed: the measurement is injected."""
+measurement on the machine, cached. Nothing here is timed: the measurement is injected. And each
+harness process's share of the cores, counted among the live ones."""
 
 import json
+import os
+import subprocess
 
 import pytest
 import torch
@@ -161,3 +164,34 @@ def test_a_topk_run_logs_the_same_on_the_sparse_step_as_on_the_dense_one(run_tin
         assert set(sparse_record) == set(dense_record)
         for name, value in dense_record.items():
             assert sparse_record[name] == pytest.approx(value, rel=RTOL, abs=1e-7), (dense_record["step"], name)
+
+
+@pytest.fixture
+def torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_each_harness_process_takes_its_share_of_the_cores_and_says_so(tmp_path, monkeypatch, capsys, torch_threads):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    other = subprocess.Popen(["sleep", "60"])  # another live harness process
+    try:
+        (tmp_path / str(other.pid)).write_text(kernels.process_started(other.pid))
+        (tmp_path / str(os.getppid())).write_text("0")  # the pid of a process since ended, now someone else's
+        assert kernels.take_thread_share(tmp_path, cores=4) == 2 and torch.get_num_threads() == 2
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([str(os.getpid()), str(other.pid)])
+        assert "torch threads: 2, this process's share" in capsys.readouterr().err
+    finally:
+        other.kill()
+        other.wait()
+    assert kernels.take_thread_share(tmp_path, cores=4) == 4  # alone again: every core
+    assert [p.name for p in tmp_path.iterdir()] == [str(os.getpid())]
+
+
+def test_omp_num_threads_decides_where_set_and_a_bad_value_is_refused(tmp_path, monkeypatch, torch_threads):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as Ray sets it for a worker of one CPU
+    assert kernels.take_thread_share(tmp_path, cores=4) == 1 and torch.get_num_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "all")
+    with pytest.raises(kernels.HarnessError, match="OMP_NUM_THREADS=all is no number of threads"):
+        kernels.take_thread_share(tmp_path, cores=4)
