@@ -532,6 +532,8 @@ def bench(
     """Throughput of harvesting, cache reads and the SAE step (vs sae_lens), the SAE step's
     fraction of the measured matmul roofline, and peak memory; a table and bench.json. With
     --activations random: the SAE step of every baseline (vs sae_lens) at any shape, no LLM."""
+    with one_line_errors():
+        kernels.take_thread_share()  # as a run does: timings beside other harness processes are a share's
     if eval_run is not None:
         with one_line_errors():
             results = run_eval_bench(eval_run, eval_rounds)
