@@ -333,12 +333,13 @@ def configure_kernels(cfg, device: torch.device) -> None:
 
 def take_thread_share(registry: Path | None = None, cores: int | None = None) -> int:
     """Set torch's threads to this process's share of the cores (`cores`, default those it may
-    run on) among the live harness processes of this machine, itself included (registered here,
-    once, in `registry`: default the harness cache's processes/<host name>, so that nodes sharing
-    the cache count their own), and say so in one line; OMP_NUM_THREADS, where set (as Ray sets
-    it for its workers and torchrun for its ranks), decides instead. Returns the threads."""
-    cores = cores or len(os.sched_getaffinity(0))
-    running = live_processes(registry or cache_dir() / "processes" / platform.node())
+    run on) among the live harness processes of this machine (`registry`, default
+    `process_registry()`), itself included, and say so in one line; OMP_NUM_THREADS, where set
+    (as Ray sets it for its workers and torchrun for its ranks), decides instead. Returns the
+    threads."""
+    cores, registry = cores or len(os.sched_getaffinity(0)), registry or process_registry()
+    register_process(registry)
+    running = live_processes(registry)
     asked = os.environ.get("OMP_NUM_THREADS", "").split(",")[0]  # "4,2": 4 at the outer level
     if asked and not (asked.isdigit() and int(asked) > 0):
         raise HarnessError(f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} is no number of threads; set a "
@@ -352,17 +353,32 @@ def take_thread_share(registry: Path | None = None, cores: int | None = None) ->
     return threads
 
 
-def live_processes(registry: Path) -> int:
-    """How many harness processes are alive, this one registered among them first: an entry is
-    a file named by its pid holding that process's start time; one whose process has ended
-    (killed before it could remove its entry) is removed."""
-    registry.mkdir(parents=True, exist_ok=True)
+def process_registry() -> Path:
+    """The live harness processes of this machine: a folder of the harness cache per host name,
+    so that nodes sharing the cache count their own."""
+    return cache_dir() / "processes" / platform.node()
+
+
+def register_process(registry: Path) -> None:
+    """Enter this process in the registry (once): a file named by its pid, holding its start time,
+    removed when it exits."""
     mine, started = registry / str(os.getpid()), process_started(os.getpid()) or ""
     if entry_text(mine) != started:  # not registered yet, or an ended process of the same pid was
+        registry.mkdir(parents=True, exist_ok=True)
         scratch = registry / f".{os.getpid()}.tmp"
         scratch.write_text(started)
         os.replace(scratch, mine)  # whole, so that no reader takes a half-written entry for stale
-        atexit.register(mine.unlink, missing_ok=True)
+        atexit.register(unregister, mine, os.getpid())
+
+
+def unregister(entry: Path, pid: int) -> None:
+    if os.getpid() == pid:  # not a forked child that inherited the exit handler
+        entry.unlink(missing_ok=True)
+
+
+def live_processes(registry: Path) -> int:
+    """How many registered harness processes are alive; an entry whose process has ended (killed
+    before it could remove it) is removed. At least this one, where /proc cannot tell (not Linux)."""
     running = 0
     for entry in registry.iterdir():
         if not entry.name.isdigit():
@@ -372,7 +388,7 @@ def live_processes(registry: Path) -> int:
             running += 1
         elif text is not None:
             entry.unlink(missing_ok=True)
-    return max(running, 1)  # at least this one, where /proc cannot tell (not Linux)
+    return max(running, 1)
 
 
 def entry_text(path: Path) -> str | None:
@@ -391,3 +407,12 @@ def process_started(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rpartition(")")[2].split()[19]  # after the command name: fields 3, 4, ...
+
+
+# A harness process counts from its start, not from its run's: two commands started side by side
+# are both registered before either, past its imports, takes its share. Where the cache cannot be
+# written, take_thread_share says so when a run starts.
+try:
+    register_process(process_registry())
+except OSError:
+    pass

@@ -6,13 +6,14 @@ harness process's share of the cores, counted among the live ones."""
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
 from helpers import TOPK_FAMILY, assert_sparse_step_is_the_dense_step, family_sae, read_log
 
 import experiment
-from common import cache_dir
+from common import ROOT, cache_dir
 import kernels
 
 D_IN, D_SAE, K = 64, 512, 8
@@ -195,3 +196,14 @@ def test_omp_num_threads_decides_where_set_and_a_bad_value_is_refused(tmp_path, 
     monkeypatch.setenv("OMP_NUM_THREADS", "all")
     with pytest.raises(kernels.HarnessError, match="OMP_NUM_THREADS=all is no number of threads"):
         kernels.take_thread_share(tmp_path, cores=4)
+
+
+def test_a_harness_process_is_registered_from_its_imports_until_it_exits(tmp_path):
+    """So that two commands started side by side count each other before either takes its share."""
+    listed = subprocess.run([sys.executable, "-c", "import os, kernels\n"
+                             "print(os.getpid(), *os.listdir(kernels.process_registry()))"],
+                            cwd=ROOT, env={**os.environ, "SAE_HARNESS_CACHE": str(tmp_path)}, capture_output=True,
+                            text=True, check=True).stdout.split()
+    assert len(listed) == 2 and listed[0] == listed[1]
+    (registry,) = (tmp_path / "processes").iterdir()
+    assert list(registry.iterdir()) == []  # removed at exit
