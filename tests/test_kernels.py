@@ -176,18 +176,15 @@ def torch_threads():
 
 def test_each_harness_process_takes_its_share_of_the_cores_and_says_so(tmp_path, monkeypatch, capsys, torch_threads):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    other = subprocess.Popen(["sleep", "60"])  # another live harness process
-    try:
-        (tmp_path / str(other.pid)).write_text(kernels.process_started(other.pid))
-        (tmp_path / str(os.getppid())).write_text("0")  # the pid of a process since ended, now someone else's
-        assert kernels.take_thread_share(tmp_path, cores=4) == 2 and torch.get_num_threads() == 2
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([str(os.getpid()), str(other.pid)])
-        assert "torch threads: 2, this process's share" in capsys.readouterr().err
-    finally:
-        other.kill()
-        other.wait()
+    other = os.getppid()  # stands for another live harness process
+    (tmp_path / str(other)).write_text(kernels.process_started(other))
+    (tmp_path / str(2**22 + 1)).write_text("1")  # above Linux's largest pid: a process that has ended
+    (tmp_path / "1").write_text("-1")  # pid 1 runs, but is not the process that registered: a reused pid
+    assert kernels.take_thread_share(tmp_path, cores=4) == 2 and torch.get_num_threads() == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([str(os.getpid()), str(other)])
+    assert "torch threads: 2, this process's share" in capsys.readouterr().err
+    (tmp_path / str(other)).unlink()  # as it does when it exits
     assert kernels.take_thread_share(tmp_path, cores=4) == 4  # alone again: every core
-    assert [p.name for p in tmp_path.iterdir()] == [str(os.getpid())]
 
 
 def test_omp_num_threads_decides_where_set_and_a_bad_value_is_refused(tmp_path, monkeypatch, torch_threads):
@@ -198,6 +195,7 @@ def test_omp_num_threads_decides_where_set_and_a_bad_value_is_refused(tmp_path, 
         kernels.take_thread_share(tmp_path, cores=4)
 
 
+@pytest.mark.e2e  # starts a Python process
 def test_a_harness_process_is_registered_from_its_imports_until_it_exits(tmp_path):
     """So that two commands started side by side count each other before either takes its share."""
     listed = subprocess.run([sys.executable, "-c", "import os, kernels\n"
