@@ -181,7 +181,9 @@ def build_config(preset: str, plugin: str, **overrides: Any) -> RunConfig:
 
 @dataclass
 class Hyperparams:
-    """The base SAE has no hyperparameters beyond the run config's lr and sparsity penalty."""
+    """Every plugin's hyperparameters extend these (`--set name=value`); lr and λ are the run's."""
+
+    b_dec_init: str = "geometric_median"  # b_dec from the first batch (SAE.init_from_data); "zeros": the notebooks'
 
 
 @dataclass
@@ -230,6 +232,14 @@ class SAE(BaseSAE):
 
     sparse_backward = False  # set by the Trainer before each step from the measured latent density
     sparsity_knob = "sparsity_penalty"  # the setting a baseline's sweep varies to move L0 (frontier.py)
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Before the first step, from the first training batch x (B, d_in): b_dec at its geometric
+        median, as Gao et al.'s, dictionary_learning's and Anthropic's trainers start, so that no
+        latent spends itself rebuilding the data's mean."""
+        if self.hp.b_dec_init == "geometric_median":
+            self.b_dec.copy_(geometric_median(x.float()).to(self.b_dec.dtype))
 
     def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         """(B, d_in) -> (B, d_in): what the encoder matrix sees."""
@@ -355,11 +365,6 @@ class SAE(BaseSAE):
             self.W_dec.grad.addcmul_(parallel.unsqueeze(1), self.W_dec.data, value=-1)
 
 
-@functools.cache  # asked every training step; a class's methods do not change
-def keeps_methods(cls: type, names: tuple[str, ...], since: type) -> bool:
-    return all(getattr(cls, name) is getattr(since, name) for name in names)
-
-
 # ----------------------------------------------------------------------------------------------
 # Training: the Trainer's step and hooks; the loop over the cached activations, its log and checkpoints.
 
@@ -374,6 +379,7 @@ class Trainer:
     running state, resampling, revival). A hook may add diagnostics to out.stats."""
 
     OWN = ("sae", "run_cfg", "optimizer", "scheduler", "loss_fn")  # the rest of a Trainer is plugin state, checkpointed
+    max_grad_norm: float | None = 1.0  # the gradient's norm is clipped to this, as SAELens's and dictionary_learning's
 
     def __init__(self, sae: SAE, cfg: RunConfig):
         self.sae, self.run_cfg = sae, cfg
@@ -410,9 +416,11 @@ class Trainer:
         sum(out.terms.values()).backward()
 
     def apply_update(self, step: int) -> None:
-        """From gradients to parameters: the step along the unit sphere of each decoder row, with
-        the step of each slice that update_scales names scaled by its multiplier."""
+        """From gradients to parameters: the step along the unit sphere of each decoder row, the
+        gradient's norm clipped, the step of each slice that update_scales names scaled by its multiplier."""
         self.sae.remove_parallel_decoder_grad()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.max_grad_norm)
         scaled = self.update_scales()
         before = [p.detach().clone() for p, _, _ in scaled]
         self.optimizer.step()
@@ -470,6 +478,10 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
     try:
         with StepLog(run_dir / "train_log.jsonl", cfg, progress, start, final, leader) as log:
             for step, x in prefetched_batches(data, order, cfg, range(start, cfg.steps), rank, shard, device, sae.dtype):
+                if step == 0:
+                    sae.init_from_data(x)
+                    if world > 1:  # each rank saw its shard: all start from rank 0's
+                        torch.distributed.broadcast(sae.b_dec.data, src=0)
                 total, out = trainer.step(x, step)
                 fired_at.masked_fill_((out.latents.detach() > 0).any(dim=0), step)
                 log.queue(step, total, out, fired_at, trainer.scheduler.get_last_lr()[0])
@@ -485,6 +497,23 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     return log.final
+
+
+@functools.cache  # asked every training step; a class's methods do not change
+def keeps_methods(cls: type, names: tuple[str, ...], since: type) -> bool:
+    return all(getattr(cls, name) is getattr(since, name) for name in names)
+
+
+def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """(N, d) -> (d,): the point of least summed distance to the points, by Weiszfeld's iterations
+    from the mean (dictionary_learning's `geometric_median`)."""
+    guess = points.mean(dim=0)
+    for _ in range(max_iter):
+        weights = 1 / (points - guess).norm(dim=1).clamp_min(1e-12)
+        previous, guess = guess, (weights[:, None] * points).sum(0) / weights.sum()
+        if (guess - previous).norm() < tol:
+            break
+    return guess
 
 
 def prefetched_batches(data: ActivationData, order: torch.Tensor, cfg: RunConfig, steps: range, rank: int,
@@ -732,6 +761,8 @@ def checked_inputs(cfg: RunConfig, plugin: Plugin, eval_loaders=None) -> tuple[A
         hp = plugin.hyperparams_class(**cfg.hyperparams)
     except TypeError as exc:
         raise HarnessError(f"plugin {plugin.name}: bad hyperparameters {cfg.hyperparams}: {exc}") from None
+    if hp.b_dec_init not in ("geometric_median", "zeros"):
+        raise HarnessError(f"--set b_dec_init={hp.b_dec_init}: b_dec_init must be geometric_median or zeros")
     cfg.hyperparams = dataclasses.asdict(hp)
     device = kernels.resolve_device(cfg.device)
     evals.check_requirements(cfg.evals, cfg, loaders=eval_loaders)

@@ -347,6 +347,11 @@ def check_writable(run_dir: Path) -> None:
 DEAD_WINDOW_SHARE, DEAD_WINDOW_TOKENS = 0.1, 1_000_000
 
 
+def dead_window_steps(cfg) -> int:
+    """Steps a latent may go without firing before it counts as dead (the log, TopK's AuxK)."""
+    return max(1, min(DEAD_WINDOW_TOKENS, int(cfg.tokens * DEAD_WINDOW_SHARE)) // cfg.batch_size)
+
+
 # Steps by which the host lags the device when it reads a step's losses (the non-finite check,
 # the log): on CUDA one, so the host never waits for the step it has just queued; on CPU, where
 # nothing is queued, none.
@@ -371,8 +376,7 @@ class StepLog:
             atomic_write(path, "".join(line + "\n" for line in kept))
         self.file = open(path, "a") if leader else None
         self.unread: collections.deque = collections.deque()
-        window = min(DEAD_WINDOW_TOKENS, int(cfg.tokens * DEAD_WINDOW_SHARE))
-        self.dead_window = max(1, window // cfg.batch_size)  # steps
+        self.dead_window = dead_window_steps(cfg)
         self.task = progress.add_task("train SAE", total=cfg.steps, completed=start, status="")
         self.started = time.perf_counter()
 

@@ -167,6 +167,19 @@ def test_the_threshold_is_projected_onto_non_negative_values_as_sae_lens_does():
     assert unpenalised.threshold.min() == 0 and (unpenalised.threshold > 1e-6).any()
 
 
+@pytest.mark.parametrize("tokens, lr, scale", [(8192, 1e-3, 4 / (1e-3 * 32)), (10_000_000, 1e-3, 1.0)])
+def test_the_threshold_steps_fast_enough_to_travel_its_range_within_the_run(tokens, lr, scale):
+    """Adam moves θ about lr per step whatever λ is: on a short run θ takes a rate that lets it
+    travel THRESHOLD_TRAVEL (4) over the run, so that λ, not the run's length, sets L0."""
+    plugin = experiment.find_plugin(KEY)
+    cfg = experiment.build_config("tiny", KEY, tokens=tokens, lr=lr, warmup_steps=0)
+    sae = plugin.sae_class(D_IN, D_SAE, plugin.hyperparams_class(), cfg)
+    before = sae.threshold.detach().clone()
+    plugin.trainer_class(sae, cfg).step(batch(7), 0)
+    moved = (sae.threshold.detach() - before).abs()
+    assert moved.max() == pytest.approx(scale * lr, rel=0.05)  # Adam's first step is lr · sign(g)
+
+
 def test_the_threshold_stays_float32_in_a_bfloat16_sae():
     """Adam's ~lr steps on θ would round away in bfloat16 (θ = 1 has a bf16 spacing of 2⁻⁷);
     as in SAELens, θ is float32 whatever .to(dtype) asks, and is cast only where compared."""

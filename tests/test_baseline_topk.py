@@ -223,7 +223,7 @@ def test_sae_lens_training_hook_is_the_twin_and_a_changed_formula_is_not_topk(tm
     assert (ref.cfg.k, ref.cfg.aux_loss_coefficient) == (64, 1 / 32) and sae.hp.dead_steps == DEAD_STEPS
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.equal(getattr(ref, name), getattr(sae, name))
-    assert experiment.find_plugin(KEY).hyperparams_class().dead_steps == 1000  # SAELens's dead_feature_window
+    assert experiment.find_plugin(KEY).hyperparams_class().dead_steps == 0  # the run's window (test_initialisation)
 
     class Shifted(type(sae)):
         def activation(self, pre, x):

@@ -5,12 +5,13 @@ encoder's pre-activations across latents before the ReLU, to control activation 
 constraint losses (L1 sparsity and orthogonality) are multiplied by a factor that rises linearly
 to 1 over 2000 notebook steps, so reconstruction is learned first.
 
-The base learning rate drops tenfold, from run 4's 1e-4 to 1e-5 (the notebook's "reduced initial
-learning rate by 10x"); run 5's per-latent multipliers still apply on top of it.
+The base learning rate drops tenfold from run 4's (the notebook's "reduced initial learning rate
+by 10x": 1e-4 to 1e-5, a thirtieth of its 3e-4), a thirtieth of the run's --lr here
+(`lr_ratio`); run 5's per-latent multipliers still apply on top of it.
 
 Readings chosen: the LayerNorm sits "between encoder and decoder" (the notebook's wording in the
 runs before), i.e. over the d_sae pre-activations. "Initial" learning rate is read as the base
-rate the schedule and the per-latent multipliers start from: this plugin's own `lr`
+rate the schedule and the per-latent multipliers start from: this plugin's own `lr_ratio`
 hyperparameter (run 4's reading), reported as `optimizer_lr` (the notebook's results still report
 learning_rate 1e-4, its config's field, as the harness's `learning_rate` reports --lr). The
 "adaptive per-feature learning rates" of the same item restate run 5's. The constraint factor is
@@ -28,7 +29,7 @@ from plugins.adaptive_ortho import run_7_alpha_curriculum as parent
 class Hyperparams(parent.Hyperparams):
     constraint_warmup: int = 2000
     norm_eps: float = 1e-5
-    lr: float = 1e-5  # run 4's 1e-4, cut tenfold
+    lr_ratio: float = 1 / 30  # of --lr: run 4's third, cut tenfold
 
 
 class SAE(parent.SAE):

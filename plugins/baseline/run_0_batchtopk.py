@@ -26,15 +26,16 @@ Decoder rows are kept at unit norm with the parallel gradient projected out (the
 trainer), as the paper's code and dictionary_learning's BatchTopK trainer do. SAELens instead
 leaves the decoder free and multiplies pre-activations by ‖W_dec,i‖ (`rescale_acts_by_decoder_norm`);
 on unit rows that factor is 1: the same latents and losses, and the same gradients along the
-sphere. SAELens's trainer also clips the gradient norm at 1, which the harness's does not. The
+sphere. The harness's trainer clips the gradient norm at 1, as SAELens's does. The
 export is the JumpReLU SAE this one is at inference (`sae_lens.JumpReLUSAE`, θ in every latent,
 in float32 as the eval-mode SAE compares it), as SAELens saves a BatchTopK SAE; θ needs no
 rescaling for the model's activation scale, since the export folds the scale into W_enc and
 leaves the pre-activations as they were.
 
 Defaults: k = 64 (this harness's baseline k), η = 0.01 (SAELens's), α = 1/32 (the paper's code,
-Gao et al. and dictionary_learning; SAELens's config default is 1.0), dead_steps = 1000 (SAELens's
-`dead_feature_window`; the paper's code counts a latent dead after 5 batches). The loss is
+Gao et al. and dictionary_learning; SAELens's config default is 1.0), dead_steps as TopK's: the
+run's dead-latent window (SAELens's `dead_feature_window` is 1,000 steps; the paper's code counts
+a latent dead after 5 batches). The loss is
 SAELens's, Σ over d_in (the paper's code averages both terms over d_in, so α means the same).
 
 Readings chosen: `topk_threshold` (logged) is θ after the step's update. Under torchrun each

@@ -32,7 +32,11 @@ class the run exports as.
 
 Defaults: bandwidth ε = 0.05 and initial θ = 0.01, SAELens's; λ = `l0_coefficient` = 1.0 (SAELens's
 default too; `--sparsity-penalty`, an L1 coefficient, is not read). Adam moves θ by about lr per
-step whatever λ is once the L0 gradient dominates θ's, so on short runs λ hardly matters.
+step whatever λ is once the L0 gradient dominates θ's, so where lr · steps is small against the
+pre-activations' scale θ cannot reach the level λ sets, and λ hardly moves L0. θ therefore takes
+its own rate (`threshold_lr_scale` times the run's, through Trainer.update_scales), by default
+enough for θ to travel THRESHOLD_TRAVEL in the run: max(1, THRESHOLD_TRAVEL / (lr · steps)), which
+is 1 once lr · steps reaches it (the measurement that set it is in notes.md).
 
 Readings chosen: the decoder. SAELens leaves JumpReLU's decoder unconstrained (its L0 penalty does
 not see ‖W_dec‖); dictionary_learning's JumpReluTrainer keeps decoder rows at unit norm and
@@ -40,8 +44,7 @@ removes the gradient parallel to them, as the harness's Trainer does, which is k
 Every loss term at given weights is SAELens's either way; the constraint fixes the gauge of
 f·‖W_dec‖ (and θ with it). Initialisation is the harness's (unit decoder rows, W_enc = W_decᵀ,
 b_enc = 0), not SAELens's decoder rows of norm 0.1, so initial pre-activations are ~10× larger
-relative to θ = 0.01 than in SAELens. SAELens's trainer also clips the gradient norm at 1; the
-harness's Trainer does not.
+relative to θ = 0.01 than in SAELens. Both trainers clip the gradient norm at 1.
 """
 
 from dataclasses import dataclass
@@ -51,12 +54,16 @@ import torch
 from plugins.baseline import run_0_baseline as parent
 
 
+THRESHOLD_TRAVEL = 4.0  # how far θ can move in a run at its default rate, in the pre-activations' units
+
+
 @dataclass
 class Hyperparams(parent.Hyperparams):
     bandwidth: float = 0.05  # ε, the rectangle kernel's width (SAELens's jumprelu_bandwidth)
     init_threshold: float = 0.01  # θ at initialisation (SAELens's jumprelu_init_threshold)
     l0_coefficient: float = 1.0  # λ (SAELens's l0_coefficient)
     l0_warm_up_steps: int = 0  # λ rises linearly from 0 over these steps (SAELens's l0_warm_up_steps)
+    threshold_lr_scale: float = 0.0  # θ's rate over the run's lr; 0: enough for θ to travel THRESHOLD_TRAVEL
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -160,6 +167,12 @@ class SAE(parent.SAE):
 
 
 class Trainer(parent.Trainer):
+    def update_scales(self):
+        """θ's own rate, so that it can follow λ within the run (the docstring)."""
+        hp, cfg = self.sae.hp, self.run_cfg
+        scale = hp.threshold_lr_scale or max(1.0, THRESHOLD_TRAVEL / (cfg.lr * cfg.steps))
+        return [*super().update_scales(), (self.sae.threshold, torch.full_like(self.sae.threshold, scale), 0)]
+
     def after_step(self, x, out, step):
         self.sae.project_threshold()
         super().after_step(x, out, step)

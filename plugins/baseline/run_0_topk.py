@@ -27,7 +27,9 @@ so `sparsity_loss` is zero: the run's --sparsity-penalty does nothing here. SAEL
 on unit-norm rows the two give the same latents, losses and, along the sphere, gradients.
 
 Defaults: k = 64; aux_loss_coefficient = 1/32 (the paper's; SAELens's config defaults to 1.0);
-dead_steps = 1000 (SAELens's `dead_feature_window`). The export is SAELens's `TopKSAE`
+dead_steps = 0, read as the harness's dead-latent window (`runs.dead_window_steps`: a tenth
+of the run's tokens, at most 1M tokens; SAELens's `dead_feature_window` is a fixed 1,000 steps,
+which a short run never reaches, so its AuxK would never act). The export is SAELens's `TopKSAE`
 (architecture "topk"), exact.
 
 Readings chosen: before step dead_steps + 1 no latent can have gone dead_steps steps without
@@ -36,8 +38,8 @@ firing, so the AuxK term is identically zero there: it is neither computed nor l
 zero when nothing is dead, as in SAELens. The dead mask needs no host sync either: SAELens reads
 n_dead to size its top-k; here the top-k takes k_aux and drops the picks that are not dead latents,
 the same sum. `auxk_dead` (logged) is the number of dead latents AuxK sees; a latent fired in a
-step if it fired on any rank's share of the batch. SAELens also clips the gradient norm to 1 in
-its trainer, for every architecture; the harness's trainer does not, for none.
+step if it fired on any rank's share of the batch. The gradient norm is clipped to 1 before each
+step by the harness's trainer, as by SAELens's and dictionary_learning's, for every architecture.
 """
 
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ import torch
 
 import kernels
 from experiment import FORMULA
+from runs import dead_window_steps
 from plugins.baseline import run_0_baseline as parent
 
 
@@ -53,7 +56,7 @@ from plugins.baseline import run_0_baseline as parent
 class Hyperparams(parent.Hyperparams):
     k: int = 64
     aux_loss_coefficient: float = 1 / 32
-    dead_steps: int = 1000
+    dead_steps: int = 0  # steps without firing before a latent is dead; 0: the run's dead-latent window
 
 
 class SAE(parent.SAE):
@@ -65,6 +68,7 @@ class SAE(parent.SAE):
         # a buffer, so it is checkpointed with the weights.
         self.register_buffer("steps_since_fired", torch.zeros(d_sae, dtype=torch.long, device=device))
         self.fired: torch.Tensor | None = None  # this step's firing, from observe to update_dead_counters
+        self.dead_steps = hp.dead_steps or dead_window_steps(cfg)
 
     def activation(self, pre, x):
         values, indices = pre.topk(self.hp.k, dim=-1, sorted=False)
@@ -90,10 +94,10 @@ class SAE(parent.SAE):
 
     def dead_latents(self) -> torch.Tensor:
         """(d_sae,) bool: not fired in the last dead_steps training steps."""
-        return self.steps_since_fired > self.hp.dead_steps
+        return self.steps_since_fired > self.dead_steps
 
     def aux_losses(self, fwd):
-        if fwd.step <= self.hp.dead_steps:  # nothing can be dead yet: the term is identically zero
+        if fwd.step <= self.dead_steps:  # nothing can be dead yet: the term is identically zero
             return {}
         dead = self.dead_latents()
         fwd.stats["auxk_dead"] = dead.sum().float()

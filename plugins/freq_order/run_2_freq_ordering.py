@@ -21,6 +21,9 @@ correlation (ties averaged) of tracked frequency with index, −1 for a perfect 
 `ordering_error`, Σ|f − f↓| / Σ|f↑ − f↓| on tracked frequencies f, 0 when ordered and 1 when fully
 reversed; the batch's reconstruction cosine `recon_cosine`, the L1 coefficient and the ordering
 weight are logged too.
+
+The notebook's trainer did not clip gradients (its run 6 adds that), so this study's Trainer starts
+without the harness's clipping (`max_grad_norm = None`).
 """
 
 from dataclasses import dataclass
@@ -114,3 +117,7 @@ class SAE(parent.SAE):
     def artifacts(self):
         freq = self.frequencies()
         return {"feature_frequencies": freq, "frequency_order": freq.argsort(descending=True, stable=True)}
+
+
+class Trainer(parent.Trainer):
+    max_grad_norm = None  # the notebook's trainer: run 6 adds clipping
