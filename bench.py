@@ -109,8 +109,9 @@ def alternated(fns: dict[str, Any], device: torch.device, repeats: int, rounds: 
 
 
 def sae_lens_step(sae: experiment.SAE, cfg: RunConfig):
-    """SAELens's own training SAE of the same architecture, with our SAE's weights, doing its step
-    (its forward under the same autocast as ours, as its trainer's `autocast` flag does)."""
+    """SAELens's own training SAE of the same architecture, with our SAE's weights, doing its
+    trainer's step (its forward under the same autocast as ours, as its trainer's `autocast` flag
+    does; the gradient's norm clipped at 1 before Adam, as SAETrainer clips it)."""
     from sae_lens.saes.sae import TrainStepInput
 
     ref, coefficients = sae.sae_lens_training()
@@ -124,6 +125,7 @@ def sae_lens_step(sae: experiment.SAE, cfg: RunConfig):
                 is_logging_step=False))
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
         optimizer.step()
     return step
 
