@@ -355,15 +355,15 @@ class SAE(BaseSAE):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        self.W_dec.data /= self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        self.W_dec.data.div_(torch.linalg.vector_norm(self.W_dec.data, dim=1, keepdim=True).clamp_min_(1e-8))
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
         """Project out the gradient component along each unit decoder row, so the step moves
-        along the sphere (as dictionary_learning's ConstrainedAdam does, per row, dim 1)."""
+        along the sphere (as dictionary_learning's ConstrainedAdam does, per row, dim 1): two passes."""
         if self.W_dec.grad is not None:
-            parallel = (self.W_dec.grad * self.W_dec.data).sum(dim=1, keepdim=True)
-            self.W_dec.grad -= parallel * self.W_dec.data
+            parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec.data, dim=1)
+            self.W_dec.grad.addcmul_(parallel.unsqueeze(1), self.W_dec.data, value=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,8 +393,8 @@ class Trainer:
         self.optimizer = self.make_optimizer()
         self.scheduler = self.make_scheduler()
 
-    def make_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.sae.parameters(), lr=self.run_cfg.lr, fused=self.sae.W_dec.is_cuda)
+    def make_optimizer(self) -> torch.optim.Optimizer:  # fused: one pass per parameter, not one per term (CPU too)
+        return torch.optim.Adam(self.sae.parameters(), lr=self.run_cfg.lr, fused=True)
 
     def make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         warmup = max(self.run_cfg.warmup_steps, 1)
@@ -735,6 +735,7 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: 
     if cfg.batch_size % world:
         raise HarnessError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes")
     kernels.configure_kernels(cfg, device)
+    kernels.take_thread_share()
     if not resume and rank == 0:
         check_writable(run_dir)
     model = checked_model(cfg, device, model_loader, loaded_models)
