@@ -322,11 +322,15 @@ def _variance_row(sae, x: torch.Tensor, tokens: torch.Tensor, special: set[int])
 # ----------------------------------------------------------------------------------------------
 # The cached path. The clean and the zero-ablated pass depend on the model, the layer and the
 # evaluation tokens alone: computed once, kept on disk. What the KL with the SAE needs of the clean
-# pass is two numbers and one d_model vector per position, not its logits: with log q the spliced
-# pass's log-probs, z its logits = h·W_U + b_U and p the clean probs,
-#     KL(p‖q) = Σ p log p − Σ p log q = Σ p log p − (h · W_U p + b_U · p) + logsumexp(z).
+# pass is three numbers and one d_model vector per position, not its logits: with p the clean
+# probabilities, z = h·W_U + b_U the spliced pass's logits and log q = z − logsumexp(z),
+#     KL(p‖q) = Σ p log p − Σ p log q = Σ p log p − (h · W_U p + b_U · p) + logsumexp(z) · Σ p.
+# p is sae_bench's fp32 softmax, whose sum over Gemma 3's 262k tokens misses 1 by up to ~1e-5:
+# keeping Σ p keeps sae_bench's KL to ~1e-7, where exact probabilities would move it by ~1e-5.
 
-REFERENCE_VERSION = 1  # bump when what clean_reference stores, or how, changes
+REFERENCE_VERSION = 2  # bump when what clean_reference stores, or how, changes
+REFERENCE_FIELDS = {"ce_loss_without_sae", "ce_loss_with_ablation", "kl_div_with_ablation", "neg_entropy",
+                    "expected_unembedding", "expected_bias", "probability_mass"}
 LOGIT_CHUNK = 1 << 26  # logits computed at a time (positions × vocabulary): 256 MiB in fp32
 
 
@@ -346,7 +350,9 @@ def clean_reference(model, eval_tokens: torch.Tensor, cfg: RunConfig, device: to
     with contextlib.suppress(OSError, ValueError, KeyError):
         manifest = json.loads(manifest_path.read_text())
         if manifest["key"] == key and file_sha256(path) == manifest["sha256"]:
-            return {name: value.to(device) for name, value in load_file(path).items()}
+            values = load_file(path)
+            if set(values) == REFERENCE_FIELDS:
+                return {name: value.to(device) for name, value in values.items()}
     values = _reference_values(model, eval_tokens, cfg, device)
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f".{key[:16]}.{os.getpid()}.partial"  # renamed into place whole
@@ -390,8 +396,8 @@ def _atomic_write(path: Path, text: str) -> None:
 def _reference_values(model, eval_tokens: torch.Tensor, cfg: RunConfig, device: torch.device) -> dict[str, torch.Tensor]:
     """The clean and the zero-ablated pass exactly as sae_bench's get_recons_loss runs them, over
     the reconstruction contexts in its batches; per position: the clean and the zero-ablated CE
-    (positions - 1), the zero-ablated KL, and of the clean distribution p: Σ p log p, W_U p and
-    b_U · p (float64: the KL with the SAE is their small difference with logsumexp)."""
+    (positions - 1), the zero-ablated KL, and of the clean distribution p: Σ p log p, W_U p,
+    b_U · p and Σ p (float64: the KL with the SAE is their small difference with logsumexp)."""
     n_contexts = cfg.eval_batch_prompts * cfg.eval_reconstruction_batches
     zero_ablate = [(cfg.hook_name, lambda acts, hook: torch.zeros_like(acts))]
     unembed = _Unembedding(model)
@@ -411,22 +417,22 @@ def _reference_values(model, eval_tokens: torch.Tensor, cfg: RunConfig, device: 
 
 def _clean_distribution_terms(logits: torch.Tensor, ablated_logits: torch.Tensor, unembed) -> dict[str, torch.Tensor]:
     """Per position, over chunks of positions: sae_bench's KL(clean ‖ zero-ablated), in its own
-    arithmetic (softmax, then log), and Σ p log p, W_U p and b_U · p of the clean distribution p,
-    in float64 from its logits (fp32 probabilities sum to 1 only to ~1e-7, which the decomposition,
-    against a logsumexp of 10 or more, would multiply)."""
+    arithmetic (softmax, then log), and of its clean probabilities p (fp32, as its KL with the SAE
+    reads them): Σ p log p, W_U p, b_U · p and Σ p, summed in float64."""
     shape = logits.shape[:-1]
     logits, ablated_logits = logits.flatten(0, -2), ablated_logits.flatten(0, -2)
     found: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
     for rows in torch.arange(len(logits), device=logits.device).split(max(1, LOGIT_CHUNK // logits.shape[-1])):
         p = torch.nn.functional.softmax(logits[rows], dim=-1)
+        log_p = torch.log(p)
         log_q = torch.log(torch.nn.functional.softmax(ablated_logits[rows], dim=-1))
-        found["kl_div_with_ablation"].append((p * (torch.log(p) - log_q)).sum(dim=-1))
-        del p, log_q
-        log_p = torch.log_softmax(logits[rows].double(), dim=-1)
-        p = log_p.exp()
-        found["neg_entropy"].append((p * log_p).sum(dim=-1))
+        found["kl_div_with_ablation"].append((p * (log_p - log_q)).sum(dim=-1))
+        found["neg_entropy"].append((p * log_p).sum(dim=-1, dtype=torch.float64))
+        del log_p, log_q
+        p = p.double()
         found["expected_unembedding"].append(p @ unembed.weight_double)
         found["expected_bias"].append(p @ unembed.bias_double)
+        found["probability_mass"].append(p.sum(dim=-1))
     return {name: torch.cat(values).unflatten(0, shape) for name, values in found.items()}
 
 
@@ -525,7 +531,8 @@ def _spliced_losses(sae, model, batch_tokens: torch.Tensor, *args, reference: di
     h = model.ln_final(residual) if model.cfg.normalization_type is not None else residual
     log_normaliser, ce = _logit_terms(unembed, h, batch_tokens, keep)
     cross = (h.double() * reference["expected_unembedding"][rows]).sum(-1) + reference["expected_bias"][rows]
-    kl = torch.where(keep, reference["neg_entropy"][rows] - cross + log_normaliser, 0.0)
+    mass = reference["probability_mass"][rows]
+    kl = torch.where(keep, reference["neg_entropy"][rows] - cross + log_normaliser * mass, 0.0)
     return dict(kl_div_with_sae=kl.to(ce.dtype), kl_div_with_ablation=reference["kl_div_with_ablation"][rows],
                 ce_loss_with_sae=ce[:, :-1], ce_loss_without_sae=reference["ce_loss_without_sae"][rows],
                 ce_loss_with_ablation=reference["ce_loss_with_ablation"][rows])
