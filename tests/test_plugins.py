@@ -29,6 +29,11 @@ def trained(key: str, runs_dir) -> tuple[dict, object]:
     return _runs[key]
 
 
+# A term whose mechanism logs what it acts on: zero is right where that was always zero (AuxK
+# with no dead latent: a well-started tiny run may have none).
+ACTS_ON = {"auxiliary_reconstruction_loss": "auxk_dead"}
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("key", ALL_PLUGINS)
 def test_plugin_trains_with_finite_logged_loss_terms(key, runs_dir):
@@ -37,9 +42,11 @@ def test_plugin_trains_with_finite_logged_loss_terms(key, runs_dir):
     log = read_log(out)
     terms = [k for k in info["final_loss_terms"] if k != "total_loss"]
     for term in terms:
-        values = [record[term] for record in log if term in record]  # a term may start later (AuxK)
+        records = [record for record in log if term in record]  # a term may start later (AuxK)
+        values = [record[term] for record in records]
         assert all(torch.isfinite(torch.tensor(v)) for v in values), (term, values)
-        assert any(v != 0 for v in values), f"loss term {term} is zero at every logged step"
+        idle = term in ACTS_ON and all(record.get(ACTS_ON[term], 1) == 0 for record in records)
+        assert idle or any(v != 0 for v in values), f"loss term {term} is zero at every logged step"
 
 
 @pytest.mark.e2e
