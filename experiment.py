@@ -54,6 +54,7 @@ from sae_bench.custom_saes.base_sae import BaseSAE
 import evals
 import frontier
 import kernels
+import synthetic
 from notebook import append_notes, changed_setting, check_notes, notes_entry, study_header
 from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_runs_root,
                   check_writable, code_without_prose, load_checkpoint, newest, provenance, read_json,
@@ -100,6 +101,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         llm_batch_size=32, eval_batch_prompts=16, eval_reconstruction_batches=200,
         eval_sparsity_batches=2000, cache_dtype="float16",
     ),
+    **synthetic.PRESETS,  # synth, synth-16k, synth-tiny: SAELens's synthetic models, no LLM (synthetic.py)
 }
 
 
@@ -556,12 +558,14 @@ class ActivationData:
 def cache_key(cfg: RunConfig) -> str:
     determining = dict(model=cfg.model, layer=cfg.layer, context_size=cfg.context_size,
                        dataset=cfg.dataset, eval_dataset=cfg.eval_dataset, tokens=cfg.tokens,
-                       n_eval=eval_contexts_needed(cfg), dtype=cfg.cache_dtype, version=2)
+                       n_eval=eval_contexts_needed(cfg), dtype=cfg.cache_dtype, version=2, **synthetic.cache_fields(cfg))
     return hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def activation_data(cfg: RunConfig, model, progress, dataset_loader=None) -> ActivationData:
     folder = activations_dir() / cache_key(cfg)
+    if synthetic.is_synthetic(cfg):
+        return ActivationData(*synthetic.activation_data(cfg, model, progress, folder))
     manifest_path = folder / "manifest.json"
     acts_path, tokens_path = folder / "train_acts.npy", folder / "eval_tokens.pt"
     if manifest_path.exists():
@@ -792,6 +796,8 @@ def check_contract(sae: SAE, x: torch.Tensor) -> None:
 def checked_model(cfg: RunConfig, device: torch.device, model_loader=None, loaded: dict | None = None):
     """The run's model, checked against its layer and context size; `loaded` keeps the models this
     process has loaded, by name and device, for the next run that shares one (study, sweep)."""
+    if synthetic.is_synthetic(cfg):
+        return synthetic.load_model(cfg, device)
     key = (cfg.model, str(device))
     model = loaded[key] if loaded and key in loaded else load_model(cfg.model, device, model_loader)
     if loaded is not None:
@@ -937,8 +943,8 @@ Preset = Annotated[str, typer.Option(help="embedded, tiny, pythia-70m or gemma-2
 Tokens = Annotated[int | None, typer.Option(help="Training activations to harvest and train on.")]
 DictSize = Annotated[int | None, typer.Option(help="Number of SAE latents.")]
 Seed = Annotated[int, typer.Option(help="Seeds initialisation, data order and plugin randomness.")]
-Evals = Annotated[str, typer.Option(help="Comma-separated sae_bench evals: core, sparse_probing, sae_probes, "
-                                         "absorption, scr, tpp, unlearning, autointerp, or all.")]
+Evals = Annotated[str | None, typer.Option(help="Comma-separated evals: core, sparse_probing, sae_probes, absorption, "
+                                         "scr, tpp, unlearning, autointerp, all; ground_truth (synthetic presets, their default).")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Runs = Annotated[Path, typer.Option(help="Folder of run folders (searched for runs to reuse).")]
 Notes = Annotated[Path, typer.Option(help="Lab notebook to append to.")]
@@ -962,7 +968,7 @@ def run(
     lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
     sparsity_penalty: Annotated[float | None, typer.Option(help="L1 coefficient.")] = None,
     seed: Seed = 42,
-    evals: Evals = "core",
+    evals: Evals = None,
     device: Device = "auto",
     dataset: Annotated[str | None, typer.Option(help="embedded, a hub dataset, or a local .txt/.jsonl/.parquet.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<study>/<plugin>/<timestamp>).")] = None,
@@ -1018,7 +1024,7 @@ def study(
     tokens: Tokens = None,
     dict_size: DictSize = None,
     seed: Seed = 42,
-    evals: Evals = "core",
+    evals: Evals = None,
     device: Device = "auto",
     runs: Runs = RUNS,
     notes: Notes = NOTES,
@@ -1049,7 +1055,7 @@ def sweep(
     preset: Preset = "embedded",
     tokens: Tokens = None,
     seed: Annotated[int, typer.Option(help="The first seed.")] = 42,
-    evals: Evals = "core",
+    evals: Evals = None,
     device: Device = "auto",
     runs: Annotated[Path, typer.Option(help="Folder of run folders; the sweep's go to RUNS/sweeps/.")] = RUNS,
     notes: Notes = NOTES,
@@ -1080,8 +1086,8 @@ def ray_runner(workers: int, address: str | None):
     return cluster.runner(workers, address)
 
 
-def split(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+def split(text: str | None) -> tuple[str, ...] | None:  # None: the preset's (build_config)
+    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
@@ -1095,7 +1101,7 @@ def bench(ctx: typer.Context) -> None:
 @app.command("eval")
 def eval_run(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
-    evals: Evals = "core",
+    evals: Evals = None,
     device: Device = "auto",
     notes: Notes = NOTES,
 ) -> None:
@@ -1172,7 +1178,7 @@ def analyse(
     tokens: Tokens = None,
     dict_size: DictSize = None,
     seed: Seed = 42,
-    evals: Evals = "core",
+    evals: Evals = None,
     device: Device = "auto",
     only: Annotated[str | None, typer.Option(help="Per-run analyses: only these runs of the study (and the baseline).")] = None,
     values: Annotated[str | None, typer.Option(help="Sweep analyses (topk_threshold, alpha): the values to sweep.")] = None,
