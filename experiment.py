@@ -939,7 +939,7 @@ def load_run(folder: str | Path, device: str = "cpu") -> LoadedRun:
 
 app = typer.Typer(cls=OneLineUsage, add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 
-Preset = Annotated[str, typer.Option(help="embedded, tiny, pythia-70m or gemma-2-2b.")]
+Preset = Annotated[str, typer.Option(help="embedded, tiny, pythia-70m, gemma-2-2b; synth, synth-16k, synth-tiny.")]
 Tokens = Annotated[int | None, typer.Option(help="Training activations to harvest and train on.")]
 DictSize = Annotated[int | None, typer.Option(help="Number of SAE latents.")]
 Seed = Annotated[int, typer.Option(help="Seeds initialisation, data order and plugin randomness.")]

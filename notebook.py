@@ -138,9 +138,10 @@ def append_notes(notes: Path, header: str, entry: str) -> None:
 def study_notes(study: str, rows: list[dict], figures: dict[Path, str]) -> str:
     """The study's summary for notes.md: its runs with their verdicts at matched L0, and each
     figure with its data-driven caption."""
-    shown = ("L0", "CE-loss score", "explained variance (whole set)")
+    judged_on = "MCC" if any(headline(row["info"], "MCC") is not None for row in rows) else "CE-loss score"
+    shown = ("L0", judged_on, *(("F1",) if judged_on == "MCC" else ()), "explained variance (whole set)")
     lines = [f"## Study summary: {study}", "", f"| run | {' | '.join(shown)} | against the baselines at its L0 "
-             "(CE-loss score) | run folder |", "|---|---|---|---|---|---|"]
+             f"({judged_on}) | run folder |", "|---" * (len(shown) + 3) + "|"]
     for row in rows:
         cells = [headline(row["info"], label) for label in shown]
         baseline = row["info"].get("run", {}).get("study") == "baseline"

@@ -168,7 +168,8 @@ def exit_if_any_failed(rows: list[dict]) -> None:
 
 def summary_table(title: str, rows: list[dict]) -> Table:
     table = Table(title=title)
-    shown = ("L0", "CE-loss score", "KL score", "explained variance (whole set)")
+    synthetic = any(headline(row["info"], "MCC") is not None for row in rows)
+    shown = ("L0", *(("MCC", "F1") if synthetic else ("CE-loss score", "KL score")), "explained variance (whole set)")
     for column in ("run", "how", *shown, "folder"):
         table.add_column(column)
     for row in rows:
