@@ -54,7 +54,6 @@ from sae_bench.custom_saes.base_sae import BaseSAE
 import evals
 import frontier
 import kernels
-import synthetic
 from notebook import append_notes, changed_setting, check_notes, notes_entry, study_header
 from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_runs_root,
                   check_writable, code_without_prose, load_checkpoint, newest, provenance, read_json,
@@ -67,7 +66,7 @@ PLUGINS_DIR = ROOT / "plugins"
 ANALYSES_FOLDER = "analyses"  # RUNS/<study>/analyses/<name>.md: the latest paragraph of each `analyse`
 
 # ----------------------------------------------------------------------------------------------
-# Config. A preset is a set of plain values; every CLI flag overrides one.
+# Config. A preset is a set of plain values; every CLI flag overrides one. The synthetic ones join below.
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Gemma 3 270M shipped on PyPI, text shipped with sae_probes: works with no hub at all.
@@ -101,7 +100,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         llm_batch_size=32, eval_batch_prompts=16, eval_reconstruction_batches=200,
         eval_sparsity_batches=2000, cache_dtype="float16",
     ),
-    **synthetic.PRESETS,  # synth, synth-16k, synth-tiny: SAELens's synthetic models, no LLM (synthetic.py)
 }
 
 
@@ -546,6 +544,9 @@ def prefetched_batches(data: ActivationData, order: torch.Tensor, cfg: RunConfig
 # Activations: residual-stream activations at the hooked layer, BOS positions dropped,
 # stored as a .npy file with a manifest (shape, dtype, size, sha256) and keyed by everything
 # that determines them, so a second run on the same data never runs the LLM again.
+import synthetic  # noqa: E402 (here: the SAE and Trainer come first) SAELens's synthetic models, no LLM
+PRESETS.update(synthetic.PRESETS)  # synth, synth-16k, synth-tiny: their activations are cached alike
+
 
 @dataclass
 class ActivationData:
@@ -796,8 +797,6 @@ def check_contract(sae: SAE, x: torch.Tensor) -> None:
 def checked_model(cfg: RunConfig, device: torch.device, model_loader=None, loaded: dict | None = None):
     """The run's model, checked against its layer and context size; `loaded` keeps the models this
     process has loaded, by name and device, for the next run that shares one (study, sweep)."""
-    if synthetic.is_synthetic(cfg):
-        return synthetic.load_model(cfg, device)
     key = (cfg.model, str(device))
     model = loaded[key] if loaded and key in loaded else load_model(cfg.model, device, model_loader)
     if loaded is not None:

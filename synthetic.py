@@ -5,7 +5,7 @@ A synthetic preset names a model of MODELS instead of an LLM: a `SyntheticModelC
 features, their Zipfian firing, hierarchy, correlations, magnitudes, a fixed seed). The harness
 treats it as it treats a language model's layer:
 
-    model = load_model(cfg, device)          # SAELens's SyntheticModel, built once and cached
+    model = load_model(cfg.model, device)    # SAELens's SyntheticModel, built once and cached (sources.load_model)
     train, eval_tokens, scale, from_cache = activation_data(cfg, model, progress, key)
     evaluate(info, scaled_sae, model, cfg, device)   # the `ground_truth` eval into final_info
 
@@ -104,23 +104,25 @@ def cache_fields(cfg) -> dict[str, Any]:
     return dict(synthetic=MODELS[cfg.model].config.to_dict(), data_seed=DATA_SEED, synthetic_version=VERSION)
 
 
-def load_model(cfg, device: torch.device):
-    """The preset's SyntheticModel where experiment expects the LLM (`cfg.d_model` its width),
-    from the cache (its files' sha256 checked), built and cached where missing or damaged."""
-    config = MODELS[cfg.model].config
+def load_model(name: str, device: torch.device):
+    """MODELS[name]'s SyntheticModel where the harness expects the LLM (sources.load_model): its
+    width as `cfg.d_model`, one layer, no context. From the cache (its files' sha256 checked),
+    built and cached where missing or damaged."""
+    config = MODELS[name].config
     key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     folder = activations_dir() / f"synthetic-model-{key}"
     manifest = folder / "manifest.json"
     if manifest.exists() and _intact(folder, json.loads(manifest.read_text())):
         synthetic = SyntheticModel.load_from_disk(folder, device=str(device))
     else:
-        console.print(f"Building the synthetic model {cfg.model} ({config.num_features} features in "
+        console.print(f"Building the synthetic model {name} ({config.num_features} features in "
                       f"{config.hidden_dim} dimensions) into {folder}")
         synthetic = SyntheticModel(config, device=str(device))
         synthetic.save(folder)
         files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.name != "manifest.json"}
         atomic_write(manifest, json.dumps(files, indent=2))
-    return types.SimpleNamespace(synthetic=synthetic, cfg=types.SimpleNamespace(d_model=config.hidden_dim))
+    return types.SimpleNamespace(synthetic=synthetic, cfg=types.SimpleNamespace(d_model=config.hidden_dim, n_layers=1,
+                                                                                n_ctx=1))
 
 
 def _intact(folder: Path, sha256s: dict[str, str]) -> bool:
