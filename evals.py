@@ -154,7 +154,7 @@ def check_requirements(evals, cfg: RunConfig, *, loaders: dict[str, Callable] | 
     """Raise HarnessError, in one line, naming every missing requirement of `evals` and how to
     provide it. `loaders` (as for run_evals) stand in for the hub and the API key."""
     loaders = loaders or {}
-    if wrong_kind := synthetic.check_evals(evals, cfg):
+    if wrong_kind := synthetic.check_run(evals, cfg):
         raise HarnessError(wrong_kind)
     problems = []
     if cfg.model == "tiny" and set(evals) - {"core"}:

@@ -52,7 +52,7 @@ class Model:
 
 
 def _bench_like(num_features: int, hidden_dim: int, min_prob: float, roots: int,
-                orthogonalization: OrthogonalizationConfig | None) -> SyntheticModelConfig:
+                orthogonalization: OrthogonalizationConfig | None, seed: int) -> SyntheticModelConfig:
     """SynthSAEBench-16k's recipe (SAELens docs, synth_sae_bench.md) at another size."""
     return SyntheticModelConfig(
         num_features=num_features, hidden_dim=hidden_dim,
@@ -62,19 +62,26 @@ def _bench_like(num_features: int, hidden_dim: int, min_prob: float, roots: int,
                                   compensate_probabilities=True, scale_children_by_parent=True),
         orthogonalization=orthogonalization, correlation=LowRankCorrelationConfig(rank=25, correlation_scale=0.1),
         mean_firing_magnitudes=LinearMagnitudeConfig(start=5.0, end=4.0),
-        std_firing_magnitudes=FoldedNormalMagnitudeConfig(mean=0.5, std=0.5), bias=0.5, seed=42)
+        std_firing_magnitudes=FoldedNormalMagnitudeConfig(mean=0.5, std=0.5), bias=0.5, seed=seed)
 
 
+# A model's seed must differ from the run's --seed: SAELens draws the true directions as
+# torch.randn(num_features, hidden_dim) from the model's seed, and the SAE its decoder rows as
+# torch.randn(d_sae, d_in) from the run's, so with equal seeds (and d_in = hidden_dim) the SAE starts
+# on the first d_sae true features (check_run refuses it). Hence not 42, the runs' default seed.
+MODEL_SEED = 1_000_003
 MODELS = {
     # SynthSAEBench-16k as published: 16,384 features in 768 dimensions, Zipf(0.5, 0.4, 5e-4), 128
-    # hierarchy roots, low-rank correlations, 100 orthogonalisation steps at lr 3e-4, seed 42.
-    "synth-16k": Model(_bench_like(16_384, 768, 5e-4, 128, OrthogonalizationConfig(num_steps=100, lr=3e-4)), 500_000),
+    # hierarchy roots, low-rank correlations, 100 orthogonalisation steps at lr 3e-4, seed 42 (so
+    # its runs need another --seed).
+    "synth-16k": Model(_bench_like(16_384, 768, 5e-4, 128, OrthogonalizationConfig(num_steps=100, lr=3e-4), 42),
+                       500_000),
     # The same recipe at a quarter of the features in a third of the dimensions. Its minimum
     # firing probability keeps the true L0 in the tens; no orthogonalisation (it took 5 minutes
     # on the 2-core CPU; random directions in 256 dimensions are already nearly orthogonal).
-    "synth": Model(_bench_like(4096, 256, 2e-3, 32, None), 32_768),
+    "synth": Model(_bench_like(4096, 256, 2e-3, 32, None, MODEL_SEED), 32_768),
     # For tests: seconds to generate and train.
-    "synth-tiny": Model(_bench_like(512, 64, 1e-2, 4, None), 4096),
+    "synth-tiny": Model(_bench_like(512, 64, 1e-2, 4, None, MODEL_SEED), 4096),
 }
 _NO_LLM = dict(layer=0, context_size=1, dataset="synthetic", llm_batch_size=1, eval_batch_prompts=1,
                eval_reconstruction_batches=1, eval_sparsity_batches=1, evals=(GROUND_TRUTH,))
@@ -160,9 +167,13 @@ def activation_data(cfg, model, progress, folder: Path) -> tuple[np.ndarray, tor
     return np.load(acts_path, mmap_mode="r"), torch.empty(0, dtype=torch.long), scale, False
 
 
-def check_evals(names, cfg) -> str | None:
-    """Why these evals cannot run on this preset, or None: a synthetic run has only the
-    ground-truth eval, and only a synthetic run has it."""
+def check_run(names, cfg) -> str | None:
+    """Why this run cannot be scored on this preset, or None: a synthetic run has only the
+    ground-truth eval, only a synthetic run has it, and a run seeded as its synthetic model would
+    start on the true features (MODEL_SEED's comment)."""
+    if is_synthetic(cfg) and cfg.seed == MODELS[cfg.model].config.seed:
+        return (f"--seed {cfg.seed} is the seed of {cfg.model}'s true features: the SAE's decoder would start on "
+                f"them; use another --seed")
     if is_synthetic(cfg) and (needs_llm := [n for n in names if n != GROUND_TRUTH]):
         return (f"{', '.join(needs_llm)} need{'s' if len(needs_llm) == 1 else ''} a language model and its "
                 f"tokenizer, and preset {cfg.preset} is synthetic: use --evals {GROUND_TRUTH}")

@@ -65,12 +65,13 @@ def test_the_cache_key_covers_the_synthetic_models_configuration_and_leaves_lang
     synth = experiment.build_config("synth-tiny", "baseline/run_0_baseline")
     assert synthetic.cache_fields(tiny) == {}
     before = experiment.cache_key(synth)
-    changed = dataclasses.replace(synthetic.MODELS["synth-tiny"].config, seed=7)
+    changed = dataclasses.replace(synthetic.MODELS["synth-tiny"].config, seed=7)  # not a run's seed
     monkeypatch.setitem(synthetic.MODELS, "synth-tiny", synthetic.Model(changed, 4096))
     assert experiment.cache_key(synth) != before
 
 
 @pytest.mark.parametrize("args, words", [
+    (("--preset", "synth-16k", "--seed", "42"), ("--seed 42 is the seed of synth-16k's true features",)),
     (("--preset", "synth-tiny", "--evals", "core"), ("core needs a language model", "--evals ground_truth")),
     (("--preset", "synth-tiny", "--evals", "ground_truth,absorption"), ("absorption needs a language model",)),
     (("--preset", "tiny", "--evals", "ground_truth"), ("ground_truth needs the true features", "--preset synth")),
