@@ -797,6 +797,8 @@ def check_contract(sae: SAE, x: torch.Tensor) -> None:
 def checked_model(cfg: RunConfig, device: torch.device, model_loader=None, loaded: dict | None = None):
     """The run's model, checked against its layer and context size; `loaded` keeps the models this
     process has loaded, by name and device, for the next run that shares one (study, sweep)."""
+    if synthetic.is_synthetic(cfg):  # SAELens's synthetic model: no LLM
+        return synthetic.load_model(cfg.model, device)
     key = (cfg.model, str(device))
     model = loaded[key] if loaded and key in loaded else load_model(cfg.model, device, model_loader)
     if loaded is not None:

@@ -32,14 +32,9 @@ TINY_BOS = 0
 
 
 def load_model(name: str, device: torch.device, model_loader=None):
-    """Return a HookedTransformer in eval mode, bf16 on CUDA, fp32 on CPU; for a synthetic preset's
-    model, SAELens's synthetic model (synthetic.load_model)."""
+    """Return a HookedTransformer in eval mode. bf16 on CUDA, fp32 on CPU."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    import synthetic  # here: it imports this module
-
-    if name in synthetic.MODELS:  # a synthetic preset's model: no LLM
-        return synthetic.load_model(name, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if name == "tiny":
         cfg = HookedTransformerConfig(**TINY_MODEL, seed=0, device=str(device), dtype=dtype)

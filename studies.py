@@ -29,13 +29,12 @@ from rich.table import Table
 
 import evals
 import plot
-from experiment import (ANALYSES_FOLDER, Plugin, RunConfig, build_config, execute, find_plugin, finish, judged,
-                        parent_info, parse_hyperparams, plugin_files, saved_config, saved_sae, setting)
+from experiment import (ANALYSES_FOLDER, Plugin, RunConfig, build_config, checked_model, execute, find_plugin,
+                        finish, judged, parent_info, parse_hyperparams, plugin_files, saved_config, saved_sae, setting)
 from frontier import SWEEPABLE
 from kernels import configure_kernels, resolve_device
 from notebook import append_notes, notes_entry, result_lines, study_notes
 from runs import CHECKPOINT, atomic_write, headline, read_json, run_index
-from sources import load_model
 
 
 @dataclass
@@ -243,7 +242,7 @@ def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_
     evals.check_requirements(names, cfg, loaders=eval_loaders)
     device = resolve_device(device_name)
     configure_kernels(cfg, device)  # the kernels the run evaluated with (deterministic on CPU, TF32 on CUDA)
-    model = load_model(cfg.model, device)
+    model = checked_model(cfg, device)
     sae, eval_tokens = saved_sae(run_dir, cfg, plugin, device), torch.load(run_dir / "eval_tokens.pt")
     evals.evaluate(info, sae, model, eval_tokens, cfg, device, run_dir, eval_loaders, names)
     if unevaluated:  # now it is a completed run, with the notebook entry it never got

@@ -5,7 +5,7 @@ A synthetic preset names a model of MODELS instead of an LLM: a `SyntheticModelC
 features, their Zipfian firing, hierarchy, correlations, magnitudes, a fixed seed). The harness
 treats it as it treats a language model's layer:
 
-    model = load_model(cfg.model, device)    # SAELens's SyntheticModel, built once and cached (sources.load_model)
+    model = load_model(cfg.model, device)    # SAELens's SyntheticModel, built once and cached (experiment.checked_model)
     train, eval_tokens, scale, from_cache = activation_data(cfg, model, progress, key)
     evaluate(info, scaled_sae, model, cfg, device)   # the `ground_truth` eval into final_info
 
@@ -112,7 +112,7 @@ def cache_fields(cfg) -> dict[str, Any]:
 
 
 def load_model(name: str, device: torch.device):
-    """MODELS[name]'s SyntheticModel where the harness expects the LLM (sources.load_model): its
+    """MODELS[name]'s SyntheticModel where the harness expects the LLM (experiment.checked_model): its
     width as `cfg.d_model`, one layer, no context. From the cache (its files' sha256 checked),
     built and cached where missing or damaged."""
     config = MODELS[name].config
