@@ -5,7 +5,7 @@ A synthetic preset names a model of MODELS instead of an LLM: a `SyntheticModelC
 features, their Zipfian firing, hierarchy, correlations, magnitudes, a fixed seed). The harness
 treats it as it treats a language model's layer:
 
-    model = load_model(cfg.model, device)    # SAELens's SyntheticModel, built once and cached (experiment.checked_model)
+    model = load_model(cfg.model, device)    # SAELens's SyntheticModel, built once and cached
     train, eval_tokens, scale, from_cache = activation_data(cfg, model, progress, key)
     evaluate(info, scaled_sae, model, cfg, device)   # the `ground_truth` eval into final_info
 
