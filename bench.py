@@ -109,8 +109,9 @@ def alternated(fns: dict[str, Any], device: torch.device, repeats: int, rounds: 
 
 
 def sae_lens_step(sae: experiment.SAE, cfg: RunConfig):
-    """SAELens's own training SAE of the same architecture, with our SAE's weights, doing its step
-    (its forward under the same autocast as ours, as its trainer's `autocast` flag does)."""
+    """SAELens's own training SAE of the same architecture, with our SAE's weights, doing its
+    trainer's step (its forward under the same autocast as ours, as its trainer's `autocast` flag
+    does; the gradient's norm clipped at 1 before Adam, as SAETrainer clips it)."""
     from sae_lens.saes.sae import TrainStepInput
 
     ref, coefficients = sae.sae_lens_training()
@@ -124,6 +125,7 @@ def sae_lens_step(sae: experiment.SAE, cfg: RunConfig):
                 is_logging_step=False))
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
         optimizer.step()
     return step
 
@@ -532,6 +534,8 @@ def bench(
     """Throughput of harvesting, cache reads and the SAE step (vs sae_lens), the SAE step's
     fraction of the measured matmul roofline, and peak memory; a table and bench.json. With
     --activations random: the SAE step of every baseline (vs sae_lens) at any shape, no LLM."""
+    with one_line_errors():
+        kernels.take_thread_share()  # as a run does: timings beside other harness processes are a share's
     if eval_run is not None:
         with one_line_errors():
             results = run_eval_bench(eval_run, eval_rounds)

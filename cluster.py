@@ -6,8 +6,9 @@ whose worker died; the harness only maps runs to tasks:
 
     the driver   builds every activation cache the runs read, once, before any run is scheduled;
                  submits the runs; yields each as it finishes (run_jobs prints its line)
-    a worker     runs one run as the local mode does (experiment.execute); a retry after its
-                 worker died continues from that run's last checkpoint
+    a worker     runs one run as the local mode does (experiment.execute), then the next it is
+                 given, with the model it loaded for the first (CPU runs; a GPU run has a process
+                 of its own); a retry after its worker died continues from that run's last checkpoint
 
 Every node must see the same paths: the checkout, the runs folder, the notebook, and the
 activation cache (SAE_HARNESS_CACHE) on shared storage.
@@ -168,15 +169,23 @@ def share_per_run(workers: int) -> tuple[float, int]:
     return (math.floor(cpus) if cpus >= 1 else math.floor(cpus * 1e4) / 1e4), min(gpus, 1)
 
 
-# A fresh process per run (Ray's default for GPU tasks), as `run` has: none reads a plugin module
-# imported before its file changed, or a torch that a Ctrl-C broke mid-import.
-@ray.remote(max_calls=1)
+# The models a worker process has loaded, by name and device (experiment.checked_model): its next
+# run reuses them, as run_jobs's runs in one process do. Ray keeps a CPU run's worker for the
+# command's next runs (its workers end with the command, so no run reads a plugin module imported
+# before an earlier command changed its file); a GPU run gets a fresh process (Ray's default for
+# a task that asks for a GPU, max_calls 1): a process reads CUDA_VISIBLE_DEVICES once, and its
+# next task may be given another GPU.
+LOADED_MODELS: dict = {}
+
+
+@ray.remote
 def run_in_worker(fields: dict, folder: str, how: str, notes: str, activations: str) -> tuple[str, dict, float]:
     """One run in a Ray worker, as run_jobs runs it in the process: (how, final_info, wall seconds).
     The folder did not exist (how "trained") or held a checkpoint of an unfinished run ("resumed")
     when the run was submitted; anything else in it now was left by an attempt of this task whose
     worker died, and Ray's retry continues from there."""
-    import experiment  # the worker's own: Ray ships this function by value, and `python experiment.py`'s is __main__
+    import cluster  # the worker's own modules: Ray ships this function by value, and
+    import experiment  # `python experiment.py`'s experiment is __main__
 
     started = time.perf_counter()
     os.environ["SAE_HARNESS_ACTIVATIONS"] = activations  # the cache the driver built
@@ -188,7 +197,8 @@ def run_in_worker(fields: dict, folder: str, how: str, notes: str, activations: 
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # that attempt died before its first checkpoint: start over
     try:
-        info = experiment.execute(cfg, experiment.find_plugin(cfg.plugin), run_dir, Path(notes), resume=resume)
+        info = experiment.execute(cfg, experiment.find_plugin(cfg.plugin), run_dir, Path(notes), resume=resume,
+                                  loaded_models=cluster.LOADED_MODELS)
     except HarnessError as exc:
         return "failed", {"status": "failed", "error": str(exc)}, time.perf_counter() - started
     return ("resumed" if resume else "trained"), info, time.perf_counter() - started

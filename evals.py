@@ -60,7 +60,7 @@ from common import HarnessError, activations_dir, console, file_sha256  # first:
 
 import frontier
 import synthetic
-from runs import atomic_write
+from runs import atomic_write, save_context_rows
 
 import numpy as np
 import torch
@@ -202,11 +202,12 @@ def _unreadable_on_hub(repo: str) -> str | None:
 
 
 def evaluate_core(sae, model, eval_tokens: torch.Tensor, cfg: RunConfig, device: torch.device,
-                  cache_dir: Path | None = None) -> tuple[dict, dict]:
+                  cache_dir: Path | None = None, per_context: dict | None = None) -> tuple[dict, dict]:
     """sae_bench core metrics (every compute flag on) via its inner `run_evals` (its
     `multiple_evals` would swallow exceptions): (metrics, per-latent metrics as lists). Added,
     labelled as the harness's: the whole-set explained variance, the fraction of latents that never
-    fire on the evaluation text, and each headline score's bootstrap standard error (`bootstrap_se`).
+    fire on the evaluation text, and each headline score's bootstrap standard error (`bootstrap_se`);
+    `per_context`, given, receives the context rows they are computed from (context_rows).
 
     With `cache_dir`, what does not depend on the SAE (the clean and the zero-ablated pass) comes
     from a cache kept there (clean_reference), and the model runs once up to the hooked layer and
@@ -242,6 +243,8 @@ def evaluate_core(sae, model, eval_tokens: torch.Tensor, cfg: RunConfig, device:
     metrics["reconstruction_quality"]["explained_variance_whole_set"] = whole_set_explained_variance(variance)
     metrics["sparsity"]["dead_fraction_eval"] = float(np.mean(np.asarray(feature_metrics["feature_density"]) == 0))
     metrics["bootstrap_se"] = bootstrap_standard_errors(variance, losses)
+    if per_context is not None:  # kept in the run folder: a verdict's paired bootstrap resamples them
+        per_context.update(context_rows(variance, losses))
     return metrics, {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in feature_metrics.items()}
 
 
@@ -573,14 +576,25 @@ SCORE_PARTS = {"ce_loss_score": ("ce_loss_with_sae", "ce_loss_without_sae", "ce_
                "kl_div_score": ("kl_div_with_sae", "kl_div_with_ablation")}
 
 
+def context_rows(variance: np.ndarray, losses: dict[str, list[torch.Tensor]]) -> dict[str, np.ndarray]:
+    """Per evaluation context, what each headline score (frontier's names) is computed from: the
+    variance sums, and each score's loss parts as (contexts, parts, [sum, count])."""
+    return {"explained_variance": variance, **{
+        name: np.stack([torch.cat(losses[part]).numpy() for part in parts], 1) for name, parts in SCORE_PARTS.items()}}
+
+
+def score_of(name: str) -> Callable[[np.ndarray], float]:
+    """The headline score `name` (frontier's names) as a function of its context rows."""
+    return whole_set_explained_variance if name == "explained_variance" else functools.partial(_score, name=name)
+
+
 def bootstrap_standard_errors(variance: np.ndarray, losses: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
     """Each headline score's standard error over evaluation contexts resampled with replacement
     (frontier.bootstrap_se: seeded, so a run always gets the same one; None below 2 contexts)."""
-    found = {"explained_variance_whole_set": frontier.bootstrap_se(variance, whole_set_explained_variance)}
-    for name, parts in SCORE_PARTS.items():
-        rows = np.stack([torch.cat(losses[part]).numpy() for part in parts], 1)  # (contexts, parts, 2)
-        found[name] = frontier.bootstrap_se(rows, lambda r, name=name: _score(r, name))
-    return {**found, "contexts": len(variance)}
+    rows = context_rows(variance, losses)
+    found = {"explained_variance_whole_set" if name == "explained_variance" else name:
+             frontier.bootstrap_se(values, score_of(name)) for name, values in rows.items()}
+    return {**found, "contexts": len(rows["explained_variance"])}
 
 
 class _LoadedModel:
@@ -916,9 +930,11 @@ def evaluate(info: dict, sae: BaseSAE, model, eval_tokens: torch.Tensor, cfg, de
         synthetic.evaluate(info, sae, model, cfg, device)
     if "core" in names:
         console.print("Evaluating with sae_bench core metrics...")
+        per_context: dict[str, np.ndarray] = {}
         info["metrics"], feature_metrics = evaluate_core(sae, model, eval_tokens, cfg, device,
-                                                         cache_dir=activations_dir())
+                                                         cache_dir=activations_dir(), per_context=per_context)
         atomic_write(run_dir / "feature_metrics.json", json.dumps(feature_metrics))
+        save_context_rows(run_dir, per_context)
     if set(names) - {"core", synthetic.GROUND_TRUTH}:
         console.print(f"Evaluating with sae_bench: {', '.join(e for e in names if e not in ('core', synthetic.GROUND_TRUTH))}...")
         results = run_evals(names, sae, model, cfg, eval_tokens, device, cache_dir=activations_dir(),

@@ -55,8 +55,8 @@ import evals
 import frontier
 import kernels
 from notebook import append_notes, changed_setting, check_notes, notes_entry, study_header
-from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_runs_root,
-                  check_writable, code_without_prose, load_checkpoint, newest, provenance, read_json,
+from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_runs_root, check_writable,
+                  code_without_prose, convergence, load_checkpoint, newest, provenance, read_json, read_json_lines,
                   record_gradient_shares, run_index, runs_root, save_checkpoint, save_trained, term_gradients)
 from sources import activation_scale, eval_contexts_needed, harvest, load_model, load_tokens
 
@@ -355,15 +355,15 @@ class SAE(BaseSAE):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        self.W_dec.data /= self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        self.W_dec.data.div_(torch.linalg.vector_norm(self.W_dec.data, dim=1, keepdim=True).clamp_min_(1e-8))
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
         """Project out the gradient component along each unit decoder row, so the step moves
-        along the sphere (as dictionary_learning's ConstrainedAdam does, per row, dim 1)."""
+        along the sphere (as dictionary_learning's ConstrainedAdam does, per row, dim 1): two passes."""
         if self.W_dec.grad is not None:
-            parallel = (self.W_dec.grad * self.W_dec.data).sum(dim=1, keepdim=True)
-            self.W_dec.grad -= parallel * self.W_dec.data
+            parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec.data, dim=1)
+            self.W_dec.grad.addcmul_(parallel.unsqueeze(1), self.W_dec.data, value=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,8 +393,8 @@ class Trainer:
         self.optimizer = self.make_optimizer()
         self.scheduler = self.make_scheduler()
 
-    def make_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.sae.parameters(), lr=self.run_cfg.lr, fused=self.sae.W_dec.is_cuda)
+    def make_optimizer(self) -> torch.optim.Optimizer:  # fused: one pass per parameter, not one per term (CPU too)
+        return torch.optim.Adam(self.sae.parameters(), lr=self.run_cfg.lr, fused=True)
 
     def make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         warmup = max(self.run_cfg.warmup_steps, 1)
@@ -740,6 +740,7 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: 
     if cfg.batch_size % world:
         raise HarnessError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes")
     kernels.configure_kernels(cfg, device)
+    kernels.take_thread_share()
     if not resume and rank == 0:
         check_writable(run_dir)
     model = checked_model(cfg, device, model_loader, loaded_models)
@@ -862,17 +863,18 @@ def finish(info: dict, run_dir: Path, plugin: Plugin, notes: Path, cfg: RunConfi
                                            find_plugin(plugin.parent).source_hash() if plugin.parent else None)
     info["status"] = "completed"
     info["provenance"] = run_provenance(cfg, plugin, device, wall_time)
-    info["verdict"] = judged(info, index, plugin)
+    info["convergence"] = convergence(read_json_lines(run_dir / "train_log.jsonl"))
+    info["verdict"] = judged(info, index, plugin, run_dir)
     atomic_write(run_dir / "final_info.json", json.dumps(info, indent=2, default=str))
     entry = notes_entry(plugin, run_dir, info, parent_info(index, plugin, info), setting(plugin, info))
     append_notes(notes, plugin.study_header, entry)
     (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the completed run supersedes it
 
 
-def judged(info: dict, index: list, plugin: Plugin) -> dict[str, Any]:
+def judged(info: dict, index: list, plugin: Plugin, run_dir: Path) -> dict[str, Any]:
     """The run's verdicts against each baseline swept on its activations (frontier.verdicts)."""
     knob_of = lambda name: find_plugin(f"baseline/{name}").sae_class.sparsity_knob  # noqa: E731
-    return frontier.verdicts(info, index, plugin.name, knob_of)
+    return frontier.verdicts(info, index, plugin.name, knob_of, run_dir, evals.score_of)
 
 
 def parent_info(index: list, plugin: Plugin, info: dict) -> dict | None:
@@ -1025,6 +1027,9 @@ def study(
     tokens: Tokens = None,
     dict_size: DictSize = None,
     seed: Seed = 42,
+    seeds: Annotated[int, typer.Option(help="Seeds per run, baselines too: --seed, --seed+1, ...")] = 1,
+    cover_cap: Annotated[int, typer.Option(help="Widen each baseline's sweep to cover every run, to at most "
+                                                "this many knob values (1: never).")] = 6,
     evals: Evals = None,
     device: Device = "auto",
     runs: Runs = RUNS,
@@ -1042,7 +1047,7 @@ def study(
         check_runs_root(runs)
         overrides = dict(tokens=tokens, dict_size=dict_size, seed=seed, device=device, evals=split(evals))
         rows = studies.study(name, split(baselines), preset, overrides, runs, notes, figures,
-                             ray_runner(workers, ray_address))
+                             ray_runner(workers, ray_address), seeds, cover_cap)
     Console(width=200).print(studies.summary_table(f"study {name}", rows))
     studies.exit_if_any_failed(rows)
 

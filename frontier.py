@@ -12,8 +12,9 @@ value at the run's own L0.
     info["verdict"] = verdict(run, frontiers)       # {metric: entry}, JSON-serialisable as is
 
 A record is one run: {"l0": float, "metrics": {name: float | None}, "knob": (name, value),
-"seed": int, "uncertainties": {name: float}}; "uncertainties" (e.g. `bootstrap_se` over its
-evaluation batches) and "seed" are optional. Records of one knob value but several seeds are pooled
+"seed": int, "uncertainties": {name: float}, "convergence": dict, "folder": path}; "uncertainties"
+(e.g. `bootstrap_se` over its evaluation batches), "seed", "convergence" (runs.convergence) and
+"folder" (where its per-context rows are) are optional. Records of one knob value but several seeds are pooled
 (`pool_seeds`): the point is their mean and its uncertainty the standard error across seeds; a
 single seed keeps its own uncertainty, or None.
 
@@ -26,16 +27,25 @@ The rules:
   value None and the reason.
 - Δ = run − baseline, raw, in the metric's own units and sign; the word carries the direction
   (`higher_is_better`, default `HIGHER_IS_BETTER`).
-- Δ's uncertainty: the run's and the baseline's in quadrature. A missing part counts as zero
-  (entry["uncertainty_parts"] shows which are known); with neither known it is None.
+- Δ's uncertainty, where the run and the points it is matched against all kept their per-context
+  rows (`rows_of`, `score_of`): a paired bootstrap over the evaluation contexts they share
+  (`paired_se`: one resample of contexts scores both sides, the baseline through the same
+  interpolation weights), and each side's seed-to-seed spread over its seeds' mean (the run's own,
+  the baseline architecture's pooled over its swept points: `seed_spread`; a side without one
+  borrows the other's), in quadrature; entry["pairing"] says "paired over N evaluation contexts".
+  Otherwise ("unpaired: why") the run's and the baseline's standard errors in quadrature. A
+  missing part counts as zero (entry["uncertainty_parts"] shows which are known); with none known
+  it is None.
 - The word: "better" if Δ is beyond Z_BETTER (2) uncertainties in the good direction, "worse" if
   in the bad one, else "tied". With no uncertainty, "tied" only on exact equality, and the word
-  ends in " (no uncertainty)". Outside the sweep: "outside the baseline sweep: widen it", with
-  entry["suggest"], the knob value to add: the sweep's two end points on the run's side, fitted as
-  a line in log(knob) against log(L0) and followed to AIM_PAST (1.25×) beyond the run's L0 (a one-point
-  sweep, or a fit with the wrong slope, assumes L0 ∝ k for a whole-number knob and L0 ∝
-  1/penalty otherwise), rounded to 2 significant digits. "no baseline" / "no value" when the
-  frontier or the run lacks the metric.
+  ends in " (no uncertainty)". "not converged" instead where the run or a baseline point it is
+  matched against was still moving (runs.convergence); with one seed of the run the word ends in
+  "(one seed: provisional)". entry["seeds"], entry["convergence"] say what it stands on.
+- Outside the sweep: "outside the baseline sweep: widen it", with entry["suggest"], the knob value
+  to add: the sweep's two end points on the run's side, fitted as a line in log(knob) against
+  log(L0) and followed to AIM_PAST (1.25×) beyond the run's L0 (a one-point sweep, or a fit with
+  the wrong slope, assumes L0 ∝ k for a whole-number knob and L0 ∝ 1/penalty otherwise), rounded
+  to 2 significant digits. "no baseline" / "no value" when the frontier or the run lacks the metric.
 
 Which runs make up the baseline (same model, layer, activations, dictionary size) is the caller's
 choice; nothing here checks it. The run's L0 is taken as exact (its noise is not propagated).
@@ -47,6 +57,7 @@ from __future__ import annotations
 
 from common import HarnessError  # first: its import guards
 
+import functools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -55,7 +66,8 @@ from typing import Any
 
 import numpy as np
 
-from runs import BASE_TERMS, Index, newest, read_json, read_json_lines
+from runs import (BASE_TERMS, CONVERGED_WITHIN, Index, convergence, load_context_rows, newest, read_json,
+                  read_json_lines)
 
 # The run settings a sweep may vary (besides a plugin's hyperparameters).
 SWEEPABLE = ("dict_size", "tokens", "batch_size", "lr", "sparsity_penalty", "warmup_steps", "layer")
@@ -107,22 +119,25 @@ def record_from_final_info(info: dict, knob: str, explained_variance_key: str = 
                      if (u := _finite(se.get(explained_variance_key if name == "explained_variance" else name)))
                      is not None}
     return {"l0": metrics.get("sparsity", {}).get("l0"), "metrics": values, "knob": (knob, value),
-            "seed": info.get("provenance", {}).get("seed"), "uncertainties": uncertainties}
+            "seed": info.get("provenance", {}).get("seed"), "uncertainties": uncertainties,
+            "convergence": info.get("convergence")}
 
 
 def pool_seeds(records: Sequence[dict]) -> dict:
     """Several seeds of one configuration as one record: mean L0, mean of each metric, and as its
-    uncertainty the standard error across seeds (a lone seed keeps its own, or None)."""
+    uncertainty the standard error across seeds (a lone seed keeps its own, or None); each seed's
+    values ("seed_values"), folders and convergence are kept for the verdict."""
     if not records:
         raise HarnessError("no runs to pool")
     l0s = [_finite(r.get("l0")) for r in records]
     names = sorted({name for r in records for name in r.get("metrics", {})})
-    metrics, uncertainties = {}, {}
+    metrics, uncertainties, seed_values = {}, {}, {}
     for name in names:
         values = [(v, r) for r in records if (v := _finite(r.get("metrics", {}).get(name))) is not None]
         if not values:
             metrics[name] = None
             continue
+        seed_values[name] = [v for v, _ in values]
         metrics[name] = float(np.mean([v for v, _ in values]))
         if len(values) > 1:  # the spread across seeds is the honest uncertainty: it includes training noise
             uncertainties[name] = float(np.std([v for v, _ in values], ddof=1) / math.sqrt(len(values)))
@@ -130,7 +145,8 @@ def pool_seeds(records: Sequence[dict]) -> dict:
             uncertainties[name] = own
     return {"l0": None if None in l0s else float(np.mean(l0s)), "metrics": metrics,
             "uncertainties": uncertainties, "knob": tuple(records[0].get("knob") or (None, None)),
-            "seeds": [r.get("seed") for r in records]}
+            "seeds": [r.get("seed") for r in records], "seed_values": seed_values,
+            "folders": [r.get("folder") for r in records], "convergence": [r.get("convergence") for r in records]}
 
 
 def build_frontiers(records: Sequence[dict], metrics: Sequence[str] | None = None) -> dict[str, dict]:
@@ -157,15 +173,17 @@ def build_frontiers(records: Sequence[dict], metrics: Sequence[str] | None = Non
             else:
                 points.append({"l0": p["l0"], "value": p["metrics"][name],
                                "uncertainty": p["uncertainties"].get(name), "knob_value": p["knob"][1],
-                               "seeds": p["seeds"]})
-        frontiers[name] = {"knob": knob,
-                           "points": sorted(points, key=lambda q: q["l0"]), "excluded": excluded}
+                               "seeds": p["seeds"], "seed_values": p["seed_values"][name],
+                               "folders": p["folders"], "convergence": p["convergence"]})
+        frontiers[name] = {"knob": knob, "points": sorted(points, key=lambda q: q["l0"]), "excluded": excluded,
+                           "seed_spread": seed_spread([q["seed_values"] for q in points])}
     return frontiers
 
 
 def interpolate(frontier: dict, l0: float) -> dict:
-    """The frontier's value at `l0`: {"value", "uncertainty", "between": [knob values], "reason"};
-    value None, with the reason, outside the sweep's L0 range (never extrapolated)."""
+    """The frontier's value at `l0`: {"value", "uncertainty", "between": [knob values], "reason",
+    "weights": [(point, weight)]}; value None, with the reason, outside the sweep's L0 range (never
+    extrapolated)."""
     points = frontier["points"]
     if not points:
         return {"value": None, "uncertainty": None, "between": [], "reason": "the baseline has no points"}
@@ -176,7 +194,7 @@ def interpolate(frontier: dict, l0: float) -> dict:
     for p in points:  # on a point: its own value (also avoids 0/0 between points of equal L0)
         if p["l0"] == l0:
             return {"value": p["value"], "uncertainty": p["uncertainty"], "between": [p["knob_value"]],
-                    "reason": None}
+                    "reason": None, "weights": [(p, 1.0)]}
     i = next(i for i in range(len(points) - 1) if points[i]["l0"] < l0 < points[i + 1]["l0"])
     a, b = points[i], points[i + 1]
     t = (math.log(l0) - math.log(a["l0"])) / (math.log(b["l0"]) - math.log(a["l0"]))
@@ -185,7 +203,7 @@ def interpolate(frontier: dict, l0: float) -> dict:
     known = a["uncertainty"] is not None and b["uncertainty"] is not None
     return {"value": (1 - t) * a["value"] + t * b["value"],
             "uncertainty": (1 - t) * a["uncertainty"] + t * b["uncertainty"] if known else None,
-            "between": [a["knob_value"], b["knob_value"]], "reason": None}
+            "between": [a["knob_value"], b["knob_value"]], "reason": None, "weights": [(a, 1 - t), (b, t)]}
 
 
 def _two_significant(x: float, whole: bool) -> float | int:
@@ -194,12 +212,13 @@ def _two_significant(x: float, whole: bool) -> float | int:
 
 
 def suggest_knob(frontier: dict, l0: float) -> dict:
-    """The knob value to add so the sweep reaches `l0`: {"knob", "value", "text"} (value None, and
-    why, when the knob cannot be followed in log space)."""
+    """The knob value to add so the sweep reaches `l0`: {"knob", "value", "side" ("below" or
+    "above" the sweep), "text"} (value None, and why, when the knob cannot be followed in log space)."""
     name, points = frontier["knob"], frontier["points"]
     usable = [p for p in points if _finite(p["knob_value"]) is not None and p["knob_value"] > 0]
     if not usable:
-        return {"knob": name, "value": None, "text": f"no positive {name} in the sweep to extrapolate from"}
+        return {"knob": name, "value": None, "side": None,
+                "text": f"no positive {name} in the sweep to extrapolate from"}
     whole = all(isinstance(p["knob_value"], int) and not isinstance(p["knob_value"], bool) for p in usable)
     below = l0 < usable[0]["l0"]
     ends = usable[:2] if below else usable[-2:]
@@ -217,7 +236,7 @@ def suggest_knob(frontier: dict, l0: float) -> dict:
     value = _two_significant(
         anchor["knob_value"] * math.exp((math.log(target) - math.log(anchor["l0"])) / slope), whole)
     side = "below" if below else "above"
-    return {"knob": name, "value": value,
+    return {"knob": name, "value": value, "side": side,
             "text": f"add {name}={value} (the run's L0 {l0:.4g} is {side} the sweep's "
                     f"{usable[0]['l0']:.4g}–{usable[-1]['l0']:.4g})"}
 
@@ -233,9 +252,13 @@ def _word(delta: float, uncertainty: float | None, higher_is_better: bool) -> st
     return "tied"
 
 
-def verdict(run: dict, frontiers: dict[str, dict], higher_is_better: dict[str, bool] | None = None) -> dict:
+def verdict(run: dict, frontiers: dict[str, dict], higher_is_better: dict[str, bool] | None = None,
+            rows_of: Callable[[Any], dict | None] | None = None, score_of: Callable | None = None) -> dict:
     """Per metric of `frontiers`: {"run", "baseline", "delta", "uncertainty", "uncertainty_parts",
-    "word", "higher_is_better", "between", "suggest"}; `run` is a record (pooled or one seed)."""
+    "word", "higher_is_better", "between", "suggest", "seeds", "pairing", "convergence"}; `run` is a
+    record (pooled or one seed). rows_of(folder) gives a run folder's per-context rows (or None) and
+    score_of(metric) the metric from such rows (evals.score_of): with rows for the run and the
+    points it is matched against, Δ's evaluation noise is a paired bootstrap (`paired_se`)."""
     directions = HIGHER_IS_BETTER if higher_is_better is None else higher_is_better
     l0 = _finite(run.get("l0"))
     out = {}
@@ -244,8 +267,9 @@ def verdict(run: dict, frontiers: dict[str, dict], higher_is_better: dict[str, b
             raise HarnessError(f"no direction for metric '{name}': say whether higher is better")
         value = _finite(run.get("metrics", {}).get(name))
         entry = {"run": value, "baseline": None, "delta": None, "uncertainty": None,
-                 "uncertainty_parts": {"run": None, "baseline": None}, "word": None,
-                 "higher_is_better": directions[name], "between": [], "suggest": None}
+                 "uncertainty_parts": {}, "word": None, "higher_is_better": directions[name], "between": [],
+                 "suggest": None, "seeds": {"run": list(run.get("seeds", [run.get("seed")]))},
+                 "pairing": None, "convergence": None}
         out[name] = entry
         if not frontier["points"]:
             entry["word"] = "no baseline"
@@ -257,14 +281,90 @@ def verdict(run: dict, frontiers: dict[str, dict], higher_is_better: dict[str, b
         if base["value"] is None:
             entry.update(word=OUTSIDE, suggest=suggest_knob(frontier, l0))
             continue
-        own = _finite(run.get("uncertainties", {}).get(name))
-        parts = [u for u in (own, base["uncertainty"]) if u is not None]
-        uncertainty = math.sqrt(sum(u * u for u in parts)) if parts else None
         delta = value - base["value"]
+        parts, pairing = _noise(name, run, base, frontier, rows_of, score_of)
+        known = [u for u in parts.values() if u is not None]
+        uncertainty = math.sqrt(sum(u * u for u in known)) if known else None
+        converged = {"run": _converged(run.get("convergence", [])),
+                     "baseline": _converged([c for p, _ in base["weights"] for c in p["convergence"]]),
+                     "threshold": CONVERGED_WITHIN}
+        word = _word(delta, uncertainty, directions[name])
+        if False in (converged["run"], converged["baseline"]):
+            word = "not converged"
+        elif len(entry["seeds"]["run"]) < 2:
+            word = f"{word[:-1]}; one seed: provisional)" if word.endswith(")") else f"{word} (one seed: provisional)"
         entry.update(baseline=base["value"], delta=delta, uncertainty=uncertainty, between=base["between"],
-                     uncertainty_parts={"run": own, "baseline": base["uncertainty"]},
-                     word=_word(delta, uncertainty, directions[name]))
+                     uncertainty_parts=parts, word=word, pairing=pairing, convergence=converged,
+                     seeds={**entry["seeds"],
+                            "baseline": {str(p["knob_value"]): p["seeds"] for p, _ in base["weights"]}})
     return out
+
+
+def _converged(found: Sequence[dict | None]) -> bool | None:
+    """False if any of these runs was still moving (runs.convergence), True if every one is known
+    to have converged, None where some are unknown (runs saved before convergence was recorded)."""
+    flags = [c.get("converged") if isinstance(c, dict) else None for c in found]
+    return False if False in flags else None if None in flags or not flags else True
+
+
+def _noise(name: str, run: dict, base: dict, frontier: dict, rows_of, score_of) -> tuple[dict, str]:
+    """Δ's uncertainty parts and how the evaluation noise was measured: the paired bootstrap over
+    the shared evaluation contexts plus each side's seed-to-seed spread where every folder has its
+    per-context rows; else the unpaired standard errors in quadrature, as runs before pairing had."""
+    sides = [(1.0, run.get("folders", []))] + [(-w, p["folders"]) for p, w in base["weights"]]
+    rows = [(w, [rows_of(f) if rows_of and f is not None else None for f in folders]) for w, folders in sides]
+    counts = {len(r[name]) for _, group in rows for r in group if r is not None}
+    why = ("no scoring of per-context rows was given" if score_of is None else
+           "a run or baseline point has no per-context rows (saved before they were kept)"
+           if not all(group and None not in group for _, group in rows) else
+           "the runs were evaluated on different numbers of contexts" if len(counts) > 1 else None)
+    if why:
+        return {"run": _finite(run.get("uncertainties", {}).get(name)), "baseline": base["uncertainty"]}, \
+            f"unpaired: {why}"
+    parts = {"contexts": paired_se(score_of(name), [(w, [r[name] for r in group]) for w, group in rows])}
+    return {**parts, **_seed_parts(name, run, base, frontier)}, f"paired over {counts.pop()} evaluation contexts"
+
+
+def _seed_parts(name: str, run: dict, base: dict, frontier: dict) -> dict:
+    """The standard errors the seed-to-seed spread adds to each side's mean: its own spread where
+    it has two seeds or more, else the other side's (the same training noise assumed), else None.
+    The baseline's spread is its architecture's, pooled over every swept point with several seeds."""
+    own = run.get("seed_values", {}).get(name, [])
+    run_sd = float(np.std(own, ddof=1)) if len(own) > 1 else None
+    base_sd = frontier["seed_spread"]["sd"]
+    run_sd, base_sd = run_sd if run_sd is not None else base_sd, base_sd if base_sd is not None else run_sd
+    return {"run_seeds": None if run_sd is None else run_sd / math.sqrt(max(1, len(own))),
+            "baseline_seeds": None if base_sd is None else base_sd * math.sqrt(
+                sum(w * w / len(p["seed_values"]) for p, w in base["weights"]))}
+
+
+def seed_spread(groups: Sequence[Sequence[float]]) -> dict:
+    """The seed-to-seed standard deviation pooled over groups (a swept point's seeds each):
+    {"sd", "dof"}; sd None where no group has two seeds."""
+    dof = sum(len(g) - 1 for g in groups if len(g) > 1)
+    if not dof:
+        return {"sd": None, "dof": 0}
+    squares = sum(float(np.sum((np.asarray(g) - np.mean(g)) ** 2)) for g in groups if len(g) > 1)
+    return {"sd": math.sqrt(squares / dof), "dof": dof}
+
+
+def paired_se(statistic: Callable[[np.ndarray], float], sides: Sequence[tuple[float, Sequence[np.ndarray]]],
+              resamples: int = 1000, seed: int = 0) -> float:
+    """The standard error of Σ weight × (mean over a side's seeds of the metric), each side's
+    per-context rows resampled with the same contexts (a paired bootstrap): with weights 1 for the
+    run and −(1 − t), −t for the two baseline points it is interpolated between, the error of Δ."""
+    n = len(sides[0][1][0])
+    rng = np.random.default_rng(seed)  # seeded: the same runs always get the same verdict
+    counts = np.zeros((resamples, n))
+    np.add.at(counts, (np.arange(resamples)[:, None], rng.integers(0, n, size=(resamples, n))), 1)
+    total = np.zeros(resamples)
+    for weight, group in sides:  # every score is a function of its rows' sums: resampling sums the rows
+        per_seed = []
+        for rows in group:
+            sums = (counts @ rows.reshape(n, -1)).reshape(resamples, 1, *rows.shape[1:])
+            per_seed.append([statistic(summed) for summed in sums])
+        total += weight * np.mean(per_seed, axis=0)
+    return float(np.std(total, ddof=1))
 
 
 def bootstrap_se(per_batch: Sequence[float] | np.ndarray, statistic: Callable[[np.ndarray], float] | None = None,
@@ -287,31 +387,67 @@ def bootstrap_se(per_batch: Sequence[float] | np.ndarray, statistic: Callable[[n
 # ----------------------------------------------------------------------------------------------
 # A run's verdicts: against each baseline swept on the same activations.
 
-def verdicts(info: dict, index: Index, plugin_name: str, knob_of: Callable[[str], str]) -> dict[str, Any]:
-    """The run against each baseline architecture swept on the same activations, at the run's L0:
-    {baseline plugin: {metric: Δ, uncertainty, better/tied/worse}}. knob_of(baseline plugin)
-    names the setting its architecture moves L0 with (HarnessError where its plugin is gone)."""
-    sweeps: dict[str, list[dict]] = {}
-    for _, who, other in index:
+def verdicts(info: dict, index: Index, plugin_name: str, knob_of: Callable[[str], str],
+             run_dir: Path | None = None, score_of: Callable | None = None) -> dict[str, Any]:
+    """The run, pooled with its other seeds (`seeds_of`), against each baseline architecture swept
+    on the same activations, at its L0: {baseline plugin: {metric: Δ, uncertainty, word, seeds,
+    pairing, convergence}}. knob_of(baseline plugin) names the setting its architecture moves L0
+    with (HarnessError where its plugin is gone); run_dir is the run's folder (its per-context rows
+    and train log), None for a run judged from its final_info alone; score_of as `verdict`'s."""
+    sweeps: dict[str, list[tuple[Path, dict]]] = {}
+    for folder, who, other in index:
         if (who["study"] == "baseline" and other.get("status") == "completed" and other.get("metrics")
                 and other.get("activation_cache") == info.get("activation_cache")):
-            sweeps.setdefault(who["plugin"], []).append(other)
+            sweeps.setdefault(who["plugin"], []).append((folder, other))
+    rows_of = functools.lru_cache(maxsize=None)(load_context_rows)
+    seeds = [(info, run_dir), *((other, folder) for folder, other in seeds_of(info, index, run_dir))]
+    run = pool_seeds(sorted((_record(i, "sparsity_penalty", folder) for i, folder in seeds),
+                            key=lambda r: (r["seed"] is None, r["seed"] or 0)))
     found = {}
-    for name, infos in sorted(sweeps.items()):
+    for name, runs in sorted(sweeps.items()):
         if name == plugin_name:
             continue
         try:
-            knob = swept_knob(infos, knob_of(name))
+            knob = swept_knob([other for _, other in runs], knob_of(name))
         except HarnessError as exc:  # the baseline's plugin file is gone or broken: its knob is unknown
             found[name] = dict(not_judged=str(exc))
             continue
         if knob is None:
             found[name] = dict(not_judged="its runs vary more than one setting: no frontier of one knob")
             continue
-        records = [record_from_final_info(other, knob) for other in infos]
-        run = record_from_final_info(info, "sparsity_penalty")
-        found[name] = dict(knob=knob, points=len(infos), metrics=verdict(run, build_frontiers(records)))
+        records = [_record(other, knob, folder) for folder, other in runs]
+        found[name] = dict(knob=knob, points=len(runs), metrics=verdict(run, build_frontiers(records),
+                                                                            rows_of=rows_of, score_of=score_of))
     return found
+
+
+def _record(info: dict, knob: str, folder: Path | None) -> dict:
+    """record_from_final_info with the run's folder, and its convergence read from its train log
+    where its final_info predates it."""
+    record = {**record_from_final_info(info, knob), "folder": folder}
+    if record["convergence"] is None and folder is not None and (Path(folder) / "train_log.jsonl").exists():
+        record["convergence"] = convergence(read_json_lines(Path(folder) / "train_log.jsonl"))
+    return record
+
+
+def seeds_of(info: dict, index: Index, run_dir: Path | None) -> list[tuple[Path, dict]]:
+    """The run's other seeds in the index: completed runs of the same plugin code on the same
+    activations whose config differs only in its seed (folder, final_info), its own folder aside."""
+    def same(other: dict) -> bool:
+        mine, theirs = info.get("provenance", {}), other.get("provenance", {})
+        who = lambda i: [i.get("run", {}).get(k) for k in ("study", "plugin")]  # noqa: E731 (the title is prose)
+        return (other.get("status") == "completed" and who(other) == who(info)
+                and other.get("activation_cache") == info.get("activation_cache")
+                and theirs.get("plugin_source_sha256") == mine.get("plugin_source_sha256")
+                and theirs.get("seed") != mine.get("seed")
+                and _without_seed(theirs.get("config", {})) == _without_seed(mine.get("config", {})))
+    found = {other["provenance"]["seed"]: (folder, other) for folder, _, other in index
+             if folder != run_dir and same(other)}  # the newest run of each seed
+    return [found[seed] for seed in sorted(found)]
+
+
+def _without_seed(config: dict) -> str:
+    return json.dumps({k: v for k, v in config.items() if k not in ("seed", "device")}, sort_keys=True, default=str)
 
 
 def swept_knob(infos: list[dict], default: str) -> str | None:
@@ -325,14 +461,35 @@ def swept_knob(infos: list[dict], default: str) -> str | None:
 
 def matched(found: dict, metric: str | None = None) -> str:
     """A run's verdicts (final_info's `verdict`) on one metric, by default the CE-loss score (MCC
-    for a synthetic run): 'run_0_topk: better; run_0_gated: tied; run_0_batchtopk: outside its sweep'."""
+    for a synthetic run), each with its footing: 'run_0_topk: better (2 seeds v 2+2, paired over 32
+    evaluation contexts, converged); run_0_batchtopk: outside its sweep'."""
     words = []
     for name, v in found.items():
         scores = v.get("metrics", {})
-        word = scores.get(metric or ("mcc" if "mcc" in scores else "ce_loss_score"), {}).get("word")
+        entry = scores.get(metric or ("mcc" if "mcc" in scores else "ce_loss_score"), {})
+        word = entry.get("word")
         if word:
-            words.append(f"{name}: {'outside its sweep' if word.startswith('outside') else word}")
+            footing = footing_of(entry)
+            words.append(f"{name}: {'outside its sweep' if word.startswith('outside') else word}"
+                         + (f" ({footing})" if footing else ""))
     return "; ".join(words) or "no baseline sweep on these activations"
+
+
+def footing_of(entry: dict) -> str:
+    """What a judged verdict stands on: its seeds (the run's v each baseline point's), its pairing
+    and its convergence, e.g. '2 seeds v 2+2, paired over 32 contexts, converged'; '' where
+    nothing was judged (outside the sweep, no value) or for a verdict saved before these were kept."""
+    if not entry.get("pairing"):
+        return ""
+    seeds = entry["seeds"]
+    points = "+".join(str(len(s)) for s in seeds.get("baseline", {}).values())
+    run = len(seeds["run"])
+    state = entry["convergence"]
+    moving = [side for side in ("run", "baseline") if state.get(side) is False]
+    unknown = [side for side in ("run", "baseline") if state.get(side) is None]
+    converged = (f"{' and '.join(moving)} still moving beyond {state['threshold']:.0%} over the last fifth" if moving
+                 else f"convergence unknown for the {' and '.join(unknown)}" if unknown else "converged")
+    return f"{run} seed{'s' if run != 1 else ''} v {points}, {entry['pairing']}, {converged}"
 
 
 # ----------------------------------------------------------------------------------------------

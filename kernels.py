@@ -22,8 +22,9 @@ pre and f (B, d_sae), x̂ (B, d_in).
 
 from __future__ import annotations
 
-from common import HarnessError  # first: its import guards
+from common import HarnessError, cache_dir, console  # first: its import guards
 
+import atexit
 import fcntl
 import functools
 import json
@@ -51,9 +52,11 @@ MEASURE_ROUNDS = 5  # ...or after this many
 
 
 def pre_activation(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
-    """(x − b_dec) W_enc + b_enc, valued exactly so; b_dec's gradient is −Σ_tokens ∂pre · W_encᵀ."""
+    """(x − b_dec) W_enc + b_enc, valued exactly so; b_dec's gradient is −Σ_tokens ∂pre · W_encᵀ.
+    The zero-valued term joins b_enc as one (d_sae,) bias before the batch sees it: one add over
+    the (B, d_sae) pre-activations forward and one sum backward, as for b_enc alone."""
     fixed = b_dec.detach()
-    return (x - fixed) @ W_enc + b_enc - (b_dec - fixed) @ W_enc
+    return (x - fixed) @ W_enc + (b_enc - (b_dec - fixed) @ W_enc)
 
 
 def token_starts(tokens: torch.Tensor, batch: int) -> torch.Tensor:
@@ -320,3 +323,96 @@ def configure_kernels(cfg, device: torch.device) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
     elif device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the SAE step's fp32 matmuls on tensor cores
+
+
+# ----------------------------------------------------------------------------------------------
+# Each process its share of the cores. Harness processes on one machine (two commands side by
+# side, a sweep's Ray workers, torchrun's ranks) that each run a thread per core make every
+# parallel pass wait for the thread another process took the core from: many times slower than
+# one thread each (measured in docs/benchmark.md, "Each process its share of the cores").
+
+def take_thread_share(registry: Path | None = None, cores: int | None = None) -> int:
+    """Set torch's threads to this process's share of the cores (`cores`, default those it may
+    run on) among the live harness processes of this machine (`registry`, default
+    `process_registry()`), itself included, and say so in one line; OMP_NUM_THREADS, where set
+    (as Ray sets it for its workers and torchrun for its ranks), decides instead. Returns the
+    threads."""
+    cores, registry = cores or len(os.sched_getaffinity(0)), registry or process_registry()
+    register_process(registry)
+    running = live_processes(registry)
+    asked = os.environ.get("OMP_NUM_THREADS", "").split(",")[0]  # "4,2": 4 at the outer level
+    if asked and not (asked.isdigit() and int(asked) > 0):
+        raise HarnessError(f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} is no number of threads; set a "
+                           "whole number from 1, or unset it for this process's share of the cores")
+    if asked:  # set again: a Ray worker kept for the next run sets it anew for each run
+        threads, why = int(asked), "as OMP_NUM_THREADS sets"
+    else:
+        threads, why = max(1, cores // running), "this process's share (OMP_NUM_THREADS overrides)"
+    torch.set_num_threads(threads)
+    console.print(f"torch threads: {threads}, {why}; harness processes running on these {cores} cores: {running}")
+    return threads
+
+
+def process_registry() -> Path:
+    """The live harness processes of this machine: a folder of the harness cache per host name,
+    so that nodes sharing the cache count their own."""
+    return cache_dir() / "processes" / platform.node()
+
+
+def register_process(registry: Path) -> None:
+    """Enter this process in the registry (once): a file named by its pid, holding its start time,
+    removed when it exits."""
+    mine, started = registry / str(os.getpid()), process_started(os.getpid()) or ""
+    if entry_text(mine) != started:  # not registered yet, or an ended process of the same pid was
+        registry.mkdir(parents=True, exist_ok=True)
+        scratch = registry / f".{os.getpid()}.tmp"
+        scratch.write_text(started)
+        os.replace(scratch, mine)  # whole, so that no reader takes a half-written entry for stale
+        atexit.register(unregister, mine, os.getpid())
+
+
+def unregister(entry: Path, pid: int) -> None:
+    if os.getpid() == pid:  # not a forked child that inherited the exit handler
+        entry.unlink(missing_ok=True)
+
+
+def live_processes(registry: Path) -> int:
+    """How many registered harness processes are alive; an entry whose process has ended (killed
+    before it could remove it) is removed. At least this one, where /proc cannot tell (not Linux)."""
+    running = 0
+    for entry in registry.iterdir():
+        if not entry.name.isdigit():
+            continue  # another process's entry being written
+        text = entry_text(entry)
+        if text is not None and text == process_started(int(entry.name)):
+            running += 1
+        elif text is not None:
+            entry.unlink(missing_ok=True)
+    return max(running, 1)
+
+
+def entry_text(path: Path) -> str | None:
+    """A registry entry's text, None where another process has just removed it."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def process_started(pid: int) -> str | None:
+    """When process `pid` started (clock ticks after boot, /proc's stat field 22), or None where
+    no such process runs: a pid is reused, a pid with its start time names one process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]  # after the command name: fields 3, 4, ...
+
+
+# A harness process counts from its start, not from its run's: two commands started side by side
+# are both registered before either, past its imports, takes its share. Where the cache cannot be
+# written, take_thread_share says so when a run starts.
+try:
+    register_process(process_registry())
+except OSError:
+    pass

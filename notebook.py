@@ -27,7 +27,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from frontier import OUTSIDE, SWEEPABLE, matched
+from frontier import OUTSIDE, SWEEPABLE, footing_of, matched
 from runs import ALL_HEADLINES, HEADLINE, HEADLINE_SE, headline, read_json_lines
 
 
@@ -85,7 +85,8 @@ def numeric_leaves(tree: dict):
 
 
 def verdict_lines(found: dict[str, Any]) -> str:
-    """'Against run_0_topk (k swept, 4 points): ce_loss_score better (+0.012 ± 0.004), ...'"""
+    """'Against run_0_topk (k, 4 runs) at this L0: ce_loss_score better (+0.012 ± 0.004); ...
+    [2 seeds v 2+2, paired over 32 evaluation contexts, converged]'"""
     lines = []
     for name, v in found.items():
         if "not_judged" in v:
@@ -101,7 +102,9 @@ def verdict_lines(found: dict[str, Any]) -> str:
             delta = "" if entry.get("delta") is None else f" ({entry['delta']:+.3g}" + (
                 f" ± {entry['uncertainty']:.2g})" if entry.get("uncertainty") is not None else ")")
             words.append(f"{metric} {entry['word']}{delta}")
-        lines.append(f"Against {name} ({runs}) at this L0: " + "; ".join(words) + "\n")
+        footing = next((f for entry in entries if (f := footing_of(entry))), "")
+        lines.append(f"Against {name} ({runs}) at this L0: " + "; ".join(words) + (f" [{footing}]" if footing else "")
+                     + "\n")
     return "".join(lines)
 
 
@@ -148,10 +151,30 @@ def study_notes(study: str, rows: list[dict], figures: dict[Path, str]) -> str:
         against = "(a baseline)" if baseline else matched(row["info"].get("verdict", {}))
         lines.append(f"| {row['label']} | " + " | ".join("-" if v is None else f"{v:.4g}" for v in cells)
                      + f" | {against} | {row['folder']} |")
+    lines += coverage_lines(rows)
     read = {path: caption for path, caption in figures.items()  # the figures whose captions read the data
             if path.name.startswith("frontier_") or path.stem.endswith("_evolution")}
     lines += ["", "Figures:", ""] + [f"- `{path}`: {caption}" for path, caption in read.items()] if read else []
     return "\n".join(lines + ["", ""])
+
+
+def coverage_lines(rows: list[dict]) -> list[str]:
+    """Which baselines' sweeps cover which of the study's runs (the run's L0 inside the swept
+    range, on the CE-loss score), and which runs each leaves outside: the summary's coverage."""
+    covers: dict[str, tuple[list[str], list[str]]] = {}
+    for row in rows:
+        if row["info"].get("run", {}).get("study") == "baseline":
+            continue
+        for name, found in row["info"].get("verdict", {}).items():
+            word = found.get("metrics", {}).get("ce_loss_score", {}).get("word")
+            if word and word not in ("no baseline", "no value"):
+                covers.setdefault(name, ([], []))[word == OUTSIDE].append(row["label"])
+    if not covers:
+        return []
+    return ["", "Coverage (a baseline covers a run whose L0 lies inside its sweep):", ""] + [
+        f"- {name}: covers {', '.join(inside) or 'none'}"
+        + (f"; leaves outside {', '.join(outside)}" if outside else "")
+        for name, (inside, outside) in sorted(covers.items())]
 
 
 def print_summary(info: dict, run_dir: Path) -> None:

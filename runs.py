@@ -7,6 +7,7 @@
         feature_metrics.json     per-latent evaluation numbers
         sae_weights.safetensors, cfg.json    the SAE as SAELens loads it (SAE.load_from_disk)
         plugin_state.safetensors the plugin's whole state, for exact reloading
+        eval_contexts.safetensors each evaluation context's rows of the headline scores (paired verdicts)
         eval_tokens.pt, checkpoint.pt, artifacts.safetensors
 
 A run folder is any folder under a runs root, at any depth, that holds a final_info.json, and it
@@ -19,6 +20,7 @@ from __future__ import annotations
 from common import ROOT, HarnessError, Interrupted, console  # first: its import guards
 
 import importlib.metadata
+import itertools
 import json
 import ast
 import collections
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 from pathlib import Path
 
+import numpy as np
 import torch
 
 CHECKPOINT = "checkpoint.pt"  # an unfinished run's resumable state; removed once the run is completed
@@ -229,6 +232,27 @@ def runs_table(root: str | Path = ROOT / "runs"):
     return pd.DataFrame(rows)
 
 
+CONTEXT_ROWS = "eval_contexts.safetensors"  # each evaluation context's rows of the headline scores
+
+
+def save_context_rows(run_dir: Path, rows: dict) -> None:
+    """What each headline score is computed from, per evaluation context (evals.context_rows), in
+    float64: a verdict resamples the run's and its baseline's contexts together (frontier.paired_se)."""
+    from safetensors.torch import save_file
+
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in rows.items()},
+              run_dir / f".{CONTEXT_ROWS}.tmp")
+    os.replace(run_dir / f".{CONTEXT_ROWS}.tmp", run_dir / CONTEXT_ROWS)
+
+
+def load_context_rows(run_dir: Path) -> dict | None:
+    """save_context_rows' rows as numpy arrays, or None for a run folder without them."""
+    from safetensors.numpy import load_file
+
+    path = Path(run_dir) / CONTEXT_ROWS
+    return load_file(path) if path.exists() else None
+
+
 def save_trained(info: dict, sae, scale: float, run_dir: Path) -> None:
     """The plugin's results and artifacts, and the SAE (the checkpoint stays until the run is finished)."""
     info.update(sae.final_info())
@@ -365,6 +389,40 @@ def dead_window_steps(cfg) -> int:
 # the log): on CUDA one, so the host never waits for the step it has just queued; on CPU, where
 # nothing is queued, none.
 REPORT_LAG = {"cuda": 1}
+
+
+# A run has converged when, over the last fifth of its training, neither its training loss nor its
+# L0 moved by more than this share of its level there; beyond it a verdict describes how long the
+# run trained, not its idea.
+CONVERGED_WITHIN = 0.10
+LAST_SHARE = 0.2
+
+
+def convergence(log: list[dict]) -> dict[str, Any]:
+    """How much the training loss and L0 moved over the last fifth of training (the train log's
+    rows from the last one at or before 80% of the steps): the Theil–Sen slope (the median of the
+    rows' pairwise slopes: a few outlier batches, as Gemma's huge-norm tokens give, cannot swing it)
+    times the window's length, relative to the window's median level. {"loss", "l0", "rows",
+    "steps", "threshold", "converged"}; None for a quantity with under 3 rows or a level of 0, and
+    then converged is None (unknown)."""
+    end = log[-1]["step"] if log else 0
+    start = max((i for i, row in enumerate(log) if row["step"] <= (1 - LAST_SHARE) * (end + 1)), default=0)
+    window = log[start:]
+    moved = {key: _relative_move(window, name) for key, name in (("loss", "total_loss"), ("l0", "l0"))}
+    known = [abs(m) for m in moved.values() if m is not None]
+    return dict(**moved, rows=len(window), steps=[window[0]["step"], end] if window else [],
+                threshold=CONVERGED_WITHIN,
+                converged=None if len(known) < len(moved) else max(known) <= CONVERGED_WITHIN)
+
+
+def _relative_move(rows: list[dict], name: str) -> float | None:
+    points = [(row["step"], row[name]) for row in rows if name in row]
+    if len(points) < 3:
+        return None
+    slopes = [(b - a) / (t - s) for (s, a), (t, b) in itertools.combinations(points, 2) if t > s]
+    level = abs(float(np.median([v for _, v in points])))
+    change = float(np.median(slopes)) * (points[-1][0] - points[0][0])
+    return change / level if level else None  # a level of 0 (a dead SAE's L0) has no relative change
 
 
 class NonFiniteLoss(Exception):

@@ -31,6 +31,7 @@ import evals
 import plot
 from experiment import (ANALYSES_FOLDER, Plugin, RunConfig, build_config, checked_model, execute, find_plugin,
                         finish, judged, parent_info, parse_hyperparams, plugin_files, saved_config, saved_sae, setting)
+import frontier
 from frontier import SWEEPABLE
 from kernels import configure_kernels, resolve_device
 from notebook import append_notes, notes_entry, result_lines, study_notes
@@ -129,11 +130,16 @@ def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None, remote
 
 
 def study(name: str, baselines: list[str], preset: str, overrides: dict[str, Any], runs_root: Path, notes: Path,
-          figures: Path, remote=None) -> list[dict]:
-    """`python experiment.py study NAME`: its baselines, then its runs in order; then its figures,
+          figures: Path, remote=None, seeds: int = 1, cover_cap: int = 1) -> list[dict]:
+    """`python experiment.py study NAME`: its baselines, then its runs in order, each at `seeds`
+    seeds; each baseline's sweep widened until it covers every run or has `cover_cap` knob values
+    (`cover`; the CLI's default widens, 1 never does); then its figures,
     the compare table and, where anything was trained, its summary in the notebook."""
-    jobs = study_jobs(name, baselines, preset, overrides, runs_root)
-    rows = run_jobs(jobs, notes, runs_root, remote=remote)
+    if cover_cap < 0:
+        raise HarnessError(f"--cover-cap must be 0 or more, got {cover_cap}")
+    jobs = study_jobs(name, baselines, preset, overrides, runs_root, seeds)
+    rows = rejudge(run_jobs(jobs, notes, runs_root, remote=remote), runs_root)
+    rows += cover(rows, preset, overrides, seeds, runs_root, notes, remote, cover_cap)
     written = plot.plot_all(runs_root, figures / name, name)
     if any(row["how"] != "reused" for row in rows):  # a study run again that trained nothing notes nothing
         append_notes(notes, jobs[-1].plugin.study_header, study_notes(name, rows, written))
@@ -145,6 +151,17 @@ def sweep(plugin: Plugin, grid: list[str], seeds: int, preset: str, overrides: d
           notes: Path, remote=None) -> tuple[list[dict], Path]:
     """`python experiment.py sweep`: the grid × seeds into runs/sweeps/<plugin>-<hash of what was
     asked>/, its manifest kept as runs finish, and its frontier figures: (rows, the sweep folder)."""
+    rows, sweep_dir = sweep_runs(plugin, grid, seeds, preset, overrides, runs_root, notes, remote)
+    if any(row["how"] != "failed" for row in rows):
+        written = plot.sweep_figures(runs_root, sweep_dir / "figures", plugin.study, plugin.name)
+        console.print(f"{len(written)} frontier figures in {sweep_dir / 'figures'}")
+    return rows, sweep_dir
+
+
+def sweep_runs(plugin: Plugin, grid: list[str], seeds: int, preset: str, overrides: dict[str, Any],
+               runs_root: Path, notes: Path, remote=None) -> tuple[list[dict], Path]:
+    """The grid × seeds trained (or reused) into their sweep folder, whose manifest keeps what was
+    asked, what finished and, once all have, the seed-to-seed spread measured there."""
     if not grid:
         raise HarnessError("--grid key=v1,v2 is required (e.g. --grid sparsity_penalty=0.05,0.1,0.2)")
     asked = dict(plugin=f"{plugin.study}/{plugin.name}", preset=preset, grid=grid, seeds=seeds, **overrides)
@@ -153,10 +170,82 @@ def sweep(plugin: Plugin, grid: list[str], seeds: int, preset: str, overrides: d
     jobs = sweep_jobs(plugin, preset, grid, seeds, dict(overrides), sweep_dir)
     write_manifest(sweep_dir, asked, [])
     rows = run_jobs(jobs, notes, runs_root, remote=remote, on_done=lambda done: write_manifest(sweep_dir, asked, done))
-    if any(row["how"] != "failed" for row in rows):
-        written = plot.sweep_figures(runs_root, sweep_dir / "figures", plugin.study, plugin.name)
-        console.print(f"{len(written)} frontier figures in {sweep_dir / 'figures'}")
+    write_manifest(sweep_dir, asked, rows, seed_spread(rows))
     return rows, sweep_dir
+
+
+def seed_spread(rows: list[dict]) -> dict[str, dict]:
+    """Per metric, the seed-to-seed standard deviation of these runs, pooled over their settings
+    (frontier.seed_spread): what a verdict adds for training noise, measured on this sweep."""
+    completed = [row["info"] for row in rows if row["info"].get("status") == "completed"]
+    groups: dict[str, list[dict]] = {}
+    for info in completed:
+        config = {k: v for k, v in info["provenance"]["config"].items() if k not in ("seed", "device")}
+        groups.setdefault(json.dumps(config, sort_keys=True, default=str), []).append(
+            frontier.record_from_final_info(info, "seed"))  # any knob: only the record's metrics count here
+    pooled = [frontier.pool_seeds(group)["seed_values"] for group in groups.values()]
+    names = sorted({name for values in pooled for name in values})
+    return {name: frontier.seed_spread([values.get(name, []) for values in pooled]) for name in names}
+
+
+def rejudge(rows: list[dict], runs_root: Path) -> list[dict]:
+    """Each completed run's verdicts again, against the runs there now (its other seeds and the
+    baselines' points that finished after it), written back to its final_info.json."""
+    index = run_index(runs_root)
+    for row in rows:
+        if row["info"].get("status") == "completed":
+            plugin, folder = find_plugin(f"{row['info']['run']['study']}/{row['plugin']}"), Path(row["folder"])
+            row["info"] = read_json(folder / "final_info.json")
+            row["info"]["verdict"] = judged(row["info"], index, plugin, folder)
+            atomic_write(folder / "final_info.json", json.dumps(row["info"], indent=2, default=str))
+    return rows
+
+
+def cover(rows: list[dict], preset: str, overrides: dict[str, Any], seeds: int, runs_root: Path, notes: Path,
+          remote, cap: int) -> list[dict]:
+    """Widen each baseline's sweep with the knob values frontier.suggest_knob gives, round after
+    round, until it covers every run of `rows` or has `cap` knob values: the new baseline runs' rows
+    (`rows` are judged again after each round)."""
+    added: list[dict] = []
+    tried: set[tuple[str, str]] = set()  # a value whose runs failed is not asked for again
+    while wanted := {name: (knob, new) for name, (knob, values) in widening(rows, run_index(runs_root), cap).items()
+                     if (new := [v for v in values if (name, json.dumps(v)) not in tried])}:
+        for name, (knob, values) in wanted.items():
+            tried.update((name, json.dumps(v)) for v in values)
+            grid = [f"{knob}={','.join(str(v) for v in values)}"]
+            console.print(f"widening {name}'s sweep on these activations: {grid[0]}")
+            added += sweep_runs(find_plugin(f"baseline/{name}"), grid, seeds, preset, overrides, runs_root, notes,
+                                remote)[0]
+        rejudge(rows, runs_root)
+    return added
+
+
+def widening(rows: list[dict], index, cap: int) -> dict[str, tuple[str, list]]:
+    """{baseline: (knob, values to add)}: per baseline whose sweep leaves a study run of `rows`
+    outside (on the CE-loss score), the knob value suggested for the lowest-L0 run below it and for
+    the highest above it, where not swept yet, while its sweep holds fewer than `cap` knob values."""
+    ends: dict[str, dict] = {}  # baseline -> {"knob", "cache", "below": (L0, value), "above": (L0, value)}
+    for row in rows:
+        l0 = headline(row["info"], "L0")
+        if row["info"].get("run", {}).get("study") == "baseline" or l0 is None:
+            continue
+        for name, found in row["info"].get("verdict", {}).items():
+            suggest = found.get("metrics", {}).get("ce_loss_score", {}).get("suggest")
+            if suggest and suggest["value"] is not None:
+                end = ends.setdefault(name, {"knob": found["knob"], "cache": row["info"].get("activation_cache")})
+                kept = end.get(suggest["side"])
+                if kept is None or (l0 < kept[0] if suggest["side"] == "below" else l0 > kept[0]):
+                    end[suggest["side"]] = (l0, suggest["value"])
+    wanted = {}
+    for name, end in ends.items():
+        swept = {json.dumps(frontier.record_from_final_info(info, end["knob"])["knob"][1]) for _, who, info in index
+                 if who["study"] == "baseline" and who["plugin"] == name and info.get("status") == "completed"
+                 and info.get("activation_cache") == end["cache"]}
+        new = sorted({end[side][1] for side in ("below", "above")
+                      if side in end and json.dumps(end[side][1]) not in swept})[: max(0, cap - len(swept))]
+        if new:
+            wanted[name] = (end["knob"], new)
+    return wanted
 
 
 def exit_if_any_failed(rows: list[dict]) -> None:
@@ -179,7 +268,9 @@ def summary_table(title: str, rows: list[dict]) -> Table:
     return table
 
 
-def study_jobs(study: str, baselines: list[str], preset: str, overrides: dict[str, Any], runs_root: Path) -> list[Job]:
+def study_jobs(study: str, baselines: list[str], preset: str, overrides: dict[str, Any], runs_root: Path,
+               seeds: int = 1) -> list[Job]:
+    """The baselines', then the study's runs in run-number order, each at `seeds` seeds from --seed."""
     keys = [key for key in plugin_files() if key.split("/")[0] == study]
     if not keys:
         studies = sorted({key.split("/")[0] for key in plugin_files()})
@@ -187,9 +278,13 @@ def study_jobs(study: str, baselines: list[str], preset: str, overrides: dict[st
     plugins = [find_plugin(name) for name in baselines]
     plugins += sorted((find_plugin(key) for key in keys if find_plugin(key).name not in baselines),
                       key=lambda p: p.run_number)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return [Job(job_config(p, preset, {}, overrides), p, runs_root / p.study / p.name / stamp,
-                f"{p.study}/{p.name}") for p in plugins]
+    if seeds < 1:
+        raise HarnessError(f"--seeds must be at least 1, got {seeds}")
+    stamp, first = time.strftime("%Y%m%d-%H%M%S"), overrides["seed"]
+    return [Job(job_config(p, preset, {}, {**overrides, "seed": seed}), p,
+                runs_root / p.study / p.name / (stamp if seeds == 1 else f"{stamp}-seed{seed}"),
+                f"{p.study}/{p.name}" + (f" seed {seed}" if seeds > 1 else ""))
+            for p in plugins for seed in range(first, first + seeds)]
 
 
 def parse_grid(grid: list[str], seeds: int, seed: int) -> list[dict[str, str]]:
@@ -221,10 +316,11 @@ def sweep_jobs(plugin: Plugin, preset: str, grid: list[str], seeds: int, overrid
     return jobs
 
 
-def write_manifest(sweep_dir: Path, asked: dict, rows: list[dict]) -> None:
+def write_manifest(sweep_dir: Path, asked: dict, rows: list[dict], spread: dict | None = None) -> None:
     done = [dict(run=r["label"], how=r["how"], status=r["info"].get("status"), folder=r["folder"]) for r in rows]
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(sweep_dir / "manifest.json", json.dumps(dict(asked=asked, finished=done), indent=2))
+    kept = dict(asked=asked, finished=done, **({"seed_spread": spread} if spread is not None else {}))
+    atomic_write(sweep_dir / "manifest.json", json.dumps(kept, indent=2))
 
 
 def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_loaders=None) -> dict:
@@ -270,7 +366,7 @@ def rebuild_notebook(runs_root: Path, study: str | None = None) -> str:
     for key in sorted(latest, key=lambda k: (k[0] != "baseline", k)):
         plugin, (folder, info) = find_plugin(f"{key[0]}/{key[2]}"), latest[key]
         # judged against the baseline sweeps as they stand now, which may have grown since the run
-        by_study.setdefault(key[0], []).append((plugin, folder, {**info, "verdict": judged(info, index, plugin)}))
+        by_study.setdefault(key[0], []).append((plugin, folder, {**info, "verdict": judged(info, index, plugin, folder)}))
     text = ""
     for name, runs in by_study.items():
         text += runs[0][0].study_header

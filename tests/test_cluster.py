@@ -124,6 +124,41 @@ def test_a_worker_killed_mid_run_is_retried_from_its_checkpoint_and_each_run_is_
     assert all(text.count(f"Run folder: {job.run_dir}\n") == 1 for job in jobs)
 
 
+LOAD_LOGGER = '''"""Logs model loads: the baseline, whose module (imported once per process) makes every model
+load of its process append the process's pid to a file."""
+import os
+from pathlib import Path
+
+import experiment
+from plugins.baseline import run_0_baseline as parent
+
+LOADS, load = Path({loads!r}), experiment.load_model
+
+
+def logged_load(*args, **kwargs):
+    with open(LOADS, "a") as fh:
+        fh.write(f"{{os.getpid()}}\\n")
+    return load(*args, **kwargs)
+
+
+experiment.load_model = logged_load
+'''
+
+
+def test_a_ray_worker_loads_the_model_once_for_all_the_runs_it_takes(tmp_path, scratch_study, monkeypatch):
+    loads = tmp_path / "loads.txt"
+    (scratch_study / "run_1_logs_loads.py").write_text(LOAD_LOGGER.format(loads=str(loads)))
+    monkeypatch.setattr(experiment, "load_model", experiment.load_model)  # put back after the plugin's wrapper here
+    plugin = experiment.find_plugin("scratch_test_study/run_1_logs_loads")
+    runs, notes = tmp_path / "runs", tmp_path / "notes.md"
+    jobs = studies.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.01,0.02,0.04,0.08"], 1,
+                              dict(tokens=2048, seed=42, device="cpu", evals=("core",)), runs / "s")
+    rows = studies.run_jobs(jobs, notes, runs, remote=cluster.runner(2, None))
+    assert [row["how"] for row in rows] == ["trained"] * 4
+    in_workers = [int(pid) for pid in loads.read_text().split() if int(pid) != os.getpid()]  # the driver's: caches
+    assert len(in_workers) == len(set(in_workers)) < len(jobs)  # once per worker, and a worker took several runs
+
+
 def test_each_run_asks_ray_for_its_share_of_the_cluster():
     assert cluster.share_per_run(2) == (1, 0)  # 2 CPUs, no GPU
     assert cluster.share_per_run(1) == (2, 0)

@@ -47,7 +47,10 @@ def test_the_baseline_is_interpolated_linearly_in_log_l0():
 
 def test_on_a_sweep_point_the_baseline_is_that_point():
     f = two_point_frontier(0.01, 0.03)
-    assert interpolate(f, 10) == {"value": 0.5, "uncertainty": 0.01, "between": [1.0], "reason": None}
+    on_point = interpolate(f, 10)
+    assert {k: on_point[k] for k in ("value", "uncertainty", "between", "reason")} == {
+        "value": 0.5, "uncertainty": 0.01, "between": [1.0], "reason": None}
+    assert [(p["l0"], w) for p, w in on_point["weights"]] == [(10, 1.0)]
     assert interpolate(f, 100)["value"] == 0.9
 
 
@@ -102,23 +105,24 @@ def test_the_word_needs_delta_beyond_two_uncertainties(value, word):
     assert got["baseline"] == pytest.approx(0.7) and got["delta"] == pytest.approx(value - 0.7)
     assert got["uncertainty"] == pytest.approx(0.05)  # 0.03 and 0.04 in quadrature
     assert got["uncertainty_parts"] == {"run": 0.04, "baseline": pytest.approx(0.03)}
-    assert got["word"] == word
+    assert got["word"] == f"{word} (one seed: provisional)"
+    assert got["pairing"] == "unpaired: no scoring of per-context rows was given"
 
 
 def test_delta_stays_raw_and_the_word_follows_the_metric_direction():
     f = build_frontiers([record(10, 1.0, mse=0.5, uncertainties={"mse": 0.01}),
                          record(100, 0.1, mse=0.9, uncertainties={"mse": 0.01})])
     got = verdict(record(MID, 0.3, mse=0.85), f)["mse"]  # higher MSE than the baseline: worse
-    assert got["delta"] == pytest.approx(0.15) and got["word"] == "worse" and got["higher_is_better"] is False
-    assert verdict(record(MID, 0.3, mse=0.85), f, {"mse": True})["mse"]["word"] == "better"
+    assert got["delta"] == pytest.approx(0.15) and got["word"].startswith("worse ") and got["higher_is_better"] is False
+    assert verdict(record(MID, 0.3, mse=0.85), f, {"mse": True})["mse"]["word"].startswith("better ")
 
 
 def test_without_any_uncertainty_only_an_exact_tie_is_tied_and_the_word_says_so():
     f = {"explained_variance": two_point_frontier()}
     word = lambda v: verdict(record(10, 0.3, explained_variance=v), f)["explained_variance"]["word"]  # noqa: E731
-    assert word(0.5) == "tied (no uncertainty)"
-    assert word(0.5001) == "better (no uncertainty)"
-    assert word(0.4999) == "worse (no uncertainty)"
+    assert word(0.5) == "tied (no uncertainty; one seed: provisional)"
+    assert word(0.5001) == "better (no uncertainty; one seed: provisional)"
+    assert word(0.4999) == "worse (no uncertainty; one seed: provisional)"
 
 
 def test_outside_the_sweep_there_is_no_delta_but_a_knob_to_add():
@@ -165,7 +169,7 @@ def test_a_penalty_sweep_suggests_a_larger_penalty_below_it_and_a_smaller_one_ab
 def test_a_k_sweep_suggests_a_whole_k_near_the_runs_l0():
     f = build_frontiers([record(16, 16, knob_name="k", ce_loss_score=0.8),
                          record(64, 64, knob_name="k", ce_loss_score=0.9)])["ce_loss_score"]
-    assert suggest_knob(f, 200) == {"knob": "k", "value": 250,
+    assert suggest_knob(f, 200) == {"knob": "k", "value": 250, "side": "above",
                                     "text": "add k=250 (the run's L0 200 is above the sweep's 16–64)"}
     assert suggest_knob(f, 8)["value"] == 6  # aims at L0 6.4
     assert suggest_knob(f, 1000)["value"] == 1200  # 1250 to 2 significant digits
@@ -221,7 +225,7 @@ def test_a_record_is_read_from_final_info_with_its_bootstrap_uncertainties():
     got = frontier.record_from_final_info(final_info(), "sparsity_penalty")
     assert got == {"l0": 42.0, "knob": ("sparsity_penalty", 0.2), "seed": 7,
                    "metrics": {"ce_loss_score": 0.9, "kl_div_score": 0.8, "explained_variance": 0.6},
-                   "uncertainties": {"ce_loss_score": 0.01, "explained_variance": 0.02}}
+                   "uncertainties": {"ce_loss_score": 0.01, "explained_variance": 0.02}, "convergence": None}
     assert frontier.record_from_final_info(final_info(k=64), "k")["knob"] == ("k", 64)
     assert frontier.record_from_final_info(final_info(), "sparsity_penalty", "explained_variance_legacy") \
         ["metrics"]["explained_variance"] == 0.7
@@ -262,8 +266,8 @@ def test_the_bootstrap_takes_a_statistic_of_rows_and_needs_two_batches():
 
 def test_frontier_builds_only_on_the_run_folders_reader_and_has_short_functions():
     tree = ast.parse((ROOT / "frontier.py").read_text())
-    assert imported_modules(tree) <= {"__future__", "json", "math", "collections", "pathlib", "typing", "numpy",
-                                      "safetensors", "common", "runs"}
+    assert imported_modules(tree) <= {"__future__", "functools", "json", "math", "collections", "pathlib", "typing",
+                                      "numpy", "safetensors", "common", "runs"}
     assert not [n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno >= 60]
 
 
@@ -301,7 +305,7 @@ def test_a_run_is_judged_against_each_baseline_swept_on_its_activations():
     assert list(found) == ["run_0_baseline", "run_0_gated", "run_0_topk"]
     assert found["run_0_baseline"]["knob"] == "sparsity_penalty" and found["run_0_baseline"]["points"] == 2
     ce = found["run_0_baseline"]["metrics"]["ce_loss_score"]
-    assert ce["baseline"] == pytest.approx(0.7) and ce["word"] == "better"
+    assert ce["baseline"] == pytest.approx(0.7) and ce["word"] == "better (one seed: provisional)"
     assert found["run_0_gated"] == {"not_judged": "its runs vary more than one setting: no frontier of one knob"}
     assert found["run_0_topk"] == {"not_judged": "no plugin run_0_topk"}
     assert "run_0_baseline" not in frontier.verdicts(run, index, "run_0_baseline", knob_of)  # not against itself

@@ -1,15 +1,19 @@
 """kernels.py's sparse step: the same loss and gradients as the dense path for the TopK family
 (AuxK acting or not), the same training log, and the switch between the two taken from a
-measurement on the machine, cached. Nothing here is timed: the measurement is injected."""
+measurement on the machine, cached. Nothing here is timed: the measurement is injected. And each
+harness process's share of the cores, counted among the live ones."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from helpers import TOPK_FAMILY, assert_sparse_step_is_the_dense_step, family_sae, read_log
 
 import experiment
-from common import cache_dir
+from common import ROOT, cache_dir
 import kernels
 
 D_IN, D_SAE, K = 64, 512, 8
@@ -161,3 +165,43 @@ def test_a_topk_run_logs_the_same_on_the_sparse_step_as_on_the_dense_one(run_tin
         assert set(sparse_record) == set(dense_record)
         for name, value in dense_record.items():
             assert sparse_record[name] == pytest.approx(value, rel=RTOL, abs=1e-7), (dense_record["step"], name)
+
+
+@pytest.fixture
+def torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_each_harness_process_takes_its_share_of_the_cores_and_says_so(tmp_path, monkeypatch, capsys, torch_threads):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    other = os.getppid()  # stands for another live harness process
+    (tmp_path / str(other)).write_text(kernels.process_started(other))
+    (tmp_path / str(2**22 + 1)).write_text("1")  # above Linux's largest pid: a process that has ended
+    (tmp_path / "1").write_text("-1")  # pid 1 runs, but is not the process that registered: a reused pid
+    assert kernels.take_thread_share(tmp_path, cores=4) == 2 and torch.get_num_threads() == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([str(os.getpid()), str(other)])
+    assert "torch threads: 2, this process's share" in capsys.readouterr().err
+    (tmp_path / str(other)).unlink()  # as it does when it exits
+    assert kernels.take_thread_share(tmp_path, cores=4) == 4  # alone again: every core
+
+
+def test_omp_num_threads_decides_where_set_and_a_bad_value_is_refused(tmp_path, monkeypatch, torch_threads):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as Ray sets it for a worker of one CPU
+    assert kernels.take_thread_share(tmp_path, cores=4) == 1 and torch.get_num_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "all")
+    with pytest.raises(kernels.HarnessError, match="OMP_NUM_THREADS=all is no number of threads"):
+        kernels.take_thread_share(tmp_path, cores=4)
+
+
+@pytest.mark.e2e  # starts a Python process
+def test_a_harness_process_is_registered_from_its_imports_until_it_exits(tmp_path):
+    """So that two commands started side by side count each other before either takes its share."""
+    listed = subprocess.run([sys.executable, "-c", "import os, kernels\n"
+                             "print(os.getpid(), *os.listdir(kernels.process_registry()))"],
+                            cwd=ROOT, env={**os.environ, "SAE_HARNESS_CACHE": str(tmp_path)}, capture_output=True,
+                            text=True, check=True).stdout.split()
+    assert len(listed) == 2 and listed[0] == listed[1]
+    (registry,) = (tmp_path / "processes").iterdir()
+    assert list(registry.iterdir()) == []  # removed at exit

@@ -116,7 +116,8 @@ def test_a_sweep_killed_in_a_runs_evaluation_evaluates_it_again_without_training
 @pytest.mark.e2e
 def test_study_runs_the_baseline_then_each_run_in_order_and_again_trains_nothing(tmp_path):
     runs, notes, figures = tmp_path / "runs", tmp_path / "notes.md", tmp_path / "figures"
-    args = ["study", "topk_ortho", *TINY, "--runs", str(runs), "--notes", str(notes), "--figures", str(figures)]
+    args = ["study", "topk_ortho", *TINY, "--cover-cap", "1", "--runs", str(runs), "--notes", str(notes),
+            "--figures", str(figures)]
     first = cli(*args)
     assert first.exit_code == 0, first.output
     order = [line.split(":")[0].split("] ")[1] for line in first.output.splitlines() if line.startswith("[")]
@@ -145,8 +146,8 @@ def test_a_run_gets_a_verdict_against_each_baseline_swept_on_the_same_activation
     assert verdict["knob"] == "sparsity_penalty" and verdict["points"] == 2
     assert set(verdict["metrics"]) == {"ce_loss_score", "kl_div_score", "explained_variance"}
     assert all(entry["word"] for entry in verdict["metrics"].values())
-    assert all(entry["uncertainty_parts"]["run"] for entry in verdict["metrics"].values()
-               if entry["delta"] is not None)  # the run's own bootstrap error enters each judged Δ
+    assert all(entry["uncertainty_parts"]["contexts"] and entry["pairing"] == "paired over 16 evaluation contexts"
+               for entry in verdict["metrics"].values() if entry["delta"] is not None)  # the paired bootstrap
     line = next(line for line in notes.read_text().splitlines() if line.startswith("Against run_0_baseline"))
     assert line.startswith("Against run_0_baseline (sparsity_penalty, 2 runs)")
     words = {entry["word"] for entry in verdict["metrics"].values()}
@@ -208,8 +209,8 @@ def test_a_plugins_identity_is_its_code_not_its_prose(scratch_study):
 @pytest.mark.e2e
 def test_study_reuses_a_run_whose_plugin_docstring_changed_and_retrains_one_whose_code_changed(tmp_path, scratch_study):
     path, runs = scratch_study / "run_1_scratch.py", tmp_path / "runs"
-    args = ["study", "scratch_test_study", *TINY, "--runs", str(runs), "--notes", str(tmp_path / "notes.md"),
-            "--figures", str(tmp_path / "figures")]
+    args = ["study", "scratch_test_study", *TINY, "--cover-cap", "1", "--runs", str(runs),
+            "--notes", str(tmp_path / "notes.md"), "--figures", str(tmp_path / "figures")]
     path.write_text(PLUGIN.format(title="first words", weight=0.5, comment="why"))
     assert cli(*args).exit_code == 0
     path.write_text(PLUGIN.format(title="new words", weight=0.5, comment="why"))
@@ -225,7 +226,45 @@ def test_a_study_loads_its_model_once_for_all_its_runs(tmp_path, monkeypatch):
     loads = []
     real_load = experiment.load_model
     monkeypatch.setattr(experiment, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
-    result = cli("study", "topk_ortho", *TINY, "--runs", str(tmp_path / "runs"), "--notes", str(tmp_path / "n.md"),
-                 "--figures", str(tmp_path / "figures"))
+    result = cli("study", "topk_ortho", *TINY, "--cover-cap", "1", "--runs", str(tmp_path / "runs"),
+                 "--notes", str(tmp_path / "n.md"), "--figures", str(tmp_path / "figures"))
     assert result.exit_code == 0, result.output
     assert result.output.count(": trained") == 3 and loads == ["tiny"]  # the baseline and both runs
+
+
+SPARSER = '''"""A scratch run: four times the L1 penalty, so its L0 lies below the baseline's."""
+
+from plugins.baseline import run_0_baseline as parent
+
+
+class SAE(parent.SAE):
+    def sparsity_coefficient(self, fwd):
+        return 4 * super().sparsity_coefficient(fwd)
+'''
+
+
+@pytest.mark.e2e
+def test_a_study_at_two_seeds_widens_its_baseline_to_cover_its_run_and_judges_the_seeds_together(tmp_path,
+                                                                                                   scratch_study):
+    (scratch_study / "run_1_sparser.py").write_text(SPARSER)
+    runs, notes = tmp_path / "runs", tmp_path / "notes.md"
+    args = ["study", "scratch_test_study", *TINY, "--seeds", "2", "--cover-cap", "2", "--runs", str(runs),
+            "--notes", str(notes), "--figures", str(tmp_path / "figures")]
+    first = cli(*args)
+    assert first.exit_code == 0, first.output
+    assert "widening run_0_baseline's sweep on these activations: sparsity_penalty=" in first.output
+    widened = [json.loads(p.read_text()) for p in runs.glob("sweeps/*/*/final_info.json")]
+    assert sorted(info["provenance"]["seed"] for info in widened) == [42, 43]  # one knob value, at both seeds
+    (manifest,) = runs.glob("sweeps/*/manifest.json")
+    assert set(json.loads(manifest.read_text())["seed_spread"]) == {"ce_loss_score", "kl_div_score",
+                                                                     "explained_variance"}
+    for path in runs.glob("scratch_test_study/run_1_sparser/*/final_info.json"):
+        info = json.loads(path.read_text())
+        assert info["convergence"]["threshold"] == 0.1 and (path.parent / "eval_contexts.safetensors").exists()
+        entry = info["verdict"]["run_0_baseline"]["metrics"]["ce_loss_score"]
+        assert entry["seeds"]["run"] == [42, 43]  # each seed's verdict pools both, once both have finished
+        assert entry["word"] == "outside the baseline sweep: widen it" or entry["pairing"].startswith("paired over")
+    summary = notes.read_text().split("## Study summary: scratch_test_study")[1]
+    assert "Coverage (a baseline covers a run whose L0 lies inside its sweep):" in summary
+    again = cli(*args)
+    assert again.exit_code == 0 and ": trained" not in again.output and "widening" not in again.output

@@ -101,6 +101,9 @@ def test_the_study_summary_lists_each_run_with_its_verdicts_and_the_figures_that
         "| Run 0: Baseline | 40 | 0.75 | 0.5 | (a baseline) | runs/baseline/run_0_baseline/1 |",
         "| Run 2: Stable init | 12 | - | - | run_0_topk: better; run_0_jumprelu: outside its sweep "
         "| runs/zscore_ortho/run_2_stable_init/1 |",
+        "", "Coverage (a baseline covers a run whose L0 lies inside its sweep):", "",
+        "- run_0_jumprelu: covers none; leaves outside Run 2: Stable init",
+        "- run_0_topk: covers Run 2: Stable init",
         "", "Figures:", "",
         "- `figures/z/frontier_ce_loss_score.png`: the frontier",
         "- `figures/z/l0_evolution.png`: L0", "", ""])
