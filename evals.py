@@ -59,6 +59,7 @@ from unittest import mock
 from common import HarnessError, activations_dir, console, file_sha256  # first: its import guards
 
 import frontier
+import synthetic
 from runs import atomic_write, save_context_rows
 
 import numpy as np
@@ -117,9 +118,10 @@ LOADERS = {
 def parse_evals(text: str) -> tuple[str, ...]:
     """'core, absorption' -> ('core', 'absorption'); 'all' -> EVAL_NAMES; duplicates dropped."""
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in EVAL_NAMES + ("all",)]
+    unknown = [n for n in names if n not in EVAL_NAMES + ("all", synthetic.GROUND_TRUTH)]
     if unknown:
-        raise HarnessError(f"unknown eval {', '.join(unknown)}; choose from all, {', '.join(EVAL_NAMES)}")
+        raise HarnessError(f"unknown eval {', '.join(unknown)}; choose from all, {', '.join(EVAL_NAMES)}, "
+                           f"{synthetic.GROUND_TRUTH}")
     expanded = [e for n in names for e in (EVAL_NAMES if n == "all" else (n,))]
     return tuple(dict.fromkeys(expanded))
 
@@ -152,6 +154,8 @@ def check_requirements(evals, cfg: RunConfig, *, loaders: dict[str, Callable] | 
     """Raise HarnessError, in one line, naming every missing requirement of `evals` and how to
     provide it. `loaders` (as for run_evals) stand in for the hub and the API key."""
     loaders = loaders or {}
+    if wrong_kind := synthetic.check_run(evals, cfg):
+        raise HarnessError(wrong_kind)
     problems = []
     if cfg.model == "tiny" and set(evals) - {"core"}:
         problems.append("every eval but core reads text, and the tiny model has no tokenizer: use another preset")
@@ -928,6 +932,9 @@ def evaluate(info: dict, sae: BaseSAE, model, eval_tokens: torch.Tensor, cfg, de
              run_dir: Path, eval_loaders=None, names: tuple[str, ...] | None = None) -> None:
     """Run the requested evals (the run's own by default) into info."""
     names = names or cfg.evals
+    if synthetic.GROUND_TRUTH in names:
+        console.print(f"Evaluating against the ground truth of {cfg.model}...")
+        synthetic.evaluate(info, sae, model, cfg, device)
     if "core" in names:
         console.print("Evaluating with sae_bench core metrics...")
         per_context: dict[str, np.ndarray] = {}
@@ -935,8 +942,8 @@ def evaluate(info: dict, sae: BaseSAE, model, eval_tokens: torch.Tensor, cfg, de
                                                          cache_dir=activations_dir(), per_context=per_context)
         atomic_write(run_dir / "feature_metrics.json", json.dumps(feature_metrics))
         save_context_rows(run_dir, per_context)
-    if set(names) - {"core"}:
-        console.print(f"Evaluating with sae_bench: {', '.join(e for e in names if e != 'core')}...")
+    if set(names) - {"core", synthetic.GROUND_TRUTH}:
+        console.print(f"Evaluating with sae_bench: {', '.join(e for e in names if e not in ('core', synthetic.GROUND_TRUTH))}...")
         results = run_evals(names, sae, model, cfg, eval_tokens, device, cache_dir=activations_dir(),
                                    loaders=eval_loaders)
         info.setdefault("evals", {}).update(results)

@@ -66,7 +66,7 @@ PLUGINS_DIR = ROOT / "plugins"
 ANALYSES_FOLDER = "analyses"  # RUNS/<study>/analyses/<name>.md: the latest paragraph of each `analyse`
 
 # ----------------------------------------------------------------------------------------------
-# Config. A preset is a set of plain values; every CLI flag overrides one.
+# Config. A preset is a set of plain values; every CLI flag overrides one. The synthetic ones join below.
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Gemma 3 270M shipped on PyPI, text shipped with sae_probes: works with no hub at all.
@@ -544,6 +544,9 @@ def prefetched_batches(data: ActivationData, order: torch.Tensor, cfg: RunConfig
 # Activations: residual-stream activations at the hooked layer, BOS positions dropped,
 # stored as a .npy file with a manifest (shape, dtype, size, sha256) and keyed by everything
 # that determines them, so a second run on the same data never runs the LLM again.
+import synthetic  # noqa: E402 (here: the SAE and Trainer come first) SAELens's synthetic models, no LLM
+PRESETS.update(synthetic.PRESETS)  # synth, synth-16k, synth-tiny: their activations are cached alike
+
 
 @dataclass
 class ActivationData:
@@ -556,12 +559,14 @@ class ActivationData:
 def cache_key(cfg: RunConfig) -> str:
     determining = dict(model=cfg.model, layer=cfg.layer, context_size=cfg.context_size,
                        dataset=cfg.dataset, eval_dataset=cfg.eval_dataset, tokens=cfg.tokens,
-                       n_eval=eval_contexts_needed(cfg), dtype=cfg.cache_dtype, version=2)
+                       n_eval=eval_contexts_needed(cfg), dtype=cfg.cache_dtype, version=2, **synthetic.cache_fields(cfg))
     return hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def activation_data(cfg: RunConfig, model, progress, dataset_loader=None) -> ActivationData:
     folder = activations_dir() / cache_key(cfg)
+    if synthetic.is_synthetic(cfg):
+        return ActivationData(*synthetic.activation_data(cfg, model, progress, folder))
     manifest_path = folder / "manifest.json"
     acts_path, tokens_path = folder / "train_acts.npy", folder / "eval_tokens.pt"
     if manifest_path.exists():
@@ -793,6 +798,8 @@ def check_contract(sae: SAE, x: torch.Tensor) -> None:
 def checked_model(cfg: RunConfig, device: torch.device, model_loader=None, loaded: dict | None = None):
     """The run's model, checked against its layer and context size; `loaded` keeps the models this
     process has loaded, by name and device, for the next run that shares one (study, sweep)."""
+    if synthetic.is_synthetic(cfg):  # SAELens's synthetic model: no LLM
+        return synthetic.load_model(cfg.model, device)
     key = (cfg.model, str(device))
     model = loaded[key] if loaded and key in loaded else load_model(cfg.model, device, model_loader)
     if loaded is not None:
@@ -935,12 +942,12 @@ def load_run(folder: str | Path, device: str = "cpu") -> LoadedRun:
 
 app = typer.Typer(cls=OneLineUsage, add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 
-Preset = Annotated[str, typer.Option(help="embedded, tiny, pythia-70m or gemma-2-2b.")]
+Preset = Annotated[str, typer.Option(help="embedded, tiny, pythia-70m, gemma-2-2b; synth, synth-16k, synth-tiny.")]
 Tokens = Annotated[int | None, typer.Option(help="Training activations to harvest and train on.")]
 DictSize = Annotated[int | None, typer.Option(help="Number of SAE latents.")]
 Seed = Annotated[int, typer.Option(help="Seeds initialisation, data order and plugin randomness.")]
-Evals = Annotated[str, typer.Option(help="Comma-separated sae_bench evals: core, sparse_probing, sae_probes, "
-                                         "absorption, scr, tpp, unlearning, autointerp, or all.")]
+Evals = Annotated[str | None, typer.Option(help="Comma-separated evals: core, sparse_probing, sae_probes, absorption, "
+                                         "scr, tpp, unlearning, autointerp, all; ground_truth (synthetic presets, their default).")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Runs = Annotated[Path, typer.Option(help="Folder of run folders (searched for runs to reuse).")]
 Notes = Annotated[Path, typer.Option(help="Lab notebook to append to.")]
@@ -964,7 +971,7 @@ def run(
     lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
     sparsity_penalty: Annotated[float | None, typer.Option(help="L1 coefficient.")] = None,
     seed: Seed = 42,
-    evals: Evals = "core",
+    evals: Evals = None,
     device: Device = "auto",
     dataset: Annotated[str | None, typer.Option(help="embedded, a hub dataset, or a local .txt/.jsonl/.parquet.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<study>/<plugin>/<timestamp>).")] = None,
@@ -1023,7 +1030,7 @@ def study(
     seeds: Annotated[int, typer.Option(help="Seeds per run, baselines too: --seed, --seed+1, ...")] = 1,
     cover_cap: Annotated[int, typer.Option(help="Widen each baseline's sweep to cover every run, to at most "
                                                 "this many knob values (1: never).")] = 6,
-    evals: Evals = "core",
+    evals: Evals = None,
     device: Device = "auto",
     runs: Runs = RUNS,
     notes: Notes = NOTES,
@@ -1054,7 +1061,7 @@ def sweep(
     preset: Preset = "embedded",
     tokens: Tokens = None,
     seed: Annotated[int, typer.Option(help="The first seed.")] = 42,
-    evals: Evals = "core",
+    evals: Evals = None,
     device: Device = "auto",
     runs: Annotated[Path, typer.Option(help="Folder of run folders; the sweep's go to RUNS/sweeps/.")] = RUNS,
     notes: Notes = NOTES,
@@ -1085,8 +1092,8 @@ def ray_runner(workers: int, address: str | None):
     return cluster.runner(workers, address)
 
 
-def split(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+def split(text: str | None) -> tuple[str, ...] | None:  # None: the preset's (build_config)
+    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
@@ -1100,7 +1107,7 @@ def bench(ctx: typer.Context) -> None:
 @app.command("eval")
 def eval_run(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
-    evals: Evals = "core",
+    evals: Evals = None,
     device: Device = "auto",
     notes: Notes = NOTES,
 ) -> None:
@@ -1177,7 +1184,7 @@ def analyse(
     tokens: Tokens = None,
     dict_size: DictSize = None,
     seed: Seed = 42,
-    evals: Evals = "core",
+    evals: Evals = None,
     device: Device = "auto",
     only: Annotated[str | None, typer.Option(help="Per-run analyses: only these runs of the study (and the baseline).")] = None,
     values: Annotated[str | None, typer.Option(help="Sweep analyses (topk_threshold, alpha): the values to sweep.")] = None,

@@ -80,10 +80,12 @@ AIM_PAST = 1.25
 # Below this |d log L0 / d log knob| the sweep's own slope is not trusted for a suggestion.
 MIN_SLOPE = 0.1
 HIGHER_IS_BETTER = {"explained_variance": True, "ce_loss_score": True, "kl_div_score": True,
-                    "cossim": True, "mse": False}
+                    "cossim": True, "mse": False, "mcc": True, "f1": True}
 # Where final_info.json keeps each metric (explained variance's key is the caller's choice).
 FINAL_INFO_METRICS = {"ce_loss_score": ("model_performance_preservation", "ce_loss_score"),
                       "kl_div_score": ("model_behavior_preservation", "kl_div_score")}
+# A synthetic run (synthetic.py) is judged on recovering the true features instead.
+GROUND_TRUTH_METRICS = {"mcc": ("ground_truth", "mcc"), "f1": ("ground_truth", "f1")}
 
 
 def _finite(x: Any) -> float | None:
@@ -109,7 +111,8 @@ def record_from_final_info(info: dict, knob: str, explained_variance_key: str = 
         value = config["hyperparams"][knob]
     else:
         raise HarnessError(f"knob '{knob}' is neither in the run's config nor in its hyperparameters")
-    values = {name: metrics.get(section, {}).get(key) for name, (section, key) in FINAL_INFO_METRICS.items()}
+    judged_on = GROUND_TRUTH_METRICS if "ground_truth" in metrics else FINAL_INFO_METRICS
+    values = {name: metrics.get(section, {}).get(key) for name, (section, key) in judged_on.items()}
     values["explained_variance"] = metrics.get("reconstruction_quality", {}).get(explained_variance_key)
     se = metrics.get("bootstrap_se", {})
     uncertainties = {name: u for name in values
@@ -456,13 +459,14 @@ def swept_knob(infos: list[dict], default: str) -> str | None:
     return varying[0] if len(varying) == 1 else default if not varying else None
 
 
-def matched(found: dict, metric: str = "ce_loss_score") -> str:
-    """A run's verdicts (final_info's `verdict`) on one metric, each with its footing: 'run_0_topk:
-    better (2 seeds v 2+2, paired over 32 evaluation contexts, converged); run_0_batchtopk: outside
-    its sweep'."""
+def matched(found: dict, metric: str | None = None) -> str:
+    """A run's verdicts (final_info's `verdict`) on one metric, by default the CE-loss score (MCC
+    for a synthetic run), each with its footing: 'run_0_topk: better (2 seeds v 2+2, paired over 32
+    evaluation contexts, converged); run_0_batchtopk: outside its sweep'."""
     words = []
     for name, v in found.items():
-        entry = v.get("metrics", {}).get(metric, {})
+        scores = v.get("metrics", {})
+        entry = scores.get(metric or ("mcc" if "mcc" in scores else "ce_loss_score"), {})
         word = entry.get("word")
         if word:
             footing = footing_of(entry)

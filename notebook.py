@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from frontier import OUTSIDE, SWEEPABLE, footing_of, matched
-from runs import HEADLINE, HEADLINE_SE, headline, read_json_lines
+from runs import ALL_HEADLINES, HEADLINE, HEADLINE_SE, headline, read_json_lines
 
 
 def notes_entry(plugin, run_dir: Path, info: dict, parent: dict | None, setting: str) -> str:
@@ -57,7 +57,7 @@ def changed_setting(config: dict, preset: dict, defaults: dict) -> str:
 def result_lines(info: dict, parent: dict | None, parent_name: str | None, run_dir: Path) -> str:
     """'- CE-loss score: 0.7501 (+0.012 vs run_1_initial)' per headline metric, then the evals."""
     lines = [f"- training steps: {info['training_steps']}"]
-    for label, _ in HEADLINE:
+    for label, _ in ALL_HEADLINES:  # those the run has: a synthetic run's ground truth, a language model's scores
         value, before = headline(info, label), headline(parent, label)
         if value is not None:
             se = info.get("metrics", {}).get("bootstrap_se", {}).get(HEADLINE_SE.get(label))
@@ -141,9 +141,10 @@ def append_notes(notes: Path, header: str, entry: str) -> None:
 def study_notes(study: str, rows: list[dict], figures: dict[Path, str]) -> str:
     """The study's summary for notes.md: its runs with their verdicts at matched L0, and each
     figure with its data-driven caption."""
-    shown = ("L0", "CE-loss score", "explained variance (whole set)")
+    judged_on = "MCC" if any(headline(row["info"], "MCC") is not None for row in rows) else "CE-loss score"
+    shown = ("L0", judged_on, *(("F1",) if judged_on == "MCC" else ()), "explained variance (whole set)")
     lines = [f"## Study summary: {study}", "", f"| run | {' | '.join(shown)} | against the baselines at its L0 "
-             "(CE-loss score) | run folder |", "|---|---|---|---|---|---|"]
+             f"({judged_on}) | run folder |", "|---" * (len(shown) + 3) + "|"]
     for row in rows:
         cells = [headline(row["info"], label) for label in shown]
         baseline = row["info"].get("run", {}).get("study") == "baseline"

@@ -147,6 +147,9 @@ METRICS = {
     "l2_ratio": (("metrics", "shrinkage", "l2_ratio"), "L2 ratio ‖x̂‖ / ‖x‖ (1 = no shrinkage)", "one"),
     "cossim": (("metrics", "reconstruction_quality", "cossim"), "cosine similarity of x̂ and x (1 = perfect)", "higher"),
     "final_loss": (("final_loss",), "final training loss (total, last step)", "lower"),
+    # A synthetic run's recovery of the true features (synthetic.py, SAELens's synthetic evals).
+    "mcc": (("metrics", "ground_truth", "mcc"), "MCC, decoder against true features (1 = all recovered)", "higher"),
+    "f1": (("metrics", "ground_truth", "f1"), "F1, latents as detectors of their true feature (mean)", "higher"),
 }
 EVOLUTION = ["explained_variance", "mse", "l0", "l1", "kl_div_score", "ce_loss_score", "l2_ratio"]
 # Scores where 1 is perfect: below -1 a run is simply broken, and one run at -700 would flatten
@@ -578,6 +581,7 @@ def frequency_figures(runs: list[Run]) -> Figures:
 # The L0–fidelity frontier (SAEBench's first figure): every completed run of the study's plugins
 # and of the baselines on the same activations, seeds of one setting pooled.
 FRONTIER = ["ce_loss_score", "explained_variance", "kl_div_score"]
+GROUND_TRUTH = ["mcc", "f1"]  # figures and columns only where runs have them: synthetic presets
 
 
 @dataclass
@@ -654,7 +658,7 @@ def frontier_figures(runs: list[Run], everything: list[Run]) -> Figures:
         if (r.study, r.plugin) in plugins and r.info.get("status") == "completed" \
                 and r.info.get("activation_cache") in caches:
             members.setdefault((r.study, r.plugin), []).append(r.info)
-    for name in FRONTIER:
+    for name in GROUND_TRUTH + FRONTIER:
         series = {key: pts for key, infos in members.items() if (pts := frontier_points(infos, name))}
         if not series:
             continue
@@ -780,11 +784,12 @@ def compare_table(runs_dir: Path, study: str | None = None) -> Table:
     if len(studies) > 1:
         table.add_column("study")
     table.add_column("run")
-    for name in TABLE:
+    values = {name: [None if r.failed else metric(r.info, name) for r in runs] for name in GROUND_TRUTH + TABLE}
+    columns = [name for name in GROUND_TRUTH if any(v is not None for v in values[name])] + TABLE
+    for name in columns:
         table.add_column(f"{name} {ARROW[METRICS[name][2]]}", justify="right")
-    table.add_column("CE-loss score against the baselines at its L0")
-    values = {name: [None if r.failed else metric(r.info, name) for r in runs] for name in TABLE}
-    best = {name: best_rows(values[name], METRICS[name][2]) for name in TABLE}
+    table.add_column(f"{'MCC' if columns[0] == 'mcc' else 'CE-loss score'} against the baselines at its L0")
+    best = {name: best_rows(values[name], METRICS[name][2]) for name in columns}
     for i, run in enumerate(runs):
         parent = newest(index, run.parent, same_data_as=run.info) if run.parent else None
         if run.failed:
@@ -792,7 +797,7 @@ def compare_table(runs_dir: Path, study: str | None = None) -> Table:
         else:
             label = Text(run.label)
         cells = []
-        for name in TABLE:
+        for name in columns:
             value = values[name][i]
             if value is None:
                 cells.append(Text("failed" if run.failed else "—", style="red" if run.failed else "dim"))

@@ -190,22 +190,30 @@ HEADLINE = (  # what a notebook entry lists, and where final_info.json holds it
 )
 
 
+# A synthetic run's own headline (synthetic.py), listed first; it shares L0, explained variance,
+# L2 ratio and dead latents with HEADLINE, and has none of the language model's scores.
+GROUND_TRUTH_HEADLINE = tuple((label, ("metrics", "ground_truth", key)) for label, key in (
+    ("MCC", "mcc"), ("F1", "f1"), ("precision", "precision"), ("recall", "recall"),
+    ("feature uniqueness", "uniqueness")))
+ALL_HEADLINES = (*GROUND_TRUTH_HEADLINE, *HEADLINE)
+
 # The headline scores evaluation also gives a bootstrap standard error for (metrics.bootstrap_se).
 HEADLINE_SE = {"CE-loss score": "ce_loss_score", "KL score": "kl_div_score",
                "explained variance (whole set)": "explained_variance_whole_set"}
 
 
 def headline(info: dict | None, label: str) -> float | None:
-    """A headline metric (HEADLINE's label) of a final_info, or None where the run has none."""
+    """A headline metric (ALL_HEADLINES' label) of a final_info, or None where the run has none."""
     tree = info
-    for key in dict(HEADLINE)[label]:
+    for key in dict(ALL_HEADLINES)[label]:
         tree = tree.get(key) if isinstance(tree, dict) else None
     return tree if isinstance(tree, (int, float)) else None
 
 
 def runs_table(root: str | Path = ROOT / "runs"):
     """A pandas DataFrame of every run folder under root, oldest first: who it is, its status, the
-    headline metrics (HEADLINE's labels), its verdict on the CE-loss score against each baseline
+    headline metrics (ALL_HEADLINES' labels), its verdict on the CE-loss score (MCC on a synthetic
+    preset) against each baseline
     (`vs <baseline>`), and its settings (hyperparameters as `hp.<name>`)."""
     import pandas as pd
 
@@ -213,9 +221,10 @@ def runs_table(root: str | Path = ROOT / "runs"):
     for folder, who, info in run_index(Path(root)):
         config = info.get("provenance", {}).get("config") or read_json(folder / "config.json")
         row = dict(folder=str(folder), study=who["study"], plugin=who["plugin"], run=who["number"],
-                   status=info.get("status"), **{label: headline(info, label) for label, _ in HEADLINE})
+                   status=info.get("status"), **{label: headline(info, label) for label, _ in ALL_HEADLINES})
         for name, found in info.get("verdict", {}).items():
-            row[f"vs {name}"] = found.get("metrics", {}).get("ce_loss_score", {}).get("word", found.get("not_judged"))
+            judged_on = found.get("metrics", {}).get("mcc") or found.get("metrics", {}).get("ce_loss_score", {})
+            row[f"vs {name}"] = judged_on.get("word", found.get("not_judged"))
         row.update({k: config.get(k) for k in ("preset", "model", "layer", "dict_size", "tokens", "lr",
                                                "sparsity_penalty", "seed")})
         row.update({f"hp.{k}": v for k, v in config.get("hyperparams", {}).items()})

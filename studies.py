@@ -29,14 +29,13 @@ from rich.table import Table
 
 import evals
 import plot
-from experiment import (ANALYSES_FOLDER, Plugin, RunConfig, build_config, execute, find_plugin, finish, judged,
-                        parent_info, parse_hyperparams, plugin_files, saved_config, saved_sae, setting)
+from experiment import (ANALYSES_FOLDER, Plugin, RunConfig, build_config, checked_model, execute, find_plugin,
+                        finish, judged, parent_info, parse_hyperparams, plugin_files, saved_config, saved_sae, setting)
 import frontier
 from frontier import SWEEPABLE
 from kernels import configure_kernels, resolve_device
 from notebook import append_notes, notes_entry, result_lines, study_notes
 from runs import CHECKPOINT, atomic_write, headline, read_json, run_index
-from sources import load_model
 
 
 @dataclass
@@ -258,7 +257,8 @@ def exit_if_any_failed(rows: list[dict]) -> None:
 
 def summary_table(title: str, rows: list[dict]) -> Table:
     table = Table(title=title)
-    shown = ("L0", "CE-loss score", "KL score", "explained variance (whole set)")
+    synthetic = any(headline(row["info"], "MCC") is not None for row in rows)
+    shown = ("L0", *(("MCC", "F1") if synthetic else ("CE-loss score", "KL score")), "explained variance (whole set)")
     for column in ("run", "how", *shown, "folder"):
         table.add_column(column)
     for row in rows:
@@ -333,12 +333,12 @@ def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_
     unevaluated = info.get("failed_at") == "evaluation"  # trained and saved; its evaluation crashed
     if info.get("status") != "completed" and not unevaluated:
         raise HarnessError(f"{run_dir} holds no completed run to re-score")
-    names = evals.parse_evals(eval_names)
+    names = evals.parse_evals(eval_names) if eval_names else cfg.evals  # default: the run's own
     cfg.device = device_name
     evals.check_requirements(names, cfg, loaders=eval_loaders)
     device = resolve_device(device_name)
     configure_kernels(cfg, device)  # the kernels the run evaluated with (deterministic on CPU, TF32 on CUDA)
-    model = load_model(cfg.model, device)
+    model = checked_model(cfg, device)
     sae, eval_tokens = saved_sae(run_dir, cfg, plugin, device), torch.load(run_dir / "eval_tokens.pt")
     evals.evaluate(info, sae, model, eval_tokens, cfg, device, run_dir, eval_loaders, names)
     if unevaluated:  # now it is a completed run, with the notebook entry it never got
