@@ -235,9 +235,8 @@ class SAE(BaseSAE):
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor) -> None:
-        """Before the first step, from the first training batch x (B, d_in): b_dec at its geometric
-        median, as Gao et al.'s, dictionary_learning's and Anthropic's trainers start, so that no
-        latent spends itself rebuilding the data's mean."""
+        """Before the first step, from the first batch x (B, d_in): b_dec at its geometric median, as
+        Gao et al.'s, dictionary_learning's and Anthropic's trainers start (no latent rebuilds the mean)."""
         if self.hp.b_dec_init == "geometric_median":
             self.b_dec.copy_(geometric_median(x.float()).to(self.b_dec.dtype))
 
@@ -419,8 +418,7 @@ class Trainer:
         sum(out.terms.values()).backward()
 
     def apply_update(self, step: int) -> None:
-        """From gradients to parameters: the step along the unit sphere of each decoder row, the
-        gradient's norm clipped, the step of each slice that update_scales names scaled by its multiplier."""
+        """Gradients to parameters: along each decoder row's sphere, clipped, update_scales' steps scaled."""
         self.sae.remove_parallel_decoder_grad()
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.max_grad_norm)
@@ -606,25 +604,12 @@ class Plugin:
     path: Path
     module: Any
 
-    @property
-    def title(self) -> str:
-        return (self.module.__doc__ or self.name).strip().splitlines()[0]
-
-    @property
-    def description(self) -> str:
-        return (self.module.__doc__ or "").strip()
-
-    @property
-    def sae_class(self) -> type[SAE]:
-        return self.module.SAE  # plugins/__init__.py fills in what a run file leaves out
-
-    @property
-    def trainer_class(self) -> type[Trainer]:
-        return self.module.Trainer
-
-    @property
-    def hyperparams_class(self) -> type:
-        return self.module.Hyperparams
+    # What the run file defines (plugins/__init__.py fills in what it leaves out), and its docstring.
+    sae_class = property(lambda self: self.module.SAE)
+    trainer_class = property(lambda self: self.module.Trainer)
+    hyperparams_class = property(lambda self: self.module.Hyperparams)
+    title = property(lambda self: (self.module.__doc__ or self.name).strip().splitlines()[0])
+    description = property(lambda self: (self.module.__doc__ or "").strip())
 
     @property
     def parent(self) -> str | None:
