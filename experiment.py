@@ -479,10 +479,8 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
     try:
         with StepLog(run_dir / "train_log.jsonl", cfg, progress, start, final, leader) as log:
             for step, x in prefetched_batches(data, order, cfg, range(start, cfg.steps), rank, shard, device, sae.dtype):
-                if step == 0:
-                    sae.init_from_data(x)
-                    if world > 1:  # each rank saw its shard: all start from rank 0's
-                        torch.distributed.broadcast(sae.b_dec.data, src=0)
+                if step == 0:  # from the whole first batch, on every rank alike
+                    sae.init_from_data(kernels.all_rows(x) if world > 1 else x)
                 total, out = trainer.step(x, step)
                 fired_at.masked_fill_((out.latents.detach() > 0).any(dim=0), step)
                 log.queue(step, total, out, fired_at, trainer.scheduler.get_last_lr()[0])

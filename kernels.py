@@ -301,6 +301,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def all_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B / world, d) on each rank -> (B, d): every rank's shard of the batch, on every rank."""
+    shards = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(shards, x.contiguous())
+    return torch.cat(shards)
+
+
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on
     GPUs, gloo on CPU. Rank 0 harvests, logs, evaluates and writes; every rank trains on its

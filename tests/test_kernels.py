@@ -155,7 +155,8 @@ def test_a_topk_run_logs_the_same_on_the_sparse_step_as_on_the_dense_one(run_tin
         monkeypatch.setenv("SAE_HARNESS_CACHE", str(tmp_path / f"cache_{sparse_below}"))
         switch_point_file(cache_dir(), 256, 64, 256, sparse_below)
         sparse_decodes.clear()
-        _, run_dir = run_tiny("run_0_topk", hyperparams={"k": 8, "dead_steps": 3})
+        # b_dec from 0: latents die on tiny, so that AuxK has something to act on
+        _, run_dir = run_tiny("run_0_topk", hyperparams={"k": 8, "dead_steps": 3, "b_dec_init": "zeros"})
         assert any(sparse_decodes) is (sparse_below == 1.0)
         logs[sparse_below] = read_log(run_dir)
     dense, sparse = logs[0.0], logs[1.0]
