@@ -36,6 +36,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import experiment
 import kernels
+import synthetic
 
 DEFAULT_LATENTS = 50  # the top N by density, when neither --latents nor --top is given
 DEFAULT_TOKENS = 16_384  # where the run's text allows more than its eval contexts: 4x the embedded eval text
@@ -475,6 +476,9 @@ def page_html(title: str, about: str, page: Page, latents: list[int]) -> str:
 def for_run(run_dir: Path, latents: str | None, top: int | None, by: str, tokens: int | None, device: str) -> Path:
     """`python experiment.py dashboard RUN_DIR`: the page of a finished run, every input checked first."""
     cfg, plugin = experiment.saved_config(run_dir, "dashboard")
+    if synthetic.is_synthetic(cfg):
+        raise HarnessError(f"{run_dir} was trained on the synthetic preset {cfg.preset}: a dashboard shows latents on "
+                           "a language model's text; its ground-truth scores are in its final_info.json")
     chosen = selection(latents, top, by, cfg.dict_size)
     if tokens is not None and tokens <= 0:
         raise HarnessError(f"--tokens must be positive, got {tokens}")

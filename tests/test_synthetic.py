@@ -42,6 +42,8 @@ def test_a_synthetic_run_is_scored_on_the_true_features_and_never_loads_a_langua
     assert f"- MCC: {truth['mcc']:.4g}" in entry and f"- F1: {truth['f1']:.4g}" in entry and "CE-loss" not in entry
     second = synthetic_run("run_0_topk", tmp_path / "b", notes, hyperparams=dict(k=8), tokens=4096)
     assert second["activations_from_cache"] is True and second["metrics"] == first["metrics"]
+    refused = cli("dashboard", str(tmp_path / "a"))  # text through a language model: it has none
+    assert refused.exit_code == 2 and "synthetic preset" in refused.output and len(refused.output.splitlines()) == 1
 
 
 def test_the_synthetic_cache_is_checked_on_every_read_and_rebuilt_when_damaged(tmp_path):
