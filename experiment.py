@@ -20,7 +20,7 @@ kernels.py, plot.py, bench.py, dashboard.py, cluster.py, analyses.py.
 from __future__ import annotations
 
 from common import (ROOT, HarnessError, Interrupted, OneLineUsage, activations_dir, cache_dir,  # first: its import guards
-                    console, file_sha256, one_line_errors)
+                    console, one_line_errors)
 
 import ast
 import collections
@@ -58,7 +58,7 @@ from notebook import append_notes, changed_setting, check_notes, notes_entry, st
 from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_runs_root, check_writable,
                   code_without_prose, convergence, load_checkpoint, newest, provenance, read_json, read_json_lines,
                   record_gradient_shares, run_index, runs_root, save_checkpoint, save_trained, term_gradients)
-from sources import activation_scale, eval_contexts_needed, harvest, load_model, load_tokens
+from sources import cached_activations, eval_contexts_needed, harvest, load_model, load_tokens
 
 # Run as a script, this file is `__main__`; plugins import `experiment`: make that the same module.
 sys.modules.setdefault("experiment", sys.modules[__name__])
@@ -563,31 +563,18 @@ def activation_data(cfg: RunConfig, model, progress, dataset_loader=None) -> Act
     folder = activations_dir() / cache_key(cfg)
     if synthetic.is_synthetic(cfg):
         return ActivationData(*synthetic.activation_data(cfg, model, progress, folder))
-    manifest_path = folder / "manifest.json"
-    acts_path, tokens_path = folder / "train_acts.npy", folder / "eval_tokens.pt"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if acts_path.exists() and acts_path.stat().st_size == manifest["bytes"] and file_sha256(acts_path) == manifest["sha256"]:
-            console.print(f"[green]Reusing cached activations {folder} (the LLM is not run for training data)")
-            return ActivationData(np.load(acts_path, mmap_mode="r"), torch.load(tokens_path),
-                                  manifest["scale"], from_cache=True)
-        console.print(f"[yellow]Activation cache {folder} is truncated or corrupted; rebuilding it")
-    folder.mkdir(parents=True, exist_ok=True)
-    train_contexts, eval_tokens = load_tokens(cfg, model, dataset_loader)
-    partial = folder / "train_acts.partial.npy"
-    out = np.lib.format.open_memmap(partial, mode="w+", dtype=cfg.cache_dtype,
-                                    shape=(cfg.tokens, model.cfg.d_model))
-    harvest(model, train_contexts, cfg, out, progress)
-    scale = activation_scale(out)
-    out.flush()
-    del out
-    partial.rename(acts_path)
-    torch.save(eval_tokens, tokens_path)
-    manifest = dict(key=cache_key(cfg), bytes=acts_path.stat().st_size, sha256=file_sha256(acts_path),
-                    shape=[cfg.tokens, model.cfg.d_model], dtype=cfg.cache_dtype, scale=scale,
-                    config=dict(model=cfg.model, layer=cfg.layer, dataset=cfg.dataset))
-    atomic_write(manifest_path, json.dumps(manifest, indent=2))
-    return ActivationData(np.load(acts_path, mmap_mode="r"), eval_tokens, scale, from_cache=False)
+    tokens_path = folder / "eval_tokens.pt"
+
+    def harvested(out: np.ndarray) -> None:  # the eval tokens are saved before the manifest that vouches for both
+        train_contexts, eval_tokens = load_tokens(cfg, model, dataset_loader)
+        harvest(model, train_contexts, cfg, out, progress)
+        torch.save(eval_tokens, tokens_path)
+
+    train, scale, from_cache = cached_activations(
+        folder, (cfg.tokens, model.cfg.d_model if model else 0), cfg.cache_dtype, harvested,  # no model: reading
+        "activations (the LLM is not run for training data)", key=cache_key(cfg),
+        config=dict(model=cfg.model, layer=cfg.layer, dataset=cfg.dataset))
+    return ActivationData(train, torch.load(tokens_path), scale, from_cache)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,14 +47,6 @@ def reference_trainer(arch: str):
     return getattr(module, class_name)
 
 
-def batches(data: experiment.ActivationData, cfg: experiment.RunConfig):
-    """The harness's batches, in its seeded order: what both trainers see."""
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))
-    for step in range(cfg.steps):
-        rows = np.sort(order[step * cfg.batch_size:(step + 1) * cfg.batch_size].numpy())
-        yield step, torch.from_numpy(np.asarray(data.train[rows], dtype=np.float32)) * data.scale
-
-
 def scores(encode, decode, b_dec: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
     with torch.no_grad():
         f = encode(x)
@@ -79,7 +71,9 @@ def train_reference(arch: str, k: int, cfg: experiment.RunConfig, data: experime
     trainer = reference_trainer(arch)(steps=cfg.steps, activation_dim=data.train.shape[1], dict_size=cfg.dict_size,
                                       k=k, layer=cfg.layer, lm_name=cfg.model, lr=cfg.lr,
                                       warmup_steps=cfg.warmup_steps, seed=cfg.seed, device="cpu")
-    for step, batch in batches(data, cfg):
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))  # as train's
+    for step, batch in experiment.prefetched_batches(data, order, cfg, range(cfg.steps), 0, cfg.batch_size,
+                                                     torch.device("cpu"), torch.float32):
         trainer.update(step, batch)
     ae = trainer.ae.eval()
     return scores(ae.encode, ae.decode, ae.b_dec, x)
@@ -92,7 +86,6 @@ def main(arch: str = typer.Option("topk", help="topk or batchtopk."), k: int = 3
         if arch not in REFERENCES:
             raise HarnessError(f"--arch {arch}: choose one of {', '.join(REFERENCES)}")
         reference_trainer(arch)
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         results = []
         for seed in range(seeds):
             cfg = experiment.build_config("embedded", f"baseline/run_0_{arch}", tokens=tokens, seed=seed)

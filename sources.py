@@ -13,7 +13,7 @@ start with BOS. `cfg` is the run's config (experiment.RunConfig), read here, nev
 
 from __future__ import annotations
 
-from common import HarnessError, cache_dir, console  # first: its import guards
+from common import HarnessError, cache_dir, console, file_sha256  # first: its import guards
 
 import importlib.util
 import json
@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from runs import atomic_write
 
 TINY_MODEL = dict(n_layers=2, d_model=64, d_head=16, n_heads=4, d_mlp=256, d_vocab=512,
                   n_ctx=128, act_fn="gelu", normalization_type="LN")
@@ -218,6 +220,33 @@ def harvest(model, contexts: torch.Tensor, cfg, out: np.memmap, progress) -> Non
     if not np.isfinite(out).all():
         raise HarnessError(f"non-finite activations at {hook} with cache dtype {cfg.cache_dtype}; "
                            "use float32")
+
+
+def cached_activations(folder: Path, shape: tuple[int, int], dtype: str, fill, what: str,
+                       **recorded) -> tuple[np.ndarray, float, bool]:
+    """(rows, d) activations memory-mapped from folder/train_acts.npy, read only where its
+    manifest's size and sha256 match; else `fill(out)` writes them into a fresh array first, which
+    is renamed into place whole and recorded (with `recorded`) in the manifest, written last.
+    Returns (activations, scale, from_cache)."""
+    manifest_path, acts_path = folder / "manifest.json", folder / "train_acts.npy"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if acts_path.exists() and acts_path.stat().st_size == manifest["bytes"] and file_sha256(acts_path) == manifest["sha256"]:
+            console.print(f"[green]Reusing cached {what} {folder}")
+            return np.load(acts_path, mmap_mode="r"), manifest["scale"], True
+        console.print(f"[yellow]The cache of {what} {folder} is truncated or corrupted; rebuilding it")
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / "train_acts.partial.npy"
+    out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
+    fill(out)
+    scale = activation_scale(out)
+    out.flush()
+    del out
+    partial.rename(acts_path)
+    manifest = dict(bytes=acts_path.stat().st_size, sha256=file_sha256(acts_path), shape=list(shape), dtype=dtype,
+                    scale=scale, **recorded)
+    atomic_write(manifest_path, json.dumps(manifest, indent=2))
+    return np.load(acts_path, mmap_mode="r"), scale, False
 
 
 def activation_scale(acts: np.ndarray) -> float:

@@ -37,7 +37,7 @@ from sae_lens.synthetic import (FoldedNormalMagnitudeConfig, HierarchyConfig, Li
                                 SyntheticModelConfig, ZipfianFiringProbabilityConfig, eval_sae_on_synthetic_data)
 
 from runs import atomic_write
-from sources import activation_scale
+from sources import cached_activations
 
 GROUND_TRUTH = "ground_truth"  # the one eval a synthetic run has
 DATA_SEED, EVAL_SEED = 1, 2  # the training samples and the evaluation samples: fixed, and not the same
@@ -140,31 +140,19 @@ def activation_data(cfg, model, progress, folder: Path) -> tuple[np.ndarray, tor
     """experiment.ActivationData's fields for a synthetic preset: cfg.tokens samples from
     DATA_SEED, memory-mapped from `folder` (checked against its manifest), generated there first
     where missing, stale or damaged. No evaluation tokens: the evaluation samples its own."""
-    manifest_path, acts_path = folder / "manifest.json", folder / "train_acts.npy"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if acts_path.exists() and acts_path.stat().st_size == manifest["bytes"] and file_sha256(acts_path) == manifest["sha256"]:
-            console.print(f"[green]Reusing cached synthetic activations {folder}")
-            return np.load(acts_path, mmap_mode="r"), torch.empty(0, dtype=torch.long), manifest["scale"], True
-        console.print(f"[yellow]Synthetic activation cache {folder} is truncated or corrupted; rebuilding it")
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / "train_acts.partial.npy"
-    out = np.lib.format.open_memmap(partial, mode="w+", dtype=cfg.cache_dtype, shape=(cfg.tokens, model.cfg.d_model))
-    task = progress.add_task(f"generate {cfg.model} activations", total=cfg.tokens, status="")
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(DATA_SEED)
-        for row in range(0, cfg.tokens, CHUNK):
-            n = min(CHUNK, cfg.tokens - row)
-            out[row:row + n] = model.synthetic.sample(n).float().cpu().numpy()
-            progress.update(task, completed=row + n)
-    scale = activation_scale(out)
-    out.flush()
-    del out
-    partial.rename(acts_path)
-    manifest = dict(bytes=acts_path.stat().st_size, sha256=file_sha256(acts_path), shape=[cfg.tokens, model.cfg.d_model],
-                    dtype=cfg.cache_dtype, scale=scale, config=dict(model=cfg.model, data_seed=DATA_SEED))
-    atomic_write(manifest_path, json.dumps(manifest, indent=2))
-    return np.load(acts_path, mmap_mode="r"), torch.empty(0, dtype=torch.long), scale, False
+    def generated(out: np.ndarray) -> None:
+        task = progress.add_task(f"generate {cfg.model} activations", total=cfg.tokens, status="")
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(DATA_SEED)
+            for row in range(0, cfg.tokens, CHUNK):
+                n = min(CHUNK, cfg.tokens - row)
+                out[row:row + n] = model.synthetic.sample(n).float().cpu().numpy()
+                progress.update(task, completed=row + n)
+
+    train, scale, from_cache = cached_activations(folder, (cfg.tokens, model.cfg.d_model), cfg.cache_dtype, generated,
+                                                  "synthetic activations",
+                                                  config=dict(model=cfg.model, data_seed=DATA_SEED))
+    return train, torch.empty(0, dtype=torch.long), scale, from_cache
 
 
 def check_run(names, cfg) -> str | None:
