@@ -39,6 +39,7 @@ from common import OneLineUsageCommand, activations_dir, cache_dir, one_line_err
 
 import evals
 import experiment
+import sources
 import kernels
 import numpy as np
 import torch
@@ -161,7 +162,7 @@ def harvest_and_read(cfg: RunConfig, model, device: torch.device, results: dict)
 
         acts.flush()
         data = experiment.ActivationData(np.load(Path(tmp) / "acts.npy", mmap_mode="r"), torch.empty(0),
-                                         experiment.activation_scale(acts), from_cache=True)
+                                         sources.activation_scale(acts), from_cache=True)
         order = torch.randperm(cfg.tokens, generator=torch.Generator().manual_seed(cfg.seed))
         n_batches = cfg.tokens // cfg.batch_size
 

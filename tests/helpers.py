@@ -193,7 +193,7 @@ PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 def trained_sae(key: str, acts: torch.Tensor, d_sae: int, steps: int = 20, rows: int | None = None):
     """The plugin's SAE (seed 0) trained `steps` steps by its trainer on real activations at the
     harness's training scale, each step on the next `rows` rows (or all of them): (sae, scale)."""
-    scale = experiment.activation_scale(acts.numpy())
+    scale = sources.activation_scale(acts.numpy())
     plugin, cfg = experiment.find_plugin(key), experiment.build_config("tiny", key)
     torch.manual_seed(0)
     sae = plugin.sae_class(acts.shape[1], d_sae, plugin.hyperparams_class(), cfg)

@@ -33,6 +33,7 @@ from helpers import (PARITY_D_IN, PARITY_D_SAE, PARAMS, assert_close_in_norm, as
 from safetensors.torch import load_file
 
 import experiment
+import sources
 
 FAMILY = ["baseline/run_0_batchtopk", "baseline/run_0_matryoshka"]
 D_IN, D_SAE = PARITY_D_IN, PARITY_D_SAE
@@ -207,7 +208,7 @@ def test_inference_l0_is_k_once_the_threshold_has_converged(key):
     5% (θ is E[a batch's smallest kept activation], not the cut-off of any one batch, so not
     exactly k), keeps the latents training would keep, and reconstructs as well."""
     train, held = train_and_held_activations()
-    scale = experiment.activation_scale(train.numpy())
+    scale = sources.activation_scale(train.numpy())
     train, held = train * scale, held * scale
     plugin, cfg = experiment.find_plugin(key), experiment.build_config("tiny", key)
     torch.manual_seed(0)

@@ -193,7 +193,7 @@ def test_export_loads_in_sae_lens_as_topk_and_encodes_and_decodes_like_the_evalu
 
     acts = tiny_activations()
     flat = acts.reshape(-1, acts.shape[-1])
-    scale = experiment.activation_scale(flat.numpy())
+    scale = sources.activation_scale(flat.numpy())
     plugin = experiment.find_plugin(KEY)
     torch.manual_seed(0)
     sae = plugin.sae_class(flat.shape[1], D_SAE, plugin.hyperparams_class(dead_steps=1),
