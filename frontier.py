@@ -310,7 +310,11 @@ def _converged(found: Sequence[dict | None]) -> bool | None:
 def _noise(name: str, run: dict, base: dict, frontier: dict, rows_of, score_of) -> tuple[dict, str]:
     """Δ's uncertainty parts and how the evaluation noise was measured: the paired bootstrap over
     the shared evaluation contexts plus each side's seed-to-seed spread where every folder has its
-    per-context rows; else the unpaired standard errors in quadrature, as runs before pairing had."""
+    per-context rows; else the unpaired standard errors in quadrature, as runs before pairing had.
+    A synthetic run's evaluation reads the same fixed samples as its baselines' (synthetic.EVAL_SEED),
+    and MCC none at all: only the seed-to-seed spread is left."""
+    if "mcc" in run.get("metrics", {}):  # synthetic: every run is scored on the same samples; the noise is training's
+        return _seed_parts(name, run, base, frontier), "paired: the same ground-truth samples for every run"
     sides = [(1.0, run.get("folders", []))] + [(-w, p["folders"]) for p, w in base["weights"]]
     rows = [(w, [rows_of(f) if rows_of and f is not None else None for f in folders]) for w, folders in sides]
     counts = {len(r[name]) for _, group in rows for r in group if r is not None}
@@ -553,15 +557,22 @@ def unmoved_decoder(run_dir: Path, parent_name: str, info: dict, index: Index,
 def inert_terms(log: list[dict]) -> list[str]:
     """A warning for each extra loss term whose median share of the gradient norm on the
     parameters it reaches (record_gradient_shares), over the logged steps, is below INERT_SHARE:
-    a term that acts only at the start, or weighs in the loss with no gradient, is flagged too."""
+    a term that acts only at the start, or weighs in the loss with no gradient, is flagged too; one
+    that is zero on most logged steps is said to be idle there, not too weak."""
     extra = [k for k in log[-1] if k.endswith("_loss") and k not in BASE_TERMS]
     found = []
     for term in extra:
-        shares = [r[f"{term}_grad_share"] for r in log if f"{term}_grad_share" in r]
-        if shares and float(np.median(shares)) < INERT_SHARE:
-            found.append(f"{term} is a median {100 * float(np.median(shares)):.2g}% of the gradient norm on the "
-                         f"parameters it reaches ({len(shares)} logged steps): it cannot change the model; "
-                         "raise its weight")
+        rows = [r for r in log if f"{term}_grad_share" in r]
+        share = float(np.median([r[f"{term}_grad_share"] for r in rows])) if rows else None
+        if share is None or share >= INERT_SHARE:
+            continue
+        idle = sum(r.get(term) == 0 for r in rows)
+        found.append(f"{term} is a median {100 * share:.2g}% of the gradient norm on the parameters it reaches "
+                     f"({len(rows)} logged steps): " + (
+                         "it was zero on every one of them: it never acted" if idle == len(rows) else
+                         f"it was zero on {idle} of them (a term that acts only when its condition holds, as AuxK "
+                         "on dead latents, acted on the rest)" if 2 * idle > len(rows) else
+                         "it cannot change the model; raise its weight"))
     return found
 
 

@@ -158,15 +158,50 @@ def study_notes(study: str, rows: list[dict], figures: dict[Path, str]) -> str:
     return "\n".join(lines + ["", ""])
 
 
+def sweep_notes(title: str, rows: list[dict]) -> str:
+    """A sweep's summary for notes.md: per setting, its seeds pooled (mean ± the seed-to-seed
+    standard deviation) for L0 and the headline scores, and each seed's convergence (how far its
+    loss and L0 moved over the last fifth of training, runs.convergence)."""
+    synthetic = any(headline(row["info"], "MCC") is not None for row in rows)
+    shown = ("L0", *(("MCC", "F1", "precision", "recall") if synthetic else ("CE-loss score", "KL score")),
+             "explained variance (whole set)")
+    settings: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["info"].get("status") == "completed":
+            settings.setdefault(row["label"].rsplit("seed=", 1)[0].rstrip(",") or "-", []).append(row["info"])
+    lines = [f"## Sweep summary: {title}", "", f"| setting | seeds | {' | '.join(shown)} | converged (loss, L0 "
+             "moved over the last fifth) |", "|---" * (len(shown) + 3) + "|"]
+    for setting, infos in settings.items():
+        cells = [_mean_sd([v for info in infos if (v := headline(info, label)) is not None]) for label in shown]
+        moved = [info.get("convergence") or {} for info in infos]
+        lines.append(f"| {setting} | {len(infos)} | {' | '.join(cells)} | " + "; ".join(
+            f"{ {True: 'yes', False: 'no'}.get(c.get('converged'), '?')} ({_percent(c.get('loss'))}, "
+            f"{_percent(c.get('l0'))})" for c in moved) + " |")
+    return "\n".join(lines + ["", ""])
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return f"{mean:.4g}" + ("" if sd is None else f" ± {sd:.2g}")
+
+
+def _percent(moved: float | None) -> str:
+    return "-" if moved is None else f"{moved:+.1%}"
+
+
 def coverage_lines(rows: list[dict]) -> list[str]:
     """Which baselines' sweeps cover which of the study's runs (the run's L0 inside the swept
-    range, on the CE-loss score), and which runs each leaves outside: the summary's coverage."""
+    range, on the CE-loss score or a synthetic run's MCC), and which runs each leaves outside."""
     covers: dict[str, tuple[list[str], list[str]]] = {}
     for row in rows:
         if row["info"].get("run", {}).get("study") == "baseline":
             continue
         for name, found in row["info"].get("verdict", {}).items():
-            word = found.get("metrics", {}).get("ce_loss_score", {}).get("word")
+            scores = found.get("metrics", {})
+            word = scores.get("mcc" if "mcc" in scores else "ce_loss_score", {}).get("word")
             if word and word not in ("no baseline", "no value"):
                 covers.setdefault(name, ([], []))[word == OUTSIDE].append(row["label"])
     if not covers:

@@ -34,7 +34,7 @@ from experiment import (ANALYSES_FOLDER, Plugin, RunConfig, build_config, checke
 import frontier
 from frontier import SWEEPABLE
 from kernels import configure_kernels, resolve_device
-from notebook import append_notes, notes_entry, result_lines, study_notes
+from notebook import append_notes, notes_entry, result_lines, study_notes, sweep_notes
 from runs import CHECKPOINT, atomic_write, headline, read_json, run_index
 
 
@@ -120,9 +120,10 @@ def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None, remote
     for i, how, folder, info, wall_s in finished:
         done[i] = dict(plugin=jobs[i].plugin.name, label=jobs[i].label, how=how, folder=str(folder), info=info,
                        wall_s=wall_s)
-        l0, ce = headline(info, "L0"), headline(info, "CE-loss score")
-        console.print(f"[{len(done)}/{len(jobs)}] {jobs[i].label}: {how}" + (f", L0 {l0:.1f}, CE-loss score "
-                      f"{ce:.3f}" if l0 is not None and ce is not None else f": {info.get('error', '')}") +
+        lead = "MCC" if headline(info, "MCC") is not None else "CE-loss score"  # a synthetic run's, a model's
+        l0, score = headline(info, "L0"), headline(info, lead)
+        console.print(f"[{len(done)}/{len(jobs)}] {jobs[i].label}: {how}" + (f", L0 {l0:.1f}, {lead} "
+                      f"{score:.3f}" if l0 is not None and score is not None else f": {info.get('error', '')}") +
                       f" ({wall_s:.0f} s)")
         if on_done is not None:
             on_done([done[k] for k in sorted(done)])
@@ -150,11 +151,16 @@ def study(name: str, baselines: list[str], preset: str, overrides: dict[str, Any
 def sweep(plugin: Plugin, grid: list[str], seeds: int, preset: str, overrides: dict[str, Any], runs_root: Path,
           notes: Path, remote=None) -> tuple[list[dict], Path]:
     """`python experiment.py sweep`: the grid × seeds into runs/sweeps/<plugin>-<hash of what was
-    asked>/, its manifest kept as runs finish, and its frontier figures: (rows, the sweep folder)."""
+    asked>/, its manifest kept as runs finish, its frontier figures and, where anything was
+    trained, its summary in the notebook: (rows, the sweep folder)."""
     rows, sweep_dir = sweep_runs(plugin, grid, seeds, preset, overrides, runs_root, notes, remote)
     if any(row["how"] != "failed" for row in rows):
         written = plot.sweep_figures(runs_root, sweep_dir / "figures", plugin.study, plugin.name)
         console.print(f"{len(written)} frontier figures in {sweep_dir / 'figures'}")
+    if any(row["how"] not in ("reused", "failed") for row in rows):  # a sweep run again that trained nothing notes nothing
+        where = os.path.relpath(sweep_dir, ROOT) if sweep_dir.is_relative_to(ROOT) else sweep_dir
+        title = f"{plugin.name} on {preset}, {' × '.join(grid)} × {seeds} seed{'s' if seeds > 1 else ''} ({where})"
+        append_notes(notes, plugin.study_header, sweep_notes(title, rows))
     return rows, sweep_dir
 
 
@@ -222,15 +228,16 @@ def cover(rows: list[dict], preset: str, overrides: dict[str, Any], seeds: int, 
 
 def widening(rows: list[dict], index, cap: int) -> dict[str, tuple[str, list]]:
     """{baseline: (knob, values to add)}: per baseline whose sweep leaves a study run of `rows`
-    outside (on the CE-loss score), the knob value suggested for the lowest-L0 run below it and for
-    the highest above it, where not swept yet, while its sweep holds fewer than `cap` knob values."""
+    outside (on any metric: the suggestion depends on L0 alone), the knob value suggested for the
+    lowest-L0 run below it and for the highest above it, where not swept yet, while its sweep holds
+    fewer than `cap` knob values."""
     ends: dict[str, dict] = {}  # baseline -> {"knob", "cache", "below": (L0, value), "above": (L0, value)}
     for row in rows:
         l0 = headline(row["info"], "L0")
         if row["info"].get("run", {}).get("study") == "baseline" or l0 is None:
             continue
         for name, found in row["info"].get("verdict", {}).items():
-            suggest = found.get("metrics", {}).get("ce_loss_score", {}).get("suggest")
+            suggest = next((m["suggest"] for m in found.get("metrics", {}).values() if m.get("suggest")), None)
             if suggest and suggest["value"] is not None:
                 end = ends.setdefault(name, {"knob": found["knob"], "cache": row["info"].get("activation_cache")})
                 kept = end.get(suggest["side"])

@@ -348,6 +348,10 @@ def test_an_extra_term_below_a_hundredth_of_the_gradient_norm_it_reaches_at_the_
            logged(2.0, early_loss=1.0, early_loss_grad_share=0.001, quiet_loss=1e-9, quiet_loss_grad_share=0.2)]
     log[0]["unmeasured_loss"] = 0.0  # a run logged before the shares were: nothing to judge it on
     assert frontier.inert_terms(log) == [flag("early_loss", "0.4", 3)]  # a tiny loss share is no verdict
+    idle = [logged(2.0, aux_loss=v, aux_loss_grad_share=share) for v, share in ((0.0, 0.0), (0.0, 0.0), (3.0, 0.2))]
+    assert frontier.inert_terms(idle) == ["aux_loss is a median 0% of the gradient norm on the parameters it reaches "
+                                          "(3 logged steps): it was zero on 2 of them (a term that acts only when its "
+                                          "condition holds, as AuxK on dead latents, acted on the rest)"]
     tiny_base = [{**logged(10.0), "sparsity_loss": 1e-9, "sparsity_loss_grad_share": 0.0}]
     assert frontier.inert_terms(tiny_base) == []  # the base terms are never judged
 
@@ -374,6 +378,7 @@ def test_the_trainer_logs_each_term_s_gradient_share_and_the_guard_flags_the_ter
     assert [row["start_loss_grad_share"] > 0.1 for row in log] == [True, False, False, False]  # steps 0, 10, 20, 30
     assert all(row["heavy_loss_grad_share"] == 0 and row["pushing_loss_grad_share"] > 0.5 for row in log)
     assert [w.split(" is a median")[0] for w in frontier.inert_terms(log)] == ["start_loss", "heavy_loss"]
+    assert "it was zero on 3 of" in frontier.inert_terms(log)[0]  # acted at step 0 alone
 
 
 def saved_run(folder: Path, W_dec: torch.Tensor, seed: int = 0) -> Path:
@@ -453,7 +458,8 @@ def test_every_suspicious_result_becomes_a_warning(tmp_path):
         "the training loss never moved",
         "explained_variance is negative (-0.5): worse than predicting the mean",
         "metrics identical to the last digit to parent run_1_parent's latest run: did the change reach the model?",
-        flag("whisper_loss", "0", 2),
+        flag("whisper_loss", "0", 2).replace("it cannot change the model; raise its weight",
+                                             "it was zero on every one of them: it never acted"),
         "the decoder ended 0 (relative) from parent run_1_parent's on the same activations and seed, "
         "within float noise (1.2e-05): the change did not reach the model"]
     log[1].update(total_loss=8.0, dead_fraction=0.5, whisper_loss=1.0, whisper_loss_grad_share=1.0)

@@ -35,6 +35,8 @@ def test_sweep_trains_the_grid_times_seeds_once_and_then_reuses_it(tmp_path):
     figures = manifest_path.parent / "figures"
     assert {p.name for p in figures.glob("*.png")} == {f"frontier_{m}.png" for m in plot.FRONTIER}
     assert "at L0" in (figures / "README.md").read_text()  # each caption reads the data
+    summary = notes.read_text().split("## Sweep summary: run_0_baseline on tiny, sparsity_penalty=0.01,0.16 × 2 seeds")
+    assert len(summary) == 2 and "| sparsity_penalty=0.16 | 2 | " in summary[1]  # the seeds pooled, once
     notes_before = notes.read_text()
     again = cli(*args)
     assert again.exit_code == 0, again.output

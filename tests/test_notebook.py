@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from frontier import OUTSIDE
-from notebook import append_notes, notes_entry, result_lines, study_header, study_notes, verdict_lines
+from notebook import (append_notes, coverage_lines, notes_entry, result_lines, study_header, study_notes,
+                      sweep_notes, verdict_lines)
 
 
 @pytest.fixture
@@ -107,6 +108,27 @@ def test_the_study_summary_lists_each_run_with_its_verdicts_and_the_figures_that
         "", "Figures:", "",
         "- `figures/z/frontier_ce_loss_score.png`: the frontier",
         "- `figures/z/l0_evolution.png`: L0", "", ""])
+
+
+def test_a_synthetic_studys_coverage_is_read_from_its_mcc_verdicts():
+    rows = [{"label": f"Run {n}", "info": {"verdict": {"run_0_topk": {"metrics": {"mcc": {"word": word}}}}}}
+            for n, word in ((1, "tied"), (2, OUTSIDE))]
+    assert coverage_lines(rows)[-1] == "- run_0_topk: covers Run 1; leaves outside Run 2"
+
+
+def test_a_sweep_summary_pools_each_settings_seeds_and_shows_each_seeds_convergence():
+    def row(k, seed, mcc, moved):
+        info = {"status": "completed", "metrics": {"ground_truth": {"mcc": mcc, "f1": 0.5}, "sparsity": {"l0": k}},
+                "convergence": {"converged": abs(moved) <= 0.1, "loss": moved, "l0": 0.0}}
+        return {"label": f"k={k},seed={seed}", "info": info}
+    rows = [row(8, 42, 0.50, -0.04), row(8, 43, 0.52, -0.2), row(16, 42, 0.6, 0.01),
+            {"label": "k=32,seed=42", "info": {"status": "failed"}}]
+    assert sweep_notes("run_0_topk on synth", rows).splitlines() == [
+        "## Sweep summary: run_0_topk on synth", "",
+        "| setting | seeds | L0 | MCC | F1 | precision | recall | explained variance (whole set) | converged (loss, "
+        "L0 moved over the last fifth) |", "|---|---|---|---|---|---|---|---|---|",
+        "| k=8 | 2 | 8 ± 0 | 0.51 ± 0.014 | 0.5 ± 0 | - | - | - | yes (-4.0%, +0.0%); no (-20.0%, +0.0%) |",
+        "| k=16 | 1 | 16 | 0.6 | 0.5 | - | - | - | yes (+1.0%, +0.0%) |", ""]
 
 
 def test_appends_write_a_studys_header_once_before_its_first_entry(tmp_path):

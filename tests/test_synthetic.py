@@ -16,6 +16,7 @@ from rich.progress import Progress
 
 import experiment
 import frontier
+import peers
 import synthetic
 from common import console
 
@@ -120,46 +121,27 @@ def test_every_plugin_trains_and_is_scored_on_a_synthetic_preset_unchanged(plugi
     assert 0 <= info["metrics"]["ground_truth"]["mcc"] <= 1 and info["metrics"]["sparsity"]["l0"] > 0
 
 
-# The peer check: the harness's training against SAELens's SyntheticSAERunner, same synthetic model,
-# samples, batch, learning rate, warm-up, k, AuxK weight and dead window, and the same start: b_dec
-# at zero and unit decoder rows (SAELens's default 0.1 moves the decoder's directions several times
-# faster early on); several seeds each. The means must agree within the seeds' spread (three standard
-# errors of the difference, and at least 0.02 where the seeds happen to agree), on MCC: the decoder
-# training recovered. F1 is printed, not held: for BatchTopK it depends on the evaluation's encoder
-# (SAELens's training SAE encodes with the evaluation batch's top k, the harness's with its running
-# threshold θ, its inference form, which 64 steps do not settle); TopK's differs by more than the
-# seeds' spread, an open question (docs/synthetic.md).
+# The peer check (peers.py): the harness's training against SAELens's SyntheticSAERunner, same
+# synthetic model, samples, batch, learning rate, warm-up, k, AuxK weight and dead window (the
+# harness's: a tenth of the run), and the same start: b_dec at zero and unit decoder rows (SAELens's
+# default 0.1 moves the decoder's directions several times faster early on); several seeds each. The
+# means must agree within the seeds' spread (three standard errors of the difference, and at least
+# 0.02 where the seeds happen to agree), on MCC: the decoder training recovered. F1 is printed, not
+# held: for BatchTopK it depends on the evaluation's encoder (SAELens's training SAE encodes with
+# the evaluation batch's top k, the harness's with its running threshold θ, its inference form,
+# which 64 steps do not settle); TopK's differs by more than the seeds' spread, an open question
+# (docs/synthetic.md).
 PEER_SEEDS = 3
-PEER_DEAD_STEPS = 1000  # SAELens's default window: longer than the run, so AuxK never acts in either
-
-
-def runner_scores(architecture: str, seed: int, cfg, decoder_init_norm: float) -> dict:
-    from sae_lens import BatchTopKTrainingSAEConfig, LoggingConfig, TopKTrainingSAEConfig
-    from sae_lens.synthetic import SyntheticSAERunner, SyntheticSAERunnerConfig
-
-    sae_cfg = dict(topk=TopKTrainingSAEConfig, batchtopk=BatchTopKTrainingSAEConfig)[architecture](
-        d_in=synthetic.MODELS[cfg.model].config.hidden_dim, d_sae=cfg.dict_size, k=8, aux_loss_coefficient=1 / 32,
-        decoder_init_norm=decoder_init_norm)
-    runner_cfg = SyntheticSAERunnerConfig(
-        synthetic_model=synthetic.MODELS[cfg.model].config, sae=sae_cfg, training_samples=cfg.tokens,
-        batch_size=cfg.batch_size, lr=cfg.lr, lr_warm_up_steps=cfg.warmup_steps, checkpoint_path=None,
-        output_path=None, eval_samples=synthetic.MODELS[cfg.model].eval_samples, dead_feature_window=PEER_DEAD_STEPS,
-        logger=LoggingConfig(log_to_wandb=False))
-    torch.manual_seed(seed)
-    result = SyntheticSAERunner(runner_cfg).run().final_eval
-    return dict(mcc=result.mcc, f1=result.classification.f1_score, l0=result.sae_l0)
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
-def test_the_harness_recovers_the_true_features_as_well_as_saelens_own_synthetic_runner(architecture, tmp_path, notes):
+def test_the_harness_recovers_the_true_features_as_well_as_saelens_own_synthetic_runner(architecture):
     ours, theirs = [], []
     for seed in range(PEER_SEEDS):
-        info = synthetic_run(f"run_0_{architecture}", tmp_path / str(seed), notes, seed=seed,
-                             hyperparams=dict(k=8, b_dec_init="zeros", dead_steps=PEER_DEAD_STEPS))
-        ours.append(dict(mcc=info["metrics"]["ground_truth"]["mcc"], f1=info["metrics"]["ground_truth"]["f1"],
-                         l0=info["metrics"]["sparsity"]["l0"]))
-        theirs.append(runner_scores(architecture, seed, experiment.build_config("synth-tiny", "baseline/x"), 1.0))
+        cfg = experiment.build_config("synth-tiny", f"baseline/run_0_{architecture}", seed=seed)
+        ours.append(peers.harness_synthetic(architecture, 8, cfg))
+        theirs.append(peers.saelens_synthetic(architecture, 8, cfg))
     print(architecture, "F1: harness", [r["f1"] for r in ours], "SAELens", [r["f1"] for r in theirs])
     a, b = [r["mcc"] for r in ours], [r["mcc"] for r in theirs]
     spread = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5

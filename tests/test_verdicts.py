@@ -140,6 +140,22 @@ def test_without_every_folders_contexts_the_verdict_says_it_is_unpaired():
     assert judge([record], two_seed_baseline())["pairing"].startswith("unpaired: a run or baseline point has no per")
 
 
+def test_a_synthetic_verdict_is_paired_by_its_shared_samples_and_its_noise_is_the_seeds_spread():
+    def synth(l0, knob, seed, mcc):
+        return {**judged_record(l0, knob, seed, mcc, HARD), "metrics": {"mcc": mcc}, "folder": None}
+    baseline = build_frontiers([synth(10, 1.0, s, v) for s, v in ((1, 0.50), (2, 0.52))]
+                               + [synth(100, 0.1, s, v) for s, v in ((1, 0.90), (2, 0.88))])
+    got = verdict(frontier.pool_seeds([synth(math.sqrt(1000), 0.3, s, v) for s, v in ((5, 0.70), (6, 0.74))]),
+                  baseline)["mcc"]
+    assert got["pairing"] == "paired: the same ground-truth samples for every run"
+    assert set(got["uncertainty_parts"]) == {"run_seeds", "baseline_seeds"}
+    assert got["uncertainty_parts"]["run_seeds"] == pytest.approx(np.std([0.70, 0.74], ddof=1) / math.sqrt(2))
+    assert got["word"] == "tied"
+    alone = verdict(frontier.pool_seeds([synth(math.sqrt(1000), 0.3, 5, 0.80)]), build_frontiers(
+        [synth(10, 1.0, 1, 0.5), synth(100, 0.1, 1, 0.9)]))["mcc"]
+    assert alone["uncertainty"] is None and alone["word"] == "better (no uncertainty; one seed: provisional)"
+
+
 def test_the_seed_spread_is_pooled_over_the_points_that_have_several_seeds():
     assert seed_spread([[1.0, 3.0], [5.0], [2.0, 2.0, 5.0]]) == {"sd": pytest.approx(math.sqrt((2 + 6) / 3)), "dof": 3}
     assert seed_spread([[1.0], [2.0]]) == {"sd": None, "dof": 0}
@@ -158,12 +174,12 @@ def test_a_runs_other_seeds_are_its_runs_of_the_same_code_and_config_on_the_same
 
 # ---- coverage ------------------------------------------------------------------------------------------
 
-def outside_row(l0, value, side, study="s"):
+def outside_row(l0, value, side, study="s", metric="ce_loss_score"):
     suggest = {"knob": "k", "value": value, "side": side, "text": "add"}
     return {"label": f"L0 {l0}", "info": {"run": {"study": study}, "activation_cache": "acts",
                                           "metrics": {"sparsity": {"l0": l0}},
                                           "verdict": {"run_0_topk": {"knob": "k", "metrics": {
-                                              "ce_loss_score": {"word": frontier.OUTSIDE, "suggest": suggest}}}}}}
+                                              metric: {"word": frontier.OUTSIDE, "suggest": suggest}}}}}}
 
 
 def swept(*ks):
@@ -173,7 +189,8 @@ def swept(*ks):
 
 
 def test_widening_asks_for_the_knob_of_the_furthest_run_on_each_side_up_to_the_cap():
-    rows = [outside_row(400, 500, "above"), outside_row(600, 750, "above"), outside_row(4, 3, "below"),
+    """On whatever metrics the runs are judged: a synthetic run's MCC as a language-model run's CE-loss score."""
+    rows = [outside_row(400, 500, "above"), outside_row(600, 750, "above"), outside_row(4, 3, "below", metric="mcc"),
             outside_row(2, 99, "above", study="baseline")]  # a baseline's own row is not the study's to cover
     assert studies.widening(rows, swept(16, 64), cap=6) == {"run_0_topk": ("k", [3, 750])}
     assert studies.widening(rows, swept(16, 64), cap=3) == {"run_0_topk": ("k", [3])}
