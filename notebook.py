@@ -28,14 +28,19 @@ from rich.console import Console
 from rich.table import Table
 
 from frontier import OUTSIDE, SWEEPABLE, footing_of, matched
-from runs import ALL_HEADLINES, HEADLINE, HEADLINE_SE, headline, read_json_lines
+from runs import ALL_HEADLINES, HEADLINE_SE, headline, read_json_lines
+
+
+def shown_path(path: Path | str) -> str:
+    """A path as the notebook shows it: relative to the repository where it lies inside it."""
+    return os.path.relpath(path, ROOT) if Path(path).is_relative_to(ROOT) else str(path)
 
 
 def notes_entry(plugin, run_dir: Path, info: dict, parent: dict | None, setting: str) -> str:
     """The run's notebook entry, in the seed notebooks' shape, for a person: headline metrics with
     their change against the parent run (its final_info), the verdicts, warnings; the full dict
     stays in final_info. `plugin` is the run's experiment.Plugin; `setting` what it changed."""
-    shown = os.path.relpath(run_dir, ROOT) if run_dir.is_relative_to(ROOT) else str(run_dir)
+    shown = shown_path(run_dir)
     warnings = "".join(f"Warning: {w}\n" for w in info.get("warnings", []))
     return (f"## Run {plugin.run_number}: {plugin.title}\n"
             f"Study: {plugin.study} · Plugin: {plugin.name} · Setting: {setting} · Run folder: {shown}\n"
@@ -150,11 +155,11 @@ def study_notes(study: str, rows: list[dict], figures: dict[Path, str]) -> str:
         baseline = row["info"].get("run", {}).get("study") == "baseline"
         against = "(a baseline)" if baseline else matched(row["info"].get("verdict", {}))
         lines.append(f"| {row['label']} | " + " | ".join("-" if v is None else f"{v:.4g}" for v in cells)
-                     + f" | {against} | {row['folder']} |")
+                     + f" | {against} | {shown_path(row['folder'])} |")
     lines += coverage_lines(rows)
     read = {path: caption for path, caption in figures.items()  # the figures whose captions read the data
             if path.name.startswith("frontier_") or path.stem.endswith("_evolution")}
-    lines += ["", "Figures:", ""] + [f"- `{path}`: {caption}" for path, caption in read.items()] if read else []
+    lines += ["", "Figures:", ""] + [f"- `{shown_path(path)}`: {caption}" for path, caption in read.items()] if read else []
     return "\n".join(lines + ["", ""])
 
 

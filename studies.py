@@ -8,13 +8,12 @@ runner (`--workers`, `--ray`), each run not reused is a Ray task; analyses.py bu
 
 from __future__ import annotations
 
-from common import ROOT, HarnessError, console  # first: its import guards
+from common import HarnessError, console  # first: its import guards
 
 import dataclasses
 import hashlib
 import itertools
 import json
-import os
 import re
 import time
 import typing
@@ -34,7 +33,7 @@ from experiment import (ANALYSES_FOLDER, Plugin, RunConfig, build_config, checke
 import frontier
 from frontier import SWEEPABLE
 from kernels import configure_kernels, resolve_device
-from notebook import append_notes, notes_entry, result_lines, study_notes, sweep_notes
+from notebook import append_notes, notes_entry, result_lines, shown_path, study_notes, sweep_notes
 from runs import CHECKPOINT, atomic_write, headline, read_json, run_index
 
 
@@ -158,8 +157,8 @@ def sweep(plugin: Plugin, grid: list[str], seeds: int, preset: str, overrides: d
         written = plot.sweep_figures(runs_root, sweep_dir / "figures", plugin.study, plugin.name)
         console.print(f"{len(written)} frontier figures in {sweep_dir / 'figures'}")
     if any(row["how"] not in ("reused", "failed") for row in rows):  # a sweep run again that trained nothing notes nothing
-        where = os.path.relpath(sweep_dir, ROOT) if sweep_dir.is_relative_to(ROOT) else sweep_dir
-        title = f"{plugin.name} on {preset}, {' × '.join(grid)} × {seeds} seed{'s' if seeds > 1 else ''} ({where})"
+        title = (f"{plugin.name} on {preset}, {' × '.join(grid)} × {seeds} seed{'s' if seeds > 1 else ''} "
+                 f"({shown_path(sweep_dir)})")
         append_notes(notes, plugin.study_header, sweep_notes(title, rows))
     return rows, sweep_dir
 
@@ -271,7 +270,7 @@ def summary_table(title: str, rows: list[dict]) -> Table:
     for row in rows:
         values = [headline(row["info"], label) for label in shown]
         table.add_row(row["label"], row["how"], *("-" if v is None else f"{v:.4g}" for v in values),
-                      os.path.relpath(row["folder"], ROOT) if Path(row["folder"]).is_relative_to(ROOT) else row["folder"])
+                      shown_path(row["folder"]))
     return table
 
 
