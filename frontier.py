@@ -241,21 +241,36 @@ def suggest_knob(frontier: dict, l0: float) -> dict:
                     f"{usable[0]['l0']:.4g}–{usable[-1]['l0']:.4g})"}
 
 
-def _word(delta: float, uncertainty: float | None, higher_is_better: bool) -> str:
+def _word(delta: float, uncertainty: float | None, higher_is_better: bool, needed: float = Z_BETTER) -> str:
     good = delta if higher_is_better else -delta
     if uncertainty is None:  # no noise estimate: only an exact tie is a tie, and the word says so
         return ("tied" if delta == 0 else "better" if good > 0 else "worse") + " (no uncertainty)"
-    if good > Z_BETTER * uncertainty:
+    if good > needed * uncertainty:
         return "better"
-    if good < -Z_BETTER * uncertainty:
+    if good < -needed * uncertainty:
         return "worse"
     return "tied"
+
+
+def standard_errors_needed(parts: dict[str, float | None], dofs: dict[str, int]) -> float:
+    """How many standard errors Δ must clear: Z_BETTER, or Student's t 97.5% quantile at the
+    Welch–Satterthwaite degrees of freedom of Δ's uncertainty where that is more. A spread
+    measured on a few seeds is itself uncertain (two seeds each: about 3 degrees of freedom, t 3.2);
+    a part without degrees of freedom in `dofs` (a bootstrap's) counts as exactly known."""
+    from scipy.stats import t
+
+    known = {name: u for name, u in parts.items() if u}
+    spread = sum(u ** 4 / dofs[name] for name, u in known.items() if dofs.get(name))
+    if not spread:
+        return Z_BETTER
+    return max(Z_BETTER, float(t.ppf(0.975, sum(u * u for u in known.values()) ** 2 / spread)))
 
 
 def verdict(run: dict, frontiers: dict[str, dict], higher_is_better: dict[str, bool] | None = None,
             rows_of: Callable[[Any], dict | None] | None = None, score_of: Callable | None = None) -> dict:
     """Per metric of `frontiers`: {"run", "baseline", "delta", "uncertainty", "uncertainty_parts",
-    "word", "higher_is_better", "between", "suggest", "seeds", "pairing", "convergence"}; `run` is a
+    "standard_errors_needed", "word", "higher_is_better", "between", "suggest", "seeds", "pairing",
+    "convergence"}; `run` is a
     record (pooled or one seed). rows_of(folder) gives a run folder's per-context rows (or None) and
     score_of(metric) the metric from such rows (evals.score_of): with rows for the run and the
     points it is matched against, Δ's evaluation noise is a paired bootstrap (`paired_se`)."""
@@ -282,19 +297,21 @@ def verdict(run: dict, frontiers: dict[str, dict], higher_is_better: dict[str, b
             entry.update(word=OUTSIDE, suggest=suggest_knob(frontier, l0))
             continue
         delta = value - base["value"]
-        parts, pairing = _noise(name, run, base, frontier, rows_of, score_of)
+        parts, dofs, pairing = _noise(name, run, base, frontier, rows_of, score_of)
         known = [u for u in parts.values() if u is not None]
         uncertainty = math.sqrt(sum(u * u for u in known)) if known else None
+        needed = standard_errors_needed(parts, dofs)
         converged = {"run": _converged(run.get("convergence", [])),
                      "baseline": _converged([c for p, _ in base["weights"] for c in p["convergence"]]),
                      "threshold": CONVERGED_WITHIN}
-        word = _word(delta, uncertainty, directions[name])
+        word = _word(delta, uncertainty, directions[name], needed)
         if False in (converged["run"], converged["baseline"]):
             word = "not converged"
         elif len(entry["seeds"]["run"]) < 2:
             word = f"{word[:-1]}; one seed: provisional)" if word.endswith(")") else f"{word} (one seed: provisional)"
         entry.update(baseline=base["value"], delta=delta, uncertainty=uncertainty, between=base["between"],
-                     uncertainty_parts=parts, word=word, pairing=pairing, convergence=converged,
+                     uncertainty_parts=parts, standard_errors_needed=needed, word=word, pairing=pairing,
+                     convergence=converged,
                      seeds={**entry["seeds"],
                             "baseline": {str(p["knob_value"]): p["seeds"] for p, _ in base["weights"]}})
     return out
@@ -307,14 +324,15 @@ def _converged(found: Sequence[dict | None]) -> bool | None:
     return False if False in flags else None if None in flags or not flags else True
 
 
-def _noise(name: str, run: dict, base: dict, frontier: dict, rows_of, score_of) -> tuple[dict, str]:
-    """Δ's uncertainty parts and how the evaluation noise was measured: the paired bootstrap over
+def _noise(name: str, run: dict, base: dict, frontier: dict, rows_of, score_of) -> tuple[dict, dict, str]:
+    """Δ's uncertainty parts, their degrees of freedom (for the seeds' parts: the seeds' less one;
+    the context bootstrap's: the contexts' less one) and how the evaluation noise was measured: the paired bootstrap over
     the shared evaluation contexts plus each side's seed-to-seed spread where every folder has its
     per-context rows; else the unpaired standard errors in quadrature, as runs before pairing had.
     A synthetic run's evaluation reads the same fixed samples as its baselines' (synthetic.EVAL_SEED),
     and MCC none at all: only the seed-to-seed spread is left."""
     if "mcc" in run.get("metrics", {}):  # synthetic: every run is scored on the same samples; the noise is training's
-        return _seed_parts(name, run, base, frontier), "paired: the same ground-truth samples for every run"
+        return *_seed_parts(name, run, base, frontier), "paired: the same ground-truth samples for every run"
     sides = [(1.0, run.get("folders", []))] + [(-w, p["folders"]) for p, w in base["weights"]]
     rows = [(w, [rows_of(f) if rows_of and f is not None else None for f in folders]) for w, folders in sides]
     counts = {len(r[name]) for _, group in rows for r in group if r is not None}
@@ -323,23 +341,28 @@ def _noise(name: str, run: dict, base: dict, frontier: dict, rows_of, score_of) 
            if not all(group and None not in group for _, group in rows) else
            "the runs were evaluated on different numbers of contexts" if len(counts) > 1 else None)
     if why:
-        return {"run": _finite(run.get("uncertainties", {}).get(name)), "baseline": base["uncertainty"]}, \
+        return {"run": _finite(run.get("uncertainties", {}).get(name)), "baseline": base["uncertainty"]}, {}, \
             f"unpaired: {why}"
-    parts = {"contexts": paired_se(score_of(name), [(w, [r[name] for r in group]) for w, group in rows])}
-    return {**parts, **_seed_parts(name, run, base, frontier)}, f"paired over {counts.pop()} evaluation contexts"
+    contexts = counts.pop()
+    seeds, dofs = _seed_parts(name, run, base, frontier)
+    parts = {"contexts": paired_se(score_of(name), [(w, [r[name] for r in group]) for w, group in rows]), **seeds}
+    return parts, {"contexts": contexts - 1, **dofs}, f"paired over {contexts} evaluation contexts"
 
 
-def _seed_parts(name: str, run: dict, base: dict, frontier: dict) -> dict:
-    """The standard errors the seed-to-seed spread adds to each side's mean: its own spread where
-    it has two seeds or more, else the other side's (the same training noise assumed), else None.
-    The baseline's spread is its architecture's, pooled over every swept point with several seeds."""
+def _seed_parts(name: str, run: dict, base: dict, frontier: dict) -> tuple[dict, dict]:
+    """The standard errors the seed-to-seed spread adds to each side's mean, and their degrees of
+    freedom: its own spread where it has two seeds or more, else the other side's (the same training
+    noise assumed), else None. The baseline's spread is its architecture's, pooled over every swept
+    point with several seeds."""
     own = run.get("seed_values", {}).get(name, [])
-    run_sd = float(np.std(own, ddof=1)) if len(own) > 1 else None
-    base_sd = frontier["seed_spread"]["sd"]
-    run_sd, base_sd = run_sd if run_sd is not None else base_sd, base_sd if base_sd is not None else run_sd
-    return {"run_seeds": None if run_sd is None else run_sd / math.sqrt(max(1, len(own))),
-            "baseline_seeds": None if base_sd is None else base_sd * math.sqrt(
-                sum(w * w / len(p["seed_values"]) for p, w in base["weights"]))}
+    run_sd, run_dof = (float(np.std(own, ddof=1)), len(own) - 1) if len(own) > 1 else (None, 0)
+    base_sd, base_dof = frontier["seed_spread"]["sd"], frontier["seed_spread"]["dof"]
+    run_sd, run_dof, base_sd, base_dof = (run_sd if run_sd is not None else base_sd, run_dof or base_dof,
+                                          base_sd if base_sd is not None else run_sd, base_dof or run_dof)
+    parts = {"run_seeds": None if run_sd is None else run_sd / math.sqrt(max(1, len(own))),
+             "baseline_seeds": None if base_sd is None else base_sd * math.sqrt(
+                 sum(w * w / len(p["seed_values"]) for p, w in base["weights"]))}
+    return parts, {"run_seeds": run_dof, "baseline_seeds": base_dof}
 
 
 def seed_spread(groups: Sequence[Sequence[float]]) -> dict:

@@ -156,6 +156,20 @@ def test_a_synthetic_verdict_is_paired_by_its_shared_samples_and_its_noise_is_th
     assert alone["uncertainty"] is None and alone["word"] == "better (no uncertainty; one seed: provisional)"
 
 
+def test_a_difference_measured_on_few_seeds_must_clear_students_t_not_two_standard_errors():
+    """The A/A test on synth that called TopK's F1 worse than its own: Δ of 2.7 standard errors, the
+    errors measured on two seeds a side (1 degree of freedom for the run, 3 pooled for the baseline)."""
+    def synth(l0, seed, value):
+        return {**judged_record(l0, l0, seed, value, HARD), "metrics": {"mcc": value}, "folder": None}
+    baseline = build_frontiers([synth(8, 42, 0.4608), synth(8, 43, 0.4548), synth(16, 42, 0.5257),
+                                synth(16, 43, 0.5228), synth(32, 42, 0.4124), synth(32, 43, 0.4128)])
+    got = verdict(frontier.pool_seeds([synth(16, 44, 0.5170), synth(16, 45, 0.5099)]), baseline)["mcc"]
+    assert 2 < abs(got["delta"]) / got["uncertainty"] < got["standard_errors_needed"]
+    assert got["word"] == "tied" and 3 < got["standard_errors_needed"] < 13
+    assert frontier.standard_errors_needed({"contexts": 0.01}, {}) == frontier.Z_BETTER  # a bootstrap's: known
+    assert frontier.standard_errors_needed({"a": 0.01, "b": 0.01}, {"a": 1000, "b": 1000}) == frontier.Z_BETTER
+
+
 def test_the_seed_spread_is_pooled_over_the_points_that_have_several_seeds():
     assert seed_spread([[1.0, 3.0], [5.0], [2.0, 2.0, 5.0]]) == {"sd": pytest.approx(math.sqrt((2 + 6) / 3)), "dof": 3}
     assert seed_spread([[1.0], [2.0]]) == {"sd": None, "dof": 0}
