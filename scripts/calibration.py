@@ -57,7 +57,8 @@ def main(plugin: str = typer.Option(..., help="The baseline plugin."), preset: s
         for name, by_metric in verdicts.items():
             for metric, entry in by_metric.items():
                 delta, noise = entry["delta"], entry["uncertainty"]
-                shown = "-" if delta is None else f"{delta:+.4f}" + ("" if noise is None else f" ± {noise:.4f}")
+                shown = "-" if delta is None else f"{delta:+.4f}" + ("" if noise is None else (
+                    f" ± {noise:.4f}, beyond {entry['standard_errors_needed']:.2g} of them to count"))
                 print(f"{name}: {metric} {entry['word']} ({shown}; {frontier.footing_of(entry)})")
         if out:
             out.write_text(json.dumps(verdicts, indent=2, default=str))
