@@ -129,15 +129,28 @@ def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None, remote
     return [done[k] for k in sorted(done)]
 
 
+# Each baseline's sweep on a preset where it was chosen by measurement (its points bracket the true
+# L0 and the studies' runs; notes.md has the frontier), which `study` runs first on that preset.
+BASELINE_SWEEPS = {"synth": {"run_0_baseline": "sparsity_penalty=1,2,3", "run_0_topk": "k=8,16,32",
+                             "run_0_batchtopk": "k=8,16,32", "run_0_matryoshka": "k=8,16,32",
+                             "run_0_jumprelu": "l0_coefficient=0.3,1,3", "run_0_gated": "sparsity_penalty=1,2,4"}}
+BASELINE_SEEDS = 2  # a sweep's seeds at the least: one seed has no spread for a verdict to stand on
+
+
 def study(name: str, baselines: list[str], preset: str, overrides: dict[str, Any], runs_root: Path, notes: Path,
           figures: Path, remote=None, seeds: int = 1, cover_cap: int = 1) -> list[dict]:
-    """`python experiment.py study NAME`: its baselines, then its runs in order, each at `seeds`
-    seeds; each baseline's sweep widened until it covers every run or has `cover_cap` knob values
-    (`cover`; the CLI's default widens, 1 never does); then its figures,
-    the compare table and, where anything was trained, its summary in the notebook."""
+    """`python experiment.py study NAME`: the preset's baseline sweeps (BASELINE_SWEEPS, at two
+    seeds or more), its baselines, then its runs in order, each at `seeds` seeds; each baseline's
+    sweep widened until it covers every run or has `cover_cap` knob values (`cover`; the CLI's
+    default widens, 1 never does); then its figures, the compare table and, where anything was
+    trained, its summary in the notebook."""
     if cover_cap < 0:
         raise HarnessError(f"--cover-cap must be 0 or more, got {cover_cap}")
     jobs = study_jobs(name, baselines, preset, overrides, runs_root, seeds)
+    for plugin, grid in BASELINE_SWEEPS.get(preset, {}).items():
+        console.print(f"the baselines' sweep on {preset}: {plugin} {grid}")
+        sweep(find_plugin(f"baseline/{plugin}"), [grid], max(seeds, BASELINE_SEEDS), preset, overrides, runs_root,
+              notes, remote)
     rows = rejudge(run_jobs(jobs, notes, runs_root, remote=remote), runs_root)
     rows += cover(rows, preset, overrides, seeds, runs_root, notes, remote, cover_cap)
     written = plot.plot_all(runs_root, figures / name, name)

@@ -212,6 +212,29 @@ def test_widening_asks_for_the_knob_of_the_furthest_run_on_each_side_up_to_the_c
     assert studies.widening(rows, swept(16, 64), cap=1) == {}
 
 
+def test_a_study_on_a_preset_with_measured_baseline_sweeps_runs_those_first_at_two_seeds_or_more(tmp_path,
+                                                                                                 monkeypatch):
+    called = []
+    monkeypatch.setattr(studies, "sweep", lambda plugin, grid, seeds, preset, *rest: called.append(
+        (plugin.name, grid, seeds, preset)))
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+    monkeypatch.setattr(studies, "run_jobs", stop)  # the study's own runs: not this test's business
+    overrides = dict(tokens=None, dict_size=None, seed=42, device="cpu", evals=None)
+    for preset, seeds, swept in (("synth", 1, 2), ("synth", 3, 3), ("tiny", 1, None)):
+        called.clear()
+        with pytest.raises(Stop):
+            studies.study("topk_ortho", ["run_0_baseline"], preset, overrides, tmp_path / "runs", tmp_path / "notes.md",
+                          tmp_path / "figures", seeds=seeds)
+        grids = studies.BASELINE_SWEEPS.get(preset, {})
+        assert called == [(plugin, [grid], swept, preset) for plugin, grid in grids.items()]
+    assert len(studies.BASELINE_SWEEPS["synth"]) == 6 and called == []
+
+
 def test_the_sweeps_manifest_keeps_the_seed_spread_measured_on_it(tmp_path):
     def row(penalty, seed, ce):
         return {"label": "x", "how": "trained", "folder": "f", "info": {
