@@ -13,8 +13,8 @@ import experiment
 import kernels
 import studies
 import sources
-import notebook
 import evals
+from runs import HEADLINE
 
 NOTEBOOK_KEYS = {"training_steps", "final_loss", "layer", "dict_size", "learning_rate", "sparsity_penalty"}
 CORE_GROUPS = {"model_behavior_preservation", "model_performance_preservation", "reconstruction_quality",
@@ -101,7 +101,7 @@ def test_a_notebook_entry_lists_each_headline_metric_with_its_change_against_the
         assert cli("run", "--preset", "tiny", "--plugin", plugin, "--tokens", "2048", "--out", str(out),
                    "--notes", str(notes)).exit_code == 0
     entry = notes.read_text().split("## Run 1:")[1]
-    for label in notebook.HEADLINE:
+    for label in HEADLINE:
         line = next(line for line in entry.splitlines() if line.startswith(f"- {label[0]}: "))
         assert line.endswith(" vs run_0_baseline)") and (" (+" in line or " (-" in line), line
     assert "- dead latents at the end of training (not fired in the last tenth of its tokens" in entry
