@@ -151,6 +151,7 @@ def test_a_topk_run_logs_the_same_on_the_sparse_step_as_on_the_dense_one(run_tin
     monkeypatch.setattr(kernels, "decode", lambda f, w, sparse: sparse_decodes.append(sparse) or dense_decode(f, w, sparse))
     logs = {}
     torch.use_deterministic_algorithms(True)  # the switch point is stored under a CPU run's kernel mode
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # and its threads: the run takes these
     for sparse_below in (0.0, 1.0):
         monkeypatch.setenv("SAE_HARNESS_CACHE", str(tmp_path / f"cache_{sparse_below}"))
         switch_point_file(cache_dir(), 256, 64, 256, sparse_below)
