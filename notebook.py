@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -188,9 +189,7 @@ def sweep_notes(title: str, rows: list[dict]) -> str:
 def _mean_sd(values: list[float]) -> str:
     if not values:
         return "-"
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-    return f"{mean:.4g}" + ("" if sd is None else f" ± {sd:.2g}")
+    return f"{statistics.mean(values):.4g}" + (f" ± {statistics.stdev(values):.2g}" if len(values) > 1 else "")
 
 
 def _percent(moved: float | None) -> str:
