@@ -66,11 +66,14 @@ from typing import Any
 
 import numpy as np
 
-from runs import (BASE_TERMS, CONVERGED_WITHIN, Index, convergence, load_context_rows, newest, read_json,
-                  read_json_lines)
+from runs import (BASE_TERMS, CONVERGED_WITHIN, Index, load_context_rows, newest, read_json, read_json_lines,
+                  run_convergence)
 
 # The run settings a sweep may vary (besides a plugin's hyperparameters).
 SWEEPABLE = ("dict_size", "tokens", "batch_size", "lr", "sparsity_penalty", "warmup_steps", "layer")
+# A baseline is judged from its runs trained as the judged run was (the activation cache pins tokens
+# and layer): a stray run at another lr on the same cache must not take the baseline's frontier away.
+MATCHED_SETTINGS = ("dict_size", "batch_size", "lr", "warmup_steps")
 
 Z_BETTER = 2.0  # Δ must clear two standard errors to count as a difference
 OUTSIDE = "outside the baseline sweep: widen it"
@@ -434,6 +437,9 @@ def verdicts(info: dict, index: Index, plugin_name: str, knob_of: Callable[[str]
     for name, runs in sorted(sweeps.items()):
         if name == plugin_name:
             continue
+        if not (runs := [(folder, other) for folder, other in runs if _trained_alike(other, info)]):
+            found[name] = dict(not_judged=f"none of its runs was trained at this run's {', '.join(MATCHED_SETTINGS)}")
+            continue
         try:
             knob = swept_knob([other for _, other in runs], knob_of(name))
         except HarnessError as exc:  # the baseline's plugin file is gone or broken: its knob is unknown
@@ -449,12 +455,8 @@ def verdicts(info: dict, index: Index, plugin_name: str, knob_of: Callable[[str]
 
 
 def _record(info: dict, knob: str, folder: Path | None) -> dict:
-    """record_from_final_info with the run's folder, and its convergence read from its train log
-    where its final_info predates it."""
-    record = {**record_from_final_info(info, knob), "folder": folder}
-    if record["convergence"] is None and folder is not None and (Path(folder) / "train_log.jsonl").exists():
-        record["convergence"] = convergence(read_json_lines(Path(folder) / "train_log.jsonl"))
-    return record
+    """record_from_final_info with the run's folder, and its convergence by the current rule."""
+    return {**record_from_final_info(info, knob), "folder": folder, "convergence": run_convergence(folder, info)}
 
 
 def seeds_of(info: dict, index: Index, run_dir: Path | None) -> list[tuple[Path, dict]]:
@@ -475,6 +477,13 @@ def seeds_of(info: dict, index: Index, run_dir: Path | None) -> list[tuple[Path,
 
 def _without_seed(config: dict) -> str:
     return json.dumps({k: v for k, v in config.items() if k not in ("seed", "device")}, sort_keys=True, default=str)
+
+
+def _trained_alike(baseline: dict, run: dict) -> bool:
+    """Whether a baseline run shares the judged run's MATCHED_SETTINGS (runs saved without their
+    config are not told apart)."""
+    mine, theirs = (i.get("provenance", {}).get("config") for i in (run, baseline))
+    return not (mine and theirs) or all(mine.get(k) == theirs.get(k) for k in MATCHED_SETTINGS)
 
 
 def swept_knob(infos: list[dict], default: str) -> str | None:

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from frontier import OUTSIDE, SWEEPABLE, footing_of, matched
-from runs import ALL_HEADLINES, HEADLINE_SE, headline, read_json_lines
+from runs import ALL_HEADLINES, HEADLINE_SE, headline, read_json_lines, run_convergence
 
 
 def shown_path(path: Path | str) -> str:
@@ -167,21 +167,22 @@ def study_notes(study: str, rows: list[dict], figures: dict[Path, str]) -> str:
 def sweep_notes(title: str, rows: list[dict]) -> str:
     """A sweep's summary for notes.md: per setting, its seeds pooled (mean ± the seed-to-seed
     standard deviation) for L0 and the headline scores, and each seed's convergence (how far its
-    loss and L0 moved over the last fifth of training, runs.convergence)."""
+    reconstruction loss and L0 moved over the last fifth of training, runs.convergence)."""
     synthetic = any(headline(row["info"], "MCC") is not None for row in rows)
     shown = ("L0", *(("MCC", "F1", "precision", "recall") if synthetic else ("CE-loss score", "KL score")),
              "explained variance (whole set)")
     settings: dict[str, list[dict]] = {}
     for row in rows:
         if row["info"].get("status") == "completed":
-            settings.setdefault(row["label"].rsplit("seed=", 1)[0].rstrip(",") or "-", []).append(row["info"])
-    lines = [f"## Sweep summary: {title}", "", f"| setting | seeds | {' | '.join(shown)} | converged (loss, L0 "
-             "moved over the last fifth) |", "|---" * (len(shown) + 3) + "|"]
-    for setting, infos in settings.items():
+            settings.setdefault(row["label"].rsplit("seed=", 1)[0].rstrip(",") or "-", []).append(row)
+    lines = [f"## Sweep summary: {title}", "", f"| setting | seeds | {' | '.join(shown)} | converged (reconstruction "
+             "loss, L0 moved over the last fifth) |", "|---" * (len(shown) + 3) + "|"]
+    for setting, runs in settings.items():
+        infos = [row["info"] for row in runs]
         cells = [_mean_sd([v for info in infos if (v := headline(info, label)) is not None]) for label in shown]
-        moved = [info.get("convergence") or {} for info in infos]
+        moved = [run_convergence(row.get("folder"), row["info"]) or {} for row in runs]
         lines.append(f"| {setting} | {len(infos)} | {' | '.join(cells)} | " + "; ".join(
-            f"{ {True: 'yes', False: 'no'}.get(c.get('converged'), '?')} ({_percent(c.get('loss'))}, "
+            f"{ {True: 'yes', False: 'no'}.get(c.get('converged'), '?')} ({_percent(c.get('l2_loss'))}, "
             f"{_percent(c.get('l0'))})" for c in moved) + " |")
     return "\n".join(lines + ["", ""])
 

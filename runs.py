@@ -391,28 +391,37 @@ def dead_window_steps(cfg) -> int:
 REPORT_LAG = {"cuda": 1}
 
 
-# A run has converged when, over the last fifth of its training, neither its training loss nor its
-# L0 moved by more than this share of its level there; beyond it a verdict describes how long the
-# run trained, not its idea.
+# A run has converged when, over the last fifth of its training, neither its reconstruction loss nor
+# its L0 moved by more than this share of its level there; beyond it a verdict describes how long
+# the run trained, not its idea. Not the total loss: a plugin's scheduled term weights move it
+# while the SAE itself has stopped changing.
 CONVERGED_WITHIN = 0.10
 LAST_SHARE = 0.2
 
 
 def convergence(log: list[dict]) -> dict[str, Any]:
-    """How much the training loss and L0 moved over the last fifth of training (the train log's
-    rows from the last one at or before 80% of the steps): the Theil–Sen slope (the median of the
-    rows' pairwise slopes: a few outlier batches, as Gemma's huge-norm tokens give, cannot swing it)
-    times the window's length, relative to the window's median level. {"loss", "l0", "rows",
-    "steps", "threshold", "converged"}; None for a quantity with under 3 rows or a level of 0, and
-    then converged is None (unknown)."""
+    """How much the reconstruction loss (l2_loss) and L0 moved over the last fifth of training (the
+    train log's rows from the last one at or before 80% of the steps): the Theil–Sen slope (the
+    median of the rows' pairwise slopes: a few outlier batches, as Gemma's huge-norm tokens give,
+    cannot swing it) times the window's length, relative to the window's median level. {"l2_loss",
+    "l0", "rows", "steps", "threshold", "converged"}; None for a quantity with under 3 rows or a
+    level of 0, and then converged is None (unknown)."""
     end = log[-1]["step"] if log else 0
     start = max((i for i, row in enumerate(log) if row["step"] <= (1 - LAST_SHARE) * (end + 1)), default=0)
     window = log[start:]
-    moved = {key: _relative_move(window, name) for key, name in (("loss", "total_loss"), ("l0", "l0"))}
+    moved = {name: _relative_move(window, name) for name in ("l2_loss", "l0")}
     known = [abs(m) for m in moved.values() if m is not None]
     return dict(**moved, rows=len(window), steps=[window[0]["step"], end] if window else [],
                 threshold=CONVERGED_WITHIN,
                 converged=None if len(known) < len(moved) else max(known) <= CONVERGED_WITHIN)
+
+
+def run_convergence(folder: Path | None, info: dict) -> dict[str, Any] | None:
+    """A run's convergence by the current rule, from its train log where its folder has one, else
+    as its final_info.json recorded it (None for runs saved before it was)."""
+    if folder is not None and (log := Path(folder) / "train_log.jsonl").exists():
+        return convergence(read_json_lines(log))
+    return info.get("convergence")
 
 
 def _relative_move(rows: list[dict], name: str) -> float | None:

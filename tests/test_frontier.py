@@ -311,6 +311,22 @@ def test_a_run_is_judged_against_each_baseline_swept_on_its_activations():
     assert "run_0_baseline" not in frontier.verdicts(run, index, "run_0_baseline", knob_of)  # not against itself
 
 
+def test_a_baseline_run_trained_at_another_lr_on_the_same_activations_leaves_its_sweep_judged():
+    def trained(info, lr):
+        info["provenance"]["config"].update(lr=lr, dict_size=64, batch_size=8, warmup_steps=0)
+        return info
+    run = {**trained(final_info(l0=math.sqrt(1000), ce=0.95), 1e-3), "activation_cache": "acts-1"}
+    sweep = [indexed(trained(final_info(l0=10, penalty=1.0, ce=0.5), 1e-3), "run_0_baseline"),
+             indexed(trained(final_info(l0=100, penalty=0.1, ce=0.9), 1e-3), "run_0_baseline")]
+    stray = indexed(trained(final_info(l0=50, penalty=0.3, ce=0.2), 3e-4), "run_0_baseline")  # e.g. a calibration
+    found = frontier.verdicts(run, [*sweep, stray], "run_1_mine", lambda plugin: "sparsity_penalty")
+    assert found["run_0_baseline"]["points"] == 2
+    assert found["run_0_baseline"]["metrics"]["ce_loss_score"]["baseline"] == pytest.approx(0.7)
+    alone = frontier.verdicts(run, [stray], "run_1_mine", lambda plugin: "sparsity_penalty")
+    assert alone["run_0_baseline"] == {
+        "not_judged": "none of its runs was trained at this run's dict_size, batch_size, lr, warmup_steps"}
+
+
 def test_the_swept_knob_is_the_one_setting_that_varies_besides_the_seed():
     infos = [final_info(penalty=p) for p in (0.1, 0.2)]
     infos[1]["provenance"]["config"]["seed"] = 3

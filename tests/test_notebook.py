@@ -119,14 +119,14 @@ def test_a_synthetic_studys_coverage_is_read_from_its_mcc_verdicts():
 def test_a_sweep_summary_pools_each_settings_seeds_and_shows_each_seeds_convergence():
     def row(k, seed, mcc, moved):
         info = {"status": "completed", "metrics": {"ground_truth": {"mcc": mcc, "f1": 0.5}, "sparsity": {"l0": k}},
-                "convergence": {"converged": abs(moved) <= 0.1, "loss": moved, "l0": 0.0}}
+                "convergence": {"converged": abs(moved) <= 0.1, "l2_loss": moved, "l0": 0.0}}
         return {"label": f"k={k},seed={seed}", "info": info}
     rows = [row(8, 42, 0.50, -0.04), row(8, 43, 0.52, -0.2), row(16, 42, 0.6, 0.01),
             {"label": "k=32,seed=42", "info": {"status": "failed"}}]
     assert sweep_notes("run_0_topk on synth", rows).splitlines() == [
         "## Sweep summary: run_0_topk on synth", "",
-        "| setting | seeds | L0 | MCC | F1 | precision | recall | explained variance (whole set) | converged (loss, "
-        "L0 moved over the last fifth) |", "|---|---|---|---|---|---|---|---|---|",
+        "| setting | seeds | L0 | MCC | F1 | precision | recall | explained variance (whole set) | converged "
+        "(reconstruction loss, L0 moved over the last fifth) |", "|---|---|---|---|---|---|---|---|---|",
         "| k=8 | 2 | 8 ± 0 | 0.51 ± 0.014 | 0.5 ± 0 | - | - | - | yes (-4.0%, +0.0%); no (-20.0%, +0.0%) |",
         "| k=16 | 1 | 16 | 0.6 | 0.5 | - | - | - | yes (+1.0%, +0.0%) |", ""]
 

@@ -18,24 +18,32 @@ from runs import CONVERGED_WITHIN, convergence
 
 
 def log(values, l0=50.0, steps=100, every=10):
-    """A train log whose total loss at step s is values(s)."""
-    return [{"step": s, "total_loss": values(s), "l0": l0} for s in [*range(0, steps, every), steps - 1]]
+    """A train log whose reconstruction loss at step s is values(s)."""
+    return [{"step": s, "l2_loss": values(s), "total_loss": values(s), "l0": l0}
+            for s in [*range(0, steps, every), steps - 1]]
 
 
 # ---- convergence ----------------------------------------------------------------------------------
 
 def test_a_loss_still_falling_over_the_last_fifth_is_not_converged_and_a_flat_one_is():
     falling = convergence(log(lambda s: 10.0 - 0.02 * s))  # rows 80, 90, 99: 8.4 -> 8.02 around 8.2
-    assert falling["loss"] == pytest.approx(-0.02 * 19 / 8.2) and falling["converged"] is True
+    assert falling["l2_loss"] == pytest.approx(-0.02 * 19 / 8.2) and falling["converged"] is True
     steep = convergence(log(lambda s: 10.0 - 0.08 * s))
-    assert steep["loss"] < -CONVERGED_WITHIN and steep["converged"] is False
+    assert steep["l2_loss"] < -CONVERGED_WITHIN and steep["converged"] is False
     assert steep["steps"] == [80, 99] and steep["rows"] == 3 and steep["threshold"] == CONVERGED_WITHIN
 
 
 def test_one_outlier_batch_in_the_last_fifth_does_not_make_a_flat_run_look_moving():
     rows = log(lambda s: 2.0)
-    rows[-2]["total_loss"] = 400.0  # a batch of Gemma's huge-norm tokens
-    assert convergence(rows)["loss"] == 0 and convergence(rows)["converged"] is True
+    rows[-2]["l2_loss"] = 400.0  # a batch of Gemma's huge-norm tokens
+    assert convergence(rows)["l2_loss"] == 0 and convergence(rows)["converged"] is True
+
+
+def test_a_scheduled_term_weight_that_raises_the_total_loss_does_not_make_a_settled_sae_look_moving():
+    rows = log(lambda s: 2.0)
+    for row in rows:
+        row["total_loss"] = 2.0 + 0.05 * row["step"]  # a contrastive weight ramped up to the end
+    assert convergence(rows)["converged"] is True
 
 
 def test_convergence_is_unknown_with_too_few_rows_or_an_l0_of_zero():
@@ -79,7 +87,7 @@ def judged_record(l0, knob, seed, value, hard, moved=0.01):
     ROWS[folder] = {"ce_loss_score": contexts(value + hard)}
     return {"l0": l0, "metrics": {"ce_loss_score": value}, "knob": ("sparsity_penalty", knob), "seed": seed,
             "uncertainties": {}, "folder": folder,
-            "convergence": {"converged": abs(moved) <= CONVERGED_WITHIN, "loss": moved, "threshold": 0.1}}
+            "convergence": {"converged": abs(moved) <= CONVERGED_WITHIN, "l2_loss": moved, "threshold": 0.1}}
 
 
 ROWS: dict = {}
