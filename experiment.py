@@ -379,7 +379,7 @@ class Trainer:
     running state, resampling, revival). A hook may add diagnostics to out.stats."""
 
     OWN = ("sae", "run_cfg", "optimizer", "scheduler", "loss_fn")  # the rest of a Trainer is plugin state, checkpointed
-    max_grad_norm: float | None = 1.0  # the gradient's norm is clipped to this, as SAELens's and dictionary_learning's
+    max_grad_norm: float | None = 1.0  # the gradient's norm is clipped to this, as SAELens's trainer does
 
     def __init__(self, sae: SAE, cfg: RunConfig):
         self.sae, self.run_cfg = sae, cfg

@@ -1,17 +1,33 @@
 """The peer check: a baseline trained by the harness against the same architecture trained by its
 reference trainer, on the same data, batches, learning rate, warm-up and seeds.
 
-- `embedded` (the default): dictionary_learning 0.1.0's trainer on the same cached activations,
-  both scored on the same rows (in-sample: the question is whether the two trainers agree, not how
-  well either generalises): L0, explained variance (whole set), the latents that never fire,
-  b_dec's distance from the data's mean.
+- `embedded` (the default): dictionary_learning 0.1.0's trainer of the same architecture on the same
+  cached activations, both scored on the same rows (in-sample: the question is whether the two
+  trainers agree, not how well either generalises): L0, explained variance (whole set), the latents
+  that never fire, b_dec's distance from the data's mean. The harness trains its plugin as
+  `experiment.py run` does, with the architecture's sparsity knob (--k, --sparsity-penalty or
+  --l0-coefficient); the reference (REFERENCES: `StandardTrainer` for relu, `GatedSAETrainer` for
+  gated, `JumpReluTrainer`, `TopKTrainer`, `BatchTopKTrainer`, `MatryoshkaBatchTopKTrainer`) gets
+  the run's steps, lr, warm-up and seed and, through its constructor only, the plugin's settings
+  (each mapping's docstring says how). What it cannot be given, it keeps:
+    - its start: b_dec at 0 for relu, gated and jumprelu (the harness's: the first batch's geometric
+      median, as the TopK family's references start); relu's encoder and first decoder rows at norm
+      0.1; jumprelu's θ at 0.001 (the harness's 0.01), and no b_dec subtracted before its encoder;
+    - its optimiser: Adam β1 = 0 for gated and jumprelu (the harness's: SAELens's default, 0.9); no
+      gradient clipping for relu and gated (the harness clips at 1); lr 0 on the first warm-up step
+      (the harness's (s + 1)/W);
+    - jumprelu's θ stepping at the run's lr (the harness's at `threshold_lr_scale` times it), unclamped;
+    - AuxK's dead window of 10M tokens (never reached at 250k; the harness's is a tenth of the run),
+      and its loss divided by the residual's variance.
 - a synthetic preset: SAELens's own `SyntheticSAERunner` on the same synthetic model, both starting
   as SAELens does (b_dec at zero; unit decoder rows, the harness's start), with the same AuxK weight
-  and dead window; both scored by SAELens's ground-truth evaluation (MCC, F1, L0, explained
-  variance). The runner draws fresh samples; the harness reads its cache of the same generator.
+  and dead window; both scored by SAELens's ground-truth evaluation (MCC, F1 with its precision
+  and recall, uniqueness, dead latents, L0, explained variance, shrinkage). The runner draws fresh samples; the harness reads its cache of the same generator.
 
     pip install --no-deps dictionary-learning==0.1.0    # its trainers need only torch and einops
     python peers.py --arch topk --k 32 --seeds 2        # embedded preset's cached activations
+    python peers.py --arch relu --sparsity-penalty 0.2 --seeds 2     # gated likewise
+    python peers.py --arch jumprelu --l0-coefficient 1 --seeds 2
     python peers.py --preset synth --arch topk --k 16 --seeds 2
 
 Prints and writes (--out, JSON) one line per trainer and seed. docs/baselines.md and
@@ -29,6 +45,7 @@ import sys
 import tempfile
 import types
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -36,11 +53,72 @@ import typer
 from rich.progress import Progress
 
 import experiment
+import kernels
 import synthetic
+from plugins.baseline.run_0_matryoshka import prefix_widths
 from runs import dead_window_steps
 
-REFERENCES = {"topk": ("top_k", "TopKTrainer"), "batchtopk": ("batch_top_k", "BatchTopKTrainer")}
 SCORED_ROWS = 16_384
+SYNTHETIC_ARCHS = ("topk", "batchtopk")  # what SAELens's synthetic runner trains here (saelens_synthetic)
+
+
+# Each mapping takes the harness's hyperparameters, run config and scores (train_ours) and gives the
+# reference trainer's constructor arguments beyond the run's own (train_reference).
+
+def l1_settings(hp, cfg: experiment.RunConfig, ours: dict) -> dict[str, Any]:
+    """ReLU + L1 and Gated: the run's λ (--sparsity-penalty) as the reference's `l1_penalty`, the same
+    term in the same units (λ·Σ_i f_i per token, averaged over the batch; Gated's on ReLU(π_gate),
+    both); no sparsity warm-up, as the harness has none (the reference's default, 2,000 steps, is
+    longer than the run, which its schedule refuses)."""
+    return dict(l1_penalty=cfg.sparsity_penalty, sparsity_warmup_steps=None)
+
+
+def jumprelu_settings(hp, cfg: experiment.RunConfig, ours: dict) -> dict[str, Any]:
+    """JumpReLU: the reference's penalty is λ·(L0/target − 1)², not the harness's (SAELens's) λ·L0, so
+    it gets the harness's λ as its `sparsity_penalty` and, as its target, the L0 the harness reached
+    on the same seed: the two are compared at the same sparsity. The harness's bandwidth ε and λ
+    warm-up too (the reference's defaults: ε 0.001, a 2,000-step warm-up)."""
+    return dict(sparsity_penalty=hp.l0_coefficient, target_l0=ours["l0"], bandwidth=hp.bandwidth,
+                sparsity_warmup_steps=hp.l0_warm_up_steps or None)
+
+
+def topk_settings(hp, cfg: experiment.RunConfig, ours: dict) -> dict[str, Any]:
+    """TopK: k and the AuxK weight α."""
+    return dict(k=hp.k, auxk_alpha=hp.aux_loss_coefficient)
+
+
+def batchtopk_settings(hp, cfg: experiment.RunConfig, ours: dict) -> dict[str, Any]:
+    """BatchTopK: TopK's, and θ's running mean at the harness's rate η (the reference's β = 1 − η)
+    from the first step: the reference's default start, step 1,000, never comes in a short run, and
+    until it θ is −1, under which the reference encodes at inference with plain ReLU."""
+    return dict(topk_settings(hp, cfg, ours), threshold_beta=1 - hp.topk_threshold_lr, threshold_start_step=0)
+
+
+def matryoshka_settings(hp, cfg: experiment.RunConfig, ours: dict) -> dict[str, Any]:
+    """Matryoshka: BatchTopK's, the harness's prefixes as the reference's groups, each group's error
+    weighted n (of n groups): the reference averages its weighted terms, so its loss is then the
+    harness's (SAELens's) sum over the prefixes; its default weights, 1/n, would scale it by 1/n²."""
+    sizes = np.diff([0, *prefix_widths(hp.prefix_fractions, cfg.dict_size)])
+    return dict(batchtopk_settings(hp, cfg, ours), group_fractions=(sizes / cfg.dict_size).tolist(),
+                group_weights=[len(sizes)] * len(sizes))
+
+
+class Reference(NamedTuple):
+    plugin: str  # the harness's baseline, plugins/baseline/<plugin>.py
+    module: str  # dictionary_learning.trainers.<module>
+    trainer: str  # its trainer class
+    settings: Callable[..., dict[str, Any]]  # the mapping above
+
+
+REFERENCES = {  # --arch: the harness's baseline and dictionary_learning 0.1.0's trainer of it
+    "relu": Reference("run_0_baseline", "standard", "StandardTrainer", l1_settings),
+    "gated": Reference("run_0_gated", "gdm", "GatedSAETrainer", l1_settings),
+    "jumprelu": Reference("run_0_jumprelu", "jumprelu", "JumpReluTrainer", jumprelu_settings),
+    "topk": Reference("run_0_topk", "top_k", "TopKTrainer", topk_settings),
+    "batchtopk": Reference("run_0_batchtopk", "batch_top_k", "BatchTopKTrainer", batchtopk_settings),
+    "matryoshka": Reference("run_0_matryoshka", "matryoshka_batch_top_k", "MatryoshkaBatchTopKTrainer",
+                            matryoshka_settings),
+}
 
 
 def reference_trainer(arch: str):
@@ -53,41 +131,60 @@ def reference_trainer(arch: str):
         package = types.ModuleType("dictionary_learning")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["dictionary_learning"] = package
-    module_name, class_name = REFERENCES[arch]
-    module = importlib.import_module(f"dictionary_learning.trainers.{module_name}")
-    return getattr(module, class_name)
+    module = importlib.import_module(f"dictionary_learning.trainers.{REFERENCES[arch].module}")
+    return getattr(module, REFERENCES[arch].trainer)
 
 
-def scores(encode, decode, b_dec: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
+def scores(encode, decode, x: torch.Tensor) -> dict[str, float]:
+    """b_dec is read as decode(0), whatever the SAE calls it."""
     with torch.no_grad():
         f = encode(x)
         error = x - decode(f)
+        b_dec = decode(torch.zeros_like(f[:1]))[0]
     return dict(l0=(f > 0).float().sum(-1).mean().item(),
                 explained_variance=1 - (error.pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item(),
                 never_fired=((f > 0).sum(0) == 0).float().mean().item(),
                 b_dec_from_mean=((b_dec - x.mean(0)).norm() / x.mean(0).norm()).item())
 
 
-def train_ours(arch: str, k: int, cfg: experiment.RunConfig, data: experiment.ActivationData, x: torch.Tensor):
-    plugin = experiment.find_plugin(f"baseline/run_0_{arch}")
-    hp = plugin.hyperparams_class(k=k)
+def harness_setting(arch: str, knob: dict, preset: str, seed: int, tokens: int | None):
+    """(plugin, run config, hyperparameters) as `experiment.py run --plugin <arch's baseline> --preset
+    <preset> --seed <seed> --tokens <tokens>` builds them with the knob: --sparsity-penalty where it
+    is the run's, --set <knob>=<value> where it is the plugin's."""
+    plugin = experiment.find_plugin(f"baseline/{REFERENCES[arch].plugin}")
+    in_run = {name: value for name, value in knob.items() if name in experiment.RunConfig.__dataclass_fields__}
+    cfg = experiment.build_config(preset, f"baseline/{plugin.name}", tokens=tokens, seed=seed, **in_run)
+    hp = plugin.hyperparams_class(**{name: value for name, value in knob.items() if name not in in_run})
+    cfg.hyperparams = dataclasses.asdict(hp)
+    return plugin, cfg, hp
+
+
+def train_ours(plugin, cfg: experiment.RunConfig, hp, data: experiment.ActivationData, x: torch.Tensor):
+    """The plugin trained as `experiment.py run` trains it on the CPU (execute's kernel settings,
+    train_run's seed, SAE and Trainer, `experiment.train`)."""
+    device = torch.device("cpu")
+    kernels.configure_kernels(cfg, device)
     torch.manual_seed(cfg.seed)
     sae = plugin.sae_class(data.train.shape[1], cfg.dict_size, hp, cfg)
     with tempfile.TemporaryDirectory() as folder, Progress(disable=True) as progress:
-        experiment.train(sae, plugin.trainer_class(sae, cfg), data, cfg, Path(folder), progress, torch.device("cpu"))
-    return scores(sae.eval().encode, sae.decode, sae.b_dec, x)
+        experiment.train(sae, plugin.trainer_class(sae, cfg), data, cfg, Path(folder), progress, device)
+    return scores(sae.eval().encode, sae.decode, x)
 
 
-def train_reference(arch: str, k: int, cfg: experiment.RunConfig, data: experiment.ActivationData, x: torch.Tensor):
+def train_reference(arch: str, cfg: experiment.RunConfig, hp, data: experiment.ActivationData, x: torch.Tensor,
+                    ours: dict):
+    """The reference trainer on the harness's batches in the harness's order, seeded here too
+    (JumpReluTrainer does not seed itself)."""
+    torch.manual_seed(cfg.seed)
     trainer = reference_trainer(arch)(steps=cfg.steps, activation_dim=data.train.shape[1], dict_size=cfg.dict_size,
-                                      k=k, layer=cfg.layer, lm_name=cfg.model, lr=cfg.lr,
-                                      warmup_steps=cfg.warmup_steps, seed=cfg.seed, device="cpu")
+                                      layer=cfg.layer, lm_name=cfg.model, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                                      seed=cfg.seed, device="cpu", **REFERENCES[arch].settings(hp, cfg, ours))
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))  # as train's
     for step, batch in experiment.prefetched_batches(data, order, cfg, range(cfg.steps), 0, cfg.batch_size,
                                                      torch.device("cpu"), torch.float32):
         trainer.update(step, batch)
     ae = trainer.ae.eval()
-    return scores(ae.encode, ae.decode, ae.b_dec, x)
+    return scores(ae.encode, ae.decode, x)
 
 
 def saelens_synthetic(arch: str, k: int, cfg: experiment.RunConfig) -> dict[str, float]:
@@ -106,8 +203,10 @@ def saelens_synthetic(arch: str, k: int, cfg: experiment.RunConfig) -> dict[str,
         logger=LoggingConfig(log_to_wandb=False))
     torch.manual_seed(cfg.seed)
     result = SyntheticSAERunner(runner_cfg).run().final_eval
-    return dict(mcc=result.mcc, f1=result.classification.f1_score, l0=result.sae_l0,
-                explained_variance=result.explained_variance)
+    found = result.classification
+    return dict(mcc=result.mcc, f1=found.f1_score, precision=found.precision, recall=found.recall,
+                uniqueness=result.uniqueness, dead_latents=result.dead_latents, l0=result.sae_l0,
+                explained_variance=result.explained_variance, shrinkage=result.shrinkage)
 
 
 def harness_synthetic(arch: str, k: int, cfg: experiment.RunConfig) -> dict[str, float]:
@@ -117,8 +216,11 @@ def harness_synthetic(arch: str, k: int, cfg: experiment.RunConfig) -> dict[str,
     with tempfile.TemporaryDirectory() as folder:
         experiment.execute(cfg, plugin, Path(folder) / "run", Path(folder) / "notes.md")
         metrics = json.loads((Path(folder) / "run" / "final_info.json").read_text())["metrics"]
-    return dict(mcc=metrics["ground_truth"]["mcc"], f1=metrics["ground_truth"]["f1"], l0=metrics["sparsity"]["l0"],
-                explained_variance=metrics["reconstruction_quality"]["explained_variance_whole_set"])
+    truth = metrics["ground_truth"]
+    return dict(**{name: truth[name] for name in ("mcc", "f1", "precision", "recall", "uniqueness", "dead_latents")},
+                l0=metrics["sparsity"]["l0"],
+                explained_variance=metrics["reconstruction_quality"]["explained_variance_whole_set"],
+                shrinkage=metrics["shrinkage"]["l2_ratio"])
 
 
 def synthetic_peers(arch: str, k: int, preset: str, seeds: int, tokens: int | None) -> list[dict]:
@@ -131,39 +233,75 @@ def synthetic_peers(arch: str, k: int, preset: str, seeds: int, tokens: int | No
     return results
 
 
-def dictionary_learning_peers(arch: str, k: int, seeds: int, tokens: int) -> list[dict]:
-    reference_trainer(arch)
-    results = []
-    for seed in range(seeds):
-        cfg = experiment.build_config("embedded", f"baseline/run_0_{arch}", tokens=tokens, seed=seed)
-        if not (experiment.activations_dir() / experiment.cache_key(cfg) / "manifest.json").exists():
-            raise HarnessError(f"no cached embedded activations for --tokens {tokens}; harvest them once with "
-                               f"`python experiment.py run --plugin run_0_{arch} --tokens {tokens}`")
-        data = experiment.activation_data(cfg, None, None)
-        rows = np.linspace(0, len(data.train) - 1, SCORED_ROWS).astype(int)
-        x = torch.from_numpy(np.asarray(data.train[rows], dtype=np.float32)) * data.scale
-        for trainer, train in (("harness", train_ours), ("dictionary_learning", train_reference)):
-            results.append(dict(trainer=trainer, arch=arch, k=k, seed=seed, tokens=tokens,
-                                **train(arch, k, cfg, data, x)))
-            console.print(json.dumps(results[-1]))
+def compare(arch: str, plugin, cfg: experiment.RunConfig, hp, data: experiment.ActivationData) -> list[dict]:
+    """The harness's run and the reference's on the same data, scored on the same SCORED_ROWS rows."""
+    rows = np.linspace(0, len(data.train) - 1, SCORED_ROWS).astype(int)
+    x = torch.from_numpy(np.asarray(data.train[rows], dtype=np.float32)) * data.scale
+    ours = train_ours(plugin, cfg, hp, data, x)
+    theirs = train_reference(arch, cfg, hp, data, x, ours)
+    knob = plugin.sae_class.sparsity_knob
+    setting = {"arch": arch, knob: getattr(hp if hasattr(hp, knob) else cfg, knob), "seed": cfg.seed,
+               "tokens": cfg.tokens}
+    results = [dict(trainer="harness", **setting, **ours), dict(trainer="dictionary_learning", **setting, **theirs)]
+    for result in results:
+        console.print(json.dumps(result))
     return results
 
 
-def main(arch: str = typer.Option("topk", help="topk or batchtopk."), k: int = 32, seeds: int = 2,
+def dictionary_learning_peers(arch: str, knob: dict, seeds: int, tokens: int) -> list[dict]:
+    reference_trainer(arch)
+    results = []
+    for seed in range(seeds):
+        plugin, cfg, hp = harness_setting(arch, knob, "embedded", seed, tokens)
+        if not (experiment.activations_dir() / experiment.cache_key(cfg) / "manifest.json").exists():
+            raise HarnessError(f"no cached embedded activations for --tokens {tokens}; harvest them once with "
+                               f"`python experiment.py run --plugin {plugin.name} --tokens {tokens}`")
+        results += compare(arch, plugin, cfg, hp, experiment.activation_data(cfg, None, None))
+    return results
+
+
+def checked_choice(arch: str, preset: str) -> None:
+    if arch not in REFERENCES:
+        raise HarnessError(f"--arch {arch}: choose one of {', '.join(REFERENCES)}")
+    if preset != "embedded" and preset not in synthetic.PRESETS:
+        raise HarnessError(f"--preset {preset}: choose embedded or one of {', '.join(synthetic.PRESETS)}")
+    if preset in synthetic.PRESETS and arch not in SYNTHETIC_ARCHS:
+        raise HarnessError(f"--preset {preset} checks only {' and '.join(SYNTHETIC_ARCHS)} (SAELens's synthetic "
+                           f"runner); check --arch {arch} on embedded")
+
+
+def chosen_knob(arch: str, given: dict) -> dict:
+    """{the arch's sparsity knob (its plugin's `sparsity_knob`): its value}: k 32 unless given, the
+    others the preset's or the plugin's default ({}); another architecture's knob is refused."""
+    knob = experiment.find_plugin(f"baseline/{REFERENCES[arch].plugin}").sae_class.sparsity_knob
+    stray = [name for name, value in given.items() if value is not None and name != knob]
+    if stray:
+        raise HarnessError(f"--{stray[0].replace('_', '-')} does not apply to --arch {arch}; "
+                           f"its knob is --{knob.replace('_', '-')}")
+    value = 32 if knob == "k" and given[knob] is None else given[knob]
+    return {} if value is None else {knob: value}
+
+
+def main(arch: str = typer.Option("topk", help=f"{', '.join(REFERENCES)}; a synthetic preset: "
+                                               f"{' or '.join(SYNTHETIC_ARCHS)}."),
+         k: int | None = typer.Option(None, help="topk, batchtopk, matryoshka: latents per token (32 unless given)."),
+         sparsity_penalty: float | None = typer.Option(None, help="relu, gated: the L1 coefficient λ (the preset's "
+                                                                   "unless given)."),
+         l0_coefficient: float | None = typer.Option(None, help="jumprelu: λ, the L0 coefficient (the plugin's "
+                                                                 "unless given)."),
+         seeds: int = 2,
          preset: str = typer.Option("embedded", help="embedded (dictionary_learning) or a synthetic preset "
                                                      "(SAELens's SyntheticSAERunner)."),
          tokens: int = typer.Option(None, help="Training activations (embedded: a cached harvest of this size, "
                                                 "250k by default; synthetic: the preset's samples by default)."),
          out: Path | None = typer.Option(None, help="Also write the results here (JSON).")) -> None:
     with one_line_errors():
-        if arch not in REFERENCES:
-            raise HarnessError(f"--arch {arch}: choose one of {', '.join(REFERENCES)}")
+        checked_choice(arch, preset)
+        knob = chosen_knob(arch, dict(k=k, sparsity_penalty=sparsity_penalty, l0_coefficient=l0_coefficient))
         if preset in synthetic.PRESETS:
-            results = synthetic_peers(arch, k, preset, seeds, tokens)
-        elif preset != "embedded":
-            raise HarnessError(f"--preset {preset}: choose embedded or one of {', '.join(synthetic.PRESETS)}")
+            results = synthetic_peers(arch, knob["k"], preset, seeds, tokens)
         else:
-            results = dictionary_learning_peers(arch, k, seeds, tokens or 250_000)
+            results = dictionary_learning_peers(arch, knob, seeds, tokens or 250_000)
         if out:
             out.write_text(json.dumps(results, indent=2))
 

@@ -39,7 +39,8 @@ zero when nothing is dead, as in SAELens. The dead mask needs no host sync eithe
 n_dead to size its top-k; here the top-k takes k_aux and drops the picks that are not dead latents,
 the same sum. `auxk_dead` (logged) is the number of dead latents AuxK sees; a latent fired in a
 step if it fired on any rank's share of the batch. The gradient norm is clipped to 1 before each
-step by the harness's trainer, as by SAELens's and dictionary_learning's, for every architecture.
+step by the harness's trainer, for every architecture, as by SAELens's trainer and by
+dictionary_learning's TopK trainer.
 """
 
 from dataclasses import dataclass
