@@ -223,9 +223,9 @@ def harness_synthetic(arch: str, k: int, cfg: experiment.RunConfig) -> dict[str,
                 shrinkage=metrics["shrinkage"]["l2_ratio"])
 
 
-def synthetic_peers(arch: str, k: int, preset: str, seeds: int, tokens: int | None) -> list[dict]:
+def synthetic_peers(arch: str, k: int, preset: str, seeds: range, tokens: int | None) -> list[dict]:
     results = []
-    for seed in range(seeds):
+    for seed in seeds:
         cfg = experiment.build_config(preset, f"baseline/run_0_{arch}", tokens=tokens, seed=seed)
         for trainer, train in (("harness", harness_synthetic), ("SAELens SyntheticSAERunner", saelens_synthetic)):
             results.append(dict(trainer=trainer, arch=arch, k=k, seed=seed, samples=cfg.tokens, **train(arch, k, cfg)))
@@ -248,10 +248,10 @@ def compare(arch: str, plugin, cfg: experiment.RunConfig, hp, data: experiment.A
     return results
 
 
-def dictionary_learning_peers(arch: str, knob: dict, seeds: int, tokens: int) -> list[dict]:
+def dictionary_learning_peers(arch: str, knob: dict, seeds: range, tokens: int) -> list[dict]:
     reference_trainer(arch)
     results = []
-    for seed in range(seeds):
+    for seed in seeds:
         plugin, cfg, hp = harness_setting(arch, knob, "embedded", seed, tokens)
         if not (experiment.activations_dir() / experiment.cache_key(cfg) / "manifest.json").exists():
             raise HarnessError(f"no cached embedded activations for --tokens {tokens}; harvest them once with "
@@ -289,7 +289,8 @@ def main(arch: str = typer.Option("topk", help=f"{', '.join(REFERENCES)}; a synt
                                                                    "unless given)."),
          l0_coefficient: float | None = typer.Option(None, help="jumprelu: λ, the L0 coefficient (the plugin's "
                                                                  "unless given)."),
-         seeds: int = 2,
+         seeds: int = typer.Option(2, help="Seeds: --seed, --seed+1, ..."),
+         seed: int = typer.Option(0, help="The first seed."),
          preset: str = typer.Option("embedded", help="embedded (dictionary_learning) or a synthetic preset "
                                                      "(SAELens's SyntheticSAERunner)."),
          tokens: int = typer.Option(None, help="Training activations (embedded: a cached harvest of this size, "
@@ -299,9 +300,9 @@ def main(arch: str = typer.Option("topk", help=f"{', '.join(REFERENCES)}; a synt
         checked_choice(arch, preset)
         knob = chosen_knob(arch, dict(k=k, sparsity_penalty=sparsity_penalty, l0_coefficient=l0_coefficient))
         if preset in synthetic.PRESETS:
-            results = synthetic_peers(arch, knob["k"], preset, seeds, tokens)
+            results = synthetic_peers(arch, knob["k"], preset, range(seed, seed + seeds), tokens)
         else:
-            results = dictionary_learning_peers(arch, knob, seeds, tokens or 250_000)
+            results = dictionary_learning_peers(arch, knob, range(seed, seed + seeds), tokens or 250_000)
         if out:
             out.write_text(json.dumps(results, indent=2))
 
