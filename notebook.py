@@ -157,11 +157,64 @@ def study_notes(study: str, rows: list[dict], figures: dict[Path, str]) -> str:
         against = "(a baseline)" if baseline else matched(row["info"].get("verdict", {}))
         lines.append(f"| {row['label']} | " + " | ".join("-" if v is None else f"{v:.4g}" for v in cells)
                      + f" | {against} | {shown_path(row['folder'])} |")
-    lines += coverage_lines(rows)
+    lines += coverage_lines(rows) + study_reading(rows, "mcc" if judged_on == "MCC" else "ce_loss_score", judged_on)
     read = {path: caption for path, caption in figures.items()  # the figures whose captions read the data
             if path.name.startswith("frontier_") or path.stem.endswith("_evolution")}
     lines += ["", "Figures:", ""] + [f"- `{shown_path(path)}`: {caption}" for path, caption in read.items()] if read else []
     return "\n".join(lines + ["", ""])
+
+
+PROVISIONAL = " (one seed: provisional)"
+
+
+def study_reading(rows: list[dict], metric: str, label: str) -> list[str]:
+    """The study's verdicts and steps in words, generated from them: per baseline, the runs by verdict
+    with Δ ± its standard error; then each run against the run it builds on, where that is in the
+    study, Δ of the judged metric and of L0 against the noise of a difference of two runs: √2 × the
+    run's seed-to-seed standard deviation (its verdict's `run_seeds` part, measured or borrowed from
+    the baselines' seeds)."""
+    runs = {row["info"]["run"]["plugin"]: row["info"] for row in rows
+            if row["info"].get("run", {}).get("study") not in (None, "baseline")}
+    by_baseline: dict[str, dict[str, list[str]]] = {}
+    provisional = False
+    for name, info in runs.items():
+        for baseline, found in info.get("verdict", {}).items():
+            entry = found.get("metrics", {}).get(metric)
+            word = "not judged" if "not_judged" in found else f"no {label}" if entry is None else entry["word"]
+            provisional |= word.endswith(PROVISIONAL)
+            word = "outside its sweep" if word == OUTSIDE else word.removesuffix(PROVISIONAL)
+            delta = (entry or {}).get("delta")
+            shown = "" if delta is None else f" ({delta:+.3f}" + (
+                f" ± {entry['uncertainty']:.3f})" if entry.get("uncertainty") is not None else ")")
+            by_baseline.setdefault(baseline, {}).setdefault(word, []).append(name + shown)
+    if not by_baseline:
+        return []
+    lines = ["", f"What the verdicts say ({label} at the run's L0, Δ ± its standard error"
+             + ("; one seed: provisional" if provisional else "") + "):", ""]
+    lines += [f"- against {baseline}: " + "; ".join(f"{word} for {', '.join(names)}" for word, names in words.items())
+              for baseline, words in sorted(by_baseline.items())]
+    steps = [step_line(name, info, runs[info["run"]["parent"]], metric, label)
+             for name, info in runs.items() if info["run"].get("parent") in runs]
+    return lines + (["", f"Along the study (each run against the run it builds on; noise: √2 × the run's "
+                         f"seed-to-seed standard deviation of {label}, measured or the baselines'):", "", *steps]
+                     if steps else [])
+
+
+def step_line(name: str, info: dict, parent: dict, metric: str, label: str) -> str:
+    """'- run_2 against run_1: MCC +0.001, L0 +0.058 (+0.3%); MCC within noise (2 × 0.003)'."""
+    value, before = headline(info, label), headline(parent, label)
+    l0, l0_before = (headline(i, "L0") for i in (info, parent))
+    if None in (value, before, l0, l0_before):
+        return f"- {name} against {info['run']['parent']}: not compared (a headline metric is missing)"
+    seeds = [e["uncertainty_parts"]["run_seeds"] for found in info.get("verdict", {}).values()
+             if (e := found.get("metrics", {}).get(metric)) and e.get("uncertainty_parts", {}).get("run_seeds")]
+    moved = f"{label} {value - before:+.3f}, L0 {l0 - l0_before:+.3g}" + (
+        f" ({(l0 - l0_before) / l0_before:+.1%})" if l0_before else "")
+    if not seeds:
+        return f"- {name} against {info['run']['parent']}: {moved}; noise unknown (no seed spread in its verdicts)"
+    noise = math.sqrt(2) * seeds[0]
+    said = "beyond" if abs(value - before) > 2 * noise else "within"
+    return f"- {name} against {info['run']['parent']}: {moved}; {label} {said} noise (2 × {noise:.3f})"
 
 
 def sweep_notes(title: str, rows: list[dict]) -> str:

@@ -11,6 +11,7 @@ import pytest
 
 from frontier import OUTSIDE
 from notebook import (append_notes, coverage_lines, notes_entry, result_lines, study_header, study_notes,
+                      study_reading,
                       sweep_notes, verdict_lines)
 
 
@@ -114,6 +115,34 @@ def test_a_synthetic_studys_coverage_is_read_from_its_mcc_verdicts():
     rows = [{"label": f"Run {n}", "info": {"verdict": {"run_0_topk": {"metrics": {"mcc": {"word": word}}}}}}
             for n, word in ((1, "tied"), (2, OUTSIDE))]
     assert coverage_lines(rows)[-1] == "- run_0_topk: covers Run 1; leaves outside Run 2"
+
+
+def test_a_study_summary_says_in_words_what_each_verdict_and_each_step_found_against_its_noise():
+    def run(name, parent, mcc, l0, verdict):
+        info = {"run": {"study": "mine", "plugin": name, "parent": parent}, "verdict": verdict,
+                "metrics": {"ground_truth": {"mcc": mcc}, "sparsity": {"l0": l0}}}
+        return {"label": f"mine/{name}", "info": info, "folder": Path(name)}
+
+    def judged(word, delta):
+        return {"metrics": {"mcc": {"word": word, "delta": delta, "uncertainty": 0.004,
+                                    "uncertainty_parts": {"run_seeds": 0.003, "baseline_seeds": 0.002}}}}
+    baseline = {"label": "baseline/run_0_baseline", "folder": Path("b"),
+                "info": {"run": {"study": "baseline", "plugin": "run_0_baseline"},
+                         "metrics": {"ground_truth": {"mcc": 0.6}, "sparsity": {"l0": 20.0}}}}
+    rows = [baseline,
+            run("run_1", "run_0_baseline", 0.65, 20.0, {"run_0_topk": judged("worse (one seed: provisional)", -0.04),
+                                                        "run_0_gated": {"not_judged": "no frontier of one knob"}}),
+            run("run_2", "run_1", 0.652, 21.0, {"run_0_topk": judged("worse (one seed: provisional)", -0.038)}),
+            run("run_3", "run_2", 0.40, 400.0, {"run_0_topk": {"metrics": {"mcc": {"word": OUTSIDE}}}})]
+    assert study_reading(rows, "mcc", "MCC") == [
+        "", "What the verdicts say (MCC at the run's L0, Δ ± its standard error; one seed: provisional):", "",
+        "- against run_0_gated: not judged for run_1",
+        "- against run_0_topk: worse for run_1 (-0.040 ± 0.004), run_2 (-0.038 ± 0.004); outside its sweep for run_3",
+        "", "Along the study (each run against the run it builds on; noise: √2 × the run's seed-to-seed standard "
+        "deviation of MCC, measured or the baselines'):", "",
+        "- run_2 against run_1: MCC +0.002, L0 +1 (+5.0%); MCC within noise (2 × 0.004)",
+        "- run_3 against run_2: MCC -0.252, L0 +379 (+1804.8%); noise unknown (no seed spread in its verdicts)"]
+    assert study_reading([baseline], "mcc", "MCC") == []
 
 
 def test_a_sweep_summary_pools_each_settings_seeds_and_shows_each_seeds_convergence():
