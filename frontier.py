@@ -608,17 +608,20 @@ def inert_terms(log: list[dict]) -> list[str]:
     return found
 
 
-# The headline metrics a run must move beyond its parent's seed-to-seed spread to show an effect.
+# The headline metrics a run must move beyond its parent's seed-to-seed spread to show an effect
+# (on a synthetic preset, its ground-truth ones).
 EFFECT_METRICS = {"CE-loss score": ("model_performance_preservation", "ce_loss_score"),
                   "explained variance": ("reconstruction_quality", "explained_variance_whole_set"),
                   "L0": ("sparsity", "l0")}
+GROUND_TRUTH_EFFECT_METRICS = {"MCC": ("ground_truth", "mcc"), "F1": ("ground_truth", "f1"),
+                               "L0": ("sparsity", "l0")}
 EFFECT_SPREADS = 2.0  # standard deviations across the parent's seeds
 
 
 def no_measurable_effect(info: dict, parent_name: str, index: Index, parent_source: str | None = None) -> str | None:
     """A warning where the parent has completed runs at two or more seeds (the newest of each) on
     the same activations and dictionary size, of its current source where given, and every
-    EFFECT_METRICS value of this run lies within EFFECT_SPREADS of their standard deviations
+    EFFECT_METRICS (GROUND_TRUTH_EFFECT_METRICS) value of this run lies within EFFECT_SPREADS of their standard deviations
     across seeds from their mean."""
     by_seed = {}
     for _, who, other in index:  # oldest first: the newest run of each seed stays
@@ -631,7 +634,8 @@ def no_measurable_effect(info: dict, parent_name: str, index: Index, parent_sour
     if len(by_seed) < 2 or "metrics" not in info:
         return None
     readings = []
-    for name, (group, key) in EFFECT_METRICS.items():
+    headlines = GROUND_TRUTH_EFFECT_METRICS if "ground_truth" in info["metrics"] else EFFECT_METRICS
+    for name, (group, key) in headlines.items():
         ours = _finite(info["metrics"].get(group, {}).get(key))
         theirs = [v for m in by_seed.values() if (v := _finite(m.get(group, {}).get(key))) is not None]
         if ours is None or len(theirs) < 2:

@@ -455,6 +455,19 @@ def test_a_run_within_its_parents_seed_to_seed_spread_on_every_headline_metric_h
     assert frontier.no_measurable_effect(run, "run_1_parent", again, "parent-source") is None
 
 
+def test_on_ground_truth_no_measurable_effect_reads_mcc_f1_and_l0():
+    def synthetic(seed, mcc, f1=0.5, l0=20.0):
+        folder, who, info = seed_entry(seed, 0.0)
+        info["metrics"] = {"ground_truth": {"mcc": mcc, "f1": f1}, "sparsity": {"l0": l0}}
+        return folder, who, info
+    parents = [synthetic(0, 0.70, 0.50, 20.0), synthetic(1, 0.72, 0.52, 21.0)]
+    run = {"dict_size": 8, "activation_cache": "acts-1", "metrics": synthetic(9, 0.71, 0.51, 20.5)[2]["metrics"]}
+    assert frontier.no_measurable_effect(run, "run_1_parent", parents, "parent-source").endswith(
+        "MCC 0.71 (parent 0.71 ± 0.014), F1 0.51 (parent 0.51 ± 0.014), L0 20.5 (parent 20.5 ± 0.71)")
+    run["metrics"]["ground_truth"]["mcc"] = 0.80
+    assert frontier.no_measurable_effect(run, "run_1_parent", parents, "parent-source") is None
+
+
 def test_every_suspicious_result_becomes_a_warning(tmp_path):
     run = tmp_path / "run"
     saved_run(run, torch.ones(8, 4))
