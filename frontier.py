@@ -621,8 +621,8 @@ EFFECT_SPREADS = 2.0  # standard deviations across the parent's seeds
 def no_measurable_effect(info: dict, parent_name: str, index: Index, parent_source: str | None = None) -> str | None:
     """A warning where the parent has completed runs at two or more seeds (the newest of each) on
     the same activations and dictionary size, of its current source where given, and every
-    EFFECT_METRICS (GROUND_TRUTH_EFFECT_METRICS) value of this run lies within EFFECT_SPREADS of their standard deviations
-    across seeds from their mean."""
+    EFFECT_METRICS value (GROUND_TRUTH_EFFECT_METRICS' on a synthetic preset) of this run lies within
+    EFFECT_SPREADS of their standard deviations across seeds from their mean."""
     by_seed = {}
     for _, who, other in index:  # oldest first: the newest run of each seed stays
         provenance = other.get("provenance", {})
