@@ -22,7 +22,8 @@ reference trainer, on the same data, batches, learning rate, warm-up and seeds.
 - a synthetic preset: SAELens's own `SyntheticSAERunner` on the same synthetic model, both starting
   as SAELens does (b_dec at zero; unit decoder rows, the harness's start), with the same AuxK weight
   and dead window; both scored by SAELens's ground-truth evaluation (MCC, F1 with its precision
-  and recall, uniqueness, dead latents, L0, explained variance, shrinkage). The runner draws fresh samples; the harness reads its cache of the same generator.
+  and recall, uniqueness, dead latents, L0, explained variance, shrinkage). The runner draws fresh
+  samples; the harness reads its cache of the same generator.
 
     pip install --no-deps dictionary-learning==0.1.0    # its trainers need only torch and einops
     python peers.py --arch topk --k 32 --seeds 2        # embedded preset's cached activations
