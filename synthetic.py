@@ -88,9 +88,10 @@ _NO_LLM = dict(layer=0, context_size=1, dataset="synthetic", llm_batch_size=1, e
 # The presets experiment.PRESETS takes in. Dictionaries a quarter as wide as the true features, as
 # SynthSAEBench trains 4096 latents on its 16,384 features.
 PRESETS: dict[str, dict[str, Any]] = {
-    # lr and L1 chosen by measurement (docs/synthetic.md#budget): lr 3e-3 against 1e-3 and 1e-2 at 1M
-    # samples and 1e-3 at 4M; L1 2.0 puts ReLU + L1 (and the studies built on it) near the true L0.
-    "synth": dict(model="synth", dict_size=1024, tokens=1_000_000, batch_size=1024, lr=3e-3,
+    # Length, lr and L1 chosen by measurement (docs/synthetic.md#budget): at 1M samples most baselines
+    # were still learning the true features; lr 3e-3 against 1e-3 for each architecture at 4M; L1 2.0
+    # puts ReLU + L1 (and the studies built on it) near the true L0.
+    "synth": dict(model="synth", dict_size=1024, tokens=4_000_000, batch_size=1024, lr=3e-3,
                   sparsity_penalty=2.0, warmup_steps=25, cache_dtype="float32", **_NO_LLM),
     # SynthSAEBench's training settings (lr 3e-4, batch 1024) on a cache of 4M samples: its 200M
     # would not fit a disk (SAELens streams them); meant for a GPU.
