@@ -24,6 +24,7 @@ import itertools
 import json
 import ast
 import collections
+import functools
 import os
 import re
 import subprocess
@@ -420,8 +421,15 @@ def run_convergence(folder: Path | None, info: dict) -> dict[str, Any] | None:
     """A run's convergence by the current rule, from its train log where its folder has one, else
     as its final_info.json recorded it (None for runs saved before it was)."""
     if folder is not None and (log := Path(folder) / "train_log.jsonl").exists():
-        return convergence(read_json_lines(log))
+        return dict(_logged_convergence(str(log), log.stat().st_mtime_ns))
     return info.get("convergence")
+
+
+@functools.lru_cache(maxsize=4096)
+def _logged_convergence(log: str, modified_ns: int) -> dict[str, Any]:
+    """convergence of one train log, read once per version of the file: every verdict of a study
+    reads every baseline point's."""
+    return convergence(read_json_lines(Path(log)))
 
 
 def _relative_move(rows: list[dict], name: str) -> float | None:
