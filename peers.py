@@ -188,26 +188,62 @@ def train_reference(arch: str, cfg: experiment.RunConfig, hp, data: experiment.A
     return scores(ae.encode, ae.decode, x)
 
 
-def saelens_synthetic(arch: str, k: int, cfg: experiment.RunConfig) -> dict[str, float]:
-    """SAELens's SyntheticSAERunner on cfg's synthetic model at cfg's samples, batch, lr, warm-up and
-    seed: AuxK weight 1/32 and the harness's dead window (`runs.dead_window_steps`), unit decoder rows."""
-    from sae_lens import BatchTopKTrainingSAEConfig, LoggingConfig, TopKTrainingSAEConfig
-    from sae_lens.synthetic import SyntheticSAERunner, SyntheticSAERunnerConfig
+DECODERS = ("unit", "rescaled")  # SAELens's decoder: the harness's unit rows, or its own default
 
-    model = synthetic.MODELS[cfg.model]
-    sae_cfg = dict(topk=TopKTrainingSAEConfig, batchtopk=BatchTopKTrainingSAEConfig)[arch](
-        d_in=model.config.hidden_dim, d_sae=cfg.dict_size, k=k, aux_loss_coefficient=1 / 32, decoder_init_norm=1.0)
-    runner_cfg = SyntheticSAERunnerConfig(
-        synthetic_model=model.config, sae=sae_cfg, training_samples=cfg.tokens, batch_size=cfg.batch_size,
-        lr=cfg.lr, lr_warm_up_steps=cfg.warmup_steps, checkpoint_path=None, output_path=None,
-        eval_samples=model.eval_samples, dead_feature_window=dead_window_steps(cfg),
-        logger=LoggingConfig(log_to_wandb=False))
+
+def saelens_synthetic(arch: str, k: int, cfg: experiment.RunConfig, decoder: str = "unit") -> dict[str, float]:
+    """SAELens's SyntheticSAERunner on cfg's synthetic model (`runner_config`), its decoder rows kept
+    unit as the harness keeps them (decoder "unit", `unit_rows`) or left free and rescaled, SAELens's
+    default ("rescaled")."""
+    from sae_lens.synthetic import SyntheticSAERunner
+
     torch.manual_seed(cfg.seed)
-    result = SyntheticSAERunner(runner_cfg).run().final_eval
+    runner = SyntheticSAERunner(runner_config(arch, k, cfg))
+    if decoder == "unit":
+        unit_rows(runner.sae)
+    result = runner.run().final_eval
     found = result.classification
     return dict(mcc=result.mcc, f1=found.f1_score, precision=found.precision, recall=found.recall,
                 uniqueness=result.uniqueness, dead_latents=result.dead_latents, l0=result.sae_l0,
                 explained_variance=result.explained_variance, shrinkage=result.shrinkage)
+
+
+def runner_config(arch: str, k: int, cfg: experiment.RunConfig, dead_window: int | None = None):
+    """The SyntheticSAERunnerConfig of cfg's run: its synthetic model, samples, batch, lr, warm-up; AuxK
+    weight 1/32 and the harness's dead window (`runs.dead_window_steps`) unless given; unit decoder
+    rows at the start (SAELens's default norm is 0.1)."""
+    from sae_lens import BatchTopKTrainingSAEConfig, LoggingConfig, TopKTrainingSAEConfig
+    from sae_lens.synthetic import SyntheticSAERunnerConfig
+
+    model = synthetic.MODELS[cfg.model]
+    sae_cfg = dict(topk=TopKTrainingSAEConfig, batchtopk=BatchTopKTrainingSAEConfig)[arch](
+        d_in=model.config.hidden_dim, d_sae=cfg.dict_size, k=k, aux_loss_coefficient=1 / 32, decoder_init_norm=1.0)
+    return SyntheticSAERunnerConfig(
+        synthetic_model=model.config, sae=sae_cfg, training_samples=cfg.tokens, batch_size=cfg.batch_size,
+        lr=cfg.lr, lr_warm_up_steps=cfg.warmup_steps, checkpoint_path=None, output_path=None,
+        eval_samples=model.eval_samples, dead_feature_window=dead_window or dead_window_steps(cfg),
+        logger=LoggingConfig(log_to_wandb=False))
+
+
+def unit_rows(sae) -> None:
+    """Train a SAELens TopK-family SAE as the harness trains its own: each decoder row put back to unit
+    norm before every training pass and its gradient's component along the row projected out (then
+    SAELens's trainer clips and steps, as the harness's does). Its default instead leaves the rows
+    free and multiplies each latent's pre-activation by its row's norm: a per-latent gain that Adam
+    learns through the decoder, the same function class trained differently."""
+    forward = sae.training_forward_pass
+
+    def forward_on_unit_rows(step_input):
+        with torch.no_grad():
+            sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
+        return forward(step_input)
+
+    def along_the_sphere(grad: torch.Tensor) -> torch.Tensor:
+        rows = sae.W_dec.detach()
+        return grad - (grad * rows).sum(1, keepdim=True) * rows
+
+    sae.training_forward_pass = forward_on_unit_rows
+    sae.W_dec.register_hook(along_the_sphere)
 
 
 def harness_synthetic(arch: str, k: int, cfg: experiment.RunConfig) -> dict[str, float]:
@@ -224,13 +260,16 @@ def harness_synthetic(arch: str, k: int, cfg: experiment.RunConfig) -> dict[str,
                 shrinkage=metrics["shrinkage"]["l2_ratio"])
 
 
-def synthetic_peers(arch: str, k: int, preset: str, seeds: range, tokens: int | None) -> list[dict]:
+def synthetic_peers(arch: str, k: int, preset: str, seeds: range, tokens: int | None, decoder: str) -> list[dict]:
     results = []
     for seed in seeds:
         cfg = experiment.build_config(preset, f"baseline/run_0_{arch}", tokens=tokens, seed=seed)
-        for trainer, train in (("harness", harness_synthetic), ("SAELens SyntheticSAERunner", saelens_synthetic)):
-            results.append(dict(trainer=trainer, arch=arch, k=k, seed=seed, samples=cfg.tokens, **train(arch, k, cfg)))
-            console.print(json.dumps(results[-1]))
+        setting = dict(arch=arch, k=k, seed=seed, samples=cfg.tokens, lr=cfg.lr)
+        results.append(dict(trainer="harness", **setting, **harness_synthetic(arch, k, cfg)))
+        console.print(json.dumps(results[-1]))
+        results.append(dict(trainer=f"SAELens SyntheticSAERunner, {decoder} decoder", **setting,
+                            **saelens_synthetic(arch, k, cfg, decoder)))
+        console.print(json.dumps(results[-1]))
     return results
 
 
@@ -261,7 +300,7 @@ def dictionary_learning_peers(arch: str, knob: dict, seeds: range, tokens: int) 
     return results
 
 
-def checked_choice(arch: str, preset: str) -> None:
+def checked_choice(arch: str, preset: str, decoder: str) -> None:
     if arch not in REFERENCES:
         raise HarnessError(f"--arch {arch}: choose one of {', '.join(REFERENCES)}")
     if preset != "embedded" and preset not in synthetic.PRESETS:
@@ -269,6 +308,11 @@ def checked_choice(arch: str, preset: str) -> None:
     if preset in synthetic.PRESETS and arch not in SYNTHETIC_ARCHS:
         raise HarnessError(f"--preset {preset} checks only {' and '.join(SYNTHETIC_ARCHS)} (SAELens's synthetic "
                            f"runner); check --arch {arch} on embedded")
+    if decoder not in DECODERS:
+        raise HarnessError(f"--decoder {decoder}: choose {' or '.join(DECODERS)}")
+    if preset not in synthetic.PRESETS and decoder != "unit":
+        raise HarnessError(f"--decoder {decoder}: SAELens's decoder is a synthetic preset's option "
+                           f"(dictionary_learning keeps unit rows)")
 
 
 def chosen_knob(arch: str, given: dict) -> dict:
@@ -296,12 +340,14 @@ def main(arch: str = typer.Option("topk", help=f"{', '.join(REFERENCES)}; a synt
                                                      "(SAELens's SyntheticSAERunner)."),
          tokens: int = typer.Option(None, help="Training activations (embedded: a cached harvest of this size, "
                                                 "250k by default; synthetic: the preset's samples by default)."),
+         decoder: str = typer.Option("unit", help="A synthetic preset: SAELens's decoder rows kept unit as the "
+                                                  "harness keeps them (unit), or its default (rescaled)."),
          out: Path | None = typer.Option(None, help="Also write the results here (JSON).")) -> None:
     with one_line_errors():
-        checked_choice(arch, preset)
+        checked_choice(arch, preset, decoder)
         knob = chosen_knob(arch, dict(k=k, sparsity_penalty=sparsity_penalty, l0_coefficient=l0_coefficient))
         if preset in synthetic.PRESETS:
-            results = synthetic_peers(arch, knob["k"], preset, range(seed, seed + seeds), tokens)
+            results = synthetic_peers(arch, knob["k"], preset, range(seed, seed + seeds), tokens, decoder)
         else:
             results = dictionary_learning_peers(arch, knob, range(seed, seed + seeds), tokens or 250_000)
         if out:

@@ -53,6 +53,8 @@ def test_each_architecture_trains_on_both_sides_with_its_knob(arch):
     (["--preset", "tiny", "--arch", "topk"], "--preset tiny: choose embedded or one of"),
     (["--arch", "relu", "--k", "16"], "--k does not apply to --arch relu; its knob is --sparsity-penalty"),
     (["--arch", "topk", "--l0-coefficient", "1"], "--l0-coefficient does not apply to --arch topk; its knob is --k"),
+    (["--preset", "synth-tiny", "--decoder", "free"], "--decoder free: choose unit or rescaled"),
+    (["--decoder", "rescaled"], "--decoder rescaled: SAELens's decoder is a synthetic preset's option"),
 ])
 def test_what_the_peer_check_cannot_do_is_refused_in_one_line(args, message):
     result = peers_cli(*args)

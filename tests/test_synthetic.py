@@ -16,6 +16,7 @@ from rich.progress import Progress
 
 import experiment
 import frontier
+import kernels
 import peers
 import synthetic
 from common import console
@@ -119,6 +120,46 @@ def test_every_plugin_trains_and_is_scored_on_a_synthetic_preset_unchanged(plugi
     info = synthetic_run(plugin, tmp_path / "run", notes, tokens=2048)
     assert info["status"] == "completed" and info["training_steps"] == 8
     assert 0 <= info["metrics"]["ground_truth"]["mcc"] <= 1 and info["metrics"]["sparsity"]["l0"] > 0
+
+
+# Step for step: SAELens's own trainer (its SAETrainer: Adam, warm-up, gradient clipping, dead mask,
+# AuxK) on the harness's batches from the harness's initial weights, its decoder kept as the harness
+# keeps it (peers.unit_rows), moves every parameter as the harness's trainer does, to float noise,
+# for a whole synth-tiny run, on the dense step and on kernels.py's sparse step; k 2 and a one-step
+# dead window, so that latents go dead and AuxK acts.
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_the_harness_trains_step_for_step_as_saelens_own_trainer(architecture, sparse, monkeypatch):
+    from sae_lens.training.sae_trainer import SAETrainer
+    monkeypatch.setattr(kernels, "use_sparse_step", lambda *args: sparse)
+    plugin = experiment.find_plugin(f"baseline/run_0_{architecture}")
+    cfg = experiment.build_config("synth-tiny", f"baseline/run_0_{architecture}", seed=0)
+    model = synthetic.load_model(cfg.model, torch.device("cpu"))
+    torch.manual_seed(cfg.seed)
+    ours = plugin.sae_class(model.cfg.d_model, cfg.dict_size,
+                            plugin.hyperparams_class(k=2, b_dec_init="zeros", dead_steps=1), cfg)
+    theirs, _ = ours.sae_lens_training()
+    peers.unit_rows(theirs)
+    our_trainer = plugin.trainer_class(ours, cfg)
+    their_trainer = SAETrainer(cfg=peers.runner_config(architecture, 2, cfg, dead_window=1).to_sae_trainer_config(),
+                               sae=theirs, data_provider=iter(()))
+    with Progress(console=console) as progress:
+        data = experiment.activation_data(cfg, model, progress)
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))
+    went_dead = 0
+    for step, x in experiment.prefetched_batches(data, order, cfg, range(cfg.steps), 0, cfg.batch_size,
+                                                 torch.device("cpu"), torch.float32):
+        our_trainer.step(x, step)
+        their_trainer.step(x)
+        their_trainer.n_training_steps += 1
+        assert our_trainer.sparse is sparse and ours.dead_latents().equal(their_trainer.dead_neurons)
+        went_dead += int(ours.dead_latents().sum())
+        with torch.no_grad():
+            for name in ("W_enc", "b_enc", "b_dec"):
+                torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=0, atol=1e-5)
+            torch.testing.assert_close(ours.W_dec, theirs.W_dec / theirs.W_dec.norm(dim=1, keepdim=True),
+                                       rtol=0, atol=1e-5)
+    assert went_dead > 0
 
 
 # The peer check (peers.py): the harness's training against SAELens's SyntheticSAERunner, same

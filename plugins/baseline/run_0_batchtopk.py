@@ -24,9 +24,10 @@ logging exactly as in the TopK baseline this one builds on (run_0_topk, SAELens'
 
 Decoder rows are kept at unit norm with the parallel gradient projected out (the harness's
 trainer), as the paper's code and dictionary_learning's BatchTopK trainer do. SAELens instead
-leaves the decoder free and multiplies pre-activations by ‖W_dec,i‖ (`rescale_acts_by_decoder_norm`);
-on unit rows that factor is 1: the same latents and losses, and the same gradients along the
-sphere. The harness's trainer clips the gradient norm at 1, as SAELens's does. The
+leaves the decoder free and multiplies pre-activations by ‖W_dec,i‖ (`rescale_acts_by_decoder_norm`):
+on unit rows the same latents, losses and gradients along the sphere, but its free rows' norms
+become per-latent gains on the batch-wide competition, which train differently (docs/synthetic.md,
+the peer check; kept at unit norm, SAELens's trainer moves every parameter as ours does). The harness's trainer clips the gradient norm at 1, as SAELens's does. The
 export is the JumpReLU SAE this one is at inference (`sae_lens.JumpReLUSAE`, θ in every latent,
 in float32 as the eval-mode SAE compares it), as SAELens saves a BatchTopK SAE; θ needs no
 rescaling for the model's activation scale, since the export folds the scale into W_enc and

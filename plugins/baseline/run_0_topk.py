@@ -23,8 +23,11 @@ mask (`n_forward_passes_since_fired > dead_feature_window`, the counters as they
 step, updated from the step's latents afterwards). SAELens's losses are `mse_loss` (our l2_loss)
 and `auxiliary_reconstruction_loss` (logged here under that name). TopK has no sparsity penalty,
 so `sparsity_loss` is zero: the run's --sparsity-penalty does nothing here. SAELens trains with
-`rescale_acts_by_decoder_norm` (the decoder treated as normalised) where we keep it normalised;
-on unit-norm rows the two give the same latents, losses and, along the sphere, gradients.
+`rescale_acts_by_decoder_norm` where we keep the rows at unit norm: on unit rows the two give the
+same latents, losses and, along the sphere, gradients, but SAELens leaves its rows free, so each
+row's norm becomes a gain on its latent's pre-activation that Adam learns through the decoder: the
+same SAEs, trained differently (docs/synthetic.md, the peer check). Kept at unit norm, SAELens's
+trainer moves every parameter as ours does (tests/test_synthetic.py, step for step).
 
 Defaults: k = 64; aux_loss_coefficient = 1/32 (the paper's; SAELens's config defaults to 1.0);
 dead_steps = 0, read as the harness's dead-latent window (`runs.dead_window_steps`: a tenth
