@@ -21,9 +21,12 @@ reference trainer, on the same data, batches, learning rate, warm-up and seeds.
       and its loss divided by the residual's variance.
 - a synthetic preset: SAELens's own `SyntheticSAERunner` on the same synthetic model, both starting
   as SAELens does (b_dec at zero; unit decoder rows, the harness's start), with the same AuxK weight
-  and dead window; both scored by SAELens's ground-truth evaluation (MCC, F1 with its precision
-  and recall, uniqueness, dead latents, L0, explained variance, shrinkage). The runner draws fresh
-  samples; the harness reads its cache of the same generator.
+  and dead window, and trained alike where SAELens's defaults differ from the harness's: activations
+  scaled to a mean norm of √d_in, and decoder rows kept at unit norm (--decoder unit; `rescaled` is
+  SAELens's default, free rows whose norms scale their latents); both scored by SAELens's
+  ground-truth evaluation (MCC, F1 with its precision and recall, uniqueness, dead latents, L0,
+  explained variance, shrinkage). The runner draws fresh samples; the harness reads its cache of the
+  same generator.
 
     pip install --no-deps dictionary-learning==0.1.0    # its trainers need only torch and einops
     python peers.py --arch topk --k 32 --seeds 2        # embedded preset's cached activations
@@ -211,17 +214,21 @@ def saelens_synthetic(arch: str, k: int, cfg: experiment.RunConfig, decoder: str
 def runner_config(arch: str, k: int, cfg: experiment.RunConfig, dead_window: int | None = None):
     """The SyntheticSAERunnerConfig of cfg's run: its synthetic model, samples, batch, lr, warm-up; AuxK
     weight 1/32 and the harness's dead window (`runs.dead_window_steps`) unless given; unit decoder
-    rows at the start (SAELens's default norm is 0.1)."""
+    rows at the start (SAELens's default norm is 0.1); activations scaled to a mean norm of √d_in
+    estimated on up to 100k samples, as the harness scales them (`sources.activation_scale`; the runner's
+    default trains on raw ones)."""
     from sae_lens import BatchTopKTrainingSAEConfig, LoggingConfig, TopKTrainingSAEConfig
     from sae_lens.synthetic import SyntheticSAERunnerConfig
 
     model = synthetic.MODELS[cfg.model]
     sae_cfg = dict(topk=TopKTrainingSAEConfig, batchtopk=BatchTopKTrainingSAEConfig)[arch](
-        d_in=model.config.hidden_dim, d_sae=cfg.dict_size, k=k, aux_loss_coefficient=1 / 32, decoder_init_norm=1.0)
+        d_in=model.config.hidden_dim, d_sae=cfg.dict_size, k=k, aux_loss_coefficient=1 / 32, decoder_init_norm=1.0,
+        normalize_activations="expected_average_only_in")
     return SyntheticSAERunnerConfig(
         synthetic_model=model.config, sae=sae_cfg, training_samples=cfg.tokens, batch_size=cfg.batch_size,
         lr=cfg.lr, lr_warm_up_steps=cfg.warmup_steps, checkpoint_path=None, output_path=None,
         eval_samples=model.eval_samples, dead_feature_window=dead_window or dead_window_steps(cfg),
+        n_batches_for_norm_estimate=-(-min(100_000, cfg.tokens) // cfg.batch_size),
         logger=LoggingConfig(log_to_wandb=False))
 
 

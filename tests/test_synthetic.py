@@ -164,8 +164,10 @@ def test_the_harness_trains_step_for_step_as_saelens_own_trainer(architecture, s
 
 # The peer check (peers.py): the harness's training against SAELens's SyntheticSAERunner, same
 # synthetic model, samples, batch, learning rate, warm-up, k, AuxK weight and dead window (the
-# harness's: a tenth of the run), and the same start: b_dec at zero and unit decoder rows (SAELens's
-# default 0.1 moves the decoder's directions several times faster early on); several seeds each. The
+# harness's: a tenth of the run), the same start (b_dec at zero and unit decoder rows: SAELens's
+# default 0.1 moves the decoder's directions several times faster early on) and the same training
+# where SAELens's defaults differ (activations scaled to a mean norm of √d_in, decoder rows kept at
+# unit norm); several seeds each, the runner drawing fresh samples. The
 # means must agree within the seeds' spread (three standard errors of the difference, and at least
 # 0.02 where the seeds happen to agree), on MCC: the decoder training recovered. F1 is printed, not
 # held: for BatchTopK it depends on the evaluation's encoder (SAELens's training SAE encodes with
