@@ -27,11 +27,12 @@ trainer), as the paper's code and dictionary_learning's BatchTopK trainer do. SA
 leaves the decoder free and multiplies pre-activations by ‖W_dec,i‖ (`rescale_acts_by_decoder_norm`):
 on unit rows the same latents, losses and gradients along the sphere, but its free rows' norms
 become per-latent gains on the batch-wide competition, which train differently (docs/synthetic.md,
-the peer check; kept at unit norm, SAELens's trainer moves every parameter as ours does). The harness's trainer clips the gradient norm at 1, as SAELens's does. The
-export is the JumpReLU SAE this one is at inference (`sae_lens.JumpReLUSAE`, θ in every latent,
-in float32 as the eval-mode SAE compares it), as SAELens saves a BatchTopK SAE; θ needs no
-rescaling for the model's activation scale, since the export folds the scale into W_enc and
-leaves the pre-activations as they were.
+the peer check; kept at unit norm, SAELens's trainer moves every parameter as ours does). The
+harness's trainer clips the gradient norm at 1, as SAELens's does. The export is the JumpReLU SAE
+this one is at inference (`sae_lens.JumpReLUSAE`, θ in every latent, in float32 as the eval-mode
+SAE compares it), as SAELens saves a BatchTopK SAE; θ needs no rescaling for the model's
+activation scale, since the export folds the scale into W_enc and leaves the pre-activations as
+they were.
 
 Defaults: k = 64 (this harness's baseline k), η = 0.01 (SAELens's), α = 1/32 (the paper's code,
 Gao et al. and dictionary_learning; SAELens's config default is 1.0), dead_steps as TopK's: the
