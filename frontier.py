@@ -44,8 +44,9 @@ The rules:
 - Outside the sweep: "outside the baseline sweep: widen it", with entry["suggest"], the knob value
   to add: the sweep's two end points on the run's side, fitted as a line in log(knob) against
   log(L0) and followed to AIM_PAST (1.25×) beyond the run's L0 (a one-point sweep, or a fit with
-  the wrong slope, assumes L0 ∝ k for a whole-number knob and L0 ∝ 1/penalty otherwise), rounded
-  to 2 significant digits. "no baseline" / "no value" when the frontier or the run lacks the metric.
+  the wrong slope, assumes L0 ∝ k for a whole-number knob and L0 ∝ 1/penalty otherwise), moved at
+  most MAX_KNOB_STEP× (or the L0 ratio) past the sweep's end, rounded to 2 significant digits.
+  "no baseline" / "no value" when the frontier or the run lacks the metric.
 
 Which runs make up the baseline (same model, layer, activations, dictionary size) is the caller's
 choice; nothing here checks it. The run's L0 is taken as exact (its noise is not propagated).
@@ -82,6 +83,10 @@ OUTSIDE = "outside the baseline sweep: widen it"
 AIM_PAST = 1.25
 # Below this |d log L0 / d log knob| the sweep's own slope is not trusted for a suggestion.
 MIN_SLOPE = 0.1
+# One suggestion moves the knob at most this factor (or the L0 ratio, if larger) past the sweep's
+# end: where L0 saturates (JumpReLU's floor) the flat end would send λ up by orders of magnitude.
+# `study` widens round after round, refitting each time.
+MAX_KNOB_STEP = 10.0
 HIGHER_IS_BETTER = {"explained_variance": True, "ce_loss_score": True, "kl_div_score": True,
                     "cossim": True, "mse": False, "mcc": True, "f1": True}
 # Where final_info.json keeps each metric (explained variance's key is the caller's choice).
@@ -236,8 +241,9 @@ def suggest_knob(frontier: dict, l0: float) -> dict:
         if fitted * prior > 0 and abs(fitted) >= MIN_SLOPE:
             slope = fitted
     anchor = ends[0] if below else ends[-1]
-    value = _two_significant(
-        anchor["knob_value"] * math.exp((math.log(target) - math.log(anchor["l0"])) / slope), whole)
+    log_step = (math.log(target) - math.log(anchor["l0"])) / slope
+    log_limit = max(math.log(MAX_KNOB_STEP), abs(math.log(target) - math.log(anchor["l0"])))
+    value = _two_significant(anchor["knob_value"] * math.exp(max(-log_limit, min(log_limit, log_step))), whole)
     side = "below" if below else "above"
     return {"knob": name, "value": value, "side": side,
             "text": f"add {name}={value} (the run's L0 {l0:.4g} is {side} the sweep's "

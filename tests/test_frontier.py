@@ -189,6 +189,15 @@ def test_a_one_point_sweep_or_a_wrong_way_slope_falls_back_on_how_the_knob_acts(
     assert suggest_knob(noisy, 4)["value"] == 3.1  # L0 ∝ 1/penalty from penalty 1.0 at L0 10
 
 
+def test_where_l0_saturates_one_suggestion_moves_the_knob_at_most_tenfold():
+    # JumpReLU on synth at 1M samples: λ 3 -> L0 8.8, λ 560 -> L0 4.8 (slope -0.12); followed to L0 0.88
+    # the fit asked for λ 1.5e9, where L0 was still 1.5.
+    flat = build_frontiers([record(8.8, 3.0, knob_name="l0_coefficient", mse=1.0),
+                            record(4.8, 560.0, knob_name="l0_coefficient", mse=1.0)])["mse"]
+    assert suggest_knob(flat, 1.1)["value"] == 5600.0
+    assert suggest_knob(flat, 100)["value"] == 0.21  # above: the L0 ratio, 125/8.8, is the larger limit
+
+
 def test_a_sweep_with_no_positive_knob_cannot_be_extrapolated():
     f = build_frontiers([record(500, 0.0, mse=1.0), record(800, 0.0, seed=1, mse=1.0)])["mse"]
     assert suggest_knob(f, 5)["value"] is None
