@@ -12,6 +12,7 @@ each one command that writes one figure and one notebook paragraph.
     zscore_ortho    reactivation       revived latents against the others: max |cos| to the rest, firing rate
     contrastive     sparsity           log10 firing-frequency histograms on held-out text, per run
                     jl_error           the JL projection's cosine error on decoder-row pairs, per run
+    freq_order      ordering           Spearman ρ of held-out firing frequency with latent index, baseline and runs
 
 The runs come from the study and sweep machinery (studies.study_jobs, sweep_jobs, run_jobs): a
 run completed with the same config and plugin source is reused and an interrupted one resumed, so
@@ -599,6 +600,47 @@ def sparsity_distributions(s: Setting) -> Finding:
     return Finding(fig, caption, body + "".join(f"\n\nNot analysed: {line}" for line in failed), data)
 
 
+def frequency_order(s: Setting) -> Finding:
+    """Frequency ordering on held-out text: Spearman ρ between each latent's index and its firing
+    frequency on the core eval's held-out tokens (feature_density; −1 = most frequent first), for
+    the baseline, which has no ordering mechanism, and each run; beside it the ρ the run tracked in
+    training (its EMA of firing rates, `frequency_index_spearman`)."""
+    from scipy.stats import spearmanr
+
+    runs, failed = study_runs(s)
+    measured = {run.plugin: (run, d) for run in runs if (d := firing_frequency(run)) is not None}
+    if not measured:
+        raise HarnessError(f"no run of {s.study} has a core evaluation's feature_metrics.json; run it with core")
+    rows, data = [], {}
+    for plugin, (run, density) in measured.items():
+        rho = float(spearmanr(density, np.arange(len(density))).statistic) if density.std() > 0 else math.nan
+        tracked = plot.number(run.info.get("frequency_index_spearman"))
+        data[plugin] = dict(rho=rho, tracked=tracked, silent=int((density == 0).sum()), folder=run.folder)
+        rows.append([run.label, fmt(rho), fmt(tracked), str(data[plugin]["silent"]), shown_path(run.folder)])
+    n = len(next(iter(measured.values()))[1])
+    null = 1 / math.sqrt(n - 1)  # ρ's standard deviation between an index and an unrelated order
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    labels = [measured[p][0].label for p in data]
+    ax.bar(range(len(data)), [d["rho"] for d in data.values()], color=[measured[p][0].color for p in data])
+    ax.axhspan(-2 * null, 2 * null, color="0.85", label=f"unrelated order: ±2/√(n−1) = ±{2 * null:.3f}")
+    ax.set_xticks(range(len(data)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("Spearman ρ(held-out frequency, index)")
+    ax.set_ylim(-1.05, 1.05)
+    ax.axhline(0, color="0.3", lw=0.8)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    ax.set_title(plot.with_setting("Frequency ordering on held-out text", [r for r, _ in measured.values()]),
+                 fontsize=11)
+    reference = (f"Reference: an index unrelated to frequency reads ρ 0 ± {null:.3f} (one standard deviation, "
+                 f"{n} latents); the baseline, with no ordering mechanism, reads "
+                 f"{fmt(data[BASELINE]['rho']) if BASELINE in data else '-'}. Noise: one seed per run.")
+    caption = ("Spearman ρ between latent index and firing frequency on the held-out text, per run: "
+               + "; ".join(f"{measured[p][0].label} {fmt(d['rho'])}" for p, d in data.items()) + ". " + reference)
+    body = table(["run", "ρ held-out", "ρ tracked in training", "never fired", "run folder"], rows)
+    return Finding(fig, caption, body + "\n\n" + reference + "".join(f"\n\nNot analysed: {line}" for line in failed),
+                   data)
+
+
 def jl_error(s: Setting) -> Finding:
     """JL approximation quality: for each run with a JL projection, the error of the projected
     cosine against the exact one, |cos(P d_i, P d_j) − cos(d_i, d_j)|, over all pairs of decoder
@@ -736,6 +778,7 @@ ANALYSES: dict[str, dict[str, Callable[[Setting], Finding]]] = {
     "adaptive_ortho": {"alpha": alpha_ablation, "condition_numbers": condition_numbers, "unlearning": unlearning},
     "zscore_ortho": {"reactivation": reactivation},
     "contrastive": {"sparsity": sparsity_distributions, "jl_error": jl_error},
+    "freq_order": {"ordering": frequency_order},
 }
 
 

@@ -149,6 +149,22 @@ def test_contrastive_sparsity_and_jl_error_read_the_held_out_evaluation_and_the_
 
 
 @pytest.mark.e2e
+def test_freq_order_ordering_reads_spearman_of_held_out_frequency_with_index_for_the_baseline_and_each_run(tmp_path):
+    from scipy.stats import spearmanr
+
+    _, found = analyse(tmp_path, "freq_order", "ordering", "--only=run_2_freq_ordering")
+    data = found["ordering"].data
+    assert set(data) == {"run_0_baseline", "run_2_freq_ordering"}  # the baseline is the no-ordering reference
+    for plugin, m in data.items():
+        info = json.loads((m["folder"] / "final_info.json").read_text())
+        density = json.loads((m["folder"] / "feature_metrics.json").read_text())["feature_density"]
+        assert m["rho"] == pytest.approx(spearmanr(density, range(256)).statistic, abs=1e-12)
+        assert m["tracked"] == info.get("frequency_index_spearman")  # None for the baseline
+    assert data["run_0_baseline"]["tracked"] is None and -1 <= data["run_2_freq_ordering"]["tracked"] <= 1
+    assert f"reads ρ 0 ± {1 / math.sqrt(255):.3f}" in found["ordering"].body
+
+
+@pytest.mark.e2e
 def test_zscore_reactivation_compares_the_revived_latents_with_the_others(tmp_path):
     _, found = analyse(tmp_path, "zscore_ortho", "reactivation", "--only=run_4_skip")
     data = found["reactivation"].data
@@ -224,7 +240,7 @@ def test_topk_threshold_ablation_sweeps_both_tau_modes_at_the_same_settings(tmp_
 
 
 @pytest.mark.parametrize("args, message", [
-    (["freq_order"], "no analyses for study 'freq_order'; studies with analyses: topk_ortho"),
+    (["baseline"], "no analyses for study 'baseline'; studies with analyses: topk_ortho"),
     (["contrastive", "absorption"], "no analysis 'absorption' for contrastive; choose one of sparsity, jl_error"),
     (["contrastive", "--only", "run_1_initial"], "--only zscore_ortho/run_1_initial: not runs of study contrastive"),
 ])
