@@ -222,6 +222,16 @@ def harvest(model, contexts: torch.Tensor, cfg, out: np.memmap, progress) -> Non
                            "use float32")
 
 
+def verified_cache(folder: Path, what: str) -> tuple[np.ndarray, float]:
+    """(rows, scale) of a complete cache, memory-mapped, where its size and sha256 match its manifest."""
+    manifest, acts_path = json.loads((folder / "manifest.json").read_text()), folder / "train_acts.npy"
+    if not (acts_path.exists() and acts_path.stat().st_size == manifest["bytes"]
+            and file_sha256(acts_path) == manifest["sha256"]):
+        raise HarnessError(f"the cache of {what} {folder} is truncated or corrupted; delete it to rebuild it")
+    console.print(f"[green]Reusing cached {what} {folder}")
+    return np.load(acts_path, mmap_mode="r"), manifest["scale"]
+
+
 def cached_activations(folder: Path, shape: tuple[int, int], dtype: str, fill, what: str,
                        **recorded) -> tuple[np.ndarray, float, bool]:
     """(rows, d) activations memory-mapped from folder/train_acts.npy, read only where its
@@ -230,11 +240,10 @@ def cached_activations(folder: Path, shape: tuple[int, int], dtype: str, fill, w
     Returns (activations, scale, from_cache)."""
     manifest_path, acts_path = folder / "manifest.json", folder / "train_acts.npy"
     if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if acts_path.exists() and acts_path.stat().st_size == manifest["bytes"] and file_sha256(acts_path) == manifest["sha256"]:
-            console.print(f"[green]Reusing cached {what} {folder}")
-            return np.load(acts_path, mmap_mode="r"), manifest["scale"], True
-        console.print(f"[yellow]The cache of {what} {folder} is truncated or corrupted; rebuilding it")
+        try:
+            return *verified_cache(folder, what), True
+        except HarnessError:
+            console.print(f"[yellow]The cache of {what} {folder} is truncated or corrupted; rebuilding it")
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / "train_acts.partial.npy"
     out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)

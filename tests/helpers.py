@@ -282,3 +282,17 @@ def sae_lens_pass(ref, x, step, dead):
 
     return ref.train().training_forward_pass(TrainStepInput(
         sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=False))
+
+
+def tiny_model_with_tokenizer():
+    """The tiny model with a character-level tokenizer, for the paths that read text."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    class CharTokenizer:
+        bos_token_id, eos_token_id, pad_token_id, padding_side = 0, 1, 2, "right"
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [3 + (ord(c) % 500) for c in text]}
+    model = HookedTransformer(HookedTransformerConfig(**sources.TINY_MODEL, seed=0))
+    model.tokenizer = CharTokenizer()
+    return model

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli
+from helpers import cli, tiny_model_with_tokenizer
 
 import evals
 import experiment
@@ -255,23 +255,10 @@ def test_resume_of_a_folder_that_is_not_a_run_is_refused(tmp_path):
 def test_empty_or_too_short_local_dataset_is_refused(tmp_path, content, message, monkeypatch):
     data = tmp_path / "data.txt"
     data.write_text(content)
-    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: _tiny_with_tokenizer())
+    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: tiny_model_with_tokenizer())
     out = refused(tmp_path, "--preset", "tiny", "--plugin", "run_0_baseline", "--dataset", str(data),
                   "--out", str(tmp_path / "r"))
     assert message in out
-
-
-def _tiny_with_tokenizer():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    class CharTokenizer:
-        bos_token_id, eos_token_id, pad_token_id, padding_side = 0, 1, 2, "right"
-
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [3 + (ord(c) % 500) for c in text]}
-    model = HookedTransformer(HookedTransformerConfig(**sources.TINY_MODEL, seed=0))
-    model.tokenizer = CharTokenizer()
-    return model
 
 
 @pytest.mark.e2e

@@ -2,18 +2,23 @@
 complete run folder and notebook entry, reuse cached activations, and refuse or stop loudly on
 bad input, never leaving stale numbers behind."""
 
+import dataclasses
 import json
 import math
+import random
 
+import numpy as np
 import pytest
 import torch
-from helpers import cli, read_log
+from helpers import cli, read_log, tiny_model_with_tokenizer
+from rich.progress import Progress
 
 import experiment
 import kernels
 import studies
 import sources
 import evals
+from common import console
 from runs import HEADLINE
 
 NOTEBOOK_KEYS = {"training_steps", "final_loss", "layer", "dict_size", "learning_rate", "sparsity_penalty"}
@@ -116,6 +121,32 @@ def test_second_run_reuses_cached_activations_without_running_the_llm(run_tiny, 
     monkeypatch.setattr(experiment, "harvest", no_harvest)
     second, _ = run_tiny("run_0_baseline", lr=2e-3)
     assert second["activations_from_cache"] is True
+
+
+def test_a_smaller_budget_reads_the_first_rows_of_a_larger_cache_the_bytes_its_own_harvest_gives(tmp_path,
+                                                                                                  monkeypatch):
+    docs = tmp_path / "docs.txt"
+    rng = random.Random(0)
+    docs.write_text("\n\n".join(" ".join(f"word{rng.randrange(300)}" for _ in range(60)) for _ in range(200)))
+    model = tiny_model_with_tokenizer()
+
+    def data(tokens, cache, harvesting=True):
+        monkeypatch.setenv("SAE_HARNESS_ACTIVATIONS", str(tmp_path / cache))
+        cfg = experiment.build_config("tiny", "baseline/run_0_baseline", dataset=str(docs), tokens=tokens)
+        with Progress(console=console) as progress:
+            return experiment.activation_data(cfg, model if harvesting else None, progress)
+
+    data(4096, "shared")
+    smaller = data(1500, "shared", harvesting=False)  # no model: a harvest would fail
+    fresh = data(1500, "alone")
+    assert smaller.from_cache and not fresh.from_cache
+    assert np.asarray(smaller.train).tobytes() == np.asarray(fresh.train).tobytes()
+    assert smaller.scale == fresh.scale and torch.equal(smaller.eval_tokens, fresh.eval_tokens)
+    zipf = experiment.build_config("tiny", "baseline/run_0_baseline", tokens=4096)  # the tiny model's own text
+    monkeypatch.setenv("SAE_HARNESS_ACTIVATIONS", str(tmp_path / "zipf"))
+    with Progress(console=console) as progress:
+        experiment.activation_data(zipf, model, progress)
+    assert experiment.larger_cache(dataclasses.replace(zipf, tokens=1500)) is None  # its held-out contexts come last
 
 
 def test_same_seed_and_config_give_identical_weights_and_metrics(run_tiny):
