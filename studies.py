@@ -142,8 +142,8 @@ def study(name: str, baselines: list[str], preset: str, overrides: dict[str, Any
     """`python experiment.py study NAME`: the preset's baseline sweeps (BASELINE_SWEEPS, at two
     seeds or more), its baselines, then its runs in order, each at `seeds` seeds; each baseline's
     sweep widened until it covers every run or has `cover_cap` knob values (`cover`; the CLI's
-    default widens, 1 never does); then its figures, the compare table and, where anything was
-    trained, its summary in the notebook."""
+    default widens, 1 never does); then its figures, the compare table and its summary in the
+    notebook, unless the notebook holds it already word for word."""
     if cover_cap < 0:
         raise HarnessError(f"--cover-cap must be 0 or more, got {cover_cap}")
     jobs = study_jobs(name, baselines, preset, overrides, runs_root, seeds)
@@ -152,12 +152,13 @@ def study(name: str, baselines: list[str], preset: str, overrides: dict[str, Any
         sweep(find_plugin(f"baseline/{plugin}"), [grid], max(seeds, BASELINE_SEEDS), preset, overrides, runs_root,
               notes, remote)
     rows = rejudge(run_jobs(jobs, notes, runs_root, remote=remote), runs_root)
-    rows += cover(rows, preset, overrides, seeds, runs_root, notes, remote, cover_cap)
+    widened = cover(rows, preset, overrides, seeds, runs_root, notes, remote, cover_cap)  # noted run by run
     written = plot.plot_all(runs_root, figures / name, name)
-    if any(row["how"] != "reused" for row in rows):  # a study run again that trained nothing notes nothing
-        append_notes(notes, jobs[-1].plugin.study_header, study_notes(name, rows, written))
+    summary = study_notes(name, rows, written)
+    if not (notes.exists() and summary in notes.read_text(encoding="utf-8")):  # the same summary is noted once
+        append_notes(notes, jobs[-1].plugin.study_header, summary)
     Console(width=220).print(plot.compare_table(runs_root, name))
-    return rows
+    return rows + widened
 
 
 def sweep(plugin: Plugin, grid: list[str], seeds: int, preset: str, overrides: dict[str, Any], runs_root: Path,

@@ -268,5 +268,10 @@ def test_a_study_at_two_seeds_widens_its_baseline_to_cover_its_run_and_judges_th
         assert entry["word"] == "outside the baseline sweep: widen it" or entry["pairing"].startswith("paired over")
     summary = notes.read_text().split("## Study summary: scratch_test_study")[1]
     assert "Coverage (a baseline covers a run whose L0 lies inside its sweep):" in summary
+    before = notes.read_text()
     again = cli(*args)
     assert again.exit_code == 0 and ": trained" not in again.output and "widening" not in again.output
+    assert notes.read_text() == before  # the same verdicts: the summary is not noted twice
+    other = tmp_path / "other.md"  # a new notebook gets the study's summary, though nothing was trained
+    assert cli(*args[:-4], "--notes", str(other), *args[-2:]).exit_code == 0
+    assert other.read_text().count("## Study summary: scratch_test_study") == 1
