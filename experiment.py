@@ -58,8 +58,7 @@ from notebook import append_notes, changed_setting, check_notes, notes_entry, st
 from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_runs_root, check_writable,
                   code_without_prose, convergence, load_checkpoint, newest, provenance, read_json, read_json_lines,
                   record_gradient_shares, run_index, runs_root, save_checkpoint, save_trained, term_gradients)
-from sources import (activation_scale, cached_activations, eval_contexts_needed, harvest, load_model, load_tokens,
-                     verified_cache)
+from sources import cached_activations, eval_contexts_needed, harvest, larger_cache_prefix, load_model, load_tokens
 
 # Run as a script, this file is `__main__`; plugins import `experiment`: make that the same module.
 sys.modules.setdefault("experiment", sys.modules[__name__])
@@ -560,29 +559,14 @@ def cache_key(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def larger_cache(cfg: RunConfig) -> Path | None:
-    """The smallest complete cache of the same text, model and layer with more tokens than cfg's:
-    its first cfg.tokens rows are what harvesting cfg.tokens gives (held-out contexts come first,
-    training contexts follow in order; the scale is read from those rows), so a budget study
-    harvests its largest budget once. Not for the tiny model's Zipf text, whose held-out contexts come last."""
-    if cfg.dataset == "synthetic":
-        return None
-    found = []
-    for manifest in activations_dir().glob("*/manifest.json"):
-        rows = json.loads(manifest.read_text()).get("shape", [0])[0]
-        if rows > cfg.tokens and manifest.parent.name == cache_key(dataclasses.replace(cfg, tokens=rows)):
-            found.append((rows, manifest.parent))
-    return min(found)[1] if found else None
-
-
 def activation_data(cfg: RunConfig, model, progress, dataset_loader=None) -> ActivationData:
     folder = activations_dir() / cache_key(cfg)
     if synthetic.is_synthetic(cfg):
         return ActivationData(*synthetic.activation_data(cfg, model, progress, folder))
-    if not (folder / "manifest.json").exists() and (larger := larger_cache(cfg)) is not None:
-        train = verified_cache(larger, "activations")[0][:cfg.tokens]
-        console.print(f"[green]Reading the first {cfg.tokens:,} rows of the larger cache {larger}")
-        return ActivationData(train, torch.load(larger / "eval_tokens.pt"), activation_scale(train), True)
+    if not (folder / "manifest.json").exists() and cfg.dataset != "synthetic":  # tiny's Zipf text: held-out last
+        prefix = larger_cache_prefix(activations_dir(), cfg.tokens, lambda n: cache_key(dataclasses.replace(cfg, tokens=n)))
+        if prefix:
+            return ActivationData(*prefix, True)
     tokens_path = folder / "eval_tokens.pt"
 
     def harvested(out: np.ndarray) -> None:  # the eval tokens are saved before the manifest that vouches for both

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,22 @@ def verified_cache(folder: Path, what: str) -> tuple[np.ndarray, float]:
         raise HarnessError(f"the cache of {what} {folder} is truncated or corrupted; delete it to rebuild it")
     console.print(f"[green]Reusing cached {what} {folder}")
     return np.load(acts_path, mmap_mode="r"), manifest["scale"]
+
+
+def larger_cache_prefix(root: Path, tokens: int, key_for: Callable[[int], str]) -> tuple[np.ndarray, torch.Tensor, float] | None:
+    """The first `tokens` rows of the smallest complete cache under `root` with more rows whose key
+    is key_for(its rows) (the same text, model and layer), its held-out tokens and those rows'
+    scale: what harvesting `tokens` gives (held-out contexts come first, training contexts follow
+    in order), so a budget study harvests its largest budget once. None where there is none."""
+    found = sorted((rows, manifest.parent) for manifest in root.glob("*/manifest.json")
+                   if (rows := json.loads(manifest.read_text()).get("shape", [0])[0]) > tokens
+                   and manifest.parent.name == key_for(rows))
+    if not found:
+        return None
+    folder = found[0][1]
+    train = verified_cache(folder, "activations")[0][:tokens]
+    console.print(f"[green]Reading the first {tokens:,} rows of the larger cache {folder}")
+    return train, torch.load(folder / "eval_tokens.pt"), activation_scale(train)
 
 
 def cached_activations(folder: Path, shape: tuple[int, int], dtype: str, fill, what: str,

@@ -146,7 +146,8 @@ def test_a_smaller_budget_reads_the_first_rows_of_a_larger_cache_the_bytes_its_o
     monkeypatch.setenv("SAE_HARNESS_ACTIVATIONS", str(tmp_path / "zipf"))
     with Progress(console=console) as progress:
         experiment.activation_data(zipf, model, progress)
-    assert experiment.larger_cache(dataclasses.replace(zipf, tokens=1500)) is None  # its held-out contexts come last
+        smaller = experiment.activation_data(dataclasses.replace(zipf, tokens=1500), model, progress)
+    assert not smaller.from_cache  # harvested: its held-out contexts come after its training ones
 
 
 def test_same_seed_and_config_give_identical_weights_and_metrics(run_tiny):
