@@ -833,10 +833,10 @@ def finish(info: dict, run_dir: Path, plugin: Plugin, notes: Path, cfg: RunConfi
     for key in ("failed_at", "error", "traceback"):
         info.pop(key, None)
     index = run_index(runs_root(run_dir, plugin.name))  # the sibling runs, read once
+    info["provenance"] = run_provenance(cfg, plugin, device, wall_time)  # its config: which parent runs compare
     info["warnings"] = frontier.suspicious(info, run_dir, plugin.parent, index,
                                            find_plugin(plugin.parent).source_hash() if plugin.parent else None)
     info["status"] = "completed"
-    info["provenance"] = run_provenance(cfg, plugin, device, wall_time)
     info["convergence"] = convergence(read_json_lines(run_dir / "train_log.jsonl"))
     info["verdict"] = judged(info, index, plugin, run_dir)
     atomic_write(run_dir / "final_info.json", json.dumps(info, indent=2, default=str))

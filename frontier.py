@@ -492,6 +492,20 @@ def _trained_alike(baseline: dict, run: dict) -> bool:
     return not (mine and theirs) or all(mine.get(k) == theirs.get(k) for k in MATCHED_SETTINGS)
 
 
+def _same_setting(parent: dict, run: dict) -> bool:
+    """Whether a parent run was trained at the child's setting: the same config but for the seed,
+    the device, the plugin, the evals and the hyperparameters the child adds (those both have are
+    equal), so that a sweep's other points are not taken for the parent's seeds. Runs saved
+    without their config are not told apart."""
+    mine, theirs = (i.get("provenance", {}).get("config") for i in (run, parent))
+    if not (mine and theirs):
+        return True
+    ours, its = mine.get("hyperparams", {}), theirs.get("hyperparams", {})
+    apart = ("seed", "device", "plugin", "evals", "hyperparams")
+    same_config = all(mine.get(k) == theirs.get(k) for k in (mine.keys() | theirs.keys()) - set(apart))
+    return same_config and all(ours[k] == its[k] for k in ours.keys() & its.keys())
+
+
 def swept_knob(infos: list[dict], default: str) -> str | None:
     """The one run setting or hyperparameter that varies across a baseline's runs (the seed aside);
     the architecture's own knob where none does; None where several do (no frontier of one knob)."""
@@ -572,7 +586,7 @@ INERT_SHARE = 1e-2  # a term below this share of the gradient norm it touches (m
 def unmoved_decoder(run_dir: Path, parent_name: str, info: dict, index: Index,
                     parent_source: str | None = None) -> str | None:
     """A warning when the decoder ended within float noise (NOISE_EPSILONS of its dtype, relative)
-    of the parent's newest completed run on the same activations, seed and dictionary size, of
+    of the parent's newest completed run on the same activations, seed, dictionary size and setting, of
     the parent's current source where parent_source is given (an older parent is no reference)."""
     from safetensors.numpy import load_file
 
@@ -581,7 +595,7 @@ def unmoved_decoder(run_dir: Path, parent_name: str, info: dict, index: Index,
         provenance = other.get("provenance", {})
         if (who["plugin"] == parent_name and other.get("status") == "completed" and other.get("dict_size") == size
                 and other.get("activation_cache") == info.get("activation_cache") and provenance.get("seed") == seed
-                and parent_source in (None, provenance.get("plugin_source_sha256"))):
+                and parent_source in (None, provenance.get("plugin_source_sha256")) and _same_setting(other, info)):
             ours, theirs = (load_file(f / "plugin_state.safetensors")["W_dec"] for f in (run_dir, folder))
             change = float(np.linalg.norm(ours.astype(np.float64) - theirs) / np.linalg.norm(theirs.astype(np.float64)))
             noise = NOISE_EPSILONS * float(np.finfo(theirs.dtype).eps)
@@ -626,7 +640,7 @@ EFFECT_SPREADS = 2.0  # standard deviations across the parent's seeds
 
 def no_measurable_effect(info: dict, parent_name: str, index: Index, parent_source: str | None = None) -> str | None:
     """A warning where the parent has completed runs at two or more seeds (the newest of each) on
-    the same activations and dictionary size, of its current source where given, and every
+    the same activations, dictionary size and setting, of its current source where given, and every
     EFFECT_METRICS value (GROUND_TRUTH_EFFECT_METRICS' on a synthetic preset) of this run lies within
     EFFECT_SPREADS of their standard deviations across seeds from their mean."""
     by_seed = {}
@@ -634,7 +648,7 @@ def no_measurable_effect(info: dict, parent_name: str, index: Index, parent_sour
         provenance = other.get("provenance", {})
         if (who["plugin"] == parent_name and other.get("status") == "completed" and other.get("metrics")
                 and other.get("activation_cache") == info.get("activation_cache")
-                and other.get("dict_size") == info.get("dict_size")
+                and other.get("dict_size") == info.get("dict_size") and _same_setting(other, info)
                 and parent_source in (None, provenance.get("plugin_source_sha256"))):
             by_seed[provenance.get("seed")] = other["metrics"]
     if len(by_seed) < 2 or "metrics" not in info:
