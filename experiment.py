@@ -41,7 +41,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -550,6 +550,7 @@ class ActivationData:
     eval_tokens: torch.Tensor  # (n_eval, context_size) held-out contexts for sae_bench
     scale: float  # multiply activations by this so that E||x|| = sqrt(d_model)
     from_cache: bool
+    prefix_of: Path | None = None  # the larger cache whose first rows these are (sources.larger_cache_prefix)
 
 
 def cache_key(cfg: RunConfig) -> str:
@@ -559,14 +560,19 @@ def cache_key(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def cache_key_at(cfg: RunConfig) -> Callable[[int], str]:
+    """The cache key of cfg's activations at another number of tokens."""
+    return lambda tokens: cache_key(dataclasses.replace(cfg, tokens=tokens))
+
+
 def activation_data(cfg: RunConfig, model, progress, dataset_loader=None) -> ActivationData:
     folder = activations_dir() / cache_key(cfg)
     if synthetic.is_synthetic(cfg):
         return ActivationData(*synthetic.activation_data(cfg, model, progress, folder))
     if not (folder / "manifest.json").exists() and cfg.dataset != "synthetic":  # tiny's Zipf text: held-out last
-        prefix = larger_cache_prefix(activations_dir(), cfg.tokens, lambda n: cache_key(dataclasses.replace(cfg, tokens=n)))
-        if prefix:
-            return ActivationData(*prefix, True)
+        if prefix := larger_cache_prefix(activations_dir(), cfg.tokens, cache_key_at(cfg)):
+            train, eval_tokens, scale, larger = prefix
+            return ActivationData(train, eval_tokens, scale, True, prefix_of=larger)
     tokens_path = folder / "eval_tokens.pt"
 
     def harvested(out: np.ndarray) -> None:  # the eval tokens are saved before the manifest that vouches for both
@@ -816,7 +822,8 @@ def train_run(cfg: RunConfig, plugin: Plugin, hp, model, run_dir: Path, device: 
             raise HarnessError(f"training stopped: {exc}"
                                + (f"; run marked failed in {run_dir}/final_info.json" if rank == 0 else "")) from None
     info.update(training_steps=cfg.steps, final_loss=final_terms["total_loss"], final_loss_terms=final_terms,
-                activation_scale=data.scale, activation_cache=cache_key(cfg), activations_from_cache=data.from_cache)
+                activation_scale=data.scale, activation_cache=cache_key(cfg), activations_from_cache=data.from_cache,
+                **({"activations_prefix_of": data.prefix_of.name} if data.prefix_of else {}))
     return sae, data, info
 
 
@@ -834,8 +841,10 @@ def finish(info: dict, run_dir: Path, plugin: Plugin, notes: Path, cfg: RunConfi
         info.pop(key, None)
     index = run_index(runs_root(run_dir, plugin.name))  # the sibling runs, read once
     info["provenance"] = run_provenance(cfg, plugin, device, wall_time)  # its config: which parent runs compare
-    info["warnings"] = frontier.suspicious(info, run_dir, plugin.parent, index,
-                                           find_plugin(plugin.parent).source_hash() if plugin.parent else None)
+    parent = find_plugin(plugin.parent) if plugin.parent else None
+    at_setting = parent and frontier.parent_hyperparams(
+        cfg.hyperparams, dataclasses.asdict(plugin.hyperparams_class()), dataclasses.asdict(parent.hyperparams_class()))
+    info["warnings"] = frontier.suspicious(info, run_dir, plugin.parent, index, parent and parent.source_hash(), at_setting)
     info["status"] = "completed"
     info["convergence"] = convergence(read_json_lines(run_dir / "train_log.jsonl"))
     info["verdict"] = judged(info, index, plugin, run_dir)

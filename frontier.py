@@ -492,18 +492,24 @@ def _trained_alike(baseline: dict, run: dict) -> bool:
     return not (mine and theirs) or all(mine.get(k) == theirs.get(k) for k in MATCHED_SETTINGS)
 
 
-def _same_setting(parent: dict, run: dict) -> bool:
-    """Whether a parent run was trained at the child's setting: the same config but for the seed,
-    the device, the plugin, the evals and the hyperparameters the child adds (those both have are
-    equal), so that a sweep's other points are not taken for the parent's seeds. Runs saved
-    without their config are not told apart."""
+def parent_hyperparams(run_values: dict, run_defaults: dict, parent_defaults: dict) -> dict:
+    """The parent's hyperparameters at a run's setting: its own defaults, but what the run set away
+    from the run plugin's defaults (`--set`) where the parent has that field too."""
+    return {k: run_values[k] if k in run_values and run_values[k] != run_defaults.get(k) else default
+            for k, default in parent_defaults.items()}
+
+
+def _same_setting(parent: dict, run: dict, hyperparams: dict | None) -> bool:
+    """Whether a parent run was trained at the child's setting: the same config but for what does
+    not change training (seed aside), and, where given, these hyperparameters (parent_hyperparams):
+    a sweep's other points are not the parent's seeds. Runs saved without a config are not told apart."""
     mine, theirs = (i.get("provenance", {}).get("config") for i in (run, parent))
     if not (mine and theirs):
         return True
-    ours, its = mine.get("hyperparams", {}), theirs.get("hyperparams", {})
-    apart = ("seed", "device", "plugin", "evals", "hyperparams")
-    same_config = all(mine.get(k) == theirs.get(k) for k in (mine.keys() | theirs.keys()) - set(apart))
-    return same_config and all(ours[k] == its[k] for k in ours.keys() & its.keys())
+    apart = {"seed", "device", "plugin", "evals", "log_every", "checkpoint_every", "hyperparams"}
+    plain = lambda x: json.loads(json.dumps(x, default=str))  # noqa: E731 (as final_info.json holds them)
+    return (all(mine.get(k) == theirs.get(k) for k in (mine.keys() | theirs.keys()) - apart)
+            and (hyperparams is None or plain(theirs.get("hyperparams")) == plain(hyperparams)))
 
 
 def swept_knob(infos: list[dict], default: str) -> str | None:
@@ -552,9 +558,10 @@ def footing_of(entry: dict) -> str:
 # Sanity guards: results the seed notebooks reported without noticing, each a run's warning.
 
 def suspicious(info: dict, run_dir: Path, parent_name: str | None, index: Index,
-               parent_source: str | None = None) -> list[str]:
+               parent_source: str | None = None, parent_setting: dict | None = None) -> list[str]:
     """Results the seed notebooks reported without noticing: each becomes a warning. parent_source:
-    the parent plugin's current source hash (only a parent run of that source is a reference)."""
+    the parent plugin's current source hash (only a parent run of that source is a reference);
+    parent_setting: its hyperparameters at this run's setting (parent_hyperparams)."""
     found = []
     sparsity = info.get("metrics", {}).get("sparsity", {})
     if sparsity.get("l0") == 0:
@@ -572,8 +579,8 @@ def suspicious(info: dict, run_dir: Path, parent_name: str | None, index: Index,
     if parent is not None and "metrics" in info and parent.get("metrics") == info["metrics"]:
         found.append(f"metrics identical to the last digit to parent {parent_name}'s latest run: "
                      "did the change reach the model?")
-    moved = unmoved_decoder(run_dir, parent_name, info, index, parent_source) if parent_name else None
-    same = no_measurable_effect(info, parent_name, index, parent_source) if parent_name else None
+    moved = unmoved_decoder(run_dir, parent_name, info, index, parent_source, parent_setting) if parent_name else None
+    same = no_measurable_effect(info, parent_name, index, parent_source, parent_setting) if parent_name else None
     return found + inert_terms(log) + [w for w in (moved, same) if w]
 
 
@@ -584,7 +591,7 @@ INERT_SHARE = 1e-2  # a term below this share of the gradient norm it touches (m
 
 
 def unmoved_decoder(run_dir: Path, parent_name: str, info: dict, index: Index,
-                    parent_source: str | None = None) -> str | None:
+                    parent_source: str | None = None, parent_setting: dict | None = None) -> str | None:
     """A warning when the decoder ended within float noise (NOISE_EPSILONS of its dtype, relative)
     of the parent's newest completed run on the same activations, seed, dictionary size and setting, of
     the parent's current source where parent_source is given (an older parent is no reference)."""
@@ -595,7 +602,8 @@ def unmoved_decoder(run_dir: Path, parent_name: str, info: dict, index: Index,
         provenance = other.get("provenance", {})
         if (who["plugin"] == parent_name and other.get("status") == "completed" and other.get("dict_size") == size
                 and other.get("activation_cache") == info.get("activation_cache") and provenance.get("seed") == seed
-                and parent_source in (None, provenance.get("plugin_source_sha256")) and _same_setting(other, info)):
+                and parent_source in (None, provenance.get("plugin_source_sha256"))
+                and _same_setting(other, info, parent_setting)):
             ours, theirs = (load_file(f / "plugin_state.safetensors")["W_dec"] for f in (run_dir, folder))
             change = float(np.linalg.norm(ours.astype(np.float64) - theirs) / np.linalg.norm(theirs.astype(np.float64)))
             noise = NOISE_EPSILONS * float(np.finfo(theirs.dtype).eps)
@@ -638,7 +646,8 @@ GROUND_TRUTH_EFFECT_METRICS = {"MCC": ("ground_truth", "mcc"), "F1": ("ground_tr
 EFFECT_SPREADS = 2.0  # standard deviations across the parent's seeds
 
 
-def no_measurable_effect(info: dict, parent_name: str, index: Index, parent_source: str | None = None) -> str | None:
+def no_measurable_effect(info: dict, parent_name: str, index: Index, parent_source: str | None = None,
+                         parent_setting: dict | None = None) -> str | None:
     """A warning where the parent has completed runs at two or more seeds (the newest of each) on
     the same activations, dictionary size and setting, of its current source where given, and every
     EFFECT_METRICS value (GROUND_TRUTH_EFFECT_METRICS' on a synthetic preset) of this run lies within
@@ -648,7 +657,7 @@ def no_measurable_effect(info: dict, parent_name: str, index: Index, parent_sour
         provenance = other.get("provenance", {})
         if (who["plugin"] == parent_name and other.get("status") == "completed" and other.get("metrics")
                 and other.get("activation_cache") == info.get("activation_cache")
-                and other.get("dict_size") == info.get("dict_size") and _same_setting(other, info)
+                and other.get("dict_size") == info.get("dict_size") and _same_setting(other, info, parent_setting)
                 and parent_source in (None, provenance.get("plugin_source_sha256"))):
             by_seed[provenance.get("seed")] = other["metrics"]
     if len(by_seed) < 2 or "metrics" not in info:

@@ -58,6 +58,7 @@ from rich.progress import Progress
 
 import experiment
 import kernels
+import sources
 import synthetic
 from plugins.baseline.run_0_matryoshka import prefix_widths
 from runs import dead_window_steps
@@ -300,7 +301,8 @@ def dictionary_learning_peers(arch: str, knob: dict, seeds: range, tokens: int) 
     results = []
     for seed in seeds:
         plugin, cfg, hp = harness_setting(arch, knob, "embedded", seed, tokens)
-        if not (experiment.activations_dir() / experiment.cache_key(cfg) / "manifest.json").exists():
+        if not ((experiment.activations_dir() / experiment.cache_key(cfg) / "manifest.json").exists()
+                or sources.larger_caches(experiment.activations_dir(), tokens, experiment.cache_key_at(cfg))):
             raise HarnessError(f"no cached embedded activations for --tokens {tokens}; harvest them once with "
                                f"`python experiment.py run --plugin {plugin.name} --tokens {tokens}`")
         results += compare(arch, plugin, cfg, hp, experiment.activation_data(cfg, None, None))

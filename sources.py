@@ -233,20 +233,30 @@ def verified_cache(folder: Path, what: str) -> tuple[np.ndarray, float]:
     return np.load(acts_path, mmap_mode="r"), manifest["scale"]
 
 
-def larger_cache_prefix(root: Path, tokens: int, key_for: Callable[[int], str]) -> tuple[np.ndarray, torch.Tensor, float] | None:
-    """The first `tokens` rows of the smallest complete cache under `root` with more rows whose key
-    is key_for(its rows) (the same text, model and layer), its held-out tokens and those rows'
-    scale: what harvesting `tokens` gives (held-out contexts come first, training contexts follow
-    in order), so a budget study harvests its largest budget once. None where there is none."""
+def larger_caches(root: Path, tokens: int, key_for: Callable[[int], str]) -> list[Path]:
+    """The caches under `root` with more rows than `tokens` whose key is key_for(their rows) (the
+    same text, model, layer and held-out set), smallest first."""
     found = sorted((rows, manifest.parent) for manifest in root.glob("*/manifest.json")
                    if (rows := json.loads(manifest.read_text()).get("shape", [0])[0]) > tokens
                    and manifest.parent.name == key_for(rows))
-    if not found:
-        return None
-    folder = found[0][1]
-    train = verified_cache(folder, "activations")[0][:tokens]
-    console.print(f"[green]Reading the first {tokens:,} rows of the larger cache {folder}")
-    return train, torch.load(folder / "eval_tokens.pt"), activation_scale(train)
+    return [folder for _, folder in found]
+
+
+def larger_cache_prefix(root: Path, tokens: int, key_for: Callable[[int], str]
+                        ) -> tuple[np.ndarray, torch.Tensor, float, Path] | None:
+    """The first `tokens` rows of the smallest sound larger cache (larger_caches), its held-out
+    tokens, those rows' scale and its folder: the contexts and batches harvesting `tokens` reads
+    (held-out contexts come first, training contexts follow in order; only its last batch, partial
+    there, ran full here), so a budget study need harvest only its largest budget. None if none."""
+    for folder in larger_caches(root, tokens, key_for):
+        try:
+            train = verified_cache(folder, "activations")[0][:tokens]
+        except HarnessError as exc:
+            console.print(f"[yellow]{exc}; not read")
+            continue
+        console.print(f"[green]Reading the first {tokens:,} rows of the larger cache {folder}")
+        return train, torch.load(folder / "eval_tokens.pt"), activation_scale(train), folder
+    return None
 
 
 def cached_activations(folder: Path, shape: tuple[int, int], dtype: str, fill, what: str,

@@ -143,7 +143,7 @@ def study(name: str, baselines: list[str], preset: str, overrides: dict[str, Any
     seeds or more), its baselines, then its runs in order, each at `seeds` seeds; each baseline's
     sweep widened until it covers every run or has `cover_cap` knob values (`cover`; the CLI's
     default widens, 1 never does); then its figures, the compare table and its summary in the
-    notebook, unless the notebook holds it already word for word."""
+    notebook, unless that is already the study's newest summary there, word for word."""
     if cover_cap < 0:
         raise HarnessError(f"--cover-cap must be 0 or more, got {cover_cap}")
     jobs = study_jobs(name, baselines, preset, overrides, runs_root, seeds)
@@ -154,8 +154,8 @@ def study(name: str, baselines: list[str], preset: str, overrides: dict[str, Any
     rows = rejudge(run_jobs(jobs, notes, runs_root, remote=remote), runs_root)
     widened = cover(rows, preset, overrides, seeds, runs_root, notes, remote, cover_cap)  # noted run by run
     written = plot.plot_all(runs_root, figures / name, name)
-    summary = study_notes(name, rows, written)
-    if not (notes.exists() and summary in notes.read_text(encoding="utf-8")):  # the same summary is noted once
+    summary, noted = study_notes(name, rows, written), notes.read_text(encoding="utf-8") if notes.exists() else ""
+    if summary not in noted[noted.rfind(f"## Study summary: {name}\n"):]:  # not this study's newest summary
         append_notes(notes, jobs[-1].plugin.study_header, summary)
     Console(width=220).print(plot.compare_table(runs_root, name))
     return rows + widened

@@ -477,24 +477,32 @@ def test_on_ground_truth_no_measurable_effect_reads_mcc_f1_and_l0():
     assert frontier.no_measurable_effect(run, "run_1_parent", parents, "parent-source") is None
 
 
+def test_the_parents_setting_is_its_defaults_with_what_the_child_set_on_fields_it_has():
+    parent, child = {"ortho_weight": 0.1, "k": 64}, {"ortho_weight": 0.01, "k": 64, "tau": 0.2}  # the classes' defaults
+    assert frontier.parent_hyperparams(child, child, parent) == parent  # a child's own default is its change
+    assert frontier.parent_hyperparams({**child, "k": 32, "tau": 0.5}, child, parent) == {"ortho_weight": 0.1, "k": 32}
+
+
 def test_only_the_parents_runs_at_the_childs_setting_count_as_its_seeds():
-    def at(seed, penalty, mcc, l0, **hyperparams):
+    def at(seed, penalty, mcc, l0, b_dec_init="geometric_median"):
         folder, who, info = seed_entry(seed, 0.0)
-        info["provenance"]["config"] = {"seed": seed, "sparsity_penalty": penalty, "tokens": 4000,
-                                        "hyperparams": {"b_dec_init": "geometric_median", **hyperparams}}
+        info["provenance"]["config"] = {"seed": seed, "sparsity_penalty": penalty, "tokens": 4000, "log_every": 10,
+                                        "hyperparams": {"b_dec_init": b_dec_init}}
         info["metrics"] = {"ground_truth": {"mcc": mcc, "f1": 0.45}, "sparsity": {"l0": l0}}
         return folder, who, info
+    setting = {"b_dec_init": "geometric_median"}
     # a sweep's newest run of each seed: seed 42 at L1 3, seed 43 at L1 2 (their mean and spread fit anything)
     parents = [at(43, 2.0, 0.645, 16.1), at(42, 3.0, 0.535, 9.9)]
-    child = at(44, 2.0, 0.639, 13.5, z=2.0)[2]
-    assert frontier.no_measurable_effect(child, "run_1_parent", parents, "parent-source") is None  # one seed at L1 2
+    child = at(44, 2.0, 0.639, 13.5)[2]
+    assert frontier.no_measurable_effect(child, "run_1_parent", parents, "parent-source", setting) is None  # one seed
     parents.insert(0, at(42, 2.0, 0.643, 16.0))  # older than seed 42's L1 3 run, and at the child's setting
-    assert frontier.no_measurable_effect(child, "run_1_parent", parents, "parent-source") is None  # MCC and L0 moved
+    assert frontier.no_measurable_effect(child, "run_1_parent", parents, "parent-source", setting) is None  # it moved
     child["metrics"] = {"ground_truth": {"mcc": 0.644, "f1": 0.45}, "sparsity": {"l0": 16.05}}
+    child["provenance"]["config"]["log_every"] = 1  # logging is not a setting
     assert "parent run_1_parent's 2 seeds: MCC 0.644 (parent 0.644" in frontier.no_measurable_effect(
-        child, "run_1_parent", parents, "parent-source")
-    assert frontier.no_measurable_effect(at(44, 2.0, 0.644, 16.05, b_dec_init="zeros")[2], "run_1_parent", parents,
-                                         "parent-source") is None  # a hyperparameter both have, changed
+        child, "run_1_parent", parents, "parent-source", setting)
+    assert frontier.no_measurable_effect(child, "run_1_parent", parents, "parent-source",
+                                         {"b_dec_init": "zeros"}) is None  # the parent never ran at that setting
 
 
 def test_every_suspicious_result_becomes_a_warning(tmp_path):

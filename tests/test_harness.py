@@ -142,6 +142,10 @@ def test_a_smaller_budget_reads_the_first_rows_of_a_larger_cache_the_bytes_its_o
     assert smaller.from_cache and not fresh.from_cache
     assert np.asarray(smaller.train).tobytes() == np.asarray(fresh.train).tobytes()
     assert smaller.scale == fresh.scale and torch.equal(smaller.eval_tokens, fresh.eval_tokens)
+    assert smaller.prefix_of.parent == tmp_path / "shared" and fresh.prefix_of is None
+    (larger,) = (tmp_path / "shared").glob("*/train_acts.npy")
+    larger.write_bytes(larger.read_bytes()[:-8])  # damaged: not read, the smaller run harvests its own
+    assert not data(1500, "shared").from_cache
     zipf = experiment.build_config("tiny", "baseline/run_0_baseline", tokens=4096)  # the tiny model's own text
     monkeypatch.setenv("SAE_HARNESS_ACTIVATIONS", str(tmp_path / "zipf"))
     with Progress(console=console) as progress:
