@@ -287,5 +287,5 @@ def cached_activations(folder: Path, shape: tuple[int, int], dtype: str, fill, w
 
 def activation_scale(acts: np.ndarray) -> float:
     """The factor that makes the mean activation norm sqrt(d_model), from the first 100k rows."""
-    sample = torch.from_numpy(np.asarray(acts[:100_000], dtype=np.float32))
+    sample = torch.from_numpy(np.array(acts[:100_000], dtype=np.float32))  # a copy: a cache is read-only
     return float(math.sqrt(acts.shape[1]) / sample.norm(dim=-1).mean())
