@@ -19,6 +19,9 @@ reference trainer, on the same data, batches, learning rate, warm-up and seeds.
     - jumprelu's θ stepping at the run's lr (the harness's at `threshold_lr_scale` times it), unclamped;
     - AuxK's dead window of 10M tokens (never reached at 250k; the harness's is a tenth of the run),
       and its loss divided by the residual's variance.
+  With --start harness (not jumprelu) the reference instead starts and steps as the harness does
+  (`start_as_harness`: the harness's parameters at its first step, Adam β1 0.9, clipping at 1, the
+  harness's AuxK window), so what is compared is the two trainers' loss and update code.
 - a synthetic preset: SAELens's own `SyntheticSAERunner` on the same synthetic model, both starting
   as SAELens does (b_dec at zero; unit decoder rows, the harness's start), with the same AuxK weight
   and dead window, and trained alike where SAELens's defaults differ from the harness's: activations
@@ -32,6 +35,7 @@ reference trainer, on the same data, batches, learning rate, warm-up and seeds.
     python peers.py --arch topk --k 32 --seeds 2        # embedded preset's cached activations
     python peers.py --arch relu --sparsity-penalty 0.2 --seeds 2     # gated likewise
     python peers.py --arch jumprelu --l0-coefficient 1 --seeds 2
+    python peers.py --arch gated --sparsity-penalty 1 --start harness   # both from the harness's start
     python peers.py --preset synth --arch topk --k 16 --seeds 2
 
 Prints and writes (--out, JSON) one line per trainer and seed. docs/baselines.md and
@@ -44,6 +48,7 @@ from common import HarnessError, console, one_line_errors  # first: its import g
 
 import dataclasses
 import importlib.util
+import inspect
 import json
 import sys
 import tempfile
@@ -166,24 +171,68 @@ def harness_setting(arch: str, knob: dict, preset: str, seed: int, tokens: int |
 
 def train_ours(plugin, cfg: experiment.RunConfig, hp, data: experiment.ActivationData, x: torch.Tensor):
     """The plugin trained as `experiment.py run` trains it on the CPU (execute's kernel settings,
-    train_run's seed, SAE and Trainer, `experiment.train`)."""
+    train_run's seed, SAE and Trainer, `experiment.train`): (its scores, its parameters at the first
+    step, after `init_from_data`)."""
     device = torch.device("cpu")
     kernels.configure_kernels(cfg, device)
     torch.manual_seed(cfg.seed)
     sae = plugin.sae_class(data.train.shape[1], cfg.dict_size, hp, cfg)
+    start, init_from_data = {}, sae.init_from_data
+
+    def init_and_keep(batch: torch.Tensor) -> None:
+        init_from_data(batch)
+        start.update({name: value.detach().clone() for name, value in sae.state_dict().items()})
+
+    sae.init_from_data = init_and_keep
     with tempfile.TemporaryDirectory() as folder, Progress(disable=True) as progress:
         experiment.train(sae, plugin.trainer_class(sae, cfg), data, cfg, Path(folder), progress, device)
-    return scores(sae.eval().encode, sae.decode, x)
+    return scores(sae.eval().encode, sae.decode, x), start
+
+
+# The reference's parameters by name, and the harness's they start from under --start harness (a
+# transposed copy where the shapes say so); the TopK family's θ is the harness's topk_threshold.
+HARNESS_NAMES = {"bias": "b_dec", "decoder_bias": "b_dec", "b_dec": "b_dec", "encoder.weight": "W_enc",
+                 "W_enc": "W_enc", "encoder.bias": "b_enc", "b_enc": "b_enc", "gate_bias": "b_enc",
+                 "decoder.weight": "W_dec", "W_dec": "W_dec", "r_mag": "r_mag", "mag_bias": "b_mag",
+                 "threshold": "topk_threshold"}
+STARTS = ("own", "harness")  # --start: each trainer's own start, or the reference started as the harness
+
+
+def start_as_harness(trainer, start: dict[str, torch.Tensor], cfg: experiment.RunConfig) -> None:
+    """The reference started and stepped as the harness is: from the harness's parameters at its first
+    step (b_dec from the data, its encoder and decoder init, BatchTopK's θ from 0), with its Adam β
+    (0.9, 0.999), its gradient clipping at norm 1 and its AuxK dead window. What is left to differ is
+    each trainer's loss and update code (and the reference's lr 0 on its first warm-up step)."""
+    with torch.no_grad():
+        for name, value in trainer.ae.state_dict().items():
+            ours = start.get(HARNESS_NAMES.get(name, ""))
+            if ours is not None:
+                value.copy_(ours if ours.shape == value.shape else ours.T)
+    for group in trainer.optimizer.param_groups:
+        group["betas"] = (0.9, 0.999)
+    if "clip_grad_norm_" not in inspect.getsource(type(trainer).update):
+        step = trainer.optimizer.step
+
+        def clipped_step(*args, **kwargs):
+            torch.nn.utils.clip_grad_norm_(trainer.ae.parameters(), 1.0)
+            return step(*args, **kwargs)
+
+        trainer.optimizer.step = clipped_step
+    if hasattr(trainer, "dead_feature_threshold"):
+        trainer.dead_feature_threshold = dead_window_steps(cfg) * cfg.batch_size
 
 
 def train_reference(arch: str, cfg: experiment.RunConfig, hp, data: experiment.ActivationData, x: torch.Tensor,
-                    ours: dict):
+                    ours: dict, start: dict[str, torch.Tensor] | None = None):
     """The reference trainer on the harness's batches in the harness's order, seeded here too
-    (JumpReluTrainer does not seed itself)."""
+    (JumpReluTrainer does not seed itself); started as the harness (`start_as_harness`) if given
+    the harness's start."""
     torch.manual_seed(cfg.seed)
     trainer = reference_trainer(arch)(steps=cfg.steps, activation_dim=data.train.shape[1], dict_size=cfg.dict_size,
                                       layer=cfg.layer, lm_name=cfg.model, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                                       seed=cfg.seed, device="cpu", **REFERENCES[arch].settings(hp, cfg, ours))
+    if start is not None:
+        start_as_harness(trainer, start, cfg)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))  # as train's
     for step, batch in experiment.prefetched_batches(data, order, cfg, range(cfg.steps), 0, cfg.batch_size,
                                                      torch.device("cpu"), torch.float32):
@@ -281,22 +330,24 @@ def synthetic_peers(arch: str, k: int, preset: str, seeds: range, tokens: int | 
     return results
 
 
-def compare(arch: str, plugin, cfg: experiment.RunConfig, hp, data: experiment.ActivationData) -> list[dict]:
-    """The harness's run and the reference's on the same data, scored on the same SCORED_ROWS rows."""
+def compare(arch: str, plugin, cfg: experiment.RunConfig, hp, data: experiment.ActivationData,
+            start: str = "own") -> list[dict]:
+    """The harness's run and the reference's on the same data, scored on the same SCORED_ROWS rows;
+    start "harness": the reference started as the harness (`start_as_harness`)."""
     rows = np.linspace(0, len(data.train) - 1, SCORED_ROWS).astype(int)
     x = torch.from_numpy(np.asarray(data.train[rows], dtype=np.float32)) * data.scale
-    ours = train_ours(plugin, cfg, hp, data, x)
-    theirs = train_reference(arch, cfg, hp, data, x, ours)
+    ours, our_start = train_ours(plugin, cfg, hp, data, x)
+    theirs = train_reference(arch, cfg, hp, data, x, ours, our_start if start == "harness" else None)
     knob = plugin.sae_class.sparsity_knob
     setting = {"arch": arch, knob: getattr(hp if hasattr(hp, knob) else cfg, knob), "seed": cfg.seed,
-               "tokens": cfg.tokens}
+               "tokens": cfg.tokens, "start": start}
     results = [dict(trainer="harness", **setting, **ours), dict(trainer="dictionary_learning", **setting, **theirs)]
     for result in results:
         console.print(json.dumps(result))
     return results
 
 
-def dictionary_learning_peers(arch: str, knob: dict, seeds: range, tokens: int) -> list[dict]:
+def dictionary_learning_peers(arch: str, knob: dict, seeds: range, tokens: int, start: str = "own") -> list[dict]:
     reference_trainer(arch)
     results = []
     for seed in seeds:
@@ -305,11 +356,11 @@ def dictionary_learning_peers(arch: str, knob: dict, seeds: range, tokens: int) 
                 or sources.larger_caches(experiment.activations_dir(), tokens, experiment.cache_key_at(cfg))):
             raise HarnessError(f"no cached embedded activations for --tokens {tokens}; harvest them once with "
                                f"`python experiment.py run --plugin {plugin.name} --tokens {tokens}`")
-        results += compare(arch, plugin, cfg, hp, experiment.activation_data(cfg, None, None))
+        results += compare(arch, plugin, cfg, hp, experiment.activation_data(cfg, None, None), start)
     return results
 
 
-def checked_choice(arch: str, preset: str, decoder: str) -> None:
+def checked_choice(arch: str, preset: str, decoder: str, start: str = "own") -> None:
     if arch not in REFERENCES:
         raise HarnessError(f"--arch {arch}: choose one of {', '.join(REFERENCES)}")
     if preset != "embedded" and preset not in synthetic.PRESETS:
@@ -319,6 +370,13 @@ def checked_choice(arch: str, preset: str, decoder: str) -> None:
                            f"runner); check --arch {arch} on embedded")
     if decoder not in DECODERS:
         raise HarnessError(f"--decoder {decoder}: choose {' or '.join(DECODERS)}")
+    if start not in STARTS:
+        raise HarnessError(f"--start {start}: choose {' or '.join(STARTS)}")
+    if start == "harness" and preset != "embedded":
+        raise HarnessError(f"--start harness: an embedded option (--preset {preset} starts both as SAELens does)")
+    if start == "harness" and arch == "jumprelu":
+        raise HarnessError("--start harness: not for jumprelu, whose reference trains another objective "
+                           "(λ·(L0/target − 1)², no b_dec before its encoder); use --start own")
     if preset not in synthetic.PRESETS and decoder != "unit":
         raise HarnessError(f"--decoder {decoder}: SAELens's decoder is a synthetic preset's option "
                            f"(dictionary_learning keeps unit rows)")
@@ -351,14 +409,16 @@ def main(arch: str = typer.Option("topk", help=f"{', '.join(REFERENCES)}; a synt
                                                 "250k by default; synthetic: the preset's samples by default)."),
          decoder: str = typer.Option("unit", help="A synthetic preset: SAELens's decoder rows kept unit as the "
                                                   "harness keeps them (unit), or its default (rescaled)."),
+         start: str = typer.Option("own", help="embedded: each trainer's own start (own), or the reference "
+                                               "started and stepped as the harness (harness; not jumprelu)."),
          out: Path | None = typer.Option(None, help="Also write the results here (JSON).")) -> None:
     with one_line_errors():
-        checked_choice(arch, preset, decoder)
+        checked_choice(arch, preset, decoder, start)
         knob = chosen_knob(arch, dict(k=k, sparsity_penalty=sparsity_penalty, l0_coefficient=l0_coefficient))
         if preset in synthetic.PRESETS:
             results = synthetic_peers(arch, knob["k"], preset, range(seed, seed + seeds), tokens, decoder)
         else:
-            results = dictionary_learning_peers(arch, knob, range(seed, seed + seeds), tokens or 250_000)
+            results = dictionary_learning_peers(arch, knob, range(seed, seed + seeds), tokens or 250_000, start)
         if out:
             out.write_text(json.dumps(results, indent=2))
 
