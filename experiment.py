@@ -542,6 +542,8 @@ def prefetched_batches(data: ActivationData, order: torch.Tensor, cfg: RunConfig
 # that determines them, so a second run on the same data never runs the LLM again.
 import synthetic  # noqa: E402 (here: the SAE and Trainer come first) SAELens's synthetic models, no LLM
 PRESETS.update(synthetic.PRESETS)  # synth, synth-16k, synth-tiny: their activations are cached alike
+# The verdict budget, `study`'s, `sweep`'s and `analyse`'s: where the baselines' order settles (notes.md,
+PRESETS["embedded-4m"] = {**PRESETS["embedded"], "tokens": 4_000_000}  # "The embedded budget, measured")
 
 
 @dataclass
@@ -925,7 +927,7 @@ def load_run(folder: str | Path, device: str = "cpu") -> LoadedRun:
 
 app = typer.Typer(cls=OneLineUsage, add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 
-Preset = Annotated[str, typer.Option(help="embedded, tiny, pythia-70m, gemma-2-2b; synth, synth-16k, synth-tiny.")]
+Preset = Annotated[str, typer.Option(help="embedded, embedded-4m, tiny, pythia-70m, gemma-2-2b, synth, synth-16k, synth-tiny.")]
 Tokens = Annotated[int | None, typer.Option(help="Training activations to harvest and train on.")]
 DictSize = Annotated[int | None, typer.Option(help="Number of SAE latents.")]
 Seed = Annotated[int, typer.Option(help="Seeds initialisation, data order and plugin randomness.")]
@@ -1005,7 +1007,7 @@ def run(
 @app.command()
 def study(
     name: Annotated[str, typer.Argument(help="The study: a folder of plugins/ (see `list`).")],
-    preset: Preset = "embedded",
+    preset: Preset = "embedded-4m",
     baselines: Annotated[str, typer.Option(help="Comma-separated baseline plugins, run first.")] = "run_0_baseline",
     tokens: Tokens = None,
     dict_size: DictSize = None,
@@ -1041,7 +1043,7 @@ def sweep(
     grid: Annotated[list[str], typer.Option(help="key=v1,v2: a run setting (" + ", ".join(frontier.SWEEPABLE) +
                                             ") or a plugin hyperparameter; repeat for the cross product.")] = [],
     seeds: Annotated[int, typer.Option(help="Seeds per setting: --seed, --seed+1, ...")] = 1,
-    preset: Preset = "embedded",
+    preset: Preset = "embedded-4m",
     tokens: Tokens = None,
     seed: Annotated[int, typer.Option(help="The first seed.")] = 42,
     evals: Evals = None,
@@ -1163,7 +1165,7 @@ def analyse(
     name: Annotated[str, typer.Argument(metavar="STUDY", help="The study (topk_ortho, adaptive_ortho, zscore_ortho, "
                                                                "contrastive, freq_order).")],
     analysis: Annotated[str | None, typer.Argument(help="One of its analyses (default: all; see analyses.py).")] = None,
-    preset: Preset = "embedded",
+    preset: Preset = "embedded-4m",
     tokens: Tokens = None,
     dict_size: DictSize = None,
     seed: Seed = 42,

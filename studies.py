@@ -62,10 +62,12 @@ def job_config(plugin: Plugin, preset: str, settings: dict[str, str], overrides:
 
 
 def comparable(config: dict) -> str:
-    """A config as saved, for equality (the device it ran on does not change what it is); a field
-    added since a run was saved counts at its default there (`dtype`: runs before it were fp32)."""
+    """A config as saved, for equality (neither the device it ran on nor the name of the preset its
+    values came from changes what it is); a field added since a run was saved counts at its default
+    there (`dtype`: runs before it were fp32)."""
     defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
-    return json.dumps({k: v for k, v in {**defaults, **config}.items() if k != "device"}, sort_keys=True, default=list)
+    return json.dumps({k: v for k, v in {**defaults, **config}.items() if k not in ("device", "preset")},
+                      sort_keys=True, default=list)
 
 
 def earlier_runs(runs_root: Path) -> dict[str, list[Path]]:
@@ -129,11 +131,17 @@ def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None, remote
     return [done[k] for k in sorted(done)]
 
 
-# Each baseline's sweep on a preset where it was chosen by measurement (its points bracket the true
-# L0 and the studies' runs; notes.md has the frontier), which `study` runs first on that preset.
+# Each baseline's sweep on a preset where it was chosen by measurement, which `study` runs first on
+# that preset: on synth its points bracket the true L0 and the studies' runs (notes.md has the
+# frontier); on embedded-4m they are placed from one measured point each (notes.md, "The embedded
+# budget, measured") around the studies' L0s, and `cover` widens them where a run falls outside.
 BASELINE_SWEEPS = {"synth": {"run_0_baseline": "sparsity_penalty=1,2,3", "run_0_topk": "k=8,16,32",
                              "run_0_batchtopk": "k=8,16,32", "run_0_matryoshka": "k=8,16,32",
-                             "run_0_jumprelu": "l0_coefficient=0.3,1,3", "run_0_gated": "sparsity_penalty=1,2,4"}}
+                             "run_0_jumprelu": "l0_coefficient=0.3,1,3", "run_0_gated": "sparsity_penalty=1,2,4"},
+                   "embedded-4m": {"run_0_baseline": "sparsity_penalty=0.2,0.4,0.8", "run_0_topk": "k=32,64,128",
+                                   "run_0_batchtopk": "k=32,64,128", "run_0_matryoshka": "k=32,64,128",
+                                   "run_0_jumprelu": "l0_coefficient=0.01,0.03,0.1",
+                                   "run_0_gated": "sparsity_penalty=0.5,1,2"}}
 BASELINE_SEEDS = 2  # a sweep's seeds at the least: one seed has no spread for a verdict to stand on
 
 

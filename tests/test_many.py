@@ -53,6 +53,20 @@ def test_sweep_trains_the_grid_times_seeds_once_and_then_reuses_it(tmp_path):
     assert refused.exit_code == 2 and "pass --replace" in refused.output
 
 
+@pytest.mark.e2e
+def test_a_run_is_reused_under_another_preset_name_that_gives_it_the_same_values(tmp_path, monkeypatch):
+    monkeypatch.setitem(experiment.PRESETS, "tiny-2048", {**experiment.PRESETS["tiny"], "tokens": 2048})
+    runs, notes = tmp_path / "runs", tmp_path / "notes.md"
+    args = ["sweep", "--plugin", "run_0_baseline", "--grid", "sparsity_penalty=0.01", "--runs", str(runs),
+            "--notes", str(notes)]
+    assert cli(*args, *TINY).exit_code == 0
+    first = set(runs.glob("sweeps/*/manifest.json"))
+    again = cli(*args, "--preset", "tiny-2048")
+    assert again.exit_code == 0, again.output
+    (manifest,) = set(runs.glob("sweeps/*/manifest.json")) - first  # its own sweep folder, its one run reused
+    assert [r["how"] for r in json.loads(manifest.read_text())["finished"]] == ["reused"]
+
+
 @pytest.mark.parametrize("grid, message", [
     ("nope=1,2", "--grid nope"),
     ("sparsity_penalty", "must look like key=value1,value2"),
