@@ -19,9 +19,10 @@ reference trainer, on the same data, batches, learning rate, warm-up and seeds.
     - jumprelu's θ stepping at the run's lr (the harness's at `threshold_lr_scale` times it), unclamped;
     - AuxK's dead window of 10M tokens (never reached at 250k; the harness's is a tenth of the run),
       and its loss divided by the residual's variance.
-  With --start harness (not jumprelu) the reference instead starts and steps as the harness does
+  With --start harness the reference instead starts and steps as the harness does
   (`start_as_harness`: the harness's parameters at its first step, Adam β1 0.9, clipping at 1, the
-  harness's AuxK window), so what is compared is the two trainers' loss and update code.
+  harness's AuxK window and JumpReLU θ rate), so what is compared is the two trainers' loss and
+  update code (for jumprelu: its objective too, at the harness's L0).
 - a synthetic preset: SAELens's own `SyntheticSAERunner` on the same synthetic model, both starting
   as SAELens does (b_dec at zero; unit decoder rows, the harness's start), with the same AuxK weight
   and dead window, and trained alike where SAELens's defaults differ from the harness's: activations
@@ -65,6 +66,7 @@ import experiment
 import kernels
 import sources
 import synthetic
+from plugins.baseline.run_0_jumprelu import THRESHOLD_TRAVEL
 from plugins.baseline.run_0_matryoshka import prefix_widths
 from runs import dead_window_steps
 
@@ -189,25 +191,27 @@ def train_ours(plugin, cfg: experiment.RunConfig, hp, data: experiment.Activatio
     return scores(sae.eval().encode, sae.decode, x), start
 
 
-# The reference's parameters by name, and the harness's they start from under --start harness (a
-# transposed copy where the shapes say so); the TopK family's θ is the harness's topk_threshold.
-HARNESS_NAMES = {"bias": "b_dec", "decoder_bias": "b_dec", "b_dec": "b_dec", "encoder.weight": "W_enc",
-                 "W_enc": "W_enc", "encoder.bias": "b_enc", "b_enc": "b_enc", "gate_bias": "b_enc",
-                 "decoder.weight": "W_dec", "W_dec": "W_dec", "r_mag": "r_mag", "mag_bias": "b_mag",
-                 "threshold": "topk_threshold"}
+# The reference's parameters by name, and the harness's they start from under --start harness, the
+# first one it has (a transposed copy where the shapes say so); the same name where not listed.
+HARNESS_NAMES = {"bias": ("b_dec",), "decoder_bias": ("b_dec",), "encoder.weight": ("W_enc",),
+                 "encoder.bias": ("b_enc",), "gate_bias": ("b_enc",), "decoder.weight": ("W_dec",),
+                 "mag_bias": ("b_mag",), "threshold": ("threshold", "topk_threshold")}
 STARTS = ("own", "harness")  # --start: each trainer's own start, or the reference started as the harness
 
 
-def start_as_harness(trainer, start: dict[str, torch.Tensor], cfg: experiment.RunConfig) -> None:
+def start_as_harness(trainer, start: dict[str, torch.Tensor], cfg: experiment.RunConfig, hp) -> None:
     """The reference started and stepped as the harness is: from the harness's parameters at its first
-    step (b_dec from the data, its encoder and decoder init, BatchTopK's θ from 0), with its Adam β
-    (0.9, 0.999), its gradient clipping at norm 1 and its AuxK dead window. What is left to differ is
-    each trainer's loss and update code (and the reference's lr 0 on its first warm-up step)."""
+    step (b_dec from the data, its encoder and decoder init, θ), with its Adam β (0.9, 0.999), its
+    gradient clipping at norm 1 and its AuxK dead window (JumpReLU: `jumprelu_as_harness` too). What
+    is left to differ is each trainer's loss and update code (and the reference's lr 0 on its first
+    warm-up step)."""
     with torch.no_grad():
         for name, value in trainer.ae.state_dict().items():
-            ours = start.get(HARNESS_NAMES.get(name, ""))
+            ours = next((start[n] for n in HARNESS_NAMES.get(name, (name,)) if n in start), None)
             if ours is not None:
                 value.copy_(ours if ours.shape == value.shape else ours.T)
+    if REFERENCES["jumprelu"].trainer == type(trainer).__name__:
+        jumprelu_as_harness(trainer, start, cfg, hp)
     for group in trainer.optimizer.param_groups:
         group["betas"] = (0.9, 0.999)
     if "clip_grad_norm_" not in inspect.getsource(type(trainer).update):
@@ -222,6 +226,20 @@ def start_as_harness(trainer, start: dict[str, torch.Tensor], cfg: experiment.Ru
         trainer.dead_feature_threshold = dead_window_steps(cfg) * cfg.batch_size
 
 
+def jumprelu_as_harness(trainer, start: dict[str, torch.Tensor], cfg: experiment.RunConfig, hp) -> None:
+    """JumpReluTrainer's encoder reads x, not x − b_dec: b_enc − b_dec·W_enc gives it the harness's
+    first function. θ steps at the harness's rate (its Trainer.update_scales: `threshold_lr_scale`,
+    or enough for θ to travel THRESHOLD_TRAVEL in the run) as a param group of its own."""
+    ae = trainer.ae
+    with torch.no_grad():
+        ae.b_enc.sub_(start["b_dec"] @ start["W_enc"])
+    rate = hp.threshold_lr_scale or max(1.0, THRESHOLD_TRAVEL / (cfg.lr * cfg.steps))
+    others = [p for p in ae.parameters() if p is not ae.threshold]
+    trainer.optimizer = torch.optim.Adam([{"params": others}, {"params": [ae.threshold], "lr": cfg.lr * rate}],
+                                         lr=cfg.lr, eps=1e-8)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, trainer.scheduler.lr_lambdas[0])
+
+
 def train_reference(arch: str, cfg: experiment.RunConfig, hp, data: experiment.ActivationData, x: torch.Tensor,
                     ours: dict, start: dict[str, torch.Tensor] | None = None):
     """The reference trainer on the harness's batches in the harness's order, seeded here too
@@ -232,7 +250,7 @@ def train_reference(arch: str, cfg: experiment.RunConfig, hp, data: experiment.A
                                       layer=cfg.layer, lm_name=cfg.model, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                                       seed=cfg.seed, device="cpu", **REFERENCES[arch].settings(hp, cfg, ours))
     if start is not None:
-        start_as_harness(trainer, start, cfg)
+        start_as_harness(trainer, start, cfg, hp)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))  # as train's
     for step, batch in experiment.prefetched_batches(data, order, cfg, range(cfg.steps), 0, cfg.batch_size,
                                                      torch.device("cpu"), torch.float32):
@@ -374,9 +392,6 @@ def checked_choice(arch: str, preset: str, decoder: str, start: str = "own") -> 
         raise HarnessError(f"--start {start}: choose {' or '.join(STARTS)}")
     if start == "harness" and preset != "embedded":
         raise HarnessError(f"--start harness: an embedded option (--preset {preset} starts both as SAELens does)")
-    if start == "harness" and arch == "jumprelu":
-        raise HarnessError("--start harness: not for jumprelu, whose reference trains another objective "
-                           "(λ·(L0/target − 1)², no b_dec before its encoder); use --start own")
     if preset not in synthetic.PRESETS and decoder != "unit":
         raise HarnessError(f"--decoder {decoder}: SAELens's decoder is a synthetic preset's option "
                            f"(dictionary_learning keeps unit rows)")
@@ -410,7 +425,7 @@ def main(arch: str = typer.Option("topk", help=f"{', '.join(REFERENCES)}; a synt
          decoder: str = typer.Option("unit", help="A synthetic preset: SAELens's decoder rows kept unit as the "
                                                   "harness keeps them (unit), or its default (rescaled)."),
          start: str = typer.Option("own", help="embedded: each trainer's own start (own), or the reference "
-                                               "started and stepped as the harness (harness; not jumprelu)."),
+                                               "started and stepped as the harness (harness)."),
          out: Path | None = typer.Option(None, help="Also write the results here (JSON).")) -> None:
     with one_line_errors():
         checked_choice(arch, preset, decoder, start)

@@ -50,7 +50,7 @@ def test_each_architecture_trains_on_both_sides_with_its_knob(arch):
 @pytest.mark.skipif(importlib.util.find_spec("dictionary_learning") is None,
                     reason="dictionary_learning is not installed (not in requirements.txt); "
                            "pip install --no-deps dictionary-learning==0.1.0")
-@pytest.mark.parametrize("arch", [arch for arch in peers.REFERENCES if arch != "jumprelu"])
+@pytest.mark.parametrize("arch", list(peers.REFERENCES))
 def test_started_as_the_harness_the_reference_holds_the_harness_parameters_and_optimiser(arch):
     name, value, _ = KNOBS[arch]
     plugin, cfg, hp = peers.harness_setting(arch, {name: value}, "tiny", 0, 256 * STEPS)
@@ -60,16 +60,19 @@ def test_started_as_the_harness_the_reference_holds_the_harness_parameters_and_o
     trainer = peers.reference_trainer(arch)(steps=STEPS, activation_dim=64, dict_size=cfg.dict_size, layer=cfg.layer,
                                             lm_name=cfg.model, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=0,
                                             device="cpu", **peers.REFERENCES[arch].settings(hp, cfg, {"l0": 8.0}))
-    peers.start_as_harness(trainer, sae.state_dict(), cfg)
+    peers.start_as_harness(trainer, sae.state_dict(), cfg, hp)
     ae = trainer.ae
     with torch.no_grad():
         assert torch.equal(ae.decode(torch.zeros(1, cfg.dict_size))[0], sae.b_dec)  # b_dec from the data
-        if arch != "gated":  # the gate's encode is another function; its weights are checked below
+        if arch != "gated":  # jumprelu's reference encodes x, not x − b_dec: b_enc makes up for it  # the gate's encode is another function; its weights are checked below
             assert torch.allclose(ae.encode(x), sae.eval().encode(x), atol=1e-5)  # TopK family: θ from 0, both
         else:
             assert torch.equal(ae.encoder.weight, sae.W_enc.T) and torch.equal(ae.mag_bias, sae.b_mag)
     assert all(group["betas"] == (0.9, 0.999) for group in trainer.optimizer.param_groups)
     assert getattr(trainer, "dead_feature_threshold", None) in (None, peers.dead_window_steps(cfg) * cfg.batch_size)
+    if arch == "jumprelu":  # θ steps at the harness's rate, in a param group of its own
+        (theta,) = [g for g in trainer.optimizer.param_groups if any(p is ae.threshold for p in g["params"])]
+        assert theta["initial_lr"] == pytest.approx(peers.THRESHOLD_TRAVEL / cfg.steps)
     if arch in ("relu", "gated"):  # the references that do not clip themselves: their step clips at norm 1
         for p in ae.parameters():
             p.grad = torch.full_like(p, 100.0)
@@ -86,7 +89,6 @@ def test_started_as_the_harness_the_reference_holds_the_harness_parameters_and_o
     (["--preset", "synth-tiny", "--decoder", "free"], "--decoder free: choose unit or rescaled"),
     (["--decoder", "rescaled"], "--decoder rescaled: SAELens's decoder is a synthetic preset's option"),
     (["--start", "reference"], "--start reference: choose own or harness"),
-    (["--arch", "jumprelu", "--start", "harness"], "--start harness: not for jumprelu"),
     (["--preset", "synth-tiny", "--start", "harness"], "--start harness: an embedded option"),
 ])
 def test_what_the_peer_check_cannot_do_is_refused_in_one_line(args, message):
