@@ -21,6 +21,9 @@ KNOBS = {  # arch: the harness's knob, its value here, the reference trainer's n
     "matryoshka": ("k", 16, "k"),
 }
 STEPS = 6  # above the tiny preset's warm-up of 4, which dictionary_learning's schedule requires
+needs_dictionary_learning = pytest.mark.skipif(
+    importlib.util.find_spec("dictionary_learning") is None,
+    reason="dictionary_learning is not installed (not in requirements.txt); pip install --no-deps dictionary-learning==0.1.0")
 
 
 def peers_cli(*args: str):
@@ -29,9 +32,7 @@ def peers_cli(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("dictionary_learning") is None,
-                    reason="dictionary_learning is not installed (not in requirements.txt); "
-                           "pip install --no-deps dictionary-learning==0.1.0")
+@needs_dictionary_learning
 @pytest.mark.parametrize("arch", list(peers.REFERENCES))
 def test_each_architecture_trains_on_both_sides_with_its_knob(arch):
     name, value, reference_name = KNOBS[arch]
@@ -47,9 +48,7 @@ def test_each_architecture_trains_on_both_sides_with_its_knob(arch):
         assert all(math.isfinite(result[score]) for score in ("l0", "explained_variance", "b_dec_from_mean")), result
 
 
-@pytest.mark.skipif(importlib.util.find_spec("dictionary_learning") is None,
-                    reason="dictionary_learning is not installed (not in requirements.txt); "
-                           "pip install --no-deps dictionary-learning==0.1.0")
+@needs_dictionary_learning
 @pytest.mark.parametrize("arch", list(peers.REFERENCES))
 def test_started_as_the_harness_the_reference_holds_the_harness_parameters_and_optimiser(arch):
     name, value, _ = KNOBS[arch]
@@ -64,9 +63,9 @@ def test_started_as_the_harness_the_reference_holds_the_harness_parameters_and_o
     ae = trainer.ae
     with torch.no_grad():
         assert torch.equal(ae.decode(torch.zeros(1, cfg.dict_size))[0], sae.b_dec)  # b_dec from the data
-        if arch != "gated":  # jumprelu's reference encodes x, not x − b_dec: b_enc makes up for it  # the gate's encode is another function; its weights are checked below
+        if arch != "gated":  # the same latents; jumprelu's reference encodes x, not x − b_dec: its b_enc makes up
             assert torch.allclose(ae.encode(x), sae.eval().encode(x), atol=1e-5)  # TopK family: θ from 0, both
-        else:
+        else:  # the gate encodes through r_mag and its own biases: its weights are checked
             assert torch.equal(ae.encoder.weight, sae.W_enc.T) and torch.equal(ae.mag_bias, sae.b_mag)
     assert all(group["betas"] == (0.9, 0.999) for group in trainer.optimizer.param_groups)
     assert getattr(trainer, "dead_feature_threshold", None) in (None, peers.dead_window_steps(cfg) * cfg.batch_size)
