@@ -846,7 +846,8 @@ def finish(info: dict, run_dir: Path, plugin: Plugin, notes: Path, cfg: RunConfi
     parent = find_plugin(plugin.parent) if plugin.parent else None
     at_setting = parent and frontier.parent_hyperparams(
         cfg.hyperparams, dataclasses.asdict(plugin.hyperparams_class()), dataclasses.asdict(parent.hyperparams_class()))
-    info["warnings"] = frontier.suspicious(info, run_dir, plugin.parent, index, parent and parent.source_hash(), at_setting)
+    info["warnings"] = frontier.suspicious(info, run_dir, plugin.parent, index, parent and parent.source_hash(), at_setting,
+                                           PRESETS)  # a budget short of its verdict preset's is warned
     info["status"] = "completed"
     info["convergence"] = convergence(read_json_lines(run_dir / "train_log.jsonl"))
     info["verdict"] = judged(info, index, plugin, run_dir)

@@ -557,11 +557,12 @@ def footing_of(entry: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # Sanity guards: results the seed notebooks reported without noticing, each a run's warning.
 
-def suspicious(info: dict, run_dir: Path, parent_name: str | None, index: Index,
-               parent_source: str | None = None, parent_setting: dict | None = None) -> list[str]:
+def suspicious(info: dict, run_dir: Path, parent_name: str | None, index: Index, parent_source: str | None = None,
+               parent_setting: dict | None = None, presets: dict[str, dict] | None = None) -> list[str]:
     """Results the seed notebooks reported without noticing: each becomes a warning. parent_source:
     the parent plugin's current source hash (only a parent run of that source is a reference);
-    parent_setting: its hyperparameters at this run's setting (parent_hyperparams)."""
+    parent_setting: its hyperparameters at this run's setting (parent_hyperparams); presets: the
+    harness's, for its verdict budgets (`short_budget`)."""
     found = []
     sparsity = info.get("metrics", {}).get("sparsity", {})
     if sparsity.get("l0") == 0:
@@ -581,7 +582,23 @@ def suspicious(info: dict, run_dir: Path, parent_name: str | None, index: Index,
                      "did the change reach the model?")
     moved = unmoved_decoder(run_dir, parent_name, info, index, parent_source, parent_setting) if parent_name else None
     same = no_measurable_effect(info, parent_name, index, parent_source, parent_setting) if parent_name else None
-    return found + inert_terms(log) + [w for w in (moved, same) if w]
+    short = short_budget(read_json(run_dir / "config.json"), presets or {})
+    return found + inert_terms(log) + [w for w in (moved, same, short) if w]
+
+
+VERDICT_PRESETS = ("embedded-4m",)  # budgets where a model's baselines were measured to settle (notes.md)
+
+
+def short_budget(config: dict, presets: dict[str, dict]) -> str | None:
+    """A warning for a run trained on fewer tokens of a verdict preset's model, layer and text than
+    that preset's budget: judged all the same, but what it says is a first look."""
+    for name in VERDICT_PRESETS:
+        preset = presets.get(name)
+        if preset and all(config.get(k) == preset[k] for k in ("model", "layer", "dataset")) \
+                and config["tokens"] < preset["tokens"]:
+            return (f"trained on {config['tokens']:,} tokens, under --preset {name}'s {preset['tokens']:,}, where the "
+                    f"baselines were measured to settle: its verdicts are a first look, not a verdict")
+    return None
 
 
 # A decoder within this many float epsilons (relative) of the parent's differs by rounding alone:

@@ -406,6 +406,17 @@ def test_the_trainer_logs_each_term_s_gradient_share_and_the_guard_flags_the_ter
     assert "it was zero on 3 of" in frontier.inert_terms(log)[0]  # acted at step 0 alone
 
 
+def test_a_run_under_its_models_verdict_budget_is_warned_that_its_verdicts_are_a_first_look():
+    presets = experiment.PRESETS
+    embedded = {k: presets["embedded"][k] for k in ("model", "layer", "dataset", "tokens")}
+    assert frontier.short_budget(embedded, presets) == (  # 250k, under embedded-4m's 4M
+        "trained on 250,000 tokens, under --preset embedded-4m's 4,000,000, where the baselines were measured to "
+        "settle: its verdicts are a first look, not a verdict")
+    assert frontier.short_budget({**embedded, "tokens": 4_000_000}, presets) is None
+    assert frontier.short_budget({**embedded, "layer": 9}, presets) is None  # no budget measured there
+    assert frontier.short_budget({**presets["tiny"], "tokens": 8}, presets) is None
+
+
 def saved_run(folder: Path, W_dec: torch.Tensor, seed: int = 0) -> Path:
     """A run folder with what the decoder guard reads: config.json's seed and the plugin state."""
     folder.mkdir(parents=True)

@@ -154,6 +154,13 @@ def test_suspicious_results_are_flagged(run_tiny, tmp_path, monkeypatch):
     assert any("L0 is 0" in w for w in warnings) and any("explained_variance is negative" in w for w in warnings)
 
 
+def test_a_run_short_of_its_models_verdict_budget_is_warned(run_tiny, monkeypatch):
+    monkeypatch.setitem(experiment.PRESETS, "tiny-verdict", {**experiment.PRESETS["tiny"], "tokens": 10**6})
+    monkeypatch.setattr(frontier, "VERDICT_PRESETS", ("tiny-verdict",))
+    info, _ = run_tiny("run_0_baseline")
+    assert any("under --preset tiny-verdict's 1,000,000" in w and "a first look" in w for w in info["warnings"])
+
+
 # ---- the bad-input matrix: exit 2, one clear line, runs/ and notes.md untouched ----------------
 
 def refused(tmp_path, *args):
