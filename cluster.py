@@ -140,10 +140,11 @@ def unwritable(folder: Path) -> str | None:
 
 def build_caches(cfgs: list) -> dict[str, str]:
     """Harvest each activation cache the runs read, here and once (N workers starting together
-    would each harvest the same one); returns cache key -> why, for each that could not be built."""
+    would each harvest the same one), the largest first: a smaller budget of the same text then
+    reads its first rows; returns cache key -> why, for each that could not be built."""
     broken = {}
     with Progress(console=console) as progress:
-        for key, cfg in {experiment.cache_key(cfg): cfg for cfg in cfgs}.items():
+        for key, cfg in {experiment.cache_key(cfg): cfg for cfg in sorted(cfgs, key=lambda c: -c.tokens)}.items():
             try:
                 build_cache(cfg, progress)
             except HarnessError as exc:

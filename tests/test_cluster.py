@@ -224,3 +224,10 @@ def test_an_address_where_nothing_answers_is_refused_in_one_line_before_any_work
         listening.bind(("127.0.0.1", 0))
         listening.listen()
         assert cluster.unanswered(f"127.0.0.1:{listening.getsockname()[1]}") is None
+
+
+def test_caches_are_built_largest_first_so_that_smaller_budgets_read_their_first_rows(monkeypatch):
+    built = []
+    monkeypatch.setattr(cluster, "build_cache", lambda cfg, progress: built.append(cfg.tokens))
+    cfgs = [experiment.build_config("tiny", "baseline/run_0_baseline", tokens=n) for n in (2048, 8192, 4096, 8192)]
+    assert cluster.build_caches(cfgs) == {} and built == [8192, 4096, 2048]
