@@ -37,6 +37,7 @@ reference trainer, on the same data, batches, learning rate, warm-up and seeds.
     python peers.py --arch relu --sparsity-penalty 0.2 --seeds 2     # gated likewise
     python peers.py --arch jumprelu --l0-coefficient 1 --seeds 2
     python peers.py --arch gated --sparsity-penalty 1 --start harness   # both from the harness's start
+    python peers.py --arch jumprelu --l0-coefficient 0.3 --start harness --reference-l0-coefficient 100
     python peers.py --preset synth --arch topk --k 16 --seeds 2
 
 Prints and writes (--out, JSON) one line per trainer and seed. docs/baselines.md and
@@ -349,23 +350,31 @@ def synthetic_peers(arch: str, k: int, preset: str, seeds: range, tokens: int | 
 
 
 def compare(arch: str, plugin, cfg: experiment.RunConfig, hp, data: experiment.ActivationData,
-            start: str = "own") -> list[dict]:
+            start: str = "own", reference_hp=None) -> list[dict]:
     """The harness's run and the reference's on the same data, scored on the same SCORED_ROWS rows;
-    start "harness": the reference started as the harness (`start_as_harness`)."""
+    start "harness": the reference started as the harness (`start_as_harness`); reference_hp: the
+    reference's hyperparameters where they differ from the harness's (its own knob value)."""
     rows = np.linspace(0, len(data.train) - 1, SCORED_ROWS).astype(int)
     x = torch.from_numpy(np.asarray(data.train[rows], dtype=np.float32)) * data.scale
     ours, our_start = train_ours(plugin, cfg, hp, data, x)
-    theirs = train_reference(arch, cfg, hp, data, x, ours, our_start if start == "harness" else None)
+    theirs = train_reference(arch, cfg, reference_hp or hp, data, x, ours, our_start if start == "harness" else None)
     knob = plugin.sae_class.sparsity_knob
-    setting = {"arch": arch, knob: getattr(hp if hasattr(hp, knob) else cfg, knob), "seed": cfg.seed,
-               "tokens": cfg.tokens, "start": start}
-    results = [dict(trainer="harness", **setting, **ours), dict(trainer="dictionary_learning", **setting, **theirs)]
+
+    def setting(trained_with) -> dict:
+        return {"arch": arch, knob: getattr(trained_with if hasattr(trained_with, knob) else cfg, knob),
+                "seed": cfg.seed, "tokens": cfg.tokens, "start": start}
+
+    results = [dict(trainer="harness", **setting(hp), **ours),
+               dict(trainer="dictionary_learning", **setting(reference_hp or hp), **theirs)]
     for result in results:
         console.print(json.dumps(result))
     return results
 
 
-def dictionary_learning_peers(arch: str, knob: dict, seeds: range, tokens: int, start: str = "own") -> list[dict]:
+def dictionary_learning_peers(arch: str, knob: dict, seeds: range, tokens: int, start: str = "own",
+                              reference_knob: dict | None = None) -> list[dict]:
+    """Each seed's `compare` on the embedded cache of `tokens`; reference_knob: the reference's own
+    value of the knob, where it is given one."""
     reference_trainer(arch)
     results = []
     for seed in seeds:
@@ -374,11 +383,13 @@ def dictionary_learning_peers(arch: str, knob: dict, seeds: range, tokens: int, 
                 or sources.larger_caches(experiment.activations_dir(), tokens, experiment.cache_key_at(cfg))):
             raise HarnessError(f"no cached embedded activations for --tokens {tokens}; harvest them once with "
                                f"`python experiment.py run --plugin {plugin.name} --tokens {tokens}`")
-        results += compare(arch, plugin, cfg, hp, experiment.activation_data(cfg, None, None), start)
+        results += compare(arch, plugin, cfg, hp, experiment.activation_data(cfg, None, None), start,
+                           dataclasses.replace(hp, **reference_knob) if reference_knob else None)
     return results
 
 
-def checked_choice(arch: str, preset: str, decoder: str, start: str = "own") -> None:
+def checked_choice(arch: str, preset: str, decoder: str, start: str = "own",
+                   reference_l0_coefficient: float | None = None) -> None:
     if arch not in REFERENCES:
         raise HarnessError(f"--arch {arch}: choose one of {', '.join(REFERENCES)}")
     if preset != "embedded" and preset not in synthetic.PRESETS:
@@ -388,6 +399,8 @@ def checked_choice(arch: str, preset: str, decoder: str, start: str = "own") -> 
                            f"runner); check --arch {arch} on embedded")
     if decoder not in DECODERS:
         raise HarnessError(f"--decoder {decoder}: choose {' or '.join(DECODERS)}")
+    if reference_l0_coefficient is not None and (arch != "jumprelu" or preset != "embedded"):
+        raise HarnessError("--reference-l0-coefficient: the jumprelu reference's own λ, on embedded only")
     if start not in STARTS:
         raise HarnessError(f"--start {start}: choose {' or '.join(STARTS)}")
     if start == "harness" and preset != "embedded":
@@ -426,14 +439,19 @@ def main(arch: str = typer.Option("topk", help=f"{', '.join(REFERENCES)}; a synt
                                                   "harness keeps them (unit), or its default (rescaled)."),
          start: str = typer.Option("own", help="embedded: each trainer's own start (own), or the reference "
                                                "started and stepped as the harness (harness)."),
+         reference_l0_coefficient: float | None = typer.Option(
+             None, help="jumprelu: the reference's own λ for its objective λ·(L0/target − 1)², whose pull at the "
+                        "harness's λ leaves its L0 above its target (the harness's λ unless given)."),
          out: Path | None = typer.Option(None, help="Also write the results here (JSON).")) -> None:
     with one_line_errors():
-        checked_choice(arch, preset, decoder, start)
+        checked_choice(arch, preset, decoder, start, reference_l0_coefficient)
         knob = chosen_knob(arch, dict(k=k, sparsity_penalty=sparsity_penalty, l0_coefficient=l0_coefficient))
         if preset in synthetic.PRESETS:
             results = synthetic_peers(arch, knob["k"], preset, range(seed, seed + seeds), tokens, decoder)
         else:
-            results = dictionary_learning_peers(arch, knob, range(seed, seed + seeds), tokens or 250_000, start)
+            reference_knob = None if reference_l0_coefficient is None else {"l0_coefficient": reference_l0_coefficient}
+            results = dictionary_learning_peers(arch, knob, range(seed, seed + seeds), tokens or 250_000, start,
+                                                reference_knob)
         if out:
             out.write_text(json.dumps(results, indent=2))
 

@@ -3,6 +3,7 @@ a few steps on both sides, on random activations in the tiny preset's shape, and
 cannot do is refused in one line. dictionary_learning is not in requirements.txt: without it the
 training test skips (`pip install --no-deps dictionary-learning==0.1.0`)."""
 
+import dataclasses
 import importlib.util
 import math
 
@@ -49,6 +50,15 @@ def test_each_architecture_trains_on_both_sides_with_its_knob(arch):
 
 
 @needs_dictionary_learning
+def test_the_jumprelu_reference_trains_at_its_own_lambda_when_given_one():
+    plugin, cfg, hp = peers.harness_setting("jumprelu", {"l0_coefficient": 0.5}, "tiny", 0, 256 * STEPS)
+    train = np.random.default_rng(0).standard_normal((cfg.tokens, 64), dtype=np.float32) + 3.0
+    data = experiment.ActivationData(train, torch.zeros(0), 1.0, from_cache=False)
+    ours, theirs = peers.compare("jumprelu", plugin, cfg, hp, data, "harness", dataclasses.replace(hp, l0_coefficient=50.0))
+    assert (ours["l0_coefficient"], theirs["l0_coefficient"]) == (0.5, 50.0)
+
+
+@needs_dictionary_learning
 @pytest.mark.parametrize("arch", list(peers.REFERENCES))
 def test_started_as_the_harness_the_reference_holds_the_harness_parameters_and_optimiser(arch):
     name, value, _ = KNOBS[arch]
@@ -88,6 +98,7 @@ def test_started_as_the_harness_the_reference_holds_the_harness_parameters_and_o
     (["--preset", "synth-tiny", "--decoder", "free"], "--decoder free: choose unit or rescaled"),
     (["--decoder", "rescaled"], "--decoder rescaled: SAELens's decoder is a synthetic preset's option"),
     (["--start", "reference"], "--start reference: choose own or harness"),
+    (["--arch", "topk", "--reference-l0-coefficient", "3"], "--reference-l0-coefficient: the jumprelu reference's"),
     (["--preset", "synth-tiny", "--start", "harness"], "--start harness: an embedded option"),
 ])
 def test_what_the_peer_check_cannot_do_is_refused_in_one_line(args, message):
