@@ -542,8 +542,8 @@ def prefetched_batches(data: ActivationData, order: torch.Tensor, cfg: RunConfig
 # that determines them, so a second run on the same data never runs the LLM again.
 import synthetic  # noqa: E402 (here: the SAE and Trainer come first) SAELens's synthetic models, no LLM
 PRESETS.update(synthetic.PRESETS)  # synth, synth-16k, synth-tiny: their activations are cached alike
-# The verdict budget, `study`'s, `sweep`'s and `analyse`'s: where the baselines' order settles (notes.md,
-PRESETS["embedded-4m"] = {**PRESETS["embedded"], "tokens": 4_000_000}  # "The embedded budget, measured")
+# The verdict budget of `study`, `sweep` and `analyse`: where the baselines' order settles (notes.md).
+PRESETS["embedded-4m"] = {**PRESETS["embedded"], "tokens": 4_000_000}
 
 
 @dataclass

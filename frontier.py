@@ -595,7 +595,7 @@ def short_budget(config: dict, presets: dict[str, dict]) -> str | None:
     for name in VERDICT_PRESETS:
         preset = presets.get(name)
         if preset and all(config.get(k) == preset[k] for k in ("model", "layer", "dataset")) \
-                and config["tokens"] < preset["tokens"]:
+                and config.get("tokens", 0) < preset["tokens"]:
             return (f"trained on {config['tokens']:,} tokens, under --preset {name}'s {preset['tokens']:,}, where the "
                     f"baselines were measured to settle: its verdicts are a first look, not a verdict")
     return None

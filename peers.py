@@ -49,6 +49,7 @@ from __future__ import annotations
 from common import HarnessError, console, one_line_errors  # first: its import guards
 
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import json
@@ -192,39 +193,65 @@ def train_ours(plugin, cfg: experiment.RunConfig, hp, data: experiment.Activatio
     return scores(sae.eval().encode, sae.decode, x), start
 
 
-# The reference's parameters by name, and the harness's they start from under --start harness, the
-# first one it has (a transposed copy where the shapes say so); the same name where not listed.
+# The reference's parameters by name, and the harness's they start from under --start harness: the
+# first one it has; the same name where not listed. nn.Linear's weights are (out, in): transposed.
 HARNESS_NAMES = {"bias": ("b_dec",), "decoder_bias": ("b_dec",), "encoder.weight": ("W_enc",),
                  "encoder.bias": ("b_enc",), "gate_bias": ("b_enc",), "decoder.weight": ("W_dec",),
                  "mag_bias": ("b_mag",), "threshold": ("threshold", "topk_threshold")}
+TRANSPOSED = {"encoder.weight", "decoder.weight"}
 STARTS = ("own", "harness")  # --start: each trainer's own start, or the reference started as the harness
 
 
 def start_as_harness(trainer, start: dict[str, torch.Tensor], cfg: experiment.RunConfig, hp) -> None:
     """The reference started and stepped as the harness is: from the harness's parameters at its first
-    step (b_dec from the data, its encoder and decoder init, θ), with its Adam β (0.9, 0.999), its
-    gradient clipping at norm 1 and its AuxK dead window (JumpReLU: `jumprelu_as_harness` too). What
-    is left to differ is each trainer's loss and update code (and the reference's lr 0 on its first
-    warm-up step)."""
-    with torch.no_grad():
-        for name, value in trainer.ae.state_dict().items():
-            ours = next((start[n] for n in HARNESS_NAMES.get(name, (name,)) if n in start), None)
-            if ours is not None:
-                value.copy_(ours if ours.shape == value.shape else ours.T)
+    step (`copy_start`: b_dec from the data, which the TopK family's references compute again from the
+    same batch, its encoder and decoder init, θ), with its Adam β (0.9, 0.999), its gradient clipping
+    at norm 1 (`clip_before_step`) and its AuxK dead window (JumpReLU: `jumprelu_as_harness` too).
+    What is left to differ is each trainer's loss and update code (and the reference's lr 0 on its
+    first warm-up step)."""
+    copy_start(trainer.ae, start)
     if REFERENCES["jumprelu"].trainer == type(trainer).__name__:
         jumprelu_as_harness(trainer, start, cfg, hp)
     for group in trainer.optimizer.param_groups:
         group["betas"] = (0.9, 0.999)
     if "clip_grad_norm_" not in inspect.getsource(type(trainer).update):
-        step = trainer.optimizer.step
+        clip_before_step(trainer)
+    if hasattr(trainer, "dead_feature_threshold"):  # its count takes in this batch and tests ≥: 2 steps sooner
+        trainer.dead_feature_threshold = ((getattr(hp, "dead_steps", 0) or dead_window_steps(cfg)) + 2) * cfg.batch_size
 
-        def clipped_step(*args, **kwargs):
-            torch.nn.utils.clip_grad_norm_(trainer.ae.parameters(), 1.0)
-            return step(*args, **kwargs)
 
-        trainer.optimizer.step = clipped_step
-    if hasattr(trainer, "dead_feature_threshold"):
-        trainer.dead_feature_threshold = dead_window_steps(cfg) * cfg.batch_size
+def copy_start(ae, start: dict[str, torch.Tensor]) -> None:
+    """Every parameter of the reference's autoencoder (and BatchTopK's θ) from the harness's
+    (HARNESS_NAMES); a parameter with none is refused, so a renamed one cannot go uncopied."""
+    def ours(name: str) -> torch.Tensor | None:
+        return next((start[n] for n in HARNESS_NAMES.get(name, (name,)) if n in start), None)
+
+    missed = [name for name, _ in ae.named_parameters() if ours(name) is None]
+    if missed:
+        raise HarnessError(f"--start harness: the reference's {', '.join(missed)} has no harness parameter "
+                           f"(peers.HARNESS_NAMES)")
+    with torch.no_grad():
+        for name, value in ae.state_dict().items():
+            if (theirs := ours(name)) is not None:
+                value.copy_(theirs.T if name in TRANSPOSED else theirs)
+
+
+def clip_before_step(trainer) -> None:
+    """The harness's clipping for a reference that does not clip (relu's and gated's ConstrainedAdam),
+    in the harness's order: the decoder gradient's part along its rows removed, then the whole
+    gradient clipped at norm 1, then the reference's step (whose own projection is then a no-op)."""
+    step = trainer.optimizer.step
+
+    @functools.wraps(step)  # keeps the lr scheduler's mark on the step it wrapped
+    def clipped_step(*args, **kwargs):
+        with torch.no_grad():
+            for p in getattr(trainer.optimizer, "constrained_params", []):
+                rows = p / p.norm(dim=0, keepdim=True)
+                p.grad -= (p.grad * rows).sum(dim=0, keepdim=True) * rows
+        torch.nn.utils.clip_grad_norm_(trainer.ae.parameters(), 1.0)
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = clipped_step
 
 
 def jumprelu_as_harness(trainer, start: dict[str, torch.Tensor], cfg: experiment.RunConfig, hp) -> None:

@@ -34,15 +34,16 @@ def peers_cli(*args: str):
 
 
 @needs_dictionary_learning
+@pytest.mark.parametrize("start", peers.STARTS)
 @pytest.mark.parametrize("arch", list(peers.REFERENCES))
-def test_each_architecture_trains_on_both_sides_with_its_knob(arch):
+def test_each_architecture_trains_on_both_sides_with_its_knob(arch, start):
     name, value, reference_name = KNOBS[arch]
     knob = peers.chosen_knob(arch, {"k": None, "sparsity_penalty": None, "l0_coefficient": None, name: value})
     plugin, cfg, hp = peers.harness_setting(arch, knob, "tiny", 0, 256 * STEPS)
     train = np.random.default_rng(0).standard_normal((cfg.tokens, 64), dtype=np.float32) + 3.0
     data = experiment.ActivationData(train, torch.zeros(0), 1.0, from_cache=False)
-    ours, theirs = peers.compare(arch, plugin, cfg, hp, data)
-    assert (ours["trainer"], theirs["trainer"]) == ("harness", "dictionary_learning")
+    ours, theirs = peers.compare(arch, plugin, cfg, hp, data, start)
+    assert (ours["trainer"], theirs["trainer"], theirs["start"]) == ("harness", "dictionary_learning", start)
     assert ours[name] == theirs[name] == value
     assert peers.REFERENCES[arch].settings(hp, cfg, ours)[reference_name] == value
     for result in (ours, theirs):
@@ -78,15 +79,27 @@ def test_started_as_the_harness_the_reference_holds_the_harness_parameters_and_o
         else:  # the gate encodes through r_mag and its own biases: its weights are checked
             assert torch.equal(ae.encoder.weight, sae.W_enc.T) and torch.equal(ae.mag_bias, sae.b_mag)
     assert all(group["betas"] == (0.9, 0.999) for group in trainer.optimizer.param_groups)
-    assert getattr(trainer, "dead_feature_threshold", None) in (None, peers.dead_window_steps(cfg) * cfg.batch_size)
+    assert getattr(trainer, "dead_feature_threshold", None) in (None, (peers.dead_window_steps(cfg) + 2) * cfg.batch_size)
     if arch == "jumprelu":  # θ steps at the harness's rate, in a param group of its own
         (theta,) = [g for g in trainer.optimizer.param_groups if any(p is ae.threshold for p in g["params"])]
         assert theta["initial_lr"] == pytest.approx(peers.THRESHOLD_TRAVEL / cfg.steps)
+        assert trainer.scheduler.optimizer is trainer.optimizer and theta["lr"] == 0  # the warm-up's first step
     if arch in ("relu", "gated"):  # the references that do not clip themselves: their step clips at norm 1
         for p in ae.parameters():
             p.grad = torch.full_like(p, 100.0)
         trainer.optimizer.step()
         assert torch.cat([p.grad.flatten() for p in ae.parameters()]).norm().item() <= 1.0 + 1e-5
+        # ... after the decoder gradient's part along its rows is removed, as the harness clips: a large
+        # radial gradient with a small tangential one leaves the tangential one unclipped.
+        decoder = ae.decoder.weight
+        columns = decoder.detach() / decoder.detach().norm(dim=0, keepdim=True)
+        tangential = torch.randn_like(decoder) * 1e-3
+        tangential -= (tangential * columns).sum(dim=0, keepdim=True) * columns
+        for p in ae.parameters():
+            p.grad = torch.zeros_like(p)
+        decoder.grad = 100.0 * columns + tangential
+        trainer.optimizer.step()
+        assert torch.allclose(decoder.grad, tangential, atol=2e-5)  # clipped first, it would be ~1e-6 of it
 
 
 @pytest.mark.parametrize("args, message", [
