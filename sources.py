@@ -19,6 +19,7 @@ import importlib.util
 import json
 import math
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -273,6 +274,7 @@ def cached_activations(folder: Path, shape: tuple[int, int], dtype: str, fill, w
             console.print(f"[yellow]The cache of {what} {folder} is truncated or corrupted; rebuilding it")
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / "train_acts.partial.npy"
+    check_room(folder, partial, math.prod(shape) * np.dtype(dtype).itemsize, what)
     out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
     fill(out)
     scale = activation_scale(out)
@@ -283,6 +285,16 @@ def cached_activations(folder: Path, shape: tuple[int, int], dtype: str, fill, w
                     scale=scale, **recorded)
     atomic_write(manifest_path, json.dumps(manifest, indent=2))
     return np.load(acts_path, mmap_mode="r"), scale, False
+
+
+def check_room(folder: Path, partial: Path, needed: int, what: str) -> None:
+    """Refuse a cache the disk cannot hold before filling it: its memory-mapped file is sparse, so a
+    full disk would otherwise end the harvest, hours in, with a bus error and no message."""
+    free = shutil.disk_usage(folder).free + (partial.stat().st_size if partial.exists() else 0)
+    if needed > free:
+        raise HarnessError(f"the cache of {what} needs {needed / 1e9:.1f} GB in {folder.parent}, which has "
+                           f"{free / 1e9:.1f} GB free; free space there, point SAE_HARNESS_ACTIVATIONS at a "
+                           f"larger disk, or lower --tokens")
 
 
 def activation_scale(acts: np.ndarray) -> float:

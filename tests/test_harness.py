@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import kernels
 import studies
 import sources
 import evals
-from common import console
+from common import HarnessError, console
 from runs import HEADLINE
 
 NOTEBOOK_KEYS = {"training_steps", "final_loss", "layer", "dict_size", "learning_rate", "sparsity_penalty"}
@@ -121,6 +122,18 @@ def test_second_run_reuses_cached_activations_without_running_the_llm(run_tiny, 
     monkeypatch.setattr(experiment, "harvest", no_harvest)
     second, _ = run_tiny("run_0_baseline", lr=2e-3)
     assert second["activations_from_cache"] is True
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused_before_it_is_filled(tmp_path, monkeypatch):
+    rows, width = 5_000_000, 640  # 12.8 GB of float32
+    monkeypatch.setattr(sources.shutil, "disk_usage", lambda path: SimpleNamespace(free=10**10))
+
+    def fill(out):
+        raise AssertionError("the harvest started")
+
+    with pytest.raises(HarnessError, match=r"the cache of activations needs 12.8 GB in .*, which has 10.0 GB free"):
+        sources.cached_activations(tmp_path / "cache", (rows, width), "float32", fill, "activations")
+    assert not (tmp_path / "cache" / "train_acts.partial.npy").exists()
 
 
 def test_a_smaller_budget_reads_the_first_rows_of_a_larger_cache_the_bytes_its_own_harvest_gives(tmp_path,
