@@ -28,7 +28,7 @@ from rich.table import Table
 
 import evals
 import plot
-from experiment import (ANALYSES_FOLDER, Plugin, RunConfig, build_config, checked_model, execute, find_plugin,
+from experiment import (ANALYSES_FOLDER, PRESETS, Plugin, RunConfig, build_config, checked_model, execute, find_plugin,
                         finish, judged, parent_info, parse_hyperparams, plugin_files, saved_config, saved_sae, setting)
 import frontier
 from frontier import SWEEPABLE
@@ -155,7 +155,7 @@ def study(name: str, baselines: list[str], preset: str, overrides: dict[str, Any
     if cover_cap < 0:
         raise HarnessError(f"--cover-cap must be 0 or more, got {cover_cap}")
     jobs = study_jobs(name, baselines, preset, overrides, runs_root, seeds)
-    for plugin, grid in BASELINE_SWEEPS.get(preset, {}).items():
+    for plugin, grid in baseline_sweeps(jobs[0].cfg).items():
         console.print(f"the baselines' sweep on {preset}: {plugin} {grid}")
         sweep(find_plugin(f"baseline/{plugin}"), [grid], max(seeds, BASELINE_SEEDS), preset, overrides, runs_root,
               notes, remote)
@@ -167,6 +167,16 @@ def study(name: str, baselines: list[str], preset: str, overrides: dict[str, Any
         append_notes(notes, jobs[-1].plugin.study_header, summary)
     Console(width=220).print(plot.compare_table(runs_root, name))
     return rows + widened
+
+
+def baseline_sweeps(cfg: RunConfig) -> dict[str, str]:
+    """BASELINE_SWEEPS of the preset whose every value the run's config has (but its evaluations,
+    which do not move the baselines), whatever preset it was built from: `--preset embedded --tokens
+    4000000` is embedded-4m's budget; embedded-4m at `--tokens 250000` is not, and has none."""
+    for name, sweeps in BASELINE_SWEEPS.items():
+        if all(getattr(cfg, key) == value for key, value in PRESETS[name].items() if key != "evals"):
+            return sweeps
+    return {}
 
 
 def sweep(plugin: Plugin, grid: list[str], seeds: int, preset: str, overrides: dict[str, Any], runs_root: Path,

@@ -233,14 +233,17 @@ def test_a_study_on_a_preset_with_measured_baseline_sweeps_runs_those_first_at_t
         raise Stop
     monkeypatch.setattr(studies, "run_jobs", stop)  # the study's own runs: not this test's business
     overrides = dict(tokens=None, dict_size=None, seed=42, device="cpu", evals=None)
-    for preset, seeds, swept in (("synth", 1, 2), ("synth", 3, 3), ("tiny", 1, None)):
+    for preset, tokens, seeds, swept, measured_on in (
+            ("synth", None, 1, 2, "synth"), ("synth", None, 3, 3, "synth"), ("tiny", None, 1, None, None),
+            ("embedded", 4_000_000, 1, 2, "embedded-4m"),  # the same values under another name
+            ("embedded-4m", 250_000, 1, None, None)):  # not the budget its sweeps were placed for
         called.clear()
         with pytest.raises(Stop):
-            studies.study("topk_ortho", ["run_0_baseline"], preset, overrides, tmp_path / "runs", tmp_path / "notes.md",
-                          tmp_path / "figures", seeds=seeds)
-        grids = studies.BASELINE_SWEEPS.get(preset, {})
+            studies.study("topk_ortho", ["run_0_baseline"], preset, {**overrides, "tokens": tokens}, tmp_path / "runs",
+                          tmp_path / "notes.md", tmp_path / "figures", seeds=seeds)
+        grids = studies.BASELINE_SWEEPS.get(measured_on, {})
         assert called == [(plugin, [grid], swept, preset) for plugin, grid in grids.items()]
-    assert len(studies.BASELINE_SWEEPS["synth"]) == 6 and called == []
+    assert len(studies.BASELINE_SWEEPS["synth"]) == len(studies.BASELINE_SWEEPS["embedded-4m"]) == 6 and called == []
 
 
 def test_the_sweeps_manifest_keeps_the_seed_spread_measured_on_it(tmp_path):
