@@ -51,12 +51,16 @@ def test_each_architecture_trains_on_both_sides_with_its_knob(arch, start):
 
 
 @needs_dictionary_learning
-def test_the_jumprelu_reference_trains_at_its_own_lambda_when_given_one():
+def test_the_jumprelu_reference_trains_at_its_own_lambda_when_given_one(monkeypatch):
+    built, reference_trainer = [], peers.reference_trainer
+    monkeypatch.setattr(peers, "reference_trainer",
+                        lambda arch: lambda **kwargs: built.append(reference_trainer(arch)(**kwargs)) or built[-1])
     plugin, cfg, hp = peers.harness_setting("jumprelu", {"l0_coefficient": 0.5}, "tiny", 0, 256 * STEPS)
     train = np.random.default_rng(0).standard_normal((cfg.tokens, 64), dtype=np.float32) + 3.0
     data = experiment.ActivationData(train, torch.zeros(0), 1.0, from_cache=False)
     ours, theirs = peers.compare("jumprelu", plugin, cfg, hp, data, "harness", dataclasses.replace(hp, l0_coefficient=50.0))
     assert (ours["l0_coefficient"], theirs["l0_coefficient"]) == (0.5, 50.0)
+    assert [trainer.sparsity_coefficient for trainer in built] == [50.0]  # the reference trained at its own λ
 
 
 @needs_dictionary_learning
