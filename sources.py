@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from common import HarnessError, cache_dir, console, file_sha256  # first: its import guards
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -228,10 +229,25 @@ def verified_cache(folder: Path, what: str) -> tuple[np.ndarray, float]:
     """(rows, scale) of a complete cache, memory-mapped, where its size and sha256 match its manifest."""
     manifest, acts_path = json.loads((folder / "manifest.json").read_text()), folder / "train_acts.npy"
     if not (acts_path.exists() and acts_path.stat().st_size == manifest["bytes"]
-            and file_sha256(acts_path) == manifest["sha256"]):
+            and checked_sha256(acts_path) == manifest["sha256"]):
         raise HarnessError(f"the cache of {what} {folder} is truncated or corrupted; delete it to rebuild it")
     console.print(f"[green]Reusing cached {what} {folder}")
     return np.load(acts_path, mmap_mode="r"), manifest["scale"]
+
+
+def checked_sha256(path: Path) -> str:
+    """path's sha256, read again only where the file's size or modification time differ from those
+    its last full read recorded beside it (as make and git trust a file's stat): a verdict-budget
+    cache is gigabytes, otherwise read whole before every run."""
+    stat, stamp = path.stat(), path.with_name(path.name + ".checked.json")
+    seen = dict(bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        checked = json.loads(stamp.read_text())
+        if dict(bytes=checked["bytes"], mtime_ns=checked["mtime_ns"]) == seen:
+            return checked["sha256"]
+    digest = file_sha256(path)
+    atomic_write(stamp, json.dumps(dict(seen, sha256=digest)))
+    return digest
 
 
 def larger_caches(root: Path, tokens: int, key_for: Callable[[int], str]) -> list[Path]:
@@ -281,7 +297,7 @@ def cached_activations(folder: Path, shape: tuple[int, int], dtype: str, fill, w
     out.flush()
     del out
     partial.rename(acts_path)
-    manifest = dict(bytes=acts_path.stat().st_size, sha256=file_sha256(acts_path), shape=list(shape), dtype=dtype,
+    manifest = dict(bytes=acts_path.stat().st_size, sha256=checked_sha256(acts_path), shape=list(shape), dtype=dtype,
                     scale=scale, **recorded)
     atomic_write(manifest_path, json.dumps(manifest, indent=2))
     return np.load(acts_path, mmap_mode="r"), scale, False

@@ -17,6 +17,7 @@ import pytest
 import torch
 from helpers import cli, tiny_model_with_tokenizer
 
+import common
 import evals
 import experiment
 import frontier
@@ -132,6 +133,18 @@ def test_corrupted_activation_cache_is_detected_and_rebuilt(run_tiny, isolated_c
     second, _ = run_tiny("run_0_baseline")
     assert second["activations_from_cache"] is False
     assert second["metrics"] == first["metrics"]
+
+
+def test_an_unchanged_activation_cache_is_not_read_whole_again(run_tiny, isolated_cache, monkeypatch):
+    run_tiny("run_0_baseline")
+    hashed = []
+    monkeypatch.setattr(sources, "file_sha256", lambda path: hashed.append(path) or common.file_sha256(path))
+    second, _ = run_tiny("run_0_baseline")
+    assert second["activations_from_cache"] is True and hashed == []
+    acts = next(isolated_cache.glob("*/train_acts.npy"))
+    os.utime(acts, ns=(acts.stat().st_atime_ns, acts.stat().st_mtime_ns + 1))  # touched: read whole again
+    third, _ = run_tiny("run_0_baseline")
+    assert third["activations_from_cache"] is True and hashed == [acts]
 
 
 def test_suspicious_results_are_flagged(run_tiny, tmp_path, monkeypatch):
