@@ -68,7 +68,7 @@ import experiment
 import kernels
 import sources
 import synthetic
-from plugins.baseline.run_0_jumprelu import THRESHOLD_TRAVEL
+from plugins.baseline.run_0_jumprelu import threshold_rate
 from plugins.baseline.run_0_matryoshka import prefix_widths
 from runs import dead_window_steps
 
@@ -256,12 +256,11 @@ def clip_before_step(trainer) -> None:
 
 def jumprelu_as_harness(trainer, start: dict[str, torch.Tensor], cfg: experiment.RunConfig, hp) -> None:
     """JumpReluTrainer's encoder reads x, not x − b_dec: b_enc − b_dec·W_enc gives it the harness's
-    first function. θ steps at the harness's rate (its Trainer.update_scales: `threshold_lr_scale`,
-    or enough for θ to travel THRESHOLD_TRAVEL in the run) as a param group of its own."""
+    first function. θ steps at the harness's rate (the plugin's threshold_rate) as a param group of its own."""
     ae = trainer.ae
     with torch.no_grad():
         ae.b_enc.sub_(start["b_dec"] @ start["W_enc"])
-    rate = hp.threshold_lr_scale or max(1.0, THRESHOLD_TRAVEL / (cfg.lr * cfg.steps))
+    rate = threshold_rate(hp, cfg)
     others = [p for p in ae.parameters() if p is not ae.threshold]
     trainer.optimizer = torch.optim.Adam([{"params": others}, {"params": [ae.threshold], "lr": cfg.lr * rate}],
                                          lr=cfg.lr, eps=1e-8)

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 import experiment
 import peers
+from plugins.baseline.run_0_jumprelu import THRESHOLD_TRAVEL
 
 KNOBS = {  # arch: the harness's knob, its value here, the reference trainer's name for it
     "relu": ("sparsity_penalty", 0.3, "l1_penalty"), "gated": ("sparsity_penalty", 0.3, "l1_penalty"),
@@ -86,7 +87,7 @@ def test_started_as_the_harness_the_reference_holds_the_harness_parameters_and_o
     assert getattr(trainer, "dead_feature_threshold", None) in (None, (peers.dead_window_steps(cfg) + 2) * cfg.batch_size)
     if arch == "jumprelu":  # θ steps at the harness's rate, in a param group of its own
         (theta,) = [g for g in trainer.optimizer.param_groups if any(p is ae.threshold for p in g["params"])]
-        assert theta["initial_lr"] == pytest.approx(peers.THRESHOLD_TRAVEL / cfg.steps)
+        assert theta["initial_lr"] == pytest.approx(THRESHOLD_TRAVEL / cfg.steps)
         assert trainer.scheduler.optimizer is trainer.optimizer and theta["lr"] == 0  # the warm-up's first step
     if arch in ("relu", "gated"):  # the references that do not clip themselves: their step clips at norm 1
         for p in ae.parameters():

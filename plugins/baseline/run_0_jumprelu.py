@@ -66,6 +66,11 @@ class Hyperparams(parent.Hyperparams):
     threshold_lr_scale: float = 0.0  # θ's rate over the run's lr; 0: enough for θ to travel THRESHOLD_TRAVEL
 
 
+def threshold_rate(hp: Hyperparams, cfg) -> float:
+    """θ's learning rate over the run's: `threshold_lr_scale`, or enough for θ to travel THRESHOLD_TRAVEL."""
+    return hp.threshold_lr_scale or max(1.0, THRESHOLD_TRAVEL / (cfg.lr * cfg.steps))
+
+
 def rectangle(u: torch.Tensor) -> torch.Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u)
 
@@ -169,8 +174,7 @@ class SAE(parent.SAE):
 class Trainer(parent.Trainer):
     def update_scales(self):
         """θ's own rate, so that it can follow λ within the run (the docstring)."""
-        hp, cfg = self.sae.hp, self.run_cfg
-        scale = hp.threshold_lr_scale or max(1.0, THRESHOLD_TRAVEL / (cfg.lr * cfg.steps))
+        scale = threshold_rate(self.sae.hp, self.run_cfg)
         return [*super().update_scales(), (self.sae.threshold, torch.full_like(self.sae.threshold, scale), 0)]
 
     def after_step(self, x, out, step):
