@@ -1,6 +1,6 @@
 """What every module of the harness shares, imported first by each: the one-line error and its
-console, the cache location, Typer's usage errors in one line, and the warning filters. Imports
-nothing of the project's."""
+console (with the progress bars' ETA column), the cache location, Typer's usage errors in one
+line, and the warning filters. Imports nothing of the project's."""
 
 from __future__ import annotations
 
@@ -15,8 +15,20 @@ import typer
 import typer.core
 from typer._click import exceptions as click_errors  # Typer vendors Click: its usage errors are these
 from rich.console import Console
+from rich.progress import TimeRemainingColumn
+from rich.text import Text
 
-console = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long
+console = Console(stderr=True, soft_wrap=True,  # an error stays one line, however long
+                  width=None if sys.stderr.isatty() else 160)  # a log file gets progress bars' times whole
+
+
+class RemainingOrDone(TimeRemainingColumn):
+    """A progress bar's "ETA h:mm:ss", "done" once it is finished."""
+
+    def render(self, task) -> Text:
+        return Text("done" if task.finished else f"ETA {super().render(task).plain}", style="progress.remaining")
+
+
 ROOT = Path(__file__).resolve().parent  # the project: plugins/, runs/, notes.md
 
 

@@ -20,7 +20,7 @@ kernels.py, plot.py, bench.py, dashboard.py, cluster.py, analyses.py.
 from __future__ import annotations
 
 from common import (ROOT, HarnessError, Interrupted, OneLineUsage, activations_dir, cache_dir,  # first: its import guards
-                    console, one_line_errors)
+                    RemainingOrDone, console, one_line_errors)
 
 import ast
 import collections
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sae_bench.custom_saes.base_sae import BaseSAE
 
@@ -797,7 +797,7 @@ def train_run(cfg: RunConfig, plugin: Plugin, hp, model, run_dir: Path, device: 
               rank: int, world: int, dataset_loader, started: float) -> tuple[SAE, ActivationData, dict]:
     """Activations, the plugin's SAE checked on them, the run folder, training: (sae, data, info)."""
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+               TimeElapsedColumn(), RemainingOrDone(), TextColumn("{task.fields[status]}"))
     with Progress(*columns, console=console, transient=False) as progress:
         if rank == 0:  # the other ranks wait, then read what rank 0 cached
             data = activation_data(cfg, model, progress, dataset_loader)

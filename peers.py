@@ -22,7 +22,8 @@ reference trainer, on the same data, batches, learning rate, warm-up and seeds.
   With --start harness the reference instead starts and steps as the harness does
   (`start_as_harness`: the harness's parameters at its first step, Adam β1 0.9, clipping at 1, the
   harness's AuxK window and JumpReLU θ rate), so what is compared is the two trainers' loss and
-  update code (for jumprelu: its objective too, at the harness's L0).
+  update code (for jumprelu: its objective too, at the harness's L0, unless --target-l0 trains the
+  harness on the reference's objective).
 - a synthetic preset: SAELens's own `SyntheticSAERunner` on the same synthetic model, both starting
   as SAELens does (b_dec at zero; unit decoder rows, the harness's start), with the same AuxK weight
   and dead window, and trained alike where SAELens's defaults differ from the harness's: activations
@@ -38,6 +39,7 @@ reference trainer, on the same data, batches, learning rate, warm-up and seeds.
     python peers.py --arch jumprelu --l0-coefficient 1 --seeds 2
     python peers.py --arch gated --sparsity-penalty 1 --start harness   # both from the harness's start
     python peers.py --arch jumprelu --l0-coefficient 0.3 --start harness --reference-l0-coefficient 100
+    python peers.py --arch jumprelu --l0-coefficient 100 --target-l0 16 --start harness   # one objective
     python peers.py --preset synth --arch topk --k 16 --seeds 2
 
 Prints and writes (--out, JSON) one line per trainer and seed. docs/baselines.md and
@@ -88,11 +90,12 @@ def l1_settings(hp, cfg: experiment.RunConfig, ours: dict) -> dict[str, Any]:
 
 
 def jumprelu_settings(hp, cfg: experiment.RunConfig, ours: dict) -> dict[str, Any]:
-    """JumpReLU: the reference's penalty is λ·(L0/target − 1)², not the harness's (SAELens's) λ·L0, so
-    it gets the harness's λ as its `sparsity_penalty` and, as its target, the L0 the harness reached
-    on the same seed: the two are compared at the same sparsity. The harness's bandwidth ε and λ
-    warm-up too (the reference's defaults: ε 0.001, a 2,000-step warm-up)."""
-    return dict(sparsity_penalty=hp.l0_coefficient, target_l0=ours["l0"], bandwidth=hp.bandwidth,
+    """JumpReLU: the reference's penalty is λ·(L0/target − 1)², so it gets the harness's λ as its
+    `sparsity_penalty` and the harness's target (--target-l0: the same objective) or else, against
+    the harness's default λ·L0, the L0 the harness reached on the same seed: the two are compared at
+    the same sparsity. The harness's bandwidth ε and λ warm-up too (the reference's defaults: ε
+    0.001, a 2,000-step warm-up)."""
+    return dict(sparsity_penalty=hp.l0_coefficient, target_l0=hp.target_l0 or ours["l0"], bandwidth=hp.bandwidth,
                 sparsity_warmup_steps=hp.l0_warm_up_steps or None)
 
 
@@ -415,7 +418,7 @@ def dictionary_learning_peers(arch: str, knob: dict, seeds: range, tokens: int, 
 
 
 def checked_choice(arch: str, preset: str, decoder: str, start: str = "own",
-                   reference_l0_coefficient: float | None = None) -> None:
+                   reference_l0_coefficient: float | None = None, target_l0: float | None = None) -> None:
     if arch not in REFERENCES:
         raise HarnessError(f"--arch {arch}: choose one of {', '.join(REFERENCES)}")
     if preset != "embedded" and preset not in synthetic.PRESETS:
@@ -427,6 +430,8 @@ def checked_choice(arch: str, preset: str, decoder: str, start: str = "own",
         raise HarnessError(f"--decoder {decoder}: choose {' or '.join(DECODERS)}")
     if reference_l0_coefficient is not None and (arch != "jumprelu" or preset != "embedded"):
         raise HarnessError("--reference-l0-coefficient: the jumprelu reference's own λ, on embedded only")
+    if target_l0 is not None and (arch != "jumprelu" or preset != "embedded" or target_l0 <= 0):
+        raise HarnessError(f"--target-l0 {target_l0}: a positive L0 target for --arch jumprelu on embedded")
     if start not in STARTS:
         raise HarnessError(f"--start {start}: choose {' or '.join(STARTS)}")
     if start == "harness" and preset != "embedded":
@@ -468,10 +473,14 @@ def main(arch: str = typer.Option("topk", help=f"{', '.join(REFERENCES)}; a synt
          reference_l0_coefficient: float | None = typer.Option(
              None, help="jumprelu: the reference's own λ for its objective λ·(L0/target − 1)², whose pull at the "
                         "harness's λ leaves its L0 above its target (the harness's λ unless given)."),
+         target_l0: float | None = typer.Option(
+             None, help="jumprelu: train the harness on the reference's objective λ·(L0/target − 1)² with this "
+                        "target (the plugin's target_l0), so both train one objective."),
          out: Path | None = typer.Option(None, help="Also write the results here (JSON).")) -> None:
     with one_line_errors():
-        checked_choice(arch, preset, decoder, start, reference_l0_coefficient)
+        checked_choice(arch, preset, decoder, start, reference_l0_coefficient, target_l0)
         knob = chosen_knob(arch, dict(k=k, sparsity_penalty=sparsity_penalty, l0_coefficient=l0_coefficient))
+        knob.update({} if target_l0 is None else {"target_l0": target_l0})
         if preset in synthetic.PRESETS:
             results = synthetic_peers(arch, knob["k"], preset, range(seed, seed + seeds), tokens, decoder)
         else:

@@ -125,6 +125,21 @@ def test_the_l0_coefficient_warms_up_as_sae_lens_s_scheduler():
         assert sae.sparsity_coefficient(fwd) == pytest.approx(scheduled_l0_coefficient(sae.hp, step), rel=1e-12)
 
 
+def test_with_a_target_the_l0_penalty_is_dictionary_learning_s_pull_to_it():
+    """λ·(mean L0/target − 1)² (JumpReluTrainer's loss), its θ gradient the step loss's through
+    the chain rule; SAELens has no such mode, so there is no twin to bench against."""
+    x, target = batch(4), 20.0
+    step_mode, target_mode = jumprelu_sae(l0_coefficient=1.0), jumprelu_sae(l0_coefficient=0.3, target_l0=target)
+    step_loss, target_loss = step_mode.loss(x, 0).terms["sparsity_loss"], target_mode.loss(x, 0).terms["sparsity_loss"]
+    mean_l0 = (target_mode.training_pass(x, 0).pre > target_mode.threshold).sum(-1).float().mean()
+    assert target_loss.item() == pytest.approx(0.3 * (mean_l0.item() / target - 1) ** 2, rel=1e-5)
+    step_loss.backward()
+    target_loss.backward()
+    assert_close(target_mode.threshold.grad, 0.3 * 2 * (mean_l0 / target - 1) / target * step_mode.threshold.grad,
+                 "θ's gradient")
+    assert target_mode.sae_lens_training() is None
+
+
 def test_the_inference_encoding_is_sae_lens_s_jumprelu_sae():
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 

@@ -19,7 +19,7 @@ import kernels
 import studies
 import sources
 import evals
-from common import HarnessError, console
+from common import HarnessError, RemainingOrDone, console
 from runs import HEADLINE
 
 NOTEBOOK_KEYS = {"training_steps", "final_loss", "layer", "dict_size", "learning_rate", "sparsity_penalty"}
@@ -375,3 +375,12 @@ def test_a_missing_eval_requirement_is_refused_before_training(tmp_path, notes, 
     with pytest.raises(experiment.HarnessError, match="OPENAI_API_KEY"):
         experiment.execute(cfg, plugin, tmp_path / "run", notes)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_progress_bar_shows_its_eta_while_running_and_done_once_finished():
+    with Progress(disable=True) as progress:
+        running, finished = progress.add_task("train", total=2), progress.add_task("eval", total=1)
+        progress.advance(running)
+        progress.advance(finished)
+        shown = {task.id: RemainingOrDone().render(task).plain for task in progress.tasks}
+    assert shown[running].startswith("ETA ") and shown[finished] == "done"

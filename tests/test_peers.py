@@ -65,6 +65,19 @@ def test_the_jumprelu_reference_trains_at_its_own_lambda_when_given_one(monkeypa
 
 
 @needs_dictionary_learning
+def test_with_a_target_both_sides_train_the_reference_s_objective(monkeypatch):
+    built, reference_trainer = [], peers.reference_trainer
+    monkeypatch.setattr(peers, "reference_trainer",
+                        lambda arch: lambda **kwargs: built.append(reference_trainer(arch)(**kwargs)) or built[-1])
+    plugin, cfg, hp = peers.harness_setting("jumprelu", {"l0_coefficient": 5.0, "target_l0": 12.0}, "tiny", 0, 256 * STEPS)
+    train = np.random.default_rng(0).standard_normal((cfg.tokens, 64), dtype=np.float32) + 3.0
+    data = experiment.ActivationData(train, torch.zeros(0), 1.0, from_cache=False)
+    peers.compare("jumprelu", plugin, cfg, hp, data, "harness")
+    assert hp.target_l0 == 12.0 and cfg.hyperparams["target_l0"] == 12.0  # the harness's plugin trains to it
+    assert [(trainer.sparsity_coefficient, trainer.target_l0) for trainer in built] == [(5.0, 12.0)]
+
+
+@needs_dictionary_learning
 @pytest.mark.parametrize("arch", list(peers.REFERENCES))
 def test_started_as_the_harness_the_reference_holds_the_harness_parameters_and_optimiser(arch):
     name, value, _ = KNOBS[arch]
@@ -118,6 +131,8 @@ def test_started_as_the_harness_the_reference_holds_the_harness_parameters_and_o
     (["--start", "reference"], "--start reference: choose own or harness"),
     (["--arch", "topk", "--reference-l0-coefficient", "3"], "--reference-l0-coefficient: the jumprelu reference's"),
     (["--preset", "synth-tiny", "--start", "harness"], "--start harness: an embedded option"),
+    (["--arch", "topk", "--target-l0", "16"], "--target-l0 16.0: a positive L0 target for --arch jumprelu"),
+    (["--arch", "jumprelu", "--target-l0", "0"], "--target-l0 0.0: a positive L0 target for --arch jumprelu"),
 ])
 def test_what_the_peer_check_cannot_do_is_refused_in_one_line(args, message):
     result = peers_cli(*args)

@@ -13,9 +13,11 @@ K(u) = 1[|u| < ½] of bandwidth ε: ∂f/∂θ = −(θ/ε)·K((pre − θ)/ε),
 ∂f/∂pre = H(pre − θ), and the step passes nothing to pre (SAELens's `jumprelu_ste_to_input =
 False`, DeepMind's recipe): the L0 penalty moves only θ; the encoder learns from the reconstruction.
 The L0 penalty is `sparsity_loss` (SAELens's `l0_loss`): SAELens's default sparsity loss mode is
-"step", this one; its "tanh" (Anthropic's) and "quadratic" (Gemma Scope 2's) modes are not here,
-nor Anthropic's pre-activation loss on dead latents, which SAELens leaves off by default
-(`pre_act_loss_coefficient = None`). λ may warm up linearly, λ·min(1, step/W) over
+"step", this one. With `target_l0` set it is instead λ·(L̄0/target − 1)², L̄0 the batch's mean L0:
+dictionary_learning's JumpReluTrainer's objective (SAEBench's JumpReLU baselines), a pull to a
+target that stops there. SAELens's "tanh" (Anthropic's) and "quadratic" (Gemma Scope 2's, per token)
+modes are not here, nor Anthropic's pre-activation loss on dead latents, which SAELens leaves off by
+default (`pre_act_loss_coefficient = None`). λ may warm up linearly, λ·min(1, step/W) over
 `l0_warm_up_steps` = W, as SAELens's CoefficientScheduler does (off by default).
 
 θ is the raw threshold, as in the installed SAELens, which trained log θ (as DeepMind's JumpReLU
@@ -64,6 +66,7 @@ class Hyperparams(parent.Hyperparams):
     l0_coefficient: float = 1.0  # λ (SAELens's l0_coefficient)
     l0_warm_up_steps: int = 0  # λ rises linearly from 0 over these steps (SAELens's l0_warm_up_steps)
     threshold_lr_scale: float = 0.0  # θ's rate over the run's lr; 0: enough for θ to travel THRESHOLD_TRAVEL
+    target_l0: float = 0.0  # > 0: λ·(mean L0/target − 1)², dictionary_learning's objective, in place of λ·L0
 
 
 def threshold_rate(hp: Hyperparams, cfg) -> float:
@@ -133,8 +136,11 @@ class SAE(parent.SAE):
         return self.hp.l0_coefficient * (min(1.0, fwd.step / warm_up) if warm_up > 0 else 1.0)
 
     def sparsity_loss(self, fwd):
-        """λ·L0 through the step's estimator: SAELens's "step" sparsity loss."""
+        """λ·L0 through the step's estimator: SAELens's "step" sparsity loss (or, with a target,
+        dictionary_learning's: the docstring)."""
         l0 = Step.apply(fwd.pre, self.threshold.to(fwd.pre.dtype), self.hp.bandwidth).sum(dim=-1)
+        if self.hp.target_l0 > 0:
+            return self.sparsity_coefficient(fwd) * (l0.mean() / self.hp.target_l0 - 1) ** 2
         return (self.sparsity_coefficient(fwd) * l0).mean()
 
     def observe(self, fwd):
@@ -163,6 +169,8 @@ class SAE(parent.SAE):
         from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 
         hp = self.hp
+        if hp.target_l0 > 0:  # SAELens has no batch-mean target objective
+            return None
         ref = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
             d_in=self.cfg.d_in, d_sae=self.cfg.d_sae, dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.W_dec.device), jumprelu_init_threshold=hp.init_threshold,
