@@ -19,6 +19,7 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -236,17 +237,22 @@ def verified_cache(folder: Path, what: str) -> tuple[np.ndarray, float]:
 
 
 def checked_sha256(path: Path) -> str:
-    """path's sha256, read again only where the file's size or modification time differ from those
-    its last full read recorded beside it (as make and git trust a file's stat): a verdict-budget
-    cache is gigabytes, otherwise read whole before every run."""
+    """path's sha256, read again only where the file's stat (size, times, inode, device) differs from
+    the one its last full read recorded beside it, as git trusts its index: a verdict-budget cache is
+    gigabytes, otherwise read whole before every run. A copy (a new inode and ctime, which neither
+    cp -a nor touch carries over) or any edit is read whole again."""
     stat, stamp = path.stat(), path.with_name(path.name + ".checked.json")
-    seen = dict(bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
-    with contextlib.suppress(OSError, ValueError, KeyError):
+    seen = dict(bytes=stat.st_size, mtime_ns=stat.st_mtime_ns, ctime_ns=stat.st_ctime_ns, inode=stat.st_ino,
+                device=stat.st_dev)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         checked = json.loads(stamp.read_text())
-        if dict(bytes=checked["bytes"], mtime_ns=checked["mtime_ns"]) == seen:
+        if {name: checked[name] for name in seen} == seen:
             return checked["sha256"]
     digest = file_sha256(path)
-    atomic_write(stamp, json.dumps(dict(seen, sha256=digest)))
+    with contextlib.suppress(OSError):  # only a shortcut: a read-only cache, or a race, is read whole next time
+        partial = stamp.with_name(f".{stamp.name}.{os.getpid()}")
+        partial.write_text(json.dumps(dict(seen, sha256=digest)))
+        os.replace(partial, stamp)
     return digest
 
 

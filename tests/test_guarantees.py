@@ -142,9 +142,13 @@ def test_an_unchanged_activation_cache_is_not_read_whole_again(run_tiny, isolate
     second, _ = run_tiny("run_0_baseline")
     assert second["activations_from_cache"] is True and hashed == []
     acts = next(isolated_cache.glob("*/train_acts.npy"))
-    os.utime(acts, ns=(acts.stat().st_atime_ns, acts.stat().st_mtime_ns + 1))  # touched: read whole again
+    os.utime(acts, ns=(acts.stat().st_atime_ns, acts.stat().st_mtime_ns + 10**9))  # touched: read whole again
     third, _ = run_tiny("run_0_baseline")
     assert third["activations_from_cache"] is True and hashed == [acts]
+    shutil.copy2(acts, acts.with_name("copy"))  # a copy keeps the size and mtime, not the inode or ctime
+    os.replace(acts.with_name("copy"), acts)
+    fourth, _ = run_tiny("run_0_baseline")
+    assert fourth["activations_from_cache"] is True and hashed == [acts, acts]
 
 
 def test_suspicious_results_are_flagged(run_tiny, tmp_path, monkeypatch):
