@@ -137,7 +137,7 @@ class SAE(parent.SAE):
 
     def sparsity_loss(self, fwd):
         """λ·L0 through the step's estimator: SAELens's "step" sparsity loss (or, with a target,
-        dictionary_learning's: the docstring)."""
+        dictionary_learning's λ·(mean L0/target − 1)²: the module docstring)."""
         l0 = Step.apply(fwd.pre, self.threshold.to(fwd.pre.dtype), self.hp.bandwidth).sum(dim=-1)
         if self.hp.target_l0 > 0:
             return self.sparsity_coefficient(fwd) * (l0.mean() / self.hp.target_l0 - 1) ** 2
@@ -165,12 +165,13 @@ class SAE(parent.SAE):
 
     def sae_lens_training(self):
         """SAELens's JumpReLUTrainingSAE with these weights and hyperparameters, and its `l0`
-        coefficient after any warm-up (bench.py times its step against ours)."""
+        coefficient after any warm-up (bench.py times its step against ours); None with a target
+        (SAELens has no batch-mean target objective)."""
+        hp = self.hp
+        if hp.target_l0 > 0:
+            return None
         from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 
-        hp = self.hp
-        if hp.target_l0 > 0:  # SAELens has no batch-mean target objective
-            return None
         ref = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
             d_in=self.cfg.d_in, d_sae=self.cfg.d_sae, dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.W_dec.device), jumprelu_init_threshold=hp.init_threshold,
