@@ -135,8 +135,9 @@ def sae_lens_architecture(plugin: experiment.Plugin, cfg: RunConfig) -> None:
     """Refuse, before any work, a plugin that no SAELens architecture is."""
     probe = plugin.sae_class(8, 16, plugin.hyperparams_class(**cfg.hyperparams), cfg)
     if not hasattr(probe, "sae_lens_training") or probe.sae_lens_training() is None:
-        raise experiment.HarnessError(f"--plugin {plugin.name} is no SAELens architecture, so there is no SAELens "
-                                      "step to time it against; bench the baselines (plugins/baseline/)")
+        raise experiment.HarnessError(f"--plugin {plugin.name} with these settings is no SAELens architecture, so "
+                                      "there is no SAELens step to time it against; bench the baselines "
+                                      "(plugins/baseline/) at their defaults")
 
 
 def harvest_and_read(cfg: RunConfig, model, device: torch.device, results: dict) -> torch.Tensor:

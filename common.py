@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.progress import TimeRemainingColumn
 from rich.text import Text
 
-console = Console(stderr=True, soft_wrap=True,  # an error stays one line, however long
-                  width=None if sys.stderr.isatty() else 160)  # a log file gets progress bars' times whole
+console = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long
+if not (console.is_terminal or console.is_jupyter or "COLUMNS" in os.environ):
+    console.width = 160  # a log file gets progress bars' times whole (Rich's default there is 80)
 
 
 class RemainingOrDone(TimeRemainingColumn):

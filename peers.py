@@ -55,6 +55,7 @@ import functools
 import importlib.util
 import inspect
 import json
+import math
 import sys
 import tempfile
 import types
@@ -390,7 +391,8 @@ def compare(arch: str, plugin, cfg: experiment.RunConfig, hp, data: experiment.A
     knob = plugin.sae_class.sparsity_knob
 
     def setting(trained_with) -> dict:
-        return {"arch": arch, knob: getattr(trained_with if hasattr(trained_with, knob) else cfg, knob),
+        target = {"target_l0": hp.target_l0} if getattr(hp, "target_l0", 0) else {}
+        return {"arch": arch, knob: getattr(trained_with if hasattr(trained_with, knob) else cfg, knob), **target,
                 "seed": cfg.seed, "tokens": cfg.tokens, "start": start}
 
     results = [dict(trainer="harness", **setting(hp), **ours),
@@ -430,8 +432,10 @@ def checked_choice(arch: str, preset: str, decoder: str, start: str = "own",
         raise HarnessError(f"--decoder {decoder}: choose {' or '.join(DECODERS)}")
     if reference_l0_coefficient is not None and (arch != "jumprelu" or preset != "embedded"):
         raise HarnessError("--reference-l0-coefficient: the jumprelu reference's own λ, on embedded only")
-    if target_l0 is not None and (arch != "jumprelu" or preset != "embedded" or target_l0 <= 0):
+    if target_l0 is not None and (arch != "jumprelu" or preset != "embedded" or not 0 < target_l0 < math.inf):
         raise HarnessError(f"--target-l0 {target_l0}: a positive L0 target for --arch jumprelu on embedded")
+    if target_l0 is not None and reference_l0_coefficient is not None:
+        raise HarnessError("--target-l0 trains both on one objective at one λ; drop --reference-l0-coefficient")
     if start not in STARTS:
         raise HarnessError(f"--start {start}: choose {' or '.join(STARTS)}")
     if start == "harness" and preset != "embedded":
@@ -480,7 +484,8 @@ def main(arch: str = typer.Option("topk", help=f"{', '.join(REFERENCES)}; a synt
     with one_line_errors():
         checked_choice(arch, preset, decoder, start, reference_l0_coefficient, target_l0)
         knob = chosen_knob(arch, dict(k=k, sparsity_penalty=sparsity_penalty, l0_coefficient=l0_coefficient))
-        knob.update({} if target_l0 is None else {"target_l0": target_l0})
+        if target_l0 is not None:
+            knob["target_l0"] = target_l0
         if preset in synthetic.PRESETS:
             results = synthetic_peers(arch, knob["k"], preset, range(seed, seed + seeds), tokens, decoder)
         else:

@@ -72,9 +72,18 @@ def test_with_a_target_both_sides_train_the_reference_s_objective(monkeypatch):
     plugin, cfg, hp = peers.harness_setting("jumprelu", {"l0_coefficient": 5.0, "target_l0": 12.0}, "tiny", 0, 256 * STEPS)
     train = np.random.default_rng(0).standard_normal((cfg.tokens, 64), dtype=np.float32) + 3.0
     data = experiment.ActivationData(train, torch.zeros(0), 1.0, from_cache=False)
-    peers.compare("jumprelu", plugin, cfg, hp, data, "harness")
-    assert hp.target_l0 == 12.0 and cfg.hyperparams["target_l0"] == 12.0  # the harness's plugin trains to it
+    ours, theirs = peers.compare("jumprelu", plugin, cfg, hp, data, "harness")
     assert [(trainer.sparsity_coefficient, trainer.target_l0) for trainer in built] == [(5.0, 12.0)]
+    assert ours["target_l0"] == theirs["target_l0"] == 12.0  # each result row says which objective
+
+
+def test_the_cli_target_reaches_the_harness_plugin(monkeypatch):
+    asked = []
+    monkeypatch.setattr(peers, "dictionary_learning_peers", lambda arch, knob, *rest: asked.append(knob) or [])
+    result = peers_cli("--arch", "jumprelu", "--l0-coefficient", "100", "--target-l0", "16")
+    assert result.exit_code == 0, result.output
+    assert asked == [{"l0_coefficient": 100.0, "target_l0": 16.0}]
+    assert peers.harness_setting("jumprelu", asked[0], "tiny", 0, 1024)[2].target_l0 == 16.0
 
 
 @needs_dictionary_learning
@@ -133,6 +142,8 @@ def test_started_as_the_harness_the_reference_holds_the_harness_parameters_and_o
     (["--preset", "synth-tiny", "--start", "harness"], "--start harness: an embedded option"),
     (["--arch", "topk", "--target-l0", "16"], "--target-l0 16.0: a positive L0 target for --arch jumprelu"),
     (["--arch", "jumprelu", "--target-l0", "0"], "--target-l0 0.0: a positive L0 target for --arch jumprelu"),
+    (["--arch", "jumprelu", "--target-l0", "nan"], "--target-l0 nan: a positive L0 target for --arch jumprelu"),
+    (["--arch", "jumprelu", "--target-l0", "16", "--reference-l0-coefficient", "3"], "--target-l0 trains both"),
 ])
 def test_what_the_peer_check_cannot_do_is_refused_in_one_line(args, message):
     result = peers_cli(*args)
