@@ -56,7 +56,7 @@ import frontier
 import kernels
 from notebook import append_notes, changed_setting, check_notes, notes_entry, study_header
 from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_runs_root, check_writable,
-                  code_without_prose, convergence, load_checkpoint, newest, provenance, read_json, read_json_lines,
+                  code_as_imported, convergence, load_checkpoint, newest, provenance, read_json, read_json_lines,
                   record_gradient_shares, run_index, runs_root, save_checkpoint, save_trained, term_gradients)
 from sources import cached_activations, eval_contexts_needed, harvest, larger_cache_prefix, load_model, load_tokens
 
@@ -631,11 +631,11 @@ class Plugin:
         return study_header(title, description)
 
     def source_hash(self) -> str:
-        """sha256 over the code of this plugin's file and of every plugin file it builds on: their
-        syntax trees without docstrings (comments are not in them), so editing prose reuses runs."""
+        """sha256 over the code of this plugin's file and every plugin file it builds on, as this process
+        imported them (not an edit since): syntax trees without docstrings, so editing prose reuses runs."""
         digest, plugin = hashlib.sha256(), self
         while plugin is not None:
-            digest.update(code_without_prose(plugin.path.read_text()).encode())
+            digest.update(code_as_imported(plugin.module, plugin.path).encode())
             plugin = find_plugin(plugin.parent) if plugin.parent else None
         return digest.hexdigest()
 
@@ -668,14 +668,13 @@ def find_plugin(name: str) -> Plugin:
     except SyntaxError as exc:
         raise HarnessError(f"plugin {files[key]} has a syntax error at {exc.filename}:{exc.lineno}: {exc.msg}") from exc
     except Exception as exc:
-        tb = exc.__traceback__
-        while tb.tb_next is not None:
-            tb = tb.tb_next
-        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        where = f"{last.filename}:{last.lineno}"
         raise HarnessError(f"plugin {files[key]} failed to import at {where}: {type(exc).__name__}: {exc}") from exc
     plugin = Plugin(stem, study, run_number(files[key]), files[key], module)
     if not issubclass(plugin.sae_class, SAE):
         raise HarnessError(f"plugin {files[key]}: SAE must subclass experiment.SAE")
+    plugin.source_hash()  # its code and its parents', read now, as imported
     return plugin
 
 

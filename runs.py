@@ -299,6 +299,14 @@ def code_without_prose(source: str) -> str:
     return ast.dump(tree, include_attributes=False)
 
 
+def code_as_imported(module, path: Path) -> str:
+    """A plugin module's code without prose, read when this process first asked (right after importing
+    it): the code its runs run, whatever the file holds later."""
+    if not hasattr(module, "_harness_code"):
+        module._harness_code = code_without_prose(path.read_text())
+    return module._harness_code
+
+
 def provenance(config: dict, plugin: str, source_sha256: str, device: torch.device, wall_time: float) -> dict:
     """What a run ran on and with: its config, plugin and source hash, commit, packages, device."""
     def git(*args):

@@ -4,6 +4,7 @@ again trains nothing, and after a kill finishes the rest."""
 
 import dataclasses
 import json
+import sys
 
 import pytest
 from helpers import cli
@@ -212,14 +213,30 @@ class Hyperparams(parent.Hyperparams):
 '''
 
 
+def imported_afresh(name: str) -> experiment.Plugin:
+    """The scratch plugin as a new process finds it (this one keeps what it imported)."""
+    sys.modules.pop(f"plugins.scratch_test_study.{name}", None)
+    return experiment.find_plugin(f"scratch_test_study/{name}")
+
+
 def test_a_plugins_identity_is_its_code_not_its_prose(scratch_study):
     path = scratch_study / "run_1_scratch.py"
     path.write_text(PLUGIN.format(title="first words", weight=0.5, comment="why"))
-    first = experiment.find_plugin("scratch_test_study/run_1_scratch").source_hash()
+    first = imported_afresh("run_1_scratch").source_hash()
     path.write_text(PLUGIN.format(title="other words, a measurement: 0.123", weight=0.5, comment="another why"))
-    assert experiment.find_plugin("scratch_test_study/run_1_scratch").source_hash() == first
+    assert imported_afresh("run_1_scratch").source_hash() == first
     path.write_text(PLUGIN.format(title="first words", weight=0.25, comment="why"))
-    assert experiment.find_plugin("scratch_test_study/run_1_scratch").source_hash() != first
+    assert imported_afresh("run_1_scratch").source_hash() != first
+
+
+def test_a_plugin_edited_after_its_import_keeps_the_identity_of_the_code_this_process_runs(scratch_study):
+    path = scratch_study / "run_1_scratch.py"
+    path.write_text(PLUGIN.format(title="first words", weight=0.5, comment="why"))
+    plugin = imported_afresh("run_1_scratch")
+    first = plugin.source_hash()
+    path.write_text(PLUGIN.format(title="first words", weight=0.25, comment="why"))  # edited mid-study
+    again = experiment.find_plugin("scratch_test_study/run_1_scratch")
+    assert again.hyperparams_class().weight == 0.5 and again.source_hash() == first == plugin.source_hash()
 
 
 @pytest.mark.e2e
@@ -230,9 +247,11 @@ def test_study_reuses_a_run_whose_plugin_docstring_changed_and_retrains_one_whos
     path.write_text(PLUGIN.format(title="first words", weight=0.5, comment="why"))
     assert cli(*args).exit_code == 0
     path.write_text(PLUGIN.format(title="new words", weight=0.5, comment="why"))
+    imported_afresh("run_1_scratch")  # each command below as a new process runs it
     reused = cli(*args)
     assert reused.exit_code == 0 and "run_1_scratch: reused" in reused.output
     path.write_text(PLUGIN.format(title="new words", weight=0.25, comment="why"))
+    imported_afresh("run_1_scratch")
     retrained = cli(*args)
     assert retrained.exit_code == 0 and "run_1_scratch: trained" in retrained.output
 
