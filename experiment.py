@@ -859,7 +859,8 @@ def finish(info: dict, run_dir: Path, plugin: Plugin, notes: Path, cfg: RunConfi
 def judged(info: dict, index: list, plugin: Plugin, run_dir: Path) -> dict[str, Any]:
     """The run's verdicts against each baseline swept on its activations (frontier.verdicts)."""
     knob_of = lambda name: find_plugin(f"baseline/{name}").sae_class.sparsity_knob  # noqa: E731
-    return frontier.verdicts(info, index, plugin.name, knob_of, run_dir, evals.score_of)
+    defaults_of = lambda name: dataclasses.asdict(find_plugin(f"baseline/{name}").hyperparams_class())  # noqa: E731
+    return frontier.verdicts(info, index, plugin.name, knob_of, run_dir, evals.score_of, defaults_of)
 
 
 def parent_info(index: list, plugin: Plugin, info: dict) -> dict | None:

@@ -424,12 +424,15 @@ def bootstrap_se(per_batch: Sequence[float] | np.ndarray, statistic: Callable[[n
 # A run's verdicts: against each baseline swept on the same activations.
 
 def verdicts(info: dict, index: Index, plugin_name: str, knob_of: Callable[[str], str],
-             run_dir: Path | None = None, score_of: Callable | None = None) -> dict[str, Any]:
+             run_dir: Path | None = None, score_of: Callable | None = None,
+             defaults_of: Callable[[str], dict] | None = None) -> dict[str, Any]:
     """The run, pooled with its other seeds (`seeds_of`), against each baseline architecture swept
     on the same activations, at its L0: {baseline plugin: {metric: Δ, uncertainty, word, seeds,
     pairing, convergence}}. knob_of(baseline plugin) names the setting its architecture moves L0
     with (HarnessError where its plugin is gone); run_dir is the run's folder (its per-context rows
-    and train log), None for a run judged from its final_info alone; score_of as `verdict`'s."""
+    and train log), None for a run judged from its final_info alone; score_of as `verdict`'s;
+    defaults_of(baseline plugin): its hyperparameters' defaults, where only runs at them (the knob
+    aside) are its sweep."""
     sweeps: dict[str, list[tuple[Path, dict]]] = {}
     for folder, who, other in index:
         if (who["study"] == "baseline" and other.get("status") == "completed" and other.get("metrics")
@@ -443,14 +446,18 @@ def verdicts(info: dict, index: Index, plugin_name: str, knob_of: Callable[[str]
     for name, runs in sorted(sweeps.items()):
         if name == plugin_name:
             continue
-        if not (runs := [(folder, other) for folder, other in runs if _trained_alike(other, info)]):
-            found[name] = dict(not_judged=f"none of its runs was trained at this run's {', '.join(MATCHED_SETTINGS)}")
-            continue
         try:
-            knob = swept_knob([other for _, other in runs], knob_of(name))
+            own_knob = knob_of(name)
+            at_defaults = _at_defaults(defaults_of(name), own_knob) if defaults_of else lambda other: True
         except HarnessError as exc:  # the baseline's plugin file is gone or broken: its knob is unknown
             found[name] = dict(not_judged=str(exc))
             continue
+        if not (runs := [(folder, other) for folder, other in runs
+                         if _trained_alike(other, info) and at_defaults(other)]):
+            found[name] = dict(not_judged=f"none of its runs was trained at this run's {', '.join(MATCHED_SETTINGS)}"
+                                          + (" and its plugin's defaults" if defaults_of else ""))
+            continue
+        knob = swept_knob([other for _, other in runs], own_knob)
         if knob is None:
             found[name] = dict(not_judged="its runs vary more than one setting: no frontier of one knob")
             continue
@@ -485,6 +492,18 @@ def _without_seed(config: dict) -> str:
     return json.dumps({k: v for k, v in config.items() if k not in ("seed", "device")}, sort_keys=True, default=str)
 
 
+def _at_defaults(defaults: dict, knob: str) -> Callable[[dict], bool]:
+    """Whether a baseline run's hyperparameters, its knob aside, are its plugin's defaults (one saved
+    before a hyperparameter existed has it at its default): a stray run at another setting on the
+    same activations (a calibration, another objective) must not take its sweep's frontier away."""
+    wanted = {name: json.dumps(value) for name, value in defaults.items() if name != knob}
+
+    def at(info: dict) -> bool:
+        saved = info.get("provenance", {}).get("config", {}).get("hyperparams", {})
+        return all(json.dumps(saved.get(name, json.loads(value))) == value for name, value in wanted.items())
+    return at
+
+
 def _trained_alike(baseline: dict, run: dict) -> bool:
     """Whether a baseline run shares the judged run's MATCHED_SETTINGS (runs saved without their
     config are not told apart)."""
@@ -513,11 +532,14 @@ def _same_setting(parent: dict, run: dict, hyperparams: dict | None) -> bool:
 
 
 def swept_knob(infos: list[dict], default: str) -> str | None:
-    """The one run setting or hyperparameter that varies across a baseline's runs (the seed aside);
+    """The one run setting or hyperparameter that varies across a baseline's runs (the seed aside; a
+    hyperparameter some runs were saved without, from before it existed, varies only among the rest);
     the architecture's own knob where none does; None where several do (no frontier of one knob)."""
     configs = [other["provenance"]["config"] for other in infos]
-    values = lambda key: {json.dumps(c.get(key, c["hyperparams"].get(key))) for c in configs}  # noqa: E731
-    varying = [k for k in (*SWEEPABLE, *configs[0]["hyperparams"]) if len(values(k)) > 1]
+    values = lambda key: {json.dumps(c[key] if key in c else c["hyperparams"][key])  # noqa: E731
+                          for c in configs if key in c or key in c["hyperparams"]}
+    varying = [k for k in dict.fromkeys((*SWEEPABLE, *(k for c in configs for k in c["hyperparams"])))
+               if len(values(k)) > 1]
     return varying[0] if len(varying) == 1 else default if not varying else None
 
 

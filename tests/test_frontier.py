@@ -336,6 +336,27 @@ def test_a_baseline_run_trained_at_another_lr_on_the_same_activations_leaves_its
         "not_judged": "none of its runs was trained at this run's dict_size, batch_size, lr, warmup_steps"}
 
 
+def test_a_baseline_run_at_another_of_its_plugins_settings_leaves_its_sweep_judged():
+    def jumprelu(l0, coefficient, ce, **other):
+        info = final_info(l0=l0, ce=ce)
+        info["provenance"]["config"]["hyperparams"] = {"l0_coefficient": coefficient, **other}
+        return indexed(info, "run_0_jumprelu")
+    run = {**final_info(l0=math.sqrt(1000), ce=0.95), "activation_cache": "acts-1"}
+    sweep = [jumprelu(100, 0.01, 0.9), jumprelu(10, 0.1, 0.5, target_l0=0.0)]  # the first saved before target_l0
+    stray = jumprelu(32, 100.0, 0.99, target_l0=32.0)  # another objective, on the same activations
+    defaults = {"l0_coefficient": 1.0, "target_l0": 0.0, "bandwidth": 0.05}
+    found = frontier.verdicts(run, [*sweep, stray], "run_1_mine", lambda plugin: "l0_coefficient",
+                              defaults_of=lambda plugin: defaults)
+    assert found["run_0_jumprelu"].get("points") == 2, found
+    assert found["run_0_jumprelu"]["knob"] == "l0_coefficient"
+    assert found["run_0_jumprelu"]["metrics"]["ce_loss_score"]["baseline"] == pytest.approx(0.7)
+    unfiltered = frontier.verdicts(run, [*sweep, stray], "run_1_mine", lambda plugin: "l0_coefficient")
+    assert unfiltered["run_0_jumprelu"] == {"not_judged": "its runs vary more than one setting: no frontier of one knob"}
+    alone = frontier.verdicts(run, [stray], "run_1_mine", lambda plugin: "l0_coefficient",
+                              defaults_of=lambda plugin: defaults)
+    assert alone["run_0_jumprelu"]["not_judged"].endswith("and its plugin's defaults")
+
+
 def test_the_swept_knob_is_the_one_setting_that_varies_besides_the_seed():
     infos = [final_info(penalty=p) for p in (0.1, 0.2)]
     infos[1]["provenance"]["config"]["seed"] = 3
