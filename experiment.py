@@ -37,7 +37,6 @@ import signal
 import sys
 import time
 import traceback
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +55,9 @@ import frontier
 import kernels
 from notebook import append_notes, changed_setting, check_notes, notes_entry, study_header
 from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_runs_root, check_writable,
-                  code_as_imported, convergence, load_checkpoint, newest, provenance, read_json, read_json_lines,
-                  record_gradient_shares, run_index, runs_root, save_checkpoint, save_trained, term_gradients)
+                  convergence, load_checkpoint, newest, parent_module, plugin_source_sha256, provenance, read_json,
+                  read_json_lines, record_gradient_shares, run_index, runs_root, save_checkpoint, save_trained,
+                  term_gradients)
 from sources import cached_activations, eval_contexts_needed, harvest, larger_cache_prefix, load_model, load_tokens
 
 # Run as a script, this file is `__main__`; plugins import `experiment`: make that the same module.
@@ -611,10 +611,8 @@ class Plugin:
     @property
     def parent(self) -> str | None:
         """The run this one builds on: the plugin module it imports as `parent`."""
-        parent = getattr(self.module, "parent", None)
-        if isinstance(parent, types.ModuleType) and parent.__name__.startswith("plugins."):
-            return parent.__name__.rsplit(".", 1)[-1]
-        return None
+        parent = parent_module(self.module)
+        return parent.__name__.rsplit(".", 1)[-1] if parent else None
 
     def identity(self) -> dict[str, Any]:
         """What a reader of the run folder needs to know of the plugin (final_info.json's `run`)."""
@@ -633,11 +631,7 @@ class Plugin:
     def source_hash(self) -> str:
         """sha256 over the code of this plugin's file and every plugin file it builds on, as this process
         imported them (not an edit since): syntax trees without docstrings, so editing prose reuses runs."""
-        digest, plugin = hashlib.sha256(), self
-        while plugin is not None:
-            digest.update(code_as_imported(plugin.module, plugin.path).encode())
-            plugin = find_plugin(plugin.parent) if plugin.parent else None
-        return digest.hexdigest()
+        return plugin_source_sha256(self.module)
 
 
 def run_number(path: Path) -> int:

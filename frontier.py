@@ -496,11 +496,12 @@ def _at_defaults(defaults: dict, knob: str) -> Callable[[dict], bool]:
     """Whether a baseline run's hyperparameters, its knob aside, are its plugin's defaults (one saved
     before a hyperparameter existed has it at its default): a stray run at another setting on the
     same activations (a calibration, another objective) must not take its sweep's frontier away."""
-    wanted = {name: json.dumps(value) for name, value in defaults.items() if name != knob}
+    plain = lambda value: json.loads(json.dumps(value, default=str))  # noqa: E731 (as saved: tuples are lists)
+    wanted = {name: plain(value) for name, value in defaults.items() if name != knob}
 
     def at(info: dict) -> bool:
         saved = info.get("provenance", {}).get("config", {}).get("hyperparams", {})
-        return all(json.dumps(saved.get(name, json.loads(value))) == value for name, value in wanted.items())
+        return all(plain(saved.get(name, value)) == value for name, value in wanted.items())
     return at
 
 

@@ -25,6 +25,7 @@ import json
 import ast
 import collections
 import functools
+import hashlib
 import os
 import re
 import subprocess
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import types
 from dataclasses import dataclass
 from typing import Any
 from pathlib import Path
@@ -299,12 +301,23 @@ def code_without_prose(source: str) -> str:
     return ast.dump(tree, include_attributes=False)
 
 
-def code_as_imported(module, path: Path) -> str:
-    """A plugin module's code without prose, read when this process first asked (right after importing
-    it): the code its runs run, whatever the file holds later."""
-    if not hasattr(module, "_harness_code"):
-        module._harness_code = code_without_prose(path.read_text())
-    return module._harness_code
+def parent_module(module: types.ModuleType) -> types.ModuleType | None:
+    """The plugin module a plugin module imports as `parent` (the run it builds on), if any."""
+    parent = getattr(module, "parent", None)
+    return parent if isinstance(parent, types.ModuleType) and parent.__name__.startswith("plugins.") else None
+
+
+def plugin_source_sha256(module: types.ModuleType) -> str:
+    """sha256 over a plugin module's code and every parent's (parent_module), each without prose
+    (code_without_prose) and read once, when this process first asked (find_plugin asks right after
+    importing it): the code its runs run, whatever the files hold later."""
+    digest = hashlib.sha256()
+    while module is not None:
+        if not hasattr(module, "_harness_code"):
+            module._harness_code = code_without_prose(Path(module.__file__).read_text())
+        digest.update(module._harness_code.encode())
+        module = parent_module(module)
+    return digest.hexdigest()
 
 
 def provenance(config: dict, plugin: str, source_sha256: str, device: torch.device, wall_time: float) -> dict:

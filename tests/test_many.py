@@ -214,8 +214,9 @@ class Hyperparams(parent.Hyperparams):
 
 
 def imported_afresh(name: str) -> experiment.Plugin:
-    """The scratch plugin as a new process finds it (this one keeps what it imported)."""
-    sys.modules.pop(f"plugins.scratch_test_study.{name}", None)
+    """A scratch plugin as a new process finds it (this one keeps what it imported)."""
+    for module in [m for m in sys.modules if m.startswith("plugins.scratch_test_study")]:
+        del sys.modules[module]
     return experiment.find_plugin(f"scratch_test_study/{name}")
 
 
@@ -229,14 +230,30 @@ def test_a_plugins_identity_is_its_code_not_its_prose(scratch_study):
     assert imported_afresh("run_1_scratch").source_hash() != first
 
 
-def test_a_plugin_edited_after_its_import_keeps_the_identity_of_the_code_this_process_runs(scratch_study):
-    path = scratch_study / "run_1_scratch.py"
-    path.write_text(PLUGIN.format(title="first words", weight=0.5, comment="why"))
-    plugin = imported_afresh("run_1_scratch")
-    first = plugin.source_hash()
-    path.write_text(PLUGIN.format(title="first words", weight=0.25, comment="why"))  # edited mid-study
-    again = experiment.find_plugin("scratch_test_study/run_1_scratch")
-    assert again.hyperparams_class().weight == 0.5 and again.source_hash() == first == plugin.source_hash()
+CHILD = '''"""A scratch run on run_1_scratch."""
+
+from plugins.scratch_test_study import run_1_scratch as parent
+
+
+class Hyperparams(parent.Hyperparams):
+    pass
+'''
+
+
+def test_a_plugin_whose_parent_is_edited_after_its_import_keeps_the_identity_of_the_code_it_runs(scratch_study):
+    parent, original = scratch_study / "run_1_scratch.py", PLUGIN.format(title="first words", weight=0.5, comment="why")
+    parent.write_text(original)
+    (scratch_study / "run_2_child.py").write_text(CHILD)
+    child = imported_afresh("run_2_child")  # and its parent with it
+    parent.write_text(PLUGIN.format(title="first words", weight=0.25, comment="why"))  # edited mid-study
+    found_since = experiment.find_plugin("scratch_test_study/run_2_child")
+    hashes = child.source_hash(), found_since.source_hash(), experiment.find_plugin("run_1_scratch").source_hash()
+    assert found_since.hyperparams_class().weight == 0.5  # what this process runs
+    parent.write_text(original)
+    assert hashes == (imported_afresh("run_2_child").source_hash(),) * 2 + (
+        experiment.find_plugin("run_1_scratch").source_hash(),)
+    parent.write_text(PLUGIN.format(title="first words", weight=0.25, comment="why"))
+    assert imported_afresh("run_2_child").source_hash() != hashes[0]  # a new process: the edit
 
 
 @pytest.mark.e2e
