@@ -462,8 +462,8 @@ def verdicts(info: dict, index: Index, plugin_name: str, knob_of: Callable[[str]
             found[name] = dict(not_judged="its runs vary more than one setting: no frontier of one knob")
             continue
         records = [_record(other, knob, folder) for folder, other in runs]
-        found[name] = dict(knob=knob, points=len(runs), metrics=verdict(run, build_frontiers(records),
-                                                                            rows_of=rows_of, score_of=score_of))
+        found[name] = dict(knob=knob, points=len(runs), swept=list(dict.fromkeys(r["knob"][1] for r in records)),
+                           metrics=verdict(run, build_frontiers(records), rows_of=rows_of, score_of=score_of))
     return found
 
 

@@ -245,7 +245,7 @@ def cover(rows: list[dict], preset: str, overrides: dict[str, Any], seeds: int, 
     (`rows` are judged again after each round)."""
     added: list[dict] = []
     tried: set[tuple[str, str]] = set()  # a value whose runs failed is not asked for again
-    while wanted := {name: (knob, new) for name, (knob, values) in widening(rows, run_index(runs_root), cap).items()
+    while wanted := {name: (knob, new) for name, (knob, values) in widening(rows, cap).items()
                      if (new := [v for v in values if (name, json.dumps(v)) not in tried])}:
         for name, (knob, values) in wanted.items():
             tried.update((name, json.dumps(v)) for v in values)
@@ -257,12 +257,12 @@ def cover(rows: list[dict], preset: str, overrides: dict[str, Any], seeds: int, 
     return added
 
 
-def widening(rows: list[dict], index, cap: int) -> dict[str, tuple[str, list]]:
+def widening(rows: list[dict], cap: int) -> dict[str, tuple[str, list]]:
     """{baseline: (knob, values to add)}: per baseline whose sweep leaves a study run of `rows`
     outside (on any metric: the suggestion depends on L0 alone), the knob value suggested for the
-    lowest-L0 run below it and for the highest above it, where not swept yet, while its sweep holds
-    fewer than `cap` knob values."""
-    ends: dict[str, dict] = {}  # baseline -> {"knob", "cache", "below": (L0, value), "above": (L0, value)}
+    lowest-L0 run below it and for the highest above it, where not swept yet, while its sweep (the
+    knob values its verdicts were judged on) holds fewer than `cap` knob values."""
+    ends: dict[str, dict] = {}  # baseline -> {"knob", "swept", "below": (L0, value), "above": (L0, value)}
     for row in rows:
         l0 = headline(row["info"], "L0")
         if row["info"].get("run", {}).get("study") == "baseline" or l0 is None:
@@ -270,17 +270,16 @@ def widening(rows: list[dict], index, cap: int) -> dict[str, tuple[str, list]]:
         for name, found in row["info"].get("verdict", {}).items():
             suggest = next((m["suggest"] for m in found.get("metrics", {}).values() if m.get("suggest")), None)
             if suggest and suggest["value"] is not None:
-                end = ends.setdefault(name, {"knob": found["knob"], "cache": row["info"].get("activation_cache")})
+                end = ends.setdefault(name, {"knob": found["knob"], "swept": set()})
+                end["swept"].update(json.dumps(value) for value in found.get("swept", []))
                 kept = end.get(suggest["side"])
                 if kept is None or (l0 < kept[0] if suggest["side"] == "below" else l0 > kept[0]):
                     end[suggest["side"]] = (l0, suggest["value"])
     wanted = {}
     for name, end in ends.items():
-        swept = {json.dumps(frontier.record_from_final_info(info, end["knob"])["knob"][1]) for _, who, info in index
-                 if who["study"] == "baseline" and who["plugin"] == name and info.get("status") == "completed"
-                 and info.get("activation_cache") == end["cache"]}
+        room = max(0, cap - len(end["swept"]))
         new = sorted({end[side][1] for side in ("below", "above")
-                      if side in end and json.dumps(end[side][1]) not in swept})[: max(0, cap - len(swept))]
+                      if side in end and json.dumps(end[side][1]) not in end["swept"]})[:room]
         if new:
             wanted[name] = (end["knob"], new)
     return wanted

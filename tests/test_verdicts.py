@@ -196,28 +196,36 @@ def test_a_runs_other_seeds_are_its_runs_of_the_same_code_and_config_on_the_same
 
 # ---- coverage ------------------------------------------------------------------------------------------
 
-def outside_row(l0, value, side, study="s", metric="ce_loss_score"):
+def outside_row(l0, value, side, study="s", metric="ce_loss_score", swept=(16, 64)):
+    """A run's row whose verdict against run_0_topk, judged on its sweep's knob values `swept`, is outside."""
     suggest = {"knob": "k", "value": value, "side": side, "text": "add"}
     return {"label": f"L0 {l0}", "info": {"run": {"study": study}, "activation_cache": "acts",
                                           "metrics": {"sparsity": {"l0": l0}},
-                                          "verdict": {"run_0_topk": {"knob": "k", "metrics": {
+                                          "verdict": {"run_0_topk": {"knob": "k", "swept": list(swept), "metrics": {
                                               metric: {"word": frontier.OUTSIDE, "suggest": suggest}}}}}}
-
-
-def swept(*ks):
-    return [(Path(f"k{k}"), {"study": "baseline", "plugin": "run_0_topk"},
-             {"status": "completed", "activation_cache": "acts", "metrics": {"sparsity": {"l0": k}},
-              "provenance": {"seed": 1, "config": {"hyperparams": {"k": k}}}}) for k in ks]
 
 
 def test_widening_asks_for_the_knob_of_the_furthest_run_on_each_side_up_to_the_cap():
     """On whatever metrics the runs are judged: a synthetic run's MCC as a language-model run's CE-loss score."""
     rows = [outside_row(400, 500, "above"), outside_row(600, 750, "above"), outside_row(4, 3, "below", metric="mcc"),
             outside_row(2, 99, "above", study="baseline")]  # a baseline's own row is not the study's to cover
-    assert studies.widening(rows, swept(16, 64), cap=6) == {"run_0_topk": ("k", [3, 750])}
-    assert studies.widening(rows, swept(16, 64), cap=3) == {"run_0_topk": ("k", [3])}
-    assert studies.widening(rows, swept(16, 64, 750), cap=6) == {"run_0_topk": ("k", [3])}  # already swept
-    assert studies.widening(rows, swept(16, 64), cap=1) == {}
+    assert studies.widening(rows, cap=6) == {"run_0_topk": ("k", [3, 750])}
+    assert studies.widening(rows, cap=3) == {"run_0_topk": ("k", [3])}
+    assert studies.widening(rows, cap=1) == {}
+    rows[1] = outside_row(600, 750, "above", swept=(16, 64, 750))  # judged on a sweep that has it already
+    assert studies.widening(rows, cap=6) == {"run_0_topk": ("k", [3])}
+
+
+def test_a_verdict_names_the_knob_values_its_baseline_sweep_was_judged_on():
+    run = {"status": "completed", "activation_cache": "acts", "metrics": {"sparsity": {"l0": 40}},
+           "provenance": {"seed": 1, "config": {"sparsity_penalty": 0.2, "hyperparams": {}}}}
+    sweep = [(Path(f"k{k}"), {"study": "baseline", "plugin": "run_0_topk"},
+              {"status": "completed", "activation_cache": "acts", "metrics": {"sparsity": {"l0": k}},
+               "provenance": {"seed": 1, "config": {"hyperparams": {"k": k, **extra}}}})
+             for k, extra in ((16, {}), (64, {}), (750, {"aux_loss_coefficient": 0.0}))]  # the last: a stray
+    found = frontier.verdicts(run, sweep, "run_1_mine", lambda plugin: "k",
+                              defaults_of=lambda plugin: {"k": 32, "aux_loss_coefficient": 1 / 32})
+    assert found["run_0_topk"]["swept"] == [16, 64]
 
 
 def test_a_study_on_a_preset_with_measured_baseline_sweeps_runs_those_first_at_two_seeds_or_more(tmp_path,
