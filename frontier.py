@@ -496,13 +496,17 @@ def _at_defaults(defaults: dict, knob: str) -> Callable[[dict], bool]:
     """Whether a baseline run's hyperparameters, its knob aside, are its plugin's defaults (one saved
     before a hyperparameter existed has it at its default): a stray run at another setting on the
     same activations (a calibration, another objective) must not take its sweep's frontier away."""
-    plain = lambda value: json.loads(json.dumps(value, default=str))  # noqa: E731 (as saved: tuples are lists)
-    wanted = {name: plain(value) for name, value in defaults.items() if name != knob}
+    wanted = {name: _as_saved(value) for name, value in defaults.items() if name != knob}
 
     def at(info: dict) -> bool:
         saved = info.get("provenance", {}).get("config", {}).get("hyperparams", {})
-        return all(plain(saved.get(name, value)) == value for name, value in wanted.items())
+        return all(_as_saved(saved.get(name, value)) == value for name, value in wanted.items())
     return at
+
+
+def _as_saved(value: Any) -> Any:
+    """A value as final_info.json holds it (tuples as lists, anything else JSON lacks as its str)."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def _trained_alike(baseline: dict, run: dict) -> bool:
@@ -527,9 +531,8 @@ def _same_setting(parent: dict, run: dict, hyperparams: dict | None) -> bool:
     if not (mine and theirs):
         return True
     apart = {"seed", "device", "plugin", "evals", "log_every", "checkpoint_every", "hyperparams"}
-    plain = lambda x: json.loads(json.dumps(x, default=str))  # noqa: E731 (as final_info.json holds them)
     return (all(mine.get(k) == theirs.get(k) for k in (mine.keys() | theirs.keys()) - apart)
-            and (hyperparams is None or plain(theirs.get("hyperparams")) == plain(hyperparams)))
+            and (hyperparams is None or _as_saved(theirs.get("hyperparams")) == _as_saved(hyperparams)))
 
 
 def swept_knob(infos: list[dict], default: str) -> str | None:
