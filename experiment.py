@@ -55,7 +55,7 @@ import frontier
 import kernels
 from notebook import append_notes, changed_setting, check_notes, notes_entry, study_header
 from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_runs_root, check_writable,
-                  convergence, load_checkpoint, newest, parent_module, plugin_source_sha256, provenance, read_json,
+                  check_resumable, convergence, load_checkpoint, newest, parent_module, plugin_source_sha256, provenance, read_json,
                   read_json_lines, record_gradient_shares, run_index, runs_root, save_checkpoint, save_trained,
                   term_gradients)
 from sources import cached_activations, eval_contexts_needed, harvest, larger_cache_prefix, load_model, load_tokens
@@ -461,13 +461,13 @@ class _LossModule(torch.nn.Module):
         return self.sae.loss(x, step)
 
 
-def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_dir: Path,
-          progress, device: torch.device, resume: bool = False, rank: int = 0, world: int = 1) -> dict[str, Any]:
+def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_dir: Path, progress,
+          device: torch.device, source: str, resume: bool = False, rank: int = 0, world: int = 1) -> dict[str, Any]:
     """Run cfg.steps optimizer steps over a seeded permutation of the cached activations,
     logging every cfg.log_every steps to train_log.jsonl and checkpointing every
     cfg.checkpoint_every steps, at the last step (an interrupted evaluation resumes there) and on
-    Ctrl-C. Under torchrun each rank takes its shard of
-    every batch and only rank 0 writes. Returns the final loss terms."""
+    Ctrl-C, each checkpoint with `source`, the plugin's code hash. Under torchrun each rank takes its
+    shard of every batch and only rank 0 writes. Returns the final loss terms."""
     leader, shard = rank == 0, cfg.batch_size // world
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))
     fired_at = torch.full((cfg.dict_size,), -1, dtype=torch.long, device=device)
@@ -489,7 +489,7 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
                 if interrupted or (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                     log.read_back(step + 1)  # every rank: never checkpoint a step not known to be finite
                     if leader:
-                        save_checkpoint(run_dir, step, sae, trainer, fired_at, log.final)
+                        save_checkpoint(run_dir, step, sae, trainer, fired_at, log.final, source)
                 if interrupted:
                     raise Interrupted(f"interrupted after step {step}")
             log.read_back(cfg.steps)
@@ -716,7 +716,9 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: 
         raise HarnessError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes")
     kernels.configure_kernels(cfg, device)
     kernels.take_thread_share()
-    if not resume and rank == 0:
+    if rank == 0 and resume:
+        check_resumable(run_dir, plugin.source_hash())
+    elif rank == 0:
         check_writable(run_dir)
     model = checked_model(cfg, device, model_loader, loaded_models)
     sae, data, info = train_run(cfg, plugin, hp, model, run_dir, device, resume, rank, world, dataset_loader, started)
@@ -810,7 +812,8 @@ def train_run(cfg: RunConfig, plugin: Plugin, hp, model, run_dir: Path, device: 
                                     dict_size=cfg.dict_size, learning_rate=cfg.lr,
                                     sparsity_penalty=cfg.sparsity_penalty)
         try:
-            final_terms = train(sae, trainer, data, cfg, run_dir, progress, device, resume, rank, world)
+            final_terms = train(sae, trainer, data, cfg, run_dir, progress, device, plugin.source_hash(), resume, rank,
+                                world)
         except NonFiniteLoss as exc:
             if rank == 0:
                 mark_failed(info, run_dir, cfg, plugin, device, started, error=f"non-finite loss: {exc}")

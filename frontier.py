@@ -448,12 +448,12 @@ def verdicts(info: dict, index: Index, plugin_name: str, knob_of: Callable[[str]
             continue
         try:
             own_knob = knob_of(name)
-            at_defaults = _at_defaults(defaults_of(name), own_knob) if defaults_of else lambda other: True
+            at_its_defaults = at_defaults(defaults_of(name), own_knob) if defaults_of else lambda other: True
         except HarnessError as exc:  # the baseline's plugin file is gone or broken: its knob is unknown
             found[name] = dict(not_judged=str(exc))
             continue
         if not (runs := [(folder, other) for folder, other in runs
-                         if _trained_alike(other, info) and at_defaults(other)]):
+                         if _trained_alike(other, info) and at_its_defaults(other)]):
             found[name] = dict(not_judged=f"none of its runs was trained at this run's {', '.join(MATCHED_SETTINGS)}"
                                           + (" and its plugin's defaults" if defaults_of else ""))
             continue
@@ -492,7 +492,7 @@ def _without_seed(config: dict) -> str:
     return json.dumps({k: v for k, v in config.items() if k not in ("seed", "device")}, sort_keys=True, default=str)
 
 
-def _at_defaults(defaults: dict, knob: str) -> Callable[[dict], bool]:
+def at_defaults(defaults: dict, knob: str) -> Callable[[dict], bool]:
     """Whether a baseline run's hyperparameters, its knob aside, are its plugin's defaults (one saved
     before a hyperparameter existed has it at its default): a stray run at another setting on the
     same activations (a calibration, another objective) must not take its sweep's frontier away."""

@@ -21,6 +21,7 @@ README, the comparison table, and the CLI.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -45,7 +46,7 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
-from frontier import matched  # noqa: E402
+from frontier import at_defaults, matched  # noqa: E402
 from runs import Index, Run, identify, newest, read_json, read_run, run_index  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -60,7 +61,24 @@ PALETTE = ["#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8
 def select_runs(runs_dir: Path, study: str | None = None, picks: Iterable[Path] = ()) -> dict[str, list[Run]]:
     """study -> its plugins' runs in run-number order: each plugin's latest finished run folder
     under runs_dir, or the folder picked for it."""
-    return choose_runs(run_index(runs_dir), runs_dir, study, picks)
+    return choose_runs(sweep_index(runs_dir), runs_dir, study, picks)
+
+
+def sweep_index(runs_dir: Path) -> Index:
+    """The run index without the baseline runs outside their sweeps (a calibration or another
+    objective on the same activations), as the verdicts count them: runs at their plugin's
+    defaults but for its knob (frontier.at_defaults). A baseline whose plugin is gone keeps its runs."""
+    from experiment import find_plugin  # here: the baselines' code holds their knobs and defaults
+
+    index, member = run_index(runs_dir), {}
+    for name in {who["plugin"] for _, who, _ in index if who["study"] == "baseline"}:
+        try:
+            plugin = find_plugin(f"baseline/{name}")
+        except HarnessError:
+            continue
+        member[name] = at_defaults(dataclasses.asdict(plugin.hyperparams_class()), plugin.sae_class.sparsity_knob)
+    return [(folder, who, info) for folder, who, info in index
+            if who["study"] != "baseline" or who["plugin"] not in member or member[who["plugin"]](info)]
 
 
 def choose_runs(index: Index, runs_dir: Path, study: str | None, picks: Iterable[Path]) -> dict[str, list[Run]]:
@@ -704,7 +722,7 @@ def study_figures(runs: list[Run], everything: list[Run] = ()) -> Figures:
 def plot_all(runs_dir: Path, out: Path, study: str | None = None, picks: Iterable[Path] = ()) -> dict[Path, str]:
     """Write every figure with data for the selected runs, and out/README.md; returns each PNG
     with its caption."""
-    index = run_index(runs_dir)
+    index = sweep_index(runs_dir)
     studies = choose_runs(index, runs_dir, study, picks)
     out.mkdir(parents=True, exist_ok=True)
     readme = out / "README.md"
@@ -743,7 +761,7 @@ def save(fig: Figure, path: Path) -> None:
 def sweep_figures(runs_dir: Path, out: Path, study: str, plugin: str) -> dict[Path, str]:
     """A sweep's frontier figures: every run of study/plugin under runs_dir against the baselines
     on the same activations, written to out with their captions (out/README.md)."""
-    index = run_index(runs_dir)
+    index = sweep_index(runs_dir)
     chosen = choose_runs(index, runs_dir, study, ())[study]
     runs = [r for r in chosen if r.plugin == plugin or r.study == "baseline"]
     everything = [read_run(folder) for folder, who, _ in index if who["study"] in (study, "baseline")]
@@ -773,7 +791,7 @@ def compare_table(runs_dir: Path, study: str | None = None) -> Table:
     """Runs × key metrics: each plugin's latest run, the best value per column in bold green,
     and in brackets the change against the parent plugin's latest completed run on the same
     activations."""
-    index = run_index(runs_dir)
+    index = sweep_index(runs_dir)
     studies = choose_runs(index, runs_dir, study, ())
     runs = [r for rs in studies.values() for r in rs]
     mixed = " Runs differ in setting (preset, model, layer, size or tokens): compare with care." \

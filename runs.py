@@ -342,11 +342,13 @@ def provenance(config: dict, plugin: str, source_sha256: str, device: torch.devi
 
 
 def save_checkpoint(run_dir: Path, step: int, sae, trainer, fired_at: torch.Tensor,
-                    terms: dict[str, float]) -> None:
+                    terms: dict[str, float], source_sha256: str) -> None:
     """Everything needed to continue bit for bit: weights and buffers, optimizer and scheduler,
-    the trainer's plugin state, dead-latent tracking, RNG states, the data position, and the
-    step's loss terms (the final ones, should the checkpoint fall on the last step)."""
+    the trainer's plugin state, dead-latent tracking, RNG states, the data position, the
+    step's loss terms (the final ones, should the checkpoint fall on the last step) and the hash
+    of the plugin code that trained it (a resume on other code is refused: checkpoint_source)."""
     state = dict(step=step, sae=sae.state_dict(), optimizer=trainer.optimizer.state_dict(),
+                 plugin_source_sha256=source_sha256,
                  scheduler=trainer.scheduler.state_dict(), fired_at=fired_at, terms=terms,
                  trainer={k: v for k, v in vars(trainer).items() if k not in trainer.OWN},
                  rng=torch.get_rng_state(),
@@ -368,6 +370,24 @@ def load_checkpoint(run_dir: Path, sae, trainer) -> tuple[int, torch.Tensor, dic
     if state["cuda_rng"] is not None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"] + 1, state["fired_at"], state.get("terms", {})  # older checkpoints lack terms
+
+
+def checkpoint_source(run_dir: Path) -> str | None:
+    """The plugin source hash a run's checkpoint was trained with (None: saved before it was kept),
+    read without loading the tensors."""
+    state = torch.load(run_dir / CHECKPOINT, weights_only=False, map_location="cpu", mmap=True)
+    return state.get("plugin_source_sha256")
+
+
+def check_resumable(run_dir: Path, source_sha256: str) -> None:
+    """Refuse to continue a checkpoint of other plugin code: the run would train its steps on two codes."""
+    saved = checkpoint_source(run_dir)
+    if saved is None:
+        console.print(f"[yellow]{run_dir / CHECKPOINT} predates keeping its plugin's code hash: "
+                      f"nothing checks that this resume runs the code it started with")
+    elif saved != source_sha256:
+        raise HarnessError(f"{run_dir / CHECKPOINT} was trained by other code of its plugin (source {saved[:12]}, "
+                           f"now {source_sha256[:12]}); restore that code to continue it, or start a new run")
 
 
 def check_runs_root(root: Path) -> None:

@@ -34,7 +34,7 @@ import frontier
 from frontier import SWEEPABLE
 from kernels import configure_kernels, resolve_device
 from notebook import append_notes, notes_entry, result_lines, shown_path, study_notes, sweep_notes
-from runs import CHECKPOINT, atomic_write, headline, read_json, run_index
+from runs import CHECKPOINT, atomic_write, checkpoint_source, headline, read_json, run_index
 
 
 @dataclass
@@ -80,16 +80,16 @@ def earlier_runs(runs_root: Path) -> dict[str, list[Path]]:
 
 def previous_run(job: Job, earlier: dict[str, list[Path]]) -> tuple[Path | None, str]:
     """(folder, "reused") for a completed run of this config and plugin source among the earlier
-    runs, (folder, "resumed") for one interrupted in training or evaluation or whose evaluation
-    failed (it continues from its checkpoint), else (None, "trained")."""
+    runs, (folder, "resumed") for one of them interrupted in training or evaluation or whose
+    evaluation failed (it continues from its checkpoint), else (None, "trained")."""
     source, interrupted = job.plugin.source_hash(), None
     for folder in earlier.get(comparable(dataclasses.asdict(job.cfg)), []):
         if (folder / "final_info.json").exists():
             info = read_json(folder / "final_info.json")
             if info.get("status") == "completed" and info["provenance"]["plugin_source_sha256"] == source:
                 return folder, "reused"
-        if (folder / CHECKPOINT).exists():
-            interrupted = folder
+        if (folder / CHECKPOINT).exists() and checkpoint_source(folder) in (source, None):
+            interrupted = folder  # None: a checkpoint older than its code hash, resumed with a warning
     return (interrupted, "resumed") if interrupted else (None, "trained")
 
 
@@ -201,14 +201,20 @@ def sweep_runs(plugin: Plugin, grid: list[str], seeds: int, preset: str, overrid
     asked, what finished and, once all have, the seed-to-seed spread measured there."""
     if not grid:
         raise HarnessError("--grid key=v1,v2 is required (e.g. --grid sparsity_penalty=0.05,0.1,0.2)")
-    asked = dict(plugin=f"{plugin.study}/{plugin.name}", preset=preset, grid=grid, seeds=seeds, **overrides)
-    key = hashlib.sha256(json.dumps(asked, sort_keys=True, default=list).encode()).hexdigest()[:8]
-    sweep_dir = runs_root / "sweeps" / f"{plugin.name}-{key}"
+    asked = dict(plugin=f"{plugin.study}/{plugin.name}", plugin_source_sha256=plugin.source_hash(), preset=preset,
+                 grid=grid, seeds=seeds, **overrides)
+    sweep_dir = runs_root / "sweeps" / f"{plugin.name}-{asked_key(asked)}"
     jobs = sweep_jobs(plugin, preset, grid, seeds, dict(overrides), sweep_dir)
     write_manifest(sweep_dir, asked, [])
     rows = run_jobs(jobs, notes, runs_root, remote=remote, on_done=lambda done: write_manifest(sweep_dir, asked, done))
     write_manifest(sweep_dir, asked, rows, seed_spread(rows))
     return rows, sweep_dir
+
+
+def asked_key(asked: dict) -> str:
+    """A sweep folder's name for what was asked, its plugins' code included: a run of other code or
+    settings never lands in the folder of an earlier one."""
+    return hashlib.sha256(json.dumps(asked, sort_keys=True, default=list).encode()).hexdigest()[:8]
 
 
 def seed_spread(rows: list[dict]) -> dict[str, dict]:

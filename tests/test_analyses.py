@@ -32,7 +32,7 @@ def analyse(tmp_path, *args: str):
     only = next((a.split("=", 1)[1] for a in args if a.startswith("--only=")), "")
     values = next((a.split("=", 1)[1] for a in args if a.startswith("--values=")), "")
     notes_before = notes.read_text()
-    overrides = dict(tokens=2048, dict_size=None, seed=42, device="auto", evals=("core",))  # as the command's
+    overrides = dict(tokens=2048, dict_size=None, seed=42, device="auto", evals=None)  # as the command's
     setting = analyses.Setting(study, "tiny", overrides, runs, notes, experiment.split(only), experiment.split(values))
     found = analyses.run_analyses(study, name, setting, figures)
     assert notes.read_text() == notes_before  # the same analysis of the same runs is noted once
@@ -191,7 +191,7 @@ def test_adaptive_ortho_alpha_ablation_and_condition_numbers_of_the_groups(tmp_p
     output, found = analyse(tmp_path, "adaptive_ortho", "--only=run_1_basic_ortho", "--values=0.1,1")
     alpha = found["alpha"].data
     assert set(alpha) == {("run_1_basic_ortho", 0.1), ("run_1_basic_ortho", 1.0)}
-    sweep = tmp_path / "runs" / "sweeps" / "analysis_adaptive_ortho_alpha"
+    (sweep,) = (tmp_path / "runs" / "sweeps").glob("analysis_adaptive_ortho_alpha-*")
     for value in ("0.1", "1"):
         folder = sweep / "run_1_basic_ortho" / f"alpha={value},seed=42"
         info = json.loads((folder / "final_info.json").read_text())
@@ -222,7 +222,7 @@ def test_topk_threshold_ablation_sweeps_both_tau_modes_at_the_same_settings(tmp_
     data = found["topk_threshold"].data
     assert sorted(data) == [("run_1_topk_pairs", 0.001), ("run_1_topk_pairs", 0.005),
                             ("run_2_adaptive_tau", 0.001), ("run_2_adaptive_tau", 0.005)]
-    sweep = tmp_path / "runs" / "sweeps" / "analysis_topk_ortho_topk_threshold"
+    (sweep,) = (tmp_path / "runs" / "sweeps").glob("analysis_topk_ortho_topk_threshold-*")
     for (plugin, value), numbers in data.items():
         folder = sweep / plugin / f"topk_percent={value:g},seed=42"
         config = json.loads((folder / "config.json").read_text())

@@ -21,8 +21,9 @@ import common
 import evals
 import experiment
 import frontier
-from runs import run_index
+from runs import checkpoint_source, run_index
 import sources
+import studies
 
 ROOT = Path(experiment.__file__).parent
 LONG_TINY = ["--preset", "tiny", "--plugin", "zscore_ortho/run_1_initial", "--tokens", "65536",
@@ -84,6 +85,28 @@ def test_a_run_killed_after_its_last_checkpointed_step_resumes_to_its_final_loss
     cfg, plugin = experiment.saved_config(run_dir, "--resume")
     resumed = experiment.execute(cfg, plugin, run_dir, notes, resume=True)
     assert resumed["status"] == "completed" and resumed["final_loss_terms"] == done["final_loss_terms"]
+
+
+def test_a_checkpoint_is_continued_only_by_the_code_that_trained_it(run_tiny, notes, monkeypatch, tmp_path):
+    """A resume on edited plugin code would train its last steps on other code than its first: `run
+    --resume` refuses it in one line before any work, and a study trains that run afresh instead."""
+    def killed(*args):
+        raise RuntimeError("killed after training")
+    with monkeypatch.context() as patch:
+        patch.setattr(experiment, "save_trained", killed)
+        with pytest.raises(RuntimeError, match="killed after training"):
+            run_tiny("run_0_baseline", checkpoint_every=8)
+    run_dir = sorted((notes.parent / "runs").iterdir())[-1]
+    cfg, plugin = experiment.saved_config(run_dir, "--resume")
+    assert checkpoint_source(run_dir) == plugin.source_hash()
+    job = studies.Job(cfg, plugin, tmp_path / "new", "its study's run")
+    assert studies.previous_run(job, studies.earlier_runs(run_dir.parent)) == (run_dir, "resumed")
+
+    monkeypatch.setattr(experiment.Plugin, "source_hash", lambda self: "e" * 64)  # the plugin edited since
+    monkeypatch.setattr(experiment, "checked_model", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(common.HarnessError, match="trained by other code of its plugin .* start a new run"):
+        experiment.execute(cfg, plugin, run_dir, notes, resume=True)
+    assert studies.previous_run(job, studies.earlier_runs(run_dir.parent)) == (None, "trained")
 
 
 @pytest.mark.e2e

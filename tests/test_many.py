@@ -68,6 +68,20 @@ def test_a_run_is_reused_under_another_preset_name_that_gives_it_the_same_values
     assert [r["how"] for r in json.loads(manifest.read_text())["finished"]] == ["reused"]
 
 
+def test_a_sweep_of_edited_plugin_code_gets_its_own_folder(tmp_path, monkeypatch):
+    """A sweep asked again after its plugin changed must not land in the folder of the old code's runs
+    (whose completed or checkpointed runs it can neither reuse nor continue)."""
+    monkeypatch.setattr(studies, "run_jobs", lambda *a, **k: [])
+    plugin, folders = experiment.find_plugin("run_0_baseline"), []
+    for source in ("a" * 64, "b" * 64, "a" * 64):
+        monkeypatch.setattr(experiment.Plugin, "source_hash", lambda self, source=source: source)
+        folders.append(studies.sweep_runs(plugin, ["sparsity_penalty=0.01"], 1, "tiny", dict(seed=42),
+                                          tmp_path / "runs", tmp_path / "notes.md")[1])
+    assert folders[0] == folders[2] != folders[1]
+    manifest = json.loads((folders[1] / "manifest.json").read_text())
+    assert manifest["asked"]["plugin_source_sha256"] == "b" * 64
+
+
 @pytest.mark.parametrize("grid, message", [
     ("nope=1,2", "--grid nope"),
     ("sparsity_penalty", "must look like key=value1,value2"),
