@@ -457,7 +457,8 @@ def verdicts(info: dict, index: Index, plugin_name: str, knob_of: Callable[[str]
             found[name] = dict(not_judged=f"none of its runs was trained at this run's {', '.join(MATCHED_SETTINGS)}"
                                           + (" and its plugin's defaults" if defaults_of else ""))
             continue
-        knob = swept_knob([other for _, other in runs], own_knob)
+        unread = () if own_knob == "sparsity_penalty" else ("sparsity_penalty",)  # no L1 term: not a setting of it
+        knob = swept_knob([other for _, other in runs], own_knob, unread)
         if knob is None:
             found[name] = dict(not_judged="its runs vary more than one setting: no frontier of one knob")
             continue
@@ -535,15 +536,16 @@ def _same_setting(parent: dict, run: dict, hyperparams: dict | None) -> bool:
             and (hyperparams is None or _as_saved(theirs.get("hyperparams")) == _as_saved(hyperparams)))
 
 
-def swept_knob(infos: list[dict], default: str) -> str | None:
-    """The one run setting or hyperparameter that varies across a baseline's runs (the seed aside; a
-    hyperparameter some runs were saved without, from before it existed, varies only among the rest);
-    the architecture's own knob where none does; None where several do (no frontier of one knob)."""
+def swept_knob(infos: list[dict], default: str, unread: Sequence[str] = ()) -> str | None:
+    """The one run setting or hyperparameter that varies across a baseline's runs (the seed and the
+    `unread` settings aside; a hyperparameter some runs were saved without, from before it existed,
+    varies only among the rest); the architecture's own knob where none does; None where several do
+    (no frontier of one knob)."""
     configs = [other["provenance"]["config"] for other in infos]
     values = lambda key: {json.dumps(c[key] if key in c else c["hyperparams"][key])  # noqa: E731
                           for c in configs if key in c or key in c["hyperparams"]}
     varying = [k for k in dict.fromkeys((*SWEEPABLE, *(k for c in configs for k in c["hyperparams"])))
-               if len(values(k)) > 1]
+               if k not in unread and len(values(k)) > 1]
     return varying[0] if len(varying) == 1 else default if not varying else None
 
 

@@ -355,6 +355,11 @@ def test_a_baseline_run_at_another_of_its_plugins_settings_leaves_its_sweep_judg
     alone = frontier.verdicts(run, [stray], "run_1_mine", lambda plugin: "l0_coefficient",
                               defaults_of=lambda plugin: defaults)
     assert alone["run_0_jumprelu"]["not_judged"].endswith("and its plugin's defaults")
+    at_another_penalty = jumprelu(20, 0.03, 0.6)  # sparsity_penalty: a setting JumpReLU does not read
+    at_another_penalty[2]["provenance"]["config"]["sparsity_penalty"] = 7.0
+    found = frontier.verdicts(run, [*sweep, at_another_penalty], "run_1_mine", lambda plugin: "l0_coefficient",
+                              defaults_of=lambda plugin: defaults)
+    assert found["run_0_jumprelu"]["points"] == 3 and found["run_0_jumprelu"]["knob"] == "l0_coefficient"
 
 
 def test_the_swept_knob_is_the_one_setting_that_varies_besides_the_seed():
@@ -364,6 +369,8 @@ def test_the_swept_knob_is_the_one_setting_that_varies_besides_the_seed():
     assert frontier.swept_knob([final_info(k=k) for k in (16, 32)], "sparsity_penalty") == "k"
     assert frontier.swept_knob([final_info(), final_info()], "k") == "k"  # nothing varies: the architecture's knob
     assert frontier.swept_knob([final_info(penalty=0.1, k=16), final_info(penalty=0.2, k=32)], "k") is None
+    assert frontier.swept_knob([final_info(penalty=0.1, k=16), final_info(penalty=0.2, k=32)], "k",
+                               unread=("sparsity_penalty",)) == "k"
 
 
 def test_matched_says_each_baselines_word_on_one_metric():

@@ -3,6 +3,8 @@ finite losses, log every loss term it declares (non-zero somewhere while its mec
 send gradients to every trainable parameter, and change the result relative to its parent run
 on the same seed (a plugin that changes nothing is the bug the notebooks kept hitting)."""
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import read_log, tiny_run
@@ -123,3 +125,19 @@ def test_plugin_changes_the_result_relative_to_its_parent(key, runs_dir):
     parent_w = load_file(parent_dir / "plugin_state.safetensors")["W_dec"]
     assert not torch.equal(child_w, parent_w), f"{key} trains exactly like its parent {parent_key}"
     assert child_info["final_loss"] != parent_info["final_loss"]
+
+
+@pytest.mark.parametrize("key", ["run_0_topk", "run_0_batchtopk", "run_0_matryoshka", "run_0_jumprelu"])
+def test_a_baseline_with_a_knob_of_its_own_does_not_read_sparsity_penalty(key):
+    """frontier.verdicts counts such a baseline's runs at another sparsity_penalty as its sweep's:
+    true only while its loss is the same whatever sparsity_penalty says."""
+    plugin, x = experiment.find_plugin(key), torch.randn(64, 32)
+    assert plugin.sae_class.sparsity_knob != "sparsity_penalty"
+    terms = []
+    for penalty in (0.04, 4.0):
+        torch.manual_seed(0)
+        cfg = dataclasses.replace(experiment.build_config("tiny", key), sparsity_penalty=penalty)
+        sae = plugin.sae_class(32, 128, plugin.hyperparams_class(), cfg)
+        sae.init_from_data(x)
+        terms.append({name: value.item() for name, value in sae.loss(x, step=50).terms.items()})
+    assert terms[0] == terms[1]
