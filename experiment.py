@@ -462,12 +462,13 @@ class _LossModule(torch.nn.Module):
 
 
 def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_dir: Path, progress,
-          device: torch.device, source: str, resume: bool = False, rank: int = 0, world: int = 1) -> dict[str, Any]:
+          device: torch.device, source: str, started: float | None = None, resume: bool = False, rank: int = 0,
+          world: int = 1) -> dict[str, Any]:
     """Run cfg.steps optimizer steps over a seeded permutation of the cached activations,
     logging every cfg.log_every steps to train_log.jsonl and checkpointing every
     cfg.checkpoint_every steps, at the last step (an interrupted evaluation resumes there) and on
-    Ctrl-C, each checkpoint with `source`, the plugin's code hash. Under torchrun each rank takes its
-    shard of every batch and only rank 0 writes. Returns the final loss terms."""
+    Ctrl-C, each with `source`, the plugin's code hash, and the wall time since `started` (a
+    perf_counter). Under torchrun each rank takes its shard of every batch and only rank 0 writes. Returns the final loss terms."""
     leader, shard = rank == 0, cfg.batch_size // world
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))
     fired_at = torch.full((cfg.dict_size,), -1, dtype=torch.long, device=device)
@@ -489,7 +490,8 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
                 if interrupted or (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                     log.read_back(step + 1)  # every rank: never checkpoint a step not known to be finite
                     if leader:
-                        save_checkpoint(run_dir, step, sae, trainer, fired_at, log.final, source)
+                        spent = None if started is None else time.perf_counter() - started
+                        save_checkpoint(run_dir, step, sae, trainer, fired_at, log.final, source, spent)
                 if interrupted:
                     raise Interrupted(f"interrupted after step {step}")
             log.read_back(cfg.steps)
@@ -717,7 +719,7 @@ def execute(cfg: RunConfig, plugin: Plugin, run_dir: Path, notes: Path, resume: 
     kernels.configure_kernels(cfg, device)
     kernels.take_thread_share()
     if rank == 0 and resume:
-        check_resumable(run_dir, plugin.source_hash())
+        started -= check_resumable(run_dir, plugin.source_hash())  # its wall time counts the time before
     elif rank == 0:
         check_writable(run_dir)
     model = checked_model(cfg, device, model_loader, loaded_models)
@@ -812,8 +814,8 @@ def train_run(cfg: RunConfig, plugin: Plugin, hp, model, run_dir: Path, device: 
                                     dict_size=cfg.dict_size, learning_rate=cfg.lr,
                                     sparsity_penalty=cfg.sparsity_penalty)
         try:
-            final_terms = train(sae, trainer, data, cfg, run_dir, progress, device, plugin.source_hash(), resume, rank,
-                                world)
+            final_terms = train(sae, trainer, data, cfg, run_dir, progress, device, plugin.source_hash(), started,
+                                resume, rank, world)
         except NonFiniteLoss as exc:
             if rank == 0:
                 mark_failed(info, run_dir, cfg, plugin, device, started, error=f"non-finite loss: {exc}")

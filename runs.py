@@ -342,13 +342,14 @@ def provenance(config: dict, plugin: str, source_sha256: str, device: torch.devi
 
 
 def save_checkpoint(run_dir: Path, step: int, sae, trainer, fired_at: torch.Tensor,
-                    terms: dict[str, float], source_sha256: str) -> None:
+                    terms: dict[str, float], source_sha256: str, wall_time_s: float | None = None) -> None:
     """Everything needed to continue bit for bit: weights and buffers, optimizer and scheduler,
     the trainer's plugin state, dead-latent tracking, RNG states, the data position, the
-    step's loss terms (the final ones, should the checkpoint fall on the last step) and the hash
-    of the plugin code that trained it (a resume on other code is refused: checkpoint_source)."""
+    step's loss terms (the final ones, should the checkpoint fall on the last step), the hash
+    of the plugin code that trained it (a resume on other code is refused: check_resumable) and
+    the run's wall time so far (a resumed run's provenance counts it)."""
     state = dict(step=step, sae=sae.state_dict(), optimizer=trainer.optimizer.state_dict(),
-                 plugin_source_sha256=source_sha256,
+                 plugin_source_sha256=source_sha256, wall_time_s=wall_time_s,
                  scheduler=trainer.scheduler.state_dict(), fired_at=fired_at, terms=terms,
                  trainer={k: v for k, v in vars(trainer).items() if k not in trainer.OWN},
                  rng=torch.get_rng_state(),
@@ -375,12 +376,17 @@ def load_checkpoint(run_dir: Path, sae, trainer) -> tuple[int, torch.Tensor, dic
 def checkpoint_source(run_dir: Path) -> str | None:
     """The plugin source hash a run's checkpoint was trained with (None: saved before it was kept),
     read without loading the tensors."""
+    return _checkpoint_field(run_dir, "plugin_source_sha256")
+
+
+def _checkpoint_field(run_dir: Path, name: str) -> Any:
     state = torch.load(run_dir / CHECKPOINT, weights_only=False, map_location="cpu", mmap=True)
-    return state.get("plugin_source_sha256")
+    return state.get(name)
 
 
-def check_resumable(run_dir: Path, source_sha256: str) -> None:
-    """Refuse to continue a checkpoint of other plugin code: the run would train its steps on two codes."""
+def check_resumable(run_dir: Path, source_sha256: str) -> float:
+    """Refuse to continue a checkpoint of other plugin code: the run would train its steps on two
+    codes. Returns the wall time the run had spent at the checkpoint (0 where not kept)."""
     saved = checkpoint_source(run_dir)
     if saved is None:
         console.print(f"[yellow]{run_dir / CHECKPOINT} predates keeping its plugin's code hash: "
@@ -388,6 +394,7 @@ def check_resumable(run_dir: Path, source_sha256: str) -> None:
     elif saved != source_sha256:
         raise HarnessError(f"{run_dir / CHECKPOINT} was trained by other code of its plugin (source {saved[:12]}, "
                            f"now {source_sha256[:12]}); restore that code to continue it, or start a new run")
+    return _checkpoint_field(run_dir, "wall_time_s") or 0.0
 
 
 def check_runs_root(root: Path) -> None:

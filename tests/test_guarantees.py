@@ -72,7 +72,8 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
 
 def test_a_run_killed_after_its_last_checkpointed_step_resumes_to_its_final_loss(run_tiny, notes, monkeypatch):
     """A checkpoint on the very last step leaves nothing to train on resume: the run must still
-    finish with that step's losses, not fail for want of them."""
+    finish with that step's losses, not fail for want of them, and its wall time counts the
+    training before the kill."""
     done, _ = run_tiny("run_0_baseline", checkpoint_every=8)  # 32 steps: the last is checkpointed
 
     def killed(*args):
@@ -83,8 +84,12 @@ def test_a_run_killed_after_its_last_checkpointed_step_resumes_to_its_final_loss
             run_tiny("run_0_baseline", checkpoint_every=8)
     run_dir = sorted((notes.parent / "runs").iterdir())[-1]
     cfg, plugin = experiment.saved_config(run_dir, "--resume")
+    state = torch.load(run_dir / experiment.CHECKPOINT, weights_only=False)
+    assert 0 < state["wall_time_s"] < 1000
+    torch.save({**state, "wall_time_s": 1000.0}, run_dir / experiment.CHECKPOINT)  # as if training took that long
     resumed = experiment.execute(cfg, plugin, run_dir, notes, resume=True)
     assert resumed["status"] == "completed" and resumed["final_loss_terms"] == done["final_loss_terms"]
+    assert 1000 < resumed["provenance"]["wall_time_s"] < 1000 + 600  # the time before the kill counts
 
 
 def test_a_checkpoint_is_continued_only_by_the_code_that_trained_it(run_tiny, notes, monkeypatch, tmp_path):
