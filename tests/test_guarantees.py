@@ -70,19 +70,23 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
     assert notes.read_text().count("## Run 1") == 2
 
 
-def test_a_run_killed_after_its_last_checkpointed_step_resumes_to_its_final_loss(run_tiny, notes, monkeypatch):
-    """A checkpoint on the very last step leaves nothing to train on resume: the run must still
-    finish with that step's losses, not fail for want of them, and its wall time counts the
-    training before the kill."""
-    done, _ = run_tiny("run_0_baseline", checkpoint_every=8)  # 32 steps: the last is checkpointed
-
+def killed_after_training(run_tiny, notes, monkeypatch) -> Path:
+    """A tiny ReLU run killed between its training (its last step checkpointed) and its save: its folder."""
     def killed(*args):
         raise RuntimeError("killed after training")
     with monkeypatch.context() as patch:
         patch.setattr(experiment, "save_trained", killed)
         with pytest.raises(RuntimeError, match="killed after training"):
             run_tiny("run_0_baseline", checkpoint_every=8)
-    run_dir = sorted((notes.parent / "runs").iterdir())[-1]
+    return sorted((notes.parent / "runs").iterdir())[-1]
+
+
+def test_a_run_killed_after_its_last_checkpointed_step_resumes_to_its_final_loss(run_tiny, notes, monkeypatch):
+    """A checkpoint on the very last step leaves nothing to train on resume: the run must still
+    finish with that step's losses, not fail for want of them, and its wall time counts the
+    training before the kill."""
+    done, _ = run_tiny("run_0_baseline", checkpoint_every=8)  # 32 steps: the last is checkpointed
+    run_dir = killed_after_training(run_tiny, notes, monkeypatch)
     cfg, plugin = experiment.saved_config(run_dir, "--resume")
     state = torch.load(run_dir / experiment.CHECKPOINT, weights_only=False)
     assert 0 < state["wall_time_s"] < 1000
@@ -95,13 +99,7 @@ def test_a_run_killed_after_its_last_checkpointed_step_resumes_to_its_final_loss
 def test_a_checkpoint_is_continued_only_by_the_code_that_trained_it(run_tiny, notes, monkeypatch, tmp_path):
     """A resume on edited plugin code would train its last steps on other code than its first: `run
     --resume` refuses it in one line before any work, and a study trains that run afresh instead."""
-    def killed(*args):
-        raise RuntimeError("killed after training")
-    with monkeypatch.context() as patch:
-        patch.setattr(experiment, "save_trained", killed)
-        with pytest.raises(RuntimeError, match="killed after training"):
-            run_tiny("run_0_baseline", checkpoint_every=8)
-    run_dir = sorted((notes.parent / "runs").iterdir())[-1]
+    run_dir = killed_after_training(run_tiny, notes, monkeypatch)
     cfg, plugin = experiment.saved_config(run_dir, "--resume")
     assert checkpoint_source(run_dir) == plugin.source_hash()
     job = studies.Job(cfg, plugin, tmp_path / "new", "its study's run")
