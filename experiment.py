@@ -54,10 +54,10 @@ import evals
 import frontier
 import kernels
 from notebook import append_notes, changed_setting, check_notes, notes_entry, study_header
-from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_runs_root, check_writable,
-                  check_resumable, convergence, load_checkpoint, newest, parent_module, plugin_source_sha256, provenance, read_json,
-                  read_json_lines, record_gradient_shares, run_index, runs_root, save_checkpoint, save_trained,
-                  term_gradients)
+from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_resumable, check_runs_root,
+                  check_writable, convergence, load_checkpoint, newest, parent_module, plugin_source_sha256, provenance,
+                  read_json, read_json_lines, record_gradient_shares, run_index, runs_root, save_checkpoint,
+                  save_trained, term_gradients)
 from sources import cached_activations, eval_contexts_needed, harvest, larger_cache_prefix, load_model, load_tokens
 
 # Run as a script, this file is `__main__`; plugins import `experiment`: make that the same module.
@@ -462,13 +462,12 @@ class _LossModule(torch.nn.Module):
 
 
 def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_dir: Path, progress,
-          device: torch.device, source: str, started: float | None = None, resume: bool = False, rank: int = 0,
-          world: int = 1) -> dict[str, Any]:
+          device: torch.device, *, source_sha256: str, started: float | None = None, resume: bool = False,
+          rank: int = 0, world: int = 1) -> dict[str, Any]:
     """Run cfg.steps optimizer steps over a seeded permutation of the cached activations,
     logging every cfg.log_every steps to train_log.jsonl and checkpointing every
     cfg.checkpoint_every steps, at the last step (an interrupted evaluation resumes there) and on
-    Ctrl-C, each with `source`, the plugin's code hash, and the wall time since `started` (a
-    perf_counter). Under torchrun each rank takes its shard of every batch and only rank 0 writes. Returns the final loss terms."""
+    Ctrl-C, each with the plugin's code hash and the wall time since `started` (a perf_counter). Under torchrun each rank takes its shard of every batch and only rank 0 writes. Returns the final loss terms."""
     leader, shard = rank == 0, cfg.batch_size // world
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))
     fired_at = torch.full((cfg.dict_size,), -1, dtype=torch.long, device=device)
@@ -491,7 +490,7 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
                     log.read_back(step + 1)  # every rank: never checkpoint a step not known to be finite
                     if leader:
                         spent = None if started is None else time.perf_counter() - started
-                        save_checkpoint(run_dir, step, sae, trainer, fired_at, log.final, source, spent)
+                        save_checkpoint(run_dir, step, sae, trainer, fired_at, log.final, source_sha256, spent)
                 if interrupted:
                     raise Interrupted(f"interrupted after step {step}")
             log.read_back(cfg.steps)
@@ -814,8 +813,8 @@ def train_run(cfg: RunConfig, plugin: Plugin, hp, model, run_dir: Path, device: 
                                     dict_size=cfg.dict_size, learning_rate=cfg.lr,
                                     sparsity_penalty=cfg.sparsity_penalty)
         try:
-            final_terms = train(sae, trainer, data, cfg, run_dir, progress, device, plugin.source_hash(), started,
-                                resume, rank, world)
+            final_terms = train(sae, trainer, data, cfg, run_dir, progress, device, source_sha256=plugin.source_hash(),
+                                started=started, resume=resume, rank=rank, world=world)
         except NonFiniteLoss as exc:
             if rank == 0:
                 mark_failed(info, run_dir, cfg, plugin, device, started, error=f"non-finite loss: {exc}")

@@ -462,10 +462,17 @@ def verdicts(info: dict, index: Index, plugin_name: str, knob_of: Callable[[str]
         if knob is None:
             found[name] = dict(not_judged="its runs vary more than one setting: no frontier of one knob")
             continue
-        records = [_record(other, knob, folder) for folder, other in runs]
-        found[name] = dict(knob=knob, points=len(runs), swept=list(dict.fromkeys(r["knob"][1] for r in records)),
+        newest = {json.dumps([other["provenance"]["config"].get("seed"), _knob_value(other, knob)]): (folder, other)
+                  for folder, other in runs}  # a run again (at a setting it does not read) is no second seed
+        records = [_record(other, knob, folder) for folder, other in newest.values()]
+        found[name] = dict(knob=knob, points=len(records), swept=list(dict.fromkeys(r["knob"][1] for r in records)),
                            metrics=verdict(run, build_frontiers(records), rows_of=rows_of, score_of=score_of))
     return found
+
+
+def _knob_value(info: dict, knob: str) -> Any:
+    config = info["provenance"]["config"]
+    return config[knob] if knob in config else config["hyperparams"].get(knob)
 
 
 def _record(info: dict, knob: str, folder: Path | None) -> dict:

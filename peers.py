@@ -194,7 +194,7 @@ def train_ours(plugin, cfg: experiment.RunConfig, hp, data: experiment.Activatio
     sae.init_from_data = init_and_keep
     with tempfile.TemporaryDirectory() as folder, Progress(disable=True) as progress:
         experiment.train(sae, plugin.trainer_class(sae, cfg), data, cfg, Path(folder), progress, device,
-                         plugin.source_hash())
+                         source_sha256=plugin.source_hash())
     return scores(sae.eval().encode, sae.decode, x), start
 
 

@@ -61,24 +61,34 @@ PALETTE = ["#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8
 def select_runs(runs_dir: Path, study: str | None = None, picks: Iterable[Path] = ()) -> dict[str, list[Run]]:
     """study -> its plugins' runs in run-number order: each plugin's latest finished run folder
     under runs_dir, or the folder picked for it."""
-    return choose_runs(sweep_index(runs_dir), runs_dir, study, picks)
+    return choose_runs(run_index(runs_dir), runs_dir, study, picks)
 
 
-def sweep_index(runs_dir: Path) -> Index:
-    """The run index without the baseline runs outside their sweeps (a calibration or another
-    objective on the same activations), as the verdicts count them: runs at their plugin's
-    defaults but for its knob (frontier.at_defaults). A baseline whose plugin is gone keeps its runs."""
-    from experiment import find_plugin  # here: the baselines' code holds their knobs and defaults
+def reference_baselines(index: Index) -> Index:
+    """The baseline runs that stand for their architecture beside another study (its run 0, its
+    dashed curves): those at their plugin's defaults but for its knob, as frontier.verdicts counts
+    them, not a calibration or another objective on the same activations. A baseline whose plugin
+    is gone keeps its runs."""
+    from experiment import find_plugin  # only here: the baselines' code holds their knobs and defaults
 
-    index, member = run_index(runs_dir), {}
+    at_its_defaults = {}
     for name in {who["plugin"] for _, who, _ in index if who["study"] == "baseline"}:
         try:
             plugin = find_plugin(f"baseline/{name}")
         except HarnessError:
             continue
-        member[name] = at_defaults(dataclasses.asdict(plugin.hyperparams_class()), plugin.sae_class.sparsity_knob)
-    return [(folder, who, info) for folder, who, info in index
-            if who["study"] != "baseline" or who["plugin"] not in member or member[who["plugin"]](info)]
+        at_its_defaults[name] = at_defaults(dataclasses.asdict(plugin.hyperparams_class()),
+                                            plugin.sae_class.sparsity_knob)
+    return [(folder, who, info) for folder, who, info in index if who["study"] == "baseline"
+            and at_its_defaults.get(who["plugin"], lambda info: True)(info)]
+
+
+def frontier_runs(index: Index, study: str) -> list[Run]:
+    """What a study's frontier figures draw from: all its runs, and the baselines' (every one of them
+    where the study is the baseline, else reference_baselines)."""
+    references = reference_baselines(index) if study != "baseline" else []
+    own = [(folder, who, info) for folder, who, info in index if who["study"] == study]
+    return [read_run(folder) for folder, _, _ in own + references]
 
 
 def choose_runs(index: Index, runs_dir: Path, study: str | None, picks: Iterable[Path]) -> dict[str, list[Run]]:
@@ -106,7 +116,7 @@ def choose_runs(index: Index, runs_dir: Path, study: str | None, picks: Iterable
     for name in studies if study is None else [study]:
         runs = sorted((read_run(f) for (s, _), f in chosen.items() if s == name), key=lambda r: (r.number, r.plugin))
         if name != "baseline" and not any(r.number == 0 for r in runs):
-            runs[:0] = study_baselines(index, runs)
+            runs[:0] = study_baselines(reference_baselines(index), runs)
         grouped[name] = paint(runs)
     return grouped
 
@@ -722,7 +732,7 @@ def study_figures(runs: list[Run], everything: list[Run] = ()) -> Figures:
 def plot_all(runs_dir: Path, out: Path, study: str | None = None, picks: Iterable[Path] = ()) -> dict[Path, str]:
     """Write every figure with data for the selected runs, and out/README.md; returns each PNG
     with its caption."""
-    index = sweep_index(runs_dir)
+    index = run_index(runs_dir)
     studies = choose_runs(index, runs_dir, study, picks)
     out.mkdir(parents=True, exist_ok=True)
     readme = out / "README.md"
@@ -742,8 +752,7 @@ def plot_all(runs_dir: Path, out: Path, study: str | None = None, picks: Iterabl
         lines += [f"- {r.label} (`{r.plugin}`): `{r.folder}` ({r.setting})"
                   + (f" — **failed**: {r.info.get('error', 'no reason recorded')}" if r.failed else "") for r in runs]
         lines.append("\nFigures:\n")
-        everything = [read_run(folder) for folder, who, _ in index if who["study"] in (name, "baseline")]
-        for file, fig, caption in study_figures(runs, everything):
+        for file, fig, caption in study_figures(runs, frontier_runs(index, name)):
             path = folder / file
             save(fig, path)
             written[path] = caption
@@ -761,10 +770,10 @@ def save(fig: Figure, path: Path) -> None:
 def sweep_figures(runs_dir: Path, out: Path, study: str, plugin: str) -> dict[Path, str]:
     """A sweep's frontier figures: every run of study/plugin under runs_dir against the baselines
     on the same activations, written to out with their captions (out/README.md)."""
-    index = sweep_index(runs_dir)
+    index = run_index(runs_dir)
     chosen = choose_runs(index, runs_dir, study, ())[study]
     runs = [r for r in chosen if r.plugin == plugin or r.study == "baseline"]
-    everything = [read_run(folder) for folder, who, _ in index if who["study"] in (study, "baseline")]
+    everything = frontier_runs(index, study)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for file, fig, caption in frontier_figures(runs, everything):
@@ -791,7 +800,7 @@ def compare_table(runs_dir: Path, study: str | None = None) -> Table:
     """Runs × key metrics: each plugin's latest run, the best value per column in bold green,
     and in brackets the change against the parent plugin's latest completed run on the same
     activations."""
-    index = sweep_index(runs_dir)
+    index = run_index(runs_dir)
     studies = choose_runs(index, runs_dir, study, ())
     runs = [r for rs in studies.values() for r in rs]
     mixed = " Runs differ in setting (preset, model, layer, size or tokens): compare with care." \

@@ -374,27 +374,28 @@ def load_checkpoint(run_dir: Path, sae, trainer) -> tuple[int, torch.Tensor, dic
 
 
 def checkpoint_source(run_dir: Path) -> str | None:
-    """The plugin source hash a run's checkpoint was trained with (None: saved before it was kept),
-    read without loading the tensors."""
-    return _checkpoint_field(run_dir, "plugin_source_sha256")
+    """The plugin source hash a run's checkpoint was trained with (None: saved before it was kept)."""
+    return _checkpoint_header(run_dir).get("plugin_source_sha256")
 
 
-def _checkpoint_field(run_dir: Path, name: str) -> Any:
+def _checkpoint_header(run_dir: Path) -> dict:
+    """The checkpoint's small entries, read without loading its tensors."""
     state = torch.load(run_dir / CHECKPOINT, weights_only=False, map_location="cpu", mmap=True)
-    return state.get(name)
+    return {k: state.get(k) for k in ("plugin_source_sha256", "wall_time_s")}
 
 
 def check_resumable(run_dir: Path, source_sha256: str) -> float:
     """Refuse to continue a checkpoint of other plugin code: the run would train its steps on two
     codes. Returns the wall time the run had spent at the checkpoint (0 where not kept)."""
-    saved = checkpoint_source(run_dir)
+    header = _checkpoint_header(run_dir)
+    saved = header["plugin_source_sha256"]
     if saved is None:
         console.print(f"[yellow]{run_dir / CHECKPOINT} predates keeping its plugin's code hash: "
                       f"nothing checks that this resume runs the code it started with")
     elif saved != source_sha256:
         raise HarnessError(f"{run_dir / CHECKPOINT} was trained by other code of its plugin (source {saved[:12]}, "
                            f"now {source_sha256[:12]}); restore that code to continue it, or start a new run")
-    return _checkpoint_field(run_dir, "wall_time_s") or 0.0
+    return header["wall_time_s"] or 0.0
 
 
 def check_runs_root(root: Path) -> None:

@@ -81,16 +81,30 @@ def earlier_runs(runs_root: Path) -> dict[str, list[Path]]:
 def previous_run(job: Job, earlier: dict[str, list[Path]]) -> tuple[Path | None, str]:
     """(folder, "reused") for a completed run of this config and plugin source among the earlier
     runs, (folder, "resumed") for one of them interrupted in training or evaluation or whose
-    evaluation failed (it continues from its checkpoint), else (None, "trained")."""
+    evaluation failed, its checkpoint of this code (it continues from there), else (None, "trained")."""
     source, interrupted = job.plugin.source_hash(), None
     for folder in earlier.get(comparable(dataclasses.asdict(job.cfg)), []):
         if (folder / "final_info.json").exists():
             info = read_json(folder / "final_info.json")
             if info.get("status") == "completed" and info["provenance"]["plugin_source_sha256"] == source:
                 return folder, "reused"
-        if (folder / CHECKPOINT).exists() and checkpoint_source(folder) in (source, None):
-            interrupted = folder  # None: a checkpoint older than its code hash, resumed with a warning
+        if (folder / CHECKPOINT).exists() and resumable(folder, source):
+            interrupted = folder
     return (interrupted, "resumed") if interrupted else (None, "trained")
+
+
+def resumable(folder: Path, source: str) -> bool:
+    """Whether an interrupted run's checkpoint was trained by this plugin code (or predates keeping
+    its hash: resumed with a warning); said in a line where it is passed over."""
+    try:
+        saved = checkpoint_source(folder)
+    except Exception as exc:  # unreadable, or its pickled plugin state names a module gone since
+        console.print(f"[yellow]{folder / CHECKPOINT} cannot be read ({type(exc).__name__}: {exc}); "
+                      f"its run is trained again")
+        return False
+    if saved not in (source, None):
+        console.print(f"[yellow]{folder / CHECKPOINT} was trained by other code of its plugin; its run is trained again")
+    return saved in (source, None)
 
 
 def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None, remote=None) -> list[dict]:

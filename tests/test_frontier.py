@@ -355,11 +355,13 @@ def test_a_baseline_run_at_another_of_its_plugins_settings_leaves_its_sweep_judg
     alone = frontier.verdicts(run, [stray], "run_1_mine", lambda plugin: "l0_coefficient",
                               defaults_of=lambda plugin: defaults)
     assert alone["run_0_jumprelu"]["not_judged"].endswith("and its plugin's defaults")
-    at_another_penalty = jumprelu(20, 0.03, 0.6)  # sparsity_penalty: a setting JumpReLU does not read
-    at_another_penalty[2]["provenance"]["config"]["sparsity_penalty"] = 7.0
-    found = frontier.verdicts(run, [*sweep, at_another_penalty], "run_1_mine", lambda plugin: "l0_coefficient",
+    at_another_penalty = [jumprelu(20, 0.03, 0.6), jumprelu(100, 0.01, 0.9)]  # the second: sweep[0] again
+    for _, _, info in at_another_penalty:  # at a setting JumpReLU does not read: its sweep, not a second seed
+        info["provenance"]["config"]["sparsity_penalty"] = 7.0
+    found = frontier.verdicts(run, [*sweep, *at_another_penalty], "run_1_mine", lambda plugin: "l0_coefficient",
                               defaults_of=lambda plugin: defaults)
     assert found["run_0_jumprelu"]["points"] == 3 and found["run_0_jumprelu"]["knob"] == "l0_coefficient"
+    assert found["run_0_jumprelu"]["swept"] == [0.01, 0.1, 0.03]
 
 
 def test_the_swept_knob_is_the_one_setting_that_varies_besides_the_seed():

@@ -112,6 +112,23 @@ def test_a_checkpoint_is_continued_only_by_the_code_that_trained_it(run_tiny, no
     assert studies.previous_run(job, studies.earlier_runs(run_dir.parent)) == (None, "trained")
 
 
+def test_a_checkpoint_without_a_code_hash_resumes_with_a_warning_and_an_unreadable_one_trains_again(
+        run_tiny, notes, monkeypatch, tmp_path, capsys):
+    run_dir = killed_after_training(run_tiny, notes, monkeypatch)
+    cfg, plugin = experiment.saved_config(run_dir, "--resume")
+    job, checkpoint = studies.Job(cfg, plugin, tmp_path / "new", "its study's run"), run_dir / experiment.CHECKPOINT
+    state = torch.load(checkpoint, weights_only=False)
+    torch.save({k: v for k, v in state.items() if k != "plugin_source_sha256"}, checkpoint)  # as saved before
+    assert studies.previous_run(job, studies.earlier_runs(run_dir.parent)) == (run_dir, "resumed")
+    checkpoint.write_bytes(b"not a checkpoint")
+    assert studies.previous_run(job, studies.earlier_runs(run_dir.parent)) == (None, "trained")
+    assert "cannot be read" in " ".join(capsys.readouterr().err.split())
+    torch.save({k: v for k, v in state.items() if k != "plugin_source_sha256"}, checkpoint)
+    resumed = experiment.execute(cfg, plugin, run_dir, notes, resume=True)
+    assert resumed["status"] == "completed"
+    assert "predates keeping its plugin's code hash" in " ".join(capsys.readouterr().err.split())
+
+
 @pytest.mark.e2e
 def test_ctrl_c_checkpoints_and_exits_130_with_one_line(tmp_path):
     out = tmp_path / "run"

@@ -32,7 +32,7 @@ def first_step(plugin_name: str, tmp_path, **hyperparams) -> tuple[experiment.SA
     (tmp_path / "run").mkdir()
     with Progress(disable=True) as progress:
         experiment.train(sae, plugin.trainer_class(sae, cfg), data, cfg, tmp_path / "run", progress,
-                         torch.device("cpu"), plugin.source_hash())
+                         torch.device("cpu"), source_sha256=plugin.source_hash())
     return sae, offset
 
 

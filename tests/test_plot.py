@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 import experiment
 import plot
-from runs import find_runs, latest_run, read_run
+from runs import find_runs, latest_run, read_run, run_index
 
 pytestmark = pytest.mark.e2e  # on real tiny runs, trained once for the module
 
@@ -356,8 +356,8 @@ def test_a_run_anywhere_under_runs_is_found_and_named_by_what_it_ran(trained, tm
 
 
 def test_plot_imports_no_project_module_that_imports_it_back():
-    """plot.py is a leaf: experiment.py may import it, never the other way round (sweep_index reads the
-    baselines' plugins, so experiment, only when it is called)."""
+    """plot.py is a leaf: experiment.py may import it, never the other way round (reference_baselines
+    reads the baselines' plugins, so experiment, only when it is called)."""
     root = Path(plot.__file__).resolve().parent
     code = ("import json, pathlib, sys; import plot; root = pathlib.Path(plot.__file__).resolve().parent; "
             "files = {n: pathlib.Path(getattr(m, '__file__', None) or '/').resolve() "
@@ -409,20 +409,26 @@ def test_the_frontier_draws_each_baseline_sweep_as_a_curve_and_pools_a_plugin_s_
 
 def test_a_baseline_run_off_its_plugin_s_defaults_is_neither_on_its_curve_nor_run_0(runs, tmp_path):
     """A calibration at another setting on the same activations is out of the baseline's sweep for the
-    verdicts (frontier.at_defaults), so the figures leave it out too, however new it is."""
+    verdicts (frontier.at_defaults), so another study's figures leave it out too, however new it is;
+    the baseline study's own figures show it."""
     source, topk = runs / PLUGINS[0] / STAMP, experiment.find_plugin("baseline/run_0_topk")
     defaults = dataclasses.asdict(topk.hyperparams_class())
     for name, l0, k in (("topk_a", 10.0, 16), ("topk_b", 40.0, 64)):
         sweep_copy(runs, source, "baseline/run_0_topk", name, l0, 0.6, 0.01, hyperparams={**defaults, "k": k})
     stray = sweep_copy(runs, source, "baseline/run_0_topk", "topk_stray", 80.0, 0.9, 0.01,
                        hyperparams={**defaults, "k": 128, "aux_loss_coefficient": 0.5})
-    assert [f.name for f, who, _ in plot.sweep_index(runs) if who["study"] == "baseline"] == ["topk_a", "topk_b"]
+    index = run_index(runs)
+    assert [folder.name for folder, _, _ in plot.reference_baselines(index)] == ["topk_a", "topk_b"]
     shown = [r.folder for r in plot.select_runs(runs, "zscore_ortho")["zscore_ortho"] if r.plugin == "run_0_topk"]
     assert shown == [runs / "sweeps" / "topk_b"]
-    caption = plot.plot_all(runs, tmp_path / "figures", "zscore_ortho")[tmp_path / "figures" / "frontier_ce_loss_score.png"]
-    assert "run_0_topk: 0.600 ± 0.01 at L0 10 → 0.600 ± 0.01 at L0 40." in caption
-    edit_info(stray, lambda info: info["provenance"]["config"]["hyperparams"].update(aux_loss_coefficient=defaults["aux_loss_coefficient"]))
-    assert "at L0 80" in plot.plot_all(runs, tmp_path / "again", "zscore_ortho")[tmp_path / "again" / "frontier_ce_loss_score.png"]
+
+    def frontier_caption(study: str, out: str) -> str:
+        return plot.plot_all(runs, tmp_path / out, study)[tmp_path / out / "frontier_ce_loss_score.png"]
+    assert "run_0_topk: 0.600 ± 0.01 at L0 10 → 0.600 ± 0.01 at L0 40." in frontier_caption("zscore_ortho", "a")
+    assert "0.900 ± 0.01 at L0 80" in frontier_caption("baseline", "b")
+    edit_info(stray, lambda info: info["provenance"]["config"]["hyperparams"].update(
+        aux_loss_coefficient=defaults["aux_loss_coefficient"]))
+    assert "0.900 ± 0.01 at L0 80" in frontier_caption("zscore_ortho", "c")
 
 
 def test_differences_far_below_the_noise_are_not_drawn_as_a_slope(runs):
