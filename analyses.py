@@ -17,7 +17,7 @@ each one command that writes one figure and one notebook paragraph.
 The runs come from the study and sweep machinery (studies.study_jobs, sweep_jobs, run_jobs): a
 run completed with the same config and plugin source is reused and an interrupted one resumed, so
 an analysis after `study` trains only what it adds (a sweep's other values). A sweep analysis's
-runs go to RUNS/sweeps/analysis_<study>_<name>-<key of what was asked>/<plugin>/ with a
+runs go to RUNS/sweeps/analysis_<study>_<name>-<key of the runs>/<plugin>/ with a
 manifest. The figure goes to FIGURES/<study>/analysis_<name>.png; the paragraph (the runs, the
 numbers, the figure and its caption read from the data) is appended to the notebook unless it
 already holds it word for word, and kept at RUNS/<study>/analyses/<name>.md, where `notes` finds
@@ -281,15 +281,15 @@ def sweep_points(s: Setting, name: str, plugins: tuple[str, ...], key: str,
     baseline = experiment.find_plugin(BASELINE)
     jobs = [studies.Job(studies.job_config(baseline, s.preset, {}, dict(s.overrides)), baseline,
                            s.runs / baseline.study / baseline.name / time.strftime("%Y%m%d-%H%M%S"), BASELINE)]
-    found = [experiment.find_plugin(p) for p in plugins]
-    asked = dict(analysis=f"{s.study}/{name}", plugins={p: f.source_hash() for p, f in zip(plugins, found)},
-                 grid=f"{key}={','.join(values)}", preset=s.preset, **s.overrides)
-    sweep_dir, xs = s.runs / "sweeps" / f"analysis_{s.study}_{name}-{studies.asked_key(asked)}", [math.nan]
-    for plugin in found:
-        jobs += studies.sweep_jobs(plugin, s.preset, [f"{key}={','.join(values)}"], 1, dict(s.overrides),
-                                      sweep_dir / plugin.name)
+    swept, xs = [], [math.nan]
+    for plugin in map(experiment.find_plugin, plugins):
+        swept += studies.sweep_jobs(plugin, s.preset, [f"{key}={','.join(values)}"], 1, dict(s.overrides),
+                                    Path(plugin.name))
         xs += [float(v) for v in values]
-    rows = studies.run_jobs(jobs, s.notes, s.runs)
+    swept, sweep_dir = studies.in_their_folder(swept, s.runs / "sweeps" / f"analysis_{s.study}_{name}")
+    rows = studies.run_jobs(jobs + swept, s.notes, s.runs)
+    asked = dict(analysis=f"{s.study}/{name}", plugins=list(plugins), grid=f"{key}={','.join(values)}",
+                 preset=s.preset, **s.overrides)
     studies.write_manifest(sweep_dir, asked, rows)
     _, failed = completed(rows)
     series: dict[str, list[tuple[float, Run]]] = {}

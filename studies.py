@@ -195,8 +195,8 @@ def baseline_sweeps(cfg: RunConfig) -> dict[str, str]:
 
 def sweep(plugin: Plugin, grid: list[str], seeds: int, preset: str, overrides: dict[str, Any], runs_root: Path,
           notes: Path, remote=None) -> tuple[list[dict], Path]:
-    """`python experiment.py sweep`: the grid × seeds into runs/sweeps/<plugin>-<hash of what was
-    asked>/, its manifest kept as runs finish, its frontier figures and, where anything was
+    """`python experiment.py sweep`: the grid × seeds into runs/sweeps/<plugin>-<hash of the runs>/
+    (in_their_folder), its manifest kept as runs finish, its frontier figures and, where anything was
     trained, its summary in the notebook: (rows, the sweep folder)."""
     rows, sweep_dir = sweep_runs(plugin, grid, seeds, preset, overrides, runs_root, notes, remote)
     if any(row["how"] != "failed" for row in rows):
@@ -217,18 +217,21 @@ def sweep_runs(plugin: Plugin, grid: list[str], seeds: int, preset: str, overrid
         raise HarnessError("--grid key=v1,v2 is required (e.g. --grid sparsity_penalty=0.05,0.1,0.2)")
     asked = dict(plugin=f"{plugin.study}/{plugin.name}", plugin_source_sha256=plugin.source_hash(), preset=preset,
                  grid=grid, seeds=seeds, **overrides)
-    sweep_dir = runs_root / "sweeps" / f"{plugin.name}-{asked_key(asked)}"
-    jobs = sweep_jobs(plugin, preset, grid, seeds, dict(overrides), sweep_dir)
+    jobs, sweep_dir = in_their_folder(sweep_jobs(plugin, preset, grid, seeds, dict(overrides), Path()),
+                                      runs_root / "sweeps" / plugin.name)
     write_manifest(sweep_dir, asked, [])
     rows = run_jobs(jobs, notes, runs_root, remote=remote, on_done=lambda done: write_manifest(sweep_dir, asked, done))
     write_manifest(sweep_dir, asked, rows, seed_spread(rows))
     return rows, sweep_dir
 
 
-def asked_key(asked: dict) -> str:
-    """A sweep folder's name for what was asked, its plugins' code included: a run of other code or
-    settings never lands in the folder of an earlier one."""
-    return hashlib.sha256(json.dumps(asked, sort_keys=True, default=list).encode()).hexdigest()[:8]
+def in_their_folder(jobs: list[Job], prefix: Path) -> tuple[list[Job], Path]:
+    """The jobs (their run_dir relative) moved into the sweep folder <prefix>-<key>, the key a hash of
+    what the runs are, their configs and their plugins' code, not of how they were asked for: the
+    same runs asked two ways share a folder, runs of edited code never land in an earlier one's."""
+    runs = sorted(f"{job.plugin.source_hash()} {comparable(dataclasses.asdict(job.cfg))}" for job in jobs)
+    folder = prefix.with_name(f"{prefix.name}-{hashlib.sha256(json.dumps(runs).encode()).hexdigest()[:8]}")
+    return [dataclasses.replace(job, run_dir=folder / job.run_dir) for job in jobs], folder
 
 
 def seed_spread(rows: list[dict]) -> dict[str, dict]:

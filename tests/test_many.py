@@ -61,23 +61,24 @@ def test_a_run_is_reused_under_another_preset_name_that_gives_it_the_same_values
     args = ["sweep", "--plugin", "run_0_baseline", "--grid", "sparsity_penalty=0.01", "--runs", str(runs),
             "--notes", str(notes)]
     assert cli(*args, *TINY).exit_code == 0
-    first = set(runs.glob("sweeps/*/manifest.json"))
     again = cli(*args, "--preset", "tiny-2048")
     assert again.exit_code == 0, again.output
-    (manifest,) = set(runs.glob("sweeps/*/manifest.json")) - first  # its own sweep folder, its one run reused
-    assert [r["how"] for r in json.loads(manifest.read_text())["finished"]] == ["reused"]
+    (manifest,) = runs.glob("sweeps/*/manifest.json")  # the same runs: the same sweep folder, its one run reused
+    kept = json.loads(manifest.read_text())
+    assert kept["asked"]["preset"] == "tiny-2048" and [r["how"] for r in kept["finished"]] == ["reused"]
 
 
-def test_a_sweep_of_edited_plugin_code_gets_its_own_folder(tmp_path, monkeypatch):
+def test_a_sweep_s_folder_is_that_of_its_runs_code_and_configs_however_they_were_asked_for(tmp_path, monkeypatch):
     """A sweep asked again after its plugin changed must not land in the folder of the old code's runs
-    (whose completed or checkpointed runs it can neither reuse nor continue)."""
+    (whose completed or checkpointed runs it can neither reuse nor continue); the same runs asked
+    with the preset's value spelled out share one."""
     monkeypatch.setattr(studies, "run_jobs", lambda *a, **k: [])
     plugin, folders = experiment.find_plugin("run_0_baseline"), []
-    for source in ("a" * 64, "b" * 64, "a" * 64):
-        monkeypatch.setattr(experiment.Plugin, "source_hash", lambda self, source=source: source)
-        folders.append(studies.sweep_runs(plugin, ["sparsity_penalty=0.01"], 1, "tiny", dict(seed=42),
+    for source, overrides in (("a", {}), ("b", {}), ("a", {"evals": ("core",)}), ("a", {"tokens": 4096})):
+        monkeypatch.setattr(experiment.Plugin, "source_hash", lambda self, source=source: source * 64)
+        folders.append(studies.sweep_runs(plugin, ["sparsity_penalty=0.01"], 1, "tiny", dict(seed=42, **overrides),
                                           tmp_path / "runs", tmp_path / "notes.md")[1])
-    assert folders[0] == folders[2] != folders[1]
+    assert folders[0] == folders[2] and len({folders[0], folders[1], folders[3]}) == 3
     manifest = json.loads((folders[1] / "manifest.json").read_text())
     assert manifest["asked"]["plugin_source_sha256"] == "b" * 64
 
