@@ -71,16 +71,22 @@ def reference_baselines(index: Index) -> Index:
     is gone keeps its runs."""
     from experiment import find_plugin  # only here: the baselines' code holds their knobs and defaults
 
-    at_its_defaults = {}
+    at_its_defaults, unread = {}, {}
     for name in {who["plugin"] for _, who, _ in index if who["study"] == "baseline"}:
         try:
             plugin = find_plugin(f"baseline/{name}")
         except HarnessError:
             continue
-        at_its_defaults[name] = at_defaults(dataclasses.asdict(plugin.hyperparams_class()),
-                                            plugin.sae_class.sparsity_knob)
-    return [(folder, who, info) for folder, who, info in index if who["study"] == "baseline"
-            and at_its_defaults.get(who["plugin"], lambda info: True)(info)]
+        knob = plugin.sae_class.sparsity_knob
+        at_its_defaults[name] = at_defaults(dataclasses.asdict(plugin.hyperparams_class()), knob)
+        unread[name] = () if knob == "sparsity_penalty" else ("sparsity_penalty",)  # as frontier.verdicts
+    newest = {}  # a run again at a setting its loss does not read is one point, not two
+    for folder, who, info in index:
+        if who["study"] == "baseline" and at_its_defaults.get(who["plugin"], lambda info: True)(info):
+            config = info.get("provenance", {}).get("config", {})
+            alike = {k: v for k, v in config.items() if k not in ("device", "preset", *unread.get(who["plugin"], ()))}
+            newest[who["plugin"], json.dumps(alike, sort_keys=True, default=str)] = (folder, who, info)
+    return list(newest.values())
 
 
 def frontier_runs(index: Index, study: str) -> list[Run]:

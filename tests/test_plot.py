@@ -429,6 +429,10 @@ def test_a_baseline_run_off_its_plugin_s_defaults_is_neither_on_its_curve_nor_ru
     edit_info(stray, lambda info: info["provenance"]["config"]["hyperparams"].update(
         aux_loss_coefficient=defaults["aux_loss_coefficient"]))
     assert "0.900 ± 0.01 at L0 80" in frontier_caption("zscore_ortho", "c")
+    again = sweep_copy(runs, source, "baseline/run_0_topk", "topk_b_again", 40.0, 0.7, 0.01, sparsity_penalty=9.0,
+                       hyperparams={**defaults, "k": 64})  # topk_b again, at a setting TopK does not read
+    assert [f for f, _, _ in plot.reference_baselines(run_index(runs))] == [runs / "sweeps" / "topk_a", again,
+                                                                            stray]
 
 
 def test_differences_far_below_the_noise_are_not_drawn_as_a_slope(runs):
