@@ -281,15 +281,15 @@ def sweep_points(s: Setting, name: str, plugins: tuple[str, ...], key: str,
     baseline = experiment.find_plugin(BASELINE)
     jobs = [studies.Job(studies.job_config(baseline, s.preset, {}, dict(s.overrides)), baseline,
                            s.runs / baseline.study / baseline.name / time.strftime("%Y%m%d-%H%M%S"), BASELINE)]
-    swept, xs = [], [math.nan]
-    for plugin in map(experiment.find_plugin, plugins):
+    swept, xs, found = [], [math.nan], [experiment.find_plugin(p) for p in plugins]
+    for plugin in found:
         swept += studies.sweep_jobs(plugin, s.preset, [f"{key}={','.join(values)}"], 1, dict(s.overrides),
                                     Path(plugin.name))
         xs += [float(v) for v in values]
     swept, sweep_dir = studies.in_their_folder(swept, s.runs / "sweeps" / f"analysis_{s.study}_{name}")
     rows = studies.run_jobs(jobs + swept, s.notes, s.runs)
-    asked = dict(analysis=f"{s.study}/{name}", plugins=list(plugins), grid=f"{key}={','.join(values)}",
-                 preset=s.preset, **s.overrides)
+    asked = dict(analysis=f"{s.study}/{name}", plugins={p: f.source_hash() for p, f in zip(plugins, found)},
+                 grid=f"{key}={','.join(values)}", preset=s.preset, **s.overrides)
     studies.write_manifest(sweep_dir, asked, rows)
     _, failed = completed(rows)
     series: dict[str, list[tuple[float, Run]]] = {}

@@ -66,9 +66,10 @@ def select_runs(runs_dir: Path, study: str | None = None, picks: Iterable[Path] 
 
 def reference_baselines(index: Index) -> Index:
     """The baseline runs that stand for their architecture beside another study (its run 0, its
-    dashed curves): those at their plugin's defaults but for its knob, as frontier.verdicts counts
-    them, not a calibration or another objective on the same activations. A baseline whose plugin
-    is gone keeps its runs."""
+    dashed curves), oldest first: those at their plugin's defaults but for its knob, as
+    frontier.verdicts counts them, not a calibration or another objective on the same activations,
+    and of runs alike but for a setting their loss does not read the newest completed one. A
+    baseline whose plugin is gone keeps its runs."""
     from experiment import find_plugin  # only here: the baselines' code holds their knobs and defaults
 
     at_its_defaults, unread = {}, {}
@@ -80,12 +81,15 @@ def reference_baselines(index: Index) -> Index:
         knob = plugin.sae_class.sparsity_knob
         at_its_defaults[name] = at_defaults(dataclasses.asdict(plugin.hyperparams_class()), knob)
         unread[name] = () if knob == "sparsity_penalty" else ("sparsity_penalty",)  # as frontier.verdicts
-    newest = {}  # a run again at a setting its loss does not read is one point, not two
+    newest = {}  # a run again at a setting its loss does not read is one point, not two: the newest completed
     for folder, who, info in index:
         if who["study"] == "baseline" and at_its_defaults.get(who["plugin"], lambda info: True)(info):
-            config = info.get("provenance", {}).get("config", {})
+            config = info.get("provenance", {}).get("config") or {"folder": str(folder)}
             alike = {k: v for k, v in config.items() if k not in ("device", "preset", *unread.get(who["plugin"], ()))}
-            newest[who["plugin"], json.dumps(alike, sort_keys=True, default=str)] = (folder, who, info)
+            key = (who["plugin"], json.dumps(alike, sort_keys=True, default=str))
+            if info.get("status") == "completed" or key not in newest:
+                newest.pop(key, None)  # re-inserted: the list stays oldest first
+                newest[key] = (folder, who, info)
     return list(newest.values())
 
 

@@ -355,6 +355,10 @@ def parse_grid(grid: list[str], seeds: int, seed: int) -> list[dict[str, str]]:
         if not sep or not values:
             raise HarnessError(f"--grid '{item}' must look like key=value1,value2")
         axes[key] = [v.strip() for v in values.split(",") if v.strip()]
+        if key == "seed":
+            raise HarnessError(f"--grid {item}: seeds come from --seed and --seeds, not the grid")
+        if len(set(axes[key])) < len(axes[key]):
+            raise HarnessError(f"--grid {item} names a value twice; name each once")
     if seeds < 1:
         raise HarnessError(f"--seeds must be at least 1, got {seeds}")
     combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
@@ -362,7 +366,8 @@ def parse_grid(grid: list[str], seeds: int, seed: int) -> list[dict[str, str]]:
 
 
 def sweep_jobs(plugin: Plugin, preset: str, grid: list[str], seeds: int, overrides: dict[str, Any],
-               sweep_dir: Path) -> list[Job]:
+               within: Path) -> list[Job]:
+    """Each grid point × seed as a job whose run folder is within/<key=value,...,seed=S>."""
     combos, jobs = parse_grid(grid, seeds, overrides.pop("seed")), []
     hyperparams = [f.name for f in dataclasses.fields(plugin.hyperparams_class)]
     for key in set(combos[0]) - set(SWEEPABLE) - set(hyperparams) - {"seed"}:
@@ -372,7 +377,7 @@ def sweep_jobs(plugin: Plugin, preset: str, grid: list[str], seeds: int, overrid
         seed = int(settings.pop("seed"))
         cfg = job_config(plugin, preset, settings, {**overrides, "seed": seed})
         label = ",".join(f"{k}={v}" for k, v in settings.items()) + f",seed={seed}"
-        jobs.append(Job(cfg, plugin, sweep_dir / re.sub(r"[^\w.,=-]", "_", label), label.lstrip(",")))
+        jobs.append(Job(cfg, plugin, within / re.sub(r"[^\w.,=-]", "_", label), label.lstrip(",")))
     return jobs
 
 

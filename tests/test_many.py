@@ -87,6 +87,8 @@ def test_a_sweep_s_folder_is_that_of_its_runs_code_and_configs_however_they_were
     ("nope=1,2", "--grid nope"),
     ("sparsity_penalty", "must look like key=value1,value2"),
     ("k=4", "--grid k"),
+    ("seed=42,43", "seeds come from --seed and --seeds"),
+    ("sparsity_penalty=0.01,0.01", "names a value twice"),
 ])
 def test_a_bad_grid_is_refused_before_any_work(tmp_path, grid, message, monkeypatch):
     monkeypatch.setattr(studies, "execute", lambda *a, **k: pytest.fail("work started"))

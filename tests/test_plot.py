@@ -431,8 +431,15 @@ def test_a_baseline_run_off_its_plugin_s_defaults_is_neither_on_its_curve_nor_ru
     assert "0.900 ± 0.01 at L0 80" in frontier_caption("zscore_ortho", "c")
     again = sweep_copy(runs, source, "baseline/run_0_topk", "topk_b_again", 40.0, 0.7, 0.01, sparsity_penalty=9.0,
                        hyperparams={**defaults, "k": 64})  # topk_b again, at a setting TopK does not read
-    assert [f for f, _, _ in plot.reference_baselines(run_index(runs))] == [runs / "sweeps" / "topk_a", again,
-                                                                            stray]
+    failed = sweep_copy(runs, source, "baseline/run_0_topk", "topk_b_failed", 40.0, 0.7, 0.01, sparsity_penalty=8.0,
+                        hyperparams={**defaults, "k": 64})
+    edit_info(failed, lambda info: info.update(status="failed"))
+    relu = [sweep_copy(runs, source, "baseline/run_0_baseline", f"relu_{penalty}", 10.0 / penalty, 0.5, 0.01,
+                       sparsity_penalty=penalty, hyperparams={"b_dec_init": "geometric_median"}) for penalty in (1, 2)]
+    index = run_index(runs)
+    kept = [folder for folder, _, _ in plot.reference_baselines(index)]
+    assert set(kept) == {runs / "sweeps" / "topk_a", stray, again, *relu}  # ReLU's own knob: two points
+    assert kept == [folder for folder, _, _ in index if folder in kept]  # oldest first, as the index
 
 
 def test_differences_far_below_the_noise_are_not_drawn_as_a_slope(runs):
