@@ -631,11 +631,13 @@ class Point:
 
 
 def frontier_points(infos: list[dict], name: str) -> list[Point]:
-    """One plugin's completed runs as points sorted by L0: runs of one config (the seed aside)
-    pooled into their mean, with the standard error across seeds (one seed: its bootstrap SE)."""
+    """One plugin's completed runs as points sorted by L0: runs of one config (the seed, device and
+    preset name aside) pooled into their mean, with the standard error across seeds (one seed: its
+    bootstrap SE)."""
     groups: dict[str, list[dict]] = {}
     for info in infos:
-        config = {k: v for k, v in info.get("provenance", {}).get("config", {}).items() if k != "seed"}
+        config = {k: v for k, v in info.get("provenance", {}).get("config", {}).items()
+                  if k not in ("seed", "device", "preset")}  # as studies.comparable: the values, not their names
         groups.setdefault(json.dumps(config, sort_keys=True, default=str), []).append(info)
     points = []
     for group in groups.values():

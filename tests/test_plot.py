@@ -390,8 +390,9 @@ def test_the_frontier_draws_each_baseline_sweep_as_a_curve_and_pools_a_plugin_s_
     source = runs / PLUGINS[0] / STAMP
     for i, (l0, ce) in enumerate([(10.0, 0.5), (40.0, 0.7), (160.0, 0.9)]):
         sweep_copy(runs, source, "baseline/run_0_baseline", f"base{i}", l0, ce, 0.01, sparsity_penalty=0.1 * i)
-    for seed, (l0, ce) in zip((1, 2), [(30.0, 0.80), (50.0, 0.84)]):  # two seeds of one setting: one point
-        sweep_copy(runs, source, "zscore_ortho/run_1_initial", f"z{seed}", l0, ce, 0.5, seed=seed, lr=0.5)
+    for seed, (l0, ce), preset in zip((1, 2), [(30.0, 0.80), (50.0, 0.84)], ("tiny", "tiny-named-otherwise")):
+        sweep_copy(runs, source, "zscore_ortho/run_1_initial", f"z{seed}", l0, ce, 0.5, seed=seed, lr=0.5,
+                   preset=preset)  # two seeds of one setting, whatever its preset was called: one point
     fig = figures(runs, "zscore_ortho", make=lambda rs: plot.frontier_figures(rs, [
         read_run(f) for f in find_runs(runs)]))["frontier_ce_loss_score.png"]
     ax = fig.axes[0]
