@@ -467,7 +467,9 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
     """Run cfg.steps optimizer steps over a seeded permutation of the cached activations,
     logging every cfg.log_every steps to train_log.jsonl and checkpointing every
     cfg.checkpoint_every steps, at the last step (an interrupted evaluation resumes there) and on
-    Ctrl-C, each with the plugin's code hash and the wall time since `started` (a perf_counter). Under torchrun each rank takes its shard of every batch and only rank 0 writes. Returns the final loss terms."""
+    Ctrl-C, each with the plugin's code hash and the wall time since `started` (a perf_counter).
+    Under torchrun each rank takes its shard of every batch and only rank 0 writes. Returns the
+    final loss terms."""
     leader, shard = rank == 0, cfg.batch_size // world
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))
     fired_at = torch.full((cfg.dict_size,), -1, dtype=torch.long, device=device)

@@ -457,22 +457,16 @@ def verdicts(info: dict, index: Index, plugin_name: str, knob_of: Callable[[str]
             found[name] = dict(not_judged=f"none of its runs was trained at this run's {', '.join(MATCHED_SETTINGS)}"
                                           + (" and its plugin's defaults" if defaults_of else ""))
             continue
-        unread = () if own_knob == "sparsity_penalty" else ("sparsity_penalty",)  # no L1 term: not a setting of it
-        knob = swept_knob([other for _, other in runs], own_knob, unread)
+        knob = swept_knob([other for _, other in runs], own_knob, unread_settings(own_knob))
         if knob is None:
             found[name] = dict(not_judged="its runs vary more than one setting: no frontier of one knob")
             continue
-        newest = {json.dumps([other["provenance"]["config"].get("seed"), _knob_value(other, knob)]): (folder, other)
-                  for folder, other in runs}  # a run again (at a setting it does not read) is no second seed
-        records = [_record(other, knob, folder) for folder, other in newest.values()]
+        records = [_record(other, knob, folder) for folder, other in runs]
+        records = list({json.dumps([r["seed"], r["knob"][1]]): r for r in records}.values())  # the newest of each:
+        # a run again, at a setting its loss does not read, is no second seed
         found[name] = dict(knob=knob, points=len(records), swept=list(dict.fromkeys(r["knob"][1] for r in records)),
                            metrics=verdict(run, build_frontiers(records), rows_of=rows_of, score_of=score_of))
     return found
-
-
-def _knob_value(info: dict, knob: str) -> Any:
-    config = info["provenance"]["config"]
-    return config[knob] if knob in config else config["hyperparams"].get(knob)
 
 
 def _record(info: dict, knob: str, folder: Path | None) -> dict:
@@ -541,6 +535,12 @@ def _same_setting(parent: dict, run: dict, hyperparams: dict | None) -> bool:
     apart = {"seed", "device", "plugin", "evals", "log_every", "checkpoint_every", "hyperparams"}
     return (all(mine.get(k) == theirs.get(k) for k in (mine.keys() | theirs.keys()) - apart)
             and (hyperparams is None or _as_saved(theirs.get("hyperparams")) == _as_saved(hyperparams)))
+
+
+def unread_settings(knob: str) -> tuple[str, ...]:
+    """The run settings a baseline's loss does not read: sparsity_penalty, unless it is its knob (an
+    architecture with a knob of its own has no L1 term)."""
+    return () if knob == "sparsity_penalty" else ("sparsity_penalty",)
 
 
 def swept_knob(infos: list[dict], default: str, unread: Sequence[str] = ()) -> str | None:

@@ -46,7 +46,7 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
-from frontier import at_defaults, matched  # noqa: E402
+from frontier import at_defaults, matched, unread_settings  # noqa: E402
 from runs import Index, Run, identify, newest, read_json, read_run, run_index  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def reference_baselines(index: Index) -> Index:
             continue
         knob = plugin.sae_class.sparsity_knob
         at_its_defaults[name] = at_defaults(dataclasses.asdict(plugin.hyperparams_class()), knob)
-        unread[name] = () if knob == "sparsity_penalty" else ("sparsity_penalty",)  # as frontier.verdicts
+        unread[name] = unread_settings(knob)
     newest = {}  # a run again at a setting its loss does not read is one point, not two: the newest completed
     for folder, who, info in index:
         if who["study"] == "baseline" and at_its_defaults.get(who["plugin"], lambda info: True)(info):
