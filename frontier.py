@@ -24,7 +24,9 @@ sorted by L0, plus "excluded": why a record was left out (L0 not positive, value
 The rules:
 - `interpolate`: linear in log L0 between the two points that bracket the L0 (its uncertainty is
   the same interpolation of theirs); never extrapolated: outside the sweep's L0 range it gives
-  value None and the reason.
+  value None and the reason. A frontier bends (concave in log L0, MCC peaked), so the chord is off
+  by its curvature: where a third point neighbours the pair, the chord's distance from the parabola
+  through the three is Δ's "interpolation" part (a systematic error, counted as known).
 - Δ = run − baseline, raw, in the metric's own units and sign; the word carries the direction
   (`higher_is_better`, default `HIGHER_IS_BETTER`).
 - Δ's uncertainty, where the run and the points it is matched against all kept their per-context
@@ -32,15 +34,17 @@ The rules:
   (`paired_se`: one resample of contexts scores both sides, the baseline through the same
   interpolation weights), and each side's seed-to-seed spread over its seeds' mean (the run's own,
   the baseline architecture's pooled over its swept points: `seed_spread`; a side without one
-  borrows the other's), in quadrature; entry["pairing"] says "paired over N evaluation contexts".
-  Otherwise ("unpaired: why") the run's and the baseline's standard errors in quadrature. A
+  borrows the other's: then the two parts are one estimate, with the lender's degrees of freedom),
+  in quadrature; entry["pairing"] says "paired over N evaluation contexts". Otherwise ("unpaired:
+  why") the run's and the baseline's standard errors in quadrature, each of several seeds with
+  the seeds' degrees of freedom. A
   missing part counts as zero (entry["uncertainty_parts"] shows which are known); with none known
   it is None.
 - The word: "better" if Δ is beyond Z_BETTER (2) uncertainties in the good direction, "worse" if
   in the bad one, else "tied". With no uncertainty, "tied" only on exact equality, and the word
   ends in " (no uncertainty)". "not converged" instead where the run or a baseline point it is
-  matched against was still moving (runs.convergence); with one seed of the run the word ends in
-  "(one seed: provisional)". entry["seeds"], entry["convergence"] say what it stands on.
+  matched against was still moving (runs.convergence); with one seed of the run holding the metric
+  the word ends in "(one seed: provisional)". entry["seeds"], entry["convergence"] say what it stands on.
 - Outside the sweep: "outside the baseline sweep: widen it", with entry["suggest"], the knob value
   to add: the sweep's two end points on the run's side, fitted as a line in log(knob) against
   log(L0) and followed to AIM_PAST (1.25×) beyond the run's L0 (a one-point sweep, or a fit with
@@ -206,12 +210,29 @@ def interpolate(frontier: dict, l0: float) -> dict:
     i = next(i for i in range(len(points) - 1) if points[i]["l0"] < l0 < points[i + 1]["l0"])
     a, b = points[i], points[i + 1]
     t = (math.log(l0) - math.log(a["l0"])) / (math.log(b["l0"]) - math.log(a["l0"]))
+    chord = (1 - t) * a["value"] + t * b["value"]
     # Interpolating the standard errors (not adding them in quadrature) keeps a point's own
     # uncertainty when t is 0 or 1; either unknown leaves it unknown.
     known = a["uncertainty"] is not None and b["uncertainty"] is not None
-    return {"value": (1 - t) * a["value"] + t * b["value"],
-            "uncertainty": (1 - t) * a["uncertainty"] + t * b["uncertainty"] if known else None,
-            "between": [a["knob_value"], b["knob_value"]], "reason": None, "weights": [(a, 1 - t), (b, t)]}
+    return {"value": chord, "uncertainty": (1 - t) * a["uncertainty"] + t * b["uncertainty"] if known else None,
+            "between": [a["knob_value"], b["knob_value"]], "reason": None, "weights": [(a, 1 - t), (b, t)],
+            "chord_error": chord_error(points, i, l0, chord)}
+
+
+def chord_error(points: list[dict], i: int, l0: float, chord: float) -> float | None:
+    """How far the chord between points i and i + 1 lies from the parabola (in log L0) through them
+    and the third point nearest `l0` beside them; None where the sweep has no third point."""
+    beside = [j for j in (i - 1, i + 2) if 0 <= j < len(points)]
+    if not beside:
+        return None
+    c = points[min(beside, key=lambda j: abs(math.log(points[j]["l0"]) - math.log(l0)))]
+    xs = [math.log(p["l0"]) for p in (points[i], points[i + 1], c)]
+    if len(set(xs)) < 3:
+        return None
+    x = math.log(l0)
+    parabola = sum(p["value"] * math.prod((x - xs[k]) / (xs[j] - xs[k]) for k in range(3) if k != j)
+                   for j, p in enumerate((points[i], points[i + 1], c)))
+    return abs(parabola - chord)
 
 
 def _two_significant(x: float, whole: bool) -> float | int:
@@ -261,15 +282,17 @@ def _word(delta: float, uncertainty: float | None, higher_is_better: bool, neede
     return "tied"
 
 
-def standard_errors_needed(parts: dict[str, float | None], dofs: dict[str, int]) -> float:
+def standard_errors_needed(parts: dict[str, float | None], dofs: dict[str | tuple[str, ...], int]) -> float:
     """How many standard errors Δ must clear: Z_BETTER, or Student's t 97.5% quantile at the
     Welch–Satterthwaite degrees of freedom of Δ's uncertainty where that is more. A spread
     measured on a few seeds is itself uncertain (two seeds each: about 3 degrees of freedom, t 3.2);
-    a part without degrees of freedom in `dofs` (a bootstrap's) counts as exactly known."""
+    `dofs` maps a part, or a tuple of parts that are one estimate, to its degrees of freedom; a part
+    without any (a bootstrap's) counts as exactly known."""
     from scipy.stats import t
 
     known = {name: u for name, u in parts.items() if u}
-    spread = sum(u ** 4 / dofs[name] for name, u in known.items() if dofs.get(name))
+    groups = {names if isinstance(names, tuple) else (names,): dof for names, dof in dofs.items() if dof}
+    spread = sum(sum(known.get(n, 0.0) ** 2 for n in names) ** 2 / dof for names, dof in groups.items())
     if not spread:
         return Z_BETTER
     return max(Z_BETTER, float(t.ppf(0.975, sum(u * u for u in known.values()) ** 2 / spread)))
@@ -307,16 +330,19 @@ def verdict(run: dict, frontiers: dict[str, dict], higher_is_better: dict[str, b
             continue
         delta = value - base["value"]
         parts, dofs, pairing = _noise(name, run, base, frontier, rows_of, score_of)
+        if base.get("chord_error"):
+            parts["interpolation"] = base["chord_error"]
         known = [u for u in parts.values() if u is not None]
         uncertainty = math.sqrt(sum(u * u for u in known)) if known else None
         needed = standard_errors_needed(parts, dofs)
-        converged = {"run": _converged(run.get("convergence", [])),
+        convergence = run.get("convergence") or []  # a pooled record's list, or one seed's own dict
+        converged = {"run": _converged([convergence] if isinstance(convergence, dict) else convergence),
                      "baseline": _converged([c for p, _ in base["weights"] for c in p["convergence"]]),
                      "threshold": CONVERGED_WITHIN}
         word = _word(delta, uncertainty, directions[name], needed)
         if False in (converged["run"], converged["baseline"]):
             word = "not converged"
-        elif len(entry["seeds"]["run"]) < 2:
+        elif len(run.get("seed_values", {}).get(name) or entry["seeds"]["run"]) < 2:
             word = f"{word[:-1]}; one seed: provisional)" if word.endswith(")") else f"{word} (one seed: provisional)"
         entry.update(baseline=base["value"], delta=delta, uncertainty=uncertainty, between=base["between"],
                      uncertainty_parts=parts, standard_errors_needed=needed, word=word, pairing=pairing,
@@ -344,18 +370,29 @@ def _noise(name: str, run: dict, base: dict, frontier: dict, rows_of, score_of) 
         return *_seed_parts(name, run, base, frontier), "paired: the same ground-truth samples for every run"
     sides = [(1.0, run.get("folders", []))] + [(-w, p["folders"]) for p, w in base["weights"]]
     rows = [(w, [rows_of(f) if rows_of and f is not None else None for f in folders]) for w, folders in sides]
+    rows = [(w, [r if r is None or name in r else None for r in group]) for w, group in rows]
     counts = {len(r[name]) for _, group in rows for r in group if r is not None}
     why = ("no scoring of per-context rows was given" if score_of is None else
-           "a run or baseline point has no per-context rows (saved before they were kept)"
+           f"a run or baseline point has no per-context rows of {name} (saved before they were kept)"
            if not all(group and None not in group for _, group in rows) else
            "the runs were evaluated on different numbers of contexts" if len(counts) > 1 else None)
     if why:
-        return {"run": _finite(run.get("uncertainties", {}).get(name)), "baseline": base["uncertainty"]}, {}, \
-            f"unpaired: {why}"
+        return *_unpaired_parts(name, run, base), f"unpaired: {why}"
     contexts = counts.pop()
     seeds, dofs = _seed_parts(name, run, base, frontier)
     parts = {"contexts": paired_se(score_of(name), [(w, [r[name] for r in group]) for w, group in rows]), **seeds}
     return parts, {"contexts": contexts - 1, **dofs}, f"paired over {contexts} evaluation contexts"
+
+
+def _unpaired_parts(name: str, run: dict, base: dict) -> tuple[dict, dict]:
+    """The run's and the baseline's own standard errors, and the degrees of freedom of those taken
+    across seeds (a lone seed's bootstrap counts as known; the baseline's, interpolated between two
+    points, the fewer of theirs)."""
+    run_seeds = len(run.get("seed_values", {}).get(name, []))
+    base_dofs = [len(p["seed_values"]) - 1 for p, _ in base["weights"] if len(p["seed_values"]) > 1]
+    dofs = {"run": run_seeds - 1 if run_seeds > 1 else 0, "baseline": min(base_dofs, default=0)}
+    return ({"run": _finite(run.get("uncertainties", {}).get(name)), "baseline": base["uncertainty"]},
+            {part: dof for part, dof in dofs.items() if dof})
 
 
 def _seed_parts(name: str, run: dict, base: dict, frontier: dict) -> tuple[dict, dict]:
@@ -366,11 +403,14 @@ def _seed_parts(name: str, run: dict, base: dict, frontier: dict) -> tuple[dict,
     own = run.get("seed_values", {}).get(name, [])
     run_sd, run_dof = (float(np.std(own, ddof=1)), len(own) - 1) if len(own) > 1 else (None, 0)
     base_sd, base_dof = frontier["seed_spread"]["sd"], frontier["seed_spread"]["dof"]
+    borrowed = (run_sd is None) != (base_sd is None)
     run_sd, run_dof, base_sd, base_dof = (run_sd if run_sd is not None else base_sd, run_dof or base_dof,
                                           base_sd if base_sd is not None else run_sd, base_dof or run_dof)
     parts = {"run_seeds": None if run_sd is None else run_sd / math.sqrt(max(1, len(own))),
              "baseline_seeds": None if base_sd is None else base_sd * math.sqrt(
                  sum(w * w / len(p["seed_values"]) for p, w in base["weights"]))}
+    if borrowed:  # one spread measured once, on the lender's seeds: one estimate, not two
+        return parts, {("run_seeds", "baseline_seeds"): run_dof}
     return parts, {"run_seeds": run_dof, "baseline_seeds": base_dof}
 
 

@@ -1,6 +1,7 @@
 """A verdict with its true noise: convergence read from the train log, a paired bootstrap over the
-evaluation contexts the run and the baseline share, the seeds' spread, one seed provisional, a
-run pooled with its other seeds, and the baselines widened until they cover a study's runs; on
+evaluation contexts the run and the baseline share, the seeds' spread (with Student's t, a borrowed
+spread counted once), the chord's error on a bent frontier, one seed provisional, a run pooled
+with its other seeds, and the baselines widened until they cover a study's runs; on
 made-up runs (no model, no training). The calibration on tiny (an A/A test and a known-worse
 change, lr ÷ 3) trains five runs: e2e."""
 
@@ -315,3 +316,56 @@ def test_a_third_of_the_learning_rate_is_called_worse(calibration):
     assert got["explained_variance"]["convergence"]["run"] is True  # worse for its learning rate, not unfinished
     for name in ("explained_variance", "kl_div_score"):  # tiny's random model leaves the CE-loss score too noisy
         assert got[name]["word"] == "worse (one seed: provisional)", got[name]
+
+
+# ---- the rules' own errors: few seeds unpaired, a borrowed spread, a bent frontier -----------------
+
+def plain(l0, seed, value, se=None, converged=True):
+    """A record without per-context rows: the verdict is unpaired."""
+    return {"l0": l0, "metrics": {"ce_loss_score": value}, "knob": ("k", l0), "seed": seed,
+            "uncertainties": {"ce_loss_score": se} if se else {}, "convergence": {"converged": converged}}
+
+
+def test_an_unpaired_difference_measured_on_two_seeds_a_side_must_clear_students_t():
+    baseline = build_frontiers([plain(16, s, v) for s, v in enumerate((0.90, 0.92))]
+                               + [plain(64, s, v) for s, v in enumerate((0.95, 0.97))])
+    got = verdict(frontier.pool_seeds([plain(32, 0, 0.955), plain(32, 1, 0.965)]), baseline)["ce_loss_score"]
+    assert got["pairing"].startswith("unpaired") and 2 < got["delta"] / got["uncertainty"] < 2.5
+    assert got["standard_errors_needed"] > 4 and got["word"] == "tied"  # t at about 2 degrees of freedom, not 2
+
+
+def test_a_seed_spread_borrowed_from_the_baseline_counts_its_degrees_of_freedom_once():
+    got = judge([judged_record(math.sqrt(1000), 0.3, 5, 0.70, HARD)], two_seed_baseline())
+    from scipy.stats import t
+
+    pooled_over_two_points = 2  # one degree of freedom at each swept point; the contexts' part adds a little
+    assert got["standard_errors_needed"] == pytest.approx(t.ppf(0.975, pooled_over_two_points), rel=0.05)
+
+
+def test_a_bent_frontier_widens_the_verdict_by_the_chords_error():
+    bent = lambda l0: 1 - l0 ** -0.5  # noqa: E731 concave in log L0, as the CE-loss score is
+    baseline = build_frontiers([plain(l0, 0, bent(l0), se=0.002) for l0 in (16, 64, 256)])
+    got = verdict(frontier.pool_seeds([plain(32, 0, bent(32), se=0.002)]), baseline)["ce_loss_score"]
+    assert got["delta"] > 0.01  # the chord lies under the curve: the run sits exactly on it
+    assert got["uncertainty_parts"]["interpolation"] == pytest.approx(0.0078, abs=1e-4)
+    assert got["word"] == "tied (one seed: provisional)"
+    on_a_point = verdict(frontier.pool_seeds([plain(64, 0, bent(64), se=0.002)]), baseline)["ce_loss_score"]
+    assert "interpolation" not in on_a_point["uncertainty_parts"]
+
+
+def test_a_single_unpooled_record_still_moving_is_not_converged():
+    baseline = build_frontiers([plain(16, 0, 0.90, se=0.001), plain(64, 0, 0.95, se=0.001)])
+    assert verdict(plain(32, 0, 0.99, se=0.001, converged=False), baseline)["ce_loss_score"]["word"] == "not converged"
+
+
+def test_two_seeds_of_which_one_lacks_the_metric_are_one_seed_provisional():
+    baseline = build_frontiers([plain(16, 0, 0.90, se=0.001), plain(64, 0, 0.95, se=0.001)])
+    run = frontier.pool_seeds([plain(32, 0, 0.99, se=0.001), plain(32, 1, float("nan"))])
+    assert verdict(run, baseline)["ce_loss_score"]["word"].endswith("(one seed: provisional)")
+
+
+def test_per_context_rows_without_the_metric_make_the_verdict_unpaired_not_a_crash():
+    record = {**judged_record(math.sqrt(1000), 0.3, 5, 0.7, HARD), "folder": "rows-of-another-metric"}
+    ROWS["rows-of-another-metric"] = {"kl_div_score": contexts(0.7 + HARD)}
+    assert judge([record], two_seed_baseline())["pairing"] == (
+        "unpaired: a run or baseline point has no per-context rows of ce_loss_score (saved before they were kept)")
