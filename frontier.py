@@ -45,6 +45,8 @@ The rules:
   ends in " (no uncertainty)". "not converged" instead where the run or a baseline point it is
   matched against was still moving (runs.convergence); with one seed of the run holding the metric
   the word ends in "(one seed: provisional)". entry["seeds"], entry["convergence"] say what it stands on.
+- A "tied" where the chord's error is most of the uncertainty carries entry["suggest"] too: the knob
+  value between the two points (`fill_knob`), which `study` adds as it widens.
 - Outside the sweep: "outside the baseline sweep: widen it", with entry["suggest"], the knob value
   to add: the sweep's two end points on the run's side, fitted as a line in log(knob) against
   log(L0) and followed to AIM_PAST (1.25×) beyond the run's L0 (a one-point sweep, or a fit with
@@ -235,6 +237,22 @@ def chord_error(points: list[dict], i: int, l0: float, chord: float) -> float | 
     return abs(parabola - chord)
 
 
+def fill_knob(knob: str, base: dict, parts: dict[str, float | None]) -> dict | None:
+    """Where the chord's error is most of Δ's uncertainty, the knob value between the two points that
+    would decide it: {"knob", "value" (their geometric mean), "side": "between", "text"}; else None."""
+    chord = parts.get("interpolation") or 0.0
+    if chord ** 2 <= sum(u * u for name, u in parts.items() if u and name != "interpolation"):
+        return None
+    a, b = base["between"]
+    whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (a, b))
+    value = _two_significant(math.sqrt(a * b), whole) if a > 0 and b > 0 else None
+    if value is None or value in (a, b):
+        return None
+    return {"knob": knob, "value": value, "side": "between",
+            "text": f"add {knob}={value} (the sweep bends between {knob}={a} and {b}: its chord may be off by "
+                    f"{chord:.2g} at this L0)"}
+
+
 def _two_significant(x: float, whole: bool) -> float | int:
     rounded = float(f"{x:.2g}")
     return max(1, int(round(rounded))) if whole else rounded
@@ -330,7 +348,7 @@ def verdict(run: dict, frontiers: dict[str, dict], higher_is_better: dict[str, b
             continue
         delta = value - base["value"]
         parts, dofs, pairing = _noise(name, run, base, frontier, rows_of, score_of)
-        if base.get("chord_error"):
+        if base.get("chord_error") and any(u is not None for u in parts.values()):  # else: "(no uncertainty)"
             parts["interpolation"] = base["chord_error"]
         known = [u for u in parts.values() if u is not None]
         uncertainty = math.sqrt(sum(u * u for u in known)) if known else None
@@ -346,7 +364,8 @@ def verdict(run: dict, frontiers: dict[str, dict], higher_is_better: dict[str, b
             word = f"{word[:-1]}; one seed: provisional)" if word.endswith(")") else f"{word} (one seed: provisional)"
         entry.update(baseline=base["value"], delta=delta, uncertainty=uncertainty, between=base["between"],
                      uncertainty_parts=parts, standard_errors_needed=needed, word=word, pairing=pairing,
-                     convergence=converged,
+                     convergence=converged, suggest=fill_knob(frontier["knob"], base, parts) if word.startswith(
+                         "tied") else None,
                      seeds={**entry["seeds"],
                             "baseline": {str(p["knob_value"]): p["seeds"] for p, _ in base["weights"]}})
     return out

@@ -109,8 +109,9 @@ def verdict_lines(found: dict[str, Any]) -> str:
                 f" ± {entry['uncertainty']:.2g})" if entry.get("uncertainty") is not None else ")")
             words.append(f"{metric} {entry['word']}{delta}")
         footing = next((f for entry in entries if (f := footing_of(entry))), "")
+        fill = next((e["suggest"]["text"] for e in entries if (e.get("suggest") or {}).get("side") == "between"), "")
         lines.append(f"Against {name} ({runs}) at this L0: " + "; ".join(words) + (f" [{footing}]" if footing else "")
-                     + "\n")
+                     + (f"; to decide it, {fill}" if fill else "") + "\n")
     return "".join(lines)
 
 

@@ -283,26 +283,32 @@ def cover(rows: list[dict], preset: str, overrides: dict[str, Any], seeds: int, 
 def widening(rows: list[dict], cap: int) -> dict[str, tuple[str, list]]:
     """{baseline: (knob, values to add)}: per baseline whose sweep leaves a study run of `rows`
     outside (on any metric: the suggestion depends on L0 alone), the knob value suggested for the
-    lowest-L0 run below it and for the highest above it, where not swept yet, while its sweep (the
-    knob values its verdicts were judged on) holds fewer than `cap` knob values."""
-    ends: dict[str, dict] = {}  # baseline -> {"knob", "swept", "below": (L0, value), "above": (L0, value)}
+    lowest-L0 run below it and for the highest above it, then those that fill a gap whose bend left
+    a run tied (frontier.fill_knob), where not swept yet, while its sweep (the knob values its
+    verdicts were judged on) holds fewer than `cap` knob values."""
+    ends: dict[str, dict] = {}  # baseline -> {"knob", "swept", "below": (L0, value), "above": (L0, value), "between"}
     for row in rows:
         l0 = headline(row["info"], "L0")
         if row["info"].get("run", {}).get("study") == "baseline" or l0 is None:
             continue
         for name, found in row["info"].get("verdict", {}).items():
-            suggest = next((m["suggest"] for m in found.get("metrics", {}).values() if m.get("suggest")), None)
-            if suggest and suggest["value"] is not None:
-                end = ends.setdefault(name, {"knob": found["knob"], "swept": set()})
+            for suggest in [m["suggest"] for m in found.get("metrics", {}).values() if m.get("suggest")]:
+                if suggest["value"] is None:
+                    continue
+                end = ends.setdefault(name, {"knob": found["knob"], "swept": set(), "between": set()})
                 end["swept"].update(json.dumps(value) for value in found.get("swept", []))
+                if suggest["side"] == "between":
+                    end["between"].add(suggest["value"])
+                    continue
                 kept = end.get(suggest["side"])
                 if kept is None or (l0 < kept[0] if suggest["side"] == "below" else l0 > kept[0]):
                     end[suggest["side"]] = (l0, suggest["value"])
     wanted = {}
     for name, end in ends.items():
         room = max(0, cap - len(end["swept"]))
-        new = sorted({end[side][1] for side in ("below", "above")
-                      if side in end and json.dumps(end[side][1]) not in end["swept"]})[:room]
+        outside = sorted({end[side][1] for side in ("below", "above") if side in end})
+        between = sorted(end["between"] - set(outside))
+        new = [value for value in [*outside, *between] if json.dumps(value) not in end["swept"]][:room]
         if new:
             wanted[name] = (end["knob"], new)
     return wanted

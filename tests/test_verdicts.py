@@ -331,14 +331,14 @@ def test_an_unpaired_difference_measured_on_two_seeds_a_side_must_clear_students
                                + [plain(64, s, v) for s, v in enumerate((0.95, 0.97))])
     got = verdict(frontier.pool_seeds([plain(32, 0, 0.955), plain(32, 1, 0.965)]), baseline)["ce_loss_score"]
     assert got["pairing"].startswith("unpaired") and 2 < got["delta"] / got["uncertainty"] < 2.5
-    assert got["standard_errors_needed"] > 4 and got["word"] == "tied"  # t at about 2 degrees of freedom, not 2
+    assert got["standard_errors_needed"] > 4 and got["word"] == "tied"  # Student's t at the seeds' few dof, not 2
 
 
 def test_a_seed_spread_borrowed_from_the_baseline_counts_its_degrees_of_freedom_once():
     got = judge([judged_record(math.sqrt(1000), 0.3, 5, 0.70, HARD)], two_seed_baseline())
     from scipy.stats import t
 
-    pooled_over_two_points = 2  # one degree of freedom at each swept point; the contexts' part adds a little
+    pooled_over_two_points = 2  # one degree of freedom at each swept point
     assert got["standard_errors_needed"] == pytest.approx(t.ppf(0.975, pooled_over_two_points), rel=0.05)
 
 
@@ -349,8 +349,30 @@ def test_a_bent_frontier_widens_the_verdict_by_the_chords_error():
     assert got["delta"] > 0.01  # the chord lies under the curve: the run sits exactly on it
     assert got["uncertainty_parts"]["interpolation"] == pytest.approx(0.0078, abs=1e-4)
     assert got["word"] == "tied (one seed: provisional)"
+    assert (got["suggest"]["value"], got["suggest"]["side"]) == (32, "between")  # the knob that would decide it
     on_a_point = verdict(frontier.pool_seeds([plain(64, 0, bent(64), se=0.002)]), baseline)["ce_loss_score"]
-    assert "interpolation" not in on_a_point["uncertainty_parts"]
+    assert "interpolation" not in on_a_point["uncertainty_parts"] and on_a_point["suggest"] is None
+    noisy = verdict(frontier.pool_seeds([plain(32, 0, bent(32), se=0.02)]), baseline)["ce_loss_score"]
+    assert noisy["word"].startswith("tied") and noisy["suggest"] is None  # the run's own noise decides: no gap to fill
+    unmeasured = verdict(frontier.pool_seeds([plain(32, 0, bent(32))]), build_frontiers(
+        [plain(l0, 0, bent(l0)) for l0 in (16, 64, 256)]))["ce_loss_score"]  # one seed a side, no bootstrap
+    assert unmeasured["uncertainty"] is None and "(no uncertainty" in unmeasured["word"]
+
+
+def test_a_tie_the_chord_decides_names_the_knob_to_add_in_the_notebook_and_study_adds_it():
+    from notebook import verdict_lines
+
+    bent = lambda l0: 1 - l0 ** -0.5  # noqa: E731
+    baseline = build_frontiers([plain(l0, 0, bent(l0), se=0.002) for l0 in (16, 64, 256)])
+    got = verdict(frontier.pool_seeds([plain(32, 0, bent(32), se=0.002)]), baseline)["ce_loss_score"]
+    line = verdict_lines({"run_0_topk": {"knob": "k", "points": 3, "metrics": {"ce_loss_score": got}}})
+    assert line.rstrip().endswith("; to decide it, add k=32 (the sweep bends between k=16 and 64: its chord may be "
+                                  "off by 0.0078 at this L0)")
+    tied = {"label": "L0 32", "info": {"run": {"study": "s"}, "metrics": {"sparsity": {"l0": 32}}, "verdict": {
+        "run_0_topk": {"knob": "k", "swept": [16, 64, 256], "metrics": {"ce_loss_score": got}}}}}
+    rows = [tied, outside_row(600, 750, "above", swept=(16, 64, 256))]
+    assert studies.widening(rows, cap=5) == {"run_0_topk": ("k", [750, 32])}  # the sweep's ends first
+    assert studies.widening(rows, cap=4) == {"run_0_topk": ("k", [750])}
 
 
 def test_a_single_unpooled_record_still_moving_is_not_converged():
