@@ -171,9 +171,9 @@ PROVISIONAL = " (one seed: provisional)"
 def study_reading(rows: list[dict], metric: str, label: str) -> list[str]:
     """The study's verdicts and steps in words, generated from them: per baseline, the runs by verdict
     with Δ ± its standard error; then each run against the run it builds on, where that is in the
-    study, Δ of the judged metric and of L0 against the noise of a difference of two runs: √2 × the
-    run's seed-to-seed standard deviation (its verdict's `run_seeds` part, measured or borrowed from
-    the baselines' seeds)."""
+    study, Δ of the judged metric and of L0 against the noise of a difference of two runs: √2 × its
+    verdict's `run_seeds` part (the seed-to-seed standard deviation, measured or borrowed from the
+    baselines' seeds, over √seeds: one seed's is the deviation itself)."""
     runs = {row["info"]["run"]["plugin"]: row["info"] for row in rows
             if row["info"].get("run", {}).get("study") not in (None, "baseline")}
     by_baseline: dict[str, dict[str, list[str]]] = {}
