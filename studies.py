@@ -268,8 +268,7 @@ def cover(rows: list[dict], preset: str, overrides: dict[str, Any], seeds: int, 
     (`rows` are judged again after each round)."""
     added: list[dict] = []
     tried: set[tuple[str, str]] = set()  # a value whose runs failed is not asked for again
-    while wanted := {name: (knob, new) for name, (knob, values) in widening(rows, cap).items()
-                     if (new := [v for v in values if (name, json.dumps(v)) not in tried])}:
+    while wanted := widening(rows, cap, tried):
         for name, (knob, values) in wanted.items():
             tried.update((name, json.dumps(v)) for v in values)
             grid = [f"{knob}={','.join(str(v) for v in values)}"]
@@ -280,12 +279,12 @@ def cover(rows: list[dict], preset: str, overrides: dict[str, Any], seeds: int, 
     return added
 
 
-def widening(rows: list[dict], cap: int) -> dict[str, tuple[str, list]]:
+def widening(rows: list[dict], cap: int, tried: set[tuple[str, str]] = frozenset()) -> dict[str, tuple[str, list]]:
     """{baseline: (knob, values to add)}: per baseline whose sweep leaves a study run of `rows`
     outside (on any metric: the suggestion depends on L0 alone), the knob value suggested for the
     lowest-L0 run below it and for the highest above it, then those that fill a gap whose bend left
-    a run tied (frontier.fill_knob), where not swept yet, while its sweep (the knob values its
-    verdicts were judged on) holds fewer than `cap` knob values."""
+    a run tied (frontier.fill_knob), where neither swept nor `tried` yet ((baseline, JSON of the
+    value)), while its sweep (the knob values its verdicts were judged on) holds fewer than `cap`."""
     ends: dict[str, dict] = {}  # baseline -> {"knob", "swept", "below": (L0, value), "above": (L0, value), "between"}
     for row in rows:
         l0 = headline(row["info"], "L0")
@@ -308,7 +307,8 @@ def widening(rows: list[dict], cap: int) -> dict[str, tuple[str, list]]:
         room = max(0, cap - len(end["swept"]))
         outside = sorted({end[side][1] for side in ("below", "above") if side in end})
         between = sorted(end["between"] - set(outside))
-        new = [value for value in [*outside, *between] if json.dumps(value) not in end["swept"]][:room]
+        new = [value for value in [*outside, *between]
+               if json.dumps(value) not in end["swept"] and (name, json.dumps(value)) not in tried][:room]
         if new:
             wanted[name] = (end["knob"], new)
     return wanted

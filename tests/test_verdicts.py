@@ -373,6 +373,14 @@ def test_a_tie_the_chord_decides_names_the_knob_to_add_in_the_notebook_and_study
     rows = [tied, outside_row(600, 750, "above", swept=(16, 64, 256))]
     assert studies.widening(rows, cap=5) == {"run_0_topk": ("k", [750, 32])}  # the sweep's ends first
     assert studies.widening(rows, cap=4) == {"run_0_topk": ("k", [750])}
+    assert studies.widening(rows, cap=4, tried={("run_0_topk", "750")}) == {"run_0_topk": ("k", [32])}  # it failed
+
+
+def test_a_gap_whose_middle_rounds_onto_or_past_an_end_asks_for_nothing():
+    def fill(a, b):
+        return frontier.fill_knob("k", {"between": [a, b]}, {"interpolation": 0.01})
+    assert fill(125, 128) is None and fill(1, 2) is None and fill(0.0101, 0.0104) is None and fill(0, 8) is None
+    assert fill(2, 4)["value"] == 3 and fill(16, 64)["value"] == 32 and fill(0.3, 1.0)["value"] == 0.55
 
 
 def test_a_single_unpooled_record_still_moving_is_not_converged():
