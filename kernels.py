@@ -170,13 +170,18 @@ def machine_key(batch: int, d_in: int, d_sae: int) -> str:
 
 
 def cpu_model() -> str:
-    """The CPU's model name, as Linux reports it."""
+    """The CPU's model name, as Linux reports it, with its family, model and stepping where it names
+    them (a VM's name, "AMD EPYC", can hide two generations whose kernels round differently)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         lines = []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
+    first = {}
+    for key, _, value in (line.partition(":") for line in lines):
+        first.setdefault(key.strip(), value.strip())
+    name = first.get("model name") or platform.processor() or platform.machine()
+    ids = ", ".join(f"{key} {first[key]}" for key in ("cpu family", "model", "stepping") if first.get(key))
+    return f"{name} ({ids})" if ids else name
 
 
 def sparse_below(batch: int, d_in: int, d_sae: int, cache_dir: Path, measure=None) -> float:

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kernels import cpu_model
+
 CHECKPOINT = "checkpoint.pt"  # an unfinished run's resumable state; removed once the run is completed
 
 
@@ -338,7 +340,7 @@ def provenance(config: dict, plugin: str, source_sha256: str, device: torch.devi
                 git_dirty=bool(git("status", "--porcelain")), package_versions=versions,
                 python=sys.version.split()[0], device=str(device),
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                torch_threads=torch.get_num_threads(), wall_time_s=round(wall_time, 2))
+                cpu=cpu_model(), torch_threads=torch.get_num_threads(), wall_time_s=round(wall_time, 2))
 
 
 def save_checkpoint(run_dir: Path, step: int, sae, trainer, fired_at: torch.Tensor,

@@ -43,6 +43,7 @@ def test_run_writes_complete_run_folder(run_tiny):
     prov = info["provenance"]
     assert prov["seed"] == 42 and len(prov["plugin_source_sha256"]) == 64
     assert prov["package_versions"]["sae-bench"] and prov["config"]["tokens"] == 8192
+    assert prov["cpu"] == kernels.cpu_model() and prov["torch_threads"] >= 1  # what its last digits depend on
     for name in ("config.json", "train_log.jsonl", "sae_weights.safetensors", "cfg.json",
                  "plugin_state.safetensors", "feature_metrics.json"):
         assert (run_dir / name).exists(), name

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,6 +74,17 @@ def test_the_switch_point_is_measured_once_per_machine_and_shape_then_read_back(
     assert kernels.cpu_model() in key and torch.__version__ in key and "7 threads" in key
     torch.use_deterministic_algorithms(not torch.are_deterministic_algorithms_enabled())
     assert kernels.machine_key(512, 640, 2048) != key, "deterministic kernels time differently"
+
+
+def test_the_cpu_model_names_its_family_model_and_stepping_where_linux_gives_them(monkeypatch, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                    "model name\t: AMD EPYC\nstepping\t: 1\n\nprocessor\t: 1\nmodel name\t: AMD EPYC\n")
+    real = Path
+    monkeypatch.setattr(kernels, "Path", lambda p: info if p == "/proc/cpuinfo" else real(p))
+    assert kernels.cpu_model() == "AMD EPYC (cpu family 25, model 17, stepping 1)"
+    info.write_text("model name\t: Some CPU\n")
+    assert kernels.cpu_model() == "Some CPU"
 
 
 def test_the_switch_point_is_where_the_sparse_pass_s_time_line_crosses_the_dense_time(monkeypatch):
