@@ -243,14 +243,14 @@ def fill_knob(knob: str, base: dict, parts: dict[str, float | None]) -> dict | N
     chord = parts.get("interpolation") or 0.0
     if chord ** 2 <= sum(u * u for name, u in parts.items() if u and name != "interpolation"):
         return None
-    a, b = (_finite(v) for v in base["between"])
-    if a is None or b is None or min(a, b) <= 0:
-        return None
-    whole = all(isinstance(v, int) and not isinstance(v, bool) for v in base["between"])
-    value = _two_significant(math.sqrt(a * b), whole)
-    if not min(a, b) < value < max(a, b):  # rounded onto or past an end: no point to add
-        return None
     a, b = base["between"]
+    ends = sorted(x for x in map(_finite, (a, b)) if x is not None and x > 0)
+    if len(ends) < 2:
+        return None
+    whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (a, b))
+    value = _two_significant(math.sqrt(ends[0] * ends[1]), whole)
+    if not ends[0] < value < ends[1]:  # rounded onto or past an end: no point to add
+        return None
     return {"knob": knob, "value": value, "side": "between",
             "text": f"add {knob}={value} (the sweep bends between {knob}={a} and {b}: its chord may be off by "
                     f"{chord:.2g} at this L0)"}

@@ -291,11 +291,12 @@ def widening(rows: list[dict], cap: int, tried: set[tuple[str, str]] = frozenset
         if row["info"].get("run", {}).get("study") == "baseline" or l0 is None:
             continue
         for name, found in row["info"].get("verdict", {}).items():
-            for suggest in [m["suggest"] for m in found.get("metrics", {}).values() if m.get("suggest")]:
-                if suggest["value"] is None:
-                    continue
+            suggests = [m["suggest"] for m in found.get("metrics", {}).values()
+                        if m.get("suggest") and m["suggest"]["value"] is not None]
+            if suggests:
                 end = ends.setdefault(name, {"knob": found["knob"], "swept": set(), "between": set()})
                 end["swept"].update(json.dumps(value) for value in found.get("swept", []))
+            for suggest in suggests:
                 if suggest["side"] == "between":
                     end["between"].add(suggest["value"])
                     continue

@@ -342,8 +342,12 @@ def test_a_seed_spread_borrowed_from_the_baseline_counts_its_degrees_of_freedom_
     assert got["standard_errors_needed"] == pytest.approx(t.ppf(0.975, pooled_over_two_points), rel=0.05)
 
 
+def bent(l0):
+    """Concave in log L0, as the CE-loss score is."""
+    return 1 - l0 ** -0.5
+
+
 def test_a_bent_frontier_widens_the_verdict_by_the_chords_error():
-    bent = lambda l0: 1 - l0 ** -0.5  # noqa: E731 concave in log L0, as the CE-loss score is
     baseline = build_frontiers([plain(l0, 0, bent(l0), se=0.002) for l0 in (16, 64, 256)])
     got = verdict(frontier.pool_seeds([plain(32, 0, bent(32), se=0.002)]), baseline)["ce_loss_score"]
     assert got["delta"] > 0.01  # the chord lies under the curve: the run sits exactly on it
@@ -362,7 +366,6 @@ def test_a_bent_frontier_widens_the_verdict_by_the_chords_error():
 def test_a_tie_the_chord_decides_names_the_knob_to_add_in_the_notebook_and_study_adds_it():
     from notebook import verdict_lines
 
-    bent = lambda l0: 1 - l0 ** -0.5  # noqa: E731
     baseline = build_frontiers([plain(l0, 0, bent(l0), se=0.002) for l0 in (16, 64, 256)])
     got = verdict(frontier.pool_seeds([plain(32, 0, bent(32), se=0.002)]), baseline)["ce_loss_score"]
     line = verdict_lines({"run_0_topk": {"knob": "k", "points": 3, "metrics": {"ce_loss_score": got}}})
