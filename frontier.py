@@ -140,18 +140,20 @@ def record_from_final_info(info: dict, knob: str, explained_variance_key: str = 
 def pool_seeds(records: Sequence[dict]) -> dict:
     """Several seeds of one configuration as one record: mean L0, mean of each metric, and as its
     uncertainty the standard error across seeds (a lone seed keeps its own, or None); each seed's
-    values ("seed_values"), folders and convergence are kept for the verdict."""
+    values ("seed_values"), folders and convergence are kept for the verdict, and per metric the seeds
+    and folders that have it ("with_metric": a seed whose metric is missing is not one of its seeds)."""
     if not records:
         raise HarnessError("no runs to pool")
     l0s = [_finite(r.get("l0")) for r in records]
     names = sorted({name for r in records for name in r.get("metrics", {})})
-    metrics, uncertainties, seed_values = {}, {}, {}
+    metrics, uncertainties, seed_values, with_metric = {}, {}, {}, {}
     for name in names:
         values = [(v, r) for r in records if (v := _finite(r.get("metrics", {}).get(name))) is not None]
         if not values:
             metrics[name] = None
             continue
         seed_values[name] = [v for v, _ in values]
+        with_metric[name] = {"seeds": [r.get("seed") for _, r in values], "folders": [r.get("folder") for _, r in values]}
         metrics[name] = float(np.mean([v for v, _ in values]))
         if len(values) > 1:  # the spread across seeds is the honest uncertainty: it includes training noise
             uncertainties[name] = float(np.std([v for v, _ in values], ddof=1) / math.sqrt(len(values)))
@@ -159,7 +161,7 @@ def pool_seeds(records: Sequence[dict]) -> dict:
             uncertainties[name] = own
     return {"l0": None if None in l0s else float(np.mean(l0s)), "metrics": metrics,
             "uncertainties": uncertainties, "knob": tuple(records[0].get("knob") or (None, None)),
-            "seeds": [r.get("seed") for r in records], "seed_values": seed_values,
+            "seeds": [r.get("seed") for r in records], "seed_values": seed_values, "with_metric": with_metric,
             "folders": [r.get("folder") for r in records], "convergence": [r.get("convergence") for r in records]}
 
 
@@ -187,8 +189,8 @@ def build_frontiers(records: Sequence[dict], metrics: Sequence[str] | None = Non
             else:
                 points.append({"l0": p["l0"], "value": p["metrics"][name],
                                "uncertainty": p["uncertainties"].get(name), "knob_value": p["knob"][1],
-                               "seeds": p["seeds"], "seed_values": p["seed_values"][name],
-                               "folders": p["folders"], "convergence": p["convergence"]})
+                               **p["with_metric"][name], "seed_values": p["seed_values"][name],
+                               "convergence": p["convergence"]})
         frontiers[name] = {"knob": knob, "points": sorted(points, key=lambda q: q["l0"]), "excluded": excluded,
                            "seed_spread": seed_spread([q["seed_values"] for q in points])}
     return frontiers
@@ -222,19 +224,19 @@ def interpolate(frontier: dict, l0: float) -> dict:
 
 
 def chord_error(points: list[dict], i: int, l0: float, chord: float) -> float | None:
-    """How far the chord between points i and i + 1 lies from the parabola (in log L0) through them
-    and the third point nearest `l0` beside them; None where the sweep has no third point."""
-    beside = [j for j in (i - 1, i + 2) if 0 <= j < len(points)]
-    if not beside:
-        return None
-    c = points[min(beside, key=lambda j: abs(math.log(points[j]["l0"]) - math.log(l0)))]
-    xs = [math.log(p["l0"]) for p in (points[i], points[i + 1], c)]
-    if len(set(xs)) < 3:
-        return None
+    """How far the chord between points i and i + 1 lies from a parabola (in log L0) through them
+    and a third point beside them, the larger of the two such parabolas (taking the nearer third
+    point would jump at mid-interval); None where the sweep has no third point."""
     x = math.log(l0)
-    parabola = sum(p["value"] * math.prod((x - xs[k]) / (xs[j] - xs[k]) for k in range(3) if k != j)
-                   for j, p in enumerate((points[i], points[i + 1], c)))
-    return abs(parabola - chord)
+    errors = []
+    for c in (points[j] for j in (i - 1, i + 2) if 0 <= j < len(points)):
+        three = (points[i], points[i + 1], c)
+        xs = [math.log(p["l0"]) for p in three]
+        if len(set(xs)) == 3:
+            parabola = sum(p["value"] * math.prod((x - xs[k]) / (xs[j] - xs[k]) for k in range(3) if k != j)
+                           for j, p in enumerate(three))
+            errors.append(abs(parabola - chord))
+    return max(errors, default=None)
 
 
 def fill_knob(knob: str, base: dict, parts: dict[str, float | None]) -> dict | None:
@@ -336,7 +338,7 @@ def verdict(run: dict, frontiers: dict[str, dict], higher_is_better: dict[str, b
         value = _finite(run.get("metrics", {}).get(name))
         entry = {"run": value, "baseline": None, "delta": None, "uncertainty": None,
                  "uncertainty_parts": {}, "word": None, "higher_is_better": directions[name], "between": [],
-                 "suggest": None, "seeds": {"run": list(run.get("seeds", [run.get("seed")]))},
+                 "suggest": None, "seeds": {"run": list(_with_metric(run, name, "seeds", [run.get("seed")]))},
                  "pairing": None, "convergence": None}
         out[name] = entry
         if not frontier["points"]:
@@ -374,6 +376,12 @@ def verdict(run: dict, frontiers: dict[str, dict], higher_is_better: dict[str, b
     return out
 
 
+def _with_metric(run: dict, name: str, what: str, lone: list) -> list:
+    """A record's seeds or folders that have metric `name` (pool_seeds), all of them for a record
+    not pooled, `lone` for one seed's record."""
+    return run.get("with_metric", {}).get(name, {}).get(what, run.get(what, lone))
+
+
 def _converged(found: Sequence[dict | None]) -> bool | None:
     """False if any of these runs was still moving (runs.convergence), True if every one is known
     to have converged, None where some are unknown (runs saved before convergence was recorded)."""
@@ -390,7 +398,7 @@ def _noise(name: str, run: dict, base: dict, frontier: dict, rows_of, score_of) 
     and MCC none at all: only the seed-to-seed spread is left."""
     if "mcc" in run.get("metrics", {}):  # synthetic: every run is scored on the same samples; the noise is training's
         return *_seed_parts(name, run, base, frontier), "paired: the same ground-truth samples for every run"
-    sides = [(1.0, run.get("folders", []))] + [(-w, p["folders"]) for p, w in base["weights"]]
+    sides = [(1.0, _with_metric(run, name, "folders", []))] + [(-w, p["folders"]) for p, w in base["weights"]]
     rows = [(w, [rows_of(f) if rows_of and f is not None else None for f in folders]) for w, folders in sides]
     rows = [(w, [r if r is None or name in r else None for r in group]) for w, group in rows]
     counts = {len(r[name]) for _, group in rows for r in group if r is not None}

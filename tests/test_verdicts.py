@@ -397,6 +397,30 @@ def test_two_seeds_of_which_one_lacks_the_metric_are_one_seed_provisional():
     assert verdict(run, baseline)["ce_loss_score"]["word"].endswith("(one seed: provisional)")
 
 
+def test_a_seed_lacking_the_metric_is_neither_counted_in_the_footing_nor_read_for_pairing():
+    lacking = {**judged_record(math.sqrt(1000), 0.3, 6, 0.8, HARD), "metrics": {"ce_loss_score": None},
+               "folder": "a-seed-without-rows"}
+    got = judge([judged_record(math.sqrt(1000), 0.3, 5, 0.70, HARD), lacking], two_seed_baseline())
+    assert got["seeds"]["run"] == [5] and got["pairing"] == "paired over 32 evaluation contexts"
+    assert footing_of(got).startswith("1 seed v 2+2")
+    points = [judged_record(10, 1.0, 1, 0.50, HARD), {**judged_record(10, 1.0, 2, 0.5, HARD), "folder": "none",
+                                                      "metrics": {"ce_loss_score": None}},
+              *(judged_record(100, 0.1, s, v, HARD) for s, v in ((1, 0.90), (2, 0.88)))]
+    got = judge([judged_record(math.sqrt(1000), 0.3, 5, 0.70, HARD)], build_frontiers(points))
+    assert got["seeds"]["baseline"] == {"1.0": [1], "0.1": [1, 2]} and got["pairing"].startswith("paired")
+
+
+def test_the_chords_error_takes_the_larger_of_the_parabolas_through_either_neighbour_so_it_does_not_jump():
+    points = build_frontiers([plain(l0, 0, bent(l0), se=0.002) for l0 in (4, 16, 64, 256)])["ce_loss_score"]["points"]
+    mid = 32.0  # halfway between 16 and 64 in log L0, where the nearer neighbour changes sides
+    below, above = (frontier.interpolate({"points": points}, mid * f)["chord_error"] for f in (0.999, 1.001))
+    assert below == pytest.approx(above, rel=0.01)
+    one_side = frontier.interpolate({"points": points[1:]}, mid)["chord_error"]  # 16, 64 and 256 only
+    other_side = frontier.interpolate({"points": points[:3]}, mid)["chord_error"]  # 4, 16 and 64 only
+    assert one_side != pytest.approx(other_side, rel=0.05)
+    assert frontier.interpolate({"points": points}, mid)["chord_error"] == pytest.approx(max(one_side, other_side))
+
+
 def test_per_context_rows_without_the_metric_make_the_verdict_unpaired_not_a_crash():
     record = {**judged_record(math.sqrt(1000), 0.3, 5, 0.7, HARD), "folder": "rows-of-another-metric"}
     ROWS["rows-of-another-metric"] = {"kl_div_score": contexts(0.7 + HARD)}
