@@ -208,6 +208,17 @@ def test_a_run_that_fails_for_its_own_reasons_is_reported_the_rest_go_on_and_the
         ("sparsity_penalty=0.01,seed=42", "failed"), ("sparsity_penalty=0.16,seed=42", "trained")]
 
 
+def test_a_run_on_a_cluster_has_its_warnings_shown_by_the_driver_whose_console_is_the_only_one_seen(tmp_path, capsys):
+    plugin = experiment.find_plugin("baseline/run_0_baseline")
+    job = studies.Job(studies.job_config(plugin, "tiny", {}, {}), plugin, tmp_path / "run", "the run")
+    info = {"status": "completed", "warnings": ["decoder did not move"], "metrics": {}}
+
+    def remote(plans, notes):  # as cluster.run_on_ray yields a worker's finished run
+        yield from ((i, "trained", folder, info, 1.0) for i, _, folder, _ in plans)
+    studies.run_jobs([job], tmp_path / "notes.md", tmp_path / "runs", remote=remote)
+    assert "warning: decoder did not move" in capsys.readouterr().err
+
+
 def test_a_runs_setting_names_only_what_it_changed_even_where_a_default_is_a_tuple_saved_as_a_list():
     plugin = experiment.find_plugin("run_0_matryoshka")
     saved = json.loads(json.dumps(dataclasses.asdict(plugin.hyperparams_class())))  # as config.json holds them
