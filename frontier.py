@@ -140,8 +140,9 @@ def record_from_final_info(info: dict, knob: str, explained_variance_key: str = 
 def pool_seeds(records: Sequence[dict]) -> dict:
     """Several seeds of one configuration as one record: mean L0, mean of each metric, and as its
     uncertainty the standard error across seeds (a lone seed keeps its own, or None); each seed's
-    values ("seed_values"), folders and convergence are kept for the verdict, and per metric the seeds
-    and folders that have it ("with_metric": a seed whose metric is missing is not one of its seeds)."""
+    values ("seed_values"), folders and convergence are kept for the verdict, and per metric the seeds,
+    folders and convergence of those that have it ("with_metric": a seed whose metric is missing is
+    not one of its seeds)."""
     if not records:
         raise HarnessError("no runs to pool")
     l0s = [_finite(r.get("l0")) for r in records]
@@ -153,7 +154,8 @@ def pool_seeds(records: Sequence[dict]) -> dict:
             metrics[name] = None
             continue
         seed_values[name] = [v for v, _ in values]
-        with_metric[name] = {"seeds": [r.get("seed") for _, r in values], "folders": [r.get("folder") for _, r in values]}
+        with_metric[name] = {what: [r.get(key) for _, r in values]
+                             for what, key in (("seeds", "seed"), ("folders", "folder"), ("convergence", "convergence"))}
         metrics[name] = float(np.mean([v for v, _ in values]))
         if len(values) > 1:  # the spread across seeds is the honest uncertainty: it includes training noise
             uncertainties[name] = float(np.std([v for v, _ in values], ddof=1) / math.sqrt(len(values)))
@@ -189,8 +191,7 @@ def build_frontiers(records: Sequence[dict], metrics: Sequence[str] | None = Non
             else:
                 points.append({"l0": p["l0"], "value": p["metrics"][name],
                                "uncertainty": p["uncertainties"].get(name), "knob_value": p["knob"][1],
-                               **p["with_metric"][name], "seed_values": p["seed_values"][name],
-                               "convergence": p["convergence"]})
+                               **p["with_metric"][name], "seed_values": p["seed_values"][name]})
         frontiers[name] = {"knob": knob, "points": sorted(points, key=lambda q: q["l0"]), "excluded": excluded,
                            "seed_spread": seed_spread([q["seed_values"] for q in points])}
     return frontiers
@@ -358,7 +359,7 @@ def verdict(run: dict, frontiers: dict[str, dict], higher_is_better: dict[str, b
         known = [u for u in parts.values() if u is not None]
         uncertainty = math.sqrt(sum(u * u for u in known)) if known else None
         needed = standard_errors_needed(parts, dofs)
-        convergence = run.get("convergence") or []  # a pooled record's list, or one seed's own dict
+        convergence = _with_metric(run, name, "convergence", None) or []  # a pooled record's list, one seed's dict
         converged = {"run": _converged([convergence] if isinstance(convergence, dict) else convergence),
                      "baseline": _converged([c for p, _ in base["weights"] for c in p["convergence"]]),
                      "threshold": CONVERGED_WITHIN}
@@ -377,9 +378,11 @@ def verdict(run: dict, frontiers: dict[str, dict], higher_is_better: dict[str, b
 
 
 def _with_metric(run: dict, name: str, what: str, lone: list) -> list:
-    """A record's seeds or folders that have metric `name` (pool_seeds), all of them for a record
-    not pooled, `lone` for one seed's record."""
-    return run.get("with_metric", {}).get(name, {}).get(what, run.get(what, lone))
+    """A pooled record's seeds, folders or convergence that have metric `name` (pool_seeds); a
+    record not pooled (one seed's) has its own, else `lone`."""
+    if "with_metric" in run:
+        return run["with_metric"].get(name, {}).get(what, [])
+    return run.get(what, lone)
 
 
 def _converged(found: Sequence[dict | None]) -> bool | None:

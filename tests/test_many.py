@@ -211,11 +211,13 @@ def test_a_run_that_fails_for_its_own_reasons_is_reported_the_rest_go_on_and_the
 def test_a_run_on_a_cluster_has_its_warnings_shown_by_the_driver_whose_console_is_the_only_one_seen(tmp_path, capsys):
     plugin = experiment.find_plugin("baseline/run_0_baseline")
     job = studies.Job(studies.job_config(plugin, "tiny", {}, {}), plugin, tmp_path / "run", "the run")
-    info = {"status": "completed", "warnings": ["decoder did not move"], "metrics": {}}
+    infos = [{"status": "completed", "warnings": ["decoder did not move"], "metrics": {}},
+             {"status": "failed", "error": "worker died", "warnings": None}]
 
     def remote(plans, notes):  # as cluster.run_on_ray yields a worker's finished run
-        yield from ((i, "trained", folder, info, 1.0) for i, _, folder, _ in plans)
-    studies.run_jobs([job], tmp_path / "notes.md", tmp_path / "runs", remote=remote)
+        yield from ((i, "trained", folder, info, 1.0) for (i, _, folder, _), info in zip(plans, infos))
+    studies.run_jobs([job, dataclasses.replace(job, label="another")], tmp_path / "notes.md", tmp_path / "runs",
+                     remote=remote)
     assert "warning: decoder did not move" in capsys.readouterr().err
 
 

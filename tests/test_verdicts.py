@@ -398,11 +398,11 @@ def test_two_seeds_of_which_one_lacks_the_metric_are_one_seed_provisional():
 
 
 def test_a_seed_lacking_the_metric_is_neither_counted_in_the_footing_nor_read_for_pairing():
-    lacking = {**judged_record(math.sqrt(1000), 0.3, 6, 0.8, HARD), "metrics": {"ce_loss_score": None},
-               "folder": "a-seed-without-rows"}
+    lacking = {**judged_record(math.sqrt(1000), 0.3, 6, 0.8, HARD, moved=0.5), "metrics": {"ce_loss_score": None},
+               "folder": "a-seed-without-rows"}  # still moving, too: not this metric's seed
     got = judge([judged_record(math.sqrt(1000), 0.3, 5, 0.70, HARD), lacking], two_seed_baseline())
     assert got["seeds"]["run"] == [5] and got["pairing"] == "paired over 32 evaluation contexts"
-    assert footing_of(got).startswith("1 seed v 2+2")
+    assert footing_of(got) == "1 seed v 2+2, paired over 32 evaluation contexts, converged"
     points = [judged_record(10, 1.0, 1, 0.50, HARD), {**judged_record(10, 1.0, 2, 0.5, HARD), "folder": "none",
                                                       "metrics": {"ce_loss_score": None}},
               *(judged_record(100, 0.1, s, v, HARD) for s, v in ((1, 0.90), (2, 0.88)))]
