@@ -139,10 +139,9 @@ def record_from_final_info(info: dict, knob: str, explained_variance_key: str = 
 
 def pool_seeds(records: Sequence[dict]) -> dict:
     """Several seeds of one configuration as one record: mean L0, mean of each metric, and as its
-    uncertainty the standard error across seeds (a lone seed keeps its own, or None); each seed's
-    values ("seed_values"), folders and convergence are kept for the verdict, and per metric the seeds,
-    folders and convergence of those that have it ("with_metric": a seed whose metric is missing is
-    not one of its seeds)."""
+    uncertainty the standard error across seeds (a lone seed keeps its own, or None); per metric, for
+    the verdict, the values ("seed_values") and the seeds, folders and convergence ("with_metric")
+    of the seeds that have it: a seed whose metric is missing is not one of its seeds."""
     if not records:
         raise HarnessError("no runs to pool")
     l0s = [_finite(r.get("l0")) for r in records]
@@ -163,8 +162,7 @@ def pool_seeds(records: Sequence[dict]) -> dict:
             uncertainties[name] = own
     return {"l0": None if None in l0s else float(np.mean(l0s)), "metrics": metrics,
             "uncertainties": uncertainties, "knob": tuple(records[0].get("knob") or (None, None)),
-            "seeds": [r.get("seed") for r in records], "seed_values": seed_values, "with_metric": with_metric,
-            "folders": [r.get("folder") for r in records], "convergence": [r.get("convergence") for r in records]}
+            "seed_values": seed_values, "with_metric": with_metric}
 
 
 def build_frontiers(records: Sequence[dict], metrics: Sequence[str] | None = None) -> dict[str, dict]:

@@ -140,8 +140,8 @@ def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None, remote
         console.print(f"[{len(done)}/{len(jobs)}] {jobs[i].label}: {how}" + (f", L0 {l0:.1f}, {lead} "
                       f"{score:.3f}" if l0 is not None and score is not None else f": {info.get('error', '')}") +
                       f" ({wall_s:.0f} s)")
-        if how in ("trained", "resumed") and isinstance(info.get("warnings"), list):  # a Ray worker's console is
-            for warning in info["warnings"]:  # not shown (cluster.connect), nor does a run here print them
+        if how in ("trained", "resumed") and isinstance(info.get("warnings"), list):
+            for warning in info["warnings"]:  # only here: a run prints none, a Ray worker's console is hidden
                 console.print(f"  [yellow]warning:[/yellow] {warning}")
         if on_done is not None:
             on_done([done[k] for k in sorted(done)])
