@@ -34,7 +34,7 @@ from rich.progress import Progress
 
 import experiment
 import kernels
-from runs import CHECKPOINT, check_writable, read_json
+from runs import CHECKPOINT, check_writable, claimed, read_json
 
 # A run whose worker died (killed, out of memory, node lost) is tried again this many times.
 WORKER_RETRIES = 3
@@ -191,15 +191,16 @@ def run_in_worker(fields: dict, folder: str, how: str, notes: str, activations: 
     started = time.perf_counter()
     os.environ["SAE_HARNESS_ACTIVATIONS"] = activations  # the cache the driver built
     cfg, run_dir = experiment.RunConfig(**fields), Path(folder)
-    resume = (run_dir / CHECKPOINT).exists()
-    info = read_json(run_dir / "final_info.json")
-    if info.get("status") == "completed" or (info and not resume):  # that attempt ended; its worker died after
-        return (how if info.get("status") == "completed" else "failed"), info, time.perf_counter() - started
-    if run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)  # that attempt died before its first checkpoint: start over
     try:
-        info = experiment.execute(cfg, experiment.find_plugin(cfg.plugin), run_dir, Path(notes), resume=resume,
-                                  loaded_models=cluster.LOADED_MODELS)
+        with claimed(run_dir, wait=False):  # no other process trains there now, so what is there was this task's
+            resume = (run_dir / CHECKPOINT).exists()
+            info = read_json(run_dir / "final_info.json")
+            if info.get("status") == "completed" or (info and not resume):  # that attempt ended; its worker died after
+                return (how if info.get("status") == "completed" else "failed"), info, time.perf_counter() - started
+            if run_dir.exists() and not resume:
+                shutil.rmtree(run_dir)  # that attempt died before its first checkpoint: start over
+            info = experiment.execute(cfg, experiment.find_plugin(cfg.plugin), run_dir, Path(notes), resume=resume,
+                                      loaded_models=cluster.LOADED_MODELS)
     except HarnessError as exc:
         return "failed", {"status": "failed", "error": str(exc)}, time.perf_counter() - started
     return ("resumed" if resume else "trained"), info, time.perf_counter() - started

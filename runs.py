@@ -24,6 +24,8 @@ import itertools
 import json
 import ast
 import collections
+import contextlib
+import fcntl
 import functools
 import hashlib
 import os
@@ -407,6 +409,42 @@ def check_runs_root(root: Path) -> None:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise HarnessError(f"--runs {root}: {existing} is not a writable folder; pick another --runs")
+
+
+@contextlib.contextmanager
+def claimed(run_dir: Path, wait: bool = True):
+    """run_dir held by this process while it trains there: an exclusive lock on `.<name>.lock`
+    beside it, removed at the end and dropped by the kernel if the process dies. Where another
+    process holds it this waits for that one (and yields True: what was planned here may be done
+    now) or, with wait=False, refuses."""
+    lock, waited = run_dir.with_name(f".{run_dir.name}.lock"), False
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock, "a")
+        except OSError as exc:
+            raise HarnessError(f"cannot create run folder {run_dir} ({exc.strerror}); pick another --runs") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                handle.close()
+                raise HarnessError(f"another process is training {run_dir}; run this again once it has "
+                                   f"finished (its run is then reused)") from None
+            console.print(f"waiting for another process, which is training {run_dir}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            waited = True
+        try:
+            if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()  # its holder removed that file as it let go: lock the one there now
+    try:
+        yield waited
+    finally:
+        lock.unlink()
+        handle.close()
 
 
 def check_writable(run_dir: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from common import HarnessError, console  # first: its import guards
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -34,7 +35,7 @@ import frontier
 from frontier import SWEEPABLE
 from kernels import configure_kernels, resolve_device
 from notebook import append_notes, notes_entry, result_lines, shown_path, study_notes, sweep_notes
-from runs import CHECKPOINT, atomic_write, checkpoint_source, headline, read_json, run_index
+from runs import CHECKPOINT, atomic_write, checkpoint_source, claimed, headline, read_json, run_index
 
 
 @dataclass
@@ -120,8 +121,12 @@ def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None, remote
     def run_here(i: int, job: Job, folder: Path, how: str) -> tuple[int, str, Path, dict, float]:
         started = time.perf_counter()
         try:
-            info = (read_json(folder / "final_info.json") if how == "reused" else
-                    execute(job.cfg, job.plugin, folder, notes, resume=how == "resumed", loaded_models=loaded_models))
+            with claimed(folder) if how != "reused" else contextlib.nullcontext() as waited:
+                if waited:  # another process was training this folder: reuse or resume what it left
+                    found, how = previous_run(job, earlier_runs(runs_root))
+                    folder = found or folder
+                info = (read_json(folder / "final_info.json") if how == "reused" else
+                        execute(job.cfg, job.plugin, folder, notes, resume=how == "resumed", loaded_models=loaded_models))
         except HarnessError as exc:
             info, how = {"status": "failed", "error": str(exc)}, "failed"
         return i, how, folder, info, time.perf_counter() - started
@@ -268,7 +273,7 @@ def cover(rows: list[dict], preset: str, overrides: dict[str, Any], seeds: int, 
           remote, cap: int) -> list[dict]:
     """Widen each baseline's sweep with the knob values frontier.suggest_knob gives, round after
     round, until it covers every run of `rows` or has `cap` knob values: the new baseline runs' rows
-    (`rows` are judged again after each round)."""
+    (`rows` are judged again after each baseline's new points)."""
     added: list[dict] = []
     tried: set[tuple[str, str]] = set()  # a value whose runs failed is not asked for again
     while wanted := widening(rows, cap, tried):
@@ -278,7 +283,7 @@ def cover(rows: list[dict], preset: str, overrides: dict[str, Any], seeds: int, 
             console.print(f"widening {name}'s sweep on these activations: {grid[0]}")
             added += sweep_runs(find_plugin(f"baseline/{name}"), grid, seeds, preset, overrides, runs_root, notes,
                                 remote)[0]
-        rejudge(rows, runs_root)
+            rejudge(rows, runs_root)  # now, not after the round: a study stopped mid-round keeps what it learnt
     return added
 
 

@@ -6,11 +6,14 @@ SAELens parity pieces (test_baseline_*). Fixtures live in conftest.py; this modu
 functions and constants only, and no test module imports from another."""
 
 import ast
+import contextlib
 import copy
 import functools
 import json
 import math
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -46,6 +49,29 @@ def tiny_run(plugin: str, out: Path, notes: Path, *, hyperparams=None, **overrid
 def cli(*args: str):
     """Invoke the CLI in-process; returns the result (exit_code, output)."""
     return CliRunner().invoke(experiment.app, list(args))
+
+
+HOLD_CLAIM = """import sys, time
+from pathlib import Path
+from runs import claimed
+with claimed(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def claimed_by_another_process(run_dir: Path):
+    """run_dir claimed (runs.claimed) by a child process, as one training there holds it, until the
+    child is killed (at the block's end at the latest): yields the child."""
+    child = subprocess.Popen([sys.executable, "-c", HOLD_CLAIM, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        yield child
+    finally:
+        child.kill()
+        child.wait()
 
 
 def read_log(run_dir: Path) -> list[dict]:

@@ -2,6 +2,7 @@
 same results as the local mode, run for run, and nothing lost or noted twice when a worker dies.
 One local Ray cluster of 2 CPUs serves the whole module (starting one costs seconds)."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import threading
 import pytest
 import ray
 import torch
-from helpers import cli
+from helpers import claimed_by_another_process, cli
 
 import cluster
 import experiment
@@ -143,6 +144,18 @@ def logged_load(*args, **kwargs):
 
 experiment.load_model = logged_load
 '''
+
+
+def test_a_ray_task_fails_saying_so_and_leaves_alone_a_folder_another_process_is_training_in(tmp_path):
+    cfg = studies.job_config(experiment.find_plugin("baseline/run_0_baseline"), "tiny", {}, dict(tokens=2048))
+    folder = tmp_path / "runs" / "sweeps" / "sparsity_penalty=0.04,seed=42"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")  # the other process has begun: no checkpoint yet
+    with claimed_by_another_process(folder):
+        how, info, _ = ray.get(cluster.run_in_worker.remote(dataclasses.asdict(cfg), str(folder), "trained",
+                                                            str(tmp_path / "notes.md"), str(tmp_path / "activations")))
+    assert how == "failed" and "another process is training" in info["error"]
+    assert [p.name for p in folder.iterdir()] == ["config.json"]
 
 
 def test_a_ray_worker_loads_the_model_once_for_all_the_runs_it_takes(tmp_path, scratch_study, monkeypatch):

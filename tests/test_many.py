@@ -5,14 +5,17 @@ again trains nothing, and after a kill finishes the rest."""
 import dataclasses
 import json
 import sys
+import threading
 
 import pytest
-from helpers import cli
+from helpers import claimed_by_another_process, cli
 
 import experiment
 import studies
 import evals
 import plot
+import runs as run_folders
+from common import HarnessError
 
 TINY = ["--preset", "tiny", "--tokens", "2048"]
 
@@ -145,6 +148,58 @@ def test_a_sweep_killed_in_a_runs_evaluation_evaluates_it_again_without_training
     assert [row["how"] for row in rows] == ["reused", "resumed"]
     assert all(row["info"]["status"] == "completed" and row["info"]["training_steps"] == 16 for row in rows)
     assert notes.read_text().count("## Run 0:") == 2 and not (jobs[1].run_dir / experiment.CHECKPOINT).exists()
+
+
+@pytest.mark.e2e
+def test_a_run_another_process_is_training_is_waited_for_then_reused_not_trained_twice(tmp_path, monkeypatch, capsys):
+    plugin, runs, notes = experiment.find_plugin("run_0_baseline"), tmp_path / "runs", tmp_path / "notes.md"
+    overrides = dict(tokens=2048, seed=42, device="cpu", evals=("core",))
+    jobs = studies.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.04"], 1, overrides, runs / "s")
+    studies.run_jobs(jobs, notes, runs)  # what the other process trains
+    info_path = jobs[0].run_dir / "final_info.json"
+    saved, noted, real_earlier_runs, looks = info_path.read_text(), notes.read_text(), studies.earlier_runs, []
+
+    def planned_before_it_finished(root):  # the first look finds nothing there yet
+        looks.append(root)
+        return {} if len(looks) == 1 else real_earlier_runs(root)
+    monkeypatch.setattr(studies, "earlier_runs", planned_before_it_finished)
+    with claimed_by_another_process(jobs[0].run_dir) as other:
+        threading.Timer(3, other.kill).start()  # it finishes (or dies) while this one waits
+        (ours,) = studies.run_jobs(jobs, notes, runs)
+    assert "waiting for another process, which is training" in capsys.readouterr().err
+    assert ours["how"] == "reused" and ours["folder"] == str(jobs[0].run_dir)
+    assert info_path.read_text() == saved and notes.read_text() == noted  # not trained or noted a second time
+
+
+def test_a_run_folder_held_by_another_process_is_refused_without_waiting_and_free_once_that_process_dies(tmp_path):
+    folder = tmp_path / "runs" / "sweeps" / "k=1,seed=42"
+    with claimed_by_another_process(folder) as other:
+        with pytest.raises(HarnessError, match="another process is training .*k=1,seed=42; run this again once"):
+            with run_folders.claimed(folder, wait=False):
+                pass
+        other.kill()
+        other.wait()
+        with run_folders.claimed(folder, wait=False) as waited:
+            assert waited is False
+    assert list(folder.parent.iterdir()) == []  # no lock file left behind
+
+
+def test_a_study_stopped_mid_widening_has_judged_its_runs_against_each_baseline_widened_before_the_stop(
+        tmp_path, monkeypatch):
+    rounds = iter([{"run_0_topk": ("k", [4]), "run_0_gated": ("sparsity_penalty", [9.0])}])
+    monkeypatch.setattr(studies, "widening", lambda rows, cap, tried: next(rounds, {}))
+    events = []
+
+    def sweep_runs(plugin, grid, *args):
+        if plugin.name == "run_0_gated":
+            raise experiment.Interrupted("stopped")
+        events.append(f"swept {grid[0]}")
+        return [], tmp_path
+    monkeypatch.setattr(studies, "sweep_runs", sweep_runs)
+    monkeypatch.setattr(studies, "rejudge", lambda rows, runs_root: events.append("judged"))
+    with pytest.raises(experiment.Interrupted):
+        studies.cover([], "tiny", {}, 1, tmp_path, tmp_path / "notes.md", None, cap=6)
+    assert events == ["swept k=4", "judged"]
 
 
 @pytest.mark.e2e
