@@ -23,7 +23,6 @@ from common import HarnessError, activations_dir, console  # first: its import g
 import dataclasses
 import math
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from rich.progress import Progress
 
 import experiment
 import kernels
-from runs import CHECKPOINT, check_writable, claimed, read_json
+from runs import check_writable, claimed, left_in
 
 # A run whose worker died (killed, out of memory, node lost) is tried again this many times.
 WORKER_RETRIES = 3
@@ -192,18 +191,16 @@ def run_in_worker(fields: dict, folder: str, how: str, notes: str, activations: 
     os.environ["SAE_HARNESS_ACTIVATIONS"] = activations  # the cache the driver built
     cfg, run_dir = experiment.RunConfig(**fields), Path(folder)
     try:
-        with claimed(run_dir, wait=False):  # no other process trains there now, so what is there was this task's
-            resume = (run_dir / CHECKPOINT).exists()
-            info = read_json(run_dir / "final_info.json")
-            if info.get("status") == "completed" or (info and not resume):  # that attempt ended; its worker died after
-                return (how if info.get("status") == "completed" else "failed"), info, time.perf_counter() - started
-            if run_dir.exists() and not resume:
-                shutil.rmtree(run_dir)  # that attempt died before its first checkpoint: start over
-            info = experiment.execute(cfg, experiment.find_plugin(cfg.plugin), run_dir, Path(notes), resume=resume,
-                                      loaded_models=cluster.LOADED_MODELS)
+        with claimed(run_dir, wait=False):  # no other process trains there now: what is there was this task's
+            plugin = experiment.find_plugin(cfg.plugin)
+            left, info = left_in(run_dir, plugin.source_hash())
+            if left in ("trained", "resumed"):
+                info = experiment.execute(cfg, plugin, run_dir, Path(notes), resume=left == "resumed",
+                                          loaded_models=cluster.LOADED_MODELS)
     except HarnessError as exc:
         return "failed", {"status": "failed", "error": str(exc)}, time.perf_counter() - started
-    return ("resumed" if resume else "trained"), info, time.perf_counter() - started
+    # a run completed by this task's attempt whose worker died after it is what the task asked for
+    return (how if left == "reused" else left), info, time.perf_counter() - started
 
 
 def outcome(ref, submitted: float) -> tuple[str, dict, float]:

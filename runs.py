@@ -30,6 +30,7 @@ import functools
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -171,7 +172,7 @@ def latest_run(runs_root: Path, plugin_name: str, same_data_as: dict | None = No
 
 
 def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # its own: two processes may write one manifest
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -414,10 +415,9 @@ def check_runs_root(root: Path) -> None:
 @contextlib.contextmanager
 def claimed(run_dir: Path, wait: bool = True):
     """run_dir held by this process while it trains there: an exclusive lock on `.<name>.lock`
-    beside it, removed at the end and dropped by the kernel if the process dies. Where another
-    process holds it this waits for that one (and yields True: what was planned here may be done
-    now) or, with wait=False, refuses."""
-    lock, waited = run_dir.with_name(f".{run_dir.name}.lock"), False
+    beside it, removed at the end (a killed process leaves the file, its lock dropped by the
+    kernel). Where another process holds it this waits for that one or, with wait=False, refuses."""
+    lock = run_dir.with_name(f".{run_dir.name}.lock")
     while True:
         try:
             lock.parent.mkdir(parents=True, exist_ok=True)
@@ -425,26 +425,60 @@ def claimed(run_dir: Path, wait: bool = True):
         except OSError as exc:
             raise HarnessError(f"cannot create run folder {run_dir} ({exc.strerror}); pick another --runs") from None
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                handle.close()
-                raise HarnessError(f"another process is training {run_dir}; run this again once it has "
-                                   f"finished (its run is then reused)") from None
-            console.print(f"waiting for another process, which is training {run_dir}")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            waited = True
-        try:
-            if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+            if holds_lock(handle, lock, run_dir, wait):
                 break
-        except FileNotFoundError:
-            pass
+        except BaseException:
+            handle.close()
+            raise
         handle.close()  # its holder removed that file as it let go: lock the one there now
     try:
-        yield waited
+        yield
     finally:
-        lock.unlink()
-        handle.close()
+        try:
+            lock.unlink(missing_ok=True)
+        finally:
+            handle.close()
+
+
+def holds_lock(handle, lock: Path, run_dir: Path, wait: bool) -> bool:
+    """Lock the open lock file (waiting for its holder, or refusing, as `claimed` says); whether it
+    is still the file at that path, which a holder removes as it lets go."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not wait:
+            raise HarnessError(f"another process is training {run_dir}; run this again once it has "
+                               f"finished (its run is then reused)") from None
+        console.print(f"waiting for another process, which is training {run_dir}")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError as exc:  # a file system without locks
+        raise HarnessError(f"cannot lock {lock} ({exc.strerror}); put --runs on a local disk") from None
+    try:
+        return os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def left_in(run_dir: Path, source_sha256: str) -> tuple[str, dict]:
+    """What a run folder this process has claimed holds for a run of this plugin code, as (how the
+    run goes on, its final_info): "reused" (completed), "resumed" (a checkpoint of this code, left
+    in training or evaluation), "failed" (an attempt that ended so: its final_info says why), or
+    "trained" (nothing there, or an attempt that died before its first checkpoint, removed here:
+    alive, it would hold the claim)."""
+    info = read_json(run_dir / "final_info.json")
+    if info.get("status") == "completed":
+        if info["provenance"]["plugin_source_sha256"] != source_sha256:
+            raise HarnessError(f"{run_dir} holds a completed run of other code of its plugin; move it away "
+                               f"to train this code's")
+        return "reused", info
+    if (run_dir / CHECKPOINT).exists():
+        check_resumable(run_dir, source_sha256)
+        return "resumed", info
+    if info:
+        return "failed", info
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    return "trained", info
 
 
 def check_writable(run_dir: Path) -> None:

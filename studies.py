@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from common import HarnessError, console  # first: its import guards
 
-import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -35,7 +34,8 @@ import frontier
 from frontier import SWEEPABLE
 from kernels import configure_kernels, resolve_device
 from notebook import append_notes, notes_entry, result_lines, shown_path, study_notes, sweep_notes
-from runs import CHECKPOINT, atomic_write, checkpoint_source, claimed, headline, read_json, run_index
+from runs import (CHECKPOINT, atomic_write, checkpoint_source, claimed, headline, left_in, read_json,
+                  run_index)
 
 
 @dataclass
@@ -121,12 +121,14 @@ def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None, remote
     def run_here(i: int, job: Job, folder: Path, how: str) -> tuple[int, str, Path, dict, float]:
         started = time.perf_counter()
         try:
-            with claimed(folder) if how != "reused" else contextlib.nullcontext() as waited:
-                if waited:  # another process was training this folder: reuse or resume what it left
-                    found, how = previous_run(job, earlier_runs(runs_root))
-                    folder = found or folder
-                info = (read_json(folder / "final_info.json") if how == "reused" else
-                        execute(job.cfg, job.plugin, folder, notes, resume=how == "resumed", loaded_models=loaded_models))
+            if how == "reused":
+                info = read_json(folder / "final_info.json")
+            else:
+                with claimed(folder):  # what is there once held decides: another process may have ended it meanwhile
+                    how, info = left_in(folder, job.plugin.source_hash())
+                    if how in ("trained", "resumed"):
+                        info = execute(job.cfg, job.plugin, folder, notes, resume=how == "resumed",
+                                       loaded_models=loaded_models)
         except HarnessError as exc:
             info, how = {"status": "failed", "error": str(exc)}, "failed"
         return i, how, folder, info, time.perf_counter() - started

@@ -179,9 +179,38 @@ def test_a_run_folder_held_by_another_process_is_refused_without_waiting_and_fre
                 pass
         other.kill()
         other.wait()
-        with run_folders.claimed(folder, wait=False) as waited:
-            assert waited is False
+        with run_folders.claimed(folder, wait=False):
+            pass
     assert list(folder.parent.iterdir()) == []  # no lock file left behind
+
+
+@pytest.mark.e2e
+def test_a_run_whose_process_died_before_its_first_checkpoint_is_trained_afresh_in_its_folder(tmp_path):
+    plugin, runs, notes = experiment.find_plugin("run_0_baseline"), tmp_path / "runs", tmp_path / "notes.md"
+    overrides = dict(tokens=2048, seed=42, device="cpu", evals=("core",))
+    jobs = studies.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.04"], 1, overrides, runs / "s")
+    jobs[0].run_dir.mkdir(parents=True)  # as a killed process leaves it: its config, no checkpoint yet
+    (jobs[0].run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(jobs[0].cfg)))
+    (row,) = studies.run_jobs(jobs, notes, runs)
+    assert row["how"] == "trained" and row["info"]["status"] == "completed"
+
+
+def test_what_a_claimed_run_folder_holds_decides_how_its_run_goes_on(tmp_path):
+    def folder(name, **files):
+        path = tmp_path / name
+        path.mkdir()
+        for file, content in files.items():
+            (path / f"{file}.json").write_text(json.dumps(content))
+        return path
+    assert run_folders.left_in(tmp_path / "none", "code") == ("trained", {})
+    died = folder("died", config={})
+    assert run_folders.left_in(died, "code") == ("trained", {}) and not died.exists()
+    failed = {"status": "failed", "error": "the loss became non-finite"}
+    assert run_folders.left_in(folder("failed", final_info=failed), "code") == ("failed", failed)
+    completed = {"status": "completed", "provenance": {"plugin_source_sha256": "code"}}
+    assert run_folders.left_in(folder("completed", final_info=completed), "code") == ("reused", completed)
+    with pytest.raises(HarnessError, match="holds a completed run of other code of its plugin"):
+        run_folders.left_in(tmp_path / "completed", "edited code")
 
 
 def test_a_study_stopped_mid_widening_has_judged_its_runs_against_each_baseline_widened_before_the_stop(
