@@ -739,7 +739,7 @@ def unmoved_decoder(run_dir: Path, parent_name: str, info: dict, index: Index,
 
 def inert_terms(log: list[dict]) -> list[str]:
     """A warning for each extra loss term whose median share of the gradient norm on the
-    parameters it reaches (record_gradient_shares), over the logged steps, is below INERT_SHARE:
+    parameter entries it reaches (record_gradient_shares), over the logged steps, is below INERT_SHARE:
     a term that acts only at the start, or weighs in the loss with no gradient, is flagged too; one
     that is zero on most logged steps is said to be idle there, not too weak."""
     extra = [k for k in log[-1] if k.endswith("_loss") and k not in BASE_TERMS]
@@ -750,8 +750,8 @@ def inert_terms(log: list[dict]) -> list[str]:
         if share is None or share >= INERT_SHARE:
             continue
         idle = sum(r.get(term) == 0 for r in rows)
-        found.append(f"{term} is a median {100 * share:.2g}% of the gradient norm on the parameters it reaches "
-                     f"({len(rows)} logged steps): " + (
+        found.append(f"{term} is a median {100 * share:.2g}% of the gradient norm on the parameter entries it "
+                     f"reaches ({len(rows)} logged steps): " + (
                          "it was zero on every one of them: it never acted" if idle == len(rows) else
                          f"it was zero on {idle} of them (a term that acts only when its condition holds, as AuxK "
                          "on dead latents, acted on the rest)" if 2 * idle > len(rows) else

@@ -596,14 +596,15 @@ def term_gradients(out, sae, step: int, cfg) -> dict[str, list[tuple[torch.Tenso
 @torch.no_grad()
 def record_gradient_shares(found: dict, stats: dict) -> None:
     """After the Trainer's backward: stats[<term>_grad_share] = ‖term's gradient‖ / ‖the gradient
-    the update uses‖ over the parameters the term reaches (0 where it reaches none, or the update
-    has no gradient there). A plugin whose backward applies a term otherwise (rescaled, projected)
-    logs its own share, which is kept."""
+    the update uses‖ over the parameter entries the term's gradient reaches (0 where it reaches none,
+    or the update has no gradient there): AuxK, the only pull on its dead latents' rows, is all of
+    their update however small beside the live latents'. A plugin whose backward applies a term
+    otherwise (rescaled, projected) logs its own share, which is kept."""
     def norm(tensors: list[torch.Tensor]) -> torch.Tensor | None:
         return torch.stack([t.double().pow(2).sum() for t in tensors]).sum().sqrt() if tensors else None
 
     for name, pairs in found.items():
-        own, update = norm([g for _, g in pairs]), norm([p.grad for p, _ in pairs if p.grad is not None])
+        own, update = norm([g for _, g in pairs]), norm([p.grad[g != 0] for p, g in pairs if p.grad is not None])
         share = torch.zeros(()) if own is None or update is None else (own / update.clamp_min(1e-30)).float()
         stats.setdefault(f"{name}_grad_share", share)
 

@@ -393,8 +393,8 @@ def logged(total, **extra):
 
 
 def flag(term: str, percent: str, steps: int) -> str:
-    return (f"{term} is a median {percent}% of the gradient norm on the parameters it reaches ({steps} logged "
-            "steps): it cannot change the model; raise its weight")
+    return (f"{term} is a median {percent}% of the gradient norm on the parameter entries it reaches ({steps} "
+            "logged steps): it cannot change the model; raise its weight")
 
 
 def test_an_extra_term_below_a_hundredth_of_the_gradient_norm_it_reaches_at_the_median_logged_step_is_flagged():
@@ -404,9 +404,9 @@ def test_an_extra_term_below_a_hundredth_of_the_gradient_norm_it_reaches_at_the_
     log[0]["unmeasured_loss"] = 0.0  # a run logged before the shares were: nothing to judge it on
     assert frontier.inert_terms(log) == [flag("early_loss", "0.4", 3)]  # a tiny loss share is no verdict
     idle = [logged(2.0, aux_loss=v, aux_loss_grad_share=share) for v, share in ((0.0, 0.0), (0.0, 0.0), (3.0, 0.2))]
-    assert frontier.inert_terms(idle) == ["aux_loss is a median 0% of the gradient norm on the parameters it reaches "
-                                          "(3 logged steps): it was zero on 2 of them (a term that acts only when its "
-                                          "condition holds, as AuxK on dead latents, acted on the rest)"]
+    assert frontier.inert_terms(idle) == ["aux_loss is a median 0% of the gradient norm on the parameter entries it "
+                                          "reaches (3 logged steps): it was zero on 2 of them (a term that acts only "
+                                          "when its condition holds, as AuxK on dead latents, acted on the rest)"]
     tiny_base = [{**logged(10.0), "sparsity_loss": 1e-9, "sparsity_loss_grad_share": 0.0}]
     assert frontier.inert_terms(tiny_base) == []  # the base terms are never judged
 
@@ -434,6 +434,29 @@ def test_the_trainer_logs_each_term_s_gradient_share_and_the_guard_flags_the_ter
     assert all(row["heavy_loss_grad_share"] == 0 and row["pushing_loss_grad_share"] > 0.5 for row in log)
     assert [w.split(" is a median")[0] for w in frontier.inert_terms(log)] == ["start_loss", "heavy_loss"]
     assert "it was zero on 3 of" in frontier.inert_terms(log)[0]  # acted at step 0 alone
+
+
+class DeadLatentProbe(experiment.SAE):
+    """The plain SAE with a small term pulling one latent's decoder row alone, as AuxK pulls the
+    dead latents' rows; the test keeps that latent from firing, so nothing else pulls it."""
+
+    def aux_losses(self, fwd):
+        return {"revive_loss": 1e-4 * self.W_dec[0].sum()}
+
+
+def test_a_term_that_alone_moves_a_few_latents_is_measured_where_it_acts_and_not_called_inert():
+    cfg = experiment.build_config("tiny", "baseline/run_0_baseline", tokens=31 * 64, batch_size=64)
+    torch.manual_seed(0)
+    sae = DeadLatentProbe(16, 32, experiment.Hyperparams(), cfg)
+    with torch.no_grad():
+        sae.b_enc[0] = -1e3  # latent 0 never fires: the reconstruction does not pull its row
+    trainer, x, log = experiment.Trainer(sae, cfg), torch.randn(64, 16), []
+    for step in range(cfg.steps):
+        _, out = trainer.step(x, step)
+        if runs.logged_step(step, cfg):
+            log.append({k: float(v) for k, v in {**out.terms, **out.stats}.items()})
+    assert [row["revive_loss_grad_share"] for row in log] == pytest.approx([1.0] * 4)  # all of that row's update
+    assert frontier.inert_terms(log) == []
 
 
 def test_a_run_under_its_models_verdict_budget_is_warned_that_its_verdicts_are_a_first_look():
