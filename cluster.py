@@ -186,6 +186,7 @@ def run_in_worker(fields: dict, folder: str, how: str, notes: str, activations: 
     worker died, and Ray's retry continues from there."""
     import cluster  # the worker's own modules: Ray ships this function by value, and
     import experiment  # `python experiment.py`'s experiment is __main__
+    import studies
 
     started = time.perf_counter()
     os.environ["SAE_HARNESS_ACTIVATIONS"] = activations  # the cache the driver built
@@ -193,7 +194,7 @@ def run_in_worker(fields: dict, folder: str, how: str, notes: str, activations: 
     try:
         with claimed(run_dir, wait=False):  # no other process trains there now: what is there was this task's
             plugin = experiment.find_plugin(cfg.plugin)
-            left, info = left_in(run_dir, plugin.source_hash())
+            left, info = left_in(run_dir, plugin.source_hash(), studies.is_config_of(cfg))
             if left in ("trained", "resumed"):
                 info = experiment.execute(cfg, plugin, run_dir, Path(notes), resume=left == "resumed",
                                           loaded_models=cluster.LOADED_MODELS)

@@ -55,9 +55,9 @@ import frontier
 import kernels
 from notebook import append_notes, changed_setting, check_notes, notes_entry, study_header
 from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_resumable, check_runs_root,
-                  check_writable, convergence, load_checkpoint, newest, parent_module, plugin_source_sha256, provenance,
-                  read_json, read_json_lines, record_gradient_shares, run_index, runs_root, save_checkpoint,
-                  save_trained, term_gradients)
+                  check_writable, claimed, convergence, load_checkpoint, newest, parent_module, plugin_source_sha256,
+                  provenance, read_json, read_json_lines, record_gradient_shares, run_index, runs_root,
+                  save_checkpoint, save_trained, term_gradients)
 from sources import cached_activations, eval_contexts_needed, harvest, larger_cache_prefix, load_model, load_tokens
 
 # Run as a script, this file is `__main__`; plugins import `experiment`: make that the same module.
@@ -163,10 +163,8 @@ def build_config(preset: str, plugin: str, **overrides: Any) -> RunConfig:
     if cfg.sparsity_penalty < 0 or cfg.warmup_steps < 0 or cfg.layer < 0:
         raise HarnessError("--sparsity-penalty, warm-up steps and --layer must be non-negative")
     if cfg.steps == 0:
-        raise HarnessError(
-            f"--tokens {cfg.tokens} with --batch-size {cfg.batch_size} gives zero training steps; "
-            "raise --tokens or lower --batch-size"
-        )
+        raise HarnessError(f"--tokens {cfg.tokens} with --batch-size {cfg.batch_size} gives zero training steps; "
+                           "raise --tokens or lower --batch-size")
     cfg.evals = evals.parse_evals(",".join(cfg.evals))
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise HarnessError(f"unknown device '{cfg.device}'; use auto, cpu or cuda")
@@ -994,8 +992,9 @@ def run(
                 cfg.hyperparams = dataclasses.asdict(parse_hyperparams(found, set_))
                 run_dir = out or RUNS / found.study / found.name / time.strftime("%Y%m%d-%H%M%S")
             check_notes(notes)
-            with dashboard.WandbRun(wandb_project if wandb else None, dataclasses.asdict(cfg), str(run_dir),
-                                    StepLog.sinks) as logged:
+            held = claimed(run_dir, wait=False)  # no study, sweep or second `run` writes there meanwhile
+            with held, dashboard.WandbRun(wandb_project if wandb else None, dataclasses.asdict(cfg), str(run_dir),
+                                          StepLog.sinks) as logged:
                 info = execute(cfg, found, run_dir, notes, resume=resume is not None)
                 logged.summarise(info)
         except Interrupted as exc:

@@ -417,13 +417,18 @@ def claimed(run_dir: Path, wait: bool = True):
     """run_dir held by this process while it trains there: an exclusive lock on `.<name>.lock`
     beside it, removed at the end (a killed process leaves the file, its lock dropped by the
     kernel). Where another process holds it this waits for that one or, with wait=False, refuses."""
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 holds it for all: only it writes there
+        yield
+        return
     lock = run_dir.with_name(f".{run_dir.name}.lock")
     while True:
         try:
             lock.parent.mkdir(parents=True, exist_ok=True)
             handle = open(lock, "a")
         except OSError as exc:
-            raise HarnessError(f"cannot create run folder {run_dir} ({exc.strerror}); pick another --runs") from None
+            if not run_dir.exists():
+                check_writable(run_dir)  # names the folder that cannot be made and the flag to change
+            raise HarnessError(f"cannot create {lock} ({exc.strerror}): its folder must be writable") from None
         try:
             if holds_lock(handle, lock, run_dir, wait):
                 break
@@ -459,12 +464,15 @@ def holds_lock(handle, lock: Path, run_dir: Path, wait: bool) -> bool:
         return False
 
 
-def left_in(run_dir: Path, source_sha256: str) -> tuple[str, dict]:
-    """What a run folder this process has claimed holds for a run of this plugin code, as (how the
-    run goes on, its final_info): "reused" (completed), "resumed" (a checkpoint of this code, left
-    in training or evaluation), "failed" (an attempt that ended so: its final_info says why), or
-    "trained" (nothing there, or an attempt that died before its first checkpoint, removed here:
-    alive, it would hold the claim)."""
+def left_in(run_dir: Path, source_sha256: str, is_its_config) -> tuple[str, dict]:
+    """What a run folder this process has claimed holds for a run of this plugin code and of a config
+    `is_its_config(saved config)` accepts, as (how the run goes on, its final_info): "reused" (completed),
+    "resumed" (a checkpoint of this code, left in training or evaluation), "failed" (an attempt that
+    ended so: its final_info says why) or "trained" (nothing there, or an attempt that died before
+    its first checkpoint, removed here: every harness process writing a run folder claims it)."""
+    saved = read_json(run_dir / "config.json")
+    if saved and not is_its_config(saved):
+        raise HarnessError(f"run folder {run_dir} holds a run of another config; move it away to train this one")
     info = read_json(run_dir / "final_info.json")
     if info.get("status") == "completed":
         if info["provenance"]["plugin_source_sha256"] != source_sha256:
@@ -472,10 +480,18 @@ def left_in(run_dir: Path, source_sha256: str) -> tuple[str, dict]:
                                f"to train this code's")
         return "reused", info
     if (run_dir / CHECKPOINT).exists():
-        check_resumable(run_dir, source_sha256)
+        try:
+            check_resumable(run_dir, source_sha256)
+        except HarnessError:
+            raise
+        except Exception as exc:  # unreadable, or its pickled plugin state names a module gone since
+            raise HarnessError(f"{run_dir / CHECKPOINT} cannot be read ({type(exc).__name__}: {exc}); move the "
+                               f"folder away to train the run again") from None
         return "resumed", info
     if info:
-        return "failed", info
+        fix = (f"`python experiment.py eval {run_dir}` evaluates its saved SAE" if info.get("failed_at") == "evaluation"
+               else "move the folder away to train it again")
+        return "failed", {**info, "error": f"{info.get('error', 'it failed')} (an earlier attempt; {fix})"}
     if run_dir.exists():
         shutil.rmtree(run_dir)
     return "trained", info
@@ -595,18 +611,19 @@ def term_gradients(out, sae, step: int, cfg) -> dict[str, list[tuple[torch.Tenso
 
 @torch.no_grad()
 def record_gradient_shares(found: dict, stats: dict) -> None:
-    """After the Trainer's backward: stats[<term>_grad_share] = ‖term's gradient‖ / ‖the gradient
-    the update uses‖ over the parameter entries the term's gradient reaches (0 where it reaches none,
-    or the update has no gradient there): AuxK, the only pull on its dead latents' rows, is all of
-    their update however small beside the live latents'. A plugin whose backward applies a term
-    otherwise (rescaled, projected) logs its own share, which is kept."""
-    def norm(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-        return torch.stack([t.double().pow(2).sum() for t in tensors]).sum().sqrt() if tensors else None
+    """After the Trainer's backward: stats[<term>_grad_share] = the largest, over the parameters the
+    term reaches, of ‖term's gradient‖ / ‖the gradient the update uses‖ on the entries the term's
+    gradient reaches (0 where it reaches none): AuxK, the only pull on its dead latents' rows, is all
+    of their update, however small beside the live latents' and whatever it adds to b_dec's. A
+    plugin whose backward applies a term otherwise (rescaled, projected) logs its own share, kept."""
+    def share(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        reached = grad != 0
+        update = (param.grad.double().pow(2) * reached).sum().sqrt()
+        return (grad.double().pow(2).sum().sqrt() / update.clamp_min(1e-30)).float()
 
     for name, pairs in found.items():
-        own, update = norm([g for _, g in pairs]), norm([p.grad[g != 0] for p, g in pairs if p.grad is not None])
-        share = torch.zeros(()) if own is None or update is None else (own / update.clamp_min(1e-30)).float()
-        stats.setdefault(f"{name}_grad_share", share)
+        shares = [share(p, g) for p, g in pairs if p.grad is not None]
+        stats.setdefault(f"{name}_grad_share", torch.stack(shares).max() if shares else torch.zeros(()))
 
 
 class StepLog:

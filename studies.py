@@ -94,6 +94,11 @@ def previous_run(job: Job, earlier: dict[str, list[Path]]) -> tuple[Path | None,
     return (interrupted, "resumed") if interrupted else (None, "trained")
 
 
+def is_config_of(cfg: RunConfig):
+    """Whether a saved config (config.json) is this one's, as `comparable` reads them."""
+    return lambda saved: comparable(saved) == comparable(dataclasses.asdict(cfg))
+
+
 def resumable(folder: Path, source: str) -> bool:
     """Whether an interrupted run's checkpoint was trained by this plugin code (or predates keeping
     its hash: resumed with a warning); said in a line where it is passed over."""
@@ -125,7 +130,7 @@ def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None, remote
                 info = read_json(folder / "final_info.json")
             else:
                 with claimed(folder):  # what is there once held decides: another process may have ended it meanwhile
-                    how, info = left_in(folder, job.plugin.source_hash())
+                    how, info = left_in(folder, job.plugin.source_hash(), is_config_of(job.cfg))
                     if how in ("trained", "resumed"):
                         info = execute(job.cfg, job.plugin, folder, notes, resume=how == "resumed",
                                        loaded_models=loaded_models)
@@ -418,15 +423,17 @@ def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_
     names = evals.parse_evals(eval_names) if eval_names else cfg.evals  # default: the run's own
     cfg.device = device_name
     evals.check_requirements(names, cfg, loaders=eval_loaders)
-    device = resolve_device(device_name)
-    configure_kernels(cfg, device)  # the kernels the run evaluated with (deterministic on CPU, TF32 on CUDA)
-    model = checked_model(cfg, device)
-    sae, eval_tokens = saved_sae(run_dir, cfg, plugin, device), torch.load(run_dir / "eval_tokens.pt")
-    evals.evaluate(info, sae, model, eval_tokens, cfg, device, run_dir, eval_loaders, names)
-    if unevaluated:  # now it is a completed run, with the notebook entry it never got
-        finish(info, run_dir, plugin, notes, cfg, device, info["provenance"]["wall_time_s"] + time.perf_counter() - started)
-        return info
-    atomic_write(info_path, json.dumps(info, indent=2, default=str))
+    with claimed(run_dir, wait=False):  # no study resumes the run while this writes its results
+        device = resolve_device(device_name)
+        configure_kernels(cfg, device)  # the kernels the run evaluated with (deterministic on CPU, TF32 on CUDA)
+        model = checked_model(cfg, device)
+        sae, eval_tokens = saved_sae(run_dir, cfg, plugin, device), torch.load(run_dir / "eval_tokens.pt")
+        evals.evaluate(info, sae, model, eval_tokens, cfg, device, run_dir, eval_loaders, names)
+        if unevaluated:  # now it is a completed run, with the notebook entry it never got
+            finish(info, run_dir, plugin, notes, cfg, device,
+                   info["provenance"]["wall_time_s"] + time.perf_counter() - started)
+            return info
+        atomic_write(info_path, json.dumps(info, indent=2, default=str))
     append_notes(notes, plugin.study_header, f"Re-scored run {plugin.run_number} ({plugin.study}/{plugin.name}, {run_dir}) "
                                 f"with {', '.join(names)}; its results now:\n{result_lines(info, None, None, run_dir)}\n")
     return info

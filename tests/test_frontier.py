@@ -459,6 +459,23 @@ def test_a_term_that_alone_moves_a_few_latents_is_measured_where_it_acts_and_not
     assert frontier.inert_terms(log) == []
 
 
+def test_topks_auxk_is_all_of_its_dead_latents_update_whatever_it_adds_to_the_shared_decoder_bias():
+    plugin = experiment.find_plugin("baseline/run_0_topk")
+    cfg = experiment.build_config("tiny", "baseline/run_0_topk", tokens=31 * 64, batch_size=64)
+    torch.manual_seed(0)
+    sae = plugin.module.SAE(16, 64, plugin.hyperparams_class(k=4, dead_steps=1), cfg)
+    with torch.no_grad():
+        sae.b_enc[:2] = -3.0  # two latents that never make the top 4: dead after a step
+    trainer, x, log = plugin.module.Trainer(sae, cfg), torch.randn(64, 16), []  # it counts the dead
+    for step in range(cfg.steps):
+        _, out = trainer.step(x, step)
+        if runs.logged_step(step, cfg) and "auxiliary_reconstruction_loss" in out.terms:
+            log.append({k: float(v) for k, v in {**out.terms, **out.stats}.items()})
+    assert len(log) == 3 and all(row["auxk_dead"] >= 2 for row in log)
+    assert [row["auxiliary_reconstruction_loss_grad_share"] for row in log] == pytest.approx([1.0] * 3)
+    assert frontier.inert_terms(log) == []
+
+
 def test_a_run_under_its_models_verdict_budget_is_warned_that_its_verdicts_are_a_first_look():
     presets = experiment.PRESETS
     embedded = {k: presets["embedded"][k] for k in ("model", "layer", "dataset", "tokens")}

@@ -202,15 +202,38 @@ def test_what_a_claimed_run_folder_holds_decides_how_its_run_goes_on(tmp_path):
         for file, content in files.items():
             (path / f"{file}.json").write_text(json.dumps(content))
         return path
-    assert run_folders.left_in(tmp_path / "none", "code") == ("trained", {})
-    died = folder("died", config={})
-    assert run_folders.left_in(died, "code") == ("trained", {}) and not died.exists()
+    def config(saved):  # the job's config, as studies.is_config_of reads one
+        return saved == {"seed": 42}
+    assert run_folders.left_in(tmp_path / "none", "code", config) == ("trained", {})
+    died = folder("died", config={"seed": 42})
+    assert run_folders.left_in(died, "code", config) == ("trained", {}) and not died.exists()
     failed = {"status": "failed", "error": "the loss became non-finite"}
-    assert run_folders.left_in(folder("failed", final_info=failed), "code") == ("failed", failed)
+    how, info = run_folders.left_in(folder("failed", final_info=failed), "code", config)
+    assert how == "failed" and info["error"] == ("the loss became non-finite (an earlier attempt; move the folder "
+                                                 "away to train it again)")
+    unevaluated = {**failed, "failed_at": "evaluation", "error": "sae_bench crashed"}
+    assert "`python experiment.py eval " in run_folders.left_in(folder("unevaluated", final_info=unevaluated),
+                                                                "code", config)[1]["error"]
     completed = {"status": "completed", "provenance": {"plugin_source_sha256": "code"}}
-    assert run_folders.left_in(folder("completed", final_info=completed), "code") == ("reused", completed)
+    assert run_folders.left_in(folder("completed", final_info=completed), "code", config) == ("reused", completed)
     with pytest.raises(HarnessError, match="holds a completed run of other code of its plugin"):
-        run_folders.left_in(tmp_path / "completed", "edited code")
+        run_folders.left_in(tmp_path / "completed", "edited code", config)
+    with pytest.raises(HarnessError, match="holds a run of another config; move it away"):
+        run_folders.left_in(folder("other", config={"seed": 43}), "code", config)
+    (folder("garbled") / experiment.CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(HarnessError, match="checkpoint.pt cannot be read .*; move the folder away"):
+        run_folders.left_in(tmp_path / "garbled", "code", config)
+
+
+def test_run_and_eval_refuse_in_one_line_a_run_folder_another_process_holds(run_tiny, notes, tmp_path):
+    _, trained = run_tiny("baseline/run_0_baseline")
+    new = tmp_path / "runs" / "a study's run"
+    for folder, args in ((new, ["run", "--plugin", "run_0_baseline", "--preset", "tiny", "--out", str(new)]),
+                         (trained, ["eval", str(trained)])):
+        with claimed_by_another_process(folder):
+            result = cli(*args, "--notes", str(notes))
+            assert result.exit_code == 2 and result.output.count("error:") == 1, result.output
+            assert "another process is training" in result.output
 
 
 def test_a_study_stopped_mid_widening_has_judged_its_runs_against_each_baseline_widened_before_the_stop(
