@@ -93,7 +93,7 @@ def run_on_ray(plans: list[tuple], notes: Path, workers: int, address: str | Non
     try:
         yield from finished_runs(plans, notes, workers)
     except KeyboardInterrupt:
-        raise experiment.Interrupted("interrupted") from None
+        raise experiment.Interrupted("interrupted (the runs in progress checkpoint as they stop)") from None
     finally:
         if joined:
             ray.shutdown()

@@ -96,14 +96,15 @@ class Interrupted(Exception):
 @contextlib.contextmanager
 def one_line_errors():
     """Bad input (HarnessError) ends a command with one `error:` line and exit code 2; Ctrl-C in
-    training (Interrupted, the run checkpointed) with one line and exit code 130."""
+    training (Interrupted, the run checkpointed) or while waiting for a run folder with one line
+    and exit code 130."""
     try:
         yield
     except HarnessError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     except Interrupted as exc:
-        console.print(f"[yellow]{exc}; checkpoint saved; run the same command again to continue")
+        console.print(f"[yellow]{exc}; run the same command again to continue")
         raise typer.Exit(130) from None
 
 

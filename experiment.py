@@ -492,7 +492,7 @@ def train(sae: SAE, trainer: Trainer, data: ActivationData, cfg: RunConfig, run_
                         spent = None if started is None else time.perf_counter() - started
                         save_checkpoint(run_dir, step, sae, trainer, fired_at, log.final, source_sha256, spent)
                 if interrupted:
-                    raise Interrupted(f"interrupted after step {step}")
+                    raise Interrupted(f"interrupted after step {step}, checkpoint saved")
             log.read_back(cfg.steps)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
@@ -998,7 +998,7 @@ def run(
                 info = execute(cfg, found, run_dir, notes, resume=resume is not None)
                 logged.summarise(info)
         except Interrupted as exc:
-            console.print(f"[yellow]{exc}; checkpoint saved; continue with: python experiment.py run --resume {run_dir}")
+            console.print(f"[yellow]{exc}; continue with: python experiment.py run --resume {run_dir}")
             raise typer.Exit(130) from None
     if info.get("status") == "completed":  # rank 0 (or the only process)
         print_summary(info, run_dir)

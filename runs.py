@@ -455,7 +455,10 @@ def holds_lock(handle, lock: Path, run_dir: Path, wait: bool) -> bool:
             raise HarnessError(f"another process is training {run_dir}; run this again once it has "
                                f"finished (its run is then reused)") from None
         console.print(f"waiting for another process, which is training {run_dir}")
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted while waiting for {run_dir}, before writing there") from None
     except OSError as exc:  # a file system without locks
         raise HarnessError(f"cannot lock {lock} ({exc.strerror}); put --runs on a local disk") from None
     try:

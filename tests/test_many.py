@@ -4,10 +4,13 @@ again trains nothing, and after a kill finishes the rest."""
 
 import dataclasses
 import json
+import os
+import signal
 import sys
 import threading
 
 import pytest
+import typer
 from helpers import claimed_by_another_process, cli
 
 import experiment
@@ -15,7 +18,7 @@ import studies
 import evals
 import plot
 import runs as run_folders
-from common import HarnessError
+from common import HarnessError, one_line_errors
 
 TINY = ["--preset", "tiny", "--tokens", "2048"]
 
@@ -182,6 +185,19 @@ def test_a_run_folder_held_by_another_process_is_refused_without_waiting_and_fre
         with run_folders.claimed(folder, wait=False):
             pass
     assert list(folder.parent.iterdir()) == []  # no lock file left behind
+
+
+def test_ctrl_c_while_waiting_for_a_held_run_folder_ends_the_command_in_one_line_with_exit_130(tmp_path, capsys):
+    folder = tmp_path / "runs" / "sweeps" / "k=1,seed=42"
+    with claimed_by_another_process(folder):
+        threading.Timer(1, os.kill, (os.getpid(), signal.SIGINT)).start()  # as Ctrl-C in the terminal
+        with pytest.raises(typer.Exit) as stopped, one_line_errors():
+            with run_folders.claimed(folder):
+                pass
+    assert stopped.value.exit_code == 130
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"interrupted while waiting for {folder}, before writing there; run the same command again" in said
+    assert not folder.exists()
 
 
 @pytest.mark.e2e
