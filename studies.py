@@ -404,9 +404,15 @@ def sweep_jobs(plugin: Plugin, preset: str, grid: list[str], seeds: int, overrid
 
 
 def write_manifest(sweep_dir: Path, asked: dict, rows: list[dict], spread: dict | None = None) -> None:
-    done = [dict(run=r["label"], how=r["how"], status=r["info"].get("status"), folder=r["folder"]) for r in rows]
+    """What was asked last, what finished (this command's rows, and what an earlier or a concurrent
+    command sharing the folder recorded of the runs this one has not reached) and the seed spread."""
+    done = {r["label"]: dict(run=r["label"], how=r["how"], status=r["info"].get("status"), folder=r["folder"])
+            for r in rows}
+    before = read_json(sweep_dir / "manifest.json")
+    done.update({row["run"]: row for row in before.get("finished", []) if row["run"] not in done})
+    spread = spread if spread is not None else before.get("seed_spread")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    kept = dict(asked=asked, finished=done, **({"seed_spread": spread} if spread is not None else {}))
+    kept = dict(asked=asked, finished=list(done.values()), **({"seed_spread": spread} if spread is not None else {}))
     atomic_write(sweep_dir / "manifest.json", json.dumps(kept, indent=2))
 
 

@@ -89,6 +89,18 @@ def test_a_sweep_s_folder_is_that_of_its_runs_code_and_configs_however_they_were
     assert manifest["asked"]["plugin_source_sha256"] == "b" * 64
 
 
+def test_a_sweep_s_manifest_keeps_what_another_command_recorded_of_runs_this_one_has_not_reached(tmp_path):
+    def row(label, how):
+        return dict(label=label, how=how, info={"status": "completed"}, folder=str(tmp_path / label))
+    asked, spread = {"grid": ["k=1,2"]}, {"L0": {"sd": 0.5, "dof": 2}}
+    studies.write_manifest(tmp_path, asked, [row("k=1,seed=42", "trained"), row("k=2,seed=42", "trained")], spread)
+    studies.write_manifest(tmp_path, asked, [])  # the same sweep asked again (or by a second process), just begun
+    studies.write_manifest(tmp_path, asked, [row("k=2,seed=42", "reused")])
+    kept = json.loads((tmp_path / "manifest.json").read_text())
+    assert {r["run"]: r["how"] for r in kept["finished"]} == {"k=1,seed=42": "trained", "k=2,seed=42": "reused"}
+    assert kept["seed_spread"] == spread
+
+
 @pytest.mark.parametrize("grid, message", [
     ("nope=1,2", "--grid nope"),
     ("sparsity_penalty", "must look like key=value1,value2"),
