@@ -98,6 +98,8 @@ BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
 # of about 65 tokens; a CPU preset probes this many, drawn with the run's seed. With fewer, a letter
 # has too few test words for its probe's F1 to clear sae_bench's bar (README, "Absorption").
 ABSORPTION_WORDS = {"embedded": 4000}
+# The verdict budget trains longer on embedded's model and text: it evaluates on embedded's budget.
+BUDGETS["embedded-4m"], ABSORPTION_WORDS["embedded-4m"] = BUDGETS["embedded"], ABSORPTION_WORDS["embedded"]
 # Autointerp reads at most sae_bench's default number of tokens from the run's held-out contexts
 # (on the hub presets they hold more; on embedded, 32 contexts of 128).
 AUTOINTERP_MAX_TOKENS = 2_000_000

@@ -260,6 +260,13 @@ def test_a_failing_eval_raises_and_unknown_loaders_are_refused(sae, model, cfg, 
                            loaders={"datasets": hub_down})
 
 
+def test_the_verdict_budget_evaluates_as_embedded_does_it_only_trains_longer():
+    for name in evals.EVAL_NAMES:  # else absorption probes Gemma's whole vocabulary, sae_probes every dataset
+        assert evals._budget_overrides(name, "embedded-4m") == evals._budget_overrides(name, "embedded")
+    cfg = experiment.build_config("embedded-4m", "baseline/run_0_baseline")
+    assert evals._config("sae_probes", cfg).dataset_names == evals.BUDGETS["embedded"]["sae_probes"]["dataset_names"]
+
+
 def test_capped_absorption_vocabulary_is_letter_balanced_and_independent_of_vocabulary_order():
     """The embedded preset probes a capped vocabulary: every first letter keeps training words
     (sae_bench's k-sparse probing crashes on a letter without any), and the same words come out
