@@ -13,6 +13,9 @@ each one command that writes one figure and one notebook paragraph.
     contrastive     sparsity           log10 firing-frequency histograms on held-out text, per run
                     jl_error           the JL projection's cosine error on decoder-row pairs, per run
     freq_order      ordering           Spearman ρ of held-out firing frequency with latent index, baseline and runs
+    topk_ortho, contrastive, freq_order
+                    absorption         sae_bench's first-letter absorption, against ReLU + L1 and TopK at matched L0
+    zscore_ortho    sparse_probing     sae_probes' top-1 probing accuracy, against ReLU + L1 and TopK at matched L0
 
 The runs come from the study and sweep machinery (studies.study_jobs, sweep_jobs, run_jobs): a
 run completed with the same config and plugin source is reused and an interrupted one resumed, so
@@ -53,10 +56,11 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 import evals  # noqa: E402
 import experiment  # noqa: E402
+import frontier  # noqa: E402
 import plot  # noqa: E402
 import studies  # noqa: E402
 from notebook import append_notes  # noqa: E402
-from runs import Run, read_json, read_run  # noqa: E402
+from runs import Run, headline, read_json, read_run, run_index  # noqa: E402
 
 BASELINE = "run_0_baseline"  # the study command's default baseline, so its runs are reused
 
@@ -683,6 +687,155 @@ def jl_error(s: Setting) -> Finding:
 
 
 # ----------------------------------------------------------------------------------------------
+# An offline evaluation against the baselines at the run's L0: sae_bench's absorption or
+# sae_probes on the study's runs and on the ReLU + L1 and TopK sweeps on the same activations.
+
+class Scored(NamedTuple):
+    eval_name: str  # the harness's eval (--evals), run on a saved SAE where its final_info lacks it
+    result: str  # its eval_type_id in final_info's evals
+    key: str  # the number read from that result
+    label: str
+    higher_is_better: bool
+
+
+ABSORPTION = Scored("absorption", "absorption_first_letter", "mean_absorption_fraction_score",
+                    "mean absorption fraction (sae_bench, first letter)", False)
+PROBING = Scored("sae_probes", "sparse_probing_sae_probes", "sae_top_1_test_accuracy",
+                 "top-1 sparse probing accuracy (sae_probes)", True)
+AGAINST = ("run_0_baseline", "run_0_topk")  # the L1 and the TopK family, as swept on the study's activations
+
+
+def scored_info(folder: Path, info: dict, what: Scored, s: Setting) -> dict:
+    """The run's final_info with `what` in it: evaluated now (studies.rescore) where it lacks it."""
+    if what.result in info.get("evals", {}):
+        return info
+    return studies.rescore(folder, what.eval_name, s.overrides.get("device") or "auto", s.notes, wait=True)
+
+
+def swept_runs(s: Setting, like: dict) -> dict[str, list[tuple[Path, dict]]]:
+    """Each AGAINST baseline's completed runs, every seed, on the activations of the run `like`
+    and at its matched settings, as its verdicts count them (plot.reference_baselines)."""
+    index = [(folder, who, info) for folder, who, info in plot.reference_baselines(run_index(s.runs))
+             if info.get("status") == "completed" and info.get("activation_cache") == like.get("activation_cache")
+             and frontier.trained_alike(info, like)]
+    return {name: [(folder, info) for folder, who, info in index if who["plugin"] == name] for name in AGAINST}
+
+
+def baseline_curve(points: list[dict], what: Scored) -> dict:
+    """A baseline's sweep for `what`: its settings' seed means and seed counts sorted by L0, and
+    the seed-to-seed spread pooled over its settings (frontier.seed_spread)."""
+    settings: dict[str, list[tuple[float, float]]] = {}
+    for info in points:
+        value, l0 = plot.find(info["evals"].get(what.result), what.key), headline(info, "L0")
+        if value is not None and l0 is not None:
+            settings.setdefault(frontier.without_seed(info["provenance"]["config"]), []).append((l0, value))
+    pooled = sorted((float(np.mean([l0 for l0, _ in seeds])), float(np.mean([v for _, v in seeds])), len(seeds))
+                    for seeds in settings.values())
+    return dict(l0=[p[0] for p in pooled], value=[p[1] for p in pooled], seeds=[p[2] for p in pooled],
+                spread=frontier.seed_spread([[v for _, v in seeds] for seeds in settings.values()]))
+
+
+def against_curve(l0: float, value: float, curve: dict) -> dict:
+    """A run (one seed) against a baseline's curve at its L0: the curve's value there (linear in
+    L0 between its two settings around it), Δ, the noise of that difference (the spread, as one
+    seed against the mean of the fewer seeds of those two settings) and the word: higher or lower
+    beyond frontier.Z_BETTER × the noise."""
+    if len(curve["l0"]) < 2 or not curve["l0"][0] <= l0 <= curve["l0"][-1]:
+        return dict(word="outside its sweep")
+    at = float(np.interp(l0, curve["l0"], curve["value"]))
+    below = min(int(np.searchsorted(curve["l0"], l0, side="right")) - 1, len(curve["l0"]) - 2)
+    seeds, sd = min(curve["seeds"][below:below + 2]), curve["spread"]["sd"]
+    noise = None if sd is None else sd * math.sqrt(1 + 1 / seeds)
+    delta = value - at
+    word = ("no seed spread" if noise is None else "within noise" if abs(delta) <= frontier.Z_BETTER * noise
+            else "higher" if delta > 0 else "lower")
+    return dict(at=at, delta=delta, noise=noise, word=word)
+
+
+def against_baselines(s: Setting, what: Scored) -> Finding:
+    """The study's runs (one seed) evaluated with `what`, each against the ReLU + L1 and TopK
+    sweeps at its L0 (every seed of theirs evaluated too, once): the reference is the baseline's
+    value interpolated at the run's L0, the noise the baseline's seed-to-seed spread of the
+    metric as a difference of one seed and its seeds' mean."""
+    cfg = experiment.build_config(s.preset, f"baseline/{BASELINE}", **s.overrides)
+    try:
+        evals.check_requirements((what.eval_name,), cfg)
+    except HarnessError as exc:
+        raise Unavailable(f"{what.eval_name} cannot run on {cfg.model}: {exc}") from None
+    runs, failed = study_runs(s)
+    runs = [run for run in runs if run.plugin != BASELINE]  # the preset's baseline is a point of its sweep
+    if not runs:
+        raise HarnessError(f"no run of {s.study} completed: " + "; ".join(failed))
+    for run in runs:
+        run.info = scored_info(run.folder, run.info, what, s)
+    curves = {name: baseline_curve([scored_info(folder, info, what, s) for folder, info in points], what)
+              for name, points in swept_runs(s, runs[0].info).items()}
+    rows, data = [], {}
+    for run in runs:
+        result, l0 = run.info["evals"][what.result], headline(run.info, "L0")
+        value, why = plot.find(result, what.key), result.get("not_scored", "no value")  # e.g. too few letters read
+        versus = {name: against_curve(l0, value, curve) if value is not None and l0 is not None else {}
+                  for name, curve in curves.items()}
+        data[run.plugin] = dict(l0=l0, value=value, versus=versus, folder=run.folder)
+        rows.append([run.label, fmt(l0, 4), fmt(value) if value is not None else f"not scored: {why}",
+                     *(versus_cell(v) for v in versus.values()), shown_path(run.folder)])
+    body = table(["run", "L0", what.label, *(f"against {name} at its L0" for name in curves), "run folder"], rows)
+    body += "\n\n" + table(["baseline", "L0 (seed means)", what.label, "seeds", "seed-to-seed sd"], [
+        [name, ", ".join(fmt(x, 4) for x in c["l0"]), ", ".join(fmt(v) for v in c["value"]),
+         ", ".join(map(str, c["seeds"])), fmt(c["spread"]["sd"])] for name, c in curves.items()])
+    reference = (f"Reference: each baseline's {what.label} interpolated linearly in L0 between its two swept "
+                 "settings around the run's L0 (outside its sweep: no reference). Noise: the baseline's seed-to-seed "
+                 "standard deviation of the metric pooled over its settings, for one run seed against the mean of "
+                 f"the baseline's: sd·√(1 + 1/seeds); beyond {frontier.Z_BETTER:g} × it a run reads higher or lower "
+                 f"({'higher' if what.higher_is_better else 'lower'} is better). One seed per run.")
+    caption = (f"{what.label} against L0: the baselines' sweeps (lines, seed means) and the study's runs (dots). "
+               + "; ".join(f"{run.label} {fmt(data[run.plugin]['value'])} at L0 {fmt(data[run.plugin]['l0'], 4)}"
+                           for run in runs) + ". " + reference)
+    body += "\n\n" + reference + "".join(f"\n\nNot analysed: {line}" for line in failed)
+    return Finding(curve_figure(runs, curves, data, what), caption, body, {**data, "curves": curves})
+
+
+def versus_cell(versus: dict) -> str:
+    if "at" not in versus:
+        return versus.get("word", "-")
+    return f"{versus['word']} (Δ {versus['delta']:+.3f} ± {fmt(versus['noise'])} against {versus['at']:.3f})"
+
+
+def curve_figure(runs: list[Run], curves: dict[str, dict], data: dict, what: Scored) -> Figure:
+    """The metric against L0 (log): each baseline's sweep as a line, each run as a labelled dot."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, (name, curve) in enumerate(curves.items()):
+        ax.plot(curve["l0"], curve["value"], color="0.4", ls=("--", ":")[i % 2], marker="s", mfc="white",
+                label=f"{name} (seed means, {min(curve['seeds'])}–{max(curve['seeds'])} seeds a setting)")
+    for run in runs:
+        if (found := data[run.plugin])["value"] is not None and found["l0"]:
+            ax.scatter([found["l0"]], [found["value"]], color=run.color, s=40, zorder=3, label=run.label)
+    ax.set_xscale("log")
+    plain_log(ax.xaxis)
+    ax.set_xlabel("L0 (latents active per token, log)")
+    ax.set_ylabel(textwrap.fill(f"{what.label} ({'higher' if what.higher_is_better else 'lower'} is better)", 40))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(plot.with_setting(f"{what.label} against the baselines at matched L0", runs), fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def absorption(s: Setting) -> Finding:
+    """Feature absorption against the baselines at matched L0: sae_bench's first-letter absorption
+    (mean absorption fraction: lower is less absorption) of each run, beside the ReLU + L1 and
+    TopK sweeps on the same activations, every one evaluated where it has not been."""
+    return against_baselines(s, ABSORPTION)
+
+
+def sparse_probing(s: Setting) -> Finding:
+    """Sparse probing against the baselines at matched L0: sae_probes' top-1 test accuracy (one
+    latent as the probe, mean over its datasets) of each run, beside the ReLU + L1 and TopK sweeps
+    on the same activations, every one evaluated where it has not been."""
+    return against_baselines(s, PROBING)
+
+
+# ----------------------------------------------------------------------------------------------
 # The unlearning comparison: sae_bench's unlearning eval (WMDP-bio) on each arm's saved SAE.
 
 ADAPTIVE_ARM = "adaptive_ortho/run_1_basic_ortho"  # the notebook's mechanism, before the stability runs
@@ -776,11 +929,11 @@ def bars_figure(runs: list[Run], panels: tuple[Panel, ...], title: str) -> Figur
 # The driver: `python experiment.py analyse STUDY [NAME]`.
 
 ANALYSES: dict[str, dict[str, Callable[[Setting], Finding]]] = {
-    "topk_ortho": {"topk_threshold": topk_threshold},
+    "topk_ortho": {"topk_threshold": topk_threshold, "absorption": absorption},
     "adaptive_ortho": {"alpha": alpha_ablation, "condition_numbers": condition_numbers, "unlearning": unlearning},
-    "zscore_ortho": {"reactivation": reactivation},
-    "contrastive": {"sparsity": sparsity_distributions, "jl_error": jl_error},
-    "freq_order": {"ordering": frequency_order},
+    "zscore_ortho": {"reactivation": reactivation, "sparse_probing": sparse_probing},
+    "contrastive": {"sparsity": sparsity_distributions, "jl_error": jl_error, "absorption": absorption},
+    "freq_order": {"ordering": frequency_order, "absorption": absorption},
 }
 
 

@@ -524,7 +524,7 @@ def verdicts(info: dict, index: Index, plugin_name: str, knob_of: Callable[[str]
             found[name] = dict(not_judged=str(exc))
             continue
         if not (runs := [(folder, other) for folder, other in runs
-                         if _trained_alike(other, info) and at_its_defaults(other)]):
+                         if trained_alike(other, info) and at_its_defaults(other)]):
             found[name] = dict(not_judged=f"none of its runs was trained at this run's {', '.join(MATCHED_SETTINGS)}"
                                           + (" and its plugin's defaults" if defaults_of else ""))
             continue
@@ -555,13 +555,13 @@ def seeds_of(info: dict, index: Index, run_dir: Path | None) -> list[tuple[Path,
                 and other.get("activation_cache") == info.get("activation_cache")
                 and theirs.get("plugin_source_sha256") == mine.get("plugin_source_sha256")
                 and theirs.get("seed") != mine.get("seed")
-                and _without_seed(theirs.get("config", {})) == _without_seed(mine.get("config", {})))
+                and without_seed(theirs.get("config", {})) == without_seed(mine.get("config", {})))
     found = {other["provenance"]["seed"]: (folder, other) for folder, _, other in index
              if folder != run_dir and same(other)}  # the newest run of each seed
     return [found[seed] for seed in sorted(found)]
 
 
-def _without_seed(config: dict) -> str:
+def without_seed(config: dict) -> str:
     return json.dumps({k: v for k, v in config.items() if k not in ("seed", "device")}, sort_keys=True, default=str)
 
 
@@ -582,7 +582,7 @@ def _as_saved(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _trained_alike(baseline: dict, run: dict) -> bool:
+def trained_alike(baseline: dict, run: dict) -> bool:
     """Whether a baseline run shares the judged run's MATCHED_SETTINGS (runs saved without their
     config are not told apart)."""
     mine, theirs = (i.get("provenance", {}).get("config") for i in (run, baseline))

@@ -416,20 +416,23 @@ def write_manifest(sweep_dir: Path, asked: dict, rows: list[dict], spread: dict 
     atomic_write(sweep_dir / "manifest.json", json.dumps(kept, indent=2))
 
 
-def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_loaders=None) -> dict:
+def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_loaders=None,
+            wait: bool = False) -> dict:
     """Evaluate a finished run's saved SAE again, on its own held-out tokens, without retraining;
-    merge the results into its final_info.json and note the re-scoring in the notebook."""
+    merge the results into its final_info.json and note the re-scoring in the notebook. A folder
+    another process holds is refused or, with `wait`, waited for (its results then read afresh)."""
     started = time.perf_counter()
     cfg, plugin = saved_config(run_dir, "eval")
     info_path = run_dir / "final_info.json"
-    info = read_json(info_path)
-    unevaluated = info.get("failed_at") == "evaluation"  # trained and saved; its evaluation crashed
-    if info.get("status") != "completed" and not unevaluated:
+    saved = read_json(info_path)
+    if saved.get("status") != "completed" and saved.get("failed_at") != "evaluation":
         raise HarnessError(f"{run_dir} holds no completed run to re-score")
     names = evals.parse_evals(eval_names) if eval_names else cfg.evals  # default: the run's own
     cfg.device = device_name
     evals.check_requirements(names, cfg, loaders=eval_loaders)
-    with claimed(run_dir, wait=False):  # no study resumes the run while this writes its results
+    with claimed(run_dir, wait=wait):  # no study resumes the run while this writes its results
+        info = read_json(info_path)  # read once held: a process waited for may have added to it
+        unevaluated = info.get("failed_at") == "evaluation"  # trained and saved; its evaluation crashed
         device = resolve_device(device_name)
         configure_kernels(cfg, device)  # the kernels the run evaluated with (deterministic on CPU, TF32 on CUDA)
         model = checked_model(cfg, device)

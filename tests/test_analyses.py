@@ -99,6 +99,82 @@ def test_the_log_frequency_histogram_bins_the_fired_latents_and_counts_the_silen
     assert silent == 2 and counts.tolist() == [1, 2, 2]  # [-3,-2) [-2,-1) [-1,0]
 
 
+def test_a_baseline_s_curve_pools_its_seeds_per_setting_and_a_run_is_read_against_it_at_its_l0():
+    def info(penalty, seed, l0, value):
+        return {"provenance": {"config": {"sparsity_penalty": penalty, "seed": seed}},
+                "metrics": {"sparsity": {"l0": l0}},
+                "evals": {"absorption_first_letter": {"eval_result_metrics": {"mean": {
+                    "mean_absorption_fraction_score": value}}}}}
+    points = [info(0.1, 42, 31, 0.39), info(0.1, 43, 29, 0.41), info(1, 42, 11, 0.21), info(1, 43, 9, 0.19)]
+    curve = analyses.baseline_curve(points, analyses.ABSORPTION)
+    assert curve["l0"] == [10, 30] and curve["value"] == pytest.approx([0.2, 0.4]) and curve["seeds"] == [2, 2]
+    assert curve["spread"]["sd"] == pytest.approx(math.sqrt(4 * 0.01 ** 2 / 2)) and curve["spread"]["dof"] == 2
+    noise = curve["spread"]["sd"] * math.sqrt(1 + 1 / 2)  # one run seed against two seeds' mean
+    higher = analyses.against_curve(20, 0.36, curve)
+    assert higher["at"] == pytest.approx(0.3) and higher["delta"] == pytest.approx(0.06)
+    assert higher["noise"] == pytest.approx(noise) and higher["word"] == "higher"
+    assert analyses.against_curve(25, 0.35 - 1.9 * noise, curve)["word"] == "within noise"
+    assert analyses.against_curve(20, 0.3 - 2.1 * noise, curve)["word"] == "lower"
+    assert analyses.against_curve(31, 0.4, curve) == {"word": "outside its sweep"}
+    assert analyses.against_curve(30, 0.4, curve)["word"] == "within noise"  # an end of the sweep is inside it
+    one_seed = analyses.baseline_curve(points[::2], analyses.ABSORPTION)
+    assert analyses.against_curve(20, 0.5, one_seed)["word"] == "no seed spread"
+
+
+@pytest.mark.e2e
+def test_absorption_scores_each_run_and_baseline_point_once_and_reads_the_runs_against_the_sweeps(
+        tmp_path, monkeypatch):
+    runs, notes = tmp_path / "runs", tmp_path / "notes.md"
+    overrides = dict(tokens=32768, dict_size=None, seed=42, device="cpu", evals=None)
+    for plugin, grid in (("run_0_baseline", "sparsity_penalty=0.001,0.04,1"), ("run_0_topk", "k=1,200")):
+        studies.sweep_runs(experiment.find_plugin(plugin), [grid], 2, "tiny", dict(overrides), runs, notes)
+    scored = []
+
+    def rescore(folder, eval_names, device, notes, eval_loaders=None, wait=False):  # sae_bench's absorption on
+        info = json.loads((folder / "final_info.json").read_text())  # tiny reads no letters: a known function
+        l0, seed = info["metrics"]["sparsity"]["l0"], info["provenance"]["seed"]
+        value = 0.5 - 0.1 * math.log10(l0) + 0.01 * (seed - 42) + 0.3 * (info["run"]["study"] != "baseline")
+        info.setdefault("evals", {})["absorption_first_letter"] = {"eval_result_metrics": {"mean": {
+            "mean_absorption_fraction_score": value}}}
+        (folder / "final_info.json").write_text(json.dumps(info))
+        scored.append((folder, eval_names, wait))
+        return info
+    monkeypatch.setattr(studies, "rescore", rescore)
+    monkeypatch.setattr(evals, "check_requirements", lambda *args, **kwargs: None)
+    setting = analyses.Setting("topk_ortho", "tiny", overrides, runs, notes, ("topk_ortho/run_1_topk_pairs",))
+    finding = analyses.run_analyses("topk_ortho", "absorption", setting, tmp_path / "figures")
+    (found,) = finding.values()
+    assert len(scored) == 1 + 10 and all(e == "absorption" and wait for _, e, wait in scored)  # the run, (3 + 2) × 2
+    again = analyses.Setting("topk_ortho", "tiny", overrides, runs, notes, ("topk_ortho/run_1_topk_pairs",))
+    analyses.run_analyses("topk_ortho", "absorption", again, tmp_path / "figures")
+    assert len(scored) == 11  # scored once: a second reading evaluates nothing
+    run = found.data["run_1_topk_pairs"]
+    assert run["value"] == pytest.approx(0.8 - 0.1 * math.log10(run["l0"]))
+    for name, curve in found.data["curves"].items():
+        settings = {}  # its runs' scores by setting, read from their folders
+        for path in runs.glob(f"sweeps/{name}-*/*/final_info.json"):
+            info = json.loads(path.read_text())
+            settings.setdefault(path.parent.name.split(",seed=")[0], []).append(
+                info["evals"]["absorption_first_letter"]["eval_result_metrics"]["mean"]["mean_absorption_fraction_score"])
+        squares = sum((a - b) ** 2 / 2 for a, b in settings.values())  # two seeds a setting: one dof each
+        assert set(curve["seeds"]) == {2} and curve["spread"]["sd"] == pytest.approx(math.sqrt(squares / len(settings)))
+        versus = run["versus"][name]
+        if curve["l0"][0] <= run["l0"] <= curve["l0"][-1]:
+            assert versus["word"] == "higher" and versus["at"] == pytest.approx(np.interp(run["l0"], curve["l0"],
+                                                                                          curve["value"]))
+        else:
+            assert versus == {"word": "outside its sweep"}
+    assert any("at" in run["versus"][name] for name in analyses.AGAINST), (run, found.data["curves"])  # chosen to cover it
+
+
+def test_absorption_where_it_cannot_run_is_passed_over_before_any_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: pytest.fail("work started"))
+    setting = analyses.Setting("freq_order", "tiny", dict(tokens=2048, seed=42, device="cpu"), tmp_path / "runs",
+                               tmp_path / "notes.md")
+    with pytest.raises(analyses.Unavailable, match="absorption cannot run on tiny: .*the tiny model has no tokenizer"):
+        analyses.absorption(setting)
+
+
 @pytest.mark.e2e
 def test_a_revival_is_recorded_with_the_step_and_the_new_rows_overlap_at_revival():
     found = experiment.find_plugin("zscore_ortho/run_1_initial")
@@ -241,7 +317,7 @@ def test_topk_threshold_ablation_sweeps_both_tau_modes_at_the_same_settings(tmp_
 
 @pytest.mark.parametrize("args, message", [
     (["baseline"], "no analyses for study 'baseline'; studies with analyses: topk_ortho"),
-    (["contrastive", "absorption"], "no analysis 'absorption' for contrastive; choose one of sparsity, jl_error"),
+    (["contrastive", "reactivation"], "no analysis 'reactivation' for contrastive; choose one of sparsity, jl_error, absorption"),
     (["contrastive", "--only", "run_1_initial"], "--only zscore_ortho/run_1_initial: not runs of study contrastive"),
 ])
 def test_a_bad_analysis_is_refused_in_one_line_naming_the_choices(tmp_path, args, message):
