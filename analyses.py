@@ -706,50 +706,61 @@ AGAINST = ("run_0_baseline", "run_0_topk")  # the L1 and the TopK family, as swe
 
 
 def scored_info(folder: Path, info: dict, what: Scored, s: Setting) -> dict:
-    """The run's final_info with `what` in it: evaluated now (studies.rescore) where it lacks it."""
-    if what.result in info.get("evals", {}):
+    """The run's final_info with `what` in it: evaluated now (studies.rescore) where it lacks it,
+    and once only, should another process be evaluating it meanwhile."""
+    def has_it(found: dict) -> bool:
+        return what.result in found.get("evals", {})
+    if has_it(info):
         return info
-    return studies.rescore(folder, what.eval_name, s.overrides.get("device") or "auto", s.notes, wait=True)
+    return studies.rescore(folder, what.eval_name, s.overrides.get("device") or "auto", s.notes, wait=True,
+                           unless=has_it)
 
 
 def swept_runs(s: Setting, like: dict) -> dict[str, list[tuple[Path, dict]]]:
-    """Each AGAINST baseline's completed runs, every seed, on the activations of the run `like`
-    and at its matched settings, as its verdicts count them (plot.reference_baselines)."""
+    """Each AGAINST baseline's completed runs (folder, final_info), every seed, on the activations of
+    the run `like` and at its matched settings, as its verdicts count them (plot.reference_baselines)."""
     index = [(folder, who, info) for folder, who, info in plot.reference_baselines(run_index(s.runs))
              if info.get("status") == "completed" and info.get("activation_cache") == like.get("activation_cache")
              and frontier.trained_alike(info, like)]
     return {name: [(folder, info) for folder, who, info in index if who["plugin"] == name] for name in AGAINST}
 
 
-def baseline_curve(points: list[dict], what: Scored) -> dict:
-    """A baseline's sweep for `what`: its settings' seed means and seed counts sorted by L0, and
-    the seed-to-seed spread pooled over its settings (frontier.seed_spread)."""
-    settings: dict[str, list[tuple[float, float]]] = {}
-    for info in points:
-        value, l0 = plot.find(info["evals"].get(what.result), what.key), headline(info, "L0")
-        if value is not None and l0 is not None:
-            settings.setdefault(frontier.without_seed(info["provenance"]["config"]), []).append((l0, value))
-    pooled = sorted((float(np.mean([l0 for l0, _ in seeds])), float(np.mean([v for _, v in seeds])), len(seeds))
-                    for seeds in settings.values())
+def baseline_curve(points: list[dict], knob: str, what: Scored) -> dict:
+    """A baseline's sweep for `what`: per knob value (the newest run of each seed), its seeds' mean
+    L0 and value and how many seeds, sorted by L0, and the seed-to-seed spread pooled over its knob
+    values (frontier.seed_spread)."""
+    settings: dict[Any, dict[Any, tuple[float, float]]] = {}
+    for info in points:  # oldest first: a newer run of a knob value and seed replaces an older one
+        value, record = plot.find(info["evals"].get(what.result), what.key), frontier.record_from_final_info(info, knob)
+        if value is not None and record["l0"]:
+            settings.setdefault(record["knob"][1], {})[record["seed"]] = (record["l0"], value)
+    pooled = sorted((float(np.mean([l0 for l0, _ in seeds.values()])), float(np.mean([v for _, v in seeds.values()])),
+                     len(seeds), knob_value) for knob_value, seeds in settings.items())
     return dict(l0=[p[0] for p in pooled], value=[p[1] for p in pooled], seeds=[p[2] for p in pooled],
-                spread=frontier.seed_spread([[v for _, v in seeds] for seeds in settings.values()]))
+                knob=[p[3] for p in pooled],
+                spread=frontier.seed_spread([[v for _, v in seeds.values()] for seeds in settings.values()]))
 
 
 def against_curve(l0: float, value: float, curve: dict) -> dict:
-    """A run (one seed) against a baseline's curve at its L0: the curve's value there (linear in
-    L0 between its two settings around it), Δ, the noise of that difference (the spread, as one
-    seed against the mean of the fewer seeds of those two settings) and the word: higher or lower
-    beyond frontier.Z_BETTER × the noise."""
-    if len(curve["l0"]) < 2 or not curve["l0"][0] <= l0 <= curve["l0"][-1]:
+    """A run (one seed) against a baseline's curve at its L0: the curve's value there
+    (frontier.interpolate: linear in log L0 between its two knob values around it), Δ, the noise of
+    that difference (the spread, as one seed against the mean of the fewer seeds of those two) and
+    the word: higher or lower beyond the standard errors the spread's degrees of freedom need
+    (frontier.standard_errors_needed)."""
+    if len(curve["l0"]) < 2:
+        return dict(word="no baseline runs" if not curve["l0"] else "one knob value only")
+    points = [dict(l0=x, value=v, uncertainty=None, knob_value=k, seeds=n)
+              for x, v, k, n in zip(curve["l0"], curve["value"], curve["knob"], curve["seeds"])]
+    found = frontier.interpolate({"points": points}, l0)
+    if found["value"] is None:
         return dict(word="outside its sweep")
-    at = float(np.interp(l0, curve["l0"], curve["value"]))
-    below = min(int(np.searchsorted(curve["l0"], l0, side="right")) - 1, len(curve["l0"]) - 2)
-    seeds, sd = min(curve["seeds"][below:below + 2]), curve["spread"]["sd"]
-    noise = None if sd is None else sd * math.sqrt(1 + 1 / seeds)
-    delta = value - at
-    word = ("no seed spread" if noise is None else "within noise" if abs(delta) <= frontier.Z_BETTER * noise
+    sd, dof = curve["spread"]["sd"], curve["spread"]["dof"]
+    noise = None if sd is None else sd * math.sqrt(1 + 1 / min(p["seeds"] for p, _ in found["weights"]))
+    delta = value - found["value"]
+    needed = frontier.standard_errors_needed({"seeds": noise}, {"seeds": dof})
+    word = ("no seed spread" if noise is None else "within noise" if abs(delta) <= needed * noise
             else "higher" if delta > 0 else "lower")
-    return dict(at=at, delta=delta, noise=noise, word=word)
+    return dict(at=found["value"], delta=delta, noise=noise, needed=needed, word=word)
 
 
 def against_baselines(s: Setting, what: Scored) -> Finding:
@@ -766,10 +777,16 @@ def against_baselines(s: Setting, what: Scored) -> Finding:
     runs = [run for run in runs if run.plugin != BASELINE]  # the preset's baseline is a point of its sweep
     if not runs:
         raise HarnessError(f"no run of {s.study} completed: " + "; ".join(failed))
+    swept, knobs = swept_runs(s, runs[0].info), {n: experiment.find_plugin(f"baseline/{n}").sae_class.sparsity_knob
+                                                  for n in AGAINST}
+    if not any(len({frontier.record_from_final_info(info, knobs[name])["knob"][1] for _, info in points}) > 1
+               for name, points in swept.items()):  # checked before any evaluation
+        raise Unavailable(f"neither {' nor '.join(AGAINST)} is swept on these activations (--preset {s.preset}): "
+                          f"run `python experiment.py study {s.study}` at this preset first")
     for run in runs:
         run.info = scored_info(run.folder, run.info, what, s)
-    curves = {name: baseline_curve([scored_info(folder, info, what, s) for folder, info in points], what)
-              for name, points in swept_runs(s, runs[0].info).items()}
+    curves = {name: baseline_curve([scored_info(folder, info, what, s) for folder, info in points], knobs[name], what)
+              for name, points in swept.items()}
     rows, data = [], {}
     for run in runs:
         result, l0 = run.info["evals"][what.result], headline(run.info, "L0")
@@ -780,14 +797,17 @@ def against_baselines(s: Setting, what: Scored) -> Finding:
         rows.append([run.label, fmt(l0, 4), fmt(value) if value is not None else f"not scored: {why}",
                      *(versus_cell(v) for v in versus.values()), shown_path(run.folder)])
     body = table(["run", "L0", what.label, *(f"against {name} at its L0" for name in curves), "run folder"], rows)
-    body += "\n\n" + table(["baseline", "L0 (seed means)", what.label, "seeds", "seed-to-seed sd"], [
-        [name, ", ".join(fmt(x, 4) for x in c["l0"]), ", ".join(fmt(v) for v in c["value"]),
-         ", ".join(map(str, c["seeds"])), fmt(c["spread"]["sd"])] for name, c in curves.items()])
-    reference = (f"Reference: each baseline's {what.label} interpolated linearly in L0 between its two swept "
-                 "settings around the run's L0 (outside its sweep: no reference). Noise: the baseline's seed-to-seed "
-                 "standard deviation of the metric pooled over its settings, for one run seed against the mean of "
-                 f"the baseline's: sd·√(1 + 1/seeds); beyond {frontier.Z_BETTER:g} × it a run reads higher or lower "
-                 f"({'higher' if what.higher_is_better else 'lower'} is better). One seed per run.")
+    body += "\n\n" + table(["baseline", "knob values", "L0 (seed means)", what.label, "seeds", "seed-to-seed sd"], [
+        [name, ", ".join(map(str, c["knob"])), ", ".join(fmt(x, 4) for x in c["l0"]),
+         ", ".join(fmt(v) for v in c["value"]), ", ".join(map(str, c["seeds"])),
+         f"{fmt(c['spread']['sd'])} ({c['spread']['dof']} dof)"] for name, c in curves.items()])
+    reference = (f"Reference: each baseline's {what.label} interpolated linearly in log L0 between its two swept "
+                 "knob values around the run's L0 (outside its sweep: no reference). Noise: the baseline's "
+                 "seed-to-seed standard deviation of the metric pooled over its knob values, for one run seed "
+                 "against the mean of the baseline's: sd·√(1 + 1/seeds); a run reads higher or lower beyond the "
+                 "standard errors Student's t needs at the spread's degrees of freedom (at least "
+                 f"{frontier.Z_BETTER:g}; {'higher' if what.higher_is_better else 'lower'} is better). "
+                 "One seed per run.")
     caption = (f"{what.label} against L0: the baselines' sweeps (lines, seed means) and the study's runs (dots). "
                + "; ".join(f"{run.label} {fmt(data[run.plugin]['value'])} at L0 {fmt(data[run.plugin]['l0'], 4)}"
                            for run in runs) + ". " + reference)
@@ -798,13 +818,14 @@ def against_baselines(s: Setting, what: Scored) -> Finding:
 def versus_cell(versus: dict) -> str:
     if "at" not in versus:
         return versus.get("word", "-")
-    return f"{versus['word']} (Δ {versus['delta']:+.3f} ± {fmt(versus['noise'])} against {versus['at']:.3f})"
+    return (f"{versus['word']} (Δ {versus['delta']:+.3f} ± {fmt(versus['noise'])}, t {versus['needed']:.2g}, "
+            f"against {versus['at']:.3f})")
 
 
 def curve_figure(runs: list[Run], curves: dict[str, dict], data: dict, what: Scored) -> Figure:
     """The metric against L0 (log): each baseline's sweep as a line, each run as a labelled dot."""
     fig, ax = plt.subplots(figsize=(9, 5))
-    for i, (name, curve) in enumerate(curves.items()):
+    for i, (name, curve) in enumerate((name, curve) for name, curve in curves.items() if curve["l0"]):
         ax.plot(curve["l0"], curve["value"], color="0.4", ls=("--", ":")[i % 2], marker="s", mfc="white",
                 label=f"{name} (seed means, {min(curve['seeds'])}–{max(curve['seeds'])} seeds a setting)")
     for run in runs:

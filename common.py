@@ -90,7 +90,8 @@ class OneLineUsageCommand(OneLineUsageErrors, typer.core.TyperCommand):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training: raised after the checkpoint of the last completed step is saved."""
+    """Ctrl-C during training (raised after the checkpoint of the last completed step is saved) or
+    while waiting for a run folder another process holds; its message says which."""
 
 
 @contextlib.contextmanager

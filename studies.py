@@ -406,10 +406,10 @@ def sweep_jobs(plugin: Plugin, preset: str, grid: list[str], seeds: int, overrid
 def write_manifest(sweep_dir: Path, asked: dict, rows: list[dict], spread: dict | None = None) -> None:
     """What was asked last, what finished (this command's rows, and what an earlier or a concurrent
     command sharing the folder recorded of the runs this one has not reached) and the seed spread."""
-    done = {r["label"]: dict(run=r["label"], how=r["how"], status=r["info"].get("status"), folder=r["folder"])
-            for r in rows}
+    done = {r["folder"]: dict(run=r["label"], how=r["how"], status=r["info"].get("status"), folder=r["folder"])
+            for r in rows}  # by folder: an analysis's sweep holds several plugins' runs of one label
     before = read_json(sweep_dir / "manifest.json")
-    done.update({row["run"]: row for row in before.get("finished", []) if row["run"] not in done})
+    done.update({row["folder"]: row for row in before.get("finished", []) if row["folder"] not in done})
     spread = spread if spread is not None else before.get("seed_spread")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     kept = dict(asked=asked, finished=list(done.values()), **({"seed_spread": spread} if spread is not None else {}))
@@ -417,10 +417,11 @@ def write_manifest(sweep_dir: Path, asked: dict, rows: list[dict], spread: dict 
 
 
 def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_loaders=None,
-            wait: bool = False) -> dict:
+            wait: bool = False, unless=None) -> dict:
     """Evaluate a finished run's saved SAE again, on its own held-out tokens, without retraining;
     merge the results into its final_info.json and note the re-scoring in the notebook. A folder
-    another process holds is refused or, with `wait`, waited for (its results then read afresh)."""
+    another process holds is refused or, with `wait`, waited for: its results are then read afresh,
+    and where `unless(final_info)` holds (what another process evaluated meanwhile) kept as they are."""
     started = time.perf_counter()
     cfg, plugin = saved_config(run_dir, "eval")
     info_path = run_dir / "final_info.json"
@@ -432,6 +433,8 @@ def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_
     evals.check_requirements(names, cfg, loaders=eval_loaders)
     with claimed(run_dir, wait=wait):  # no study resumes the run while this writes its results
         info = read_json(info_path)  # read once held: a process waited for may have added to it
+        if unless is not None and unless(info):
+            return info
         unevaluated = info.get("failed_at") == "evaluation"  # trained and saved; its evaluation crashed
         device = resolve_device(device_name)
         configure_kernels(cfg, device)  # the kernels the run evaluated with (deterministic on CPU, TF32 on CUDA)

@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from helpers import cli, fake_load_dataset, text
 from safetensors.numpy import load_file
@@ -99,26 +100,36 @@ def test_the_log_frequency_histogram_bins_the_fired_latents_and_counts_the_silen
     assert silent == 2 and counts.tolist() == [1, 2, 2]  # [-3,-2) [-2,-1) [-1,0]
 
 
-def test_a_baseline_s_curve_pools_its_seeds_per_setting_and_a_run_is_read_against_it_at_its_l0():
+def test_a_baseline_s_curve_pools_its_seeds_per_knob_value_and_a_run_is_read_against_it_at_its_l0():
     def info(penalty, seed, l0, value):
-        return {"provenance": {"config": {"sparsity_penalty": penalty, "seed": seed}},
+        return {"status": "completed", "provenance": {"config": {"sparsity_penalty": penalty}, "seed": seed},
                 "metrics": {"sparsity": {"l0": l0}},
                 "evals": {"absorption_first_letter": {"eval_result_metrics": {"mean": {
                     "mean_absorption_fraction_score": value}}}}}
     points = [info(0.1, 42, 31, 0.39), info(0.1, 43, 29, 0.41), info(1, 42, 11, 0.21), info(1, 43, 9, 0.19)]
-    curve = analyses.baseline_curve(points, analyses.ABSORPTION)
+    curve = analyses.baseline_curve(points, "sparsity_penalty", analyses.ABSORPTION)
     assert curve["l0"] == [10, 30] and curve["value"] == pytest.approx([0.2, 0.4]) and curve["seeds"] == [2, 2]
-    assert curve["spread"]["sd"] == pytest.approx(math.sqrt(4 * 0.01 ** 2 / 2)) and curve["spread"]["dof"] == 2
+    assert curve["knob"] == [1, 0.1] and curve["spread"]["dof"] == 2
+    assert curve["spread"]["sd"] == pytest.approx(math.sqrt(4 * 0.01 ** 2 / 2))
+    newer = analyses.baseline_curve([*points, info(1, 43, 9, 0.23)], "sparsity_penalty", analyses.ABSORPTION)
+    assert newer["seeds"] == [2, 2] and newer["value"][0] == pytest.approx(0.22)  # a seed run again: its newest
     noise = curve["spread"]["sd"] * math.sqrt(1 + 1 / 2)  # one run seed against two seeds' mean
-    higher = analyses.against_curve(20, 0.36, curve)
-    assert higher["at"] == pytest.approx(0.3) and higher["delta"] == pytest.approx(0.06)
-    assert higher["noise"] == pytest.approx(noise) and higher["word"] == "higher"
-    assert analyses.against_curve(25, 0.35 - 1.9 * noise, curve)["word"] == "within noise"
-    assert analyses.against_curve(20, 0.3 - 2.1 * noise, curve)["word"] == "lower"
+    needed = scipy.stats.t.ppf(0.975, 2)  # the spread rests on 2 degrees of freedom: t, not 2
+    at_20 = 0.2 + 0.2 * math.log(2) / math.log(3)  # linear in log L0, as the verdicts interpolate
+    higher = analyses.against_curve(20, at_20 + 1.01 * needed * noise, curve)
+    assert higher["at"] == pytest.approx(at_20) and higher["delta"] == pytest.approx(1.01 * needed * noise)
+    assert higher["noise"] == pytest.approx(noise) and higher["needed"] == pytest.approx(needed)
+    assert higher["word"] == "higher"
+    assert analyses.against_curve(20, at_20 + 0.99 * needed * noise, curve)["word"] == "within noise"
+    assert analyses.against_curve(20, at_20 - 1.01 * needed * noise, curve)["word"] == "lower"
     assert analyses.against_curve(31, 0.4, curve) == {"word": "outside its sweep"}
     assert analyses.against_curve(30, 0.4, curve)["word"] == "within noise"  # an end of the sweep is inside it
-    one_seed = analyses.baseline_curve(points[::2], analyses.ABSORPTION)
+    one_seed = analyses.baseline_curve(points[::2], "sparsity_penalty", analyses.ABSORPTION)
     assert analyses.against_curve(20, 0.5, one_seed)["word"] == "no seed spread"
+    assert analyses.against_curve(10, 0.2, analyses.baseline_curve(points[2:], "sparsity_penalty",
+                                                                   analyses.ABSORPTION)) == {"word": "one knob value only"}
+    assert analyses.against_curve(10, 0.2, analyses.baseline_curve([], "k", analyses.ABSORPTION)) == {
+        "word": "no baseline runs"}
 
 
 @pytest.mark.e2e
@@ -130,7 +141,7 @@ def test_absorption_scores_each_run_and_baseline_point_once_and_reads_the_runs_a
         studies.sweep_runs(experiment.find_plugin(plugin), [grid], 2, "tiny", dict(overrides), runs, notes)
     scored = []
 
-    def rescore(folder, eval_names, device, notes, eval_loaders=None, wait=False):  # sae_bench's absorption on
+    def rescore(folder, eval_names, device, notes, eval_loaders=None, wait=False, unless=None):  # absorption on
         info = json.loads((folder / "final_info.json").read_text())  # tiny reads no letters: a known function
         l0, seed = info["metrics"]["sparsity"]["l0"], info["provenance"]["seed"]
         value = 0.5 - 0.1 * math.log10(l0) + 0.01 * (seed - 42) + 0.3 * (info["run"]["study"] != "baseline")
@@ -160,11 +171,22 @@ def test_absorption_scores_each_run_and_baseline_point_once_and_reads_the_runs_a
         assert set(curve["seeds"]) == {2} and curve["spread"]["sd"] == pytest.approx(math.sqrt(squares / len(settings)))
         versus = run["versus"][name]
         if curve["l0"][0] <= run["l0"] <= curve["l0"][-1]:
-            assert versus["word"] == "higher" and versus["at"] == pytest.approx(np.interp(run["l0"], curve["l0"],
-                                                                                          curve["value"]))
+            at = np.interp(math.log(run["l0"]), np.log(curve["l0"]), curve["value"])
+            assert versus["word"] == "higher" and versus["at"] == pytest.approx(at)
         else:
             assert versus == {"word": "outside its sweep"}
     assert any("at" in run["versus"][name] for name in analyses.AGAINST), (run, found.data["curves"])  # chosen to cover it
+
+
+def test_absorption_without_the_baselines_swept_on_these_activations_is_passed_over_before_any_evaluation(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(evals, "check_requirements", lambda *args, **kwargs: None)
+    monkeypatch.setattr(studies, "rescore", lambda *args, **kwargs: pytest.fail("evaluated"))
+    setting = analyses.Setting("topk_ortho", "tiny", dict(tokens=2048, seed=42, device="cpu"), tmp_path / "runs",
+                               tmp_path / "notes.md", ("topk_ortho/run_1_topk_pairs",))
+    with pytest.raises(analyses.Unavailable, match="neither run_0_baseline nor run_0_topk is swept on these "
+                                                   "activations .*study topk_ortho` at this preset first"):
+        analyses.absorption(setting)  # its run and the preset's baseline: one knob value
 
 
 def test_absorption_where_it_cannot_run_is_passed_over_before_any_training(tmp_path, monkeypatch):

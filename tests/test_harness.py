@@ -366,6 +366,10 @@ def test_eval_of_a_run_folder_reproduces_its_core_metrics_and_notes_it(run_tiny,
     assert "{'" not in notes.read_text()  # the results as lines a person reads, no dict
     with pytest.raises(experiment.HarnessError, match="not a run folder"):
         studies.rescore(run_dir.parent, "core", "cpu", notes)
+    noted, saved = notes.read_text(), (run_dir / "final_info.json").read_text()
+    read = []  # what another process evaluated while this one waited is kept, not evaluated again
+    kept = studies.rescore(run_dir, "core", "cpu", notes, wait=True, unless=lambda found: read.append(found) or True)
+    assert kept == read[0] == json.loads(saved) and notes.read_text() == noted
 
 
 def test_a_missing_eval_requirement_is_refused_before_training(tmp_path, notes, monkeypatch):

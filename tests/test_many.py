@@ -99,6 +99,10 @@ def test_a_sweep_s_manifest_keeps_what_another_command_recorded_of_runs_this_one
     kept = json.loads((tmp_path / "manifest.json").read_text())
     assert {r["run"]: r["how"] for r in kept["finished"]} == {"k=1,seed=42": "trained", "k=2,seed=42": "reused"}
     assert kept["seed_spread"] == spread
+    two_plugins = [row("k=1,seed=42", "trained"), row("k=1,seed=42", "trained")]  # an analysis's sweep: one label,
+    two_plugins[1]["folder"] = str(tmp_path / "run_2" / "k=1,seed=42")  # a folder per plugin
+    studies.write_manifest(tmp_path, asked, two_plugins)
+    assert len(json.loads((tmp_path / "manifest.json").read_text())["finished"]) == 3
 
 
 @pytest.mark.parametrize("grid, message", [
