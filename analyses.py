@@ -168,6 +168,7 @@ class Setting:
     only: tuple[str, ...] = ()  # the per-run analyses' plugins (default: the whole study)
     values: tuple[str, ...] = ()  # a sweep analysis's values (default: its own)
     trained: dict = field(default_factory=dict)  # the study's runs, once run
+    models: dict = field(default_factory=dict)  # the model, loaded once for every re-scoring here
 
 
 class Finding(NamedTuple):
@@ -713,7 +714,7 @@ def scored_info(folder: Path, info: dict, what: Scored, s: Setting) -> dict:
     if has_it(info):
         return info
     return studies.rescore(folder, what.eval_name, s.overrides.get("device") or "auto", s.notes, wait=True,
-                           unless=has_it)
+                           unless=has_it, loaded_models=s.models)
 
 
 def swept_runs(s: Setting, like: dict) -> dict[str, list[tuple[Path, dict]]]:

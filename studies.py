@@ -417,11 +417,12 @@ def write_manifest(sweep_dir: Path, asked: dict, rows: list[dict], spread: dict 
 
 
 def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_loaders=None,
-            wait: bool = False, unless=None) -> dict:
+            wait: bool = False, unless=None, loaded_models: dict | None = None) -> dict:
     """Evaluate a finished run's saved SAE again, on its own held-out tokens, without retraining;
     merge the results into its final_info.json and note the re-scoring in the notebook. A folder
     another process holds is refused or, with `wait`, waited for: its results are then read afresh,
-    and where `unless(final_info)` holds (what another process evaluated meanwhile) kept as they are."""
+    and where `unless(final_info)` holds (what another process evaluated meanwhile) kept as they are.
+    `loaded_models` keeps the model for the next re-scoring in this process (checked_model)."""
     started = time.perf_counter()
     cfg, plugin = saved_config(run_dir, "eval")
     info_path = run_dir / "final_info.json"
@@ -438,7 +439,7 @@ def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_
         unevaluated = info.get("failed_at") == "evaluation"  # trained and saved; its evaluation crashed
         device = resolve_device(device_name)
         configure_kernels(cfg, device)  # the kernels the run evaluated with (deterministic on CPU, TF32 on CUDA)
-        model = checked_model(cfg, device)
+        model = checked_model(cfg, device, loaded=loaded_models)
         sae, eval_tokens = saved_sae(run_dir, cfg, plugin, device), torch.load(run_dir / "eval_tokens.pt")
         evals.evaluate(info, sae, model, eval_tokens, cfg, device, run_dir, eval_loaders, names)
         if unevaluated:  # now it is a completed run, with the notebook entry it never got

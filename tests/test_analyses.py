@@ -141,7 +141,8 @@ def test_absorption_scores_each_run_and_baseline_point_once_and_reads_the_runs_a
         studies.sweep_runs(experiment.find_plugin(plugin), [grid], 2, "tiny", dict(overrides), runs, notes)
     scored = []
 
-    def rescore(folder, eval_names, device, notes, eval_loaders=None, wait=False, unless=None):  # absorption on
+    def rescore(folder, eval_names, device, notes, eval_loaders=None, wait=False, unless=None,
+                loaded_models=None):  # absorption on
         info = json.loads((folder / "final_info.json").read_text())  # tiny reads no letters: a known function
         l0, seed = info["metrics"]["sparsity"]["l0"], info["provenance"]["seed"]
         value = 0.5 - 0.1 * math.log10(l0) + 0.01 * (seed - 42) + 0.3 * (info["run"]["study"] != "baseline")
@@ -149,6 +150,7 @@ def test_absorption_scores_each_run_and_baseline_point_once_and_reads_the_runs_a
             "mean_absorption_fraction_score": value}}}
         (folder / "final_info.json").write_text(json.dumps(info))
         scored.append((folder, eval_names, wait))
+        assert loaded_models is setting.models  # one model for every re-scoring of the analysis
         return info
     monkeypatch.setattr(studies, "rescore", rescore)
     monkeypatch.setattr(evals, "check_requirements", lambda *args, **kwargs: None)

@@ -359,8 +359,9 @@ def test_harvest_drops_every_bos_position(tmp_path):
 
 def test_eval_of_a_run_folder_reproduces_its_core_metrics_and_notes_it(run_tiny, notes):
     info, run_dir = run_tiny("run_1_initial")
-    rescored = studies.rescore(run_dir, "core", "cpu", notes)
-    assert rescored["metrics"] == info["metrics"]
+    models = {}  # kept for the next re-scoring in this process
+    rescored = studies.rescore(run_dir, "core", "cpu", notes, loaded_models=models)
+    assert rescored["metrics"] == info["metrics"] and list(models) == [("tiny", "cpu")]
     assert json.loads((run_dir / "final_info.json").read_text())["metrics"] == info["metrics"]
     assert f"Re-scored run 1 (zscore_ortho/run_1_initial, {run_dir}) with core; its results now:\n" in notes.read_text()
     assert "{'" not in notes.read_text()  # the results as lines a person reads, no dict
