@@ -445,6 +445,10 @@ def claimed(run_dir: Path, wait: bool = True):
             handle.close()
 
 
+class Held(HarnessError):
+    """A run folder another process holds, refused without waiting (`claimed(wait=False)`)."""
+
+
 def holds_lock(handle, lock: Path, run_dir: Path, wait: bool) -> bool:
     """Lock the open lock file (waiting for its holder, or refusing, as `claimed` says); whether it
     is still the file at that path, which a holder removes as it lets go."""
@@ -452,8 +456,8 @@ def holds_lock(handle, lock: Path, run_dir: Path, wait: bool) -> bool:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         if not wait:
-            raise HarnessError(f"another process is training {run_dir}; run this again once it has "
-                               f"finished (its run is then reused)") from None
+            raise Held(f"another process is training {run_dir}; run this again once it has "
+                       f"finished (its run is then reused)") from None
         console.print(f"waiting for another process, which is training {run_dir}")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)

@@ -34,7 +34,7 @@ import frontier
 from frontier import SWEEPABLE
 from kernels import configure_kernels, resolve_device
 from notebook import append_notes, notes_entry, result_lines, shown_path, study_notes, sweep_notes
-from runs import (CHECKPOINT, atomic_write, checkpoint_source, claimed, headline, left_in, read_json,
+from runs import (CHECKPOINT, Held, atomic_write, checkpoint_source, claimed, headline, left_in, read_json,
                   run_index)
 
 
@@ -123,26 +123,40 @@ def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None, remote
     plans = [(i, job, folder or job.run_dir, how) for i, job, folder, how in plans]
     loaded_models: dict = {}  # the runs here share their model: it is loaded once
 
-    def run_here(i: int, job: Job, folder: Path, how: str) -> tuple[int, str, Path, dict, float]:
+    def run_here(i: int, job: Job, folder: Path, how: str, wait: bool = True) -> tuple[int, str, Path, dict, float]:
         started = time.perf_counter()
         try:
             if how == "reused":
                 info = read_json(folder / "final_info.json")
             else:
-                with claimed(folder):  # what is there once held decides: another process may have ended it meanwhile
+                with claimed(folder, wait):  # what is there once held decides: another process may have ended it
                     how, info = left_in(folder, job.plugin.source_hash(), is_config_of(job.cfg))
                     if how in ("trained", "resumed"):
                         info = execute(job.cfg, job.plugin, folder, notes, resume=how == "resumed",
                                        loaded_models=loaded_models)
+        except Held:
+            raise
         except HarnessError as exc:
             info, how = {"status": "failed", "error": str(exc)}, "failed"
         return i, how, folder, info, time.perf_counter() - started
+
+    def in_turn():
+        """Each plan in order, but one another process holds (the same sweep asked twice at once)
+        is put off until the rest are done, then waited for: the two processes share the work."""
+        held = []
+        for plan in plans:
+            try:
+                yield run_here(*plan, wait=False)
+            except Held:
+                console.print(f"another process is training {plan[2]}: this one goes on and comes back to it")
+                held.append(plan)
+        yield from (run_here(*plan) for plan in held)
 
     if remote is not None:
         finished = itertools.chain((run_here(*plan) for plan in plans if plan[3] == "reused"),
                                    remote([p for p in plans if p[3] != "reused"], notes))
     else:
-        finished = (run_here(*plan) for plan in plans)
+        finished = in_turn()
     done: dict[int, dict] = {}
     for i, how, folder, info, wall_s in finished:
         done[i] = dict(plugin=jobs[i].plugin.name, label=jobs[i].label, how=how, folder=str(folder), info=info,

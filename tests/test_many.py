@@ -190,6 +190,21 @@ def test_a_run_another_process_is_training_is_waited_for_then_reused_not_trained
     assert info_path.read_text() == saved and notes.read_text() == noted  # not trained or noted a second time
 
 
+@pytest.mark.e2e
+def test_a_sweep_asked_twice_at_once_shares_the_work_each_process_leaving_a_held_run_for_last(tmp_path, capsys):
+    plugin, runs, notes = experiment.find_plugin("run_0_baseline"), tmp_path / "runs", tmp_path / "notes.md"
+    overrides = dict(tokens=2048, seed=42, device="cpu", evals=("core",))
+    jobs = studies.sweep_jobs(plugin, "tiny", ["sparsity_penalty=0.04,0.08"], 1, overrides, runs / "s")
+    finished = []
+    with claimed_by_another_process(jobs[0].run_dir) as other:  # the other process is on the first point
+        threading.Timer(3, other.kill).start()
+        rows = studies.run_jobs(jobs, notes, runs, on_done=lambda done: finished.append(
+            next(row["label"] for row in done if row["label"] not in finished)))
+    assert finished == [jobs[1].label, jobs[0].label]  # the free point first, then the held one, waited for
+    assert [row["how"] for row in rows] == ["trained", "trained"]
+    assert "this one goes on and comes back to it" in " ".join(capsys.readouterr().err.split())
+
+
 def test_a_run_folder_held_by_another_process_is_refused_without_waiting_and_free_once_that_process_dies(tmp_path):
     folder = tmp_path / "runs" / "sweeps" / "k=1,seed=42"
     with claimed_by_another_process(folder) as other:
