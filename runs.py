@@ -456,9 +456,9 @@ def holds_lock(handle, lock: Path, run_dir: Path, wait: bool) -> bool:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         if not wait:
-            raise Held(f"another process is training {run_dir}; run this again once it has "
+            raise Held(f"another process is training or evaluating {run_dir}; run this again once it has "
                        f"finished (its run is then reused)") from None
-        console.print(f"waiting for another process, which is training {run_dir}")
+        console.print(f"waiting for another process, which is training or evaluating {run_dir}")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)
         except KeyboardInterrupt:

@@ -148,7 +148,7 @@ def run_jobs(jobs: list[Job], notes: Path, runs_root: Path, on_done=None, remote
             try:
                 yield run_here(*plan, wait=False)
             except Held:
-                console.print(f"another process is training {plan[2]}: this one goes on and comes back to it")
+                console.print(f"another process is training or evaluating {plan[2]}: this one goes on and comes back to it")
                 held.append(plan)
         yield from (run_here(*plan) for plan in held)
 

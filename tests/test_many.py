@@ -185,7 +185,7 @@ def test_a_run_another_process_is_training_is_waited_for_then_reused_not_trained
     with claimed_by_another_process(jobs[0].run_dir) as other:
         threading.Timer(3, other.kill).start()  # it finishes (or dies) while this one waits
         (ours,) = studies.run_jobs(jobs, notes, runs)
-    assert "waiting for another process, which is training" in capsys.readouterr().err
+    assert "waiting for another process, which is training or evaluating" in capsys.readouterr().err
     assert ours["how"] == "reused" and ours["folder"] == str(jobs[0].run_dir)
     assert info_path.read_text() == saved and notes.read_text() == noted  # not trained or noted a second time
 
