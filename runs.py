@@ -171,6 +171,18 @@ def latest_run(runs_root: Path, plugin_name: str, same_data_as: dict | None = No
     return newest(run_index(runs_root), plugin_name, same_data_as)
 
 
+@contextlib.contextmanager
+def folder_locked(folder: Path):
+    """An exclusive lock on the folder itself, for a read-modify-write of a file in it that several
+    processes share (a sweep's manifest); the kernel drops it if the process dies."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
+
+
 def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # its own: two processes may write one manifest
     tmp.write_text(text)

@@ -34,8 +34,8 @@ import frontier
 from frontier import SWEEPABLE
 from kernels import configure_kernels, resolve_device
 from notebook import append_notes, notes_entry, result_lines, shown_path, study_notes, sweep_notes
-from runs import (CHECKPOINT, Held, atomic_write, checkpoint_source, claimed, headline, left_in, read_json,
-                  run_index)
+from runs import (CHECKPOINT, Held, atomic_write, checkpoint_source, claimed, folder_locked, headline, left_in,
+                  read_json, run_index)
 
 
 @dataclass
@@ -422,12 +422,13 @@ def write_manifest(sweep_dir: Path, asked: dict, rows: list[dict], spread: dict 
     command sharing the folder recorded of the runs this one has not reached) and the seed spread."""
     done = {r["folder"]: dict(run=r["label"], how=r["how"], status=r["info"].get("status"), folder=r["folder"])
             for r in rows}  # by folder: an analysis's sweep holds several plugins' runs of one label
-    before = read_json(sweep_dir / "manifest.json")
-    done.update({row["folder"]: row for row in before.get("finished", []) if row["folder"] not in done})
-    spread = spread if spread is not None else before.get("seed_spread")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    kept = dict(asked=asked, finished=list(done.values()), **({"seed_spread": spread} if spread is not None else {}))
-    atomic_write(sweep_dir / "manifest.json", json.dumps(kept, indent=2))
+    with folder_locked(sweep_dir):  # a concurrent command's write lands before this read or after this write
+        before = read_json(sweep_dir / "manifest.json")
+        done.update({row["folder"]: row for row in before.get("finished", []) if row["folder"] not in done})
+        spread = spread if spread is not None else before.get("seed_spread")
+        kept = dict(asked=asked, finished=list(done.values()), **({"seed_spread": spread} if spread is not None else {}))
+        atomic_write(sweep_dir / "manifest.json", json.dumps(kept, indent=2))
 
 
 def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_loaders=None,

@@ -105,6 +105,22 @@ def test_a_sweep_s_manifest_keeps_what_another_command_recorded_of_runs_this_one
     assert len(json.loads((tmp_path / "manifest.json").read_text())["finished"]) == 3
 
 
+def test_a_manifest_write_waits_for_another_command_writing_it_and_keeps_both_rows(tmp_path):
+    def row(label):
+        return dict(label=label, how="trained", info={"status": "completed"}, folder=str(tmp_path / label))
+    asked = {"grid": ["k=1,2"]}
+    with run_folders.folder_locked(tmp_path):  # another command between reading the manifest and writing it
+        writer = threading.Thread(target=studies.write_manifest, args=(tmp_path, asked, [row("k=2,seed=42")]))
+        writer.start()
+        writer.join(timeout=0.5)
+        assert writer.is_alive(), "the write did not wait for the manifest's other writer"
+        (tmp_path / "manifest.json").write_text(json.dumps(dict(asked=asked, finished=[
+            dict(run="k=1,seed=42", how="trained", status="completed", folder=str(tmp_path / "k=1,seed=42"))])))
+    writer.join()
+    kept = json.loads((tmp_path / "manifest.json").read_text())
+    assert sorted(r["run"] for r in kept["finished"]) == ["k=1,seed=42", "k=2,seed=42"]
+
+
 @pytest.mark.parametrize("grid, message", [
     ("nope=1,2", "--grid nope"),
     ("sparsity_penalty", "must look like key=value1,value2"),
