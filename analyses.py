@@ -742,12 +742,12 @@ def baseline_curve(points: list[dict], knob: str, what: Scored) -> dict:
                 spread=frontier.seed_spread([[v for _, v in seeds.values()] for seeds in settings.values()]))
 
 
-def against_curve(l0: float, value: float, curve: dict) -> dict:
-    """A run (one seed) against a baseline's curve at its L0: the curve's value there
-    (frontier.interpolate: linear in log L0 between its two knob values around it), Δ, the noise of
-    that difference (the spread, as one seed against the mean of the fewer seeds of those two) and
-    the word: higher or lower beyond the standard errors the spread's degrees of freedom need
-    (frontier.standard_errors_needed)."""
+def against_curve(l0: float, value: float, curve: dict, seeds: int = 1) -> dict:
+    """A run (its `seeds` seeds' mean L0 and value) against a baseline's curve at its L0: the curve's
+    value there (frontier.interpolate: linear in log L0 between its two knob values around it), Δ,
+    the noise of that difference (the baseline's spread, as the mean of `seeds` seeds against the
+    mean of the fewer seeds of those two) and the word: higher or lower beyond the standard errors
+    the spread's degrees of freedom need (frontier.standard_errors_needed)."""
     if len(curve["l0"]) < 2:
         return dict(word="no baseline runs" if not curve["l0"] else "one knob value only")
     points = [dict(l0=x, value=v, uncertainty=None, knob_value=k, seeds=n)
@@ -756,7 +756,7 @@ def against_curve(l0: float, value: float, curve: dict) -> dict:
     if found["value"] is None:
         return dict(word="outside its sweep")
     sd, dof = curve["spread"]["sd"], curve["spread"]["dof"]
-    noise = None if sd is None else sd * math.sqrt(1 + 1 / min(p["seeds"] for p, _ in found["weights"]))
+    noise = None if sd is None else sd * math.sqrt(1 / seeds + 1 / min(p["seeds"] for p, _ in found["weights"]))
     delta = value - found["value"]
     needed = frontier.standard_errors_needed({"seeds": noise}, {"seeds": dof})
     word = ("no seed spread" if noise is None else "within noise" if abs(delta) <= needed * noise
@@ -765,10 +765,10 @@ def against_curve(l0: float, value: float, curve: dict) -> dict:
 
 
 def against_baselines(s: Setting, what: Scored) -> Finding:
-    """The study's runs (one seed) evaluated with `what`, each against the ReLU + L1 and TopK
-    sweeps at its L0 (every seed of theirs evaluated too, once): the reference is the baseline's
-    value interpolated at the run's L0, the noise the baseline's seed-to-seed spread of the
-    metric as a difference of one seed and its seeds' mean."""
+    """The study's runs evaluated with `what`, every seed of each that was trained (frontier.seeds_of),
+    each run's seeds' mean against the ReLU + L1 and TopK sweeps at its L0 (every seed of theirs
+    evaluated too, once): the reference is the baseline's value interpolated at the run's L0, the
+    noise the baseline's seed-to-seed spread of the metric as a difference of two seed means."""
     cfg = experiment.build_config(s.preset, f"baseline/{BASELINE}", **s.overrides)
     try:
         evals.check_requirements((what.eval_name,), cfg)
@@ -784,31 +784,36 @@ def against_baselines(s: Setting, what: Scored) -> Finding:
                for name, points in swept.items()):  # checked before any evaluation
         raise Unavailable(f"neither {' nor '.join(AGAINST)} is swept on these activations (--preset {s.preset}): "
                           f"run `python experiment.py study {s.study}` at this preset first")
-    for run in runs:
-        run.info = scored_info(run.folder, run.info, what, s)
+    index = run_index(s.runs)
+    seeds = {run.plugin: [scored_info(folder, info, what, s) for folder, info in
+                          [(run.folder, run.info), *frontier.seeds_of(run.info, index, run.folder)]] for run in runs}
     curves = {name: baseline_curve([scored_info(folder, info, what, s) for folder, info in points], knobs[name], what)
               for name, points in swept.items()}
     rows, data = [], {}
     for run in runs:
-        result, l0 = run.info["evals"][what.result], headline(run.info, "L0")
-        value, why = plot.find(result, what.key), result.get("not_scored", "no value")  # e.g. too few letters read
-        versus = {name: against_curve(l0, value, curve) if value is not None and l0 is not None else {}
+        results = [info["evals"][what.result] for info in seeds[run.plugin]]
+        values, l0s = [plot.find(r, what.key) for r in results], [headline(info, "L0") for info in seeds[run.plugin]]
+        why = next((r.get("not_scored", "no value") for r, v in zip(results, values) if v is None), None)
+        value = None if why or None in l0s else float(np.mean(values))  # e.g. too few letters read
+        l0 = None if None in l0s else float(np.mean(l0s))
+        versus = {name: against_curve(l0, value, curve, len(values)) if value is not None else {}
                   for name, curve in curves.items()}
-        data[run.plugin] = dict(l0=l0, value=value, versus=versus, folder=run.folder)
-        rows.append([run.label, fmt(l0, 4), fmt(value) if value is not None else f"not scored: {why}",
-                     *(versus_cell(v) for v in versus.values()), shown_path(run.folder)])
-    body = table(["run", "L0", what.label, *(f"against {name} at its L0" for name in curves), "run folder"], rows)
+        data[run.plugin] = dict(l0=l0, value=value, seed_values=values, versus=versus, folder=run.folder)
+        rows.append([run.label, str(len(values)), fmt(l0, 4),
+                     (fmt(value) + f" ({', '.join(map(fmt, values))})" * (len(values) > 1)) if value is not None
+                     else f"not scored: {why}", *(versus_cell(v) for v in versus.values()), shown_path(run.folder)])
+    body = table(["run", "seeds", "L0 (seeds' mean)", f"{what.label} (seeds' mean (each))",
+                  *(f"against {name} at its L0" for name in curves), "run folder (its first seed)"], rows)
     body += "\n\n" + table(["baseline", "knob values", "L0 (seed means)", what.label, "seeds", "seed-to-seed sd"], [
         [name, ", ".join(map(str, c["knob"])), ", ".join(fmt(x, 4) for x in c["l0"]),
          ", ".join(fmt(v) for v in c["value"]), ", ".join(map(str, c["seeds"])),
          f"{fmt(c['spread']['sd'])} ({c['spread']['dof']} dof)"] for name, c in curves.items()])
     reference = (f"Reference: each baseline's {what.label} interpolated linearly in log L0 between its two swept "
                  "knob values around the run's L0 (outside its sweep: no reference). Noise: the baseline's "
-                 "seed-to-seed standard deviation of the metric pooled over its knob values, for one run seed "
-                 "against the mean of the baseline's: sd·√(1 + 1/seeds); a run reads higher or lower beyond the "
-                 "standard errors Student's t needs at the spread's degrees of freedom (at least "
-                 f"{frontier.Z_BETTER:g}; {'higher' if what.higher_is_better else 'lower'} is better). "
-                 "One seed per run.")
+                 "seed-to-seed standard deviation of the metric pooled over its knob values, for the mean of the "
+                 "run's n seeds against the mean of the baseline's m: sd·√(1/n + 1/m); a run reads higher or "
+                 "lower beyond the standard errors Student's t needs at the spread's degrees of freedom (at least "
+                 f"{frontier.Z_BETTER:g}; {'higher' if what.higher_is_better else 'lower'} is better).")
     caption = (f"{what.label} against L0: the baselines' sweeps (lines, seed means) and the study's runs (dots). "
                + "; ".join(f"{run.label} {fmt(data[run.plugin]['value'])} at L0 {fmt(data[run.plugin]['l0'], 4)}"
                            for run in runs) + ". " + reference)

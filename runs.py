@@ -82,7 +82,7 @@ class Run:
 
 def stamp_time(folder: Path) -> float:
     try:
-        return time.mktime(time.strptime(folder.name, "%Y%m%d-%H%M%S"))
+        return time.mktime(time.strptime(folder.name[:15], "%Y%m%d-%H%M%S"))  # a study's <stamp>-seed<seed> too
     except ValueError:
         return folder.stat().st_mtime
 

@@ -376,9 +376,9 @@ def study_jobs(study: str, baselines: list[str], preset: str, overrides: dict[st
                       key=lambda p: p.run_number)
     if seeds < 1:
         raise HarnessError(f"--seeds must be at least 1, got {seeds}")
-    stamp, first = time.strftime("%Y%m%d-%H%M%S"), overrides["seed"]
-    return [Job(job_config(p, preset, {}, {**overrides, "seed": seed}), p,
-                runs_root / p.study / p.name / (stamp if seeds == 1 else f"{stamp}-seed{seed}"),
+    stamp, first = time.strftime("%Y%m%d-%H%M%S"), overrides["seed"]  # the seed in the name too: two studies
+    return [Job(job_config(p, preset, {}, {**overrides, "seed": seed}), p,  # at two seeds may start in one second
+                runs_root / p.study / p.name / f"{stamp}-seed{seed}",
                 f"{p.study}/{p.name}" + (f" seed {seed}" if seeds > 1 else ""))
             for p in plugins for seed in range(first, first + seeds)]
 

@@ -124,6 +124,8 @@ def test_a_baseline_s_curve_pools_its_seeds_per_knob_value_and_a_run_is_read_aga
     assert analyses.against_curve(20, at_20 - 1.01 * needed * noise, curve)["word"] == "lower"
     assert analyses.against_curve(31, 0.4, curve) == {"word": "outside its sweep"}
     assert analyses.against_curve(30, 0.4, curve)["word"] == "within noise"  # an end of the sweep is inside it
+    two_seeds = analyses.against_curve(20, at_20 + 0.99 * needed * noise, curve, seeds=2)
+    assert two_seeds["noise"] == pytest.approx(curve["spread"]["sd"]) and two_seeds["word"] == "higher"
     one_seed = analyses.baseline_curve(points[::2], "sparsity_penalty", analyses.ABSORPTION)
     assert analyses.against_curve(20, 0.5, one_seed)["word"] == "no seed spread"
     assert analyses.against_curve(10, 0.2, analyses.baseline_curve(points[2:], "sparsity_penalty",
@@ -154,15 +156,20 @@ def test_absorption_scores_each_run_and_baseline_point_once_and_reads_the_runs_a
         return info
     monkeypatch.setattr(studies, "rescore", rescore)
     monkeypatch.setattr(evals, "check_requirements", lambda *args, **kwargs: None)
+    analyses.study_runs(analyses.Setting("topk_ortho", "tiny", {**overrides, "seed": 43}, runs, notes,
+                                         ("topk_ortho/run_1_topk_pairs",)))  # the run's second seed
     setting = analyses.Setting("topk_ortho", "tiny", overrides, runs, notes, ("topk_ortho/run_1_topk_pairs",))
     finding = analyses.run_analyses("topk_ortho", "absorption", setting, tmp_path / "figures")
     (found,) = finding.values()
-    assert len(scored) == 1 + 10 and all(e == "absorption" and wait for _, e, wait in scored)  # the run, (3 + 2) × 2
+    assert len(scored) == 2 + 10 and all(e == "absorption" and wait for _, e, wait in scored)  # its 2 seeds, (3 + 2) × 2
     again = analyses.Setting("topk_ortho", "tiny", overrides, runs, notes, ("topk_ortho/run_1_topk_pairs",))
     analyses.run_analyses("topk_ortho", "absorption", again, tmp_path / "figures")
-    assert len(scored) == 11  # scored once: a second reading evaluates nothing
+    assert len(scored) == 12  # scored once: a second reading evaluates nothing
     run = found.data["run_1_topk_pairs"]
-    assert run["value"] == pytest.approx(0.8 - 0.1 * math.log10(run["l0"]))
+    l0s = [json.loads((folder / "final_info.json").read_text())["metrics"]["sparsity"]["l0"]
+           for folder, _, _ in scored[:2]]
+    assert run["l0"] == pytest.approx(np.mean(l0s)) and len(run["seed_values"]) == 2
+    assert run["value"] == pytest.approx(np.mean([0.8 - 0.1 * math.log10(l0) for l0 in l0s]) + 0.005)  # seeds 42, 43
     for name, curve in found.data["curves"].items():
         settings = {}  # its runs' scores by setting, read from their folders
         for path in runs.glob(f"sweeps/{name}-*/*/final_info.json"):

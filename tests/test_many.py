@@ -333,6 +333,14 @@ def test_study_runs_the_baseline_then_each_run_in_order_and_again_trains_nothing
     assert notes.read_text() == notes_before
 
 
+def test_two_studies_at_two_seeds_started_in_one_second_plan_different_run_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(studies.time, "strftime", lambda *args: "20261207-120000")  # the same second
+    overrides = dict(tokens=2048, device="cpu")
+    first, second = (studies.study_jobs("topk_ortho", [], "tiny", {**overrides, "seed": seed}, tmp_path)
+                     for seed in (42, 43))
+    assert not {job.run_dir for job in first} & {job.run_dir for job in second}
+
+
 def test_an_unknown_study_is_refused_naming_the_studies(tmp_path):
     result = cli("study", "no_such_study", *TINY, "--runs", str(tmp_path))
     assert result.exit_code == 2 and "unknown study 'no_such_study'" in result.output and "topk_ortho" in result.output
