@@ -235,6 +235,11 @@ def firing_frequency(run: Run) -> np.ndarray | None:
     return None if density is None else np.asarray(density, dtype=np.float64)
 
 
+def with_seeds(run: Run, s: Setting) -> list[Run]:
+    """The run and every other seed of it that was trained (frontier.seeds_of), this one first."""
+    return [run, *(read_run(folder) for folder, _ in frontier.seeds_of(run.info, run_index(s.runs), run.folder))]
+
+
 def plain_log(axis) -> None:
     """A log axis labelled 0.1, 1, 10 (not 10⁻¹, 10⁰, 10¹)."""
     for set_formatter in (axis.set_major_formatter, axis.set_minor_formatter):
@@ -610,9 +615,13 @@ def sparsity_distributions(s: Setting) -> Finding:
 def frequency_order(s: Setting) -> Finding:
     """Frequency ordering on held-out text: Spearman ρ between each latent's index and its firing
     frequency on the core eval's held-out tokens (feature_density; −1 = most frequent first), for
-    the baseline, which has no ordering mechanism, and each run; beside it the ρ the run tracked in
-    training (its EMA of firing rates, `frequency_index_spearman`)."""
+    the baseline, which has no ordering mechanism, and each run, every seed of each trained (their
+    mean, and each); beside it the ρ the run tracked in training (its EMA of firing rates,
+    `frequency_index_spearman`)."""
     from scipy.stats import spearmanr
+
+    def rho(density: np.ndarray) -> float:
+        return float(spearmanr(density, np.arange(len(density))).statistic) if density.std() > 0 else math.nan
 
     runs, failed = study_runs(s)
     measured = {run.plugin: (run, d) for run in runs if (d := firing_frequency(run)) is not None}
@@ -620,10 +629,13 @@ def frequency_order(s: Setting) -> Finding:
         raise HarnessError(f"no run of {s.study} has a core evaluation's feature_metrics.json; run it with core")
     rows, data = [], {}
     for plugin, (run, density) in measured.items():
-        rho = float(spearmanr(density, np.arange(len(density))).statistic) if density.std() > 0 else math.nan
+        others = [d for other in with_seeds(run, s)[1:] if (d := firing_frequency(other)) is not None]
+        seeds = [rho(d) for d in [density, *others]]
         tracked = plot.number(run.info.get("frequency_index_spearman"))
-        data[plugin] = dict(rho=rho, tracked=tracked, silent=int((density == 0).sum()), folder=run.folder)
-        rows.append([run.label, fmt(rho), fmt(tracked), str(data[plugin]["silent"]), shown_path(run.folder)])
+        data[plugin] = dict(rho=float(np.mean(seeds)), seeds=seeds, tracked=tracked, silent=int((density == 0).sum()),
+                            folder=run.folder)
+        rows.append([run.label, fmt(data[plugin]["rho"]) + f" ({', '.join(map(fmt, seeds))})" * (len(seeds) > 1),
+                     str(len(seeds)), fmt(tracked), str(data[plugin]["silent"]), shown_path(run.folder)])
     n = len(next(iter(measured.values()))[1])
     null = 1 / math.sqrt(n - 1)  # ρ's standard deviation between an index and an unrelated order
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -638,12 +650,17 @@ def frequency_order(s: Setting) -> Finding:
     ax.legend(fontsize=8)
     ax.set_title(plot.with_setting("Frequency ordering on held-out text", [r for r, _ in measured.values()]),
                  fontsize=11)
+    spread = frontier.seed_spread([d["seeds"] for d in data.values()])
     reference = (f"Reference: an index unrelated to frequency reads ρ 0 ± {null:.3f} (one standard deviation, "
                  f"{n} latents); the baseline, with no ordering mechanism, reads "
-                 f"{fmt(data[BASELINE]['rho']) if BASELINE in data else '-'}. Noise: one seed per run.")
+                 f"{fmt(data[BASELINE]['rho']) if BASELINE in data else '-'}. Noise: "
+                 + ("one seed per run." if spread["sd"] is None else
+                    f"the seed-to-seed standard deviation of ρ pooled over the runs, {fmt(spread['sd'])} "
+                    f"({spread['dof']} dof)."))
     caption = ("Spearman ρ between latent index and firing frequency on the held-out text, per run: "
                + "; ".join(f"{measured[p][0].label} {fmt(d['rho'])}" for p, d in data.items()) + ". " + reference)
-    body = table(["run", "ρ held-out", "ρ tracked in training", "never fired", "run folder"], rows)
+    body = table(["run", "ρ held-out (seeds' mean (each))", "seeds", "ρ tracked in training (first seed)",
+                  "never fired (first seed)", "run folder (first seed)"], rows)
     return Finding(fig, caption, body + "\n\n" + reference + "".join(f"\n\nNot analysed: {line}" for line in failed),
                    data)
 

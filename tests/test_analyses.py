@@ -259,16 +259,25 @@ def test_contrastive_sparsity_and_jl_error_read_the_held_out_evaluation_and_the_
 def test_freq_order_ordering_reads_spearman_of_held_out_frequency_with_index_for_the_baseline_and_each_run(tmp_path):
     from scipy.stats import spearmanr
 
+    def rho(folder):
+        density = json.loads((folder / "feature_metrics.json").read_text())["feature_density"]
+        return spearmanr(density, range(256)).statistic
+
+    seed_43 = dict(tokens=2048, dict_size=None, seed=43, device="auto", evals=None)
+    second = analyses.Setting("freq_order", "tiny", seed_43, tmp_path / "runs", tmp_path / "notes.md",
+                              ("run_2_freq_ordering",))
+    second_seed = {run.plugin: run.folder for run in analyses.study_runs(second)[0]}  # each run's seed 43
     _, found = analyse(tmp_path, "freq_order", "ordering", "--only=run_2_freq_ordering")
     data = found["ordering"].data
     assert set(data) == {"run_0_baseline", "run_2_freq_ordering"}  # the baseline is the no-ordering reference
     for plugin, m in data.items():
         info = json.loads((m["folder"] / "final_info.json").read_text())
-        density = json.loads((m["folder"] / "feature_metrics.json").read_text())["feature_density"]
-        assert m["rho"] == pytest.approx(spearmanr(density, range(256)).statistic, abs=1e-12)
+        assert m["seeds"] == pytest.approx([rho(m["folder"]), rho(second_seed[plugin])], abs=1e-12)
+        assert m["rho"] == pytest.approx(np.mean(m["seeds"]), abs=1e-12)
         assert m["tracked"] == info.get("frequency_index_spearman")  # None for the baseline
     assert data["run_0_baseline"]["tracked"] is None and -1 <= data["run_2_freq_ordering"]["tracked"] <= 1
     assert f"reads ρ 0 ± {1 / math.sqrt(255):.3f}" in found["ordering"].body
+    assert "seed-to-seed standard deviation of ρ pooled over the runs" in found["ordering"].body
 
 
 @pytest.mark.e2e
