@@ -438,7 +438,8 @@ def condition_numbers(s: Setting) -> Finding:
     group's size against d_in (a group of more rows than d_in has σ_min near 0 whatever its
     training), so each run's mean κ stands beside two references with the same group sizes: random
     unit rows, and the baseline's decoder rows dealt into groups at random; each reference is the
-    mean over REFERENCE_DRAWS draws, its spread across draws the noise."""
+    mean over REFERENCE_DRAWS draws, its spread across draws the noise. Each run's mean κ is read
+    at every seed of it that was trained too: their spread is the run's own noise."""
     found, failed = runs_with_artifact(s, "feature_group")
     base = next((run for run in study_runs(s)[0] if run.plugin == BASELINE), None)
     base_rows = trained_sae(base)[0].decoder_weight().detach().double() if base is not None else None
@@ -449,32 +450,40 @@ def condition_numbers(s: Setting) -> Finding:
         random_ref = reference_kappas(sizes, lambda rows, k: random_unit_rows(rows, d_in, seed=k))
         base_ref = None if base_rows is None else reference_kappas(sizes, lambda rows, k: base_rows[
             torch.randperm(len(base_rows), generator=torch.Generator().manual_seed(k))[:rows]])
-        measured[run.label] = (run, group_condition_numbers(sae.decoder_weight(), torch.as_tensor(groups), n), sizes,
-                               random_ref, base_ref)
+        kappas = group_condition_numbers(sae.decoder_weight(), torch.as_tensor(groups), n)
+        others = [mean_kappa(group_condition_numbers(trained_sae(other)[0].decoder_weight(), torch.as_tensor(g), n))
+                  for other in with_seeds(run, s)[1:] if (g := artifact(other, "feature_group")) is not None]
+        measured[run.label] = (run, kappas, sizes, random_ref, base_ref, [mean_kappa(kappas), *others])
     fig = condition_figure(measured)
     rows, readings = [], []
-    for run, kappas, sizes, random_ref, base_ref in measured.values():
-        present = [k for k in kappas if k is not None]
-        mean = float(np.mean(present)) if present else None
+    for run, kappas, sizes, random_ref, base_ref, seed_means in measured.values():
+        present, mean = [k for k in kappas if k is not None], mean_kappa(kappas)
         refs = [f"{r.mean():.4g} ± {r.std():.2g}" if r is not None else "-" for r in (random_ref, base_ref)]
-        rows.append([run.label, str(len(present)), fmt(mean, 4), *refs, fmt(max(present, default=None), 4),
+        seeds = f" ({len(seed_means)} seeds: {', '.join(fmt(m, 4) for m in seed_means)})" * (len(seed_means) > 1)
+        rows.append([run.label, str(len(present)), fmt(mean, 4) + seeds, *refs, fmt(max(present, default=None), 4),
                      fmt(min(present, default=None), 4), " ".join(map(str, sizes.tolist())), shown_path(run.folder)])
         readings.append(f"{run.label} mean {fmt(mean)} (random rows {refs[0]}, baseline rows {refs[1]})")
     caption = ("Each feature group's condition number σ_max/σ_min of its decoder rows (dots), the mean per run "
                "(bar), beside the mean κ of random unit rows (open circle) and of the baseline's rows (cross) in "
                f"groups of the same sizes, mean ± spread over {REFERENCE_DRAWS} draws: " + "; ".join(readings) + ".")
-    body = table(["run", "groups", "mean κ", "random unit rows: mean κ ± sd", "baseline rows: mean κ ± sd",
-                  "max κ", "min κ", "group sizes", "run folder"], rows)
+    body = table(["run", "groups", "mean κ (first seed; each seed's)", "random unit rows: mean κ ± sd",
+                  "baseline rows: mean κ ± sd", "max κ", "min κ", "group sizes", "run folder (first seed)"], rows)
     body += "".join(f"\n\nNot analysed: {line}" for line in failed)
     return Finding(fig, caption, body, {run.plugin: dict(kappas=kappas, folder=run.folder, random=random_ref,
-                                                          baseline=base_ref)
-                                        for run, kappas, _, random_ref, base_ref in measured.values()})
+                                                          baseline=base_ref, seed_means=seed_means)
+                                        for run, kappas, _, random_ref, base_ref, seed_means in measured.values()})
+
+
+def mean_kappa(kappas: list[float | None]) -> float | None:
+    """The mean κ of the groups that have one (an empty group has none)."""
+    present = [k for k in kappas if k is not None]
+    return float(np.mean(present)) if present else None
 
 
 def condition_figure(measured: dict[str, tuple]) -> Figure:
     """Per run, its groups' κ (dots), their mean (bar) and the two references' means."""
     fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(measured) + 3), 4.8))
-    for i, (run, kappas, _, random_ref, base_ref) in enumerate(measured.values()):
+    for i, (run, kappas, _, random_ref, base_ref, _) in enumerate(measured.values()):
         present = [k for k in kappas if k is not None]
         finite = [k for k in present if math.isfinite(k)]
         ax.scatter(i + np.linspace(-0.2, 0.2, len(finite)), finite, color=run.color, s=22, alpha=0.8)

@@ -304,6 +304,10 @@ def test_zscore_reactivation_compares_the_revived_latents_with_the_others(tmp_pa
 
 @pytest.mark.e2e
 def test_adaptive_ortho_alpha_ablation_and_condition_numbers_of_the_groups(tmp_path):
+    seed_43 = analyses.Setting("adaptive_ortho", "tiny", dict(tokens=2048, dict_size=None, seed=43, device="auto",
+                                                             evals=None), tmp_path / "runs", tmp_path / "notes.md",
+                               ("run_1_basic_ortho",))
+    (second,) = [run.folder for run in analyses.study_runs(seed_43)[0] if run.plugin == "run_1_basic_ortho"]
     output, found = analyse(tmp_path, "adaptive_ortho", "--only=run_1_basic_ortho", "--values=0.1,1")
     alpha = found["alpha"].data
     assert set(alpha) == {("run_1_basic_ortho", 0.1), ("run_1_basic_ortho", 1.0)}
@@ -317,13 +321,17 @@ def test_adaptive_ortho_alpha_ablation_and_condition_numbers_of_the_groups(tmp_p
             info["metrics"]["model_performance_preservation"]["ce_loss_score"]
     assert json.loads((sweep / "manifest.json").read_text())["asked"]["grid"] == "alpha=0.1,1"
     assert "adaptive_ortho/run_1_basic_ortho: reused" in output  # the study's run 1 is the sweep's α = 0.1
-    kappas, folder, random, base = found["condition_numbers"].data["run_1_basic_ortho"].values()
+    kappas, folder, random, base, seed_means = found["condition_numbers"].data["run_1_basic_ortho"].values()
     assert folder == sweep / "run_1_basic_ortho" / "alpha=0.1,seed=42"
     w = load_file(folder / "plugin_state.safetensors")["W_dec"].astype(np.float64)
     groups = load_file(folder / "artifacts.safetensors")["feature_group"]
     assert kappas == pytest.approx([np.linalg.cond(w[groups == g]) for g in range(8)], rel=1e-9)
     recorded = json.loads((folder / "final_info.json").read_text())["subspace_condition_numbers"]["per_group"]
     assert kappas == pytest.approx(recorded, abs=1e-4)  # the plugin's own reading at the end of training
+    w2, groups2 = (load_file(second / f)[k].astype(np.float64) for f, k in (("plugin_state.safetensors", "W_dec"),
+                                                                             ("artifacts.safetensors", "feature_group")))
+    second_kappas = [np.linalg.cond(w2[groups2 == g]) for g in range(8) if (groups2 == g).sum()]
+    assert seed_means == pytest.approx([np.mean(kappas), np.mean(second_kappas)], rel=1e-9)  # its seeds 42, 43
     sizes = np.bincount(groups, minlength=8)
     assert random.shape == base.shape == (analyses.REFERENCE_DRAWS,) and base.std() > 0
     first = analyses.random_unit_rows(int(sizes.sum()), 64, seed=0).numpy()
