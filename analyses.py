@@ -36,7 +36,6 @@ import dataclasses
 import math
 import os
 import textwrap
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,7 +289,7 @@ def sweep_points(s: Setting, name: str, plugins: tuple[str, ...], key: str,
     setting, through one run_jobs: ({plugin: [(value, run)]}, the baseline run, failures)."""
     baseline = experiment.find_plugin(BASELINE)
     jobs = [studies.Job(studies.job_config(baseline, s.preset, {}, dict(s.overrides)), baseline,
-                           s.runs / baseline.study / baseline.name / time.strftime("%Y%m%d-%H%M%S"), BASELINE)]
+                           s.runs / baseline.study / baseline.name / studies.stamped(s.overrides["seed"]), BASELINE)]
     swept, xs, found = [], [math.nan], [experiment.find_plugin(p) for p in plugins]
     for plugin in found:
         swept += studies.sweep_jobs(plugin, s.preset, [f"{key}={','.join(values)}"], 1, dict(s.overrides),
@@ -641,8 +640,9 @@ def frequency_order(s: Setting) -> Finding:
         others = [d for other in with_seeds(run, s)[1:] if (d := firing_frequency(other)) is not None]
         seeds = [rho(d) for d in [density, *others]]
         tracked = plot.number(run.info.get("frequency_index_spearman"))
-        data[plugin] = dict(rho=float(np.mean(seeds)), seeds=seeds, tracked=tracked, silent=int((density == 0).sum()),
-                            folder=run.folder)
+        finite = [r for r in seeds if math.isfinite(r)]  # a run whose latents all fire alike has no ρ
+        data[plugin] = dict(rho=float(np.mean(finite)) if finite else math.nan, seeds=seeds, tracked=tracked,
+                            silent=int((density == 0).sum()), folder=run.folder)
         rows.append([run.label, fmt(data[plugin]["rho"]) + f" ({', '.join(map(fmt, seeds))})" * (len(seeds) > 1),
                      str(len(seeds)), fmt(tracked), str(data[plugin]["silent"]), shown_path(run.folder)])
     n = len(next(iter(measured.values()))[1])
@@ -659,12 +659,13 @@ def frequency_order(s: Setting) -> Finding:
     ax.legend(fontsize=8)
     ax.set_title(plot.with_setting("Frequency ordering on held-out text", [r for r, _ in measured.values()]),
                  fontsize=11)
-    spread = frontier.seed_spread([d["seeds"] for d in data.values()])
+    spread = frontier.seed_spread([[r for r in d["seeds"] if math.isfinite(r)] for plugin, d in data.items()
+                                   if plugin != BASELINE])  # the ordered runs' ρ near −1 spreads less than 0's
     reference = (f"Reference: an index unrelated to frequency reads ρ 0 ± {null:.3f} (one standard deviation, "
                  f"{n} latents); the baseline, with no ordering mechanism, reads "
                  f"{fmt(data[BASELINE]['rho']) if BASELINE in data else '-'}. Noise: "
                  + ("one seed per run." if spread["sd"] is None else
-                    f"the seed-to-seed standard deviation of ρ pooled over the runs, {fmt(spread['sd'])} "
+                    f"the seed-to-seed standard deviation of ρ pooled over the study's runs, {fmt(spread['sd'])} "
                     f"({spread['dof']} dof)."))
     caption = ("Spearman ρ between latent index and firing frequency on the held-out text, per run: "
                + "; ".join(f"{measured[p][0].label} {fmt(d['rho'])}" for p, d in data.items()) + ". " + reference)
@@ -770,10 +771,11 @@ def baseline_curve(points: list[dict], knob: str, what: Scored) -> dict:
 
 def against_curve(l0: float, value: float, curve: dict, seeds: int = 1) -> dict:
     """A run (its `seeds` seeds' mean L0 and value) against a baseline's curve at its L0: the curve's
-    value there (frontier.interpolate: linear in log L0 between its two knob values around it), Δ,
-    the noise of that difference (the baseline's spread, as the mean of `seeds` seeds against the
-    mean of the fewer seeds of those two) and the word: higher or lower beyond the standard errors
-    the spread's degrees of freedom need (frontier.standard_errors_needed)."""
+    value there (frontier.interpolate: linear in log L0 between its two knob values around it,
+    weights w), Δ, the noise of that difference (the baseline's spread sd, for the mean of `seeds`
+    seeds against the weighted mean of the two knob values' seed means: sd·√(1/seeds + Σ w²/m)) and
+    the word: higher or lower beyond the standard errors the spread's degrees of freedom need
+    (frontier.standard_errors_needed)."""
     if len(curve["l0"]) < 2:
         return dict(word="no baseline runs" if not curve["l0"] else "one knob value only")
     points = [dict(l0=x, value=v, uncertainty=None, knob_value=k, seeds=n)
@@ -782,12 +784,23 @@ def against_curve(l0: float, value: float, curve: dict, seeds: int = 1) -> dict:
     if found["value"] is None:
         return dict(word="outside its sweep")
     sd, dof = curve["spread"]["sd"], curve["spread"]["dof"]
-    noise = None if sd is None else sd * math.sqrt(1 / seeds + 1 / min(p["seeds"] for p, _ in found["weights"]))
+    noise = None if sd is None else sd * math.sqrt(1 / seeds + sum(w ** 2 / p["seeds"] for p, w in found["weights"]))
     delta = value - found["value"]
     needed = frontier.standard_errors_needed({"seeds": noise}, {"seeds": dof})
     word = ("no seed spread" if noise is None else "within noise" if abs(delta) <= needed * noise
             else "higher" if delta > 0 else "lower")
     return dict(at=found["value"], delta=delta, noise=noise, needed=needed, word=word)
+
+
+def seeds_mean(infos: list[dict], what: Scored) -> tuple[float | None, float | None, list, list[str]]:
+    """A run's seeds (final_infos holding `what`) as (mean L0, mean value, each seed's value, what
+    could not be read: a seed not scored, as too few letters read for absorption, or without an L0)."""
+    results = [info["evals"][what.result] for info in infos]
+    values, l0s = [plot.find(r, what.key) for r in results], [headline(info, "L0") for info in infos]
+    unread = [f"seed {info['provenance']['seed']} " + (f"not scored: {r.get('not_scored', 'no value')}"
+                                                       if v is None else "has no L0")
+              for info, r, v, x in zip(infos, results, values, l0s) if v is None or x is None]
+    return (None, None, values, unread) if unread else (float(np.mean(l0s)), float(np.mean(values)), values, [])
 
 
 def against_baselines(s: Setting, what: Scored) -> Finding:
@@ -817,17 +830,13 @@ def against_baselines(s: Setting, what: Scored) -> Finding:
               for name, points in swept.items()}
     rows, data = [], {}
     for run in runs:
-        results = [info["evals"][what.result] for info in seeds[run.plugin]]
-        values, l0s = [plot.find(r, what.key) for r in results], [headline(info, "L0") for info in seeds[run.plugin]]
-        why = next((r.get("not_scored", "no value") for r, v in zip(results, values) if v is None), None)
-        value = None if why or None in l0s else float(np.mean(values))  # e.g. too few letters read
-        l0 = None if None in l0s else float(np.mean(l0s))
+        l0, value, values, unread = seeds_mean(seeds[run.plugin], what)
         versus = {name: against_curve(l0, value, curve, len(values)) if value is not None else {}
                   for name, curve in curves.items()}
         data[run.plugin] = dict(l0=l0, value=value, seed_values=values, versus=versus, folder=run.folder)
         rows.append([run.label, str(len(values)), fmt(l0, 4),
                      (fmt(value) + f" ({', '.join(map(fmt, values))})" * (len(values) > 1)) if value is not None
-                     else f"not scored: {why}", *(versus_cell(v) for v in versus.values()), shown_path(run.folder)])
+                     else "; ".join(unread), *(versus_cell(v) for v in versus.values()), shown_path(run.folder)])
     body = table(["run", "seeds", "L0 (seeds' mean)", f"{what.label} (seeds' mean (each))",
                   *(f"against {name} at its L0" for name in curves), "run folder (its first seed)"], rows)
     body += "\n\n" + table(["baseline", "knob values", "L0 (seed means)", what.label, "seeds", "seed-to-seed sd"], [
@@ -837,7 +846,8 @@ def against_baselines(s: Setting, what: Scored) -> Finding:
     reference = (f"Reference: each baseline's {what.label} interpolated linearly in log L0 between its two swept "
                  "knob values around the run's L0 (outside its sweep: no reference). Noise: the baseline's "
                  "seed-to-seed standard deviation of the metric pooled over its knob values, for the mean of the "
-                 "run's n seeds against the mean of the baseline's m: sd·√(1/n + 1/m); a run reads higher or "
+                 "run's n seeds against the interpolation's weights w on the baseline's seed means (m seeds "
+                 "each): sd·√(1/n + Σ w²/m); a run reads higher or "
                  "lower beyond the standard errors Student's t needs at the spread's degrees of freedom (at least "
                  f"{frontier.Z_BETTER:g}; {'higher' if what.higher_is_better else 'lower'} is better).")
     caption = (f"{what.label} against L0: the baselines' sweeps (lines, seed means) and the study's runs (dots). "

@@ -172,15 +172,16 @@ def latest_run(runs_root: Path, plugin_name: str, same_data_as: dict | None = No
 
 
 @contextlib.contextmanager
-def folder_locked(folder: Path):
-    """An exclusive lock on the folder itself, for a read-modify-write of a file in it that several
-    processes share (a sweep's manifest); the kernel drops it if the process dies."""
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+def locked(path: Path):
+    """An exclusive lock on `.<name>.lock` beside `path`, for a read-modify-write of a file several
+    processes share (a sweep's manifest). The lock file stays (removing it would race a waiter); the
+    kernel drops the lock if the process dies."""
+    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without locks
+            raise HarnessError(f"cannot lock {handle.name} ({exc.strerror}); put --runs on a local disk") from None
         yield
-    finally:
-        os.close(handle)
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -34,8 +34,8 @@ import frontier
 from frontier import SWEEPABLE
 from kernels import configure_kernels, resolve_device
 from notebook import append_notes, notes_entry, result_lines, shown_path, study_notes, sweep_notes
-from runs import (CHECKPOINT, Held, atomic_write, checkpoint_source, claimed, folder_locked, headline, left_in,
-                  read_json, run_index)
+from runs import (CHECKPOINT, Held, atomic_write, checkpoint_source, claimed, headline, left_in, locked, read_json,
+                  run_index)
 
 
 @dataclass
@@ -376,11 +376,16 @@ def study_jobs(study: str, baselines: list[str], preset: str, overrides: dict[st
                       key=lambda p: p.run_number)
     if seeds < 1:
         raise HarnessError(f"--seeds must be at least 1, got {seeds}")
-    stamp, first = time.strftime("%Y%m%d-%H%M%S"), overrides["seed"]  # the seed in the name too: two studies
-    return [Job(job_config(p, preset, {}, {**overrides, "seed": seed}), p,  # at two seeds may start in one second
-                runs_root / p.study / p.name / f"{stamp}-seed{seed}",
+    stamp, first = time.strftime("%Y%m%d-%H%M%S"), overrides["seed"]
+    return [Job(job_config(p, preset, {}, {**overrides, "seed": seed}), p,
+                runs_root / p.study / p.name / stamped(seed, stamp),
                 f"{p.study}/{p.name}" + (f" seed {seed}" if seeds > 1 else ""))
             for p in plugins for seed in range(first, first + seeds)]
+
+
+def stamped(seed: int, stamp: str | None = None) -> str:
+    """A study's run folder name, <time>-seed<seed>: two studies at two seeds may start in one second."""
+    return f"{stamp or time.strftime('%Y%m%d-%H%M%S')}-seed{seed}"
 
 
 def parse_grid(grid: list[str], seeds: int, seed: int) -> list[dict[str, str]]:
@@ -423,7 +428,7 @@ def write_manifest(sweep_dir: Path, asked: dict, rows: list[dict], spread: dict 
     done = {r["folder"]: dict(run=r["label"], how=r["how"], status=r["info"].get("status"), folder=r["folder"])
             for r in rows}  # by folder: an analysis's sweep holds several plugins' runs of one label
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    with folder_locked(sweep_dir):  # a concurrent command's write lands before this read or after this write
+    with locked(sweep_dir / "manifest.json"):  # another command's write lands before this read or after this write
         before = read_json(sweep_dir / "manifest.json")
         done.update({row["folder"]: row for row in before.get("finished", []) if row["folder"] not in done})
         spread = spread if spread is not None else before.get("seed_spread")

@@ -113,9 +113,10 @@ def test_a_baseline_s_curve_pools_its_seeds_per_knob_value_and_a_run_is_read_aga
     assert curve["spread"]["sd"] == pytest.approx(math.sqrt(4 * 0.01 ** 2 / 2))
     newer = analyses.baseline_curve([*points, info(1, 43, 9, 0.23)], "sparsity_penalty", analyses.ABSORPTION)
     assert newer["seeds"] == [2, 2] and newer["value"][0] == pytest.approx(0.22)  # a seed run again: its newest
-    noise = curve["spread"]["sd"] * math.sqrt(1 + 1 / 2)  # one run seed against two seeds' mean
+    w = math.log(2) / math.log(3)  # L0 20 between 10 and 30, linear in log L0, as the verdicts interpolate
+    noise = curve["spread"]["sd"] * math.sqrt(1 + ((1 - w) ** 2 + w ** 2) / 2)  # one seed against two seed means
     needed = scipy.stats.t.ppf(0.975, 2)  # the spread rests on 2 degrees of freedom: t, not 2
-    at_20 = 0.2 + 0.2 * math.log(2) / math.log(3)  # linear in log L0, as the verdicts interpolate
+    at_20 = 0.2 + 0.2 * w
     higher = analyses.against_curve(20, at_20 + 1.01 * needed * noise, curve)
     assert higher["at"] == pytest.approx(at_20) and higher["delta"] == pytest.approx(1.01 * needed * noise)
     assert higher["noise"] == pytest.approx(noise) and higher["needed"] == pytest.approx(needed)
@@ -125,7 +126,17 @@ def test_a_baseline_s_curve_pools_its_seeds_per_knob_value_and_a_run_is_read_aga
     assert analyses.against_curve(31, 0.4, curve) == {"word": "outside its sweep"}
     assert analyses.against_curve(30, 0.4, curve)["word"] == "within noise"  # an end of the sweep is inside it
     two_seeds = analyses.against_curve(20, at_20 + 0.99 * needed * noise, curve, seeds=2)
-    assert two_seeds["noise"] == pytest.approx(curve["spread"]["sd"]) and two_seeds["word"] == "higher"
+    assert two_seeds["noise"] == pytest.approx(curve["spread"]["sd"] * math.sqrt(1 / 2 + ((1 - w) ** 2 + w ** 2) / 2))
+    assert two_seeds["word"] == "higher"
+    on_a_point = analyses.against_curve(30, 0.4, curve)
+    assert on_a_point["noise"] == pytest.approx(curve["spread"]["sd"] * math.sqrt(1 + 1 / 2))
+    l0, value, values, unread = analyses.seeds_mean(points[:2], analyses.ABSORPTION)
+    assert (l0, value, values, unread) == (30, pytest.approx(0.4), [0.39, 0.41], [])
+    not_scored = {**points[1], "evals": {"absorption_first_letter": {"not_scored": "3 of 26 letters"}}}
+    no_l0 = {**points[1], "metrics": {}}
+    assert analyses.seeds_mean([points[0], not_scored], analyses.ABSORPTION)[1:] == (
+        None, [0.39, None], ["seed 43 not scored: 3 of 26 letters"])
+    assert analyses.seeds_mean([no_l0, points[0]], analyses.ABSORPTION)[3] == ["seed 43 has no L0"]
     one_seed = analyses.baseline_curve(points[::2], "sparsity_penalty", analyses.ABSORPTION)
     assert analyses.against_curve(20, 0.5, one_seed)["word"] == "no seed spread"
     assert analyses.against_curve(10, 0.2, analyses.baseline_curve(points[2:], "sparsity_penalty",
@@ -277,7 +288,7 @@ def test_freq_order_ordering_reads_spearman_of_held_out_frequency_with_index_for
         assert m["tracked"] == info.get("frequency_index_spearman")  # None for the baseline
     assert data["run_0_baseline"]["tracked"] is None and -1 <= data["run_2_freq_ordering"]["tracked"] <= 1
     assert f"reads ρ 0 ± {1 / math.sqrt(255):.3f}" in found["ordering"].body
-    assert "seed-to-seed standard deviation of ρ pooled over the runs" in found["ordering"].body
+    assert "seed-to-seed standard deviation of ρ pooled over the study's runs" in found["ordering"].body
 
 
 @pytest.mark.e2e

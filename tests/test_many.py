@@ -109,7 +109,7 @@ def test_a_manifest_write_waits_for_another_command_writing_it_and_keeps_both_ro
     def row(label):
         return dict(label=label, how="trained", info={"status": "completed"}, folder=str(tmp_path / label))
     asked = {"grid": ["k=1,2"]}
-    with run_folders.folder_locked(tmp_path):  # another command between reading the manifest and writing it
+    with run_folders.locked(tmp_path / "manifest.json"):  # another command between reading it and writing it
         writer = threading.Thread(target=studies.write_manifest, args=(tmp_path, asked, [row("k=2,seed=42")]))
         writer.start()
         writer.join(timeout=0.5)
@@ -339,6 +339,16 @@ def test_two_studies_at_two_seeds_started_in_one_second_plan_different_run_folde
     first, second = (studies.study_jobs("topk_ortho", [], "tiny", {**overrides, "seed": seed}, tmp_path)
                      for seed in (42, 43))
     assert not {job.run_dir for job in first} & {job.run_dir for job in second}
+
+
+def test_runs_are_found_oldest_first_by_their_folder_s_time_with_or_without_a_seed(tmp_path):
+    names = ["20261207-120000-seed43", "20261207-115959", "20261207-120000-seed42", "20261207-120001"]
+    for i, name in enumerate(names):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "final_info.json").write_text("{}")
+        os.utime(tmp_path / name, (1e9 - i, 1e9 - i))  # modification times in the opposite order
+    assert [f.name for f in run_folders.find_runs(tmp_path)] == [
+        "20261207-115959", "20261207-120000-seed42", "20261207-120000-seed43", "20261207-120001"]
 
 
 def test_an_unknown_study_is_refused_naming_the_studies(tmp_path):
