@@ -81,6 +81,7 @@ SWEEPABLE = ("dict_size", "tokens", "batch_size", "lr", "sparsity_penalty", "war
 # A baseline is judged from its runs trained as the judged run was (the activation cache pins tokens
 # and layer): a stray run at another lr on the same cache must not take the baseline's frontier away.
 MATCHED_SETTINGS = ("dict_size", "batch_size", "lr", "warmup_steps")
+UNTRAINED = ("seed", "device", "preset", "evals", "log_every", "checkpoint_every")  # what a run's training never reads
 
 Z_BETTER = 2.0  # Δ must clear two standard errors to count as a difference
 OUTSIDE = "outside the baseline sweep: widen it"
@@ -562,7 +563,8 @@ def seeds_of(info: dict, index: Index, run_dir: Path | None) -> list[tuple[Path,
 
 
 def without_seed(config: dict) -> str:
-    return json.dumps({k: v for k, v in config.items() if k not in ("seed", "device")}, sort_keys=True, default=str)
+    """A config as training reads it, the seed aside: what a run's other seeds share."""
+    return json.dumps({k: v for k, v in config.items() if k not in UNTRAINED}, sort_keys=True, default=str)
 
 
 def at_defaults(defaults: dict, knob: str) -> Callable[[dict], bool]:
@@ -603,7 +605,7 @@ def _same_setting(parent: dict, run: dict, hyperparams: dict | None) -> bool:
     mine, theirs = (i.get("provenance", {}).get("config") for i in (run, parent))
     if not (mine and theirs):
         return True
-    apart = {"seed", "device", "plugin", "evals", "log_every", "checkpoint_every", "hyperparams"}
+    apart = {*UNTRAINED, "plugin", "hyperparams"}
     return (all(mine.get(k) == theirs.get(k) for k in (mine.keys() | theirs.keys()) - apart)
             and (hyperparams is None or _as_saved(theirs.get("hyperparams")) == _as_saved(hyperparams)))
 

@@ -185,14 +185,15 @@ def test_the_seed_spread_is_pooled_over_the_points_that_have_several_seeds():
 
 
 def test_a_runs_other_seeds_are_its_runs_of_the_same_code_and_config_on_the_same_activations():
-    def info(seed, source="abc", lr=0.001, cache="acts"):
+    def info(seed, source="abc", lr=0.001, cache="acts", evals=("core",)):
         return {"status": "completed", "run": {"study": "s", "plugin": "run_1_x"}, "activation_cache": cache,
                 "provenance": {"seed": seed, "plugin_source_sha256": source,
-                               "config": {"seed": seed, "lr": lr, "device": "cpu"}}}
+                               "config": {"seed": seed, "lr": lr, "device": "cpu", "evals": evals}}}
     mine = info(42)
     index = [(Path(str(i)), {}, other) for i, other in enumerate(
-        [info(43), info(44, source="changed"), info(45, lr=0.01), info(46, cache="other"), info(42), info(47)])]
-    assert [other["provenance"]["seed"] for _, other in frontier.seeds_of(mine, index, Path("4"))] == [43, 47]
+        [info(43), info(44, source="changed"), info(45, lr=0.01), info(46, cache="other"), info(42), info(47),
+         info(48, evals=("core", "absorption"))])]  # evaluated with more: trained alike
+    assert [other["provenance"]["seed"] for _, other in frontier.seeds_of(mine, index, Path("4"))] == [43, 47, 48]
 
 
 # ---- coverage ------------------------------------------------------------------------------------------
