@@ -755,38 +755,39 @@ def swept_runs(s: Setting, like: dict) -> dict[str, list[tuple[Path, dict]]]:
 
 def baseline_curve(points: list[dict], knob: str, what: Scored) -> dict:
     """A baseline's sweep for `what`: per knob value (the newest run of each seed), its seeds' mean
-    L0 and value and how many seeds, sorted by L0, and the seed-to-seed spread pooled over its knob
-    values (frontier.seed_spread)."""
+    L0 and value, how many seeds and their values, sorted by L0, and the seed-to-seed spread pooled
+    over its knob values (frontier.seed_spread)."""
     settings: dict[Any, dict[Any, tuple[float, float]]] = {}
     for info in points:  # oldest first: a newer run of a knob value and seed replaces an older one
         value, record = plot.find(info["evals"].get(what.result), what.key), frontier.record_from_final_info(info, knob)
         if value is not None and record["l0"]:
             settings.setdefault(record["knob"][1], {})[record["seed"]] = (record["l0"], value)
     pooled = sorted((float(np.mean([l0 for l0, _ in seeds.values()])), float(np.mean([v for _, v in seeds.values()])),
-                     len(seeds), knob_value) for knob_value, seeds in settings.items())
-    return dict(l0=[p[0] for p in pooled], value=[p[1] for p in pooled], seeds=[p[2] for p in pooled],
-                knob=[p[3] for p in pooled],
+                     [v for _, v in seeds.values()], knob_value) for knob_value, seeds in settings.items())
+    return dict(l0=[p[0] for p in pooled], value=[p[1] for p in pooled], seeds=[len(p[2]) for p in pooled],
+                seed_values=[p[2] for p in pooled], knob=[p[3] for p in pooled],
                 spread=frontier.seed_spread([[v for _, v in seeds.values()] for seeds in settings.values()]))
 
 
-def against_curve(l0: float, value: float, curve: dict, seeds: int = 1) -> dict:
-    """A run (its `seeds` seeds' mean L0 and value) against a baseline's curve at its L0: the curve's
-    value there (frontier.interpolate: linear in log L0 between its two knob values around it,
-    weights w), Δ, the noise of that difference (the baseline's spread sd, for the mean of `seeds`
-    seeds against the weighted mean of the two knob values' seed means: sd·√(1/seeds + Σ w²/m)) and
-    the word: higher or lower beyond the standard errors the spread's degrees of freedom need
-    (frontier.standard_errors_needed)."""
+def against_curve(l0: float, seed_values: list[float], curve: dict) -> dict:
+    """A run (its seeds' values, read at their mean L0) against a baseline's curve at its L0: the
+    curve's value there (frontier.interpolate: linear in log L0 between its two knob values around
+    it), Δ of the seeds' mean, the noise of that difference as the verdicts take it
+    (frontier.seed_parts: each side's seed-to-seed spread, the run's own from two seeds on, else the
+    baseline's, over its seeds and the interpolation's weights) and the word: higher or lower beyond
+    the standard errors those spreads' degrees of freedom need (frontier.standard_errors_needed)."""
     if len(curve["l0"]) < 2:
         return dict(word="no baseline runs" if not curve["l0"] else "one knob value only")
-    points = [dict(l0=x, value=v, uncertainty=None, knob_value=k, seeds=n)
-              for x, v, k, n in zip(curve["l0"], curve["value"], curve["knob"], curve["seeds"])]
+    points = [dict(l0=x, value=v, uncertainty=None, knob_value=k, seed_values=s)
+              for x, v, k, s in zip(curve["l0"], curve["value"], curve["knob"], curve["seed_values"])]
     found = frontier.interpolate({"points": points}, l0)
     if found["value"] is None:
         return dict(word="outside its sweep")
-    sd, dof = curve["spread"]["sd"], curve["spread"]["dof"]
-    noise = None if sd is None else sd * math.sqrt(1 / seeds + sum(w ** 2 / p["seeds"] for p, w in found["weights"]))
-    delta = value - found["value"]
-    needed = frontier.standard_errors_needed({"seeds": noise}, {"seeds": dof})
+    parts, dofs = frontier.seed_parts("value", {"seed_values": {"value": seed_values}}, found,
+                                      {"seed_spread": curve["spread"]})
+    noise = None if None in parts.values() else math.sqrt(sum(u * u for u in parts.values()))
+    delta = float(np.mean(seed_values)) - found["value"]
+    needed = frontier.standard_errors_needed(parts, dofs)
     word = ("no seed spread" if noise is None else "within noise" if abs(delta) <= needed * noise
             else "higher" if delta > 0 else "lower")
     return dict(at=found["value"], delta=delta, noise=noise, needed=needed, word=word)
@@ -831,7 +832,7 @@ def against_baselines(s: Setting, what: Scored) -> Finding:
     rows, data = [], {}
     for run in runs:
         l0, value, values, unread = seeds_mean(seeds[run.plugin], what)
-        versus = {name: against_curve(l0, value, curve, len(values)) if value is not None else {}
+        versus = {name: against_curve(l0, values, curve) if value is not None else {}
                   for name, curve in curves.items()}
         data[run.plugin] = dict(l0=l0, value=value, seed_values=values, versus=versus, folder=run.folder)
         rows.append([run.label, str(len(values)), fmt(l0, 4),
@@ -845,10 +846,11 @@ def against_baselines(s: Setting, what: Scored) -> Finding:
          f"{fmt(c['spread']['sd'])} ({c['spread']['dof']} dof)"] for name, c in curves.items()])
     reference = (f"Reference: each baseline's {what.label} interpolated linearly in log L0 between its two swept "
                  "knob values around the run's L0 (outside its sweep: no reference). Noise: the baseline's "
-                 "seed-to-seed standard deviation of the metric pooled over its knob values, for the mean of the "
-                 "run's n seeds against the interpolation's weights w on the baseline's seed means (m seeds "
-                 "each): sd·√(1/n + Σ w²/m); a run reads higher or "
-                 "lower beyond the standard errors Student's t needs at the spread's degrees of freedom (at least "
+                 "seed-to-seed standard deviation of the metric pooled over its knob values, over the interpolation's "
+                 "weights w on its seed means (m seeds each), sd·√(Σ w²/m), and the run's own over its n seeds, "
+                 "sd_run/√n (from two seeds; with one, the baseline's sd), as the verdicts combine them; a run "
+                 "reads higher or lower beyond the standard errors Student's t needs at those spreads' degrees "
+                 "of freedom (Welch–Satterthwaite; at least "
                  f"{frontier.Z_BETTER:g}; {'higher' if what.higher_is_better else 'lower'} is better).")
     caption = (f"{what.label} against L0: the baselines' sweeps (lines, seed means) and the study's runs (dots). "
                + "; ".join(f"{run.label} {fmt(data[run.plugin]['value'])} at L0 {fmt(data[run.plugin]['l0'], 4)}"

@@ -399,7 +399,7 @@ def _noise(name: str, run: dict, base: dict, frontier: dict, rows_of, score_of) 
     A synthetic run's evaluation reads the same fixed samples as its baselines' (synthetic.EVAL_SEED),
     and MCC none at all: only the seed-to-seed spread is left."""
     if "mcc" in run.get("metrics", {}):  # synthetic: every run is scored on the same samples; the noise is training's
-        return *_seed_parts(name, run, base, frontier), "paired: the same ground-truth samples for every run"
+        return *seed_parts(name, run, base, frontier), "paired: the same ground-truth samples for every run"
     sides = [(1.0, _with_metric(run, name, "folders", []))] + [(-w, p["folders"]) for p, w in base["weights"]]
     rows = [(w, [rows_of(f) if rows_of and f is not None else None for f in folders]) for w, folders in sides]
     rows = [(w, [r if r is None or name in r else None for r in group]) for w, group in rows]
@@ -411,7 +411,7 @@ def _noise(name: str, run: dict, base: dict, frontier: dict, rows_of, score_of) 
     if why:
         return *_unpaired_parts(name, run, base), f"unpaired: {why}"
     contexts = counts.pop()
-    seeds, dofs = _seed_parts(name, run, base, frontier)
+    seeds, dofs = seed_parts(name, run, base, frontier)
     parts = {"contexts": paired_se(score_of(name), [(w, [r[name] for r in group]) for w, group in rows]), **seeds}
     return parts, {"contexts": contexts - 1, **dofs}, f"paired over {contexts} evaluation contexts"
 
@@ -427,7 +427,7 @@ def _unpaired_parts(name: str, run: dict, base: dict) -> tuple[dict, dict]:
             {part: dof for part, dof in dofs.items() if dof})
 
 
-def _seed_parts(name: str, run: dict, base: dict, frontier: dict) -> tuple[dict, dict]:
+def seed_parts(name: str, run: dict, base: dict, frontier: dict) -> tuple[dict, dict]:
     """The standard errors the seed-to-seed spread adds to each side's mean, and their degrees of
     freedom: its own spread where it has two seeds or more, else the other side's (the same training
     noise assumed), else None. The baseline's spread is its architecture's, pooled over every swept

@@ -109,27 +109,31 @@ def test_a_baseline_s_curve_pools_its_seeds_per_knob_value_and_a_run_is_read_aga
     points = [info(0.1, 42, 31, 0.39), info(0.1, 43, 29, 0.41), info(1, 42, 11, 0.21), info(1, 43, 9, 0.19)]
     curve = analyses.baseline_curve(points, "sparsity_penalty", analyses.ABSORPTION)
     assert curve["l0"] == [10, 30] and curve["value"] == pytest.approx([0.2, 0.4]) and curve["seeds"] == [2, 2]
+    assert curve["seed_values"] == [[0.21, 0.19], [0.39, 0.41]]
     assert curve["knob"] == [1, 0.1] and curve["spread"]["dof"] == 2
     assert curve["spread"]["sd"] == pytest.approx(math.sqrt(4 * 0.01 ** 2 / 2))
     newer = analyses.baseline_curve([*points, info(1, 43, 9, 0.23)], "sparsity_penalty", analyses.ABSORPTION)
     assert newer["seeds"] == [2, 2] and newer["value"][0] == pytest.approx(0.22)  # a seed run again: its newest
     w = math.log(2) / math.log(3)  # L0 20 between 10 and 30, linear in log L0, as the verdicts interpolate
-    noise = curve["spread"]["sd"] * math.sqrt(1 + ((1 - w) ** 2 + w ** 2) / 2)  # one seed against two seed means
-    needed = scipy.stats.t.ppf(0.975, 2)  # the spread rests on 2 degrees of freedom: t, not 2
+    sd, base = curve["spread"]["sd"], math.sqrt(((1 - w) ** 2 + w ** 2) / 2)  # over the weighted two seed means
+    noise = sd * math.sqrt(1 + base ** 2)  # one run seed: the baseline's spread stands for the run's too
+    needed = scipy.stats.t.ppf(0.975, 2)  # one spread on 2 degrees of freedom: t, not 2
     at_20 = 0.2 + 0.2 * w
-    higher = analyses.against_curve(20, at_20 + 1.01 * needed * noise, curve)
+    higher = analyses.against_curve(20, [at_20 + 1.01 * needed * noise], curve)
     assert higher["at"] == pytest.approx(at_20) and higher["delta"] == pytest.approx(1.01 * needed * noise)
     assert higher["noise"] == pytest.approx(noise) and higher["needed"] == pytest.approx(needed)
     assert higher["word"] == "higher"
-    assert analyses.against_curve(20, at_20 + 0.99 * needed * noise, curve)["word"] == "within noise"
-    assert analyses.against_curve(20, at_20 - 1.01 * needed * noise, curve)["word"] == "lower"
-    assert analyses.against_curve(31, 0.4, curve) == {"word": "outside its sweep"}
-    assert analyses.against_curve(30, 0.4, curve)["word"] == "within noise"  # an end of the sweep is inside it
-    two_seeds = analyses.against_curve(20, at_20 + 0.99 * needed * noise, curve, seeds=2)
-    assert two_seeds["noise"] == pytest.approx(curve["spread"]["sd"] * math.sqrt(1 / 2 + ((1 - w) ** 2 + w ** 2) / 2))
-    assert two_seeds["word"] == "higher"
-    on_a_point = analyses.against_curve(30, 0.4, curve)
-    assert on_a_point["noise"] == pytest.approx(curve["spread"]["sd"] * math.sqrt(1 + 1 / 2))
+    assert analyses.against_curve(20, [at_20 + 0.99 * needed * noise], curve)["word"] == "within noise"
+    assert analyses.against_curve(20, [at_20 - 1.01 * needed * noise], curve)["word"] == "lower"
+    assert analyses.against_curve(31, [0.4], curve) == {"word": "outside its sweep"}
+    assert analyses.against_curve(30, [0.4], curve)["word"] == "within noise"  # an end of the sweep is inside it
+    assert analyses.against_curve(30, [0.4], curve)["noise"] == pytest.approx(sd * math.sqrt(1 + 1 / 2))  # on a point
+    spread = 0.05  # two run seeds at mean ± spread/√2: their own sd is `spread`, on 1 degree of freedom
+    two = analyses.against_curve(20, [at_20 + 0.5 - spread / math.sqrt(2), at_20 + 0.5 + spread / math.sqrt(2)], curve)
+    own, baseline = spread / math.sqrt(2), sd * base  # the standard errors of the two sides' means
+    welch = (own ** 2 + baseline ** 2) ** 2 / (own ** 4 / 1 + baseline ** 4 / 2)
+    assert two["delta"] == pytest.approx(0.5) and two["noise"] == pytest.approx(math.hypot(own, baseline))
+    assert two["needed"] == pytest.approx(scipy.stats.t.ppf(0.975, welch)) and two["word"] == "higher"
     l0, value, values, unread = analyses.seeds_mean(points[:2], analyses.ABSORPTION)
     assert (l0, value, values, unread) == (30, pytest.approx(0.4), [0.39, 0.41], [])
     not_scored = {**points[1], "evals": {"absorption_first_letter": {"not_scored": "3 of 26 letters"}}}
@@ -138,10 +142,10 @@ def test_a_baseline_s_curve_pools_its_seeds_per_knob_value_and_a_run_is_read_aga
         None, [0.39, None], ["seed 43 not scored: 3 of 26 letters"])
     assert analyses.seeds_mean([no_l0, points[0]], analyses.ABSORPTION)[3] == ["seed 43 has no L0"]
     one_seed = analyses.baseline_curve(points[::2], "sparsity_penalty", analyses.ABSORPTION)
-    assert analyses.against_curve(20, 0.5, one_seed)["word"] == "no seed spread"
-    assert analyses.against_curve(10, 0.2, analyses.baseline_curve(points[2:], "sparsity_penalty",
-                                                                   analyses.ABSORPTION)) == {"word": "one knob value only"}
-    assert analyses.against_curve(10, 0.2, analyses.baseline_curve([], "k", analyses.ABSORPTION)) == {
+    assert analyses.against_curve(20, [0.5], one_seed)["word"] == "no seed spread"
+    one_value = analyses.baseline_curve(points[2:], "sparsity_penalty", analyses.ABSORPTION)
+    assert analyses.against_curve(10, [0.2], one_value) == {"word": "one knob value only"}
+    assert analyses.against_curve(10, [0.2], analyses.baseline_curve([], "k", analyses.ABSORPTION)) == {
         "word": "no baseline runs"}
 
 
