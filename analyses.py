@@ -234,9 +234,10 @@ def firing_frequency(run: Run) -> np.ndarray | None:
     return None if density is None else np.asarray(density, dtype=np.float64)
 
 
-def with_seeds(run: Run, s: Setting) -> list[Run]:
-    """The run and every other seed of it that was trained (frontier.seeds_of), this one first."""
-    return [run, *(read_run(folder) for folder, _ in frontier.seeds_of(run.info, run_index(s.runs), run.folder))]
+def with_seeds(run: Run, index: list) -> list[Run]:
+    """The run and every other seed of it that was trained (frontier.seeds_of in `index`, run_index's),
+    this one first."""
+    return [run, *(read_run(folder) for folder, _ in frontier.seeds_of(run.info, index, run.folder))]
 
 
 def plain_log(axis) -> None:
@@ -442,7 +443,7 @@ def condition_numbers(s: Setting) -> Finding:
     found, failed = runs_with_artifact(s, "feature_group")
     base = next((run for run in study_runs(s)[0] if run.plugin == BASELINE), None)
     base_rows = trained_sae(base)[0].decoder_weight().detach().double() if base is not None else None
-    measured = {}
+    measured, index = {}, run_index(s.runs)
     for run, groups, sae in found:
         n, sizes = sae.hp.n_groups, np.bincount(groups, minlength=sae.hp.n_groups)
         d_in = sae.cfg.d_in
@@ -451,7 +452,7 @@ def condition_numbers(s: Setting) -> Finding:
             torch.randperm(len(base_rows), generator=torch.Generator().manual_seed(k))[:rows]])
         kappas = group_condition_numbers(sae.decoder_weight(), torch.as_tensor(groups), n)
         others = [mean_kappa(group_condition_numbers(trained_sae(other)[0].decoder_weight(), torch.as_tensor(g), n))
-                  for other in with_seeds(run, s)[1:] if (g := artifact(other, "feature_group")) is not None]
+                  for other in with_seeds(run, index)[1:] if (g := artifact(other, "feature_group")) is not None]
         measured[run.label] = (run, kappas, sizes, random_ref, base_ref, [mean_kappa(kappas), *others])
     fig = condition_figure(measured)
     rows, readings = [], []
@@ -483,10 +484,9 @@ def condition_figure(measured: dict[str, tuple]) -> Figure:
     """Per run, its groups' κ (dots), their mean (bar) and the two references' means."""
     fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(measured) + 3), 4.8))
     for i, (run, kappas, _, random_ref, base_ref, _) in enumerate(measured.values()):
-        present = [k for k in kappas if k is not None]
-        finite = [k for k in present if math.isfinite(k)]
+        finite = [k for k in kappas if k is not None and math.isfinite(k)]
         ax.scatter(i + np.linspace(-0.2, 0.2, len(finite)), finite, color=run.color, s=22, alpha=0.8)
-        if present and math.isfinite(mean := float(np.mean(present))):
+        if (mean := mean_kappa(kappas)) is not None and math.isfinite(mean):
             ax.plot([i - 0.3, i + 0.3], [mean, mean], color="black", lw=2)
         for ref, marker, label in ((random_ref, "o", "random unit rows"), (base_ref, "x", "baseline rows")):
             if ref is not None and math.isfinite(ref.mean()):
@@ -635,9 +635,9 @@ def frequency_order(s: Setting) -> Finding:
     measured = {run.plugin: (run, d) for run in runs if (d := firing_frequency(run)) is not None}
     if not measured:
         raise HarnessError(f"no run of {s.study} has a core evaluation's feature_metrics.json; run it with core")
-    rows, data = [], {}
+    rows, data, index = [], {}, run_index(s.runs)
     for plugin, (run, density) in measured.items():
-        others = [d for other in with_seeds(run, s)[1:] if (d := firing_frequency(other)) is not None]
+        others = [d for other in with_seeds(run, index)[1:] if (d := firing_frequency(other)) is not None]
         seeds = [rho(d) for d in [density, *others]]
         tracked = plot.number(run.info.get("frequency_index_spearman"))
         finite = [r for r in seeds if math.isfinite(r)]  # a run whose latents all fire alike has no ρ
