@@ -132,13 +132,14 @@ def group_condition_numbers(decoder: torch.Tensor, groups: torch.Tensor, n_group
 
 
 @torch.no_grad()
-def jl_cosine_errors(sae, rows: int = 2048) -> np.ndarray:
+def jl_cosine_errors(sae, rows: int = 2048, w: torch.Tensor | None = None) -> np.ndarray:
     """|cos(P d_i, P d_j) − cos(d_i, d_j)| for every pair i < j of decoder rows d_i (up to `rows` of
-    them, evenly spaced), P the plugin's own JL projection (`sae.project`): (n(n−1)/2,)."""
-    w = sae.decoder_weight().detach()
+    them, evenly spaced), P the plugin's own JL projection (`sae.project`): (n(n−1)/2,). `w`: other
+    rows (d_in wide) to project instead of the decoder's, e.g. random ones for a reference."""
+    w = (sae.decoder_weight() if w is None else w).detach()
     w = w[torch.linspace(0, len(w) - 1, min(rows, len(w))).round().long()]
     exact = F.normalize(w.double(), dim=1)
-    projected = F.normalize(sae.project(w).double(), dim=1)
+    projected = F.normalize(sae.project(w.to(sae.decoder_weight().dtype)).double(), dim=1)
     upper = torch.triu_indices(len(w), len(w), offset=1)
     return ((projected @ projected.T) - (exact @ exact.T))[upper[0], upper[1]].abs().numpy()
 
@@ -238,6 +239,29 @@ def with_seeds(run: Run, index: list) -> list[Run]:
     """The run and every other seed of it that was trained (frontier.seeds_of in `index`, run_index's),
     this one first."""
     return [run, *(read_run(folder) for folder, _ in frontier.seeds_of(run.info, index, run.folder))]
+
+
+def at_every_seed(runs: list[Run], s: Setting, read: Callable[[Run], dict[str, float | None]]
+                  ) -> dict[str, list[tuple[int, dict[str, float | None]]]]:
+    """{run label: [(seed, read(the run at that seed))]} for every seed of each run that was trained
+    (with_seeds), the run's own first."""
+    index = run_index(s.runs)
+    return {run.label: [(seeded.config["seed"], read(seeded)) for seeded in with_seeds(run, index)] for run in runs}
+
+
+def seed_noise(readings: dict[str, list[tuple[int, dict[str, float | None]]]]) -> tuple[str, str]:
+    """(a table of each reading at every seed, "Noise: ..." the seed-to-seed standard deviation of
+    each reading pooled over the runs (frontier.seed_spread), or that one seed per run measures none)."""
+    names = list(next(iter(readings.values()))[0][1])
+    rows = [[label, str(seed), *(fmt(reading[name]) for name in names)]
+            for label, seeds in readings.items() for seed, reading in seeds]
+    spreads = {name: frontier.seed_spread([[r[name] for _, r in seeds if r[name] is not None and math.isfinite(r[name])]
+                                           for seeds in readings.values()]) for name in names}
+    measured = [f"{name} {fmt(spread['sd'])} ({spread['dof']} dof)" for name, spread in spreads.items()
+                if spread["sd"] is not None]
+    stated = ("Noise: the seed-to-seed standard deviation pooled over the runs' seeds: " + "; ".join(measured) + "."
+              if measured else "Noise: one seed per run, so the seed-to-seed spread is not measured here.")
+    return table(["run", "seed", *names], rows), stated
 
 
 def plain_log(axis) -> None:
@@ -362,11 +386,12 @@ def ends(points: list[tuple[float, Run]], panel: Panel) -> str:
 
 
 def sweep_analysis(s: Setting, name: str, plugins: tuple[str, ...], key: str, values: tuple[str, ...],
-                   panels: tuple[Panel, ...], title: str, measure: Callable[[Run], dict] | None = None) -> Finding:
+                   panels: tuple[Panel, ...], title: str, measure: Callable[[Run], dict] | None = None,
+                   reference: Callable[[], str] = lambda: "") -> Finding:
     """plugins × key=values (or --values), each metric of `panels` against the value: the figure,
-    a caption reading each plugin's ends per metric, and a table of every run. `measure`: what a
-    panel reads that final_info lacks, measured on each run (the baseline's too) and merged into
-    its info here."""
+    a caption reading each plugin's ends per metric and stating the references (`reference()`'s
+    beside the baseline's) and the noise, and a table of every run. `measure`: what a panel reads
+    that final_info lacks, measured on each run (the baseline's too) and merged into its info here."""
     values = tuple(sorted(s.values or values, key=float))
     series, baseline, failed = sweep_points(s, name, plugins, key, values)
     if not series:
@@ -384,10 +409,14 @@ def sweep_analysis(s: Setting, name: str, plugins: tuple[str, ...], key: str, va
     if baseline is not None:
         lines.append([f"{baseline.label} (reference)", "-", *(fmt(value_at(baseline.info, p.path), 4) for p in panels),
                       shown_path(baseline.folder)])
-    body = table(header, lines) + "".join(f"\n\nNot analysed: {line}" for line in failed)
+    own = reference()  # after `measure`, which may learn what it states
+    reference = (f" Reference: {own + '; ' if own else ''}the baseline at the same setting is the dashed "
+                 "line. Noise: one seed per value, so the seed-to-seed spread is not measured here; the core metrics "
+                 "carry their bootstrap standard errors.")
+    body = table(header, lines) + "\n\n" + reference.strip() + "".join(f"\n\nNot analysed: {line}" for line in failed)
     data = {(run.plugin, x): {p.short: value_at(run.info, p.path) for p in panels}
             for points in series.values() for x, run in points}
-    return Finding(figure, caption, body, data)
+    return Finding(figure, caption + reference, body, data)
 
 
 def topk_threshold(s: Setting) -> Finding:
@@ -406,25 +435,40 @@ def topk_threshold(s: Setting) -> Finding:
         widths.add(sae.cfg.d_in)
         return {"dictionary_overlap": {"mean_abs_cos": mean_abs_cosine(sae.decoder_weight())}}
 
-    finding = sweep_analysis(s, "topk_threshold", ("topk_ortho/run_1_topk_pairs", "topk_ortho/run_2_adaptive_tau"),
-                             "topk_percent", ("0.0005", "0.001", "0.002", "0.005"), (*CORE_PANELS, overlap),
-                             "Top-k threshold ablation, fixed and adaptive τ", measure=dictionary_overlap)
-    (d_in,) = widths  # one model, one layer
-    reference = (f" Reference: random directions in d_in = {d_in} dimensions have mean |cos| "
-                 f"{random_mean_abs_cosine(d_in):.4f}; the baseline at the same setting is the dashed line. Noise: one "
-                 "seed per value, so the seed-to-seed spread is not measured here; the core metrics carry their "
-                 "bootstrap standard errors.")
-    return finding._replace(caption=finding.caption + reference, body=finding.body + "\n\n" + reference.strip())
+    def random_overlap() -> str:
+        (d_in,) = widths  # one model, one layer
+        return f"random directions in d_in = {d_in} dimensions have mean |cos| {random_mean_abs_cosine(d_in):.4f}"
+
+    return sweep_analysis(s, "topk_threshold", ("topk_ortho/run_1_topk_pairs", "topk_ortho/run_2_adaptive_tau"),
+                          "topk_percent", ("0.0005", "0.001", "0.002", "0.005"), (*CORE_PANELS, overlap),
+                          "Top-k threshold ablation, fixed and adaptive τ", measure=dictionary_overlap,
+                          reference=random_overlap)
 
 
 def alpha_ablation(s: Setting) -> Finding:
     """α ablation: the weight of run 1's between-group orthogonality loss (notebook α = 0.1, the
     controlled-sharing knob: smaller α, more sharing), swept over decades around it, with the
-    condition numbers of the groups' decoder subspaces it is meant to improve."""
+    condition numbers of the groups' decoder subspaces it is meant to improve, beside κ of random
+    unit rows in groups of each run's sizes (a group's size against d_in sets much of its κ)."""
     kappa = Panel("mean group κ", "mean condition number σ_max/σ_min of the groups' decoder rows",
                   ("subspace_condition_numbers", "mean"))
+    random_kappas: list[float] = []
+
+    def random_reference(run: Run) -> dict:
+        if (groups := artifact(run, "feature_group")) is not None:
+            d_in = trained_sae(run)[0].cfg.d_in
+            random_kappas.append(float(reference_kappas(np.bincount(groups), lambda rows, k: random_unit_rows(
+                rows, d_in, seed=k)).mean()))
+        return {}
+
+    def stated() -> str:
+        return "" if not random_kappas else (
+            f"random unit rows in groups of each run's sizes have mean κ {fmt(min(random_kappas), 4)}–"
+            f"{fmt(max(random_kappas), 4)} (mean over {REFERENCE_DRAWS} draws)")
+
     return sweep_analysis(s, "alpha", ("adaptive_ortho/run_1_basic_ortho",), "alpha", ("0.01", "0.1", "1", "10"),
-                          (*CORE_PANELS, kappa), "α ablation of the adaptive orthogonality loss")
+                          (*CORE_PANELS, kappa), "α ablation of the adaptive orthogonality loss",
+                          measure=random_reference, reference=stated)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,41 +547,65 @@ def condition_figure(measured: dict[str, tuple]) -> Figure:
     return fig
 
 
+def revival(run: Run) -> dict | None:
+    """A run's revived latents (its `revived_at` artifact) and its decoder rows' max |cos| with the
+    rest: of each revived row at its last revival (`revived_max_cos`) and of every row at the end;
+    each latent's firing frequency on the held-out text; random unit rows of the same shape's max
+    |cos|. None for a run that revives nothing."""
+    if (revived_at := artifact(run, "revived_at")) is None:
+        return None
+    sae, revived = trained_sae(run)[0], revived_at >= 0
+    return dict(run=run, revived=revived, before=artifact(run, "revived_max_cos")[revived],
+                after=max_abs_cosine(sae.decoder_weight()), rate=firing_frequency(run),
+                random=max_abs_cosine(random_unit_rows(sae.cfg.d_sae, sae.cfg.d_in, seed=0)))
+
+
+def revival_readings(m: dict) -> dict[str, float | None]:
+    """The medians, means and shares the reactivation table reads from a revival(run)."""
+    revived, after, rate = m["revived"], m["after"], m["rate"]
+    some = bool(revived.any())  # else the revived columns have no value
+    return {"revived": float(revived.sum()),
+            "median max |cos|, revived, at revival": float(np.median(m["before"])) if some else None,
+            "median max |cos|, revived, at the end": float(np.median(after[revived])) if some else None,
+            "median max |cos|, others, at the end": float(np.median(after[~revived])),
+            "mean firing frequency, revived": float(rate[revived].mean()) if some else None,
+            "mean firing frequency, others": float(rate[~revived].mean()),
+            "share never fired, revived": float((rate[revived] == 0).mean()) if some else None,
+            "share never fired, others": float((rate[~revived] == 0).mean())}
+
+
 def reactivation(s: Setting) -> Finding:
     """Reactivation impact on feature diversity: the latents a run revived (its `revived_at`
     artifact) against the others, by each decoder row's max |cos| with the rest (diversity: lower
     is more distinct) at its last revival, the new direction just written (`revived_max_cos`), and
     at the end, and by firing frequency on the held-out text. Reference: the max |cos| of random
     unit rows of the same shape (d_sae × d_in), median and 10th-90th percentiles over its rows, the
-    spread a row's max |cos| has with no training at all."""
-    found, failed = runs_with_artifact(s, "revived_at")
-    measured = {run.label: dict(run=run, revived=(revived := revived_at >= 0),
-                                before=artifact(run, "revived_max_cos")[revived],
-                                after=max_abs_cosine(sae.decoder_weight()), rate=firing_frequency(run),
-                                random=max_abs_cosine(random_unit_rows(sae.cfg.d_sae, sae.cfg.d_in, seed=0)))
-                for run, revived_at, sae in found}
+    spread a row's max |cos| has with no training at all. Noise: each reading at every seed of each
+    run that was trained, its seed-to-seed spread pooled over the runs."""
+    runs, failed = study_runs(s)
+    measured = {run.label: m for run in runs if (m := revival(run)) is not None}
+    if not measured:
+        raise HarnessError(f"no run of {s.study} saved a revived_at artifact; nothing to measure")
     figure = reactivation_figure(measured)
     rows, readings = [], []
     for label, m in measured.items():
-        revived, after, rate = m["revived"], m["after"], m["rate"]
-        some = revived.any()  # else the revived columns have no value
-        cells = [np.median(m["before"]) if some else None, np.median(after[revived]) if some else None,
-                 np.median(after[~revived]), rate[revived].mean() if some else None, rate[~revived].mean(),
-                 (rate[revived] == 0).mean() if some else None, (rate[~revived] == 0).mean()]
+        cells = revival_readings(m)
         low, mid, high = np.percentile(m["random"], [10, 50, 90])
-        rows.append([label, str(int(revived.sum())), *(fmt(c) for c in cells), f"{mid:.3g} ({low:.3g}-{high:.3g})",
+        rows.append([label, *(fmt(c) for c in cells.values()), f"{mid:.3g} ({low:.3g}-{high:.3g})",
                      shown_path(m["run"].folder)])
-        readings.append(f"{label}: {int(revived.sum())} revived, median max |cos| {fmt(cells[0])} at revival → "
-                        f"{fmt(cells[1])} at the end (others {fmt(cells[2])}; random unit rows {mid:.3g}, "
-                        f"10th-90th pct {low:.3g}-{high:.3g}), mean firing frequency {fmt(cells[3])} "
-                        f"(others {fmt(cells[4])})")
+        revived, at_revival, at_end, others, rate, others_rate = list(cells.values())[:6]
+        readings.append(f"{label}: {int(revived)} revived, median max |cos| {fmt(at_revival)} at revival → "
+                        f"{fmt(at_end)} at the end (others {fmt(others)}; random unit rows {mid:.3g}, "
+                        f"10th-90th pct {low:.3g}-{high:.3g}), mean firing frequency {fmt(rate)} "
+                        f"(others {fmt(others_rate)})")
+    seeds, noise = seed_noise(at_every_seed([m["run"] for m in measured.values()], s,
+                                            lambda run: revival_readings(revival(run))))
     caption = ("Revived latents against the others: max |cos| of each decoder row with the rest at revival (the "
                "new direction) and at the end, beside random unit rows of the same shape, and firing frequency on "
-               "the held-out text. " + "; ".join(readings) + ".")
-    body = table(["run", "revived", "median max |cos|: revived, at revival", "revived, at the end",
-                  "others, at the end", "mean firing frequency: revived", "others", "share never fired: revived", "others",
-                  "random unit rows: median max |cos| (10th-90th pct)", "run folder"], rows)
-    body += "".join(f"\n\nNot analysed: {line}" for line in failed)
+               "the held-out text. " + "; ".join(readings) + ". " + noise)
+    body = table(["run", *revival_readings(next(iter(measured.values()))),
+                  "random unit rows: median max |cos| (10th-90th pct)", "run folder (first seed)"], rows)
+    body += f"\n\nAt every seed:\n\n{seeds}\n\n{noise}" + "".join(f"\n\nNot analysed: {line}" for line in failed)
     data = {m["run"].plugin: {"folder": m["run"].folder, **{k: m[k] for k in ("revived", "before", "after", "rate",
                                                                                  "random")}}
             for m in measured.values()}
@@ -588,7 +656,9 @@ def reactivation_figure(measured: dict[str, dict]) -> Figure:
 def sparsity_distributions(s: Setting) -> Finding:
     """Final activation-sparsity distributions: each run's histogram of log10 firing frequency of
     its latents on the held-out text (the core eval's feature_density, which sums to the run's L0),
-    the latents that never fired counted beside it."""
+    the latents that never fired counted beside it. Reference: the baseline, which has no
+    contrastive mechanism, at the same setting. Noise: the never-fired count and the median
+    frequency at every seed of each run that was trained, their spread pooled over the runs."""
     runs, failed = study_runs(s)
     densities = {run.label: (run, d) for run in runs if (d := firing_frequency(run)) is not None}
     if not densities:
@@ -612,12 +682,24 @@ def sparsity_distributions(s: Setting) -> Finding:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(plot.with_setting("Activation-sparsity distributions on held-out text",
                                    [r for r, _ in densities.values()]), fontsize=11)
+    seeds, noise = seed_noise(at_every_seed([run for run, _ in densities.values()], s, sparsity_readings))
+    reference = ("Reference: the baseline (no contrastive mechanism) at the same setting."
+                 if BASELINE in data else "Reference: none here (the baseline was not analysed).")
     caption = ("Histogram of each latent's log10 firing frequency on the held-out text, one line per run "
-               f"(8 bins a decade from 1e{edges[0]:.0f}): " + "; ".join(readings) + ".")
+               f"(8 bins a decade from 1e{edges[0]:.0f}): " + "; ".join(readings) + f". {reference} {noise}")
     body = table(["run", "latents fired", "never fired", "median frequency", "10th pct", "90th pct",
-                  "Σ frequency (= L0)", "run folder"], rows)
+                  "Σ frequency (= L0)", "run folder (first seed)"], rows)
+    body += f"\n\nAt every seed:\n\n{seeds}\n\n{reference} {noise}"
     data["edges"] = edges
     return Finding(fig, caption, body + "".join(f"\n\nNot analysed: {line}" for line in failed), data)
+
+
+def sparsity_readings(run: Run) -> dict[str, float | None]:
+    """A run's never-fired count and the median firing frequency of the latents that fired."""
+    density = firing_frequency(run)
+    fired = density[density > 0] if density is not None else np.array([])
+    return {"never fired": None if density is None else float((density == 0).sum()),
+            "median frequency": float(np.median(fired)) if len(fired) else None}
 
 
 def frequency_order(s: Setting) -> Finding:
@@ -675,42 +757,68 @@ def frequency_order(s: Setting) -> Finding:
                    data)
 
 
+def jl_measured(run: Run) -> dict | None:
+    """A run's JL projection errors on its decoder rows and on random unit rows of the same count
+    through the same projection, its final contrast threshold, k and d_in; None without a projection."""
+    sae, cfg = trained_sae(run)
+    if not hasattr(sae, "project"):
+        return None
+    threshold = sae.contrast_threshold(cfg.steps - 1) if hasattr(sae, "contrast_threshold") else None
+    errors = jl_cosine_errors(sae)
+    rows = random_unit_rows(min(2048, sae.cfg.d_sae), sae.cfg.d_in, seed=0)
+    return dict(run=run, errors=errors, random=jl_cosine_errors(sae, w=rows), threshold=threshold,
+                k=sae.jl.shape[1], d_in=sae.cfg.d_in,
+                over=None if threshold is None else float((errors > threshold).mean()))
+
+
+def jl_readings(m: dict) -> dict[str, float | None]:
+    return {"mean error": float(m["errors"].mean()), "95th pct": float(np.percentile(m["errors"], 95)),
+            "fraction of pairs erring beyond the threshold": m["over"]}
+
+
 def jl_error(s: Setting) -> Finding:
     """JL approximation quality: for each run with a JL projection, the error of the projected
     cosine against the exact one, |cos(P d_i, P d_j) − cos(d_i, d_j)|, over all pairs of decoder
     rows of the SAE as evaluated (up to 2048 rows), against the run's final contrast threshold (a
-    threshold below the projection's own error measures its noise)."""
+    threshold below the projection's own error measures its noise). Reference: the same projection
+    on random unit rows of the same count (what it errs with no training). Noise: each reading at
+    every seed of each run that was trained (each seed draws its own projection)."""
     runs, failed = study_runs(s)
-    measured = {}
-    for run in runs:
-        sae, cfg = trained_sae(run)
-        if hasattr(sae, "project"):
-            threshold = sae.contrast_threshold(cfg.steps - 1) if hasattr(sae, "contrast_threshold") else None
-            measured[run.label] = (run, jl_cosine_errors(sae), threshold, sae.jl.shape[1], sae.cfg.d_in)
+    measured = {run.label: m for run in runs if (m := jl_measured(run)) is not None}
     if not measured:
         raise HarnessError(f"no run of {s.study} has a JL projection (`project`); nothing to measure")
     fig, ax = plt.subplots(figsize=(9, 5))
     rows, readings = [], []
-    for label, (run, errors, threshold, k, d_in) in measured.items():
-        ax.ecdf(errors, color=run.color, lw=1.8, label=f"{label} (k = {k} of d_in {d_in})")
+    for label, m in measured.items():
+        run, errors, threshold, random = m["run"], m["errors"], m["threshold"], m["random"]
+        ax.ecdf(errors, color=run.color, lw=1.8, label=f"{label} (k = {m['k']} of d_in {m['d_in']})")
+        ax.ecdf(random, color=run.color, lw=1, ls=":")
         if threshold is not None:
             ax.axvline(threshold, color=run.color, ls="--", lw=1)
-        over = None if threshold is None else float((errors > threshold).mean())
-        stats = [errors.mean(), np.percentile(errors, 95), errors.max(), threshold, over]
-        rows.append([label, str(k), str(len(errors)), *(fmt(v) for v in stats), shown_path(run.folder)])
-        readings.append(f"{label} mean {fmt(stats[0])}, 95th pct {fmt(stats[1])}, final threshold {fmt(threshold)}"
-                        + ("" if over is None else f" ({over:.1%} of pairs err by more)"))
+        stats = [errors.mean(), np.percentile(errors, 95), errors.max(), threshold, m["over"], random.mean(),
+                 np.percentile(random, 95)]
+        rows.append([label, str(m["k"]), str(len(errors)), *(fmt(v) for v in stats), shown_path(run.folder)])
+        readings.append(f"{label} mean {fmt(stats[0])}, 95th pct {fmt(stats[1])} (random unit rows {fmt(stats[5])}, "
+                        f"{fmt(stats[6])}), final threshold {fmt(threshold)}"
+                        + ("" if m["over"] is None else f" ({m['over']:.1%} of pairs err by more)"))
     ax.set_xlabel("|projected cosine − exact cosine| of decoder-row pairs")
     ax.set_ylabel("fraction of pairs with at most this error")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="dashed: final contrast threshold",
-              title_fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title_fontsize=8,
+              title="dotted: random unit rows, same projection\ndashed: final contrast threshold")
     ax.set_title(plot.with_setting("JL projection's cosine error on decoder-row pairs",
-                                   [r for r, *_ in measured.values()]), fontsize=11)
-    caption = "Cumulative distribution of the JL projection's cosine error per run: " + "; ".join(readings) + "."
+                                   [m["run"] for m in measured.values()]), fontsize=11)
+    seeds, noise = seed_noise(at_every_seed([m["run"] for m in measured.values()], s,
+                                            lambda run: jl_readings(jl_measured(run))))
+    reference = "Reference: the same projection on as many random unit rows (dotted)."
+    caption = ("Cumulative distribution of the JL projection's cosine error per run: " + "; ".join(readings)
+               + f". {reference} {noise}")
     body = table(["run", "JL dim", "pairs", "mean error", "95th pct", "max", "final threshold",
-                  "fraction of pairs erring beyond it", "run folder"], rows)
-    data = {run.plugin: dict(errors=e, threshold=t, folder=run.folder) for run, e, t, _, _ in measured.values()}
+                  "fraction of pairs erring beyond it", "random rows: mean error", "random rows: 95th pct",
+                  "run folder (first seed)"], rows)
+    body += f"\n\nAt every seed:\n\n{seeds}\n\n{reference} {noise}"
+    data = {m["run"].plugin: dict(errors=m["errors"], random=m["random"], threshold=m["threshold"],
+                                  folder=m["run"].folder) for m in measured.values()}
     return Finding(fig, caption, body + "".join(f"\n\nNot analysed: {line}" for line in failed), data)
 
 

@@ -24,6 +24,19 @@ import sources
 TINY = ["--preset", "tiny", "--tokens", "2048"]
 
 
+def second_seed(tmp_path, study: str, plugin: str) -> dict:
+    """{plugin: its seed-43 run folder} for the baseline and `plugin`, trained as the analysis's
+    runs (the command's seed 42) are: the analysis then reads both seeds."""
+    seed_43 = analyses.Setting(study, "tiny", dict(tokens=2048, dict_size=None, seed=43, device="auto", evals=None),
+                               tmp_path / "runs", tmp_path / "notes.md", (plugin,))
+    return {run.plugin: run.folder for run in analyses.study_runs(seed_43)[0]}
+
+
+def pooled_sd(pairs: list[tuple[float, float]]) -> float:
+    """The seed-to-seed standard deviation of two seeds each, pooled: √(Σ (a − b)²/2 / n)."""
+    return math.sqrt(sum((a - b) ** 2 / 2 for a, b in pairs) / len(pairs))
+
+
 def analyse(tmp_path, *args: str):
     """The command on tiny into tmp_path; its Findings again through the API (every run reused)."""
     runs, notes, figures = tmp_path / "runs", tmp_path / "notes.md", tmp_path / "figures"
@@ -252,6 +265,7 @@ def test_a_revival_is_recorded_with_the_step_and_the_new_rows_overlap_at_revival
 
 @pytest.mark.e2e
 def test_contrastive_sparsity_and_jl_error_read_the_held_out_evaluation_and_the_saved_sae(tmp_path):
+    seed_43 = second_seed(tmp_path, "contrastive", "run_1_jl_ema")
     _, found = analyse(tmp_path, "contrastive", "--only=run_1_jl_ema")
     assert set(found) == {"sparsity", "jl_error"}
     sparsity = found["sparsity"].data
@@ -264,10 +278,41 @@ def test_contrastive_sparsity_and_jl_error_read_the_held_out_evaluation_and_the_
         counts, _ = np.histogram(np.log10(density[density > 0]), bins=sparsity["edges"])
         assert sparsity[plugin]["counts"].tolist() == counts.tolist()
         assert counts.sum() + sparsity[plugin]["silent"] == 256
+    silent = {plugin: [(np.asarray(json.loads((folder / "feature_metrics.json").read_text())["feature_density"]) == 0)
+                       .sum() for folder in (sparsity[plugin]["folder"], seed_43[plugin])] for plugin in seed_43}
+    assert silent["run_0_baseline"][0] == sparsity["run_0_baseline"]["silent"]
+    body = found["sparsity"].body
+    assert "Reference: the baseline (no contrastive mechanism)" in body
+    assert f"never fired {analyses.fmt(pooled_sd(list(map(tuple, silent.values()))))} (2 dof)" in body  # both seeds
     jl = found["jl_error"].data
     assert list(jl) == ["run_1_jl_ema"]  # the baseline has no projection
     assert len(jl["run_1_jl_ema"]["errors"]) == 256 * 255 // 2 and jl["run_1_jl_ema"]["threshold"] == 0.4
     assert jl["run_1_jl_ema"]["errors"].max() < 1e-5  # d_in 64 ≤ 128: the projection is a rotation
+    assert len(jl["run_1_jl_ema"]["random"]) == 256 * 255 // 2 and jl["run_1_jl_ema"]["random"].max() < 1e-5
+    assert "| Run 1: " in body and "| 43 |" in found["jl_error"].body  # each seed's reading
+    assert "mean error" in found["jl_error"].body.split("Noise:")[1]
+
+
+def test_jl_errors_reference_random_rows_through_the_same_projection():
+    found = experiment.find_plugin("contrastive/run_1_jl_ema")
+    cfg = experiment.build_config("tiny", "contrastive/run_1_jl_ema")
+    torch.manual_seed(0)
+    sae = found.sae_class(64, 40, found.hyperparams_class(jl_dim=16, jl_check_latents=8), cfg)
+    rows = analyses.random_unit_rows(40, 64, seed=1)
+    p = rows.numpy() @ sae.jl.double().numpy()
+    approx = (p / np.linalg.norm(p, axis=1, keepdims=True)) @ (p / np.linalg.norm(p, axis=1, keepdims=True)).T
+    i, j = np.triu_indices(40, 1)
+    exact = rows.numpy() @ rows.numpy().T
+    np.testing.assert_allclose(analyses.jl_cosine_errors(sae, w=rows), np.abs(approx - exact)[i, j], atol=1e-6)
+
+
+def test_a_reading_s_noise_is_its_seed_spread_pooled_over_the_runs_or_said_absent():
+    readings = {"a": [(42, {"x": 1.0, "y": None}), (43, {"x": 3.0, "y": 2.0})], "b": [(42, {"x": 5.0, "y": 1.0})]}
+    seeds, noise = analyses.seed_noise(readings)
+    assert noise == "Noise: the seed-to-seed standard deviation pooled over the runs' seeds: x 1.41 (1 dof)."
+    assert seeds.count("\n") == 4 and "| a | 43 | 3 | 2 |" in seeds  # a header, its rule and a row per seed
+    _, alone = analyses.seed_noise({"a": [(42, {"x": 1.0})]})
+    assert alone == "Noise: one seed per run, so the seed-to-seed spread is not measured here."
 
 
 @pytest.mark.e2e
@@ -278,16 +323,13 @@ def test_freq_order_ordering_reads_spearman_of_held_out_frequency_with_index_for
         density = json.loads((folder / "feature_metrics.json").read_text())["feature_density"]
         return spearmanr(density, range(256)).statistic
 
-    seed_43 = dict(tokens=2048, dict_size=None, seed=43, device="auto", evals=None)
-    second = analyses.Setting("freq_order", "tiny", seed_43, tmp_path / "runs", tmp_path / "notes.md",
-                              ("run_2_freq_ordering",))
-    second_seed = {run.plugin: run.folder for run in analyses.study_runs(second)[0]}  # each run's seed 43
+    seed_43 = second_seed(tmp_path, "freq_order", "run_2_freq_ordering")
     _, found = analyse(tmp_path, "freq_order", "ordering", "--only=run_2_freq_ordering")
     data = found["ordering"].data
     assert set(data) == {"run_0_baseline", "run_2_freq_ordering"}  # the baseline is the no-ordering reference
     for plugin, m in data.items():
         info = json.loads((m["folder"] / "final_info.json").read_text())
-        assert m["seeds"] == pytest.approx([rho(m["folder"]), rho(second_seed[plugin])], abs=1e-12)
+        assert m["seeds"] == pytest.approx([rho(m["folder"]), rho(seed_43[plugin])], abs=1e-12)
         assert m["rho"] == pytest.approx(np.mean(m["seeds"]), abs=1e-12)
         assert m["tracked"] == info.get("frequency_index_spearman")  # None for the baseline
     assert data["run_0_baseline"]["tracked"] is None and -1 <= data["run_2_freq_ordering"]["tracked"] <= 1
@@ -297,6 +339,7 @@ def test_freq_order_ordering_reads_spearman_of_held_out_frequency_with_index_for
 
 @pytest.mark.e2e
 def test_zscore_reactivation_compares_the_revived_latents_with_the_others(tmp_path):
+    seed_43 = second_seed(tmp_path, "zscore_ortho", "run_4_skip")
     _, found = analyse(tmp_path, "zscore_ortho", "reactivation", "--only=run_4_skip")
     data = found["reactivation"].data
     assert list(data) == ["run_4_skip"]  # the baseline revives nothing and records nothing
@@ -315,14 +358,15 @@ def test_zscore_reactivation_compares_the_revived_latents_with_the_others(tmp_pa
     random = analyses.max_abs_cosine(analyses.random_unit_rows(256, 64, seed=0))
     np.testing.assert_array_equal(m["random"], random)
     assert f"random unit rows {np.median(random):.3g}" in found["reactivation"].caption
+    revived_43 = (load_file(seed_43["run_4_skip"] / "artifacts.safetensors")["revived_at"] >= 0).sum()
+    assert f"| Run 4: " in found["reactivation"].body and f"| 43 | {revived_43} |" in found["reactivation"].body
+    spread = analyses.fmt(pooled_sd([(revived.sum(), revived_43)]))
+    assert f"revived {spread} (1 dof)" in found["reactivation"].caption  # the noise: its two seeds
 
 
 @pytest.mark.e2e
 def test_adaptive_ortho_alpha_ablation_and_condition_numbers_of_the_groups(tmp_path):
-    seed_43 = analyses.Setting("adaptive_ortho", "tiny", dict(tokens=2048, dict_size=None, seed=43, device="auto",
-                                                             evals=None), tmp_path / "runs", tmp_path / "notes.md",
-                               ("run_1_basic_ortho",))
-    (second,) = [run.folder for run in analyses.study_runs(seed_43)[0] if run.plugin == "run_1_basic_ortho"]
+    second = second_seed(tmp_path, "adaptive_ortho", "run_1_basic_ortho")["run_1_basic_ortho"]
     output, found = analyse(tmp_path, "adaptive_ortho", "--only=run_1_basic_ortho", "--values=0.1,1")
     alpha = found["alpha"].data
     assert set(alpha) == {("run_1_basic_ortho", 0.1), ("run_1_basic_ortho", 1.0)}
@@ -353,6 +397,13 @@ def test_adaptive_ortho_alpha_ablation_and_condition_numbers_of_the_groups(tmp_p
     starts = np.cumsum(sizes) - sizes
     assert random[0] == pytest.approx(np.mean([np.linalg.cond(first[a:a + n]) for a, n in zip(starts, sizes) if n]))
     assert "random unit rows: mean κ ± sd" in found["condition_numbers"].body
+    references = [analyses.reference_kappas(np.bincount(load_file(sweep / "run_1_basic_ortho" / f"alpha={v},seed=42"
+                                                                    / "artifacts.safetensors")["feature_group"]),
+                                            lambda rows, k: analyses.random_unit_rows(rows, 64, seed=k)).mean()
+                  for v in ("0.1", "1")]
+    assert (f"random unit rows in groups of each run's sizes have mean κ {analyses.fmt(min(references), 4)}–"
+            f"{analyses.fmt(max(references), 4)}") in found["alpha"].caption
+    assert "Noise: one seed per value" in found["alpha"].body
 
 
 @pytest.mark.e2e
