@@ -409,14 +409,34 @@ def sweep_analysis(s: Setting, name: str, plugins: tuple[str, ...], key: str, va
     if baseline is not None:
         lines.append([f"{baseline.label} (reference)", "-", *(fmt(value_at(baseline.info, p.path), 4) for p in panels),
                       shown_path(baseline.folder)])
+    seeds, noise = swept_noise(s, series, panels, measure)
     own = reference()  # after `measure`, which may learn what it states
-    reference = (f" Reference: {own + '; ' if own else ''}the baseline at the same setting is the dashed "
-                 "line. Noise: one seed per value, so the seed-to-seed spread is not measured here; the core metrics "
-                 "carry their bootstrap standard errors.")
-    body = table(header, lines) + "\n\n" + reference.strip() + "".join(f"\n\nNot analysed: {line}" for line in failed)
+    reference = f" Reference: {own + '; ' if own else ''}the baseline at the same setting is the dashed line. {noise}"
+    body = table(header, lines) + seeds + "\n\n" + reference.strip() + "".join(f"\n\nNot analysed: {line}" for line in failed)
     data = {(run.plugin, x): {p.short: value_at(run.info, p.path) for p in panels}
             for points in series.values() for x, run in points}
     return Finding(figure, caption + reference, body, data)
+
+
+def swept_noise(s: Setting, series: dict[str, list[tuple[float, Run]]], panels: tuple[Panel, ...],
+                measure: Callable[[Run], dict] | None) -> tuple[str, str]:
+    """(each swept point's panels at every seed trained, "Noise: ...") from the points that have
+    other seeds (the study's own run, at the notebook's value, trained at `study --seeds 2`): the
+    sweep trains one seed per value."""
+    index, readings = run_index(s.runs), {}
+    for points in series.values():
+        for x, run in points:
+            if len(seeds := with_seeds(run, index)) > 1:
+                for other in seeds[1:]:
+                    other.info.update(measure(other) if measure else {})
+                readings[f"{swept_label(run)} at {x:g}"] = [
+                    (r.config["seed"], {p.short: value_at(r.info, p.path) for p in panels}) for r in seeds]
+    bootstrap = "the core metrics carry their bootstrap standard errors."
+    if not readings:
+        return "", f"Noise: one seed per value, so the seed-to-seed spread is not measured here; {bootstrap}"
+    table_of_seeds, noise = seed_noise(readings)
+    return (f"\n\nThe values trained at more than one seed:\n\n{table_of_seeds}",
+            f"{noise[:-1]}, at the values trained at more than one seed (one seed at the others); {bootstrap}")
 
 
 def topk_threshold(s: Setting) -> Finding:
