@@ -33,6 +33,7 @@ analyses, the per-run analyses, and the driver the CLI calls.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import textwrap
@@ -241,17 +242,27 @@ def with_seeds(run: Run, index: list) -> list[Run]:
     return [run, *(read_run(folder) for folder, _ in frontier.seeds_of(run.info, index, run.folder))]
 
 
-def at_every_seed(runs: list[Run], s: Setting, read: Callable[[Run], dict[str, float | None]]
-                  ) -> dict[str, list[tuple[int, dict[str, float | None]]]]:
-    """{run label: [(seed, read(the run at that seed))]} for every seed of each run that was trained
-    (with_seeds), the run's own first."""
-    index = run_index(s.runs)
-    return {run.label: [(seeded.config["seed"], read(seeded)) for seeded in with_seeds(run, index)] for run in runs}
+def seed_of(run: Run) -> int:
+    return run.info["provenance"]["seed"]  # as frontier.seeds_of reads it
 
 
-def seed_noise(readings: dict[str, list[tuple[int, dict[str, float | None]]]]) -> tuple[str, str]:
+def at_every_seed(runs: list[Run], s: Setting, measure: Callable[[Run], Any]) -> dict[str, list[tuple[Run, Any]]]:
+    """{run label: [(the run at a seed, measure(it))]} for every seed of each run that was trained
+    (with_seeds), the run's own first; a seed `measure` gives None for (it lacks an artifact or a
+    core evaluation) is left out, and so is a run whose own seed it gives None for."""
+    index, found = run_index(s.runs), {}
+    for run in runs:
+        if (own := measure(run)) is not None:
+            others = [(other, m) for other in with_seeds(run, index)[1:] if (m := measure(other)) is not None]
+            found[run.label] = [(run, own), *others]
+    return found
+
+
+def seed_noise(readings: dict[str, list[tuple[int, dict[str, float | None]]]],
+               over: str = "the runs") -> tuple[str, str | None]:
     """(a table of each reading at every seed, "Noise: ..." the seed-to-seed standard deviation of
-    each reading pooled over the runs (frontier.seed_spread), or that one seed per run measures none)."""
+    each reading pooled over `over` (frontier.seed_spread), or None where no run has two seeds of a
+    finite value of any)."""
     names = list(next(iter(readings.values()))[0][1])
     rows = [[label, str(seed), *(fmt(reading[name]) for name in names)]
             for label, seeds in readings.items() for seed, reading in seeds]
@@ -259,9 +270,17 @@ def seed_noise(readings: dict[str, list[tuple[int, dict[str, float | None]]]]) -
                                            for seeds in readings.values()]) for name in names}
     measured = [f"{name} {fmt(spread['sd'])} ({spread['dof']} dof)" for name, spread in spreads.items()
                 if spread["sd"] is not None]
-    stated = ("Noise: the seed-to-seed standard deviation pooled over the runs' seeds: " + "; ".join(measured) + "."
-              if measured else "Noise: one seed per run, so the seed-to-seed spread is not measured here.")
-    return table(["run", "seed", *names], rows), stated
+    stated = f"Noise: the seed-to-seed standard deviation pooled over {over}: " + "; ".join(measured) + "."
+    return table(["run", "seed", *names], rows), stated if measured else None
+
+
+ONE_SEED = "Noise: one seed per run, so the seed-to-seed spread is not measured here."
+
+
+def with_every_seed(body: str, seeds: str, stated: str, failed: list[str]) -> str:
+    """A per-run analysis's body: its table, then each seed's readings, its reference and noise, and
+    the runs not analysed."""
+    return body + f"\n\nAt every seed:\n\n{seeds}\n\n{stated}" + "".join(f"\n\nNot analysed: {line}" for line in failed)
 
 
 def plain_log(axis) -> None:
@@ -387,11 +406,12 @@ def ends(points: list[tuple[float, Run]], panel: Panel) -> str:
 
 def sweep_analysis(s: Setting, name: str, plugins: tuple[str, ...], key: str, values: tuple[str, ...],
                    panels: tuple[Panel, ...], title: str, measure: Callable[[Run], dict] | None = None,
-                   reference: Callable[[], str] = lambda: "") -> Finding:
+                   stated: Callable[[list[Run]], str] = lambda runs: "") -> Finding:
     """plugins × key=values (or --values), each metric of `panels` against the value: the figure,
-    a caption reading each plugin's ends per metric and stating the references (`reference()`'s
-    beside the baseline's) and the noise, and a table of every run. `measure`: what a panel reads
-    that final_info lacks, measured on each run (the baseline's too) and merged into its info here."""
+    a caption reading each plugin's ends per metric and stating the references (`stated(the runs
+    measured)`'s beside the baseline's) and the noise, and a table of every run. `measure`: what a
+    panel or a reference reads that final_info lacks, measured on each run (the baseline's and
+    other seeds' too) and merged into its info here."""
     values = tuple(sorted(s.values or values, key=float))
     series, baseline, failed = sweep_points(s, name, plugins, key, values)
     if not series:
@@ -409,8 +429,8 @@ def sweep_analysis(s: Setting, name: str, plugins: tuple[str, ...], key: str, va
     if baseline is not None:
         lines.append([f"{baseline.label} (reference)", "-", *(fmt(value_at(baseline.info, p.path), 4) for p in panels),
                       shown_path(baseline.folder)])
-    seeds, noise = swept_noise(s, series, panels, measure)
-    own = reference()  # after `measure`, which may learn what it states
+    seeds, noise, seeded = swept_noise(s, series, panels, measure)
+    own = stated([run for points in series.values() for _, run in points] + seeded)
     reference = f" Reference: {own + '; ' if own else ''}the baseline at the same setting is the dashed line. {noise}"
     body = table(header, lines) + seeds + "\n\n" + reference.strip() + "".join(f"\n\nNot analysed: {line}" for line in failed)
     data = {(run.plugin, x): {p.short: value_at(run.info, p.path) for p in panels}
@@ -419,24 +439,33 @@ def sweep_analysis(s: Setting, name: str, plugins: tuple[str, ...], key: str, va
 
 
 def swept_noise(s: Setting, series: dict[str, list[tuple[float, Run]]], panels: tuple[Panel, ...],
-                measure: Callable[[Run], dict] | None) -> tuple[str, str]:
-    """(each swept point's panels at every seed trained, "Noise: ...") from the points that have
-    other seeds (the study's own run, at the notebook's value, trained at `study --seeds 2`): the
-    sweep trains one seed per value."""
-    index, readings = run_index(s.runs), {}
+                measure: Callable[[Run], dict] | None) -> tuple[str, str, list[Run]]:
+    """(each swept value's panels at every seed trained, "Noise: ...", the other seeds' runs, measured):
+    the sweep trains one seed per value; a value with other seeds (the study's own run, at the
+    notebook's value, at `study --seeds 2`) gives the seed-to-seed spread."""
+    index, readings, single, seeded = run_index(s.runs), {}, 0, []
     for points in series.values():
         for x, run in points:
-            if len(seeds := with_seeds(run, index)) > 1:
-                for other in seeds[1:]:
-                    other.info.update(measure(other) if measure else {})
-                readings[f"{swept_label(run)} at {x:g}"] = [
-                    (r.config["seed"], {p.short: value_at(r.info, p.path) for p in panels}) for r in seeds]
-    bootstrap = "the core metrics carry their bootstrap standard errors."
-    if not readings:
-        return "", f"Noise: one seed per value, so the seed-to-seed spread is not measured here; {bootstrap}"
-    table_of_seeds, noise = seed_noise(readings)
+            if len(seeds := with_seeds(run, index)) == 1:
+                single += 1
+                continue
+            for other in seeds[1:]:
+                other.info.update(measure(other) if measure else {})
+            seeded += seeds[1:]
+            readings[f"{swept_label(run)} at {x:g}"] = [(seed_of(r), {p.short: value_at(r.info, p.path) for p in panels})
+                                                        for r in seeds]
+    bootstrap = "The core metrics carry their bootstrap standard errors."
+    table_of_seeds, noise = seed_noise(readings, "the values trained at more than one seed") if readings else ("", None)
+    if noise is None:
+        return "", f"Noise: one seed per value, so the seed-to-seed spread is not measured here. {bootstrap}", seeded
     return (f"\n\nThe values trained at more than one seed:\n\n{table_of_seeds}",
-            f"{noise[:-1]}, at the values trained at more than one seed (one seed at the others); {bootstrap}")
+            f"{noise}{' The other values have one seed each.' * bool(single)} {bootstrap}", seeded)
+
+
+def stated_range(values: list[float], digits: int = 4) -> str:
+    """'x' for one value, 'x–y' for their least and greatest."""
+    low, high = fmt(min(values), digits), fmt(max(values), digits)
+    return low if low == high else f"{low}–{high}"
 
 
 def topk_threshold(s: Setting) -> Finding:
@@ -445,24 +474,24 @@ def topk_threshold(s: Setting) -> Finding:
     0.1%), swept; both τ modes at the same setting, so the fixed-vs-adaptive comparison is read at
     every value. The overlap is the whole dictionary's (mean |cos| over every pair of decoder
     rows, the baseline's beside it), not the selected pairs' (a set that changes with the fraction:
-    its mean falls by selection alone)."""
+    its mean falls by selection alone), beside random directions' in the same d_in."""
     overlap = Panel("dictionary mean |cos|", "mean |cos| over every pair of decoder rows",
                     ("dictionary_overlap", "mean_abs_cos"))
-    widths = set()
 
     def dictionary_overlap(run: Run) -> dict:
         sae, _ = trained_sae(run)
-        widths.add(sae.cfg.d_in)
-        return {"dictionary_overlap": {"mean_abs_cos": mean_abs_cosine(sae.decoder_weight())}}
+        return {"dictionary_overlap": {"mean_abs_cos": mean_abs_cosine(sae.decoder_weight()), "d_in": sae.cfg.d_in,
+                                       "random_directions": random_mean_abs_cosine(sae.cfg.d_in)}}
 
-    def random_overlap() -> str:
-        (d_in,) = widths  # one model, one layer
-        return f"random directions in d_in = {d_in} dimensions have mean |cos| {random_mean_abs_cosine(d_in):.4f}"
+    def random_overlap(runs: list[Run]) -> str:
+        (d_in, random), = {(r.info["dictionary_overlap"]["d_in"], r.info["dictionary_overlap"]["random_directions"])
+                           for r in runs}  # one model, one layer
+        return f"random directions in d_in = {d_in} dimensions have mean |cos| {random:.4f}"
 
     return sweep_analysis(s, "topk_threshold", ("topk_ortho/run_1_topk_pairs", "topk_ortho/run_2_adaptive_tau"),
                           "topk_percent", ("0.0005", "0.001", "0.002", "0.005"), (*CORE_PANELS, overlap),
                           "Top-k threshold ablation, fixed and adaptive τ", measure=dictionary_overlap,
-                          reference=random_overlap)
+                          stated=random_overlap)
 
 
 def alpha_ablation(s: Setting) -> Finding:
@@ -472,23 +501,22 @@ def alpha_ablation(s: Setting) -> Finding:
     unit rows in groups of each run's sizes (a group's size against d_in sets much of its κ)."""
     kappa = Panel("mean group κ", "mean condition number σ_max/σ_min of the groups' decoder rows",
                   ("subspace_condition_numbers", "mean"))
-    random_kappas: list[float] = []
 
-    def random_reference(run: Run) -> dict:
-        if (groups := artifact(run, "feature_group")) is not None:
-            d_in = trained_sae(run)[0].cfg.d_in
-            random_kappas.append(float(reference_kappas(np.bincount(groups), lambda rows, k: random_unit_rows(
-                rows, d_in, seed=k)).mean()))
-        return {}
+    def random_group_kappa(run: Run) -> dict:
+        if (groups := artifact(run, "feature_group")) is None:
+            return {}
+        d_in = trained_sae(run)[0].cfg.d_in
+        return {"random_group_kappa": float(reference_kappas(np.bincount(groups), lambda rows, k: random_unit_rows(
+            rows, d_in, seed=k)).mean())}
 
-    def stated() -> str:
-        return "" if not random_kappas else (
-            f"random unit rows in groups of each run's sizes have mean κ {fmt(min(random_kappas), 4)}–"
-            f"{fmt(max(random_kappas), 4)} (mean over {REFERENCE_DRAWS} draws)")
+    def random_kappas(runs: list[Run]) -> str:
+        found = [r.info["random_group_kappa"] for r in runs if "random_group_kappa" in r.info]
+        return "" if not found else (f"random unit rows in groups of each run's sizes have mean κ "
+                                     f"{stated_range(found)} (mean over {REFERENCE_DRAWS} draws)")
 
     return sweep_analysis(s, "alpha", ("adaptive_ortho/run_1_basic_ortho",), "alpha", ("0.01", "0.1", "1", "10"),
                           (*CORE_PANELS, kappa), "α ablation of the adaptive orthogonality loss",
-                          measure=random_reference, reference=stated)
+                          measure=random_group_kappa, stated=random_kappas)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,17 +595,23 @@ def condition_figure(measured: dict[str, tuple]) -> Figure:
     return fig
 
 
+@functools.cache
+def random_max_cosine(d_sae: int, d_in: int) -> np.ndarray:
+    """max_abs_cosine of d_sae random unit rows in d_in dimensions (seed 0): the reference, once a shape."""
+    return max_abs_cosine(random_unit_rows(d_sae, d_in, seed=0))
+
+
 def revival(run: Run) -> dict | None:
     """A run's revived latents (its `revived_at` artifact) and its decoder rows' max |cos| with the
     rest: of each revived row at its last revival (`revived_max_cos`) and of every row at the end;
     each latent's firing frequency on the held-out text; random unit rows of the same shape's max
-    |cos|. None for a run that revives nothing."""
-    if (revived_at := artifact(run, "revived_at")) is None:
+    |cos|. None for a run that revives nothing or has no core evaluation."""
+    if (revived_at := artifact(run, "revived_at")) is None or (rate := firing_frequency(run)) is None:
         return None
     sae, revived = trained_sae(run)[0], revived_at >= 0
     return dict(run=run, revived=revived, before=artifact(run, "revived_max_cos")[revived],
-                after=max_abs_cosine(sae.decoder_weight()), rate=firing_frequency(run),
-                random=max_abs_cosine(random_unit_rows(sae.cfg.d_sae, sae.cfg.d_in, seed=0)))
+                after=max_abs_cosine(sae.decoder_weight()), rate=rate,
+                random=random_max_cosine(sae.cfg.d_sae, sae.cfg.d_in))
 
 
 def revival_readings(m: dict) -> dict[str, float | None]:
@@ -603,33 +637,35 @@ def reactivation(s: Setting) -> Finding:
     spread a row's max |cos| has with no training at all. Noise: each reading at every seed of each
     run that was trained, its seed-to-seed spread pooled over the runs."""
     runs, failed = study_runs(s)
-    measured = {run.label: m for run in runs if (m := revival(run)) is not None}
-    if not measured:
-        raise HarnessError(f"no run of {s.study} saved a revived_at artifact; nothing to measure")
-    figure = reactivation_figure(measured)
+    seeds = at_every_seed(runs, s, revival)
+    if not seeds:
+        raise HarnessError(f"no run of {s.study} saved a revived_at artifact and a core evaluation; nothing to measure")
+    measured = {label: found[0][1] for label, found in seeds.items()}  # each run's own seed
     rows, readings = [], []
     for label, m in measured.items():
         cells = revival_readings(m)
         low, mid, high = np.percentile(m["random"], [10, 50, 90])
         rows.append([label, *(fmt(c) for c in cells.values()), f"{mid:.3g} ({low:.3g}-{high:.3g})",
                      shown_path(m["run"].folder)])
-        revived, at_revival, at_end, others, rate, others_rate = list(cells.values())[:6]
-        readings.append(f"{label}: {int(revived)} revived, median max |cos| {fmt(at_revival)} at revival → "
-                        f"{fmt(at_end)} at the end (others {fmt(others)}; random unit rows {mid:.3g}, "
-                        f"10th-90th pct {low:.3g}-{high:.3g}), mean firing frequency {fmt(rate)} "
-                        f"(others {fmt(others_rate)})")
-    seeds, noise = seed_noise(at_every_seed([m["run"] for m in measured.values()], s,
-                                            lambda run: revival_readings(revival(run))))
+        readings.append(f"{label} at seed {seed_of(m['run'])}: {int(cells['revived'])} revived, median max |cos| "
+                        f"{fmt(cells['median max |cos|, revived, at revival'])} at revival → "
+                        f"{fmt(cells['median max |cos|, revived, at the end'])} at the end (others "
+                        f"{fmt(cells['median max |cos|, others, at the end'])}; random unit rows {mid:.3g}, "
+                        f"10th-90th pct {low:.3g}-{high:.3g}), mean firing frequency "
+                        f"{fmt(cells['mean firing frequency, revived'])} (others "
+                        f"{fmt(cells['mean firing frequency, others'])})")
+    table_of_seeds, noise = seed_noise({label: [(seed_of(r), revival_readings(m)) for r, m in found]
+                                        for label, found in seeds.items()})
     caption = ("Revived latents against the others: max |cos| of each decoder row with the rest at revival (the "
                "new direction) and at the end, beside random unit rows of the same shape, and firing frequency on "
-               "the held-out text. " + "; ".join(readings) + ". " + noise)
+               "the held-out text. " + "; ".join(readings) + ". " + (noise or ONE_SEED))
     body = table(["run", *revival_readings(next(iter(measured.values()))),
                   "random unit rows: median max |cos| (10th-90th pct)", "run folder (first seed)"], rows)
-    body += f"\n\nAt every seed:\n\n{seeds}\n\n{noise}" + "".join(f"\n\nNot analysed: {line}" for line in failed)
     data = {m["run"].plugin: {"folder": m["run"].folder, **{k: m[k] for k in ("revived", "before", "after", "rate",
                                                                                  "random")}}
             for m in measured.values()}
-    return Finding(figure, caption, body, data)
+    return Finding(reactivation_figure(measured), caption, with_every_seed(body, table_of_seeds, noise or ONE_SEED,
+                                                                           failed), data)
 
 
 def reactivation_figure(measured: dict[str, dict]) -> Figure:
@@ -680,46 +716,52 @@ def sparsity_distributions(s: Setting) -> Finding:
     contrastive mechanism, at the same setting. Noise: the never-fired count and the median
     frequency at every seed of each run that was trained, their spread pooled over the runs."""
     runs, failed = study_runs(s)
-    densities = {run.label: (run, d) for run in runs if (d := firing_frequency(run)) is not None}
-    if not densities:
+    seeds = at_every_seed(runs, s, firing_frequency)
+    if not seeds:
         raise HarnessError(f"no run of {s.study} has a core evaluation's feature_metrics.json; run it with core")
+    densities = {label: found[0] for label, found in seeds.items()}  # each run's own seed
     least = min((d[d > 0].min() for _, d in densities.values() if (d > 0).any()), default=1e-4)
     edges = np.linspace(math.floor(np.log10(least)), 0.0, 8 * -math.floor(np.log10(least)) + 1)  # 8 bins a decade
-    fig, ax = plt.subplots(figsize=(9, 5))
     rows, readings, data = [], [], {}
     for label, (run, density) in densities.items():
         counts, silent = log_frequency_histogram(density, edges)
-        ax.stairs(counts, edges, color=run.color, lw=1.8, label=f"{label} ({silent} never fired)")
         fired = density[density > 0]
         q10, q50, q90 = np.percentile(fired, [10, 50, 90]) if len(fired) else (None,) * 3
         rows.append([label, str(len(fired)), str(silent), fmt(q50), fmt(q10), fmt(q90), fmt(float(density.sum()), 4),
                      shown_path(run.folder)])
-        readings.append(f"{label} median {fmt(q50)} of the latents that fired, {silent} never fired")
-        data[run.plugin] = dict(counts=counts, silent=silent, density=density, folder=run.folder)
+        readings.append(f"{label} at seed {seed_of(run)} median {fmt(q50)} of the latents that fired, {silent} never fired")
+        data[run.plugin] = dict(counts=counts, silent=silent, density=density, folder=run.folder, run=run)
+    table_of_seeds, noise = seed_noise({label: [(seed_of(r), sparsity_readings(d)) for r, d in found]
+                                        for label, found in seeds.items()})
+    stated = ("Reference: the baseline (no contrastive mechanism) at the same setting. " if BASELINE in data else
+              "Reference: none here (the baseline was not analysed). ") + (noise or ONE_SEED)
+    caption = ("Histogram of each latent's log10 firing frequency on the held-out text, one line per run "
+               f"(8 bins a decade from 1e{edges[0]:.0f}): " + "; ".join(readings) + f". {stated}")
+    body = table(["run", "latents fired", "never fired", "median frequency", "10th pct", "90th pct",
+                  "Σ frequency (= L0)", "run folder (first seed)"], rows)
+    figure = sparsity_figure(data, edges)
+    data = {plugin: {k: v for k, v in m.items() if k != "run"} for plugin, m in data.items()} | {"edges": edges}
+    return Finding(figure, caption, with_every_seed(body, table_of_seeds, stated, failed), data)
+
+
+def sparsity_figure(data: dict[str, dict], edges: np.ndarray) -> Figure:
+    """Each run's histogram of log10 firing frequency (its counts in `edges`), one line a run."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for m in data.values():
+        ax.stairs(m["counts"], edges, color=m["run"].color, lw=1.8, label=f"{m['run'].label} ({m['silent']} never fired)")
     ax.set_xlabel("log10 firing frequency (fraction of held-out tokens)")
     ax.set_ylabel("latents")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(plot.with_setting("Activation-sparsity distributions on held-out text",
-                                   [r for r, _ in densities.values()]), fontsize=11)
-    seeds, noise = seed_noise(at_every_seed([run for run, _ in densities.values()], s, sparsity_readings))
-    reference = ("Reference: the baseline (no contrastive mechanism) at the same setting."
-                 if BASELINE in data else "Reference: none here (the baseline was not analysed).")
-    caption = ("Histogram of each latent's log10 firing frequency on the held-out text, one line per run "
-               f"(8 bins a decade from 1e{edges[0]:.0f}): " + "; ".join(readings) + f". {reference} {noise}")
-    body = table(["run", "latents fired", "never fired", "median frequency", "10th pct", "90th pct",
-                  "Σ frequency (= L0)", "run folder (first seed)"], rows)
-    body += f"\n\nAt every seed:\n\n{seeds}\n\n{reference} {noise}"
-    data["edges"] = edges
-    return Finding(fig, caption, body + "".join(f"\n\nNot analysed: {line}" for line in failed), data)
+                                   [m["run"] for m in data.values()]), fontsize=11)
+    return fig
 
 
-def sparsity_readings(run: Run) -> dict[str, float | None]:
+def sparsity_readings(density: np.ndarray) -> dict[str, float | None]:
     """A run's never-fired count and the median firing frequency of the latents that fired."""
-    density = firing_frequency(run)
-    fired = density[density > 0] if density is not None else np.array([])
-    return {"never fired": None if density is None else float((density == 0).sum()),
-            "median frequency": float(np.median(fired)) if len(fired) else None}
+    fired = density[density > 0]
+    return {"never fired": float((density == 0).sum()), "median frequency": float(np.median(fired)) if len(fired) else None}
 
 
 def frequency_order(s: Setting) -> Finding:
@@ -792,6 +834,7 @@ def jl_measured(run: Run) -> dict | None:
 
 
 def jl_readings(m: dict) -> dict[str, float | None]:
+    """The mean and 95th percentile of a jl_measured(run)'s errors, and the share beyond its threshold."""
     return {"mean error": float(m["errors"].mean()), "95th pct": float(np.percentile(m["errors"], 95)),
             "fraction of pairs erring beyond the threshold": m["over"]}
 
@@ -804,23 +847,39 @@ def jl_error(s: Setting) -> Finding:
     on random unit rows of the same count (what it errs with no training). Noise: each reading at
     every seed of each run that was trained (each seed draws its own projection)."""
     runs, failed = study_runs(s)
-    measured = {run.label: m for run in runs if (m := jl_measured(run)) is not None}
-    if not measured:
+    seeds = at_every_seed(runs, s, jl_measured)
+    if not seeds:
         raise HarnessError(f"no run of {s.study} has a JL projection (`project`); nothing to measure")
-    fig, ax = plt.subplots(figsize=(9, 5))
+    measured = {label: found[0][1] for label, found in seeds.items()}  # each run's own seed
     rows, readings = [], []
     for label, m in measured.items():
-        run, errors, threshold, random = m["run"], m["errors"], m["threshold"], m["random"]
-        ax.ecdf(errors, color=run.color, lw=1.8, label=f"{label} (k = {m['k']} of d_in {m['d_in']})")
-        ax.ecdf(random, color=run.color, lw=1, ls=":")
-        if threshold is not None:
-            ax.axvline(threshold, color=run.color, ls="--", lw=1)
-        stats = [errors.mean(), np.percentile(errors, 95), errors.max(), threshold, m["over"], random.mean(),
+        errors, random = m["errors"], m["random"]
+        stats = [errors.mean(), np.percentile(errors, 95), errors.max(), m["threshold"], m["over"], random.mean(),
                  np.percentile(random, 95)]
-        rows.append([label, str(m["k"]), str(len(errors)), *(fmt(v) for v in stats), shown_path(run.folder)])
-        readings.append(f"{label} mean {fmt(stats[0])}, 95th pct {fmt(stats[1])} (random unit rows {fmt(stats[5])}, "
-                        f"{fmt(stats[6])}), final threshold {fmt(threshold)}"
+        rows.append([label, str(m["k"]), str(len(errors)), *(fmt(v) for v in stats), shown_path(m["run"].folder)])
+        readings.append(f"{label} at seed {seed_of(m['run'])} mean {fmt(stats[0])}, 95th pct {fmt(stats[1])} (random "
+                        f"unit rows {fmt(stats[5])}, {fmt(stats[6])}), final threshold {fmt(m['threshold'])}"
                         + ("" if m["over"] is None else f" ({m['over']:.1%} of pairs err by more)"))
+    table_of_seeds, noise = seed_noise({label: [(seed_of(r), jl_readings(m)) for r, m in found]
+                                        for label, found in seeds.items()})
+    stated = f"Reference: the same projection on as many random unit rows (dotted). {noise or ONE_SEED}"
+    caption = "Cumulative distribution of the JL projection's cosine error per run: " + "; ".join(readings) + f". {stated}"
+    body = table(["run", "JL dim", "pairs", "mean error", "95th pct", "max", "final threshold",
+                  "fraction of pairs erring beyond it", "random rows: mean error", "random rows: 95th pct",
+                  "run folder (first seed)"], rows)
+    data = {m["run"].plugin: dict(errors=m["errors"], random=m["random"], threshold=m["threshold"],
+                                  folder=m["run"].folder) for m in measured.values()}
+    return Finding(jl_figure(measured), caption, with_every_seed(body, table_of_seeds, stated, failed), data)
+
+
+def jl_figure(measured: dict[str, dict]) -> Figure:
+    """Per run, the cumulative distribution of its errors (solid), random rows' (dotted), its threshold (dashed)."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for label, m in measured.items():
+        ax.ecdf(m["errors"], color=m["run"].color, lw=1.8, label=f"{label} (k = {m['k']} of d_in {m['d_in']})")
+        ax.ecdf(m["random"], color=m["run"].color, lw=1, ls=":")
+        if m["threshold"] is not None:
+            ax.axvline(m["threshold"], color=m["run"].color, ls="--", lw=1)
     ax.set_xlabel("|projected cosine − exact cosine| of decoder-row pairs")
     ax.set_ylabel("fraction of pairs with at most this error")
     ax.grid(alpha=0.3)
@@ -828,18 +887,7 @@ def jl_error(s: Setting) -> Finding:
               title="dotted: random unit rows, same projection\ndashed: final contrast threshold")
     ax.set_title(plot.with_setting("JL projection's cosine error on decoder-row pairs",
                                    [m["run"] for m in measured.values()]), fontsize=11)
-    seeds, noise = seed_noise(at_every_seed([m["run"] for m in measured.values()], s,
-                                            lambda run: jl_readings(jl_measured(run))))
-    reference = "Reference: the same projection on as many random unit rows (dotted)."
-    caption = ("Cumulative distribution of the JL projection's cosine error per run: " + "; ".join(readings)
-               + f". {reference} {noise}")
-    body = table(["run", "JL dim", "pairs", "mean error", "95th pct", "max", "final threshold",
-                  "fraction of pairs erring beyond it", "random rows: mean error", "random rows: 95th pct",
-                  "run folder (first seed)"], rows)
-    body += f"\n\nAt every seed:\n\n{seeds}\n\n{reference} {noise}"
-    data = {m["run"].plugin: dict(errors=m["errors"], random=m["random"], threshold=m["threshold"],
-                                  folder=m["run"].folder) for m in measured.values()}
-    return Finding(fig, caption, body + "".join(f"\n\nNot analysed: {line}" for line in failed), data)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------

@@ -278,19 +278,22 @@ def test_contrastive_sparsity_and_jl_error_read_the_held_out_evaluation_and_the_
         counts, _ = np.histogram(np.log10(density[density > 0]), bins=sparsity["edges"])
         assert sparsity[plugin]["counts"].tolist() == counts.tolist()
         assert counts.sum() + sparsity[plugin]["silent"] == 256
-    silent = {plugin: [(np.asarray(json.loads((folder / "feature_metrics.json").read_text())["feature_density"]) == 0)
-                       .sum() for folder in (sparsity[plugin]["folder"], seed_43[plugin])] for plugin in seed_43}
-    assert silent["run_0_baseline"][0] == sparsity["run_0_baseline"]["silent"]
+    densities = {plugin: [np.asarray(json.loads((folder / "feature_metrics.json").read_text())["feature_density"])
+                          for folder in (sparsity[plugin]["folder"], seed_43[plugin])] for plugin in seed_43}
+    silent = [tuple((d == 0).sum() for d in pair) for pair in densities.values()]
+    median = [tuple(np.median(d[d > 0]) for d in pair) for pair in densities.values()]
     body = found["sparsity"].body
     assert "Reference: the baseline (no contrastive mechanism)" in body
-    assert f"never fired {analyses.fmt(pooled_sd(list(map(tuple, silent.values()))))} (2 dof)" in body  # both seeds
+    assert (f"never fired {analyses.fmt(pooled_sd(silent))} (2 dof); median frequency "
+            f"{analyses.fmt(pooled_sd(median))} (2 dof)") in body  # both runs, both seeds
     jl = found["jl_error"].data
     assert list(jl) == ["run_1_jl_ema"]  # the baseline has no projection
     assert len(jl["run_1_jl_ema"]["errors"]) == 256 * 255 // 2 and jl["run_1_jl_ema"]["threshold"] == 0.4
     assert jl["run_1_jl_ema"]["errors"].max() < 1e-5  # d_in 64 ≤ 128: the projection is a rotation
     assert len(jl["run_1_jl_ema"]["random"]) == 256 * 255 // 2 and jl["run_1_jl_ema"]["random"].max() < 1e-5
-    assert "| Run 1: " in body and "| 43 |" in found["jl_error"].body  # each seed's reading
-    assert "mean error" in found["jl_error"].body.split("Noise:")[1]
+    errors_43 = analyses.jl_cosine_errors(analyses.trained_sae(analyses.read_run(seed_43["run_1_jl_ema"]))[0])
+    (row_43,) = [line for line in found["jl_error"].body.splitlines() if line.startswith("| Run 1") and "| 43 |" in line]
+    assert row_43.split(" | ")[2] == analyses.fmt(float(errors_43.mean()))  # seed 43's own projection and decoder
 
 
 def test_jl_errors_reference_random_rows_through_the_same_projection():
@@ -308,11 +311,11 @@ def test_jl_errors_reference_random_rows_through_the_same_projection():
 
 def test_a_reading_s_noise_is_its_seed_spread_pooled_over_the_runs_or_said_absent():
     readings = {"a": [(42, {"x": 1.0, "y": None}), (43, {"x": 3.0, "y": 2.0})], "b": [(42, {"x": 5.0, "y": 1.0})]}
-    seeds, noise = analyses.seed_noise(readings)
-    assert noise == "Noise: the seed-to-seed standard deviation pooled over the runs' seeds: x 1.41 (1 dof)."
+    seeds, noise = analyses.seed_noise(readings, "these runs")
+    assert noise == "Noise: the seed-to-seed standard deviation pooled over these runs: x 1.41 (1 dof)."
     assert seeds.count("\n") == 4 and "| a | 43 | 3 | 2 |" in seeds  # a header, its rule and a row per seed
-    _, alone = analyses.seed_noise({"a": [(42, {"x": 1.0})]})
-    assert alone == "Noise: one seed per run, so the seed-to-seed spread is not measured here."
+    assert analyses.seed_noise({"a": [(42, {"x": 1.0})]})[1] is None  # one seed: no spread to state
+    assert analyses.seed_noise({"a": [(42, {"x": math.nan}), (43, {"x": 1.0})]})[1] is None  # a NaN is no value
 
 
 @pytest.mark.e2e
@@ -359,9 +362,14 @@ def test_zscore_reactivation_compares_the_revived_latents_with_the_others(tmp_pa
     np.testing.assert_array_equal(m["random"], random)
     assert f"random unit rows {np.median(random):.3g}" in found["reactivation"].caption
     revived_43 = (load_file(seed_43["run_4_skip"] / "artifacts.safetensors")["revived_at"] >= 0).sum()
-    assert f"| Run 4: " in found["reactivation"].body and f"| 43 | {revived_43} |" in found["reactivation"].body
+    assert "| Run 4: " in found["reactivation"].body and f"| 43 | {revived_43} |" in found["reactivation"].body
     spread = analyses.fmt(pooled_sd([(revived.sum(), revived_43)]))
     assert f"revived {spread} (1 dof)" in found["reactivation"].caption  # the noise: its two seeds
+    (seed_43["run_4_skip"] / "feature_metrics.json").unlink()  # a seed without a core evaluation is passed over
+    again = analyses.reactivation(analyses.Setting("zscore_ortho", "tiny", dict(
+        tokens=2048, dict_size=None, seed=42, device="auto", evals=None), tmp_path / "runs", tmp_path / "notes.md",
+        ("run_4_skip",)))
+    assert "| 43 |" not in again.body and analyses.ONE_SEED in again.caption
 
 
 @pytest.mark.e2e
@@ -405,7 +413,8 @@ def test_adaptive_ortho_alpha_ablation_and_condition_numbers_of_the_groups(tmp_p
     ce = [json.loads((f / "final_info.json").read_text())["metrics"]["model_performance_preservation"]["ce_loss_score"]
           for f in (folder, second)]
     noise = found["alpha"].body.split("Noise: ")[1]  # α 0.1 is the study's run 1, trained at seeds 42 and 43
-    assert f"CE-loss score {analyses.fmt(pooled_sd([ce]))} (1 dof)" in noise and "at the values trained at more" in noise
+    assert noise.startswith("the seed-to-seed standard deviation pooled over the values trained at more than one")
+    assert f"CE-loss score {analyses.fmt(pooled_sd([ce]))} (1 dof)" in noise and "other values have one seed" in noise
 
 
 @pytest.mark.e2e
