@@ -94,8 +94,12 @@ BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
         "autointerp": dict(n_latents=4),
     },
 }
+# sae_bench's default random_seed. Its evals' probes, word samples and dataset draws are the
+# measuring instrument, the same for every SAE whatever seed trained it: an instrument drawn per
+# training seed would add its own spread to the seed-to-seed spread the verdicts read.
+EVAL_SEED = 42
 # Absorption probes every single-token word of the vocabulary (140k for Gemma 3), each in a prompt
-# of about 65 tokens; a CPU preset probes this many, drawn with the run's seed. With fewer, a letter
+# of about 65 tokens; a CPU preset probes this many, drawn with EVAL_SEED. With fewer, a letter
 # has too few test words for its probe's F1 to clear sae_bench's bar (README, "Absorption").
 ABSORPTION_WORDS = {"embedded": 4000}
 # The verdict budget trains longer on embedded's model and text: it evaluates on embedded's budget.
@@ -140,7 +144,7 @@ def _config(name: str, cfg: RunConfig, **fields: Any):
         "autointerp": ("autointerp", "AutoInterpEvalConfig"),
     }[name]
     config_class = getattr(importlib.import_module(f"sae_bench.evals.{module}.eval_config"), cls)
-    return config_class(random_seed=cfg.seed, **{**BUDGETS.get(cfg.preset, {}).get(name, {}), **fields})
+    return config_class(random_seed=EVAL_SEED, **{**BUDGETS.get(cfg.preset, {}).get(name, {}), **fields})
 
 
 def _hub_datasets(name: str, cfg: RunConfig) -> list[str]:
@@ -641,7 +645,7 @@ def run_evals(evals, sae, model, cfg: RunConfig, eval_tokens: torch.Tensor, devi
         for name in evals:
             if name == "core":
                 continue
-            with _sandbox(model, cfg.seed) as workdir:
+            with _sandbox(model, EVAL_SEED) as workdir:
                 # a copy: sae_bench casts, moves and relabels the SAE it is given
                 runner = RUNNERS[name]
                 if name in ("sae_probes", "absorption"):  # each keeps what reads the model alone
@@ -739,7 +743,7 @@ def _absorption(sae, model, cfg, eval_tokens, device, workdir, *, cache_dir: Pat
     config = _config("absorption", cfg, **_llm_fields(cfg, model))
     sae = unit_decoder_rows(sae)
     k_sparse_dir, probes_dir = workdir / "k_sparse_probing", _absorption_probe(model, cfg, config, cache_dir, device)
-    _reseed(cfg.seed)  # the same random state after the probe whether it was trained now or read back
+    _reseed(EVAL_SEED)  # the same random state after the probe whether it was trained now or read back
     patches = [
         mock.patch.object(main, "run_k_sparse_probing_experiment", functools.partial(
             main.run_k_sparse_probing_experiment, experiment_dir=k_sparse_dir, probes_dir=probes_dir)),
@@ -788,7 +792,7 @@ def _absorption_vocabulary(model, cfg) -> list:
     patches = [mock.patch.object(model, "run_with_cache", functools.partial(model.run_with_cache,
                                                                             stop_at_layer=cfg.layer + 1))]
     if cfg.preset in ABSORPTION_WORDS:
-        words = _capped_vocabulary(common.get_alpha_tokens, ABSORPTION_WORDS[cfg.preset], cfg.seed)
+        words = _capped_vocabulary(common.get_alpha_tokens, ABSORPTION_WORDS[cfg.preset], EVAL_SEED)
         patches += [mock.patch.object(common, "get_alpha_tokens", words),
                     mock.patch.object(feature_absorption, "get_alpha_tokens", words)]
     return patches
@@ -796,10 +800,10 @@ def _absorption_vocabulary(model, cfg) -> list:
 
 def _absorption_probe(model, cfg, config, cache_dir: Path, device: str) -> Path:
     """The folder holding sae_bench's first-letter probe for this model, layer, vocabulary, seed
-    and prompt, trained once (with the run's seed) and kept: it reads the model, not the SAE."""
+    and prompt, trained once (with EVAL_SEED) and kept: it reads the model, not the SAE."""
     from sae_bench.evals.absorption import common
 
-    key = json.dumps([cfg.model, model.cfg.model_name, cfg.layer, ABSORPTION_WORDS.get(cfg.preset), cfg.seed,
+    key = json.dumps([cfg.model, model.cfg.model_name, cfg.layer, ABSORPTION_WORDS.get(cfg.preset), EVAL_SEED,
                       config.prompt_template, config.prompt_token_pos, importlib.metadata.version("sae_bench")])
     folder = Path(cache_dir).resolve() / "absorption_probes" / hashlib.sha256(key.encode()).hexdigest()[:16]
     if not (folder / model.cfg.model_name / f"layer_{cfg.layer}" / "probe.pth").exists():
@@ -808,7 +812,7 @@ def _absorption_probe(model, cfg, config, cache_dir: Path, device: str) -> Path:
               contextlib.ExitStack() as stack):
             for patch in _absorption_vocabulary(model, cfg):
                 stack.enter_context(patch)
-            _reseed(cfg.seed)
+            _reseed(EVAL_SEED)
             common.train_and_save_probes(model, layers=[cfg.layer], probes_dir=partial, device=device,
                                          base_template=config.prompt_template, pos_idx=config.prompt_token_pos)
             (Path(partial) / "key.json").write_text(key)

@@ -177,7 +177,7 @@ def test_absorption_scores_each_run_and_baseline_point_once_and_reads_the_runs_a
         l0, seed = info["metrics"]["sparsity"]["l0"], info["provenance"]["seed"]
         value = 0.5 - 0.1 * math.log10(l0) + 0.01 * (seed - 42) + 0.3 * (info["run"]["study"] != "baseline")
         info.setdefault("evals", {})["absorption_first_letter"] = {"eval_result_metrics": {"mean": {
-            "mean_absorption_fraction_score": value}}}
+            "mean_absorption_fraction_score": value}}, "eval_config": {"random_seed": evals.EVAL_SEED}}
         (folder / "final_info.json").write_text(json.dumps(info))
         scored.append((folder, eval_names, wait))
         assert loaded_models is setting.models  # one model for every re-scoring of the analysis
@@ -193,6 +193,12 @@ def test_absorption_scores_each_run_and_baseline_point_once_and_reads_the_runs_a
     again = analyses.Setting("topk_ortho", "tiny", overrides, runs, notes, ("topk_ortho/run_1_topk_pairs",))
     analyses.run_analyses("topk_ortho", "absorption", again, tmp_path / "figures")
     assert len(scored) == 12  # scored once: a second reading evaluates nothing
+    other_instrument = json.loads((scored[1][0] / "final_info.json").read_text())
+    other_instrument["evals"]["absorption_first_letter"]["eval_config"]["random_seed"] = 43  # its training seed's probe
+    (scored[1][0] / "final_info.json").write_text(json.dumps(other_instrument))
+    setting = analyses.Setting("topk_ortho", "tiny", overrides, runs, notes, ("topk_ortho/run_1_topk_pairs",))
+    analyses.run_analyses("topk_ortho", "absorption", setting, tmp_path / "figures")
+    assert len(scored) == 13 and scored[-1][0] == scored[1][0]  # scored again, with the one instrument
     run = found.data["run_1_topk_pairs"]
     l0s = [json.loads((folder / "final_info.json").read_text())["metrics"]["sparsity"]["l0"]
            for folder, _, _ in scored[:2]]

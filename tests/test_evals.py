@@ -4,6 +4,7 @@ dataset loader and OpenAI client replaced by small local fixtures (so a change i
 interface breaks a test here, not a researcher's run). The tiny model has no tokenizer of its
 own; these tests give it a small word-level one."""
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -265,6 +266,25 @@ def test_the_verdict_budget_evaluates_as_embedded_does_it_only_trains_longer():
         assert evals._budget_overrides(name, "embedded-4m") == evals._budget_overrides(name, "embedded")
     cfg = experiment.build_config("embedded-4m", "baseline/run_0_baseline")
     assert evals._config("sae_probes", cfg).dataset_names == evals.BUDGETS["embedded"]["sae_probes"]["dataset_names"]
+
+
+def test_the_sae_bench_evals_draw_their_instrument_with_one_seed_whatever_seed_trained_the_sae(tmp_path, monkeypatch):
+    """Probes, word samples and dataset draws measure the SAE: a seed-43 SAE is measured with the
+    instrument a seed-42 SAE is, so the seed-to-seed spread is the SAEs' alone."""
+    cfg = experiment.build_config("embedded", "baseline/run_0_baseline", seed=43)
+    assert {evals._config(name, cfg).random_seed for name in ("absorption", "sae_probes", "sparse_probing")} == {42}
+    seeds = []
+    monkeypatch.setattr(evals, "_capped_vocabulary", lambda get, limit, seed: seeds.append(("words", seed)))
+    evals._absorption_vocabulary(SimpleNamespace(run_with_cache=print), cfg)
+
+    @contextlib.contextmanager
+    def sandbox(model, seed):
+        seeds.append(("sandbox", seed))
+        yield tmp_path
+    monkeypatch.setattr(evals, "_sandbox", sandbox)
+    monkeypatch.setitem(evals.RUNNERS, "sparse_probing", lambda *args: {"eval_type_id": "sparse_probing"})
+    evals.run_evals(("sparse_probing",), torch.nn.Linear(1, 1), None, cfg, None, "cpu", cache_dir=tmp_path)
+    assert seeds == [("words", 42), ("sandbox", 42)] and evals.EVAL_SEED == 42  # sae_bench's default
 
 
 def test_capped_absorption_vocabulary_is_letter_balanced_and_independent_of_vocabulary_order():
