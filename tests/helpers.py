@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,17 @@ with claimed(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(600)
 """
+
+
+@contextlib.contextmanager
+def ctrl_c_raises():
+    """Python's Ctrl-C handler (KeyboardInterrupt) for the block, as in a terminal: a suite started
+    as a shell's background job (`cmd &`) has SIGINT ignored, and Python keeps it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

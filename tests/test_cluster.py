@@ -13,7 +13,7 @@ import threading
 import pytest
 import ray
 import torch
-from helpers import claimed_by_another_process, cli
+from helpers import claimed_by_another_process, cli, ctrl_c_raises
 
 import cluster
 import experiment
@@ -202,15 +202,11 @@ def test_ctrl_c_on_the_driver_stops_the_runs_at_a_checkpoint_and_the_same_call_r
             if any((job.run_dir / experiment.CHECKPOINT).exists() for job in jobs):
                 return os.kill(os.getpid(), signal.SIGINT)
     threading.Thread(target=ctrl_c_once_a_run_is_past_its_first_checkpoint, daemon=True).start()
-    # Ctrl-C as a terminal delivers it, also where the suite itself was started in the background
-    # (`cmd &` starts a process with SIGINT ignored, and Python then keeps it ignored).
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with pytest.raises(experiment.Interrupted):
+        with pytest.raises(experiment.Interrupted), ctrl_c_raises():
             studies.run_jobs(jobs, notes, runs, remote=cluster.runner(2, None))
     finally:
         stop.set()
-        signal.signal(signal.SIGINT, previous)
     assert not any((job.run_dir / "final_info.json").exists() for job in jobs) and not notes.exists()
     stopped = [job for job in jobs if job.run_dir.exists()]  # the other one may not have started yet
     trained = {int(seed): done for (seed,), done in trained_steps(steps, "seed").items()}  # seed -> its steps

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import typer
-from helpers import claimed_by_another_process, cli
+from helpers import claimed_by_another_process, cli, ctrl_c_raises
 
 import experiment
 import studies
@@ -236,7 +236,7 @@ def test_a_run_folder_held_by_another_process_is_refused_without_waiting_and_fre
 
 def test_ctrl_c_while_waiting_for_a_held_run_folder_ends_the_command_in_one_line_with_exit_130(tmp_path, capsys):
     folder = tmp_path / "runs" / "sweeps" / "k=1,seed=42"
-    with claimed_by_another_process(folder):
+    with claimed_by_another_process(folder), ctrl_c_raises():
         threading.Timer(1, os.kill, (os.getpid(), signal.SIGINT)).start()  # as Ctrl-C in the terminal
         with pytest.raises(typer.Exit) as stopped, one_line_errors():
             with run_folders.claimed(folder):
