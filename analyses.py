@@ -911,9 +911,8 @@ AGAINST = ("run_0_baseline", "run_0_topk")  # the L1 and the TopK family, as swe
 
 def scored_info(folder: Path, info: dict, what: Scored, s: Setting) -> dict:
     """The run's final_info with `what` in it: evaluated now (studies.rescore) where it lacks it or
-    was evaluated with another instrument (an eval seed not evals.EVAL_SEED: runs scored before it
-    was fixed read a probe drawn with their training seed), and once only, should another process
-    be evaluating it meanwhile."""
+    holds it from another instrument (an eval seed other than evals.EVAL_SEED), and once only,
+    should another process be evaluating it meanwhile."""
     def has_it(found: dict) -> bool:
         result = found.get("evals", {}).get(what.result, {})
         return result.get("eval_config", {}).get("random_seed") == evals.EVAL_SEED
