@@ -914,8 +914,7 @@ def scored_info(folder: Path, info: dict, what: Scored, s: Setting) -> dict:
     holds it from another instrument (an eval seed other than evals.EVAL_SEED), and once only,
     should another process be evaluating it meanwhile."""
     def has_it(found: dict) -> bool:
-        result = found.get("evals", {}).get(what.result, {})
-        return result.get("eval_config", {}).get("random_seed") == evals.EVAL_SEED
+        return evals.same_instrument(found.get("evals", {}).get(what.result))
     if has_it(info):
         return info
     return studies.rescore(folder, what.eval_name, s.overrides.get("device") or "auto", s.notes, wait=True,
@@ -1122,7 +1121,7 @@ def unlearning(s: Setting, *, eval_loaders: dict | None = None) -> Finding:
     if not runs:
         raise HarnessError("no arm of the unlearning comparison completed: " + "; ".join(failed))
     for run in runs:
-        if "unlearning" not in run.info.get("evals", {}):  # scored once: a run again reuses the score
+        if not evals.same_instrument(run.info.get("evals", {}).get("unlearning")):  # scored once, then reused
             run.info = studies.rescore(run.folder, "unlearning", arms.overrides.get("device") or "auto",
                                           arms.notes, eval_loaders)
     panels = (UNLEARNING_SCORE, core_panel("ce_loss_score", "CE-loss score"))

@@ -121,6 +121,12 @@ LOADERS = {
 }
 
 
+def same_instrument(result: dict | None) -> bool:
+    """Whether a stored sae_bench result was drawn with EVAL_SEED (one drawn with another seed read
+    its SAE with another probe, words or datasets)."""
+    return (result or {}).get("eval_config", {}).get("random_seed") == EVAL_SEED
+
+
 def parse_evals(text: str) -> tuple[str, ...]:
     """'core, absorption' -> ('core', 'absorption'); 'all' -> EVAL_NAMES; duplicates dropped."""
     names = [n.strip() for n in text.split(",") if n.strip()]

@@ -513,6 +513,7 @@ def test_unlearning_scores_the_baseline_adaptive_and_fixed_ortho_arms_through_sa
         result = info["evals"]["unlearning"]
         assert numbers["unlearning_score"] == result["eval_result_metrics"]["unlearning"]["unlearning_score"]
         assert 0 <= numbers["unlearning_score"] <= 1 and result["eval_config"]["model_name"] == "gemma-2-2b-it"
+        assert result["eval_config"]["random_seed"] == evals.EVAL_SEED
         assert json.loads((numbers["folder"] / "config.json").read_text())["model"] == "google/gemma-2-2b-it"
         assert f"| {numbers['unlearning_score']:.4g} |" in finding.body
     assert len(re.findall(r" \| 0\.01 \| [012] \| 25 \| ", finding.body)) == 3  # each arm's one intervention

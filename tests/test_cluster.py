@@ -202,11 +202,12 @@ def test_ctrl_c_on_the_driver_stops_the_runs_at_a_checkpoint_and_the_same_call_r
             if any((job.run_dir / experiment.CHECKPOINT).exists() for job in jobs):
                 return os.kill(os.getpid(), signal.SIGINT)
     threading.Thread(target=ctrl_c_once_a_run_is_past_its_first_checkpoint, daemon=True).start()
-    try:
-        with pytest.raises(experiment.Interrupted), ctrl_c_raises():
-            studies.run_jobs(jobs, notes, runs, remote=cluster.runner(2, None))
-    finally:
-        stop.set()
+    with ctrl_c_raises():  # the watcher is stopped before the handler goes back
+        try:
+            with pytest.raises(experiment.Interrupted):
+                studies.run_jobs(jobs, notes, runs, remote=cluster.runner(2, None))
+        finally:
+            stop.set()
     assert not any((job.run_dir / "final_info.json").exists() for job in jobs) and not notes.exists()
     stopped = [job for job in jobs if job.run_dir.exists()]  # the other one may not have started yet
     trained = {int(seed): done for (seed,), done in trained_steps(steps, "seed").items()}  # seed -> its steps

@@ -3,7 +3,8 @@
 Notebook 001, run 8, on top of run 7. A LayerNorm (learnable gain and bias) normalises the
 encoder's pre-activations across latents before the ReLU, to control activation magnitudes; the
 constraint losses (L1 sparsity and orthogonality) are multiplied by a factor that rises linearly
-to 1 over 2000 notebook steps, so reconstruction is learned first.
+to 1 over 2000 notebook steps, so reconstruction is learned first (the orthogonality's through
+its weight α, which run 3 makes its share of the decoder update).
 
 The base learning rate drops tenfold from run 4's (the notebook's "reduced initial learning rate
 by 10x": 1e-4 to 1e-5, a thirtieth of its 3e-4), a thirtieth of the run's --lr here
@@ -47,8 +48,11 @@ class SAE(parent.SAE):
     def sparsity_loss(self, fwd):
         return self.constraint_ramp(fwd.step) * super().sparsity_loss(fwd)
 
+    def ortho_weight(self, step):
+        """Run 7's α times the ramp: run 3 rescales the orthogonality gradient to this weight of the
+        other terms' decoder gradient, so a ramp on the loss alone would be divided back out."""
+        return self.constraint_ramp(step) * super().ortho_weight(step)
+
     def aux_losses(self, fwd):
-        ramp = self.constraint_ramp(fwd.step)
-        terms = {k: ramp * v for k, v in super().aux_losses(fwd).items()}
-        fwd.stats["constraint_warmup"] = torch.tensor(ramp)
-        return terms
+        fwd.stats["constraint_warmup"] = torch.tensor(self.constraint_ramp(fwd.step))
+        return super().aux_losses(fwd)  # the orthogonality term is ramped through ortho_weight
