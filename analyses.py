@@ -776,13 +776,14 @@ def frequency_order(s: Setting) -> Finding:
         return float(spearmanr(density, np.arange(len(density))).statistic) if density.std() > 0 else math.nan
 
     runs, failed = study_runs(s)
-    measured = {run.plugin: (run, d) for run in runs if (d := firing_frequency(run)) is not None}
-    if not measured:
+    every_seed = at_every_seed(runs, s, firing_frequency)
+    if not every_seed:
         raise HarnessError(f"no run of {s.study} has a core evaluation's feature_metrics.json; run it with core")
-    rows, data, index = [], {}, run_index(s.runs)
-    for plugin, (run, density) in measured.items():
-        others = [d for other in with_seeds(run, index)[1:] if (d := firing_frequency(other)) is not None]
-        seeds = [rho(d) for d in [density, *others]]
+    measured = {found[0][0].plugin: found[0] for found in every_seed.values()}  # each run's own seed
+    rows, data = [], {}
+    for found in every_seed.values():
+        (run, density), plugin = found[0], found[0][0].plugin
+        seeds = [rho(d) for _, d in found]
         tracked = plot.number(run.info.get("frequency_index_spearman"))
         finite = [r for r in seeds if math.isfinite(r)]  # a run whose latents all fire alike has no ρ
         data[plugin] = dict(rho=float(np.mean(finite)) if finite else math.nan, seeds=seeds, tracked=tracked,
