@@ -381,8 +381,8 @@ def run_eval_bench(run_dir: Path, rounds: int) -> dict[str, Any]:
     cfg, plugin = experiment.saved_config(run_dir, "bench --eval")
     device = kernels.resolve_device(cfg.device)
     kernels.configure_kernels(cfg, device)  # as the run evaluated
-    model = experiment.load_model(cfg.model, device)
     sae, eval_tokens = experiment.saved_sae(run_dir, cfg, plugin, device), torch.load(run_dir / "eval_tokens.pt")
+    model = experiment.load_model(cfg.model, device)
     cache_dirs = dict(sae_bench=None, cached=activations_dir())
 
     def evaluate(path: str) -> tuple[EvalParts, dict]:

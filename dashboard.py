@@ -482,14 +482,12 @@ def for_run(run_dir: Path, latents: str | None, top: int | None, by: str, tokens
     chosen = selection(latents, top, by, cfg.dict_size)
     if tokens is not None and tokens <= 0:
         raise HarnessError(f"--tokens must be positive, got {tokens}")
-    if not (run_dir / "plugin_state.safetensors").exists():
-        raise HarnessError(f"{run_dir} holds no trained SAE (no plugin_state.safetensors); finish the run first")
     torch_device = kernels.resolve_device(device)
+    sae = experiment.saved_sae(run_dir, cfg, plugin, torch_device)  # before the model: a run without weights stops here
     model = experiment.load_model(cfg.model, torch_device)
     contexts, source = held_out_contexts(torch.load(run_dir / "eval_tokens.pt"), tokens, cfg,
                                          lambda c: experiment.load_tokens(c, model))
-    return write_dashboard(run_dir, experiment.saved_sae(run_dir, cfg, plugin, torch_device), model, cfg, contexts,
-                           source, chosen)
+    return write_dashboard(run_dir, sae, model, cfg, contexts, source, chosen)
 
 
 def write_dashboard(run_dir: Path, sae, model, cfg, contexts: torch.Tensor, text_source: str,

@@ -892,6 +892,9 @@ def saved_sae(run_dir: Path, cfg: RunConfig, plugin: Plugin, device: torch.devic
     """A finished run's SAE, exactly as it was evaluated."""
     from safetensors.torch import load_file
 
+    if not (run_dir / "plugin_state.safetensors").exists():
+        raise HarnessError(f"{run_dir} holds no trained SAE (no plugin_state.safetensors): finish the run, or train "
+                           "again a run kept without its weights (scripts/keep_runs.py)")
     state = load_file(run_dir / "plugin_state.safetensors", device=str(device))
     scale = state.pop("activation_scale").item()
     sae = plugin.sae_class(state["W_dec"].shape[1], cfg.dict_size, plugin.hyperparams_class(**cfg.hyperparams),
@@ -915,8 +918,6 @@ def load_run(folder: str | Path, device: str = "cpu") -> LoadedRun:
     """A finished run folder read back: `load_run("runs/baseline/run_0_baseline/<stamp>").sae(x)`."""
     folder = Path(folder)
     cfg, plugin = saved_config(folder, "load_run")
-    if not (folder / "plugin_state.safetensors").exists():
-        raise HarnessError(f"{folder} holds no trained SAE (no plugin_state.safetensors); finish the run first")
     return LoadedRun(folder, cfg, plugin, saved_sae(folder, cfg, plugin, torch.device(device)),
                      read_json(folder / "final_info.json"))
 

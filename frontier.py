@@ -719,7 +719,8 @@ def unmoved_decoder(run_dir: Path, parent_name: str, info: dict, index: Index,
                     parent_source: str | None = None, parent_setting: dict | None = None) -> str | None:
     """A warning when the decoder ended within float noise (NOISE_EPSILONS of its dtype, relative)
     of the parent's newest completed run on the same activations, seed, dictionary size and setting, of
-    the parent's current source where parent_source is given (an older parent is no reference)."""
+    the parent's current source where parent_source is given (an older parent is no reference), and
+    whose weights are there (a kept run's are not: scripts/keep_runs.py)."""
     from safetensors.numpy import load_file
 
     seed, size = read_json(run_dir / "config.json")["seed"], info["dict_size"]
@@ -728,7 +729,7 @@ def unmoved_decoder(run_dir: Path, parent_name: str, info: dict, index: Index,
         if (who["plugin"] == parent_name and other.get("status") == "completed" and other.get("dict_size") == size
                 and other.get("activation_cache") == info.get("activation_cache") and provenance.get("seed") == seed
                 and parent_source in (None, provenance.get("plugin_source_sha256"))
-                and _same_setting(other, info, parent_setting)):
+                and _same_setting(other, info, parent_setting) and (folder / "plugin_state.safetensors").exists()):
             ours, theirs = (load_file(f / "plugin_state.safetensors")["W_dec"] for f in (run_dir, folder))
             change = float(np.linalg.norm(ours.astype(np.float64) - theirs) / np.linalg.norm(theirs.astype(np.float64)))
             noise = NOISE_EPSILONS * float(np.finfo(theirs.dtype).eps)

@@ -459,8 +459,8 @@ def rescore(run_dir: Path, eval_names: str, device_name: str, notes: Path, eval_
         unevaluated = info.get("failed_at") == "evaluation"  # trained and saved; its evaluation crashed
         device = resolve_device(device_name)
         configure_kernels(cfg, device)  # the kernels the run evaluated with (deterministic on CPU, TF32 on CUDA)
-        model = checked_model(cfg, device, loaded=loaded_models)
         sae, eval_tokens = saved_sae(run_dir, cfg, plugin, device), torch.load(run_dir / "eval_tokens.pt")
+        model = checked_model(cfg, device, loaded=loaded_models)  # after the SAE: a kept run without it stops first
         evals.evaluate(info, sae, model, eval_tokens, cfg, device, run_dir, eval_loaders, names)
         if unevaluated:  # now it is a completed run, with the notebook entry it never got
             finish(info, run_dir, plugin, notes, cfg, device,

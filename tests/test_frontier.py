@@ -519,6 +519,10 @@ def test_a_decoder_within_float_noise_of_the_parents_newest_of_its_source_on_the
         assert frontier.unmoved_decoder(run, "run_1_parent", info, [parent_entry(close, **other)],
                                         "parent-source") is None, other
     assert frontier.unmoved_decoder(run, "run_2_other", info, [parent_entry(close)]) is None
+    kept = tmp_path / "kept"  # a newer parent restored without its weights (scripts/keep_runs.py) is passed over
+    kept.mkdir()
+    assert frontier.unmoved_decoder(run, "run_1_parent", info, [parent_entry(close), parent_entry(kept)],
+                                    "parent-source") == warning
 
 
 def seed_entry(seed: int, ce: float, ev: float = 0.8, l0: float = 50.0, source="parent-source"):
