@@ -60,7 +60,7 @@ import frontier  # noqa: E402
 import plot  # noqa: E402
 import studies  # noqa: E402
 from notebook import append_notes  # noqa: E402
-from runs import Run, headline, read_json, read_run, run_index  # noqa: E402
+from runs import NoWeights, Run, headline, read_json, read_run, run_index  # noqa: E402
 
 BASELINE = "run_0_baseline"  # the study command's default baseline, so its runs are reused
 
@@ -1213,7 +1213,7 @@ def run_analyses(study: str, name: str | None, s: Setting, figures: Path) -> dic
     for key, analysis in chosen(study, name).items():
         try:
             finding = analysis(s)
-        except Unavailable as exc:  # named, it is refused; among all, the others still run
+        except (Unavailable, NoWeights) as exc:  # named, refused; among all, passed over (a run kept without its SAE too)
             if name is not None:
                 raise
             console.print(f"{study} {key}: not run: {exc}")

@@ -55,9 +55,9 @@ import frontier
 import kernels
 from notebook import append_notes, changed_setting, check_notes, notes_entry, study_header
 from runs import (CHECKPOINT, REPORT_LAG, NonFiniteLoss, StepLog, atomic_write, check_resumable, check_runs_root,
-                  check_writable, claimed, convergence, load_checkpoint, newest, parent_module, plugin_source_sha256,
-                  provenance, read_json, read_json_lines, record_gradient_shares, run_index, runs_root,
-                  save_checkpoint, save_trained, term_gradients)
+                  check_weights, check_writable, claimed, convergence, load_checkpoint, newest, parent_module,
+                  plugin_source_sha256, provenance, read_json, read_json_lines, record_gradient_shares, run_index,
+                  runs_root, save_checkpoint, save_trained, term_gradients)
 from sources import cached_activations, eval_contexts_needed, harvest, larger_cache_prefix, load_model, load_tokens
 
 # Run as a script, this file is `__main__`; plugins import `experiment`: make that the same module.
@@ -892,9 +892,7 @@ def saved_sae(run_dir: Path, cfg: RunConfig, plugin: Plugin, device: torch.devic
     """A finished run's SAE, exactly as it was evaluated."""
     from safetensors.torch import load_file
 
-    if not (run_dir / "plugin_state.safetensors").exists():
-        raise HarnessError(f"{run_dir} holds no trained SAE (no plugin_state.safetensors): finish the run, or train "
-                           "again a run kept without its weights (scripts/keep_runs.py)")
+    check_weights(run_dir)
     state = load_file(run_dir / "plugin_state.safetensors", device=str(device))
     scale = state.pop("activation_scale").item()
     sae = plugin.sae_class(state["W_dec"].shape[1], cfg.dict_size, plugin.hyperparams_class(**cfg.hyperparams),

@@ -307,6 +307,16 @@ def save_sae(sae, scale: float, run_dir: Path) -> dict[str, Any]:
     return dict(architecture=export.cfg.architecture() if export is not None else None, exact=exact)
 
 
+class NoWeights(HarnessError):
+    """A run folder without its trained SAE: unfinished, or kept without its weights (scripts/keep_runs.py)."""
+
+
+def check_weights(run_dir: Path) -> None:
+    if not (run_dir / "plugin_state.safetensors").exists():
+        raise NoWeights(f"{run_dir} holds no trained SAE (no plugin_state.safetensors): finish its run or, where "
+                        "scripts/keep_runs.py kept it without its weights, move the folder away and train it again")
+
+
 def code_without_prose(source: str) -> str:
     """A Python file's syntax tree with every docstring removed, dumped: what the code does."""
     tree = ast.parse(source)

@@ -523,3 +523,16 @@ def test_unlearning_scores_the_baseline_adaptive_and_fixed_ortho_arms_through_sa
     analyses.run_analyses("adaptive_ortho", "unlearning", analyses.Setting("adaptive_ortho", "tiny", overrides, runs,
                                                                            notes), figures)
     assert notes.read_text() == text_before  # every arm and its score reused, the paragraph not noted again
+
+
+def test_an_analysis_reading_a_run_kept_without_its_weights_is_passed_over_among_all_and_refused_when_named(
+        tmp_path, monkeypatch, capsys):
+    from runs import NoWeights, check_weights
+    kept = tmp_path / "kept-run"  # scripts/keep_runs.py keeps a run's records, not its SAE
+    kept.mkdir()
+    monkeypatch.setitem(analyses.ANALYSES, "topk_ortho", {"decoder": lambda s: check_weights(kept)})
+    setting = analyses.Setting("topk_ortho", "tiny", {}, tmp_path / "runs", tmp_path / "notes.md")
+    assert analyses.run_analyses("topk_ortho", None, setting, tmp_path / "figures") == {}
+    assert "topk_ortho decoder: not run: " in capsys.readouterr().err
+    with pytest.raises(NoWeights, match="holds no trained SAE .* kept it without its weights"):
+        analyses.run_analyses("topk_ortho", "decoder", setting, tmp_path / "figures")

@@ -21,34 +21,56 @@ def keep(command: str, runs: Path, kept: Path) -> str:
     return done.stdout
 
 
+def run_folder(folder: Path, status: str | None, **files: str) -> Path:
+    """A run folder: its config, a final_info of `status` (none: still training), weights, other files."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "plugin_state.safetensors").write_bytes(b"weights")
+    if status is not None:
+        (folder / "final_info.json").write_text(json.dumps({"status": status}))
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def kept_names(kept: Path) -> list[str]:
+    return sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file())
+
+
 def test_kept_files_are_a_completed_runs_records_without_weights_and_nothing_of_an_unfinished_run(tmp_path):
     runs, kept = tmp_path / "runs", tmp_path / "kept"
-    done, unfinished = runs / "s" / "run_1_x" / "a", runs / "s" / "run_1_x" / "b"
-    for folder in (done, unfinished):
-        folder.mkdir(parents=True)
-        (folder / "config.json").write_text("{}")
-        (folder / "plugin_state.safetensors").write_bytes(b"weights")
-    (done / "final_info.json").write_text(json.dumps({"status": "completed"}))
+    done = run_folder(runs / "s" / "run_1_x" / "a", "completed", **{"train_log.jsonl": "{}", ".final_info.json.1.tmp": ""})
     (done / "dashboard").mkdir()
     (done / "dashboard" / "index.html").write_text("<html>")
-    (unfinished / "checkpoint.pt").write_bytes(b"state")
+    run_folder(runs / "s" / "run_1_x" / "b", None, **{"checkpoint.pt": "state", "train_log.jsonl": "{}"})
+    run_folder(runs / "s" / "run_1_x" / "c", "failed")
     (runs / "notes-embedded-4m.md").write_text("# notes")
     (runs / "sweeps").mkdir()
     (runs / "sweeps" / "manifest.json").write_text("{}")
     (runs / "sweeps" / "manifest.json.lock").write_text("")
     keep("save", runs, kept)
-    assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()) == [
-        "notes-embedded-4m.md", "s/run_1_x/a/config.json", "s/run_1_x/a/final_info.json", "sweeps/manifest.json"]
+    assert kept_names(kept) == ["folder_times.json", "notes-embedded-4m.md", "s/run_1_x/a/config.json",
+                                "s/run_1_x/a/final_info.json", "s/run_1_x/a/train_log.jsonl", "sweeps/manifest.json"]
+    assert json.loads((kept / "folder_times.json").read_text()) == {"s/run_1_x/a": done.stat().st_mtime}
 
 
-def test_restore_never_overwrites_what_runs_holds(tmp_path):
+def test_restore_puts_back_each_kept_run_with_its_folder_time_and_never_overwrites_what_runs_holds(tmp_path):
     runs, kept = tmp_path / "runs", tmp_path / "kept"
-    kept.mkdir()
-    (kept / "notes.md").write_text("kept")
-    (kept / "other.md").write_text("kept")
-    runs.mkdir()
+    kept_at = run_folder(tmp_path / "old" / "sweeps" / "p" / "k=1", "completed", **{"train_log.jsonl": "whole"})
+    run_folder(tmp_path / "old" / "sweeps" / "p" / "k=2", "completed", **{"train_log.jsonl": "whole"})
+    (tmp_path / "old" / "notes.md").write_text("kept")
+    (tmp_path / "old" / "other.md").write_text("kept")
+    keep("save", tmp_path / "old", kept)
+    run_folder(runs / "sweeps" / "p" / "k=1", None, **{"train_log.jsonl": "cut short", "checkpoint.pt": "state"})
+    newer = run_folder(runs / "sweeps" / "p" / "k=2", "completed", **{"train_log.jsonl": "newer"})
+    (newer / "final_info.json").write_text(json.dumps({"status": "completed", "newer": True}))
     (runs / "notes.md").write_text("newer")
-    assert "1 files restored" in keep("restore", runs, kept) and "1 left as runs/ has them" in keep("restore", runs, kept)
+    said = keep("restore", runs, kept)
+    assert "2 runs and files restored" in said and "2 left as runs/ has them" in said, said
+    interrupted = runs / "sweeps" / "p" / "k=1"  # an interrupted attempt gives way to the kept completed run
+    assert (interrupted / "train_log.jsonl").read_text() == "whole" and not (interrupted / "checkpoint.pt").exists()
+    assert interrupted.stat().st_mtime == kept_at.stat().st_mtime
+    assert (newer / "train_log.jsonl").read_text() == "newer"  # a completed run runs/ has stays as it is
     assert (runs / "notes.md").read_text() == "newer" and (runs / "other.md").read_text() == "kept"
 
 
