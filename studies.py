@@ -8,7 +8,7 @@ runner (`--workers`, `--ray`), each run not reused is a Ray task; analyses.py bu
 
 from __future__ import annotations
 
-from common import HarnessError, console  # first: its import guards
+from common import ROOT, HarnessError, console  # first: its import guards
 
 import dataclasses
 import hashlib
@@ -198,6 +198,8 @@ def study(name: str, baselines: list[str], preset: str, overrides: dict[str, Any
     if cover_cap < 0:
         raise HarnessError(f"--cover-cap must be 0 or more, got {cover_cap}")
     jobs = study_jobs(name, baselines, preset, overrides, runs_root, seeds)
+    if runs_root == ROOT / "runs":  # where keep_runs.py restores to
+        say_what_kept_holds(runs_root)
     for plugin, grid in baseline_sweeps(jobs[0].cfg).items():
         console.print(f"the baselines' sweep on {preset}: {plugin} {grid}")
         sweep(find_plugin(f"baseline/{plugin}"), [grid], max(seeds, BASELINE_SEEDS), preset, overrides, runs_root,
@@ -210,6 +212,15 @@ def study(name: str, baselines: list[str], preset: str, overrides: dict[str, Any
         append_notes(notes, jobs[-1].plugin.study_header, summary)
     Console(width=220).print(plot.compare_table(runs_root, name))
     return rows + widened
+
+
+def say_what_kept_holds(runs_root: Path, kept: Path = ROOT / "kept") -> None:
+    """A line where kept/ (scripts/keep_runs.py) holds completed runs that runs_root lacks: a new
+    clone has the baselines' records there, hours of this CPU, reused once restored."""
+    lacking = [p for p in kept.rglob("final_info.json") if not (runs_root / p.relative_to(kept)).exists()]
+    if lacking:
+        console.print(f"[yellow]note:[/yellow] {shown_path(kept)} holds {len(lacking)} runs that {shown_path(runs_root)} "
+                      "lacks; `python scripts/keep_runs.py restore` first reuses them instead of training them again")
 
 
 def baseline_sweeps(cfg: RunConfig) -> dict[str, str]:

@@ -93,3 +93,16 @@ def test_a_study_restored_from_kept_records_reuses_every_run_with_the_same_verdi
     (run_dir,) = runs.glob("topk_ortho/run_1_topk_pairs/*")
     for refused in (cli("eval", str(run_dir), "--evals", "core", "--notes", str(notes)), cli("dashboard", str(run_dir))):
         assert refused.exit_code == 2 and "holds no trained SAE" in refused.output, refused.output
+
+
+def test_a_study_says_when_kept_holds_runs_that_runs_lacks(tmp_path, capsys):
+    import studies
+    runs, kept = tmp_path / "runs", tmp_path / "kept"
+    run_folder(kept / "sweeps" / "p" / "k=1", "completed")
+    run_folder(runs / "sweeps" / "p" / "k=2", "completed")
+    studies.say_what_kept_holds(runs, kept)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "holds 1 runs that" in said and "`python scripts/keep_runs.py restore` first reuses them" in said
+    run_folder(runs / "sweeps" / "p" / "k=1", "completed")
+    studies.say_what_kept_holds(runs, kept)
+    assert capsys.readouterr().err == ""
