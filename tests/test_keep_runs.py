@@ -2,6 +2,7 @@
 it, where the study reuses every run, judges against the kept baselines as before, and refuses in
 one line what needs the weights."""
 
+import gzip
 import json
 import shutil
 import subprocess
@@ -39,7 +40,8 @@ def kept_names(kept: Path) -> list[str]:
 
 def test_kept_files_are_a_completed_runs_records_without_weights_and_nothing_of_an_unfinished_run(tmp_path):
     runs, kept = tmp_path / "runs", tmp_path / "kept"
-    done = run_folder(runs / "s" / "run_1_x" / "a", "completed", **{"train_log.jsonl": "{}", ".final_info.json.1.tmp": ""})
+    done = run_folder(runs / "s" / "run_1_x" / "a", "completed",
+                      **{"train_log.jsonl": "{}", ".final_info.json.1.tmp": "", "eval_tokens.pt": "tokens"})
     (done / "dashboard").mkdir()
     (done / "dashboard" / "index.html").write_text("<html>")
     run_folder(runs / "s" / "run_1_x" / "b", None, **{"checkpoint.pt": "state", "train_log.jsonl": "{}"})
@@ -49,8 +51,12 @@ def test_kept_files_are_a_completed_runs_records_without_weights_and_nothing_of_
     (runs / "sweeps" / "manifest.json").write_text("{}")
     (runs / "sweeps" / "manifest.json.lock").write_text("")
     keep("save", runs, kept)
-    assert kept_names(kept) == ["folder_times.json", "notes-embedded-4m.md", "s/run_1_x/a/config.json",
-                                "s/run_1_x/a/final_info.json", "s/run_1_x/a/train_log.jsonl", "sweeps/manifest.json"]
+    assert kept_names(kept) == ["folder_times.json", "notes-embedded-4m.md.gz", "s/run_1_x/a/config.json.gz",
+                                "s/run_1_x/a/final_info.json.gz", "s/run_1_x/a/train_log.jsonl.gz", "sweeps/manifest.json.gz"]
+    assert gzip.decompress((kept / "s/run_1_x/a/train_log.jsonl.gz").read_bytes()) == b"{}"
+    packed = {name: (kept / name).read_bytes() for name in kept_names(kept)}
+    keep("save", runs, kept)  # the same records again: the same bytes (git sees no change)
+    assert {name: (kept / name).read_bytes() for name in kept_names(kept)} == packed
     assert json.loads((kept / "folder_times.json").read_text()) == {"s/run_1_x/a": done.stat().st_mtime}
 
 
