@@ -42,10 +42,11 @@ def completed(folder: Path) -> bool:
 
 def kept_files(runs: Path) -> list[Path]:
     """The files under runs/ worth keeping: not weights, locks, the harness's dot-named half-written
-    files or dashboards, and nothing of a run folder (one with a config.json) whose run has not completed."""
+    files, dashboards or a sweep's figures (drawn again from its runs), and nothing of a run folder
+    (one with a config.json) whose run has not completed."""
     unfinished = {c.parent for c in runs.rglob("config.json") if not completed(c.parent)}
     return sorted(p for p in runs.rglob("*") if p.is_file() and p.name not in LEFT_OUT and not p.name.endswith(".lock")
-                  and not any(part.startswith(".") or part == "dashboard" for part in p.relative_to(runs).parts)
+                  and not any(part.startswith(".") or part in ("dashboard", "figures") for part in p.relative_to(runs).parts)
                   and not unfinished.intersection(p.parents))
 
 

@@ -50,6 +50,8 @@ def test_kept_files_are_a_completed_runs_records_without_weights_and_nothing_of_
     (runs / "sweeps").mkdir()
     (runs / "sweeps" / "manifest.json").write_text("{}")
     (runs / "sweeps" / "manifest.json.lock").write_text("")
+    (runs / "sweeps" / "figures").mkdir()
+    (runs / "sweeps" / "figures" / "frontier.png").write_bytes(b"png")
     keep("save", runs, kept)
     assert kept_names(kept) == ["folder_times.json", "notes-embedded-4m.md.gz", "s/run_1_x/a/config.json.gz",
                                 "s/run_1_x/a/final_info.json.gz", "s/run_1_x/a/train_log.jsonl.gz", "sweeps/manifest.json.gz"]
