@@ -436,8 +436,10 @@ def sweep_jobs(plugin: Plugin, preset: str, grid: list[str], seeds: int, overrid
 def write_manifest(sweep_dir: Path, asked: dict, rows: list[dict], spread: dict | None = None) -> None:
     """What was asked last, what finished (this command's rows, and what an earlier or a concurrent
     command sharing the folder recorded of the runs this one has not reached) and the seed spread."""
-    done = {r["folder"]: dict(run=r["label"], how=r["how"], status=r["info"].get("status"), folder=r["folder"])
-            for r in rows}  # by folder: an analysis's sweep holds several plugins' runs of one label
+    # by folder (an analysis's sweep holds several plugins' runs of one label), relative to the repository
+    # where it lies inside it: a manifest kept in git (scripts/keep_runs.py) holds in another checkout
+    done = {shown_path(r["folder"]): dict(run=r["label"], how=r["how"], status=r["info"].get("status"),
+                                          folder=shown_path(r["folder"])) for r in rows}
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with locked(sweep_dir / "manifest.json"):  # another command's write lands before this read or after this write
         before = read_json(sweep_dir / "manifest.json")

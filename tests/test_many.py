@@ -103,6 +103,9 @@ def test_a_sweep_s_manifest_keeps_what_another_command_recorded_of_runs_this_one
     two_plugins[1]["folder"] = str(tmp_path / "run_2" / "k=1,seed=42")  # a folder per plugin
     studies.write_manifest(tmp_path, asked, two_plugins)
     assert len(json.loads((tmp_path / "manifest.json").read_text())["finished"]) == 3
+    inside = dict(row("k=3,seed=42", "trained"), folder=str(experiment.ROOT / "runs" / "sweeps" / "p" / "k=3,seed=42"))
+    studies.write_manifest(tmp_path, asked, [inside])  # a run in the repository's runs/: named relative to it
+    assert json.loads((tmp_path / "manifest.json").read_text())["finished"][0]["folder"] == "runs/sweeps/p/k=3,seed=42"
 
 
 def test_a_manifest_write_waits_for_another_command_writing_it_and_keeps_both_rows(tmp_path):
