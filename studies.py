@@ -217,7 +217,8 @@ def study(name: str, baselines: list[str], preset: str, overrides: dict[str, Any
 def say_what_kept_holds(runs_root: Path, kept: Path = ROOT / "kept") -> None:
     """A line where kept/ (scripts/keep_runs.py) holds completed runs that runs_root lacks: a new
     clone has the baselines' records there, hours of this CPU, reused once restored."""
-    lacking = [p for p in kept.rglob("final_info.json") if not (runs_root / p.relative_to(kept)).exists()]
+    lacking = [p for p in kept.rglob("final_info.json.gz")  # kept gzipped
+               if not (runs_root / p.relative_to(kept).with_suffix("")).exists()]
     if lacking:
         console.print(f"[yellow]note:[/yellow] {shown_path(kept)} holds {len(lacking)} runs that {shown_path(runs_root)} "
                       "lacks; `python scripts/keep_runs.py restore` first reuses them instead of training them again")

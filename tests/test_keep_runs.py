@@ -106,7 +106,8 @@ def test_a_study_restored_from_kept_records_reuses_every_run_with_the_same_verdi
 def test_a_study_says_when_kept_holds_runs_that_runs_lacks(tmp_path, capsys):
     import studies
     runs, kept = tmp_path / "runs", tmp_path / "kept"
-    run_folder(kept / "sweeps" / "p" / "k=1", "completed")
+    run_folder(tmp_path / "old" / "sweeps" / "p" / "k=1", "completed")
+    keep("save", tmp_path / "old", kept)  # as save keeps it
     run_folder(runs / "sweeps" / "p" / "k=2", "completed")
     studies.say_what_kept_holds(runs, kept)
     said = " ".join(capsys.readouterr().err.split())
