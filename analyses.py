@@ -60,7 +60,7 @@ import frontier  # noqa: E402
 import plot  # noqa: E402
 import studies  # noqa: E402
 from notebook import append_notes  # noqa: E402
-from runs import NoWeights, Run, headline, read_json, read_run, run_index  # noqa: E402
+from runs import NoWeights, Run, headline, read_json, read_run, run_index, same_instrument  # noqa: E402
 
 BASELINE = "run_0_baseline"  # the study command's default baseline, so its runs are reused
 
@@ -912,10 +912,10 @@ AGAINST = ("run_0_baseline", "run_0_topk")  # the L1 and the TopK family, as swe
 
 def scored_info(folder: Path, info: dict, what: Scored, s: Setting) -> dict:
     """The run's final_info with `what` in it: evaluated now (studies.rescore) where it lacks it or
-    holds it from another instrument (an eval seed other than evals.EVAL_SEED), and once only,
+    holds it from another instrument (an eval seed other than runs.EVAL_SEED), and once only,
     should another process be evaluating it meanwhile."""
     def has_it(found: dict) -> bool:
-        return evals.same_instrument(found.get("evals", {}).get(what.result))
+        return same_instrument(found.get("evals", {}).get(what.result))
     if has_it(info):
         return info
     return studies.rescore(folder, what.eval_name, s.overrides.get("device") or "auto", s.notes, wait=True,
@@ -1122,7 +1122,7 @@ def unlearning(s: Setting, *, eval_loaders: dict | None = None) -> Finding:
     if not runs:
         raise HarnessError("no arm of the unlearning comparison completed: " + "; ".join(failed))
     for run in runs:
-        if not evals.same_instrument(run.info.get("evals", {}).get("unlearning")):  # scored once, then reused
+        if not same_instrument(run.info.get("evals", {}).get("unlearning")):  # scored once, then reused
             run.info = studies.rescore(run.folder, "unlearning", arms.overrides.get("device") or "auto",
                                           arms.notes, eval_loaders)
     panels = (UNLEARNING_SCORE, core_panel("ce_loss_score", "CE-loss score"))

@@ -60,7 +60,7 @@ from common import HarnessError, activations_dir, console, file_sha256  # first:
 
 import frontier
 import synthetic
-from runs import atomic_write, save_context_rows
+from runs import EVAL_SEED, atomic_write, save_context_rows
 
 import numpy as np
 import torch
@@ -94,10 +94,6 @@ BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
         "autointerp": dict(n_latents=4),
     },
 }
-# sae_bench's default random_seed. Its evals' probes, word samples and dataset draws are the
-# measuring instrument, the same for every SAE whatever seed trained it: an instrument drawn per
-# training seed would add its own spread to the seed-to-seed spread the verdicts read.
-EVAL_SEED = 42
 # Absorption probes every single-token word of the vocabulary (140k for Gemma 3), each in a prompt
 # of about 65 tokens; a CPU preset probes this many, drawn with EVAL_SEED. With fewer, a letter
 # has too few test words for its probe's F1 to clear sae_bench's bar (README, "Absorption").
@@ -119,12 +115,6 @@ LOADERS = {
                                       "sae_bench.evals.unlearning.utils.metrics")),
     "openai_client": ("OpenAI", ("sae_bench.evals.autointerp.main",)),
 }
-
-
-def same_instrument(result: dict | None) -> bool:
-    """Whether a stored sae_bench result was drawn with EVAL_SEED (one drawn with another seed read
-    its SAE with another probe, words or datasets)."""
-    return (result or {}).get("eval_config", {}).get("random_seed") == EVAL_SEED
 
 
 def parse_evals(text: str) -> tuple[str, ...]:

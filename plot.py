@@ -47,7 +47,7 @@ from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
 from frontier import at_defaults, matched, unread_settings  # noqa: E402
-from runs import Index, Run, identify, newest, read_json, read_run, run_index  # noqa: E402
+from runs import Index, Run, identify, newest, read_json, read_run, run_index, same_instrument  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Choosing runs (run folders are read by runs.py): each plugin's latest, the study's baselines.
@@ -234,8 +234,10 @@ def keys_in(tree) -> Iterator[str]:
 
 
 def eval_result(run: Run, prefix: str) -> dict | None:
-    """final_info's evals.<eval_type_id> whose id starts with prefix (absorption_first_letter...)."""
-    return next((v for k, v in run.info.get("evals", {}).items() if k.startswith(prefix)), None)
+    """final_info's evals.<eval_type_id> whose id starts with prefix (absorption_first_letter...),
+    if it was drawn with the harness's instrument: one drawn with another eval seed is not drawn
+    beside the others (it read the SAE with other probes or words)."""
+    return next((v for k, v in run.info.get("evals", {}).items() if k.startswith(prefix) and same_instrument(v)), None)
 
 
 def absorption_score(run: Run) -> float | None:

@@ -254,6 +254,16 @@ def runs_table(root: str | Path = ROOT / "runs"):
 
 
 CONTEXT_ROWS = "eval_contexts.safetensors"  # each evaluation context's rows of the headline scores
+# sae_bench's default random_seed. Its evals' probes, word samples and dataset draws are the
+# measuring instrument, the same for every SAE whatever seed trained it: an instrument drawn per
+# training seed would add its own spread to the seed-to-seed spread the verdicts read.
+EVAL_SEED = 42
+
+
+def same_instrument(result: dict | None) -> bool:
+    """Whether a stored sae_bench result was drawn with EVAL_SEED (one drawn with another seed read
+    its SAE with another probe, words or datasets)."""
+    return (result or {}).get("eval_config", {}).get("random_seed") == EVAL_SEED
 
 
 def save_context_rows(run_dir: Path, rows: dict) -> None:

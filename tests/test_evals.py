@@ -18,6 +18,7 @@ from helpers import LETTERS, fake_load_dataset, text
 
 import evals
 import experiment
+import runs
 import sources
 from common import activations_dir, file_sha256
 
@@ -285,8 +286,8 @@ def test_the_sae_bench_evals_draw_their_instrument_with_one_seed_whatever_seed_t
     monkeypatch.setitem(evals.RUNNERS, "sparse_probing", lambda *args: {"eval_type_id": "sparse_probing"})
     evals.run_evals(("sparse_probing",), torch.nn.Linear(1, 1), None, cfg, None, "cpu", cache_dir=tmp_path)
     assert seeds == [("words", 42), ("sandbox", 42)] and evals.EVAL_SEED == 42  # sae_bench's default
-    assert evals.same_instrument({"eval_config": {"random_seed": 42}})  # a stored result read with it
-    assert not evals.same_instrument({"eval_config": {"random_seed": 43}}) and not evals.same_instrument(None)
+    assert runs.same_instrument({"eval_config": {"random_seed": 42}})  # a stored result read with it
+    assert not runs.same_instrument({"eval_config": {"random_seed": 43}}) and not runs.same_instrument(None)
 
 
 def test_capped_absorption_vocabulary_is_letter_balanced_and_independent_of_vocabulary_order():

@@ -101,15 +101,15 @@ def add_failed_run(runs: Path) -> None:
     (folder / "final_info.json").write_text(json.dumps(info))
 
 
-def add_evals(run_dir: Path) -> None:
-    """sae_bench absorption and SCR results, as evals.<eval_type_id>."""
-    absorption = {"eval_type_id": "absorption_first_letter",
+def add_evals(run_dir: Path, eval_seed: int = 42) -> None:
+    """sae_bench absorption and SCR results, as evals.<eval_type_id>, drawn with eval_seed."""
+    absorption = {"eval_type_id": "absorption_first_letter", "eval_config": {"random_seed": eval_seed},
                   "eval_result_metrics": {"mean": {"mean_absorption_fraction_score": 0.12,
                                                    "mean_full_absorption_score": 0.05,
                                                    "mean_num_split_features": 1.4}},
                   "eval_result_details": [{"first_letter": c, "mean_absorption_fraction": 0.1 * i,
                                            "num_split_features": 1} for i, c in enumerate("abc")]}
-    scr = {"eval_type_id": "scr", "eval_result_metrics": {"scr_metrics": {
+    scr = {"eval_type_id": "scr", "eval_config": {"random_seed": eval_seed}, "eval_result_metrics": {"scr_metrics": {
         f"scr_metric_threshold_{k}": 0.01 * k for k in (2, 5, 10, 20)} | {"scr_metric_threshold_50": None}}}
     edit_info(run_dir, lambda info: info.update(evals={"absorption_first_letter": absorption, "scr": scr}))
 
@@ -170,8 +170,13 @@ def test_eval_and_frequency_figures_only_for_runs_with_that_data(runs, tmp_path)
     ticks = [t.get_text() for t in figs["absorption_scores.png"].axes[0].get_xticklabels()]
     assert ticks == ["Run 2: Improved Initialization and Training…"]  # run 1 has no absorption result: not drawn at all
     assert list(figs["absorption_scores.png"].axes[0].containers[0].datavalues) == [pytest.approx(0.12)]
-    scr_line = figs["scr_threshold_comparison.png"].axes[0].get_lines()[0]
+    scr_line, *_ = scr_lines = figs["scr_threshold_comparison.png"].axes[0].get_lines()
     assert list(scr_line.get_xdata()) == [2, 5, 10, 20]  # the None at threshold 50 is left out
+
+    add_evals(zscore / "run_1_initial" / STAMP, eval_seed=43)  # read with another instrument: not beside run 2's
+    figs = figures(runs, "zscore_ortho", plot.eval_figures)
+    assert [t.get_text() for t in figs["absorption_scores.png"].axes[0].get_xticklabels()] == ticks
+    assert len(figs["scr_threshold_comparison.png"].axes[0].get_lines()) == len(scr_lines)
 
     (zscore / "run_1_initial" / STAMP / "artifacts.safetensors").unlink()
     plot.plot_all(runs, out, "zscore_ortho")  # figures from data that is gone do not linger
